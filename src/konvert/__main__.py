@@ -1,0 +1,5 @@
+import sys
+
+from konvert.cli import main
+
+sys.exit(main())

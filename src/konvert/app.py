@@ -1,0 +1,101 @@
+"""The composition root: ``create_app(settings)`` wires routes, lifespan, auth, errors and OpenAPI."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from litestar import Litestar, Request
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme
+
+from konvert import __version__, health, jobs
+from konvert.auth import authorize
+from konvert.earning.api import PurchaseController
+from konvert.ledger.api import BalanceController
+from konvert.observability import RequestObserver
+from konvert.problems import EXCEPTION_HANDLERS
+from konvert.program import Program, load_program
+from konvert.services import Services
+from konvert.settings import Settings
+
+log = logging.getLogger("konvert.app")
+
+ROUTE_HANDLERS: list[Any] = [*health.ROUTES, BalanceController, PurchaseController]
+
+
+class KonvertApp(Litestar):
+    """Litestar with one outer layer that every response passes, 404s and errors included."""
+
+    observer: RequestObserver
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await self.observer.observe(scope, receive, send, super().__call__)
+        else:
+            await super().__call__(scope, receive, send)
+
+
+def create_app(settings: Settings, program: Program | None = None) -> KonvertApp:
+    """Build the ASGI app. Needs reachable PostgreSQL and Redis at start-up (the lifespan)."""
+    program = program or load_program(settings.program_file)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        services = await Services.open(settings, program)
+        app.state.services = services
+        runner = asyncio.create_task(jobs.run_forever(services)) if settings.jobs_interval_seconds > 0 else None
+        try:
+            yield
+        finally:
+            if runner is not None:
+                runner.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await runner
+            await services.close()
+
+    app = KonvertApp(
+        route_handlers=ROUTE_HANDLERS,
+        lifespan=[lifespan],
+        guards=[authorize],
+        dependencies={"services": Provide(_services, sync_to_thread=False)},
+        exception_handlers=EXCEPTION_HANDLERS,
+        request_max_body_size=settings.request_max_body_bytes,
+        openapi_config=OpenAPIConfig(
+            title="konvert",
+            version=__version__,
+            description=(
+                "Loyalty points and reputation engine. Every /v1 route needs an API key "
+                "(`Authorization: Bearer kvt_...`) with the scope the route names. Errors are "
+                "RFC 9457 problem+json with a stable `code`."
+            ),
+            path="/schema",
+            render_plugins=[ScalarRenderPlugin(), SwaggerRenderPlugin(path="/swagger")],
+            components=Components(
+                security_schemes={"apiKey": SecurityScheme(type="http", scheme="bearer", description="kvt_... API key")}
+            ),
+            security=[{"apiKey": []}],
+        ),
+        debug=False,
+    )
+    app.observer = RequestObserver(settings)
+    return app
+
+
+def _services(request: Request[Any, Any, Any]) -> Services:
+    return request.app.state.services
+
+
+def app_from_environment() -> KonvertApp:
+    """The app for ``konvert serve``'s worker processes, which get their settings from KONVERT_*."""
+    from konvert.observability import configure_logging
+    from konvert.settings import load_settings
+
+    settings = load_settings()
+    configure_logging(settings)
+    return create_app(settings)

@@ -1,0 +1,176 @@
+"""API keys with scopes: creation, storage (hash only), verification and the route guard.
+
+A key looks like ``kvt_<43 url-safe characters>`` (256 random bits). Only its SHA-256 is stored.
+Verified keys are remembered in-process for ``auth_cache_seconds`` so a request does not pay a
+database round trip; revocation therefore takes effect within that time in every process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import msgspec
+from litestar.connection import ASGIConnection
+from litestar.handlers.base import BaseRouteHandler
+
+from konvert import errors
+
+KEY_PREFIX = "kvt_"
+SCOPES = (
+    "purchases:write",
+    "redemptions:write",
+    "kudos:write",
+    "members:read",
+    "members:write",
+    "admin",
+)
+# `admin` may do everything; the others only what they name.
+ADMIN_SCOPE = "admin"
+_CACHE_ENTRIES_MAX = 10_000
+OPENAPI_PATH = "/schema"
+
+
+class Principal(msgspec.Struct, frozen=True):
+    """Who is calling: the key's id and name (recorded on what they change) and its scopes."""
+
+    key_id: int
+    name: str
+    scopes: frozenset[str]
+
+    def allows(self, scope: str) -> bool:
+        return scope in self.scopes or ADMIN_SCOPE in self.scopes
+
+
+class ApiKeyInfo(msgspec.Struct, frozen=True):
+    key_id: int
+    name: str
+    prefix: str
+    scopes: list[str]
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+def generate_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_key(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def validate_scopes(scopes: list[str]) -> list[str]:
+    unknown = sorted(set(scopes) - set(SCOPES))
+    if unknown:
+        raise errors.ValidationFailed(f"unknown scope {', '.join(unknown)}; scopes are {', '.join(SCOPES)}")
+    if not scopes:
+        raise errors.ValidationFailed("a key needs at least one scope")
+    return sorted(set(scopes))
+
+
+async def insert_key(conn: asyncpg.Connection, name: str, scopes: list[str]) -> tuple[str, ApiKeyInfo]:
+    """Create a key; return the key itself (to show once) and what is stored about it."""
+    key = generate_key()
+    row = await conn.fetchrow(
+        """
+        insert into api_keys (name, prefix, secret_hash, scopes)
+        values ($1, $2, $3, $4)
+        returning key_id, name, prefix, scopes, created_at, revoked_at
+        """,
+        name,
+        key[: len(KEY_PREFIX) + 8],
+        hash_key(key),
+        validate_scopes(scopes),
+    )
+    return key, ApiKeyInfo(**dict(row))
+
+
+async def select_keys(conn: asyncpg.Connection) -> list[ApiKeyInfo]:
+    rows = await conn.fetch(
+        "select key_id, name, prefix, scopes, created_at, revoked_at from api_keys order by key_id"
+    )
+    return [ApiKeyInfo(**dict(r)) for r in rows]
+
+
+async def revoke_key(conn: asyncpg.Connection, key_id: int) -> bool:
+    status = await conn.execute(
+        "update api_keys set revoked_at = now() where key_id = $1 and revoked_at is null", key_id
+    )
+    return status.endswith(" 1")
+
+
+async def count_active_admin_keys(conn: asyncpg.Connection) -> int:
+    return await conn.fetchval(
+        "select count(*) from api_keys where revoked_at is null and $1 = any(scopes)", ADMIN_SCOPE
+    )
+
+
+class KeyVerifier:
+    """Turns an ``Authorization`` header into a Principal, or raises Unauthenticated."""
+
+    def __init__(self, pool: asyncpg.Pool, cache_seconds: float) -> None:
+        self._pool = pool
+        self._cache_seconds = cache_seconds
+        self._cache: dict[bytes, tuple[float, Principal | None]] = {}
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        if not authorization:
+            raise errors.Unauthenticated("send an API key as 'Authorization: Bearer <key>'")
+        scheme, _, key = authorization.partition(" ")
+        key = key.strip()
+        if scheme.lower() != "bearer" or not key.startswith(KEY_PREFIX) or len(key) > 100:
+            raise errors.Unauthenticated("send an API key as 'Authorization: Bearer <key>'")
+        digest = hash_key(key)
+        now = time.monotonic()
+        cached = self._cache.get(digest)
+        if cached is not None and cached[0] > now:
+            principal = cached[1]
+        else:
+            principal = await self._lookup(digest)
+            if self._cache_seconds > 0:
+                if len(self._cache) >= _CACHE_ENTRIES_MAX:
+                    self._cache.clear()
+                self._cache[digest] = (now + self._cache_seconds, principal)
+        if principal is None:
+            raise errors.Unauthenticated("the API key is not valid or was revoked")
+        return principal
+
+    async def _lookup(self, digest: bytes) -> Principal | None:
+        row = await self._pool.fetchrow(
+            "select key_id, name, scopes from api_keys where secret_hash = $1 and revoked_at is null", digest
+        )
+        if row is None:
+            return None
+        return Principal(row["key_id"], row["name"], frozenset(row["scopes"]))
+
+
+async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+    """The guard on every route: the key must carry the scope the route declares in ``opt``.
+
+    Routes declare ``opt={"scope": ...}`` or ``opt={"public": True}``; the convention test makes
+    sure each one does. Routes that take a body also require ``Content-Type: application/json``.
+    """
+    required = handler.opt.get("scope")
+    if required is None:
+        # Health, metrics and the OpenAPI documents are public; anything else without a scope
+        # is a programming error, and it fails closed.
+        if handler.opt.get("public") or connection.url.path.startswith(OPENAPI_PATH):
+            return
+        raise errors.Forbidden("this route declares no scope")
+    verifier: KeyVerifier = connection.app.state.services.keys
+    principal = await verifier.authenticate(connection.headers.get("authorization"))
+    if not principal.allows(required):
+        raise errors.Forbidden(f"this API key lacks the scope {required}")
+    connection.scope["state"]["principal"] = principal
+    if handler.opt.get("body"):
+        content_type = connection.headers.get("content-type", "")
+        if content_type.split(";", 1)[0].strip().lower() != "application/json":
+            raise errors.UnsupportedMediaType("send the request body as application/json")
+
+
+def principal_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Principal:
+    return connection.scope["state"]["principal"]

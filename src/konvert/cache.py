@@ -1,0 +1,105 @@
+"""Redis: the versioned balance cache. PostgreSQL decides; Redis only remembers.
+
+Every Redis call here is best-effort: when Redis is down or slow the caller falls back to
+PostgreSQL, and a short circuit breaker keeps a dead Redis from adding its timeout to every
+request. Nothing here ever authorises a spend.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from konvert.settings import Settings
+
+log = logging.getLogger("konvert.cache")
+
+# Sets the cached balance only if its version is newer than what is cached. A write that has
+# committed version N but not computed the full balance stores a tombstone (version N, no body),
+# so that a slower reader holding version N-1 cannot put an older balance back.
+_PUT_IF_NEWER = """
+local current = tonumber(redis.call('HGET', KEYS[1], 'v') or '-1')
+local version = tonumber(ARGV[1])
+if current > version then return 0 end
+if current == version and (ARGV[2] == '' or redis.call('HEXISTS', KEYS[1], 'b') == 1) then return 0 end
+if ARGV[2] == '' then
+  redis.call('HDEL', KEYS[1], 'b')
+  redis.call('HSET', KEYS[1], 'v', ARGV[1])
+else
+  redis.call('HSET', KEYS[1], 'v', ARGV[1], 'b', ARGV[2])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+_BREAKER_OPEN_SECONDS = 1.0
+
+
+def create_redis(settings: Settings) -> redis.Redis:
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.redis_timeout_seconds,
+        socket_connect_timeout=settings.redis_timeout_seconds,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=0,
+    )
+
+
+def balance_key(member_id: str) -> str:
+    # The hash tag keeps all of one member's keys in one Redis Cluster slot.
+    return f"kv:{{m:{member_id}}}:balance"
+
+
+class BalanceCache:
+    def __init__(self, client: redis.Redis, ttl_seconds: int) -> None:
+        self._redis = client
+        self._ttl_seconds = ttl_seconds
+        self._put_if_newer = client.register_script(_PUT_IF_NEWER)
+        self._skip_until = 0.0
+
+    def _available(self) -> bool:
+        return time.monotonic() >= self._skip_until
+
+    def _failed(self, action: str, exc: Exception) -> None:
+        self._skip_until = time.monotonic() + _BREAKER_OPEN_SECONDS
+        log.warning("redis unavailable", extra={"action": action, "error": repr(exc)})
+
+    async def get(self, member_id: str) -> bytes | None:
+        """The cached balance body, or None (not cached, a tombstone, or Redis unavailable)."""
+        if not self._available():
+            return None
+        try:
+            return await self._redis.hget(balance_key(member_id), "b")
+        except (RedisError, OSError) as exc:
+            self._failed("get", exc)
+            return None
+
+    async def put(self, member_id: str, version: int, body: bytes) -> None:
+        await self._put(member_id, version, body)
+
+    async def invalidate(self, member_id: str, version: int) -> None:
+        """After a committed write at ``version``: no reader may serve an older balance."""
+        if not await self._put(member_id, version, b""):
+            # If Redis refused the tombstone we cannot vouch for what it holds; drop it.
+            await self.forget(member_id)
+
+    async def forget(self, member_id: str) -> None:
+        try:
+            await self._redis.delete(balance_key(member_id))
+        except (RedisError, OSError) as exc:
+            self._failed("forget", exc)
+
+    async def _put(self, member_id: str, version: int, body: bytes) -> bool:
+        if not self._available():
+            return False
+        try:
+            await self._put_if_newer(keys=[balance_key(member_id)], args=[version, body, self._ttl_seconds])
+            return True
+        except (RedisError, OSError) as exc:
+            self._failed("put", exc)
+            return False

@@ -1,0 +1,239 @@
+"""``konvert serve | migrate | keys | jobs | audit``.
+
+Every command builds its settings from ``KONVERT_*`` once. Without KONVERT_DATABASE_URL /
+KONVERT_REDIS_URL it starts the embedded PostgreSQL / Redis under the data directory. A bad
+setting or program file ends the command with a one-line message and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import asyncpg
+
+from konvert import __version__, auth
+from konvert.errors import ConfigurationError, KonvertError
+from konvert.program import load_program
+from konvert.settings import Settings, load_settings
+
+EXIT_CONFIG = 2
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def with_servers(settings: Settings, announce: bool = False) -> Settings:
+    """Fill in the URLs of the embedded servers for whatever is not configured."""
+    if not (settings.embedded_database or settings.embedded_redis):
+        return settings
+    from konvert import embedded
+
+    data_dir = Path(settings.data_dir).expanduser()
+    if announce:
+        _say(f"konvert data directory: {data_dir}")
+    changes = {}
+    if settings.embedded_database:
+        changes["database_url"] = embedded.start_postgres(data_dir)
+        if announce:
+            _say(f"embedded PostgreSQL: {data_dir / 'postgres'}")
+    if settings.embedded_redis:
+        changes["redis_url"] = embedded.start_redis(data_dir)
+        if announce:
+            _say(f"embedded Redis: {data_dir / 'redis'}")
+    return settings.replace(**changes)
+
+
+async def _connect(settings: Settings) -> asyncpg.Connection:
+    return await asyncpg.connect(settings.database_url, timeout=settings.db_connect_timeout_seconds)
+
+
+async def _first_admin_key(settings: Settings) -> str | None:
+    """On an embedded database with no keys at all, create an admin key so a new user can start."""
+    conn = await _connect(settings)
+    try:
+        if await conn.fetchval("select exists (select 1 from api_keys)"):
+            return None
+        key, _ = await auth.insert_key(conn, "first admin key", [auth.ADMIN_SCOPE])
+        return key
+    finally:
+        await conn.close()
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from konvert import db
+    from konvert.observability import configure_logging
+
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("workers", args.workers)) if v}
+    settings = settings.replace(**overrides)
+    load_program(settings.program_file)  # refuse to start on a bad program file, before anything runs
+    embedded_db = settings.embedded_database
+    settings = with_servers(settings, announce=True)
+    configure_logging(settings)
+    applied = asyncio.run(db.migrate_url(settings.database_url))
+    if applied:
+        _say(f"applied {len(applied)} migration(s)")
+    if embedded_db and (key := asyncio.run(_first_admin_key(settings))):
+        _say(f"first admin key (shown once, keep it): {key}")
+        _say(f"try: curl -H 'Authorization: Bearer {key}' http://{settings.host}:{settings.port}/v1/members/alice/balance")
+    _say(f"serving on http://{settings.host}:{settings.port} (API docs at /schema)")
+    # Worker processes build their settings from the environment: hand them the resolved URLs.
+    os.environ["KONVERT_DATABASE_URL"] = settings.database_url
+    os.environ["KONVERT_REDIS_URL"] = settings.redis_url
+    if settings.workers > 1:
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="konvert-metrics-"))
+    uvicorn.run(
+        "konvert.app:app_from_environment",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        loop="uvloop" if sys.platform != "win32" else "asyncio",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_config=None,
+        server_header=False,
+        timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from konvert import db
+
+    settings = with_servers(settings)
+    applied = asyncio.run(db.migrate_url(settings.database_url))
+    for migration in applied:
+        print(f"applied {migration.version:04d}_{migration.name}")
+    if not applied:
+        print("database is up to date")
+    return 0
+
+
+async def _keys(args: argparse.Namespace, settings: Settings) -> int:
+    conn = await _connect(settings)
+    try:
+        if args.keys_command == "create":
+            key, info = await auth.insert_key(conn, args.name, args.scope)
+            print(key)
+            _say(f"created key {info.key_id} ({info.name}) with scopes {' '.join(info.scopes)}; it is not shown again")
+        elif args.keys_command == "list":
+            for info in await auth.select_keys(conn):
+                state = f"revoked {info.revoked_at:%Y-%m-%d %H:%M}" if info.revoked_at else "active"
+                print(f"{info.key_id}\t{info.prefix}…\t{info.name}\t{' '.join(info.scopes)}\t{state}")
+        elif args.keys_command == "revoke":
+            if not await auth.revoke_key(conn, args.key_id):
+                _say(f"no active key {args.key_id}")
+                return 1
+            print(f"revoked key {args.key_id}")
+        return 0
+    finally:
+        await conn.close()
+
+
+def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
+    return asyncio.run(_keys(args, with_servers(settings)))
+
+
+async def _with_services(settings: Settings, work):  # type: ignore[no-untyped-def]
+    from konvert.services import Services
+
+    services = await Services.open(settings, load_program(settings.program_file))
+    try:
+        return await work(services)
+    finally:
+        await services.close()
+
+
+def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
+    from konvert import jobs
+
+    counts = asyncio.run(_with_services(with_servers(settings), jobs.run_once))
+    for name, count in counts.items():
+        print(f"{name}: {count}")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
+    from konvert.ledger import audit
+
+    settings = with_servers(settings)
+
+    async def run() -> list[audit.Violation]:
+        conn = await _connect(settings)
+        try:
+            return await audit.run_audit(conn)
+        finally:
+            await conn.close()
+
+    violations = asyncio.run(run())
+    for violation in violations:
+        print(f"VIOLATION {violation.invariant}: {violation.detail}")
+    if violations:
+        print(f"audit failed: {len(violations)} violation(s)")
+        return 1
+    print("audit passed: every invariant holds")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="konvert", description="konvert loyalty points and reputation engine")
+    parser.add_argument("--version", action="version", version=f"konvert {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="migrate, then serve the HTTP API")
+    serve.add_argument("--host", help="address to listen on (KONVERT_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (KONVERT_PORT, default 8000)")
+    serve.add_argument("--workers", type=int, help="worker processes (KONVERT_WORKERS, default 1)")
+    serve.set_defaults(run=cmd_serve)
+
+    commands.add_parser("migrate", help="apply pending database migrations").set_defaults(run=cmd_migrate)
+
+    keys = commands.add_parser("keys", help="create, list and revoke API keys")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = key_commands.add_parser("create", help="create a key and print it (once)")
+    create.add_argument("--name", required=True, help="who or what uses the key")
+    create.add_argument(
+        "--scope", required=True, nargs="+", action="extend", choices=auth.SCOPES, help="one or more scopes"
+    )
+    key_commands.add_parser("list", help="list keys (never the keys themselves)")
+    revoke = key_commands.add_parser("revoke", help="revoke a key by id")
+    revoke.add_argument("key_id", type=int)
+    keys.set_defaults(run=cmd_keys)
+
+    jobs = commands.add_parser("jobs", help="run background jobs")
+    jobs.add_subparsers(dest="jobs_command", required=True).add_parser("run", help="run every due job once")
+    jobs.set_defaults(run=cmd_jobs)
+
+    commands.add_parser("audit", help="check the ledger's invariants; exit 1 on any violation").set_defaults(
+        run=cmd_audit
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        return args.run(args, settings)
+    except (ConfigurationError, KonvertError) as exc:
+        _say(f"konvert: {exc}")
+        return EXIT_CONFIG
+    except (OSError, asyncpg.PostgresError) as exc:
+        _say(f"konvert: cannot reach a server: {exc}")
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Earning and refund arithmetic: pure functions over frozen Structs, no I/O."""

@@ -1,0 +1,250 @@
+"""Earning use cases: post a purchase, preview it, refund it. One transaction each, then the cache."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import msgspec
+
+from konvert import errors
+from konvert.earning import rules, store
+from konvert.earning.model import EarningResult, PurchaseIn, PurchaseOut, RefundIn, RefundLinePoints, RefundOut
+from konvert.ledger import store as ledger
+from konvert.services import Services
+
+_encode = msgspec.json.Encoder(decimal_format="number").encode
+_decode_state = msgspec.json.Decoder(rules.PurchaseRefundState).decode
+
+# A purchase may be posted late, but not from the future beyond clock skew.
+_FUTURE_SKEW = timedelta(minutes=10)
+
+
+class Outcome(msgspec.Struct, frozen=True):
+    """A write's response body, and whether it replays an earlier identical request."""
+
+    body: bytes
+    replayed: bool = False
+
+
+def request_hash(*parts: object) -> bytes:
+    return hashlib.sha256(b"\x00".join(_encode(p) for p in parts)).digest()
+
+
+def _check_occurred_at(purchase: PurchaseIn, now: datetime) -> None:
+    if purchase.occurred_at > now + _FUTURE_SKEW:
+        raise errors.ValidationFailed(
+            "occurred_at is in the future",
+            errors=[{"field": "occurred_at", "message": "must not be later than now"}],
+        )
+
+
+def preview(services: Services, purchase: PurchaseIn) -> EarningResult:
+    """The points a purchase would earn, with the rules applied. Writes nothing."""
+    _check_occurred_at(purchase, datetime.now(UTC))
+    return rules.compute_earning(services.program, purchase)
+
+
+async def post_purchase(services: Services, purchase: PurchaseIn) -> Outcome:
+    """Record a purchase and credit its points, once per (partner, purchase_id)."""
+    program = services.program
+    now = datetime.now(UTC)
+    _check_occurred_at(purchase, now)
+    earning = rules.compute_earning(program, purchase)
+    digest = request_hash(purchase)
+    vests_at = purchase.occurred_at + timedelta(days=program.points.return_window_days)
+    bucket = "pending" if vests_at > now else "available"
+    expire_days = program.points.expire_after_days
+    expires_at = now + timedelta(days=expire_days) if expire_days is not None else None
+    refund_state = _encode(rules.refund_state_for(purchase, earning))
+
+    async with services.pool.acquire() as conn, conn.transaction():
+        member = await store.select_member_with_new_ids(conn, purchase.member_id)
+        if member is None:
+            await ledger.ensure_member(conn, purchase.member_id)
+            member = await store.select_member_with_new_ids(conn, purchase.member_id)
+        issued_account_id = await services.accounts.id(conn, "points", f"issued:{purchase.partner}")
+        has_points = earning.points > 0
+        response = _encode(
+            PurchaseOut(
+                purchase_id=purchase.purchase_id,
+                partner=purchase.partner,
+                member_id=purchase.member_id,
+                currency=purchase.currency,
+                points=earning.points,
+                status=bucket if has_points else "none",
+                vests_at=vests_at if has_points else None,
+                expires_at=expires_at if has_points else None,
+                lines=earning.lines,
+                bonus_points=earning.bonus_points,
+                bonuses=earning.bonuses,
+                points_before_cap=earning.points_before_cap,
+                cap_applied=earning.cap_applied,
+                rules=earning.rules,
+                lot_id=member["lot_id"] if has_points else None,
+                transfer_id=member["transfer_id"] if has_points else None,
+            )
+        )
+        written = await store.insert_purchase(
+            conn,
+            partner=purchase.partner,
+            purchase_id=purchase.purchase_id,
+            member_uid=member["member_uid"],
+            currency=purchase.currency,
+            occurred_at=purchase.occurred_at,
+            total_amount=sum(line.amount for line in purchase.lines) + purchase.shipping + purchase.tax,
+            points=earning.points,
+            refund_state=refund_state,
+            lot_id=member["lot_id"],
+            transfer_id=member["transfer_id"],
+            request_hash=digest,
+            response=response,
+            bucket=bucket,
+            vests_at=vests_at,
+            expires_at=expires_at,
+            issued_account_id=issued_account_id,
+        )
+        if written is None:
+            return _replay(await store.select_purchase_replay(conn, purchase.partner, purchase.purchase_id), digest)
+        if bucket == "available" and written["points_debt"] > 0:
+            await ledger.settle_debt(conn, member["member_uid"], written["points_debt"])
+    await services.balances.invalidate(purchase.member_id, written["version"])
+    return Outcome(response)
+
+
+def _replay(existing: asyncpg.Record | None, digest: bytes) -> Outcome:
+    if existing is None:  # pragma: no cover - the conflicting row is committed before we see the conflict
+        raise errors.Conflict("the request conflicted with another; retry it")
+    if bytes(existing["request_hash"]) != digest:
+        raise errors.IdempotencyConflict("this id was used before with a different request body")
+    return Outcome(bytes(existing["response"]), replayed=True)
+
+
+async def refund_purchase(services: Services, purchase_id: str, refund: RefundIn) -> Outcome:
+    """Claw back the points the refunded lines (or amount) earned, once per refund_id."""
+    async with services.pool.acquire() as conn, conn.transaction():
+        partner = refund.partner or await _partner_of(conn, purchase_id)
+        purchase = await store.lock_purchase(conn, partner, purchase_id)
+        if purchase is None:
+            raise errors.PurchaseNotFound(f"no purchase {purchase_id!r} from partner {partner!r}")
+        digest = request_hash(partner, purchase_id, msgspec.structs.replace(refund, partner=partner))
+        existing = await store.select_refund_replay(conn, purchase["purchase_pk"], refund.refund_id)
+        if existing is not None:
+            return _replay(existing, digest)
+
+        state = _decode_state(purchase["refund_state"])
+        if refund.lines is not None:
+            plan = rules.plan_refund_by_lines(state, refund.lines)
+        else:
+            assert refund.amount is not None
+            plan = rules.plan_refund_by_amount(state, refund.amount)
+        clawback = await _claw_back(services, conn, purchase, refund.refund_id, plan.points, refund.reason)
+        new_state = rules.apply_refund(state, plan)
+        response = _encode(
+            RefundOut(
+                refund_id=refund.refund_id,
+                purchase_id=purchase_id,
+                partner=partner,
+                member_id=purchase["member_id"],
+                amount=plan.amount,
+                points=clawback.points,
+                shortfall=clawback.shortfall,
+                lines=[RefundLinePoints(line_id, points) for line_id, points in plan.line_points],
+                bonus_points=plan.bonus_points_clawed,
+                transfer_ids=clawback.transfer_ids,
+                refunded_amount=new_state.refunded_amount,
+                refundable_amount=new_state.total_amount - new_state.refunded_amount,
+            )
+        )
+        await store.update_refund_state(conn, purchase["purchase_pk"], _encode(new_state))
+        await store.insert_refund(
+            conn,
+            purchase_pk=purchase["purchase_pk"],
+            refund_id=refund.refund_id,
+            member_uid=purchase["member_uid"],
+            amount=plan.amount,
+            points=clawback.points,
+            shortfall=clawback.shortfall,
+            detail=_encode(plan),
+            request_hash=digest,
+            response=response,
+        )
+    if clawback.version is not None:
+        await services.balances.invalidate(purchase["member_id"], clawback.version)
+    return Outcome(response)
+
+
+async def _partner_of(conn: asyncpg.Connection, purchase_id: str) -> str:
+    partners = await store.select_partners_of_purchase(conn, purchase_id)
+    if not partners:
+        raise errors.PurchaseNotFound(f"no purchase {purchase_id!r}")
+    if len(partners) > 1:
+        raise errors.Unprocessable(f"several partners have a purchase {purchase_id!r}; name the partner")
+    return partners[0]
+
+
+class Clawback(msgspec.Struct, frozen=True):
+    points: int
+    shortfall: int
+    transfer_ids: list[int]
+    version: int | None
+
+
+async def _claw_back(
+    services: Services, conn: asyncpg.Connection, purchase: asyncpg.Record, refund_id: str, points: int, reason: str | None
+) -> Clawback:
+    """Take ``points`` back: from the purchase's own lot first (pending or available), then from
+    the member's other available lots soonest-expiring first. What is still missing becomes a
+    negative balance if the program allows it, else a recorded shortfall.
+    """
+    if points == 0:
+        return Clawback(0, 0, [], None)
+    member_uid = purchase["member_uid"]
+    await ledger.lock_member(conn, member_uid)
+    own_lot = await ledger.lock_lot(conn, purchase["lot_id"]) if purchase["lot_id"] else None
+    own_take = min(points, own_lot["remaining"]) if own_lot is not None and own_lot["state"] != "expired" else 0
+    own_bucket = own_lot["state"] if own_lot is not None else "available"
+    other_lots = await ledger.lock_available_lots(conn, member_uid, purchase["lot_id"])
+    other_takes, missing = ledger.plan_takes(other_lots, points - own_take)
+    allow_negative = services.program.points.allow_negative_balance
+    debt = missing if allow_negative else 0
+    shortfall = 0 if allow_negative else missing
+
+    pending_points = own_take if own_bucket == "pending" else 0
+    available_points = points - shortfall - pending_points
+    accounts = await ledger.select_member_account_ids(conn, member_uid)
+    issued = await services.accounts.id(conn, "points", f"issued:{purchase['partner']}")
+    cause_ref = f"{purchase['partner']}/{purchase['purchase_id']}/{refund_id}"
+    transfer_ids = []
+    for bucket, amount, takes in (
+        ("pending", pending_points, [(own_lot["lot_id"], own_take)] if pending_points else []),
+        ("available", available_points, ([(own_lot["lot_id"], own_take)] if own_take and not pending_points else []) + other_takes),
+    ):
+        if amount == 0:
+            continue
+        transfer_id = await ledger.insert_transfer(
+            conn,
+            member_uid=member_uid,
+            asset="points",
+            debit_account_id=accounts[bucket],
+            credit_account_id=issued,
+            amount=amount,
+            code="refund",
+            cause_type="refund",
+            cause_ref=cause_ref,
+            lot_id=purchase["lot_id"],
+            reverses_transfer_id=purchase["transfer_id"],
+            reason=reason or "points of refunded purchase",
+        )
+        await ledger.take_from_lots(conn, member_uid, takes, transfer_id, "refund")
+        transfer_ids.append(transfer_id)
+    version = await ledger.update_member_points(
+        conn,
+        member_uid,
+        available=-available_points,
+        pending=-pending_points,
+        debt=debt,
+        lifetime_earned=-(points - shortfall),
+    )
+    return Clawback(points - shortfall, shortfall, transfer_ids, version)

@@ -1,0 +1,177 @@
+"""Purchase and refund SQL. Plain async functions, connection first; the use case commits."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import asyncpg
+
+
+async def select_member_with_new_ids(conn: asyncpg.Connection, member_id: str) -> asyncpg.Record | None:
+    """The member's uid plus a fresh lot id and transfer id, in one round trip.
+
+    Taking the ids up front lets the response (which names them) be built before the insert,
+    so the purchase row can store it in the same statement.
+    """
+    return await conn.fetchrow(
+        """
+        select member_uid, nextval('lots_lot_id_seq') as lot_id, nextval('transfers_transfer_id_seq') as transfer_id
+        from members where member_id = $1
+        """,
+        member_id,
+    )
+
+
+async def insert_purchase(
+    conn: asyncpg.Connection,
+    *,
+    partner: str,
+    purchase_id: str,
+    member_uid: int,
+    currency: str,
+    occurred_at: datetime,
+    total_amount: int,
+    points: int,
+    refund_state: bytes,
+    lot_id: int,
+    transfer_id: int,
+    request_hash: bytes,
+    response: bytes,
+    bucket: str,
+    vests_at: datetime,
+    expires_at: datetime | None,
+    issued_account_id: int,
+) -> asyncpg.Record | None:
+    """Record a purchase with its lot, earn transfer and balance change in one statement.
+
+    Returns the member's new (version, points_debt), or None if the purchase id was taken (by
+    this or another request): then nothing was written.
+    """
+    return await conn.fetchrow(
+        """
+        with purchase as (
+            insert into purchases (partner, purchase_id, member_uid, currency, occurred_at, total_amount, points,
+                                   refund_state, lot_id, transfer_id, request_hash, response)
+            values ($1, $2, $3::bigint, $4, $5, $6::bigint, $7::bigint, $8::text::jsonb,
+                    case when $7::bigint > 0 then $9::bigint end, case when $7::bigint > 0 then $10::bigint end,
+                    $11, $12)
+            on conflict (partner, purchase_id) do nothing
+            returning purchase_pk
+        ), lot as (
+            insert into lots (lot_id, member_uid, amount, remaining, state, vests_at, expires_at)
+            overriding system value
+            select $9, $3, $7, $7, $13::text, $14, $15 from purchase where $7 > 0
+        ), transfer as (
+            insert into transfers (transfer_id, member_uid, asset, debit_account_id, credit_account_id, amount,
+                                   code, cause_type, cause_ref, lot_id, reason)
+            overriding system value
+            select $10, $3, 'points', $16,
+                   (select account_id from accounts where member_uid = $3 and asset = 'points' and name = $13::text),
+                   $7, 'earn', 'purchase', $1 || '/' || $2, $9, 'points for purchase'
+            from purchase where $7 > 0
+        )
+        update members
+        set points_pending = points_pending + case when $13::text = 'pending' then $7 else 0 end,
+            points_available = points_available + case when $13::text = 'available' then $7 else 0 end,
+            points_lifetime_earned = points_lifetime_earned + $7,
+            version = version + 1
+        where member_uid = $3 and exists (select 1 from purchase)
+        returning version, points_debt
+        """,
+        partner,
+        purchase_id,
+        member_uid,
+        currency,
+        occurred_at,
+        total_amount,
+        points,
+        refund_state.decode(),
+        lot_id,
+        transfer_id,
+        request_hash,
+        response,
+        bucket,
+        vests_at,
+        expires_at,
+        issued_account_id,
+    )
+
+
+async def select_purchase_replay(
+    conn: asyncpg.Connection, partner: str, purchase_id: str
+) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        "select request_hash, response from purchases where partner = $1 and purchase_id = $2",
+        partner,
+        purchase_id,
+    )
+
+
+async def select_partners_of_purchase(conn: asyncpg.Connection, purchase_id: str) -> list[str]:
+    rows = await conn.fetch(
+        "select partner from purchases where purchase_id = $1 order by partner limit 2", purchase_id
+    )
+    return [r["partner"] for r in rows]
+
+
+async def lock_purchase(conn: asyncpg.Connection, partner: str, purchase_id: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        """
+        select p.purchase_pk, p.partner, p.purchase_id, p.member_uid, m.member_id, p.currency, p.refund_state::text,
+               p.lot_id, p.transfer_id, p.points
+        from purchases p join members m using (member_uid)
+        where p.partner = $1 and p.purchase_id = $2
+        for update of p
+        """,
+        partner,
+        purchase_id,
+    )
+
+
+async def select_refund_replay(
+    conn: asyncpg.Connection, purchase_pk: int, refund_id: str
+) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        "select request_hash, response from refunds where purchase_pk = $1 and refund_id = $2",
+        purchase_pk,
+        refund_id,
+    )
+
+
+async def update_refund_state(conn: asyncpg.Connection, purchase_pk: int, refund_state: bytes) -> None:
+    await conn.execute(
+        "update purchases set refund_state = $2::text::jsonb where purchase_pk = $1",
+        purchase_pk,
+        refund_state.decode(),
+    )
+
+
+async def insert_refund(
+    conn: asyncpg.Connection,
+    *,
+    purchase_pk: int,
+    refund_id: str,
+    member_uid: int,
+    amount: int,
+    points: int,
+    shortfall: int,
+    detail: bytes,
+    request_hash: bytes,
+    response: bytes,
+) -> None:
+    await conn.execute(
+        """
+        insert into refunds (purchase_pk, refund_id, member_uid, amount, points, shortfall, detail,
+                             request_hash, response)
+        values ($1, $2, $3, $4, $5, $6, $7::text::jsonb, $8, $9)
+        """,
+        purchase_pk,
+        refund_id,
+        member_uid,
+        amount,
+        points,
+        shortfall,
+        detail.decode(),
+        request_hash,
+        response,
+    )

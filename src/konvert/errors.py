@@ -1,0 +1,113 @@
+"""konvert's error hierarchy. Each HTTP-facing error carries a status and a stable ``code``.
+
+The single mapping to RFC 9457 problem+json lives in :mod:`konvert.problems`; everything here is
+plain Python so the pure core can raise these without importing the web framework.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class ConfigurationError(Exception):
+    """A bad setting or program file. Start-up stops with this message, never a traceback."""
+
+
+class KonvertError(Exception):
+    status: ClassVar[int] = 400
+    code: ClassVar[str] = "bad_request"
+    title: ClassVar[str] = "Bad request"
+
+    def __init__(self, detail: str, *, errors: list[dict[str, Any]] | None = None, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.errors = errors
+        self.extra = extra
+
+
+class MalformedRequest(KonvertError):
+    status, code, title = 400, "malformed_request", "Malformed request"
+
+
+class ValidationFailed(KonvertError):
+    """The body or a parameter does not match the schema (wrong type, unknown field, out of bounds)."""
+
+    status, code, title = 422, "validation_failed", "Validation failed"
+
+
+class Unauthenticated(KonvertError):
+    status, code, title = 401, "unauthenticated", "Authentication required"
+
+
+class Forbidden(KonvertError):
+    status, code, title = 403, "forbidden", "Not allowed"
+
+
+class NotFound(KonvertError):
+    status, code, title = 404, "not_found", "Not found"
+
+
+class MemberNotFound(NotFound):
+    code, title = "member_not_found", "Member not found"
+
+
+class PurchaseNotFound(NotFound):
+    code, title = "purchase_not_found", "Purchase not found"
+
+
+class MethodNotAllowed(KonvertError):
+    status, code, title = 405, "method_not_allowed", "Method not allowed"
+
+
+class Conflict(KonvertError):
+    status, code, title = 409, "conflict", "Conflict"
+
+
+class IdempotencyConflict(Conflict):
+    """The same idempotency key was used before with a different request body."""
+
+    code, title = "idempotency_conflict", "Idempotency key reused with a different request"
+
+
+class InsufficientPoints(Conflict):
+    code, title = "insufficient_points", "Not enough points"
+
+
+class PayloadTooLarge(KonvertError):
+    status, code, title = 413, "payload_too_large", "Request body too large"
+
+
+class UnsupportedMediaType(KonvertError):
+    status, code, title = 415, "unsupported_media_type", "Unsupported media type"
+
+
+class Unprocessable(KonvertError):
+    """Well-formed, but the business rules refuse it."""
+
+    status, code, title = 422, "unprocessable", "Request cannot be processed"
+
+
+class UnsupportedCurrency(Unprocessable):
+    code, title = "unsupported_currency", "Currency not in the program"
+
+
+class UnknownPartner(Unprocessable):
+    code, title = "unknown_partner", "Partner not in the program"
+
+
+class RefundExceedsPurchase(Unprocessable):
+    code, title = "refund_exceeds_purchase", "Refund exceeds what was purchased"
+
+
+class RateLimited(KonvertError):
+    status, code, title = 429, "rate_limited", "Too many requests"
+
+
+class ServiceUnavailable(KonvertError):
+    status, code, title = 503, "service_unavailable", "Service unavailable"
+
+
+class InternalError(KonvertError):
+    """A bug or an outage konvert did not foresee. The response carries only the request id."""
+
+    status, code, title = 500, "internal_error", "Internal error"

@@ -1,0 +1,62 @@
+"""Ledger wire types: balances and activity, as members and their apps see them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
+
+MemberId = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")]
+
+
+class ExpiringPoints(msgspec.Struct, frozen=True):
+    points: int
+    expires_at: datetime
+
+
+class Balance(msgspec.Struct, frozen=True, kw_only=True):
+    member_id: str
+    # Points the member can spend now. Negative only after a refund of already-spent points.
+    available: int
+    # Earned, but inside the return window; they become available when the window closes.
+    pending: int
+    # Reserved by redemptions in progress.
+    held: int
+    # Points earned, net of refunds, over the member's lifetime.
+    lifetime_earned: int
+    reputation: int
+    # The soonest-expiring points, grouped by expiry date.
+    expiring: list[ExpiringPoints]
+    # Increases with every change; a client can tell which of two reads is newer.
+    version: int
+
+
+class Cause(msgspec.Struct, frozen=True):
+    type: str
+    ref: str
+
+
+class ActivityItem(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    transfer_id: int
+    code: str
+    asset: str
+    amount: int
+    # The change to the member's total of this asset: +amount in, -amount out, 0 for a move
+    # between the member's own buckets (pending -> available on vesting).
+    delta: int
+    # The member's bucket the points went to (or left, when delta < 0).
+    bucket: str
+    from_bucket: str | None = None
+    cause: Cause
+    reason: str | None = None
+    lot_id: int | None = None
+    reverses_transfer_id: int | None = None
+    created_at: datetime
+
+
+class ActivityPage(msgspec.Struct, frozen=True):
+    items: list[ActivityItem]
+    # Pass as ?cursor= to get the next (older) page; null on the last page.
+    next_cursor: str | None

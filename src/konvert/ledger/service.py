@@ -1,0 +1,142 @@
+"""Ledger use cases: read a balance (through the cache), page through activity, vest lots."""
+
+from __future__ import annotations
+
+import base64
+import logging
+from datetime import UTC, datetime
+from itertools import groupby
+
+import msgspec
+
+from konvert import errors
+from konvert.ledger import store
+from konvert.ledger.model import ActivityItem, ActivityPage, Balance, Cause, ExpiringPoints
+from konvert.services import Services
+
+log = logging.getLogger("konvert.ledger")
+
+_encode = msgspec.json.Encoder().encode
+
+
+async def balance_body(services: Services, member_id: str) -> bytes:
+    """The member's balance as JSON bytes: from the cache, else from PostgreSQL (then cached)."""
+    cached = await services.balances.get(member_id)
+    if cached is not None:
+        return cached
+    balance = await read_balance(services, member_id)
+    body = _encode(balance)
+    await services.balances.put(member_id, balance.version, body)
+    return body
+
+
+async def read_balance(services: Services, member_id: str) -> Balance:
+    row = await store.select_balance(services.pool, member_id, services.program.points.expiring_lots_shown)
+    if row is None:
+        raise errors.MemberNotFound(f"no member {member_id!r}")
+    return Balance(
+        member_id=row["member_id"],
+        available=row["points_available"],
+        pending=row["points_pending"],
+        held=row["points_held"],
+        lifetime_earned=row["points_lifetime_earned"],
+        reputation=row["reputation"],
+        expiring=msgspec.json.decode(row["expiring"], type=list[ExpiringPoints]),
+        version=row["version"],
+    )
+
+
+def encode_cursor(transfer_id: int) -> str:
+    return base64.urlsafe_b64encode(f"t{transfer_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        if text[:1] != "t":
+            raise ValueError(text)
+        return int(text[1:])
+    except ValueError:
+        raise errors.ValidationFailed(
+            "cursor is not one this API gave out", errors=[{"field": "cursor", "message": "invalid cursor"}]
+        ) from None
+
+
+async def activity(services: Services, member_id: str, cursor: str | None, limit: int) -> ActivityPage:
+    before = decode_cursor(cursor) if cursor else None
+    member_uid = await store.select_member_uid(services.pool, member_id)
+    if member_uid is None:
+        raise errors.MemberNotFound(f"no member {member_id!r}")
+    rows = await store.select_activity(services.pool, member_uid, before, limit + 1)
+    items = [_activity_item(r) for r in rows[:limit]]
+    next_cursor = encode_cursor(rows[limit - 1]["transfer_id"]) if len(rows) > limit else None
+    return ActivityPage(items=items, next_cursor=next_cursor)
+
+
+def _activity_item(row: msgspec.Struct | dict) -> ActivityItem:  # type: ignore[type-arg]
+    amount = row["amount"]
+    into_member, out_of_member = row["credit_is_member"], row["debit_is_member"]
+    if into_member and out_of_member:
+        delta, bucket, from_bucket = 0, row["credit_name"], row["debit_name"]
+    elif into_member:
+        delta, bucket, from_bucket = amount, row["credit_name"], None
+    else:
+        delta, bucket, from_bucket = -amount, row["debit_name"], None
+    return ActivityItem(
+        transfer_id=row["transfer_id"],
+        code=row["code"],
+        asset=row["asset"],
+        amount=amount,
+        delta=delta,
+        bucket=bucket,
+        from_bucket=from_bucket,
+        cause=Cause(row["cause_type"], row["cause_ref"]),
+        reason=row["reason"],
+        lot_id=row["lot_id"],
+        reverses_transfer_id=row["reverses_transfer_id"],
+        created_at=row["created_at"],
+    )
+
+
+async def vest_due_lots(services: Services, now: datetime | None = None) -> int:
+    """Make pending lots whose return window has closed available; return how many vested.
+
+    Safe with several processes: each member is handled in its own transaction under the
+    member's row lock, and a lot is only moved while still pending.
+    """
+    now = now or datetime.now(UTC)
+    vested = 0
+    batch = await store.select_due_pending_lots(services.pool, now, services.settings.jobs_batch_size)
+    for member_uid, lots in groupby(sorted(batch, key=lambda r: r["member_uid"]), key=lambda r: r["member_uid"]):
+        vested += await _vest_member(services, member_uid, [r["lot_id"] for r in lots], now)
+    return vested
+
+
+async def _vest_member(services: Services, member_uid: int, lot_ids: list[int], now: datetime) -> int:
+    async with services.pool.acquire() as conn, conn.transaction():
+        member = await store.lock_member(conn, member_uid)
+        changed = await store.vest_lots(conn, member_uid, lot_ids, now)
+        accounts = await store.select_member_account_ids(conn, member_uid)
+        points = 0
+        for lot in changed:
+            if lot["remaining"] > 0:
+                await store.insert_transfer(
+                    conn,
+                    member_uid=member_uid,
+                    asset="points",
+                    debit_account_id=accounts["pending"],
+                    credit_account_id=accounts["available"],
+                    amount=lot["remaining"],
+                    code="vest",
+                    cause_type="lot",
+                    cause_ref=str(lot["lot_id"]),
+                    lot_id=lot["lot_id"],
+                    reason="return window closed",
+                )
+                points += lot["remaining"]
+        if not changed:
+            return 0
+        version = await store.update_member_points(conn, member_uid, available=points, pending=-points)
+        await store.settle_debt(conn, member_uid, member["points_debt"])
+    await services.balances.invalidate(member["member_id"], version)
+    return len(changed)

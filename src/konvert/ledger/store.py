@@ -1,0 +1,298 @@
+"""Ledger SQL: members, accounts, transfers, lots. Plain async functions, connection first.
+
+None of these commit: the use case that calls them owns the transaction. Locking order, to
+keep concurrent use cases free of deadlocks: a member's row first, then that member's lots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+MEMBER_ACCOUNTS = (("points", "available"), ("points", "pending"), ("points", "held"), ("reputation", "reputation"))
+
+
+async def select_member_uid(conn: asyncpg.Connection, member_id: str) -> int | None:
+    return await conn.fetchval("select member_uid from members where member_id = $1", member_id)
+
+
+async def ensure_member(conn: asyncpg.Connection, member_id: str) -> int:
+    """The member's uid, creating the member and its accounts on first use."""
+    uid = await select_member_uid(conn, member_id)
+    if uid is not None:
+        return uid
+    uid = await conn.fetchval(
+        """
+        with member as (
+            insert into members (member_id) values ($1)
+            on conflict (member_id) do nothing
+            returning member_uid
+        ), accounts as (
+            insert into accounts (member_uid, asset, name)
+            select member.member_uid, a.asset, a.name
+            from member, unnest($2::text[], $3::text[]) as a (asset, name)
+        )
+        select member_uid from member
+        """,
+        member_id,
+        [a for a, _ in MEMBER_ACCOUNTS],
+        [n for _, n in MEMBER_ACCOUNTS],
+    )
+    if uid is None:
+        # A concurrent request created the member first; its row is committed now.
+        uid = await select_member_uid(conn, member_id)
+    assert uid is not None
+    return uid
+
+
+async def lock_member(conn: asyncpg.Connection, member_uid: int) -> asyncpg.Record:
+    return await conn.fetchrow(
+        """
+        select member_uid, member_id, points_available, points_pending, points_held, points_debt,
+               points_lifetime_earned, reputation, version
+        from members where member_uid = $1 for update
+        """,
+        member_uid,
+    )
+
+
+async def ensure_system_account(conn: asyncpg.Connection, asset: str, name: str) -> int:
+    account_id = await conn.fetchval(
+        """
+        insert into accounts (member_uid, asset, name) values (null, $1, $2)
+        on conflict (member_uid, asset, name) do nothing
+        returning account_id
+        """,
+        asset,
+        name,
+    )
+    if account_id is None:
+        account_id = await conn.fetchval(
+            "select account_id from accounts where member_uid is null and asset = $1 and name = $2", asset, name
+        )
+    return account_id
+
+
+async def select_member_account_ids(conn: asyncpg.Connection, member_uid: int) -> dict[str, int]:
+    rows = await conn.fetch("select name, account_id from accounts where member_uid = $1", member_uid)
+    return {r["name"]: r["account_id"] for r in rows}
+
+
+async def insert_transfer(
+    conn: asyncpg.Connection,
+    *,
+    member_uid: int,
+    asset: str,
+    debit_account_id: int,
+    credit_account_id: int,
+    amount: int,
+    code: str,
+    cause_type: str,
+    cause_ref: str,
+    lot_id: int | None = None,
+    reverses_transfer_id: int | None = None,
+    reason: str | None = None,
+) -> int:
+    return await conn.fetchval(
+        """
+        insert into transfers (member_uid, asset, debit_account_id, credit_account_id, amount, code,
+                               cause_type, cause_ref, lot_id, reverses_transfer_id, reason)
+        values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+        returning transfer_id
+        """,
+        member_uid,
+        asset,
+        debit_account_id,
+        credit_account_id,
+        amount,
+        code,
+        cause_type,
+        cause_ref,
+        lot_id,
+        reverses_transfer_id,
+        reason,
+    )
+
+
+async def update_member_points(
+    conn: asyncpg.Connection,
+    member_uid: int,
+    *,
+    available: int = 0,
+    pending: int = 0,
+    held: int = 0,
+    debt: int = 0,
+    lifetime_earned: int = 0,
+) -> int:
+    """Apply deltas to the stored balances; return the new version."""
+    return await conn.fetchval(
+        """
+        update members
+        set points_available = points_available + $2, points_pending = points_pending + $3,
+            points_held = points_held + $4, points_debt = points_debt + $5,
+            points_lifetime_earned = points_lifetime_earned + $6, version = version + 1
+        where member_uid = $1
+        returning version
+        """,
+        member_uid,
+        available,
+        pending,
+        held,
+        debt,
+        lifetime_earned,
+    )
+
+
+async def lock_lot(conn: asyncpg.Connection, lot_id: int) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        "select lot_id, member_uid, amount, remaining, state, expires_at from lots where lot_id = $1 for update",
+        lot_id,
+    )
+
+
+async def lock_available_lots(conn: asyncpg.Connection, member_uid: int, exclude_lot_id: int | None = None) -> list[asyncpg.Record]:
+    """A member's available lots with points left, soonest expiring first (never-expiring last)."""
+    return await conn.fetch(
+        """
+        select lot_id, remaining from lots
+        where member_uid = $1 and state = 'available' and remaining > 0 and lot_id is distinct from $2
+        order by expires_at nulls last, lot_id
+        for update
+        """,
+        member_uid,
+        exclude_lot_id,
+    )
+
+
+async def take_from_lots(
+    conn: asyncpg.Connection, member_uid: int, takes: Sequence[tuple[int, int]], transfer_id: int | None, kind: str
+) -> None:
+    """Take (lot_id, points) from lots and record each take as a lot entry."""
+    if not takes:
+        return
+    lot_ids = [lot for lot, _ in takes]
+    amounts = [amount for _, amount in takes]
+    await conn.execute(
+        """
+        with takes as (select * from unnest($1::bigint[], $2::bigint[]) as t (lot_id, amount)),
+        updated as (
+            update lots set remaining = lots.remaining - takes.amount
+            from takes where lots.lot_id = takes.lot_id
+        )
+        insert into lot_entries (lot_id, member_uid, transfer_id, amount, kind)
+        select lot_id, $3, $4, amount, $5 from takes
+        """,
+        lot_ids,
+        amounts,
+        member_uid,
+        transfer_id,
+        kind,
+    )
+
+
+def plan_takes(lots: Sequence[asyncpg.Record], points: int) -> tuple[list[tuple[int, int]], int]:
+    """Take up to ``points`` from lots in their order; return the takes and what is still missing."""
+    takes = []
+    missing = points
+    for lot in lots:
+        if missing == 0:
+            break
+        take = min(missing, lot["remaining"])
+        if take > 0:
+            takes.append((lot["lot_id"], take))
+            missing -= take
+    return takes, missing
+
+
+async def settle_debt(conn: asyncpg.Connection, member_uid: int, debt: int) -> int:
+    """Repay a refund debt from the member's available lots; return the debt repaid.
+
+    The stored available balance already counts the debt, so repaying moves no points: it only
+    makes the lots agree with the balance (available = available lots - debt).
+    """
+    if debt <= 0:
+        return 0
+    takes, missing = plan_takes(await lock_available_lots(conn, member_uid), debt)
+    repaid = debt - missing
+    if repaid:
+        await take_from_lots(conn, member_uid, takes, None, "debt")
+        await conn.execute("update members set points_debt = points_debt - $2 where member_uid = $1", member_uid, repaid)
+    return repaid
+
+
+async def select_balance(conn: asyncpg.Connection | asyncpg.Pool, member_id: str, expiring_lots: int) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        """
+        select m.member_id, m.points_available, m.points_pending, m.points_held, m.points_debt,
+               m.points_lifetime_earned, m.reputation, m.version,
+               coalesce((
+                   select json_agg(json_build_object('points', e.points, 'expires_at', e.expires_at)
+                                   order by e.expires_at)
+                   from (
+                       select expires_at, sum(remaining) as points from lots
+                       where member_uid = m.member_uid and remaining > 0 and state <> 'expired'
+                         and expires_at is not null
+                       group by expires_at order by expires_at limit $2
+                   ) e
+               ), '[]') as expiring
+        from members m where m.member_id = $1
+        """,
+        member_id,
+        expiring_lots,
+    )
+
+
+async def select_activity(
+    conn: asyncpg.Connection | asyncpg.Pool, member_uid: int, before_transfer_id: int | None, limit: int
+) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        """
+        select t.transfer_id, t.code, t.asset, t.amount, t.cause_type, t.cause_ref, t.lot_id,
+               t.reverses_transfer_id, t.reason, t.created_at,
+               d.member_uid is not null as debit_is_member, d.name as debit_name,
+               c.member_uid is not null as credit_is_member, c.name as credit_name
+        from transfers t
+        join accounts d on d.account_id = t.debit_account_id
+        join accounts c on c.account_id = t.credit_account_id
+        where t.member_uid = $1 and ($2::bigint is null or t.transfer_id < $2)
+        order by t.transfer_id desc
+        limit $3
+        """,
+        member_uid,
+        before_transfer_id,
+        limit,
+    )
+
+
+def record_to_dict(record: asyncpg.Record | None) -> dict[str, Any] | None:
+    return dict(record) if record is not None else None
+
+
+async def select_due_pending_lots(conn: asyncpg.Connection | asyncpg.Pool, now: datetime, limit: int) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        """
+        select lot_id, member_uid from lots
+        where state = 'pending' and vests_at <= $1
+        order by vests_at, lot_id
+        limit $2
+        """,
+        now,
+        limit,
+    )
+
+
+async def vest_lots(conn: asyncpg.Connection, member_uid: int, lot_ids: Sequence[int], now: datetime) -> list[asyncpg.Record]:
+    """Mark the member's due pending lots available; return (lot_id, remaining) of those changed."""
+    return await conn.fetch(
+        """
+        update lots set state = 'available'
+        where lot_id = any($2::bigint[]) and member_uid = $1 and state = 'pending' and vests_at <= $3
+        returning lot_id, remaining
+        """,
+        member_uid,
+        list(lot_ids),
+        now,
+    )

@@ -1,0 +1,157 @@
+"""The one mapping from errors to RFC 9457 problem+json responses.
+
+Every failure the API can return has a stable machine-readable ``code``; ``type`` is a URN
+built from it so clients can switch on either. Database constraint violations that reach
+here are translated by constraint name.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import asyncpg
+import msgspec
+from litestar import Request, Response
+from litestar.exceptions import (
+    HTTPException,
+    MethodNotAllowedException,
+    NotAuthorizedException,
+    NotFoundException,
+    PermissionDeniedException,
+    ValidationException,
+)
+from litestar.exceptions.http_exceptions import RequestEntityTooLarge
+
+from konvert import errors
+from konvert.observability import request_id_var
+
+log = logging.getLogger("konvert.errors")
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+
+
+class FieldError(msgspec.Struct, omit_defaults=True):
+    field: str
+    message: str
+
+
+class Problem(msgspec.Struct, omit_defaults=True):
+    """An RFC 9457 problem detail, with konvert's stable ``code`` and the request id."""
+
+    type: str
+    title: str
+    status: int
+    code: str
+    detail: str = ""
+    instance: str = ""
+    request_id: str = ""
+    errors: list[FieldError] | None = None
+
+
+# Constraint name -> the error a violation of it means for the client.
+CONSTRAINT_ERRORS: dict[str, type[errors.KonvertError]] = {
+    "members_member_id_key": errors.Conflict,
+    "purchases_partner_purchase_id_key": errors.IdempotencyConflict,
+    "refunds_purchase_refund_id_key": errors.IdempotencyConflict,
+}
+
+
+def problem_response(request: Request[Any, Any, Any] | None, exc: errors.KonvertError) -> Response[Problem]:
+    problem = Problem(
+        type=f"urn:konvert:problem:{exc.code}",
+        title=exc.title,
+        status=exc.status,
+        code=exc.code,
+        detail=exc.detail,
+        instance=request.url.path if request is not None else "",
+        request_id=request_id_var.get(),
+        errors=[FieldError(**e) for e in exc.errors] if exc.errors else None,
+    )
+    headers = {"allow": exc.extra["allow"]} if "allow" in exc.extra else None
+    return Response(problem, status_code=exc.status, media_type=PROBLEM_MEDIA_TYPE, headers=headers)
+
+
+def handle_konvert_error(request: Request[Any, Any, Any], exc: errors.KonvertError) -> Response[Problem]:
+    return problem_response(request, exc)
+
+
+_UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")
+_MSGSPEC_PATH = re.compile(r"^(?P<text>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+
+
+def field_errors_from_validation(exc: ValidationException) -> list[dict[str, str]]:
+    """Litestar hands msgspec's message through; turn ``... - at `$.lines[0].quantity``` into a field."""
+    found = []
+    for item in exc.extra if isinstance(exc.extra, list) else []:
+        message = str(item.get("message", "")) if isinstance(item, dict) else str(item)
+        key = item.get("key") if isinstance(item, dict) else None
+        match = _MSGSPEC_PATH.match(message)
+        text, path = (match["text"], match["path"]) if match else (message, None)
+        field = (path or "").lstrip(".")
+        if unknown := _UNKNOWN_FIELD.search(text):
+            # msgspec reports an unknown field at its parent object; name the field itself.
+            field = f"{field}.{unknown[1]}" if field else unknown[1]
+        field = field or (str(key) if key and key != "data" else "body")
+        found.append({"field": field, "message": text})
+    return found
+
+
+def handle_validation_error(request: Request[Any, Any, Any], exc: ValidationException) -> Response[Problem]:
+    field_errors = field_errors_from_validation(exc)
+    if any(e["message"].startswith(("JSON is malformed", "Input data was truncated")) for e in field_errors):
+        return problem_response(request, errors.MalformedRequest("the request body is not valid JSON"))
+    where = ", ".join(sorted({e["field"] for e in field_errors})) or "request"
+    return problem_response(
+        request, errors.ValidationFailed(f"invalid value for {where}", errors=field_errors or None)
+    )
+
+
+def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Problem]:
+    mapped: errors.KonvertError
+    if isinstance(exc, NotFoundException):
+        mapped = errors.NotFound(f"no resource at {request.url.path}")
+    elif isinstance(exc, MethodNotAllowedException):
+        allow = (exc.headers or {}).get("allow", "")
+        mapped = errors.MethodNotAllowed(f"{request.method} is not allowed here", allow=allow)
+    elif isinstance(exc, NotAuthorizedException):
+        mapped = errors.Unauthenticated(exc.detail)
+    elif isinstance(exc, PermissionDeniedException):
+        mapped = errors.Forbidden(exc.detail)
+    elif isinstance(exc, RequestEntityTooLarge):
+        mapped = errors.PayloadTooLarge("the request body is larger than this server accepts")
+    elif exc.status_code == 415:
+        mapped = errors.UnsupportedMediaType(exc.detail)
+    elif 400 <= exc.status_code < 500:
+        mapped = errors.MalformedRequest(exc.detail)
+    else:
+        log.error("http error", extra={"status": exc.status_code, "detail": exc.detail})
+        mapped = errors.ServiceUnavailable("the service cannot answer right now")
+    return problem_response(request, mapped)
+
+
+def handle_database_error(request: Request[Any, Any, Any], exc: asyncpg.PostgresError) -> Response[Problem]:
+    constraint = getattr(exc, "constraint_name", None)
+    if constraint in CONSTRAINT_ERRORS:
+        return problem_response(request, CONSTRAINT_ERRORS[constraint](f"conflicts with existing data ({constraint})"))
+    if isinstance(exc, asyncpg.QueryCanceledError):
+        return problem_response(request, errors.ServiceUnavailable("the database took too long to answer"))
+    log.exception("database error")
+    return problem_response(request, errors.ServiceUnavailable("the database could not complete the request"))
+
+
+def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]:
+    log.exception("unhandled error")
+    return problem_response(
+        request, errors.InternalError("an unexpected error occurred; the request id identifies it in the logs")
+    )
+
+
+EXCEPTION_HANDLERS: dict[Any, Any] = {
+    errors.KonvertError: handle_konvert_error,
+    ValidationException: handle_validation_error,
+    HTTPException: handle_http_exception,
+    asyncpg.PostgresError: handle_database_error,
+    Exception: handle_unexpected,
+}

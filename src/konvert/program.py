@@ -1,0 +1,198 @@
+"""The program file: a loyalty program's rules, in TOML, decoded into frozen msgspec Structs.
+
+Decimal values (rates, multipliers) are parsed as :class:`decimal.Decimal`, never float, so that
+"1.1 points per euro" is exactly 1.1. Unknown keys are refused so a typo cannot silently turn a
+rule off. :func:`load_program` names the bad key and why.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from datetime import datetime
+from decimal import Decimal
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+from konvert.errors import ConfigurationError
+
+Identifier = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")]
+CurrencyCode = Annotated[str, Meta(pattern=r"^[A-Z]{3}$")]
+# msgspec cannot bound Decimals, so the rules below check their own with _non_negative().
+NonNegativeDecimal = Decimal
+Days = Annotated[int, Meta(ge=0, le=36_500)]
+PointsCap = Annotated[int, Meta(ge=1, le=1_000_000_000)]
+
+# ISO 4217 exponents that differ from the usual 2. A currency listed in the program may
+# override it with `minor_units`.
+_ISO_4217_EXPONENTS = {
+    "BHD": 3, "BIF": 0, "CLF": 4, "CLP": 0, "DJF": 0, "GNF": 0, "IQD": 3, "ISK": 0, "JOD": 3,
+    "JPY": 0, "KMF": 0, "KRW": 0, "KWD": 3, "LYD": 3, "OMR": 3, "PYG": 0, "RWF": 0, "TND": 3,
+    "UGX": 0, "UYI": 0, "UYW": 4, "VND": 0, "VUV": 0, "XAF": 0, "XOF": 0, "XPF": 0,
+}  # fmt: skip
+
+
+def currency_exponent(currency: str) -> int:
+    return _ISO_4217_EXPONENTS.get(currency, 2)
+
+
+class _Rule(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+def _non_negative(where: str, **values: Decimal) -> None:
+    for name, value in values.items():
+        if not value.is_finite() or value < 0:
+            raise ValueError(f"{where}: {name} must be a number >= 0, got {value}")
+
+
+class Partner(_Rule):
+    """A store or merchant that posts purchases. Several partners make a coalition."""
+
+    id: Identifier
+    name: str = ""
+
+
+class EarningRate(_Rule):
+    """Points per major currency unit (1 EUR, 1 JPY) spent in ``currency``, optionally for one partner."""
+
+    currency: CurrencyCode
+    points_per_unit: NonNegativeDecimal
+    partner: Identifier | None = None
+    minor_units: Annotated[int, Meta(ge=0, le=4)] | None = None
+
+    def __post_init__(self) -> None:
+        _non_negative(f"rate {self.currency}", points_per_unit=self.points_per_unit)
+
+
+class CategoryRule(_Rule):
+    """Multiplies (or, with ``exclude``, removes) the points of lines in a category."""
+
+    category: Annotated[str, Meta(min_length=1, max_length=128)]
+    multiplier: NonNegativeDecimal = Decimal(1)
+    exclude: bool = False
+
+    def __post_init__(self) -> None:
+        _non_negative(f"category {self.category}", multiplier=self.multiplier)
+
+
+class SkuRule(_Rule):
+    sku: Annotated[str, Meta(min_length=1, max_length=128)]
+    multiplier: NonNegativeDecimal = Decimal(1)
+    exclude: bool = False
+
+    def __post_init__(self) -> None:
+        _non_negative(f"sku {self.sku}", multiplier=self.multiplier)
+
+
+class Campaign(_Rule):
+    """A time-boxed boost: a multiplier on matching lines, or a fixed bonus per purchase, or both.
+
+    ``partners`` and ``categories`` filter what the campaign applies to; empty means all.
+    The window is half-open: ``starts_at <= occurred_at < ends_at``.
+    """
+
+    id: Identifier
+    starts_at: datetime
+    ends_at: datetime
+    multiplier: NonNegativeDecimal = Decimal(1)
+    bonus_points: Annotated[int, Meta(ge=0, le=1_000_000)] = 0
+    partners: tuple[Identifier, ...] = ()
+    categories: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _non_negative(f"campaign {self.id}", multiplier=self.multiplier)
+        if self.ends_at <= self.starts_at:
+            raise ValueError(f"campaign {self.id}: ends_at must be after starts_at")
+        if self.starts_at.tzinfo is None or self.ends_at.tzinfo is None:
+            raise ValueError(f"campaign {self.id}: starts_at and ends_at need a UTC offset")
+
+
+class Earning(_Rule):
+    # How a line's fractional points become whole points.
+    rounding: Literal["floor", "half_up", "ceil"] = "floor"
+    # Largest number of points one purchase can earn (bonuses included). None: no cap.
+    purchase_cap_points: PointsCap | None = None
+    earn_on_shipping: bool = False
+    earn_on_tax: bool = False
+    rates: tuple[EarningRate, ...] = ()
+    categories: tuple[CategoryRule, ...] = ()
+    skus: tuple[SkuRule, ...] = ()
+    campaigns: tuple[Campaign, ...] = ()
+
+
+class Points(_Rule):
+    # Days a purchase's points stay pending (the return window). 0: available at once.
+    return_window_days: Days = 0
+    # Whether a refund of already-spent points may take the balance below zero. If not, the
+    # clawback stops at zero and the shortfall is recorded on the refund.
+    allow_negative_balance: bool = True
+    # Days after earning that a lot expires; None: points never expire.
+    expire_after_days: Days | None = None
+    # How many soonest-expiring lots a balance shows.
+    expiring_lots_shown: Annotated[int, Meta(ge=0, le=100)] = 3
+
+
+class Program(_Rule):
+    name: Annotated[str, Meta(min_length=1, max_length=200)]
+    partners: tuple[Partner, ...] = ()
+    points: Points = Points()
+    earning: Earning = Earning()
+
+    def __post_init__(self) -> None:
+        partner_ids = [p.id for p in self.partners]
+        if not partner_ids:
+            raise ValueError("partners: a program needs at least one partner")
+        if len(set(partner_ids)) != len(partner_ids):
+            raise ValueError("partners: partner ids must be unique")
+        for rate in self.earning.rates:
+            if rate.partner is not None and rate.partner not in partner_ids:
+                raise ValueError(f"earning.rates: unknown partner {rate.partner!r}")
+        seen = {(r.currency, r.partner) for r in self.earning.rates}
+        if len(seen) != len(self.earning.rates):
+            raise ValueError("earning.rates: one rate per currency and partner")
+        for campaign in self.earning.campaigns:
+            for partner in campaign.partners:
+                if partner not in partner_ids:
+                    raise ValueError(f"earning.campaigns: campaign {campaign.id} names unknown partner {partner!r}")
+
+    def has_partner(self, partner: str) -> bool:
+        return any(p.id == partner for p in self.partners)
+
+
+def example_program_text() -> str:
+    return resources.files("konvert").joinpath("example_program.toml").read_text("utf-8")
+
+
+def parse_program(text: str, source: str = "program file") -> Program:
+    try:
+        data = tomllib.loads(text, parse_float=Decimal)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError(f"{source}: not valid TOML: {exc}") from None
+    try:
+        return msgspec.convert(data, Program, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigurationError(f"{source}: {_readable(str(exc))}") from None
+
+
+def load_program(path: str = "") -> Program:
+    """Load the program file at ``path``, or the shipped example program when it is empty."""
+    if not path:
+        return parse_program(example_program_text(), "example program")
+    try:
+        text = Path(path).read_text("utf-8")
+    except OSError as exc:
+        raise ConfigurationError(f"program file {path}: cannot be read: {exc.strerror}") from None
+    return parse_program(text, f"program file {path}")
+
+
+def _readable(message: str) -> str:
+    # "Expected `int`, got `str` - at `$.points.return_window_days`" -> key first, then why.
+    if " - at `$" in message:
+        text, _, path = message.partition(" - at `$")
+        key = path.rstrip("`").lstrip(".") or "(top level)"
+        return f"key {key}: {text}"
+    return message

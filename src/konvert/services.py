@@ -1,0 +1,69 @@
+"""What a running konvert process holds: settings, program, the pool, Redis and their helpers.
+
+Built once per process by the app's lifespan (or by the CLI for jobs and audits) and handed to
+use cases explicitly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import asyncpg
+import redis.asyncio as redis
+
+from litestar.di import NamedDependency
+
+from konvert.auth import KeyVerifier
+from konvert.cache import BalanceCache, create_redis
+from konvert.db import create_pool
+from konvert.ledger import store
+from konvert.program import Program
+from konvert.settings import Settings
+
+
+@dataclass
+class SystemAccounts:
+    """Ids of the program's system accounts, created on first use and then remembered."""
+
+    _ids: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    async def id(self, conn: asyncpg.Connection, asset: str, name: str) -> int:
+        key = (asset, name)
+        account_id = self._ids.get(key)
+        if account_id is None:
+            account_id = await store.ensure_system_account(conn, asset, name)
+            self._ids[key] = account_id
+        return account_id
+
+
+@dataclass
+class Services:
+    settings: Settings
+    program: Program
+    pool: asyncpg.Pool
+    redis: redis.Redis
+    keys: KeyVerifier
+    balances: BalanceCache
+    accounts: SystemAccounts
+
+    @classmethod
+    async def open(cls, settings: Settings, program: Program) -> Services:
+        pool = await create_pool(settings)
+        client = create_redis(settings)
+        return cls(
+            settings=settings,
+            program=program,
+            pool=pool,
+            redis=client,
+            keys=KeyVerifier(pool, settings.auth_cache_seconds),
+            balances=BalanceCache(client, settings.balance_cache_ttl_seconds),
+            accounts=SystemAccounts(),
+        )
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+        await self.pool.close()
+
+
+# How route handlers ask for the Services (injected by name from create_app's dependencies).
+Svc = NamedDependency[Services]

@@ -1,0 +1,110 @@
+"""Typed, frozen settings built once at start-up from ``KONVERT_*`` environment variables.
+
+Nothing else in konvert reads the environment: the CLI builds a :class:`Settings` and passes it
+into :func:`konvert.app.create_app`, the jobs and the migrations. Tests build their own.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+from konvert.errors import ConfigurationError
+
+ENV_PREFIX = "KONVERT_"
+# Variables under this prefix belong to the test suite and loadtests, not to the service.
+_IGNORED_PREFIXES = ("KONVERT_TEST_", "KONVERT_BENCH_")
+
+PositiveInt = Annotated[int, Meta(ge=1)]
+Seconds = Annotated[float, Meta(gt=0, le=3600)]
+
+
+def _default_data_dir() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return str(Path(base) / "konvert")
+
+
+class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Every knob of the service. Field ``x`` is set by the variable ``KONVERT_X``."""
+
+    # Where PostgreSQL and Redis are. Empty means: start the embedded ones under data_dir.
+    database_url: str = ""
+    redis_url: str = ""
+    data_dir: str = msgspec.field(default_factory=_default_data_dir)
+    # The program file (TOML). Empty means the example program shipped with konvert.
+    program_file: str = ""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Meta(ge=1, le=65535)] = 8000
+    workers: Annotated[int, Meta(ge=1, le=64)] = 1
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = "json"
+    # Access logs show route templates, never member ids from URLs, unless this is set.
+    log_member_ids: bool = False
+
+    request_max_body_bytes: Annotated[int, Meta(ge=1024, le=16 * 1024 * 1024)] = 256 * 1024
+    db_pool_min: Annotated[int, Meta(ge=1, le=200)] = 2
+    db_pool_max: Annotated[int, Meta(ge=1, le=200)] = 20
+    db_statement_timeout_seconds: Seconds = 10.0
+    db_connect_timeout_seconds: Seconds = 5.0
+    redis_timeout_seconds: Seconds = 0.5
+    health_timeout_seconds: Seconds = 2.0
+    # How long a verified API key is trusted before it is looked up again (so revocation by
+    # another process takes effect within this time). 0 looks every key up on every request.
+    auth_cache_seconds: Annotated[float, Meta(ge=0, le=300)] = 5.0
+    balance_cache_ttl_seconds: Annotated[int, Meta(ge=1, le=30 * 86400)] = 3600
+    # Background jobs (vesting, hold timeouts, expiry) run every this many seconds in each
+    # service process; 0 turns them off (run `konvert jobs run` from cron instead).
+    jobs_interval_seconds: Annotated[float, Meta(ge=0, le=86400)] = 30.0
+    jobs_batch_size: Annotated[int, Meta(ge=1, le=100_000)] = 1000
+    # Page sizes are bounded everywhere.
+    page_size_max: Annotated[int, Meta(ge=1, le=1000)] = 200
+
+    @property
+    def embedded_database(self) -> bool:
+        return not self.database_url
+
+    @property
+    def embedded_redis(self) -> bool:
+        return not self.redis_url
+
+    def replace(self, **changes: object) -> Settings:
+        return msgspec.structs.replace(self, **changes)
+
+
+_FIELD_NAMES = frozenset(Settings.__struct_fields__)
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+    """Build settings from ``KONVERT_*`` variables; a bad or unknown one raises ConfigurationError."""
+    environ = os.environ if environ is None else environ
+    raw: dict[str, object] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name.startswith(_IGNORED_PREFIXES):
+            continue
+        field = name[len(ENV_PREFIX) :].lower()
+        if field not in _FIELD_NAMES:
+            raise ConfigurationError(f"unknown setting {name}: konvert has no such variable")
+        raw[field] = value
+    raw.update(overrides)
+    try:
+        settings = msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigurationError(f"invalid setting: {_name_the_variable(str(exc))}") from None
+    if settings.db_pool_min > settings.db_pool_max:
+        raise ConfigurationError("invalid setting: KONVERT_DB_POOL_MIN is larger than KONVERT_DB_POOL_MAX")
+    return settings
+
+
+def _name_the_variable(message: str) -> str:
+    # msgspec says "... - at `$.port`"; users know the variable as KONVERT_PORT.
+    if " - at `$." in message:
+        text, _, path = message.partition(" - at `$.")
+        return f"{ENV_PREFIX}{path.rstrip('`').upper()}: {text}"
+    return message

