@@ -28,7 +28,8 @@ from litestar.testing import AsyncTestClient
 
 from konvert import auth, db
 from konvert.app import create_app
-from konvert.program import Program, load_program, parse_program
+from konvert.program import Program, parse_program
+from konvert.services import Services
 from konvert.settings import Settings, load_settings
 
 RUN_ID = uuid.uuid4().hex[:8]
@@ -127,9 +128,47 @@ async def redis_client(redis_url: str) -> AsyncIterator[redis.Redis]:
     await client.aclose()
 
 
+# The tests' own program: like the example, but without date-bound campaigns, so that what a
+# purchase earns does not depend on the day the suite runs.
+TEST_PROGRAM = """
+name = "konvert tests"
+
+[[partners]]
+id = "webshop"
+
+[[partners]]
+id = "store-berlin"
+
+[points]
+return_window_days = 14
+allow_negative_balance = true
+expire_after_days = 365
+
+[earning]
+rounding = "floor"
+purchase_cap_points = 50000
+
+[[earning.rates]]
+currency = "EUR"
+points_per_unit = 1
+
+[[earning.rates]]
+currency = "USD"
+points_per_unit = 1
+
+[[earning.categories]]
+category = "books"
+multiplier = 2
+
+[[earning.categories]]
+category = "gift-cards"
+exclude = true
+"""
+
+
 @pytest.fixture(scope="session")
 def program() -> Program:
-    return load_program()
+    return parse_program(TEST_PROGRAM, "test program")
 
 
 def make_settings(database_url: str, redis_url: str, **overrides: object) -> Settings:
@@ -184,3 +223,11 @@ def new_id() -> Callable[[str], str]:
 @pytest.fixture(scope="session")
 def program_from() -> Callable[[str], Program]:
     return parse_program
+
+
+@pytest.fixture(scope="session")
+async def services(settings: Settings, program: Program, redis_client: redis.Redis) -> AsyncIterator[Services]:
+    """The use cases' dependencies, for tests that call services directly (jobs, spending)."""
+    opened = await Services.open(settings, program)
+    yield opened
+    await opened.close()

@@ -89,12 +89,12 @@ def field_errors_from_validation(exc: ValidationException) -> list[dict[str, str
         key = item.get("key") if isinstance(item, dict) else None
         match = _MSGSPEC_PATH.match(message)
         text, path = (match["text"], match["path"]) if match else (message, None)
-        field = (path or "").lstrip(".")
+        # Litestar moves msgspec's path into `key` ("data" is the body itself); either names the field.
+        field = (path or "").lstrip(".") or (str(key) if key and key != "data" else "")
         if unknown := _UNKNOWN_FIELD.search(text):
             # msgspec reports an unknown field at its parent object; name the field itself.
             field = f"{field}.{unknown[1]}" if field else unknown[1]
-        field = field or (str(key) if key and key != "data" else "body")
-        found.append({"field": field, "message": text})
+        found.append({"field": field or "body", "message": text})
     return found
 
 

@@ -140,3 +140,42 @@ async def _vest_member(services: Services, member_uid: int, lot_ids: list[int], 
         await store.settle_debt(conn, member_uid, member["points_debt"])
     await services.balances.invalidate(member["member_id"], version)
     return len(changed)
+
+
+async def spend_points(
+    services: Services, member_id: str, points: int, *, code: str, cause_type: str, cause_ref: str, reason: str
+) -> int:
+    """Move ``points`` from the member's available points to the program's ``redeemed`` account,
+    consuming lots soonest-expiring first; return the transfer id.
+
+    Never overdraws: under the member's row lock, fewer available points than asked raises
+    InsufficientPoints and writes nothing.
+    """
+    async with services.pool.acquire() as conn, conn.transaction():
+        member_uid = await store.select_member_uid(conn, member_id)
+        if member_uid is None:
+            raise errors.MemberNotFound(f"no member {member_id!r}")
+        member = await store.lock_member(conn, member_uid)
+        if member["points_available"] < points:
+            raise errors.InsufficientPoints(
+                f"{points} points asked, {max(member['points_available'], 0)} available", available=member["points_available"]
+            )
+        takes, missing = store.plan_takes(await store.lock_available_lots(conn, member_uid), points)
+        assert missing == 0, "available points and available lots disagree"
+        accounts = await store.select_member_account_ids(conn, member_uid)
+        transfer_id = await store.insert_transfer(
+            conn,
+            member_uid=member_uid,
+            asset="points",
+            debit_account_id=accounts["available"],
+            credit_account_id=await services.accounts.id(conn, "points", "redeemed"),
+            amount=points,
+            code=code,
+            cause_type=cause_type,
+            cause_ref=cause_ref,
+            reason=reason,
+        )
+        await store.take_from_lots(conn, member_uid, takes, transfer_id, code)
+        version = await store.update_member_points(conn, member_uid, available=-points)
+    await services.balances.invalidate(member_id, version)
+    return transfer_id

@@ -1,0 +1,108 @@
+"""``konvert audit`` passes on a ledger that went through everything, and fails when corrupted."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+from litestar.testing import AsyncTestClient
+
+from konvert import auth
+from konvert.app import create_app
+from konvert.ledger.audit import run_audit
+from konvert.ledger.service import spend_points, vest_due_lots
+from konvert.services import Services
+from tests.conftest import make_settings
+from tests.integration.test_purchases import RECENT, line, purchase
+
+
+@pytest.fixture
+async def busy_ledger(fresh_database_url, redis_url, program):
+    """A database of its own after purchases, replays, vesting, refunds, spending and a debt."""
+    settings = make_settings(fresh_database_url, redis_url)
+    conn = await asyncpg.connect(fresh_database_url)
+    key, _ = await auth.insert_key(conn, "audit", ["admin"])
+    await conn.close()
+    headers = {"Authorization": f"Bearer {key}"}
+    services = await Services.open(settings, program)
+    try:
+        async with AsyncTestClient(create_app(settings, program)) as client:
+
+            async def post(path, body):
+                response = await client.post(path, json=body, headers=headers)
+                assert response.status_code == 201, response.text
+
+            for member in ("ann", "bob", "cem"):
+                await post("/v1/purchases", purchase(member, f"{member}-1", line("a", 3, 1000, "books"), line("b", 1, 999)))
+                await post("/v1/purchases", purchase(member, f"{member}-1", line("a", 3, 1000, "books"), line("b", 1, 999)))
+                await post("/v1/purchases", purchase(member, f"{member}-2", occurred_at=RECENT))
+            await vest_due_lots(services, now=datetime.now(UTC) + timedelta(days=20))
+            await post("/v1/purchases", purchase("ann", "ann-3", occurred_at=RECENT))
+            await post("/v1/purchases/ann-1/refunds", {"refund_id": "r1", "lines": [{"line_id": "a", "quantity": 1}]})
+            await post("/v1/purchases/ann-3/refunds", {"refund_id": "r1", "amount": 3333})
+            await spend_points(services, "bob", 150, code="redeem", cause_type="test", cause_ref="b", reason="t")
+            await post("/v1/purchases/bob-1/refunds", {"refund_id": "r1", "amount": 3999})  # bob goes negative
+            await post("/v1/purchases", purchase("bob", "bob-3"))  # and repays the debt
+        yield fresh_database_url
+    finally:
+        await services.close()
+
+
+async def _audit(database_url: str):
+    conn = await asyncpg.connect(database_url)
+    try:
+        return await run_audit(conn)
+    finally:
+        await conn.close()
+
+
+def _cli_audit(database_url: str, redis_url: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KONVERT_")}
+    env |= {"KONVERT_DATABASE_URL": database_url, "KONVERT_REDIS_URL": redis_url}
+    return subprocess.run([sys.executable, "-m", "konvert", "audit"], env=env, capture_output=True, text=True, timeout=60)
+
+
+async def test_audit_passes_after_every_kind_of_write(busy_ledger, redis_url):
+    assert await _audit(busy_ledger) == []
+    result = _cli_audit(busy_ledger, redis_url)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "audit passed" in result.stdout
+
+
+CORRUPTIONS = {
+    "2 stored balances equal transfers": "update members set points_available = points_available + 7 where member_id = 'ann'",
+    "2 stored balances equal lots": "update lots set remaining = remaining - 1 where lot_id = (select min(lot_id) from lots)",
+    "2 lots equal their entries": "update lots set remaining = remaining - 1, amount = amount where lot_id = (select max(lot_id) from lots)",
+    "4 every purchase earned exactly once": (
+        "insert into transfers (member_uid, asset, debit_account_id, credit_account_id, amount, code, cause_type, cause_ref)"
+        " select member_uid, asset, debit_account_id, credit_account_id, amount, code, cause_type, cause_ref"
+        " from transfers where code = 'earn' limit 1"
+    ),
+    "3 available points never below zero except by refund debt": "update members set points_available = -5 where member_id = 'cem'",
+    "5 reputation is never spent": (
+        "insert into transfers (member_uid, asset, debit_account_id, credit_account_id, amount, code, cause_type, cause_ref)"
+        " select m.member_uid, 'reputation', a.account_id,"
+        " (select account_id from accounts where member_uid is null and asset = 'points' limit 1), 5, 'redeem', 'test', 'x'"
+        " from members m join accounts a on a.member_uid = m.member_uid and a.asset = 'reputation' where m.member_id = 'cem'"
+    ),
+}
+
+
+@pytest.mark.parametrize("invariant", sorted(CORRUPTIONS))
+async def test_audit_names_the_broken_invariant(busy_ledger, redis_url, invariant):
+    conn = await asyncpg.connect(busy_ledger)
+    try:
+        await conn.execute(CORRUPTIONS[invariant])
+    finally:
+        await conn.close()
+
+    violations = await _audit(busy_ledger)
+
+    assert invariant in {v.invariant for v in violations}, violations
+    result = _cli_audit(busy_ledger, redis_url)
+    assert result.returncode == 1
+    assert f"VIOLATION {invariant}" in result.stdout

@@ -1,0 +1,470 @@
+"""Purchases, refunds, idempotency, vesting and balances against real PostgreSQL and Redis.
+
+The test program (conftest.TEST_PROGRAM): 1 point per EUR, books x2, gift cards excluded,
+return window 14 days, negative balances allowed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import msgspec
+import pytest
+
+from konvert.cache import balance_key
+from konvert.ledger.service import spend_points, vest_due_lots
+from konvert.services import Services
+
+NOW = datetime.now(UTC)
+# Older than the 14-day return window: the points are available at once.
+SETTLED = (NOW - timedelta(days=30)).isoformat()
+RECENT = (NOW - timedelta(minutes=1)).isoformat()
+
+
+def line(line_id: str, quantity: int, unit_price: int, category: str = "toys", sku: str = "SKU") -> dict[str, Any]:
+    return {"line_id": line_id, "sku": sku, "category": category, "quantity": quantity, "unit_price": unit_price}
+
+
+def purchase(member_id: str, purchase_id: str, *lines: dict[str, Any], occurred_at: str = SETTLED, **extra: Any) -> dict[str, Any]:
+    return {
+        "purchase_id": purchase_id,
+        "member_id": member_id,
+        "partner": "webshop",
+        "currency": "EUR",
+        "occurred_at": occurred_at,
+        "lines": list(lines) or [line("1", 1, 10000)],
+        **extra,
+    }
+
+
+@pytest.fixture
+async def post(client, admin_headers):
+    async def post(path: str, body: dict[str, Any]):
+        return await client.post(path, json=body, headers=admin_headers)
+
+    return post
+
+
+@pytest.fixture
+async def balance(client, admin_headers):
+    async def balance(member_id: str) -> dict[str, Any]:
+        response = await client.get(f"/v1/members/{member_id}/balance", headers=admin_headers)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    return balance
+
+
+@pytest.fixture
+async def transfers_of(database_url):
+    async def transfers_of(member_id: str) -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(database_url)
+        try:
+            return await conn.fetch(
+                """
+                select t.code, t.amount from transfers t join members m using (member_uid)
+                where m.member_id = $1 order by t.transfer_id
+                """,
+                member_id,
+            )
+        finally:
+            await conn.close()
+
+    return transfers_of
+
+
+# --- earning -------------------------------------------------------------------------------
+
+
+async def test_purchase_earns_points_per_line_with_the_rules_applied(post, balance, new_id):
+    member = new_id("m")
+    body = purchase(member, new_id("p"), line("a", 2, 1299, "books"), line("b", 1, 10000), line("c", 1, 5000, "gift-cards"))
+
+    response = await post("/v1/purchases", body)
+
+    assert response.status_code == 201, response.text
+    result = response.json()
+    # 25.98 EUR of books x2 = 51.96 -> 51 (floor per line); 100 EUR of toys -> 100; gift cards -> 0.
+    assert [(l["line_id"], l["points"]) for l in result["lines"]] == [("a", 51), ("b", 100), ("c", 0)]
+    assert result["points"] == 151
+    assert result["status"] == "available"
+    kinds = [rule["kind"] for rule in result["lines"][0]["rules"]]
+    assert kinds == ["rate", "category", "rounding"]
+    assert result["lines"][2]["rules"] == [{"kind": "excluded", "ref": "gift-cards"}]
+    assert "idempotent-replayed" not in response.headers
+    assert (await balance(member))["available"] == 151
+    assert (await balance(member))["lifetime_earned"] == 151
+
+
+async def test_shipping_and_tax_earn_nothing(post, new_id):
+    body = purchase(new_id("m"), new_id("p"), line("a", 1, 1000), shipping=5000, tax=2000)
+    response = await post("/v1/purchases", body)
+    assert response.json()["points"] == 10
+
+
+async def test_preview_computes_the_same_points_and_writes_nothing(client, admin_headers, post, new_id):
+    member = new_id("m")
+    body = purchase(member, new_id("p"), line("a", 2, 1299, "books"), line("b", 1, 10000))
+
+    preview = await post("/v1/purchases/preview", body)
+
+    assert preview.status_code == 200
+    assert preview.json()["points"] == 151
+    missing = await client.get(f"/v1/members/{member}/balance", headers=admin_headers)
+    assert missing.status_code == 404
+    assert missing.json()["code"] == "member_not_found"
+    posted = await post("/v1/purchases", body)
+    assert posted.json()["lines"] == preview.json()["lines"]
+
+
+async def test_unknown_partner_and_currency_are_refused_and_write_nothing(client, admin_headers, post, new_id):
+    member = new_id("m")
+    unknown_partner = await post("/v1/purchases", purchase(member, new_id("p"), partner="nowhere"))
+    unknown_currency = await post("/v1/purchases", purchase(member, new_id("p"), currency="JPY"))
+    assert (unknown_partner.status_code, unknown_partner.json()["code"]) == (422, "unknown_partner")
+    assert (unknown_currency.status_code, unknown_currency.json()["code"]) == (422, "unsupported_currency")
+    assert (await client.get(f"/v1/members/{member}/balance", headers=admin_headers)).status_code == 404
+
+
+async def test_purchase_from_the_future_is_refused(post, new_id):
+    body = purchase(new_id("m"), new_id("p"), occurred_at=(NOW + timedelta(days=2)).isoformat())
+    response = await post("/v1/purchases", body)
+    assert response.status_code == 422
+    assert response.json()["errors"][0]["field"] == "occurred_at"
+
+
+# --- idempotency ---------------------------------------------------------------------------
+
+
+async def test_replay_returns_the_original_response_and_credits_once(post, balance, transfers_of, new_id):
+    member = new_id("m")
+    body = purchase(member, new_id("p"))
+    first = await post("/v1/purchases", body)
+    replay = await post("/v1/purchases", body)
+
+    assert replay.status_code == first.status_code == 201
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert replay.content == first.content
+    assert (await balance(member))["available"] == 100
+    assert [t["code"] for t in await transfers_of(member)] == ["earn"]
+
+
+async def test_same_purchase_id_with_a_different_body_is_a_conflict(post, balance, new_id):
+    member = new_id("m")
+    purchase_id = new_id("p")
+    await post("/v1/purchases", purchase(member, purchase_id))
+
+    conflict = await post("/v1/purchases", purchase(member, purchase_id, line("1", 2, 10000)))
+
+    assert conflict.status_code == 409
+    assert conflict.json()["code"] == "idempotency_conflict"
+    assert (await balance(member))["available"] == 100
+
+
+async def test_purchase_ids_are_unique_per_partner(post, balance, new_id):
+    member = new_id("m")
+    purchase_id = new_id("p")
+    await post("/v1/purchases", purchase(member, purchase_id))
+    other_partner = await post("/v1/purchases", purchase(member, purchase_id, partner="store-berlin"))
+    assert other_partner.status_code == 201
+    assert "idempotent-replayed" not in other_partner.headers
+    assert (await balance(member))["available"] == 200
+
+
+async def test_fifty_concurrent_duplicates_apply_once(post, balance, transfers_of, new_id):
+    member = new_id("m")
+    body = purchase(member, new_id("p"), line("1", 3, 3333))
+
+    responses = await asyncio.gather(*(post("/v1/purchases", body) for _ in range(50)))
+
+    assert {r.status_code for r in responses} == {201}
+    assert sum("idempotent-replayed" not in r.headers for r in responses) == 1
+    assert len({r.content for r in responses}) == 1
+    assert (await balance(member))["available"] == 99
+    assert [t["code"] for t in await transfers_of(member)] == ["earn"]
+
+
+async def test_concurrent_first_purchases_of_one_member_create_it_once(post, balance, new_id):
+    member = new_id("m")
+    responses = await asyncio.gather(*(post("/v1/purchases", purchase(member, new_id("p"))) for _ in range(20)))
+    assert {r.status_code for r in responses} == {201}
+    assert (await balance(member))["available"] == 2000
+
+
+# --- vesting -------------------------------------------------------------------------------
+
+
+async def test_points_are_pending_in_the_return_window_then_vest(client, admin_headers, post, balance, services, new_id):
+    member = new_id("m")
+    response = await post("/v1/purchases", purchase(member, new_id("p"), occurred_at=RECENT))
+    assert response.json()["status"] == "pending"
+    before = await balance(member)
+    assert (before["available"], before["pending"]) == (0, 100)
+
+    assert await vest_due_lots(services, now=NOW + timedelta(days=13)) >= 0
+    assert (await balance(member))["pending"] == 100  # still inside the window
+    assert await vest_due_lots(services, now=NOW + timedelta(days=15)) >= 1
+
+    after = await balance(member)
+    assert (after["available"], after["pending"], after["lifetime_earned"]) == (100, 0, 100)
+    activity = (await client.get(f"/v1/members/{member}/activity", headers=admin_headers)).json()["items"]
+    assert activity[0]["code"] == "vest"
+    assert (activity[0]["bucket"], activity[0]["from_bucket"], activity[0]["delta"]) == ("available", "pending", 0)
+
+
+async def test_vesting_twice_at_once_moves_points_once(post, balance, services, new_id):
+    member = new_id("m")
+    await post("/v1/purchases", purchase(member, new_id("p"), occurred_at=RECENT))
+    later = NOW + timedelta(days=15)
+    await asyncio.gather(vest_due_lots(services, now=later), vest_due_lots(services, now=later))
+    assert (await balance(member))["available"] == 100
+
+
+# --- refunds -------------------------------------------------------------------------------
+
+
+async def test_partial_refunds_by_line_claw_back_exactly_what_was_earned(post, balance, new_id):
+    member = new_id("m")
+    purchase_id = new_id("p")
+    await post("/v1/purchases", purchase(member, purchase_id, line("a", 3, 1000, "books"), line("b", 1, 550)))
+    assert (await balance(member))["available"] == 65  # 30 EUR books x2 = 60, 5.50 EUR -> 5
+
+    first = await post(f"/v1/purchases/{purchase_id}/refunds", {"refund_id": "r1", "lines": [{"line_id": "a", "quantity": 1}]})
+    assert first.status_code == 201, first.text
+    assert (first.json()["points"], first.json()["amount"]) == (20, 1000)
+    assert (await balance(member))["available"] == 45
+
+    rest = await post(
+        f"/v1/purchases/{purchase_id}/refunds",
+        {"refund_id": "r2", "lines": [{"line_id": "a", "quantity": 2}, {"line_id": "b", "quantity": 1}]},
+    )
+    assert rest.json()["points"] == 45
+    assert rest.json()["refundable_amount"] == 0
+    final = await balance(member)
+    assert (final["available"], final["lifetime_earned"]) == (0, 0)
+
+    too_much = await post(f"/v1/purchases/{purchase_id}/refunds", {"refund_id": "r3", "lines": [{"line_id": "b", "quantity": 1}]})
+    assert (too_much.status_code, too_much.json()["code"]) == (422, "refund_exceeds_purchase")
+
+
+async def test_refund_by_amount_is_proportional_and_sums_to_the_purchase(post, balance, new_id):
+    member = new_id("m")
+    purchase_id = new_id("p")
+    await post("/v1/purchases", purchase(member, purchase_id, line("a", 1, 10000)))
+
+    part = await post(f"/v1/purchases/{purchase_id}/refunds", {"refund_id": "r1", "amount": 2550})
+    assert part.json()["points"] == 25  # floor(100 * 2550 / 10000)
+    rest = await post(f"/v1/purchases/{purchase_id}/refunds", {"refund_id": "r2", "amount": 7450})
+    assert rest.json()["points"] == 75
+    assert (await balance(member))["available"] == 0
+
+
+async def test_refund_beyond_the_purchase_is_refused_and_changes_nothing(client, admin_headers, post, balance, new_id):
+    member = new_id("m")
+    purchase_id = new_id("p")
+    await post("/v1/purchases", purchase(member, purchase_id, line("a", 1, 10000), shipping=500))
+    before_activity = (await client.get(f"/v1/members/{member}/activity", headers=admin_headers)).json()
+
+    refused = await post(f"/v1/purchases/{purchase_id}/refunds", {"refund_id": "r1", "amount": 10501})
+
+    assert refused.status_code == 422
+    assert refused.json()["code"] == "refund_exceeds_purchase"
+    assert (await balance(member))["available"] == 100
+    after_activity = (await client.get(f"/v1/members/{member}/activity", headers=admin_headers)).json()
+    assert after_activity == before_activity
+    # The refund id was not used up by the refused attempt.
+    accepted = await post(f"/v1/purchases/{purchase_id}/refunds", {"refund_id": "r1", "amount": 10500})
+    assert accepted.status_code == 201
+    assert accepted.json()["points"] == 100
+
+
+async def test_refund_replay_and_conflict(post, balance, new_id):
+    member = new_id("m")
+    purchase_id = new_id("p")
+    await post("/v1/purchases", purchase(member, purchase_id))
+    body = {"refund_id": "r1", "amount": 5000}
+    first = await post(f"/v1/purchases/{purchase_id}/refunds", body)
+    replay = await post(f"/v1/purchases/{purchase_id}/refunds", body)
+    conflict = await post(f"/v1/purchases/{purchase_id}/refunds", {"refund_id": "r1", "amount": 4000})
+
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert replay.content == first.content
+    assert (conflict.status_code, conflict.json()["code"]) == (409, "idempotency_conflict")
+    assert (await balance(member))["available"] == 50
+
+
+async def test_concurrent_refunds_never_exceed_the_purchase(post, balance, new_id):
+    member = new_id("m")
+    purchase_id = new_id("p")
+    await post("/v1/purchases", purchase(member, purchase_id, line("a", 1, 10000)))
+
+    responses = await asyncio.gather(
+        *(post(f"/v1/purchases/{purchase_id}/refunds", {"refund_id": f"r{i}", "amount": 3000}) for i in range(10))
+    )
+
+    accepted = [r for r in responses if r.status_code == 201]
+    assert len(accepted) == 3  # 3 x 30 EUR fit in 100 EUR; a fourth would exceed it
+    assert {r.json()["code"] for r in responses if r.status_code != 201} == {"refund_exceeds_purchase"}
+    assert (await balance(member))["available"] == 100 - 3 * 30
+
+
+async def test_refund_errors(post, new_id):
+    member = new_id("m")
+    purchase_id = new_id("p")
+    await post("/v1/purchases", purchase(member, purchase_id))
+
+    unknown_purchase = await post(f"/v1/purchases/{new_id('nope')}/refunds", {"refund_id": "r", "amount": 1})
+    unknown_line = await post(f"/v1/purchases/{purchase_id}/refunds", {"refund_id": "r", "lines": [{"line_id": "x", "quantity": 1}]})
+    both = await post(f"/v1/purchases/{purchase_id}/refunds", {"refund_id": "r", "amount": 1, "lines": [{"line_id": "1", "quantity": 1}]})
+    zero = await post(f"/v1/purchases/{purchase_id}/refunds", {"refund_id": "r", "amount": 0})
+
+    assert (unknown_purchase.status_code, unknown_purchase.json()["code"]) == (404, "purchase_not_found")
+    assert (unknown_line.status_code, unknown_line.json()["code"]) == (422, "unprocessable")
+    assert both.status_code == 422
+    assert zero.status_code == 422 and zero.json()["errors"][0]["field"] == "amount"
+
+
+async def test_refund_takes_pending_points_first(post, balance, new_id):
+    member = new_id("m")
+    settled, recent = new_id("p"), new_id("p")
+    await post("/v1/purchases", purchase(member, settled))
+    await post("/v1/purchases", purchase(member, recent, occurred_at=RECENT))
+    assert ((b := await balance(member))["available"], b["pending"]) == (100, 100)
+
+    await post(f"/v1/purchases/{recent}/refunds", {"refund_id": "r1", "amount": 4000})
+
+    after = await balance(member)
+    assert (after["available"], after["pending"]) == (100, 60)
+
+
+async def test_refund_of_spent_points_may_go_negative_and_is_repaid_by_later_points(post, balance, services, new_id):
+    member = new_id("m")
+    purchase_id = new_id("p")
+    await post("/v1/purchases", purchase(member, purchase_id))
+    await spend_points(services, member, 80, code="redeem", cause_type="test", cause_ref=new_id("spend"), reason="test")
+
+    refund = await post(f"/v1/purchases/{purchase_id}/refunds", {"refund_id": "r1", "amount": 10000})
+
+    assert (refund.json()["points"], refund.json()["shortfall"]) == (100, 0)
+    assert (await balance(member))["available"] == -80
+    await post("/v1/purchases", purchase(member, new_id("p")))
+    assert (await balance(member))["available"] == 20
+
+
+async def test_refund_of_spent_points_stops_at_zero_when_negative_balances_are_off(
+    client, admin_headers, services: Services, new_id
+):
+    strict = msgspec.structs.replace(
+        services.program, points=msgspec.structs.replace(services.program.points, allow_negative_balance=False)
+    )
+    strict_services = Services(**{**services.__dict__, "program": strict})
+    member = new_id("m")
+    purchase_id = new_id("p")
+    from konvert.earning import service as earning
+    from konvert.earning.model import PurchaseIn, RefundIn
+
+    await earning.post_purchase(strict_services, msgspec.convert(purchase(member, purchase_id), PurchaseIn, strict=False))
+    await spend_points(strict_services, member, 80, code="redeem", cause_type="test", cause_ref=new_id("s"), reason="t")
+
+    outcome = await earning.refund_purchase(strict_services, purchase_id, RefundIn(refund_id="r1", amount=10000))
+
+    result = msgspec.json.decode(outcome.body)
+    assert (result["points"], result["shortfall"]) == (20, 80)
+    balance = (await client.get(f"/v1/members/{member}/balance", headers=admin_headers)).json()
+    assert balance["available"] == 0
+
+
+async def test_spending_more_than_available_is_refused(post, balance, services, new_id):
+    from konvert.errors import InsufficientPoints
+
+    member = new_id("m")
+    await post("/v1/purchases", purchase(member, new_id("p")))
+    with pytest.raises(InsufficientPoints):
+        await spend_points(services, member, 101, code="redeem", cause_type="test", cause_ref="x", reason="t")
+    assert (await balance(member))["available"] == 100
+
+
+# --- balance cache -------------------------------------------------------------------------
+
+
+async def test_balance_is_cached_and_a_write_is_read_back_at_once(post, balance, redis_client, new_id):
+    member = new_id("m")
+    await post("/v1/purchases", purchase(member, new_id("p")))
+    first = await balance(member)
+
+    cached = await redis_client.hgetall(balance_key(member))
+    assert int(cached[b"v"]) == first["version"]
+    assert msgspec.json.decode(cached[b"b"])["available"] == 100
+
+    await post("/v1/purchases", purchase(member, new_id("p")))
+    # The write left a tombstone at its version, so the cached body cannot be served.
+    tombstone = await redis_client.hgetall(balance_key(member))
+    assert int(tombstone[b"v"]) == first["version"] + 1 and b"b" not in tombstone
+    assert (await balance(member))["available"] == 200
+
+
+async def test_a_slow_reader_cannot_put_an_older_balance_back(services: Services, post, balance, new_id):
+    member = new_id("m")
+    await post("/v1/purchases", purchase(member, new_id("p")))
+    old = await balance(member)
+    await post("/v1/purchases", purchase(member, new_id("p")))
+
+    # A reader that read version N before the write committed tries to cache it afterwards.
+    await services.balances.put(member, old["version"], msgspec.json.encode(old))
+
+    assert (await balance(member))["available"] == 200
+
+
+async def test_balances_are_right_after_redis_is_flushed(post, balance, redis_client, new_id):
+    member = new_id("m")
+    await post("/v1/purchases", purchase(member, new_id("p")))
+    await balance(member)
+    await redis_client.flushdb()
+    assert (await balance(member))["available"] == 100
+
+
+# --- activity ------------------------------------------------------------------------------
+
+
+async def test_activity_pages_newest_first(client, admin_headers, post, new_id):
+    member = new_id("m")
+    for cents in (1000, 2000, 3000, 4000, 5000):
+        await post("/v1/purchases", purchase(member, new_id("p"), line("1", 1, cents)))
+
+    seen, cursor = [], None
+    while True:
+        params = {"limit": 2} | ({"cursor": cursor} if cursor else {})
+        page = (await client.get(f"/v1/members/{member}/activity", params=params, headers=admin_headers)).json()
+        seen.extend(item["amount"] for item in page["items"])
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == [50, 40, 30, 20, 10]
+
+
+async def test_activity_rejects_bad_cursors_and_page_sizes(client, admin_headers, post, new_id):
+    member = new_id("m")
+    await post("/v1/purchases", purchase(member, new_id("p")))
+    bad_cursor = await client.get(f"/v1/members/{member}/activity", params={"cursor": "zzz"}, headers=admin_headers)
+    too_big = await client.get(f"/v1/members/{member}/activity", params={"limit": 10_000}, headers=admin_headers)
+    assert (bad_cursor.status_code, bad_cursor.json()["errors"][0]["field"]) == (422, "cursor")
+    assert too_big.status_code in (400, 422)
+    assert too_big.json()["code"] == "validation_failed"
+
+
+async def test_refund_activity_links_back_to_the_earn(client, admin_headers, post, new_id):
+    member = new_id("m")
+    purchase_id = new_id("p")
+    earned = (await post("/v1/purchases", purchase(member, purchase_id))).json()
+    await post(f"/v1/purchases/{purchase_id}/refunds", {"refund_id": "r1", "amount": 1000, "reason": "damaged"})
+
+    items = (await client.get(f"/v1/members/{member}/activity", headers=admin_headers)).json()["items"]
+
+    assert items[0]["code"] == "refund"
+    assert items[0]["reverses_transfer_id"] == earned["transfer_id"]
+    assert items[0]["reason"] == "damaged"
+    assert items[0]["cause"] == {"type": "refund", "ref": f"webshop/{purchase_id}/r1"}
+    assert items[0]["delta"] == -10
