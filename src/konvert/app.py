@@ -18,6 +18,8 @@ from konvert import __version__, health, jobs
 from konvert.auth import authorize
 from konvert.earning.api import PurchaseController
 from konvert.ledger.api import BalanceController
+from konvert.redemption import api as redemption_api
+from konvert.reputation import api as reputation_api
 from konvert.observability import RequestObserver
 from konvert.problems import EXCEPTION_HANDLERS
 from konvert.program import Program, load_program
@@ -26,7 +28,13 @@ from konvert.settings import Settings
 
 log = logging.getLogger("konvert.app")
 
-ROUTE_HANDLERS: list[Any] = [*health.ROUTES, BalanceController, PurchaseController]
+ROUTE_HANDLERS: list[Any] = [
+    *health.ROUTES,
+    BalanceController,
+    PurchaseController,
+    *redemption_api.ROUTES,
+    *reputation_api.ROUTES,
+]
 
 
 class KonvertApp(Litestar):

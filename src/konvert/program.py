@@ -127,6 +127,11 @@ class Earning(_Rule):
 class Points(_Rule):
     # Days a purchase's points stay pending (the return window). 0: available at once.
     return_window_days: Days = 0
+    # Rolling expiry per lot: expire_after_days after it was earned (None: never), optionally
+    # moved to the end of that month so that members see fewer, rounder dates.
+    expiry_rounding: Literal["none", "end_of_month"] = "none"
+    # How long a redemption's hold reserves points before it is released automatically.
+    hold_ttl_seconds: Annotated[int, Meta(ge=1, le=30 * 86400)] = 900
     # Whether a refund of already-spent points may take the balance below zero. If not, the
     # clawback stops at zero and the shortfall is recorded on the refund.
     allow_negative_balance: bool = True
@@ -136,11 +141,103 @@ class Points(_Rule):
     expiring_lots_shown: Annotated[int, Meta(ge=0, le=100)] = 3
 
 
+class Reward(_Rule):
+    """Something points can be converted into. The program file seeds the catalog; operators
+    manage it through the admin API afterwards."""
+
+    reward_id: Identifier
+    name: Annotated[str, Meta(min_length=1, max_length=200)]
+    cost_points: Annotated[int, Meta(ge=1, le=1_000_000_000)]
+    description: Annotated[str, Meta(max_length=2000)] = ""
+    stock: Annotated[int, Meta(ge=0, le=1_000_000_000)] | None = None
+    available_from: datetime | None = None
+    available_until: datetime | None = None
+    active: bool = True
+
+
+class TierLevel(_Rule):
+    name: Annotated[str, Meta(min_length=1, max_length=64)]
+    # Points earned (net of refunds) in the trailing window needed to hold this tier.
+    min_points: Annotated[int, Meta(ge=0, le=1_000_000_000)]
+    # Applied to what purchases earn while the member holds the tier.
+    multiplier: NonNegativeDecimal = Decimal(1)
+
+    def __post_init__(self) -> None:
+        _non_negative(f"tier {self.name}", multiplier=self.multiplier)
+
+
+class Tiers(_Rule):
+    window_days: Annotated[int, Meta(ge=1, le=3650)] = 365
+    # A member who falls below their tier keeps it this many days before moving down.
+    downgrade_grace_days: Days = 0
+    levels: tuple[TierLevel, ...] = ()
+
+    def __post_init__(self) -> None:
+        thresholds = [level.min_points for level in self.levels]
+        if self.levels and thresholds[0] != 0:
+            raise ValueError("tiers.levels: the first tier must start at min_points = 0")
+        if thresholds != sorted(set(thresholds)):
+            raise ValueError("tiers.levels: min_points must increase from tier to tier")
+
+
+class Adjustments(_Rule):
+    reason_codes: tuple[Identifier, ...] = ("goodwill", "correction", "migration")
+
+
+class KudosValues(_Rule):
+    """Reputation per kind of kudos (Stack Exchange / Discourse defaults)."""
+
+    like: Annotated[int, Meta(ge=0, le=10_000)] = 10
+    helpful: Annotated[int, Meta(ge=0, le=10_000)] = 10
+    accepted_answer: Annotated[int, Meta(ge=0, le=10_000)] = 15
+    # To the member who accepted someone else's answer.
+    accepter: Annotated[int, Meta(ge=0, le=10_000)] = 2
+
+
+class Rank(_Rule):
+    name: Annotated[str, Meta(min_length=1, max_length=64)]
+    min_reputation: Annotated[int, Meta(ge=0, le=1_000_000_000)]
+
+
+class Reputation(_Rule):
+    kudos: KudosValues = KudosValues()
+    # Most reputation a member gains per UTC day from likes and helpful marks (accepted answers
+    # are exempt).
+    daily_cap: Annotated[int, Meta(ge=0, le=1_000_000)] = 200
+    # Most kudos one member may give per UTC day.
+    giver_daily_limit: Annotated[int, Meta(ge=1, le=100_000)] = 50
+    # A giver's kudos only count once the giver has this much reputation / this account age.
+    giver_min_reputation: Annotated[int, Meta(ge=0, le=1_000_000)] = 0
+    giver_min_account_age_days: Days = 0
+    # Reputation never goes below this.
+    floor: Annotated[int, Meta(ge=0, le=1_000_000)] = 0
+    # Loyalty points awarded for an accepted answer (0: off). Reputation itself never converts.
+    accepted_answer_points: Annotated[int, Meta(ge=0, le=1_000_000)] = 0
+    ranks: tuple[Rank, ...] = (
+        Rank(name="Newcomer", min_reputation=0),
+        Rank(name="Contributor", min_reputation=50),
+        Rank(name="Helper", min_reputation=200),
+        Rank(name="Expert", min_reputation=1000),
+        Rank(name="Guru", min_reputation=5000),
+    )
+
+    def __post_init__(self) -> None:
+        thresholds = [rank.min_reputation for rank in self.ranks]
+        if not self.ranks or thresholds[0] != 0:
+            raise ValueError("reputation.ranks: the first rank must start at min_reputation = 0")
+        if thresholds != sorted(set(thresholds)):
+            raise ValueError("reputation.ranks: min_reputation must increase from rank to rank")
+
+
 class Program(_Rule):
     name: Annotated[str, Meta(min_length=1, max_length=200)]
     partners: tuple[Partner, ...] = ()
     points: Points = Points()
     earning: Earning = Earning()
+    rewards: tuple[Reward, ...] = ()
+    tiers: Tiers = Tiers()
+    adjustments: Adjustments = Adjustments()
+    reputation: Reputation = Reputation()
 
     def __post_init__(self) -> None:
         partner_ids = [p.id for p in self.partners]
@@ -154,6 +251,9 @@ class Program(_Rule):
         seen = {(r.currency, r.partner) for r in self.earning.rates}
         if len(seen) != len(self.earning.rates):
             raise ValueError("earning.rates: one rate per currency and partner")
+        reward_ids = [r.reward_id for r in self.rewards]
+        if len(set(reward_ids)) != len(reward_ids):
+            raise ValueError("rewards: reward ids must be unique")
         for campaign in self.earning.campaigns:
             for partner in campaign.partners:
                 if partner not in partner_ids:

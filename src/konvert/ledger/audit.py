@@ -142,11 +142,19 @@ CHECKS: tuple[tuple[str, str], ...] = (
 )
 
 
+def all_checks() -> tuple[tuple[str, str], ...]:
+    """The ledger's own checks plus those each feature adds for its tables."""
+    from konvert.redemption import audit as redemption
+    from konvert.reputation import audit as reputation
+
+    return CHECKS + redemption.CHECKS + reputation.CHECKS
+
+
 async def run_audit(conn: asyncpg.Connection) -> list[Violation]:
     """Every violation found (a sample of at most 20 per check); empty means the ledger is sound."""
     violations = []
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        for invariant, query in CHECKS:
+        for invariant, query in all_checks():
             for what, detail in await conn.fetch(f"{query} limit {_SAMPLE}"):
                 violations.append(Violation(invariant, f"{what}: {detail}"))
     return violations

@@ -1,0 +1,5 @@
+"""Routes of this feature (registered by konvert.app)."""
+
+from typing import Any
+
+ROUTES: list[Any] = []

@@ -1,0 +1,3 @@
+"""Audit checks of this feature: (invariant, query returning (what, detail) rows)."""
+
+CHECKS: tuple[tuple[str, str], ...] = ()
