@@ -19,6 +19,7 @@ from konvert.auth import authorize
 from konvert.earning.api import PurchaseController
 from konvert.ledger.api import BalanceController
 from konvert.redemption import api as redemption_api
+from konvert.redemption.service import seed_rewards
 from konvert.reputation import api as reputation_api
 from konvert.observability import RequestObserver
 from konvert.problems import EXCEPTION_HANDLERS
@@ -57,6 +58,7 @@ def create_app(settings: Settings, program: Program | None = None) -> KonvertApp
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         services = await Services.open(settings, program)
         app.state.services = services
+        await seed_rewards(services)
         runner = asyncio.create_task(jobs.run_forever(services)) if settings.jobs_interval_seconds > 0 else None
         try:
             yield
@@ -90,6 +92,8 @@ def create_app(settings: Settings, program: Program | None = None) -> KonvertApp
             security=[{"apiKey": []}],
         ),
         debug=False,
+        # konvert configures logging itself (JSON lines with request ids); Litestar must not.
+        logging_config=None,
     )
     app.observer = RequestObserver(settings)
     return app

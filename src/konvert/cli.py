@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -27,6 +28,10 @@ EXIT_CONFIG = 2
 
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    sys.exit(128 + signum)
 
 
 def with_servers(settings: Settings, announce: bool = False) -> Settings:
@@ -90,6 +95,10 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     os.environ["KONVERT_REDIS_URL"] = settings.redis_url
     if settings.workers > 1:
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="konvert-metrics-"))
+    # uvicorn shuts down gracefully on SIGTERM and then raises the signal again. Left to its
+    # default action, that signal would end the process before atexit stops the embedded
+    # PostgreSQL and Redis; exiting through Python runs atexit.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     uvicorn.run(
         "konvert.app:app_from_environment",
         factory=True,

@@ -111,3 +111,25 @@ class InternalError(KonvertError):
     """A bug or an outage konvert did not foresee. The response carries only the request id."""
 
     status, code, title = 500, "internal_error", "Internal error"
+
+
+class RewardNotFound(NotFound):
+    code, title = "reward_not_found", "Reward not found"
+
+
+class RedemptionNotFound(NotFound):
+    code, title = "redemption_not_found", "Redemption not found"
+
+
+class RewardUnavailable(Conflict):
+    code, title = "reward_unavailable", "Reward not available now"
+
+
+class OutOfStock(Conflict):
+    code, title = "out_of_stock", "Reward out of stock"
+
+
+class HoldNotActive(Conflict):
+    """Capture or release of a redemption that is not (or no longer) held."""
+
+    code, title = "hold_not_active", "Redemption is not held"

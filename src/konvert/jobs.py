@@ -1,4 +1,4 @@
-"""Background jobs: vesting of pending points (later: hold timeouts, expiry).
+"""Background jobs: vesting of pending points, hold timeouts, expiry of lots, tier re-evaluation.
 
 Every service process runs them every ``jobs_interval_seconds``; ``konvert jobs run`` runs them
 once (for cron, or with the in-process runner turned off). Each job works in bounded batches and
@@ -12,20 +12,33 @@ import logging
 import random
 
 from konvert.ledger.service import vest_due_lots
+from konvert.redemption.service import expire_due_lots, reevaluate_tiers, release_timed_out_holds
 from konvert.services import Services
 
 log = logging.getLogger("konvert.jobs")
 
 
+JOBS = {
+    "vested_lots": vest_due_lots,
+    "released_holds": release_timed_out_holds,
+    "expired_lots": expire_due_lots,
+    "tiers_reevaluated": reevaluate_tiers,
+}
+_BATCHES_PER_RUN_MAX = 1000
+
+
 async def run_once(services: Services) -> dict[str, int]:
     """Run every job until it has nothing left due (bounded by batches); return counts per job."""
-    vested = 0
-    for _ in range(1000):  # at most 1000 batches per run; the next run continues
-        count = await vest_due_lots(services)
-        vested += count
-        if count < services.settings.jobs_batch_size:
-            break
-    return {"vested_lots": vested}
+    counts = {}
+    for name, job in JOBS.items():
+        total = 0
+        for _ in range(_BATCHES_PER_RUN_MAX):  # the next run continues where this one stopped
+            count = await job(services)
+            total += count
+            if count < services.settings.jobs_batch_size:
+                break
+        counts[name] = total
+    return counts
 
 
 async def run_forever(services: Services) -> None:

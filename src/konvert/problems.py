@@ -55,6 +55,9 @@ CONSTRAINT_ERRORS: dict[str, type[errors.KonvertError]] = {
     "members_member_id_key": errors.Conflict,
     "purchases_partner_purchase_id_key": errors.IdempotencyConflict,
     "refunds_purchase_refund_id_key": errors.IdempotencyConflict,
+    "redemptions_redemption_id_key": errors.IdempotencyConflict,
+    "adjustments_adjustment_id_key": errors.IdempotencyConflict,
+    "rewards_stock_check": errors.OutOfStock,
 }
 
 
@@ -77,7 +80,7 @@ def handle_konvert_error(request: Request[Any, Any, Any], exc: errors.KonvertErr
     return problem_response(request, exc)
 
 
-_UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")
+_NAMED_FIELD = re.compile(r"(?:unknown|missing required) field `([^`]*)`")
 _MSGSPEC_PATH = re.compile(r"^(?P<text>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
 
 
@@ -91,14 +94,22 @@ def field_errors_from_validation(exc: ValidationException) -> list[dict[str, str
         text, path = (match["text"], match["path"]) if match else (message, None)
         # Litestar moves msgspec's path into `key` ("data" is the body itself); either names the field.
         field = (path or "").lstrip(".") or (str(key) if key and key != "data" else "")
-        if unknown := _UNKNOWN_FIELD.search(text):
-            # msgspec reports an unknown field at its parent object; name the field itself.
-            field = f"{field}.{unknown[1]}" if field else unknown[1]
+        if named := _NAMED_FIELD.search(text):
+            # msgspec reports an unknown or missing field at its parent object; name the field itself.
+            field = f"{field}.{named[1]}" if field else named[1]
         found.append({"field": field or "body", "message": text})
     return found
 
 
+def _has_no_body(exc: ValidationException) -> bool:
+    # Litestar reports a request without any body as a KeyError ("'data'") on the body parameter.
+    items = exc.extra if isinstance(exc.extra, list) else []
+    return any(isinstance(i, dict) and i.get("key") == "data" and i.get("message") == "'data'" for i in items)
+
+
 def handle_validation_error(request: Request[Any, Any, Any], exc: ValidationException) -> Response[Problem]:
+    if _has_no_body(exc):
+        return problem_response(request, errors.MalformedRequest("the request body is empty; send a JSON object"))
     field_errors = field_errors_from_validation(exc)
     if any(e["message"].startswith(("JSON is malformed", "Input data was truncated")) for e in field_errors):
         return problem_response(request, errors.MalformedRequest("the request body is not valid JSON"))

@@ -6,7 +6,9 @@ use cases explicitly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import asyncpg
 import redis.asyncio as redis
@@ -45,6 +47,8 @@ class Services:
     keys: KeyVerifier
     balances: BalanceCache
     accounts: SystemAccounts
+    # The one source of "now" for use cases and jobs, so that tests can move time.
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
 
     @classmethod
     async def open(cls, settings: Settings, program: Program) -> Services:

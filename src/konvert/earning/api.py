@@ -9,15 +9,9 @@ from litestar.params import JSONBody, PathParameter
 
 from konvert.earning import service
 from konvert.earning.model import EarningResult, PurchaseId, PurchaseIn, PurchaseOut, RefundIn, RefundOut
+from konvert.idempotency import written
 from konvert.services import Svc
 
-REPLAYED_HEADER = "Idempotent-Replayed"
-
-
-def written(outcome: service.Outcome) -> Response[bytes]:
-    """201 with the stored response; a replay carries ``Idempotent-Replayed: true``."""
-    headers = {REPLAYED_HEADER: "true"} if outcome.replayed else None
-    return Response(outcome.body, status_code=201, media_type="application/json", headers=headers)
 
 
 class PurchaseController(Controller):

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import msgspec
 
-from konvert import errors
+from konvert import errors, tiers
 from konvert.earning import rules, store
+from konvert.idempotency import Outcome, replay, request_hash
 from konvert.earning.model import EarningResult, PurchaseIn, PurchaseOut, RefundIn, RefundLinePoints, RefundOut
 from konvert.ledger import store as ledger
+from konvert.redemption.rules import expiry_for
 from konvert.services import Services
 
 _encode = msgspec.json.Encoder(decimal_format="number").encode
@@ -19,17 +20,6 @@ _decode_state = msgspec.json.Decoder(rules.PurchaseRefundState).decode
 
 # A purchase may be posted late, but not from the future beyond clock skew.
 _FUTURE_SKEW = timedelta(minutes=10)
-
-
-class Outcome(msgspec.Struct, frozen=True):
-    """A write's response body, and whether it replays an earlier identical request."""
-
-    body: bytes
-    replayed: bool = False
-
-
-def request_hash(*parts: object) -> bytes:
-    return hashlib.sha256(b"\x00".join(_encode(p) for p in parts)).digest()
 
 
 def _check_occurred_at(purchase: PurchaseIn, now: datetime) -> None:
@@ -42,28 +32,30 @@ def _check_occurred_at(purchase: PurchaseIn, now: datetime) -> None:
 
 def preview(services: Services, purchase: PurchaseIn) -> EarningResult:
     """The points a purchase would earn, with the rules applied. Writes nothing."""
-    _check_occurred_at(purchase, datetime.now(UTC))
+    _check_occurred_at(purchase, services.clock())
     return rules.compute_earning(services.program, purchase)
 
 
 async def post_purchase(services: Services, purchase: PurchaseIn) -> Outcome:
     """Record a purchase and credit its points, once per (partner, purchase_id)."""
     program = services.program
-    now = datetime.now(UTC)
+    now = services.clock()
     _check_occurred_at(purchase, now)
-    earning = rules.compute_earning(program, purchase)
+    # Validate against the program before touching the database; the tier factor is applied below.
+    rules.compute_earning(program, purchase)
     digest = request_hash(purchase)
     vests_at = purchase.occurred_at + timedelta(days=program.points.return_window_days)
     bucket = "pending" if vests_at > now else "available"
-    expire_days = program.points.expire_after_days
-    expires_at = now + timedelta(days=expire_days) if expire_days is not None else None
-    refund_state = _encode(rules.refund_state_for(purchase, earning))
+    expires_at = expiry_for(now, program.points)
 
     async with services.pool.acquire() as conn, conn.transaction():
         member = await store.select_member_with_new_ids(conn, purchase.member_id)
         if member is None:
             await ledger.ensure_member(conn, purchase.member_id)
             member = await store.select_member_with_new_ids(conn, purchase.member_id)
+        multiplier, tier_name = tiers.tier_multiplier(program, member["tier"])
+        earning = rules.compute_earning(program, purchase, tier_multiplier=multiplier, tier_name=tier_name)
+        refund_state = _encode(rules.refund_state_for(purchase, earning))
         issued_account_id = await services.accounts.id(conn, "points", f"issued:{purchase.partner}")
         has_points = earning.points > 0
         response = _encode(
@@ -106,19 +98,12 @@ async def post_purchase(services: Services, purchase: PurchaseIn) -> Outcome:
             issued_account_id=issued_account_id,
         )
         if written is None:
-            return _replay(await store.select_purchase_replay(conn, purchase.partner, purchase.purchase_id), digest)
+            return replay(await store.select_purchase_replay(conn, purchase.partner, purchase.purchase_id), digest)
         if bucket == "available" and written["points_debt"] > 0:
             await ledger.settle_debt(conn, member["member_uid"], written["points_debt"])
+        await tiers.reevaluate(conn, program, member["member_uid"], now)
     await services.balances.invalidate(purchase.member_id, written["version"])
     return Outcome(response)
-
-
-def _replay(existing: asyncpg.Record | None, digest: bytes) -> Outcome:
-    if existing is None:  # pragma: no cover - the conflicting row is committed before we see the conflict
-        raise errors.Conflict("the request conflicted with another; retry it")
-    if bytes(existing["request_hash"]) != digest:
-        raise errors.IdempotencyConflict("this id was used before with a different request body")
-    return Outcome(bytes(existing["response"]), replayed=True)
 
 
 async def refund_purchase(services: Services, purchase_id: str, refund: RefundIn) -> Outcome:
@@ -131,7 +116,7 @@ async def refund_purchase(services: Services, purchase_id: str, refund: RefundIn
         digest = request_hash(partner, purchase_id, msgspec.structs.replace(refund, partner=partner))
         existing = await store.select_refund_replay(conn, purchase["purchase_pk"], refund.refund_id)
         if existing is not None:
-            return _replay(existing, digest)
+            return replay(existing, digest)
 
         state = _decode_state(purchase["refund_state"])
         if refund.lines is not None:
@@ -170,6 +155,9 @@ async def refund_purchase(services: Services, purchase_id: str, refund: RefundIn
             request_hash=digest,
             response=response,
         )
+        if clawback.version is not None:
+            # After the refund row exists: the refund lowers the qualifying points.
+            await tiers.reevaluate(conn, services.program, purchase["member_uid"], services.clock())
     if clawback.version is not None:
         await services.balances.invalidate(purchase["member_id"], clawback.version)
     return Outcome(response)

@@ -8,14 +8,15 @@ import asyncpg
 
 
 async def select_member_with_new_ids(conn: asyncpg.Connection, member_id: str) -> asyncpg.Record | None:
-    """The member's uid plus a fresh lot id and transfer id, in one round trip.
+    """The member's uid and tier plus a fresh lot id and transfer id, in one round trip.
 
     Taking the ids up front lets the response (which names them) be built before the insert,
     so the purchase row can store it in the same statement.
     """
     return await conn.fetchrow(
         """
-        select member_uid, nextval('lots_lot_id_seq') as lot_id, nextval('transfers_transfer_id_seq') as transfer_id
+        select member_uid, tier, nextval('lots_lot_id_seq') as lot_id,
+               nextval('transfers_transfer_id_seq') as transfer_id
         from members where member_id = $1
         """,
         member_id,

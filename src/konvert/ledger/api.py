@@ -20,12 +20,21 @@ class BalanceController(Controller):
     opt = {"scope": "members:read"}
 
     @get("/balance")
-    async def balance(self, member_id: MemberPath, services: Svc) -> Response[Balance]:
+    async def balance(
+        self,
+        member_id: MemberPath,
+        services: Svc,
+        expiring_within_days: Annotated[
+            int | None, QueryParameter(ge=0, le=3650, description="list all points expiring within this many days")
+        ] = None,
+    ) -> Response[Balance]:
         """The member's points (available, pending, held, expiring soon), lifetime earned and reputation.
 
         Served from the balance cache when it holds the current version, else from PostgreSQL.
         A client that got a response for a write reads that write's effect here.
         """
+        if expiring_within_days is not None:
+            return Response(await service.read_balance(services, member_id, expiring_within_days))
         return Response(await service.balance_body(services, member_id), media_type="application/json")
 
     @get("/activity")

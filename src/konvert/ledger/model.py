@@ -16,6 +16,17 @@ class ExpiringPoints(msgspec.Struct, frozen=True):
     expires_at: datetime
 
 
+class TierStatus(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    # Points earned (net of refunds) in the trailing window that qualify the tier.
+    qualifying_points: int
+    window_days: int
+    next_tier: str | None
+    points_to_next_tier: int | None
+    # Set while the member is below their tier and inside the downgrade grace period.
+    below_tier_since: datetime | None = None
+
+
 class Balance(msgspec.Struct, frozen=True, kw_only=True):
     member_id: str
     # Points the member can spend now. Negative only after a refund of already-spent points.
@@ -27,8 +38,10 @@ class Balance(msgspec.Struct, frozen=True, kw_only=True):
     # Points earned, net of refunds, over the member's lifetime.
     lifetime_earned: int
     reputation: int
-    # The soonest-expiring points, grouped by expiry date.
+    # The soonest-expiring points, grouped by expiry date (with ?expiring_within_days=N: all
+    # points expiring within N days).
     expiring: list[ExpiringPoints]
+    tier: TierStatus | None
     # Increases with every change; a client can tell which of two reads is newer.
     version: int
 

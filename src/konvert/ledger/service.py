@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import base64
 import logging
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from itertools import groupby
 
+import asyncpg
 import msgspec
 
-from konvert import errors
+from konvert import errors, tiers
 from konvert.ledger import store
-from konvert.ledger.model import ActivityItem, ActivityPage, Balance, Cause, ExpiringPoints
+from konvert.ledger.model import ActivityItem, ActivityPage, Balance, Cause, ExpiringPoints, TierStatus
 from konvert.services import Services
 
 log = logging.getLogger("konvert.ledger")
@@ -30,8 +31,17 @@ async def balance_body(services: Services, member_id: str) -> bytes:
     return body
 
 
-async def read_balance(services: Services, member_id: str) -> Balance:
-    row = await store.select_balance(services.pool, member_id, services.program.points.expiring_lots_shown)
+# With ?expiring_within_days the balance lists every expiry date in the window, up to this many.
+EXPIRING_DATES_MAX = 100
+
+
+async def read_balance(services: Services, member_id: str, expiring_within_days: int | None = None) -> Balance:
+    """The balance from PostgreSQL (the cache's source, and the path for expiry-window queries)."""
+    if expiring_within_days is None:
+        row = await store.select_balance(services.pool, member_id, services.program.points.expiring_lots_shown)
+    else:
+        before = services.clock() + timedelta(days=expiring_within_days)
+        row = await store.select_balance(services.pool, member_id, EXPIRING_DATES_MAX, before)
     if row is None:
         raise errors.MemberNotFound(f"no member {member_id!r}")
     return Balance(
@@ -42,7 +52,24 @@ async def read_balance(services: Services, member_id: str) -> Balance:
         lifetime_earned=row["points_lifetime_earned"],
         reputation=row["reputation"],
         expiring=msgspec.json.decode(row["expiring"], type=list[ExpiringPoints]),
+        tier=_tier_status(services, row),
         version=row["version"],
+    )
+
+
+def _tier_status(services: Services, row: asyncpg.Record) -> TierStatus | None:
+    tiers_config = services.program.tiers
+    if row["tier"] is None or not tiers_config.levels:
+        return None
+    following = tiers.next_tier(tiers_config.levels, row["tier"])
+    qualifying = row["tier_qualifying_points"]
+    return TierStatus(
+        name=row["tier"],
+        qualifying_points=qualifying,
+        window_days=tiers_config.window_days,
+        next_tier=following.name if following else None,
+        points_to_next_tier=max(following.min_points - qualifying, 0) if following else None,
+        below_tier_since=row["tier_below_since"],
     )
 
 
@@ -104,7 +131,7 @@ async def vest_due_lots(services: Services, now: datetime | None = None) -> int:
     Safe with several processes: each member is handled in its own transaction under the
     member's row lock, and a lot is only moved while still pending.
     """
-    now = now or datetime.now(UTC)
+    now = now or services.clock()
     vested = 0
     batch = await store.select_due_pending_lots(services.pool, now, services.settings.jobs_batch_size)
     for member_uid, lots in groupby(sorted(batch, key=lambda r: r["member_uid"]), key=lambda r: r["member_uid"]):

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
-
 import asyncpg
 
 MEMBER_ACCOUNTS = (("points", "available"), ("points", "pending"), ("points", "held"), ("reputation", "reputation"))
@@ -223,18 +221,23 @@ async def settle_debt(conn: asyncpg.Connection, member_uid: int, debt: int) -> i
     return repaid
 
 
-async def select_balance(conn: asyncpg.Connection | asyncpg.Pool, member_id: str, expiring_lots: int) -> asyncpg.Record | None:
+async def select_balance(
+    conn: asyncpg.Connection | asyncpg.Pool, member_id: str, expiring_lots: int, expiring_before: datetime | None = None
+) -> asyncpg.Record | None:
+    """The member's stored balances, tier, and the soonest-expiring points grouped by date
+    (``expiring_lots`` dates at most, or only those expiring before ``expiring_before``)."""
     return await conn.fetchrow(
         """
         select m.member_id, m.points_available, m.points_pending, m.points_held, m.points_debt,
                m.points_lifetime_earned, m.reputation, m.version,
+               m.tier, m.tier_qualifying_points, m.tier_below_since,
                coalesce((
                    select json_agg(json_build_object('points', e.points, 'expires_at', e.expires_at)
                                    order by e.expires_at)
                    from (
                        select expires_at, sum(remaining) as points from lots
                        where member_uid = m.member_uid and remaining > 0 and state <> 'expired'
-                         and expires_at is not null
+                         and expires_at is not null and ($3::timestamptz is null or expires_at < $3)
                        group by expires_at order by expires_at limit $2
                    ) e
                ), '[]') as expiring
@@ -242,6 +245,7 @@ async def select_balance(conn: asyncpg.Connection | asyncpg.Pool, member_id: str
         """,
         member_id,
         expiring_lots,
+        expiring_before,
     )
 
 
@@ -265,10 +269,6 @@ async def select_activity(
         before_transfer_id,
         limit,
     )
-
-
-def record_to_dict(record: asyncpg.Record | None) -> dict[str, Any] | None:
-    return dict(record) if record is not None else None
 
 
 async def select_due_pending_lots(conn: asyncpg.Connection | asyncpg.Pool, now: datetime, limit: int) -> list[asyncpg.Record]:
@@ -296,3 +296,17 @@ async def vest_lots(conn: asyncpg.Connection, member_uid: int, lot_ids: Sequence
         list(lot_ids),
         now,
     )
+
+
+async def lock_lot_states(conn: asyncpg.Connection, lot_ids: Sequence[int]) -> dict[int, str]:
+    rows = await conn.fetch(
+        "select lot_id, state from lots where lot_id = any($1::bigint[]) order by lot_id for update", list(lot_ids)
+    )
+    return {r["lot_id"]: r["state"] for r in rows}
+
+
+async def return_to_lots(
+    conn: asyncpg.Connection, member_uid: int, returns: Sequence[tuple[int, int]], transfer_id: int, kind: str
+) -> None:
+    """Give (lot_id, points) back to lots they were taken from, recorded as negative entries."""
+    await take_from_lots(conn, member_uid, [(lot, -points) for lot, points in returns], transfer_id, kind)

@@ -1,0 +1,106 @@
+"""Wire types for rewards, redemptions and adjustments."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+RewardId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")]
+RedemptionId = Annotated[str, Meta(min_length=1, max_length=128)]
+AdjustmentId = Annotated[str, Meta(min_length=1, max_length=128)]
+PositivePoints = Annotated[int, Meta(ge=1, le=1_000_000_000)]
+SignedPoints = Annotated[int, Meta(ge=-1_000_000_000, le=1_000_000_000)]
+Note = Annotated[str, Meta(max_length=1000)]
+
+RedemptionStatus = Literal["held", "captured", "released", "expired", "cancelled"]
+
+
+class RewardIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A reward as an operator defines it (PUT replaces the whole reward)."""
+
+    name: Annotated[str, Meta(min_length=1, max_length=200)]
+    cost_points: PositivePoints
+    description: Annotated[str, Meta(max_length=2000)] = ""
+    stock: Annotated[int, Meta(ge=0, le=1_000_000_000)] | None = None
+    available_from: Annotated[datetime, Meta(tz=True)] | None = None
+    available_until: Annotated[datetime, Meta(tz=True)] | None = None
+    active: bool = True
+
+    def __post_init__(self) -> None:
+        if self.available_from and self.available_until and self.available_until <= self.available_from:
+            raise ValueError("available_until must be after available_from")
+
+
+class RewardOut(msgspec.Struct, frozen=True, kw_only=True):
+    reward_id: str
+    name: str
+    description: str
+    cost_points: int
+    stock: int | None
+    available_from: datetime | None
+    available_until: datetime | None
+    active: bool
+
+
+class RewardList(msgspec.Struct, frozen=True):
+    items: list[RewardOut]
+
+
+class RedemptionIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Redeem a reward, or pay with a plain number of points; exactly one of the two."""
+
+    redemption_id: RedemptionId
+    reward_id: RewardId | None = None
+    points: PositivePoints | None = None
+    # Reserve the points until capture or release (or the hold times out) instead of spending now.
+    hold: bool = False
+    note: Note | None = None
+
+    def __post_init__(self) -> None:
+        if (self.reward_id is None) == (self.points is None):
+            raise ValueError("give either reward_id or points, not both and not neither")
+
+
+class RedemptionOut(msgspec.Struct, frozen=True, kw_only=True):
+    redemption_id: str
+    member_id: str
+    reward_id: str | None
+    points: int
+    status: RedemptionStatus
+    hold_expires_at: datetime | None
+    transfer_id: int
+    closing_transfer_id: int | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class RedemptionPage(msgspec.Struct, frozen=True):
+    items: list[RedemptionOut]
+    next_cursor: str | None
+
+
+class AdjustmentIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    adjustment_id: AdjustmentId
+    # Signed: positive credits points (a new lot), negative takes available points.
+    points: SignedPoints
+    reason_code: Annotated[str, Meta(min_length=1, max_length=64)]
+    note: Note = ""
+
+    def __post_init__(self) -> None:
+        if self.points == 0:
+            raise ValueError("points must not be 0")
+
+
+class AdjustmentOut(msgspec.Struct, frozen=True, kw_only=True):
+    adjustment_id: str
+    member_id: str
+    points: int
+    reason_code: str
+    note: str
+    made_by: str
+    transfer_id: int
+    lot_id: int | None
+    created_at: datetime

@@ -1,0 +1,255 @@
+"""Rewards, redemptions, adjustments and expiry SQL. Connection first; the use case commits."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import asyncpg
+
+from konvert.program import Reward
+
+_REWARD_COLUMNS = "reward_id, name, description, cost_points, stock, available_from, available_until, active"
+_REDEMPTION_COLUMNS = """
+    r.redemption_pk, r.redemption_id, m.member_id, r.member_uid, r.reward_id, r.points, r.status,
+    r.hold_expires_at, r.allocations::text, r.transfer_id, r.closing_transfer_id, r.created_at, r.updated_at
+"""
+
+
+async def seed_rewards(conn: asyncpg.Connection, rewards: tuple[Reward, ...]) -> None:
+    """Insert the program file's rewards that the catalog does not have yet (operator edits win)."""
+    await conn.executemany(
+        f"""
+        insert into rewards ({_REWARD_COLUMNS}) values ($1, $2, $3, $4, $5, $6, $7, $8)
+        on conflict (reward_id) do nothing
+        """,
+        [
+            (r.reward_id, r.name, r.description, r.cost_points, r.stock, r.available_from, r.available_until, r.active)
+            for r in rewards
+        ],
+    )
+
+
+async def select_available_rewards(conn: asyncpg.Connection | asyncpg.Pool, now: datetime, limit: int) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        f"""
+        select {_REWARD_COLUMNS} from rewards
+        where active and (available_from is null or available_from <= $1)
+          and (available_until is null or available_until > $1) and (stock is null or stock > 0)
+        order by cost_points, reward_id limit $2
+        """,
+        now,
+        limit,
+    )
+
+
+async def upsert_reward(conn: asyncpg.Connection | asyncpg.Pool, reward: Reward) -> asyncpg.Record:
+    return await conn.fetchrow(
+        f"""
+        insert into rewards ({_REWARD_COLUMNS}) values ($1, $2, $3, $4, $5, $6, $7, $8)
+        on conflict (reward_id) do update set
+            name = excluded.name, description = excluded.description, cost_points = excluded.cost_points,
+            stock = excluded.stock, available_from = excluded.available_from,
+            available_until = excluded.available_until, active = excluded.active, updated_at = now()
+        returning {_REWARD_COLUMNS}
+        """,
+        reward.reward_id,
+        reward.name,
+        reward.description,
+        reward.cost_points,
+        reward.stock,
+        reward.available_from,
+        reward.available_until,
+        reward.active,
+    )
+
+
+async def lock_reward(conn: asyncpg.Connection, reward_id: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(f"select {_REWARD_COLUMNS} from rewards where reward_id = $1 for update", reward_id)
+
+
+async def change_stock(conn: asyncpg.Connection, reward_id: str, delta: int) -> None:
+    await conn.execute(
+        "update rewards set stock = stock + $2, updated_at = now() where reward_id = $1 and stock is not null",
+        reward_id,
+        delta,
+    )
+
+
+async def select_redemption_replay(conn: asyncpg.Connection, redemption_id: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        "select request_hash, response from redemptions where redemption_id = $1", redemption_id
+    )
+
+
+async def insert_redemption(
+    conn: asyncpg.Connection,
+    *,
+    redemption_id: str,
+    member_uid: int,
+    reward_id: str | None,
+    points: int,
+    status: str,
+    hold_expires_at: datetime | None,
+    allocations: str,
+    transfer_id: int,
+    note: str | None,
+    request_hash: bytes,
+    response: bytes,
+    now: datetime,
+) -> None:
+    await conn.execute(
+        """
+        insert into redemptions (redemption_id, member_uid, reward_id, points, status, hold_expires_at, allocations,
+                                 transfer_id, note, request_hash, response, created_at, updated_at)
+        values ($1, $2, $3, $4, $5, $6, $7::text::jsonb, $8, $9, $10, $11, $12, $12)
+        """,
+        redemption_id,
+        member_uid,
+        reward_id,
+        points,
+        status,
+        hold_expires_at,
+        allocations,
+        transfer_id,
+        note,
+        request_hash,
+        response,
+        now,
+    )
+
+
+async def select_redemption(conn: asyncpg.Connection, redemption_id: str, lock: bool = False) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        f"""
+        select {_REDEMPTION_COLUMNS} from redemptions r join members m using (member_uid)
+        where r.redemption_id = $1 {"for update of r" if lock else ""}
+        """,
+        redemption_id,
+    )
+
+
+async def close_redemption(
+    conn: asyncpg.Connection, redemption_pk: int, status: str, closing_transfer_id: int | None, now: datetime
+) -> asyncpg.Record:
+    return await conn.fetchrow(
+        """
+        update redemptions set status = $2, closing_transfer_id = $3, updated_at = $4
+        where redemption_pk = $1
+        returning updated_at
+        """,
+        redemption_pk,
+        status,
+        closing_transfer_id,
+        now,
+    )
+
+
+async def select_member_redemptions(
+    conn: asyncpg.Connection | asyncpg.Pool, member_uid: int, before_pk: int | None, limit: int
+) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        f"""
+        select {_REDEMPTION_COLUMNS} from redemptions r join members m using (member_uid)
+        where r.member_uid = $1 and ($2::bigint is null or r.redemption_pk < $2)
+        order by r.redemption_pk desc limit $3
+        """,
+        member_uid,
+        before_pk,
+        limit,
+    )
+
+
+async def select_expired_holds(conn: asyncpg.Connection | asyncpg.Pool, now: datetime, limit: int) -> list[str]:
+    rows = await conn.fetch(
+        """
+        select redemption_id from redemptions where status = 'held' and hold_expires_at <= $1
+        order by hold_expires_at limit $2
+        """,
+        now,
+        limit,
+    )
+    return [r["redemption_id"] for r in rows]
+
+
+async def select_members_with_expired_lots(conn: asyncpg.Connection | asyncpg.Pool, now: datetime, limit: int) -> list[int]:
+    rows = await conn.fetch(
+        """
+        select distinct member_uid from (
+            select member_uid from lots where state <> 'expired' and expires_at <= $1 order by expires_at limit $2
+        ) due
+        """,
+        now,
+        limit,
+    )
+    return [r["member_uid"] for r in rows]
+
+
+async def lock_due_lots(conn: asyncpg.Connection, member_uid: int, now: datetime) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        """
+        select lot_id, remaining, state, expires_at from lots
+        where member_uid = $1 and state <> 'expired' and expires_at <= $2
+        order by expires_at, lot_id for update
+        """,
+        member_uid,
+        now,
+    )
+
+
+async def mark_lots_expired(conn: asyncpg.Connection, lot_ids: list[int]) -> None:
+    await conn.execute("update lots set state = 'expired' where lot_id = any($1::bigint[])", lot_ids)
+
+
+async def select_adjustment_replay(conn: asyncpg.Connection, adjustment_id: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        "select request_hash, response from adjustments where adjustment_id = $1", adjustment_id
+    )
+
+
+async def insert_adjustment(
+    conn: asyncpg.Connection,
+    *,
+    adjustment_id: str,
+    member_uid: int,
+    points: int,
+    reason_code: str,
+    note: str,
+    key_id: int,
+    key_name: str,
+    transfer_id: int,
+    request_hash: bytes,
+    response: bytes,
+) -> None:
+    await conn.execute(
+        """
+        insert into adjustments (adjustment_id, member_uid, points, reason_code, note, key_id, key_name, transfer_id,
+                                 request_hash, response)
+        values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+        """,
+        adjustment_id,
+        member_uid,
+        points,
+        reason_code,
+        note,
+        key_id,
+        key_name,
+        transfer_id,
+        request_hash,
+        response,
+    )
+
+
+async def insert_lot(
+    conn: asyncpg.Connection, member_uid: int, points: int, state: str, vests_at: datetime, expires_at: datetime | None
+) -> int:
+    return await conn.fetchval(
+        """
+        insert into lots (member_uid, amount, remaining, state, vests_at, expires_at)
+        values ($1, $2, $2, $3, $4, $5) returning lot_id
+        """,
+        member_uid,
+        points,
+        state,
+        vests_at,
+        expires_at,
+    )

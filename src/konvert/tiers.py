@@ -1,0 +1,110 @@
+"""Tiers: qualified on points earned (net of refunds) in a trailing window, never on the balance.
+
+Pure rules first, then the SQL that keeps a member's stored tier current. A purchase or refund
+re-evaluates its member in its own transaction; a job re-evaluates everyone else as the window
+slides (which is how downgrades after the grace period happen without any activity).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+import asyncpg
+import msgspec
+
+from konvert.program import Program, TierLevel, Tiers
+
+class TierStanding(msgspec.Struct, frozen=True):
+    """A member's tier after an evaluation, and since when they are below it (grace period)."""
+
+    tier: str | None
+    below_since: datetime | None
+
+
+def tier_for(levels: tuple[TierLevel, ...], qualifying_points: int) -> TierLevel | None:
+    """The highest tier whose threshold the qualifying points reach (None: no tiers configured)."""
+    reached = None
+    for level in levels:
+        if qualifying_points >= level.min_points:
+            reached = level
+    return reached
+
+
+def evaluate_tier(
+    tiers: Tiers, qualifying_points: int, current: str | None, below_since: datetime | None, now: datetime
+) -> TierStanding:
+    """Upgrades take effect at once; a downgrade waits ``downgrade_grace_days`` from the moment the
+    member first fell below their tier, and is cancelled if they qualify again meanwhile."""
+    target = tier_for(tiers.levels, qualifying_points)
+    if target is None:
+        return TierStanding(None, None)
+    rank = {level.name: index for index, level in enumerate(tiers.levels)}
+    if current not in rank or rank[target.name] >= rank[current]:
+        return TierStanding(target.name, None)
+    grace = timedelta(days=tiers.downgrade_grace_days)
+    since = below_since or now
+    if now - since >= grace:
+        return TierStanding(target.name, None)
+    return TierStanding(current, since)
+
+
+def tier_multiplier(program: Program, tier: str | None) -> tuple[Decimal, str | None]:
+    for level in program.tiers.levels:
+        if level.name == tier:
+            return level.multiplier, level.name
+    return Decimal(1), None
+
+
+def next_tier(levels: tuple[TierLevel, ...], current: str | None) -> TierLevel | None:
+    names = [level.name for level in levels]
+    if current not in names:
+        return levels[0] if levels else None
+    index = names.index(current)
+    return levels[index + 1] if index + 1 < len(levels) else None
+
+
+async def qualifying_points(conn: asyncpg.Connection, member_uid: int, since: datetime) -> int:
+    """Points earned by purchases posted since ``since``, less what their refunds clawed back."""
+    return await conn.fetchval(
+        """
+        select coalesce(sum(p.points - coalesce(r.points, 0)), 0)::bigint
+        from purchases p
+        left join lateral (select sum(points) as points from refunds where refunds.purchase_pk = p.purchase_pk) r on true
+        where p.member_uid = $1 and p.created_at >= $2
+        """,
+        member_uid,
+        since,
+    )
+
+
+async def reevaluate(conn: asyncpg.Connection, program: Program, member_uid: int, now: datetime) -> bool:
+    """Recompute and store the member's tier; return whether anything shown changed.
+
+    Call inside the use case's transaction, after the member's row is locked or written.
+    """
+    tiers = program.tiers
+    if not tiers.levels:
+        return False
+    current = await conn.fetchrow(
+        "select tier, tier_below_since, tier_qualifying_points from members where member_uid = $1", member_uid
+    )
+    points = await qualifying_points(conn, member_uid, now - timedelta(days=tiers.window_days))
+    standing = evaluate_tier(tiers, points, current["tier"], current["tier_below_since"], now)
+    changed = (standing.tier, standing.below_since, points) != (
+        current["tier"],
+        current["tier_below_since"],
+        current["tier_qualifying_points"],
+    )
+    await conn.execute(
+        """
+        update members set tier = $2, tier_below_since = $3, tier_qualifying_points = $4, tier_evaluated_at = $5
+        where member_uid = $1
+        """,
+        member_uid,
+        standing.tier,
+        standing.below_since,
+        points,
+        now,
+    )
+    return changed

@@ -1,0 +1,218 @@
+"""``konvert serve`` as a real process: against the configured servers, and the embedded default.
+
+Each test starts the server in its own session (process group), talks to it over HTTP, stops it
+with SIGTERM the way an init system would, and kills whatever is left in a ``finally``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+MakeKey = Callable[..., Awaitable[str]]
+
+READY_TIMEOUT_SECONDS = 60.0
+EMBEDDED_READY_TIMEOUT_SECONDS = 90.0  # the first start runs initdb
+STOP_TIMEOUT_SECONDS = 30.0
+FIRST_ADMIN_KEY = re.compile(r"^first admin key \(shown once, keep it\): (kvt_\S+)$", re.M)
+DATA_DIR_LINE = re.compile(r"^konvert data directory: (.+)$", re.M)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def konvert_env(**variables: str) -> dict[str, str]:
+    """The test's environment without any KONVERT_* variable, plus the given ones."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("KONVERT_")}
+    return env | variables
+
+
+class Server:
+    """A running ``konvert serve``; its stderr goes to a file the test can read while it runs."""
+
+    def __init__(self, process: subprocess.Popen[bytes], port: int, stderr_path: Path) -> None:
+        self.process = process
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.stderr_path = stderr_path
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text("utf-8", errors="replace")
+
+    def wait_ready(self, timeout_seconds: float) -> None:
+        deadline = time.monotonic() + timeout_seconds
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"konvert serve exited with {self.process.returncode}:\n{self.stderr()}")
+            try:
+                if httpx.get(f"{self.base_url}/health/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.25)
+        raise AssertionError(f"konvert serve not ready within {timeout_seconds}s:\n{self.stderr()}")
+
+    def wait_for_line(self, pattern: re.Pattern[str], timeout_seconds: float = 10.0) -> re.Match[str]:
+        deadline = time.monotonic() + timeout_seconds
+        while time.monotonic() < deadline:
+            if match := pattern.search(self.stderr()):
+                return match
+            time.sleep(0.1)
+        raise AssertionError(f"no line matching {pattern.pattern!r} in:\n{self.stderr()}")
+
+    def stop(self) -> int:
+        """SIGTERM, then wait: the graceful stop an init system or container runtime does."""
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(STOP_TIMEOUT_SECONDS)
+
+
+@contextmanager
+def konvert_serve(tmp_path: Path, env: dict[str, str], *args: str) -> Iterator[Server]:
+    port = free_port()
+    stderr_path = tmp_path / f"serve-{uuid.uuid4().hex[:8]}.stderr"
+    with stderr_path.open("wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "konvert", "serve", "--port", str(port), *args],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
+        )
+    try:
+        yield Server(process, port, stderr_path)
+    finally:
+        # Its own session and process group: this reaches the workers and the embedded Redis
+        # too, and nothing else.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(STOP_TIMEOUT_SECONDS)
+
+
+@contextmanager
+def embedded_postgres_stopped_afterwards(data_dir: Path) -> Iterator[None]:
+    """Stop the embedded PostgreSQL if a failed test left it running (it has a session of its own)."""
+    try:
+        yield
+    finally:
+        pid_file = data_dir / "postgres" / "postmaster.pid"
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            os.kill(int(pid_file.read_text().split()[0]), signal.SIGINT)  # PostgreSQL's fast shutdown
+
+
+def purchase_body(member_id: str) -> dict[str, Any]:
+    """One book for 10.00 EUR: 20 points under the example program, available at once."""
+    return {
+        "purchase_id": f"p-{uuid.uuid4().hex[:12]}",
+        "member_id": member_id,
+        "partner": "webshop",
+        "currency": "EUR",
+        "occurred_at": "2026-01-01T10:00:00Z",
+        "lines": [{"line_id": "1", "sku": "A", "category": "books", "quantity": 1, "unit_price": 1000}],
+    }
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def post_purchase(server: Server, key: str, member_id: str) -> httpx.Response:
+    return httpx.post(
+        f"{server.base_url}/v1/purchases", json=purchase_body(member_id), headers=bearer(key), timeout=10
+    )
+
+
+def get_balance(server: Server, key: str, member_id: str) -> httpx.Response:
+    return httpx.get(f"{server.base_url}/v1/members/{member_id}/balance", headers=bearer(key), timeout=10)
+
+
+def points_of(balance: dict[str, Any]) -> dict[str, int]:
+    return {name: balance[name] for name in ("available", "pending", "held", "lifetime_earned")}
+
+
+async def test_serve_with_configured_servers_and_two_workers(
+    tmp_path: Path, database_url: str, redis_url: str, make_key: MakeKey
+) -> None:
+    key = await make_key("admin")
+    member_id = f"e2e-{uuid.uuid4().hex[:12]}"
+    env = konvert_env(KONVERT_DATABASE_URL=database_url, KONVERT_REDIS_URL=redis_url)
+
+    with konvert_serve(tmp_path, env, "--workers", "2") as server:
+        server.wait_ready(READY_TIMEOUT_SECONDS)
+
+        metrics = httpx.get(f"{server.base_url}/metrics", timeout=10)
+        assert metrics.status_code == 200
+        assert "konvert_http_requests_total" in metrics.text
+        posted = post_purchase(server, key, member_id)
+        assert posted.status_code == 201, posted.text
+        assert get_balance(server, key, member_id).json()["available"] == 20
+
+        server.stop()
+        assert "Traceback" not in server.stderr()
+
+
+def redis_answers(socket_path: Path) -> bool:
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(1.0)
+            sock.connect(str(socket_path))
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def test_embedded_default_keeps_data_across_restarts(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    env = konvert_env(KONVERT_DATA_DIR=str(data_dir))
+    member_id = f"e2e-{uuid.uuid4().hex[:12]}"
+
+    with embedded_postgres_stopped_afterwards(data_dir):
+        with konvert_serve(tmp_path, env) as first:
+            first.wait_ready(EMBEDDED_READY_TIMEOUT_SECONDS)
+            key = first.wait_for_line(FIRST_ADMIN_KEY)[1]
+            assert first.wait_for_line(DATA_DIR_LINE)[1] == str(data_dir)
+            posted = post_purchase(first, key, member_id)
+            assert posted.status_code == 201, posted.text
+            before = get_balance(first, key, member_id).json()
+            assert before["available"] == 20
+            first.stop()
+
+        with konvert_serve(tmp_path, env) as second:
+            second.wait_ready(EMBEDDED_READY_TIMEOUT_SECONDS)
+            after = get_balance(second, key, member_id)
+            assert after.status_code == 200, after.text
+            assert points_of(after.json()) == points_of(before)
+            second.wait_for_line(re.compile(r"^serving on ", re.M))
+            assert "first admin key" not in second.stderr()
+            second.stop()
+
+
+def test_stopping_the_embedded_default_stops_its_servers(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    env = konvert_env(KONVERT_DATA_DIR=str(data_dir))
+
+    with embedded_postgres_stopped_afterwards(data_dir), konvert_serve(tmp_path, env) as server:
+        server.wait_ready(EMBEDDED_READY_TIMEOUT_SECONDS)
+        assert (data_dir / "postgres" / "postmaster.pid").exists()
+        assert redis_answers(data_dir / "redis" / "redis.sock")
+
+        server.stop()
+
+        assert not (data_dir / "postgres" / "postmaster.pid").exists()
+        assert not redis_answers(data_dir / "redis" / "redis.sock")

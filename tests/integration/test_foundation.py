@@ -1,0 +1,732 @@
+"""The service foundation: problem+json errors, request ids, health, metrics, OpenAPI, house rules,
+migrations and the keys CLI, all against real PostgreSQL and Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import httpx
+import msgspec
+import pytest
+from litestar import Litestar
+from litestar.handlers import HTTPRouteHandler
+from litestar.routes import HTTPRoute
+from litestar.testing import AsyncTestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from konvert import auth, db
+from konvert.app import create_app
+from konvert.errors import ConfigurationError
+from konvert.program import Program
+from konvert.settings import Settings
+from tests.conftest import make_settings
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
+UNREACHABLE_REDIS_URL = "redis://127.0.0.1:1/0"
+
+MakeKey = Callable[..., Awaitable[str]]
+NewId = Callable[[str], str]
+
+
+def purchase_body(member_id: str, purchase_id: str | None = None, **changes: Any) -> dict[str, Any]:
+    """A valid purchase of one book for 10.00 EUR: 20 points under the example program."""
+    body: dict[str, Any] = {
+        "purchase_id": purchase_id or f"p-{uuid.uuid4().hex[:12]}",
+        "member_id": member_id,
+        "partner": "webshop",
+        "currency": "EUR",
+        "occurred_at": "2026-01-01T10:00:00Z",
+        "lines": [{"line_id": "1", "sku": "A", "category": "books", "quantity": 1, "unit_price": 1000}],
+    }
+    return body | changes
+
+
+def with_line(member_id: str, **line_changes: Any) -> dict[str, Any]:
+    body = purchase_body(member_id)
+    body["lines"] = [body["lines"][0] | line_changes]
+    return body
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def assert_problem(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    """The response is RFC 9457 problem+json with konvert's stable code and the request id."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].split(";")[0] == PROBLEM_MEDIA_TYPE
+    problem = response.json()
+    assert problem["status"] == status
+    assert problem["code"] == code
+    assert problem["type"] == f"urn:konvert:problem:{code}"
+    assert isinstance(problem["title"], str) and problem["title"]
+    assert problem["request_id"]
+    assert problem["request_id"] == response.headers["x-request-id"]
+    return problem
+
+
+def field_names(problem: dict[str, Any]) -> list[str]:
+    return [error["field"] for error in problem.get("errors") or []]
+
+
+async def key_id_of(conn: asyncpg.Connection, key: str) -> int:
+    return await conn.fetchval("select key_id from api_keys where secret_hash = $1", auth.hash_key(key))
+
+
+# Authentication and authorisation.
+
+
+async def test_no_key_is_401(client: AsyncTestClient) -> None:
+    response = await client.get("/v1/members/x/balance")
+
+    assert_problem(response, 401, "unauthenticated")
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    ["Basic dXNlcjpwYXNz", "Bearer", "Bearer ", "kvt_" + "a" * 43, "Bearer not-a-konvert-key", "Bearer kvt_" + "a" * 200],
+)
+async def test_a_malformed_authorization_header_is_401(client: AsyncTestClient, authorization: str) -> None:
+    response = await client.get("/v1/members/x/balance", headers={"Authorization": authorization})
+
+    assert_problem(response, 401, "unauthenticated")
+
+
+async def test_an_unknown_key_is_401(client: AsyncTestClient) -> None:
+    response = await client.get("/v1/members/x/balance", headers=bearer(auth.generate_key()))
+
+    assert_problem(response, 401, "unauthenticated")
+
+
+async def test_a_revoked_key_is_401(
+    client: AsyncTestClient, make_key: MakeKey, database_url: str, settings: Settings
+) -> None:
+    assert settings.auth_cache_seconds == 0  # so revocation shows on the next request
+    key = await make_key("members:read", name="soon revoked")
+    assert (await client.get("/v1/members/x/balance", headers=bearer(key))).status_code != 401
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        assert await auth.revoke_key(conn, await key_id_of(conn, key))
+    finally:
+        await conn.close()
+
+    assert_problem(await client.get("/v1/members/x/balance", headers=bearer(key)), 401, "unauthenticated")
+
+
+async def test_a_key_lacking_the_scope_is_403(client: AsyncTestClient, make_key: MakeKey) -> None:
+    key = await make_key("kudos:write")
+
+    response = await client.get("/v1/members/x/balance", headers=bearer(key))
+
+    problem = assert_problem(response, 403, "forbidden")
+    assert "members:read" in problem["detail"]
+
+
+async def test_an_admin_key_may_use_every_scope(client: AsyncTestClient, admin_headers: dict[str, str]) -> None:
+    response = await client.get("/v1/members/nobody-here/balance", headers=admin_headers)
+
+    assert_problem(response, 404, "member_not_found")
+
+
+# Errors outside the handlers: routing, method, body size, media type, JSON, validation.
+
+
+async def test_an_unknown_route_is_404(client: AsyncTestClient, admin_headers: dict[str, str]) -> None:
+    response = await client.get("/v1/no-such-thing", headers=admin_headers)
+
+    assert_problem(response, 404, "not_found")
+
+
+async def test_a_wrong_method_is_405_with_allow(client: AsyncTestClient, admin_headers: dict[str, str]) -> None:
+    response = await client.delete("/v1/members/x/balance", headers=admin_headers)
+
+    assert_problem(response, 405, "method_not_allowed")
+    assert "GET" in response.headers["allow"]
+
+
+async def test_a_body_larger_than_the_limit_is_413(
+    client: AsyncTestClient, admin_headers: dict[str, str], settings: Settings
+) -> None:
+    body = b'{"purchase_id": "' + b"x" * settings.request_max_body_bytes + b'"}'
+
+    response = await client.post(
+        "/v1/purchases", content=body, headers=admin_headers | {"content-type": "application/json"}
+    )
+
+    assert_problem(response, 413, "payload_too_large")
+
+
+async def test_a_body_that_is_not_json_is_415(
+    client: AsyncTestClient, admin_headers: dict[str, str], new_id: NewId
+) -> None:
+    body = msgspec.json.encode(purchase_body(new_id("m")))
+
+    response = await client.post("/v1/purchases", content=body, headers=admin_headers | {"content-type": "text/plain"})
+
+    assert_problem(response, 415, "unsupported_media_type")
+
+
+@pytest.mark.parametrize("body", [b"{bad", b'{"purchase_id": "p1"', b"", b"\xff\xfe"])
+async def test_malformed_json_is_400(client: AsyncTestClient, admin_headers: dict[str, str], body: bytes) -> None:
+    response = await client.post(
+        "/v1/purchases", content=body, headers=admin_headers | {"content-type": "application/json"}
+    )
+
+    assert_problem(response, 400, "malformed_request")
+
+
+INVALID_PURCHASES: dict[str, tuple[Callable[[str], dict[str, Any]], str]] = {
+    "wrong type": (lambda m: purchase_body(m, partner=5), "partner"),
+    "unknown field": (lambda m: purchase_body(m, loyalty_tier="gold"), "loyalty_tier"),
+    "unknown field in a line": (lambda m: with_line(m, colour="red"), "lines[0].colour"),
+    "negative quantity": (lambda m: with_line(m, quantity=-1), "lines[0].quantity"),
+    "huge quantity": (lambda m: with_line(m, quantity=10**20), "lines[0].quantity"),
+    "huge unit price": (lambda m: with_line(m, unit_price=10**30), "lines[0].unit_price"),
+    "fractional price": (lambda m: with_line(m, unit_price=9.99), "lines[0].unit_price"),
+    "time without offset": (lambda m: purchase_body(m, occurred_at="2026-01-01T10:00:00"), "occurred_at"),
+    "missing field": (lambda m: {k: v for k, v in purchase_body(m).items() if k != "currency"}, "currency"),
+    "missing field in a line": (lambda m: purchase_body(m, lines=[{"line_id": "1"}]), "lines[0].sku"),
+}
+
+
+@pytest.mark.parametrize("case", INVALID_PURCHASES)
+async def test_an_invalid_body_is_422_naming_the_field(
+    client: AsyncTestClient, admin_headers: dict[str, str], new_id: NewId, case: str
+) -> None:
+    make_body, field = INVALID_PURCHASES[case]
+
+    response = await client.post("/v1/purchases", json=make_body(new_id("m")), headers=admin_headers)
+
+    problem = assert_problem(response, 422, "validation_failed")
+    assert field in field_names(problem)
+
+
+@pytest.mark.parametrize("body", [[1, 2], None, "purchase"])
+async def test_a_body_that_is_not_an_object_is_422(
+    client: AsyncTestClient, admin_headers: dict[str, str], body: object
+) -> None:
+    response = await client.post(
+        "/v1/purchases", content=msgspec.json.encode(body), headers=admin_headers | {"content-type": "application/json"}
+    )
+
+    problem = assert_problem(response, 422, "validation_failed")
+    assert field_names(problem) == ["body"]
+
+
+REFUSALS: dict[str, Callable[[str, dict[str, str]], dict[str, Any]]] = {
+    "invalid body (422)": lambda m, h: {"json": with_line(m, quantity=-1), "headers": h},
+    "text/plain body (415)": lambda m, h: {
+        "content": msgspec.json.encode(purchase_body(m)),
+        "headers": h | {"content-type": "text/plain"},
+    },
+    "no key (401)": lambda m, h: {"json": purchase_body(m)},
+}
+
+
+@pytest.mark.parametrize("refusal", REFUSALS)
+async def test_a_refused_purchase_writes_nothing(
+    client: AsyncTestClient, admin_headers: dict[str, str], new_id: NewId, refusal: str
+) -> None:
+    member_id = new_id("refused")
+
+    response = await client.post("/v1/purchases", **REFUSALS[refusal](member_id, admin_headers))
+
+    assert response.status_code in (401, 415, 422)
+    assert_problem(await client.get(f"/v1/members/{member_id}/balance", headers=admin_headers), 404, "member_not_found")
+
+
+async def test_a_key_without_the_write_scope_writes_nothing(
+    client: AsyncTestClient, admin_headers: dict[str, str], make_key: MakeKey, new_id: NewId
+) -> None:
+    member_id = new_id("refused")
+    reader = await make_key("members:read")
+
+    response = await client.post("/v1/purchases", json=purchase_body(member_id), headers=bearer(reader))
+
+    assert_problem(response, 403, "forbidden")
+    assert_problem(await client.get(f"/v1/members/{member_id}/balance", headers=admin_headers), 404, "member_not_found")
+
+
+# Request ids.
+
+
+async def test_a_request_id_is_generated_when_absent(client: AsyncTestClient) -> None:
+    first = await client.get("/health/live")
+    second = await client.get("/health/live")
+
+    assert len(first.headers["x-request-id"]) >= 16
+    assert first.headers["x-request-id"] != second.headers["x-request-id"]
+
+
+async def test_a_valid_client_request_id_is_echoed(client: AsyncTestClient) -> None:
+    request_id = f"checkout-{uuid.uuid4().hex}"
+
+    response = await client.get("/v1/members/x/balance", headers={"X-Request-ID": request_id})
+
+    assert response.headers["x-request-id"] == request_id
+    assert assert_problem(response, 401, "unauthenticated")["request_id"] == request_id
+
+
+@pytest.mark.parametrize("request_id", ["short", "has spaces in it", "x" * 129, "semi;colon;ids", "ünïcödé-id"])
+async def test_an_invalid_client_request_id_is_replaced(client: AsyncTestClient, request_id: str) -> None:
+    response = await client.get("/health/live", headers={"X-Request-ID": request_id.encode()})
+
+    assert len(response.headers["x-request-id"]) >= 16
+    assert response.headers["x-request-id"] != request_id
+
+
+async def test_every_response_carries_exactly_one_request_id(client: AsyncTestClient) -> None:
+    response = await client.get("/health/live", headers={"X-Request-ID": "client-supplied-id"})
+
+    assert response.headers.get_list("x-request-id") == ["client-supplied-id"]
+
+
+# Health, and running without Redis.
+
+
+async def test_liveness_is_200(client: AsyncTestClient) -> None:
+    response = await client.get("/health/live")
+
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+async def test_readiness_is_200_when_postgres_and_redis_answer(client: AsyncTestClient) -> None:
+    response = await client.get("/health/ready")
+
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "postgres": {"ok": True}, "redis": {"ok": True}}
+
+
+@pytest.fixture(scope="module")
+async def redisless_client(database_url: str, program: Program) -> AsyncIterator[AsyncTestClient]:
+    """The real app with Redis pointing at a port nobody listens on."""
+    settings = make_settings(database_url, UNREACHABLE_REDIS_URL)
+    async with AsyncTestClient(create_app(settings, program)) as test_client:
+        yield test_client
+
+
+async def test_readiness_is_503_naming_redis_when_redis_is_unreachable(redisless_client: AsyncTestClient) -> None:
+    response = await redisless_client.get("/health/ready")
+
+    assert response.status_code == 503
+    readiness = response.json()
+    assert readiness["status"] == "unavailable"
+    assert readiness["postgres"] == {"ok": True}
+    assert readiness["redis"]["ok"] is False
+    assert readiness["redis"]["error"]
+
+
+async def test_writes_and_reads_work_without_redis(
+    redisless_client: AsyncTestClient, admin_headers: dict[str, str], new_id: NewId
+) -> None:
+    member_id = new_id("no-redis")
+
+    first = await redisless_client.post("/v1/purchases", json=purchase_body(member_id), headers=admin_headers)
+    assert first.status_code == 201, first.text
+    assert first.json()["points"] == 20
+    balance = await redisless_client.get(f"/v1/members/{member_id}/balance", headers=admin_headers)
+    assert balance.status_code == 200
+    assert balance.json()["available"] == 20
+    assert balance.json()["lifetime_earned"] == 20
+
+    # A second write is read back at once: no stale cache stands in the way.
+    second = await redisless_client.post("/v1/purchases", json=purchase_body(member_id), headers=admin_headers)
+    assert second.status_code == 201, second.text
+    balance = await redisless_client.get(f"/v1/members/{member_id}/balance", headers=admin_headers)
+    assert balance.json()["available"] == 40
+
+
+# Metrics.
+
+
+def requests_total(metrics_text: str) -> list[dict[str, str]]:
+    """The label sets of every konvert_http_requests_total sample."""
+    return [
+        sample.labels
+        for family in text_string_to_metric_families(metrics_text)
+        for sample in family.samples
+        if sample.name == "konvert_http_requests_total"
+    ]
+
+
+async def test_metrics_count_requests_by_route_template_not_member_id(
+    client: AsyncTestClient, admin_headers: dict[str, str], new_id: NewId
+) -> None:
+    member_id = new_id("metrics")
+    await client.get(f"/v1/members/{member_id}/balance", headers=admin_headers)
+
+    response = await client.get("/metrics")
+
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    assert member_id not in response.text
+    assert {"method": "GET", "route": "/v1/members/{member_id}/balance", "status": "404"} in requests_total(
+        response.text
+    )
+
+
+async def test_metrics_label_unknown_urls_as_unmatched(client: AsyncTestClient, new_id: NewId) -> None:
+    path = f"/{new_id('no-such-page')}"
+    await client.get(path)
+
+    response = await client.get("/metrics")
+
+    assert path not in response.text
+    assert {"method": "GET", "route": "unmatched", "status": "404"} in requests_total(response.text)
+
+
+# OpenAPI.
+
+
+async def test_the_openapi_document_is_json_with_the_api_paths(client: AsyncTestClient) -> None:
+    response = await client.get("/schema/openapi.json")
+
+    assert response.status_code == 200
+    document = response.json()
+    assert document["openapi"].startswith("3.")
+    assert "/v1/members/{member_id}/balance" in document["paths"]
+    assert "post" in document["paths"]["/v1/purchases"]
+    assert "apiKey" in document["components"]["securitySchemes"]
+
+
+async def test_the_interactive_api_docs_are_html(client: AsyncTestClient) -> None:
+    response = await client.get("/schema")
+
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    assert "<html" in response.text.lower()
+
+
+# House rules: a walk over every route of the real app.
+
+
+@pytest.fixture(scope="module")
+def app(settings: Settings, program: Program) -> Litestar:
+    return create_app(settings, program)
+
+
+def handlers(app: Litestar) -> Iterator[tuple[HTTPRoute, HTTPRouteHandler]]:
+    """konvert's own route handlers, without the OPTIONS and OpenAPI handlers Litestar adds itself."""
+    for route in app.routes:
+        assert isinstance(route, HTTPRoute), f"{route.path}: only HTTP routes are expected"
+        for handler in route.route_handlers:
+            if not handler.fn.__module__.startswith("litestar."):
+                yield route, handler
+
+
+def api_handlers(app: Litestar) -> list[tuple[HTTPRoute, HTTPRouteHandler]]:
+    found = [(route, handler) for route, handler in handlers(app) if route.path.startswith("/v1/")]
+    assert found, "no /v1 routes: the walk would prove nothing"
+    return found
+
+
+def concrete_path(route: HTTPRoute) -> str:
+    """The route's path with a placeholder for each path parameter."""
+    values = {name: "1" if p.type is int else "placeholder" for name, p in route.path_parameters.items()}
+    return route.path_format.format(**values)
+
+
+def name_of(route: HTTPRoute, handler: HTTPRouteHandler) -> str:
+    return f"{'/'.join(sorted(handler.http_methods))} {route.path}"
+
+
+def test_every_route_is_documented(app: Litestar) -> None:
+    undocumented = [
+        name_of(route, handler)
+        for route, handler in handlers(app)
+        if not route.path.startswith("/schema") and not (handler.fn.__doc__ or "").strip()
+    ]
+
+    assert undocumented == []
+
+
+def test_every_api_route_declares_a_known_scope(app: Litestar) -> None:
+    without_scope = [
+        name_of(route, handler) for route, handler in api_handlers(app) if handler.opt.get("scope") not in auth.SCOPES
+    ]
+
+    assert without_scope == []
+
+
+async def test_every_api_route_answers_401_without_a_key(client: AsyncTestClient, app: Litestar) -> None:
+    answers = {}
+    for route, handler in api_handlers(app):
+        for method in sorted(handler.http_methods):
+            response = await client.request(method, concrete_path(route))
+            answers[f"{method} {route.path}"] = (response.status_code, response.json().get("code"))
+
+    assert answers == {name: (401, "unauthenticated") for name in answers}
+
+
+def test_every_api_write_declares_its_idempotency_key(app: Litestar) -> None:
+    # The key is a field of the body (purchase_id) or, where the URL names what is written
+    # (PUT /v1/rewards/{reward_id}), a path parameter.
+    offenders = []
+    for route, handler in api_handlers(app):
+        if not handler.http_methods & WRITE_METHODS or handler.opt.get("writes") is False:
+            continue
+        body = handler.parsed_fn_signature.parameters.get("data")
+        body_fields = set(getattr(body.annotation, "__struct_fields__", ())) if body is not None else set()
+        if handler.opt.get("idempotency_key") not in body_fields | set(route.path_parameters):
+            offenders.append(name_of(route, handler))
+
+    assert offenders == []
+
+
+async def test_every_api_route_is_in_the_openapi_document(client: AsyncTestClient, app: Litestar) -> None:
+    paths = (await client.get("/schema/openapi.json")).json()["paths"]
+
+    missing = [
+        f"{method} {route.path_format}"
+        for route, handler in api_handlers(app)
+        for method in handler.http_methods - {"OPTIONS", "HEAD"}
+        if method.lower() not in paths.get(route.path_format, {})
+    ]
+
+    assert missing == []
+
+
+# Migrations, on databases of their own.
+
+
+@pytest.fixture
+async def empty_database_url(server_database_url: str) -> AsyncIterator[str]:
+    """A new database with nothing in it, dropped afterwards."""
+    name = f"konvert_empty_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(server_database_url)
+    try:
+        await conn.execute(f"create database {name}")
+    finally:
+        await conn.close()
+    yield urlunsplit(urlsplit(server_database_url)._replace(path=f"/{name}"))
+    conn = await asyncpg.connect(server_database_url)
+    try:
+        await conn.execute(f"drop database if exists {name} with (force)")
+    finally:
+        await conn.close()
+
+
+def migration_files() -> list[tuple[int, str, str]]:
+    """(version, name, sha256 of the text) of each file in sql/, worked out without konvert.db."""
+    files = sorted(SQL_DIR.glob("*.sql"))
+    assert files, f"no migrations in {SQL_DIR}"
+    return [
+        (int(path.name[:4]), path.stem[5:], hashlib.sha256(path.read_text("utf-8").encode()).hexdigest())
+        for path in files
+    ]
+
+
+async def recorded_migrations(url: str) -> list[tuple[int, str, str]]:
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch("select version, name, checksum from schema_migrations order by version")
+        return [(r["version"], r["name"], r["checksum"]) for r in rows]
+    finally:
+        await conn.close()
+
+
+async def test_migrate_applies_every_file_to_an_empty_database(empty_database_url: str) -> None:
+    conn = await asyncpg.connect(empty_database_url)
+    try:
+        applied = await db.migrate(conn)
+        tables = {r["tablename"] for r in await conn.fetch("select tablename from pg_tables where schemaname = 'public'")}
+    finally:
+        await conn.close()
+
+    assert [(m.version, m.name, m.checksum) for m in applied] == migration_files()
+    assert await recorded_migrations(empty_database_url) == migration_files()
+    assert {"schema_migrations", "api_keys", "members", "transfers"} <= tables
+
+
+async def test_migrate_again_applies_nothing(empty_database_url: str) -> None:
+    await db.migrate_url(empty_database_url)
+
+    assert await db.migrate_url(empty_database_url) == []
+    assert await recorded_migrations(empty_database_url) == migration_files()
+
+
+async def test_concurrent_migrations_apply_each_file_exactly_once(empty_database_url: str) -> None:
+    first, second = await asyncio.gather(db.migrate_url(empty_database_url), db.migrate_url(empty_database_url))
+
+    assert sorted(m.version for m in first + second) == [version for version, _, _ in migration_files()]
+    assert await recorded_migrations(empty_database_url) == migration_files()
+
+
+async def test_a_changed_migration_is_refused(empty_database_url: str) -> None:
+    await db.migrate_url(empty_database_url)
+    conn = await asyncpg.connect(empty_database_url)
+    try:
+        await conn.execute("update schema_migrations set checksum = 'x' where version = 1")
+
+        with pytest.raises(ConfigurationError, match="0001"):
+            await db.migrate(conn)
+        # The lock is released even so: a corrected run is not blocked.
+        held = "select count(*) from pg_locks where locktype = 'advisory' and pid = pg_backend_pid()"
+        assert await conn.fetchval(held) == 0
+    finally:
+        await conn.close()
+
+
+# The keys CLI and start-up errors, as real processes.
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def konvert_env(**variables: str) -> dict[str, str]:
+    """The test's environment without any KONVERT_* variable, plus the given ones."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("KONVERT_")}
+    return env | variables
+
+
+def run_konvert(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "konvert", *args], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+@pytest.fixture
+def cli_env(database_url: str, redis_url: str) -> dict[str, str]:
+    return konvert_env(KONVERT_DATABASE_URL=database_url, KONVERT_REDIS_URL=redis_url)
+
+
+def create_key_with_cli(cli_env: dict[str, str], name: str, *scopes: str) -> str:
+    result = run_konvert("keys", "create", "--name", name, "--scope", *scopes, env=cli_env)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def listed_key(cli_env: dict[str, str], name: str) -> list[str]:
+    """The `keys list` line of the key called ``name``, split into its columns."""
+    result = run_konvert("keys", "list", env=cli_env)
+    assert result.returncode == 0, result.stderr
+    lines = [line.split("\t") for line in result.stdout.splitlines() if f"\t{name}\t" in line]
+    assert len(lines) == 1, result.stdout
+    return lines[0]
+
+
+async def test_keys_create_prints_the_key_and_stores_only_its_hash(
+    cli_env: dict[str, str], database_url: str, new_id: NewId
+) -> None:
+    name = new_id("ci")
+    result = run_konvert("keys", "create", "--name", name, "--scope", "members:read", env=cli_env)
+
+    assert result.returncode == 0, result.stderr
+    key = result.stdout.strip()
+    assert key.startswith("kvt_")
+    assert result.stdout == key + "\n"
+    assert key not in result.stderr
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch("select k.secret_hash, k.scopes, row_to_json(k)::text as row_text from api_keys k")
+    finally:
+        await conn.close()
+    assert not [row for row in rows if key in row["row_text"]]
+    stored = [row for row in rows if row["secret_hash"] == hashlib.sha256(key.encode()).digest()]
+    assert len(stored) == 1
+    assert stored[0]["scopes"] == ["members:read"]
+
+
+def test_keys_list_shows_the_prefix_but_never_the_key(cli_env: dict[str, str], new_id: NewId) -> None:
+    name = new_id("ci")
+    key = create_key_with_cli(cli_env, name, "members:read")
+
+    result = run_konvert("keys", "list", env=cli_env)
+
+    assert result.returncode == 0, result.stderr
+    assert key not in result.stdout
+    key_id, prefix, listed_name, scopes, state = listed_key(cli_env, name)
+    assert key.startswith(prefix.rstrip("…"))
+    assert len(prefix.rstrip("…")) < len(key)
+    assert (listed_name, scopes, state) == (name, "members:read", "active")
+
+
+def test_keys_create_refuses_an_unknown_scope(cli_env: dict[str, str]) -> None:
+    result = run_konvert("keys", "create", "--name", "ci", "--scope", "everything", env=cli_env)
+
+    assert result.returncode == 2
+    assert "everything" in result.stderr
+    assert result.stdout == ""
+
+
+async def test_a_cli_key_authenticates_until_revoked(
+    client: AsyncTestClient, admin_headers: dict[str, str], cli_env: dict[str, str], new_id: NewId
+) -> None:
+    member_id = new_id("cli")
+    created = await client.post("/v1/purchases", json=purchase_body(member_id), headers=admin_headers)
+    assert created.status_code == 201, created.text
+    name = new_id("ci")
+    key = create_key_with_cli(cli_env, name, "members:read")
+
+    balance = await client.get(f"/v1/members/{member_id}/balance", headers=bearer(key))
+    assert balance.status_code == 200, balance.text
+    assert balance.json()["available"] == 20
+
+    key_id = listed_key(cli_env, name)[0]
+    revoked = run_konvert("keys", "revoke", key_id, env=cli_env)
+    assert revoked.returncode == 0, revoked.stderr
+    assert listed_key(cli_env, name)[4].startswith("revoked")
+    assert_problem(await client.get(f"/v1/members/{member_id}/balance", headers=bearer(key)), 401, "unauthenticated")
+
+
+def test_revoking_an_unknown_key_fails(cli_env: dict[str, str]) -> None:
+    result = run_konvert("keys", "revoke", str(2**62), env=cli_env)
+
+    assert result.returncode == 1
+    assert str(2**62) in result.stderr
+
+
+def assert_one_line_config_error(result: subprocess.CompletedProcess[str], *names: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for name in names:
+        assert name in lines[0]
+
+
+def test_a_bad_setting_stops_migrate_with_one_line(cli_env: dict[str, str]) -> None:
+    result = run_konvert("migrate", env=cli_env | {"KONVERT_PORT": "abc"})
+
+    assert_one_line_config_error(result, "KONVERT_PORT")
+
+
+def test_an_unknown_setting_stops_migrate_with_one_line(cli_env: dict[str, str]) -> None:
+    result = run_konvert("migrate", env=cli_env | {"KONVERT_PROT": "8000"})
+
+    assert_one_line_config_error(result, "KONVERT_PROT")
+
+
+def test_a_bad_program_file_stops_serve_with_one_line(cli_env: dict[str, str], tmp_path: Path) -> None:
+    program_file = tmp_path / "program.toml"
+    program_file.write_text('name = "P"\n\n[[partners]]\nid = "shop"\n\n[points]\nreturn_window_dayz = 3\n', "utf-8")
+
+    result = run_konvert("serve", "--port", str(free_port()), env=cli_env | {"KONVERT_PROGRAM_FILE": str(program_file)})
+
+    assert_one_line_config_error(result, "return_window_dayz", str(program_file))
+
+
+def test_migrate_on_the_migrated_database_reports_up_to_date(cli_env: dict[str, str]) -> None:
+    result = run_konvert("migrate", env=cli_env)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "database is up to date"

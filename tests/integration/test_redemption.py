@@ -1,0 +1,557 @@
+"""Rewards, redemptions, holds, expiry, tiers and adjustments against real PostgreSQL and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+from litestar.testing import AsyncTestClient
+
+from konvert.app import create_app
+from konvert.ledger.audit import run_audit
+from konvert.program import parse_program
+from konvert.redemption.service import expire_due_lots, reevaluate_tiers, release_timed_out_holds
+from konvert.services import Services
+from tests.conftest import TEST_PROGRAM, make_settings
+from tests.integration.test_purchases import NOW, line, purchase
+
+
+@pytest.fixture
+def api(client, admin_headers, services):
+    """Small helpers around the shared app client, with an admin key.
+
+    ``api.services`` is the ``services`` fixture: jobs run on the test's own event loop, since
+    the test client serves the app on another one.
+    """
+
+    class Api:
+        async def post(self, path: str, body: dict[str, Any] | None = None):
+            if body is None:
+                return await client.post(path, headers=admin_headers)
+            return await client.post(path, json=body, headers=admin_headers)
+
+        async def put(self, path: str, body: dict[str, Any]):
+            return await client.put(path, json=body, headers=admin_headers)
+
+        async def get(self, path: str, **params: Any):
+            return await client.get(path, params=params, headers=admin_headers)
+
+        async def balance(self, member_id: str) -> dict[str, Any]:
+            response = await self.get(f"/v1/members/{member_id}/balance")
+            assert response.status_code == 200, response.text
+            return response.json()
+
+        async def earn(self, member_id: str, purchase_id: str, euros: int) -> dict[str, Any]:
+            response = await self.post("/v1/purchases", purchase(member_id, purchase_id, line("1", 1, euros * 100)))
+            assert response.status_code == 201, response.text
+            return response.json()
+
+    api = Api()
+    api.services = services
+    return api
+
+
+@pytest.fixture
+def clock(client, services):
+    """Move time for the app and the jobs alike: ``clock.advance(days=...)``; restored after."""
+    moved = [client.app.state.services, services]
+    originals = [s.clock for s in moved]
+
+    class Clock:
+        offset = timedelta()
+
+        def advance(self, **delta: float) -> None:
+            self.offset += timedelta(**delta)
+            for target, original in zip(moved, originals, strict=True):
+                target.clock = lambda original=original: original() + self.offset
+
+    yield Clock()
+    for target, original in zip(moved, originals, strict=True):
+        target.clock = original
+
+
+# --- rewards -------------------------------------------------------------------------------
+
+
+async def test_rewards_catalog_lists_only_what_can_be_redeemed_now(api, new_id):
+    live, inactive, sold_out, later = (new_id("r") for _ in range(4))
+    await api.put(f"/v1/rewards/{live}", {"name": "Mug", "cost_points": 100, "stock": 3})
+    await api.put(f"/v1/rewards/{inactive}", {"name": "Old", "cost_points": 100, "active": False})
+    await api.put(f"/v1/rewards/{sold_out}", {"name": "Gone", "cost_points": 100, "stock": 0})
+    await api.put(f"/v1/rewards/{later}", {"name": "Soon", "cost_points": 100, "available_from": (NOW + timedelta(days=3)).isoformat()})
+
+    listed = {r["reward_id"] for r in (await api.get("/v1/rewards")).json()["items"]}
+
+    assert live in listed
+    assert not {inactive, sold_out, later} & listed
+
+
+async def test_put_reward_validates_and_replaces(api, new_id):
+    reward_id = new_id("r")
+    bad = await api.put(f"/v1/rewards/{reward_id}", {"name": "Mug", "cost_points": 0})
+    assert (bad.status_code, bad.json()["errors"][0]["field"]) == (422, "cost_points")
+    first = await api.put(f"/v1/rewards/{reward_id}", {"name": "Mug", "cost_points": 100})
+    second = await api.put(f"/v1/rewards/{reward_id}", {"name": "Big mug", "cost_points": 150})
+    assert first.status_code == second.status_code == 200
+    assert (second.json()["name"], second.json()["cost_points"]) == ("Big mug", 150)
+
+
+async def test_program_file_rewards_are_seeded(redis_url, database_url):
+    program = parse_program(TEST_PROGRAM + '\n[[rewards]]\nreward_id = "seeded-coffee"\nname = "Coffee"\ncost_points = 150\n')
+    async with AsyncTestClient(create_app(make_settings(database_url, redis_url), program)) as client:
+        key = await _admin_key(database_url)
+        rewards = (await client.get("/v1/rewards", headers={"Authorization": f"Bearer {key}"})).json()["items"]
+    assert "seeded-coffee" in {r["reward_id"] for r in rewards}
+
+
+async def _admin_key(database_url: str) -> str:
+    from konvert import auth
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        return (await auth.insert_key(conn, "t", ["admin"]))[0]
+    finally:
+        await conn.close()
+
+
+# --- redeeming -----------------------------------------------------------------------------
+
+
+async def test_redeeming_a_reward_spends_its_cost_and_takes_stock(api, new_id):
+    member, reward = new_id("m"), new_id("r")
+    await api.earn(member, new_id("p"), 500)
+    await api.put(f"/v1/rewards/{reward}", {"name": "Mug", "cost_points": 120, "stock": 2})
+
+    response = await api.post(f"/v1/members/{member}/redemptions", {"redemption_id": new_id("x"), "reward_id": reward})
+
+    assert response.status_code == 201, response.text
+    assert (response.json()["points"], response.json()["status"]) == (120, "captured")
+    assert (await api.balance(member))["available"] == 380
+    listed = {r["reward_id"]: r for r in (await api.get("/v1/rewards")).json()["items"]}
+    assert listed[reward]["stock"] == 1
+    activity = (await api.get(f"/v1/members/{member}/activity")).json()["items"]
+    assert (activity[0]["code"], activity[0]["delta"], activity[0]["reason"]) == ("redeem", -120, f"reward {reward}")
+
+
+async def test_redemption_replay_and_conflict(api, new_id):
+    member = new_id("m")
+    await api.earn(member, new_id("p"), 500)
+    body = {"redemption_id": new_id("x"), "points": 100}
+    first = await api.post(f"/v1/members/{member}/redemptions", body)
+    replay = await api.post(f"/v1/members/{member}/redemptions", body)
+    conflict = await api.post(f"/v1/members/{member}/redemptions", body | {"points": 50})
+    assert replay.headers["idempotent-replayed"] == "true" and replay.content == first.content
+    assert (conflict.status_code, conflict.json()["code"]) == (409, "idempotency_conflict")
+    assert (await api.balance(member))["available"] == 400
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"reward_id": "no-such-reward"}, 404, "reward_not_found"),
+        ({"points": 0}, 422, "validation_failed"),
+        ({"points": -5}, 422, "validation_failed"),
+        ({"points": 10, "reward_id": "x"}, 422, "validation_failed"),
+        ({}, 422, "validation_failed"),
+        ({"points": 1001}, 409, "insufficient_points"),
+    ],
+)
+async def test_bad_redemptions_are_refused_and_change_nothing(api, new_id, body, status, code):
+    member = new_id("m")
+    await api.earn(member, new_id("p"), 1000)
+
+    response = await api.post(f"/v1/members/{member}/redemptions", {"redemption_id": new_id("x")} | body)
+
+    assert (response.status_code, response.json()["code"]) == (status, code)
+    assert (await api.balance(member))["available"] == 1000
+    assert (await api.get(f"/v1/members/{member}/redemptions")).json()["items"] == []
+
+
+async def test_redeeming_for_an_unknown_member_is_404(api, new_id):
+    response = await api.post(f"/v1/members/{new_id('ghost')}/redemptions", {"redemption_id": new_id("x"), "points": 1})
+    assert (response.status_code, response.json()["code"]) == (404, "member_not_found")
+
+
+async def test_hundred_concurrent_redemptions_never_overdraw(api, new_id):
+    member = new_id("m")
+    await api.earn(member, new_id("p"), 1000)
+
+    responses = await asyncio.gather(
+        *(api.post(f"/v1/members/{member}/redemptions", {"redemption_id": new_id("x"), "points": 100}) for _ in range(100))
+    )
+
+    assert sum(r.status_code == 201 for r in responses) == 10
+    assert {r.json()["code"] for r in responses if r.status_code != 201} == {"insufficient_points"}
+    assert (await api.balance(member))["available"] == 0
+
+
+async def test_concurrent_redemptions_never_take_stock_below_zero(api, new_id):
+    member, reward = new_id("m"), new_id("r")
+    await api.earn(member, new_id("p"), 10000)
+    await api.put(f"/v1/rewards/{reward}", {"name": "Rare", "cost_points": 10, "stock": 5})
+
+    responses = await asyncio.gather(
+        *(api.post(f"/v1/members/{member}/redemptions", {"redemption_id": new_id("x"), "reward_id": reward}) for _ in range(20))
+    )
+
+    assert sum(r.status_code == 201 for r in responses) == 5
+    assert {r.json()["code"] for r in responses if r.status_code != 201} == {"out_of_stock"}
+    assert (await api.balance(member))["available"] == 10000 - 50
+
+
+# --- holds ---------------------------------------------------------------------------------
+
+
+async def test_hold_reserves_points_until_captured(api, new_id):
+    member, redemption_id = new_id("m"), new_id("x")
+    await api.earn(member, new_id("p"), 500)
+
+    held = await api.post(f"/v1/members/{member}/redemptions", {"redemption_id": redemption_id, "points": 200, "hold": True})
+
+    assert held.json()["status"] == "held"
+    assert ((b := await api.balance(member))["available"], b["held"]) == (300, 200)
+    captured = await api.post(f"/v1/redemptions/{redemption_id}/capture")
+    again = await api.post(f"/v1/redemptions/{redemption_id}/capture")
+    assert captured.status_code == 200 and captured.json()["status"] == "captured"
+    assert again.json() == captured.json()
+    assert ((b := await api.balance(member))["available"], b["held"]) == (300, 0)
+    late_release = await api.post(f"/v1/redemptions/{redemption_id}/release")
+    assert (late_release.status_code, late_release.json()["code"]) == (409, "hold_not_active")
+
+
+async def test_released_hold_returns_the_same_lots(api, services, new_id):
+    member = new_id("m")
+    await api.earn(member, new_id("p"), 100)
+    await api.earn(member, new_id("p"), 100)
+    before = await api.balance(member)
+    redemption_id = new_id("x")
+
+    await api.post(f"/v1/members/{member}/redemptions", {"redemption_id": redemption_id, "points": 150, "hold": True})
+    during = await api.balance(member)
+    released = await api.post(f"/v1/redemptions/{redemption_id}/release")
+
+    assert released.json()["status"] == "released"
+    assert during["expiring"] != before["expiring"]
+    after = await api.balance(member)
+    assert (after["available"], after["held"], after["expiring"]) == (200, 0, before["expiring"])
+    captured = await api.post(f"/v1/redemptions/{redemption_id}/capture")
+    assert (captured.status_code, captured.json()["code"]) == (409, "hold_not_active")
+
+
+async def test_hold_times_out_and_is_released_by_the_job_even_after_a_restart(
+    api, clock, database_url, redis_url, program, redis_client, new_id
+):  # noqa: PLR0913
+    member, redemption_id = new_id("m"), new_id("x")
+    await api.earn(member, new_id("p"), 500)
+    await api.post(f"/v1/members/{member}/redemptions", {"redemption_id": redemption_id, "points": 300, "hold": True})
+
+    # A "restart": new services on the same database, and Redis forgets everything.
+    await redis_client.flushdb()
+    restarted = await Services.open(make_settings(database_url, redis_url), program)
+    try:
+        await release_timed_out_holds(restarted, now=restarted.clock() + timedelta(seconds=60))
+        assert (await api.balance(member))["held"] == 300  # not yet timed out
+        assert await release_timed_out_holds(restarted, now=restarted.clock() + timedelta(seconds=901)) >= 1
+    finally:
+        await restarted.close()
+
+    assert ((b := await api.balance(member))["available"], b["held"]) == (500, 0)
+    redemption = (await api.get(f"/v1/members/{member}/redemptions")).json()["items"][0]
+    assert redemption["status"] == "expired"
+    clock.advance(seconds=901)
+    capture = await api.post(f"/v1/redemptions/{redemption_id}/capture")
+    assert (capture.status_code, capture.json()["code"]) == (409, "hold_not_active")
+
+
+async def test_capture_after_timeout_is_refused_even_before_the_job_runs(api, clock, new_id):
+    member, redemption_id = new_id("m"), new_id("x")
+    await api.earn(member, new_id("p"), 500)
+    await api.post(f"/v1/members/{member}/redemptions", {"redemption_id": redemption_id, "points": 300, "hold": True})
+    clock.advance(seconds=901)
+
+    capture = await api.post(f"/v1/redemptions/{redemption_id}/capture")
+
+    assert (capture.status_code, capture.json()["code"]) == (409, "hold_not_active")
+    assert (await api.balance(member))["held"] == 300  # the job, not the refused capture, releases it
+
+
+async def test_captures_racing_timeouts_settle_each_hold_exactly_once(api, clock, new_id):
+    member = new_id("m")
+    await api.earn(member, new_id("p"), 1000)
+    ids = [new_id("x") for _ in range(10)]
+    for redemption_id in ids:
+        await api.post(f"/v1/members/{member}/redemptions", {"redemption_id": redemption_id, "points": 100, "hold": True})
+    services = api.services
+    at_timeout = services.clock() + timedelta(seconds=900)
+
+    results = await asyncio.gather(
+        *(api.post(f"/v1/redemptions/{rid}/capture") for rid in ids),
+        release_timed_out_holds(services, now=at_timeout),
+        release_timed_out_holds(services, now=at_timeout),
+    )
+
+    statuses = {r["redemption_id"]: r["status"] for r in (await api.get(f"/v1/members/{member}/redemptions")).json()["items"]}
+    captured = sum(s == "captured" for s in statuses.values())
+    expired = sum(s == "expired" for s in statuses.values())
+    assert captured + expired == 10
+    assert sum(r.status_code == 200 for r in results[:10]) == captured
+    balance = await api.balance(member)
+    assert (balance["available"], balance["held"]) == (100 * expired, 0)
+
+
+async def test_concurrent_holds_never_overdraw(api, new_id):
+    member = new_id("m")
+    await api.earn(member, new_id("p"), 1000)
+    responses = await asyncio.gather(
+        *(api.post(f"/v1/members/{member}/redemptions", {"redemption_id": new_id("x"), "points": 300, "hold": True}) for _ in range(10))
+    )
+    assert sum(r.status_code == 201 for r in responses) == 3
+    assert ((b := await api.balance(member))["available"], b["held"]) == (100, 900)
+
+
+async def test_cancelling_a_captured_redemption_returns_points_and_stock(api, new_id):
+    member, reward, redemption_id = new_id("m"), new_id("r"), new_id("x")
+    await api.earn(member, new_id("p"), 500)
+    await api.put(f"/v1/rewards/{reward}", {"name": "Mug", "cost_points": 100, "stock": 1})
+    await api.post(f"/v1/members/{member}/redemptions", {"redemption_id": redemption_id, "reward_id": reward})
+
+    cancelled = await api.post(f"/v1/redemptions/{redemption_id}/cancel")
+
+    assert cancelled.json()["status"] == "cancelled"
+    assert (await api.balance(member))["available"] == 500
+    assert {r["reward_id"]: r["stock"] for r in (await api.get("/v1/rewards")).json()["items"]}[reward] == 1
+
+
+async def test_unknown_redemption_is_404(api, new_id):
+    response = await api.post(f"/v1/redemptions/{new_id('x')}/capture")
+    assert (response.status_code, response.json()["code"]) == (404, "redemption_not_found")
+
+
+# --- expiry --------------------------------------------------------------------------------
+
+
+async def test_points_expire_lot_by_lot_soonest_first_and_spending_takes_them_first(api, clock, new_id):
+    member = new_id("m")
+    await api.earn(member, new_id("p"), 100)  # lot A, expires in 365 days
+    clock.advance(days=100)
+    await api.earn(member, new_id("p"), 50)  # lot B, expires 100 days later
+    services = api.services
+
+    # Spending takes from the soonest-expiring lot first: 30 of A's 100.
+    await api.post(f"/v1/members/{member}/redemptions", {"redemption_id": new_id("x"), "points": 30})
+    expiring = (await api.balance(member))["expiring"]
+    assert [e["points"] for e in expiring] == [70, 50]
+
+    assert await expire_due_lots(services, now=services.clock() + timedelta(days=264)) >= 0
+    assert (await api.balance(member))["available"] == 120  # nothing due yet
+    await expire_due_lots(services, now=services.clock() + timedelta(days=266))
+    assert (await api.balance(member))["available"] == 50  # A's 70 expired, B untouched
+    await expire_due_lots(services, now=services.clock() + timedelta(days=366))
+    balance = await api.balance(member)
+    assert (balance["available"], balance["expiring"]) == (0, [])
+
+    items = (await api.get(f"/v1/members/{member}/activity")).json()["items"]
+    expiries = [(i["amount"], i["reason"].startswith("points expired on")) for i in items if i["code"] == "expire"]
+    assert expiries == [(50, True), (70, True)]
+
+
+async def test_balance_lists_points_expiring_within_a_window(api, clock, new_id):
+    member = new_id("m")
+    await api.earn(member, new_id("p"), 100)
+    clock.advance(days=200)
+    await api.earn(member, new_id("p"), 40)
+
+    soon = (await api.get(f"/v1/members/{member}/balance", expiring_within_days=170)).json()["expiring"]
+    all_of_them = (await api.get(f"/v1/members/{member}/balance", expiring_within_days=400)).json()["expiring"]
+
+    assert [e["points"] for e in soon] == [100]
+    assert [e["points"] for e in all_of_them] == [100, 40]
+    bad = await api.get(f"/v1/members/{member}/balance", expiring_within_days=-1)
+    assert bad.status_code in (400, 422)
+
+
+async def test_expiry_is_safe_to_run_twice_at_once(api, new_id):
+    member = new_id("m")
+    await api.earn(member, new_id("p"), 100)
+    services = api.services
+    later = services.clock() + timedelta(days=400)
+    await asyncio.gather(expire_due_lots(services, now=later), expire_due_lots(services, now=later))
+    assert (await api.balance(member))["available"] == 0
+    items = (await api.get(f"/v1/members/{member}/activity")).json()["items"]
+    assert [i["code"] for i in items] == ["expire", "earn"]
+
+
+# --- tiers ---------------------------------------------------------------------------------
+
+TIER_PROGRAM = TEST_PROGRAM + """
+[tiers]
+window_days = 365
+downgrade_grace_days = {grace}
+
+[[tiers.levels]]
+name = "Bronze"
+min_points = 0
+
+[[tiers.levels]]
+name = "Silver"
+min_points = 100
+multiplier = 2
+"""
+
+
+@pytest.fixture(params=[0, 30], ids=["no-grace", "grace-30-days"])
+async def tier_api(request, database_url, redis_url, make_key):
+    program = parse_program(TIER_PROGRAM.replace("{grace}", str(request.param)))
+    headers = {"Authorization": f"Bearer {await make_key('admin')}"}
+    settings = make_settings(database_url, redis_url)
+    async with AsyncTestClient(create_app(settings, program)) as client:
+        client.grace_days, client.admin, client.settings, client.program = request.param, headers, settings, program
+        yield client
+
+
+async def _reevaluate_all(services: Services) -> None:
+    while await reevaluate_tiers(services) == services.settings.jobs_batch_size:
+        pass
+
+
+async def test_tiers_rise_with_earning_and_multiply_later_purchases(tier_api, new_id):
+    member = new_id("m")
+    first = await tier_api.post("/v1/purchases", json=purchase(member, new_id("p"), line("1", 1, 10000)), headers=tier_api.admin)
+    assert first.json()["points"] == 100  # earned as Bronze
+
+    balance = (await tier_api.get(f"/v1/members/{member}/balance", headers=tier_api.admin)).json()
+    assert balance["tier"]["name"] == "Silver"
+    assert (balance["tier"]["next_tier"], balance["tier"]["points_to_next_tier"]) == (None, None)
+
+    second = await tier_api.post("/v1/purchases", json=purchase(member, new_id("p"), line("1", 1, 1000)), headers=tier_api.admin)
+    assert second.json()["points"] == 20
+    assert {"kind": "tier", "ref": "Silver", "factor": "2"} in second.json()["lines"][0]["rules"]
+
+
+async def test_refund_of_the_qualifying_purchase_lowers_the_tier_after_the_grace_period(tier_api, new_id):
+    member, purchase_id = new_id("m"), new_id("p")
+    await tier_api.post("/v1/purchases", json=purchase(member, purchase_id, line("1", 1, 10000)), headers=tier_api.admin)
+
+    await tier_api.post(f"/v1/purchases/{purchase_id}/refunds", json={"refund_id": "r1", "amount": 5000}, headers=tier_api.admin)
+
+    tier = (await tier_api.get(f"/v1/members/{member}/balance", headers=tier_api.admin)).json()["tier"]
+    assert tier["qualifying_points"] == 50
+    if tier_api.grace_days == 0:
+        assert tier["name"] == "Bronze"
+        return
+    assert (tier["name"], tier["below_tier_since"] is not None) == ("Silver", True)
+    services = await Services.open(tier_api.settings, tier_api.program)
+    try:
+        real_clock = services.clock
+        services.clock = lambda: real_clock() + timedelta(days=29)
+        await _reevaluate_all(services)
+        assert (await tier_api.get(f"/v1/members/{member}/balance", headers=tier_api.admin)).json()["tier"]["name"] == "Silver"
+        services.clock = lambda: real_clock() + timedelta(days=60)
+        await _reevaluate_all(services)
+    finally:
+        await services.close()
+    tier = (await tier_api.get(f"/v1/members/{member}/balance", headers=tier_api.admin)).json()["tier"]
+    assert (tier["name"], tier["below_tier_since"]) == ("Bronze", None)
+
+
+# --- adjustments ---------------------------------------------------------------------------
+
+
+async def test_adjustments_credit_and_debit_with_a_reason_and_the_key_recorded(client, make_key, database_url, new_id):
+    member = new_id("m")
+    headers = {"Authorization": f"Bearer {await make_key('admin', name='support-desk')}"}
+    credit = await client.post(
+        f"/v1/members/{member}/adjustments",
+        json={"adjustment_id": new_id("a"), "points": 250, "reason_code": "goodwill", "note": "late delivery"},
+        headers=headers,
+    )
+    debit = await client.post(
+        f"/v1/members/{member}/adjustments",
+        json={"adjustment_id": new_id("a"), "points": -50, "reason_code": "correction"},
+        headers=headers,
+    )
+
+    assert credit.status_code == debit.status_code == 201
+    assert credit.json()["made_by"] == "support-desk"
+    balance = (await client.get(f"/v1/members/{member}/balance", headers=headers)).json()
+    assert balance["available"] == 200
+    items = (await client.get(f"/v1/members/{member}/activity", headers=headers)).json()["items"]
+    assert [(i["code"], i["delta"], i["reason"]) for i in items] == [
+        ("adjust", -50, "correction"),
+        ("adjust", 250, "goodwill: late delivery"),
+    ]
+    conn = await asyncpg.connect(database_url)
+    try:
+        recorded = await conn.fetch(
+            "select a.key_name, a.reason_code from adjustments a join members m using (member_uid) where m.member_id = $1",
+            member,
+        )
+    finally:
+        await conn.close()
+    assert {(r["key_name"], r["reason_code"]) for r in recorded} == {("support-desk", "goodwill"), ("support-desk", "correction")}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"points": 10, "reason_code": "because"}, 422, "validation_failed"),
+        ({"points": 0, "reason_code": "goodwill"}, 422, "validation_failed"),
+        ({"points": -101, "reason_code": "correction"}, 409, "insufficient_points"),
+    ],
+)
+async def test_bad_adjustments_change_nothing(api, new_id, body, status, code):
+    member = new_id("m")
+    await api.earn(member, new_id("p"), 100)
+    response = await api.post(f"/v1/members/{member}/adjustments", {"adjustment_id": new_id("a")} | body)
+    assert (response.status_code, response.json()["code"]) == (status, code)
+    assert (await api.balance(member))["available"] == 100
+
+
+async def test_adjustments_need_the_admin_scope(client, make_key, new_id):
+    headers = {"Authorization": f"Bearer {await make_key('redemptions:write', 'members:write')}"}
+    response = await client.post(
+        f"/v1/members/{new_id('m')}/adjustments",
+        json={"adjustment_id": new_id("a"), "points": 10, "reason_code": "goodwill"},
+        headers=headers,
+    )
+    assert (response.status_code, response.json()["code"]) == (403, "forbidden")
+
+
+# --- the whole ledger ----------------------------------------------------------------------
+
+
+async def test_audit_passes_after_redemptions_holds_expiry_and_adjustments(fresh_database_url, redis_url, program):
+    settings = make_settings(fresh_database_url, redis_url)
+    key = await _admin_key(fresh_database_url)
+    headers = {"Authorization": f"Bearer {key}"}
+    services = await Services.open(settings, program)
+    async with AsyncTestClient(create_app(settings, program)) as client:
+
+        async def post(path, body=None):
+            return await client.post(path, json=body, headers=headers)
+
+        await client.put("/v1/rewards/mug", json={"name": "Mug", "cost_points": 30, "stock": 10}, headers=headers)
+        for member in ("ann", "bob"):
+            await post("/v1/purchases", purchase(member, f"{member}-1", line("1", 1, 10000)))
+            await post("/v1/purchases", purchase(member, f"{member}-2", line("1", 1, 5000)))
+        await post("/v1/members/ann/redemptions", {"redemption_id": "a1", "reward_id": "mug"})
+        await post("/v1/members/ann/redemptions", {"redemption_id": "a2", "points": 40, "hold": True})
+        await post("/v1/members/ann/redemptions", {"redemption_id": "a3", "points": 20, "hold": True})
+        await post("/v1/redemptions/a2/capture")
+        await post("/v1/redemptions/a1/cancel")
+        await post("/v1/members/bob/redemptions", {"redemption_id": "b1", "points": 120, "hold": True})
+        await post("/v1/members/bob/adjustments", {"adjustment_id": "adj1", "points": 25, "reason_code": "goodwill"})
+        await post("/v1/purchases/bob-1/refunds", {"refund_id": "r1", "amount": 10000})
+        await release_timed_out_holds(services, now=services.clock() + timedelta(seconds=1000))  # bob's and ann's a3
+        await expire_due_lots(services, now=services.clock() + timedelta(days=400))
+        conn = await asyncpg.connect(fresh_database_url)
+        try:
+            assert await run_audit(conn) == []
+            await conn.execute("update members set points_held = points_held + 5 where member_id = 'ann'")
+            assert "2 held points equal active holds" in {v.invariant for v in await run_audit(conn)}
+        finally:
+            await conn.close()
+            await services.close()
