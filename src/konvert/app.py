@@ -17,6 +17,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 from konvert import __version__, health, jobs
 from konvert.auth import authorize
 from konvert.earning.api import PurchaseController
+from konvert.earning.service import purchase_batcher
 from konvert.ledger.api import BalanceController
 from konvert.redemption import api as redemption_api
 from konvert.redemption.service import seed_rewards
@@ -59,6 +60,8 @@ def create_app(settings: Settings, program: Program | None = None) -> KonvertApp
         services = await Services.open(settings, program)
         app.state.services = services
         await seed_rewards(services)
+        services.purchases = purchase_batcher(services)
+        services.purchases.start()
         runner = asyncio.create_task(jobs.run_forever(services)) if settings.jobs_interval_seconds > 0 else None
         try:
             yield
@@ -67,6 +70,7 @@ def create_app(settings: Settings, program: Program | None = None) -> KonvertApp
                 runner.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await runner
+            await services.purchases.stop()
             await services.close()
 
     app = KonvertApp(

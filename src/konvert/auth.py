@@ -158,7 +158,9 @@ async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: Bas
     if required is None:
         # Health, metrics and the OpenAPI documents are public; anything else without a scope
         # is a programming error, and it fails closed.
-        if handler.opt.get("public") or connection.url.path.startswith(OPENAPI_PATH):
+        # Litestar's automatic OPTIONS handlers (CORS preflights) carry no scope and no data.
+        is_preflight = connection.scope.get("method") == "OPTIONS"
+        if handler.opt.get("public") or is_preflight or connection.url.path.startswith(OPENAPI_PATH):
             return
         raise errors.Forbidden("this route declares no scope")
     verifier: KeyVerifier = connection.app.state.services.keys

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -94,7 +96,10 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     os.environ["KONVERT_DATABASE_URL"] = settings.database_url
     os.environ["KONVERT_REDIS_URL"] = settings.redis_url
     if settings.workers > 1:
-        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="konvert-metrics-"))
+        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+            metrics_dir = tempfile.mkdtemp(prefix="konvert-metrics-")
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+            atexit.register(shutil.rmtree, metrics_dir, ignore_errors=True)
     # uvicorn shuts down gracefully on SIGTERM and then raises the signal again. Left to its
     # default action, that signal would end the process before atexit stops the embedded
     # PostgreSQL and Redis; exiting through Python runs atexit.

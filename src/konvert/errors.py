@@ -133,3 +133,27 @@ class HoldNotActive(Conflict):
     """Capture or release of a redemption that is not (or no longer) held."""
 
     code, title = "hold_not_active", "Redemption is not held"
+
+
+class KudosNotFound(NotFound):
+    code, title = "kudos_not_found", "Kudos not found"
+
+
+class SelfKudos(Unprocessable):
+    """A member liked or marked helpful their own post."""
+
+    code, title = "self_kudos", "Members cannot give kudos to themselves"
+
+
+class DuplicateKudos(Conflict):
+    """A standing kudos from the same giver, for the same post and kind, has another kudos_id."""
+
+    code, title = "duplicate_kudos", "This kudos was already given"
+
+
+class GiverLimitReached(RateLimited):
+    code, title = "giver_limit_reached", "The giver gave the most kudos allowed per day"
+
+
+class LeaderboardUnavailable(ServiceUnavailable):
+    code, title = "leaderboard_unavailable", "Leaderboards are unavailable"

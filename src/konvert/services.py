@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 import redis.asyncio as redis
@@ -16,6 +17,7 @@ import redis.asyncio as redis
 from litestar.di import NamedDependency
 
 from konvert.auth import KeyVerifier
+from konvert.batching import GroupCommit
 from konvert.cache import BalanceCache, create_redis
 from konvert.db import create_pool
 from konvert.ledger import store
@@ -49,6 +51,8 @@ class Services:
     accounts: SystemAccounts
     # The one source of "now" for use cases and jobs, so that tests can move time.
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    # Group commit for purchase postings, started by the app (None: each posting commits alone).
+    purchases: GroupCommit[Any, Any] | None = None
 
     @classmethod
     async def open(cls, settings: Settings, program: Program) -> Services:

@@ -64,18 +64,19 @@ def next_tier(levels: tuple[TierLevel, ...], current: str | None) -> TierLevel |
     return levels[index + 1] if index + 1 < len(levels) else None
 
 
+def qualifying_points_sql(member_uid: str, since: str) -> str:
+    """SQL for the points qualifying for tiers: earned by purchases posted since ``since``, less
+    what their refunds clawed back. Arguments are SQL expressions (columns or parameters),
+    never user input, so that the purchase statement can embed the same definition."""
+    return f"""(
+        select coalesce(sum(p.points - coalesce(
+            (select sum(r.points) from refunds r where r.purchase_pk = p.purchase_pk), 0)), 0)::bigint
+        from purchases p where p.member_uid = {member_uid} and p.created_at >= {since}
+    )"""
+
+
 async def qualifying_points(conn: asyncpg.Connection, member_uid: int, since: datetime) -> int:
-    """Points earned by purchases posted since ``since``, less what their refunds clawed back."""
-    return await conn.fetchval(
-        """
-        select coalesce(sum(p.points - coalesce(r.points, 0)), 0)::bigint
-        from purchases p
-        left join lateral (select sum(points) as points from refunds where refunds.purchase_pk = p.purchase_pk) r on true
-        where p.member_uid = $1 and p.created_at >= $2
-        """,
-        member_uid,
-        since,
-    )
+    return await conn.fetchval(f"select {qualifying_points_sql('$1', '$2')}", member_uid, since)
 
 
 async def reevaluate(conn: asyncpg.Connection, program: Program, member_uid: int, now: datetime) -> bool:

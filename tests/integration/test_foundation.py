@@ -98,7 +98,14 @@ async def test_no_key_is_401(client: AsyncTestClient) -> None:
 
 @pytest.mark.parametrize(
     "authorization",
-    ["Basic dXNlcjpwYXNz", "Bearer", "Bearer ", "kvt_" + "a" * 43, "Bearer not-a-konvert-key", "Bearer kvt_" + "a" * 200],
+    [
+        "Basic dXNlcjpwYXNz",
+        "Bearer",
+        "Bearer ",
+        "kvt_" + "a" * 43,
+        "Bearer not-a-konvert-key",
+        "Bearer kvt_" + "a" * 200,
+    ],
 )
 async def test_a_malformed_authorization_header_is_401(client: AsyncTestClient, authorization: str) -> None:
     response = await client.get("/v1/members/x/balance", headers={"Authorization": authorization})
@@ -137,7 +144,9 @@ async def test_a_key_lacking_the_scope_is_403(client: AsyncTestClient, make_key:
     assert "members:read" in problem["detail"]
 
 
-async def test_an_admin_key_may_use_every_scope(client: AsyncTestClient, admin_headers: dict[str, str]) -> None:
+async def test_an_admin_key_may_use_every_scope(
+    client: AsyncTestClient, admin_headers: dict[str, str]
+) -> None:
     response = await client.get("/v1/members/nobody-here/balance", headers=admin_headers)
 
     assert_problem(response, 404, "member_not_found")
@@ -152,7 +161,9 @@ async def test_an_unknown_route_is_404(client: AsyncTestClient, admin_headers: d
     assert_problem(response, 404, "not_found")
 
 
-async def test_a_wrong_method_is_405_with_allow(client: AsyncTestClient, admin_headers: dict[str, str]) -> None:
+async def test_a_wrong_method_is_405_with_allow(
+    client: AsyncTestClient, admin_headers: dict[str, str]
+) -> None:
     response = await client.delete("/v1/members/x/balance", headers=admin_headers)
 
     assert_problem(response, 405, "method_not_allowed")
@@ -176,13 +187,17 @@ async def test_a_body_that_is_not_json_is_415(
 ) -> None:
     body = msgspec.json.encode(purchase_body(new_id("m")))
 
-    response = await client.post("/v1/purchases", content=body, headers=admin_headers | {"content-type": "text/plain"})
+    response = await client.post(
+        "/v1/purchases", content=body, headers=admin_headers | {"content-type": "text/plain"}
+    )
 
     assert_problem(response, 415, "unsupported_media_type")
 
 
 @pytest.mark.parametrize("body", [b"{bad", b'{"purchase_id": "p1"', b"", b"\xff\xfe"])
-async def test_malformed_json_is_400(client: AsyncTestClient, admin_headers: dict[str, str], body: bytes) -> None:
+async def test_malformed_json_is_400(
+    client: AsyncTestClient, admin_headers: dict[str, str], body: bytes
+) -> None:
     response = await client.post(
         "/v1/purchases", content=body, headers=admin_headers | {"content-type": "application/json"}
     )
@@ -221,7 +236,9 @@ async def test_a_body_that_is_not_an_object_is_422(
     client: AsyncTestClient, admin_headers: dict[str, str], body: object
 ) -> None:
     response = await client.post(
-        "/v1/purchases", content=msgspec.json.encode(body), headers=admin_headers | {"content-type": "application/json"}
+        "/v1/purchases",
+        content=msgspec.json.encode(body),
+        headers=admin_headers | {"content-type": "application/json"},
     )
 
     problem = assert_problem(response, 422, "validation_failed")
@@ -247,7 +264,9 @@ async def test_a_refused_purchase_writes_nothing(
     response = await client.post("/v1/purchases", **REFUSALS[refusal](member_id, admin_headers))
 
     assert response.status_code in (401, 415, 422)
-    assert_problem(await client.get(f"/v1/members/{member_id}/balance", headers=admin_headers), 404, "member_not_found")
+    assert_problem(
+        await client.get(f"/v1/members/{member_id}/balance", headers=admin_headers), 404, "member_not_found"
+    )
 
 
 async def test_a_key_without_the_write_scope_writes_nothing(
@@ -259,7 +278,9 @@ async def test_a_key_without_the_write_scope_writes_nothing(
     response = await client.post("/v1/purchases", json=purchase_body(member_id), headers=bearer(reader))
 
     assert_problem(response, 403, "forbidden")
-    assert_problem(await client.get(f"/v1/members/{member_id}/balance", headers=admin_headers), 404, "member_not_found")
+    assert_problem(
+        await client.get(f"/v1/members/{member_id}/balance", headers=admin_headers), 404, "member_not_found"
+    )
 
 
 # Request ids.
@@ -282,7 +303,9 @@ async def test_a_valid_client_request_id_is_echoed(client: AsyncTestClient) -> N
     assert assert_problem(response, 401, "unauthenticated")["request_id"] == request_id
 
 
-@pytest.mark.parametrize("request_id", ["short", "has spaces in it", "x" * 129, "semi;colon;ids", "ünïcödé-id"])
+@pytest.mark.parametrize(
+    "request_id", ["short", "has spaces in it", "x" * 129, "semi;colon;ids", "ünïcödé-id"]
+)
 async def test_an_invalid_client_request_id_is_replaced(client: AsyncTestClient, request_id: str) -> None:
     response = await client.get("/health/live", headers={"X-Request-ID": request_id.encode()})
 
@@ -321,7 +344,9 @@ async def redisless_client(database_url: str, program: Program) -> AsyncIterator
         yield test_client
 
 
-async def test_readiness_is_503_naming_redis_when_redis_is_unreachable(redisless_client: AsyncTestClient) -> None:
+async def test_readiness_is_503_naming_redis_when_redis_is_unreachable(
+    redisless_client: AsyncTestClient,
+) -> None:
     response = await redisless_client.get("/health/ready")
 
     assert response.status_code == 503
@@ -346,7 +371,9 @@ async def test_writes_and_reads_work_without_redis(
     assert balance.json()["lifetime_earned"] == 20
 
     # A second write is read back at once: no stale cache stands in the way.
-    second = await redisless_client.post("/v1/purchases", json=purchase_body(member_id), headers=admin_headers)
+    second = await redisless_client.post(
+        "/v1/purchases", json=purchase_body(member_id), headers=admin_headers
+    )
     assert second.status_code == 201, second.text
     balance = await redisless_client.get(f"/v1/members/{member_id}/balance", headers=admin_headers)
     assert balance.json()["available"] == 40
@@ -458,7 +485,9 @@ def test_every_route_is_documented(app: Litestar) -> None:
 
 def test_every_api_route_declares_a_known_scope(app: Litestar) -> None:
     without_scope = [
-        name_of(route, handler) for route, handler in api_handlers(app) if handler.opt.get("scope") not in auth.SCOPES
+        name_of(route, handler)
+        for route, handler in api_handlers(app)
+        if handler.opt.get("scope") not in auth.SCOPES
     ]
 
     assert without_scope == []
@@ -545,7 +574,10 @@ async def test_migrate_applies_every_file_to_an_empty_database(empty_database_ur
     conn = await asyncpg.connect(empty_database_url)
     try:
         applied = await db.migrate(conn)
-        tables = {r["tablename"] for r in await conn.fetch("select tablename from pg_tables where schemaname = 'public'")}
+        tables = {
+            r["tablename"]
+            for r in await conn.fetch("select tablename from pg_tables where schemaname = 'public'")
+        }
     finally:
         await conn.close()
 
@@ -562,7 +594,9 @@ async def test_migrate_again_applies_nothing(empty_database_url: str) -> None:
 
 
 async def test_concurrent_migrations_apply_each_file_exactly_once(empty_database_url: str) -> None:
-    first, second = await asyncio.gather(db.migrate_url(empty_database_url), db.migrate_url(empty_database_url))
+    first, second = await asyncio.gather(
+        db.migrate_url(empty_database_url), db.migrate_url(empty_database_url)
+    )
 
     assert sorted(m.version for m in first + second) == [version for version, _, _ in migration_files()]
     assert await recorded_migrations(empty_database_url) == migration_files()
@@ -600,7 +634,12 @@ def konvert_env(**variables: str) -> dict[str, str]:
 
 def run_konvert(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "konvert", *args], env=env, capture_output=True, text=True, timeout=120, check=False
+        [sys.executable, "-m", "konvert", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 
@@ -615,12 +654,16 @@ def create_key_with_cli(cli_env: dict[str, str], name: str, *scopes: str) -> str
     return result.stdout.strip()
 
 
-def listed_key(cli_env: dict[str, str], name: str) -> list[str]:
-    """The `keys list` line of the key called ``name``, split into its columns."""
+def list_keys(cli_env: dict[str, str]) -> str:
     result = run_konvert("keys", "list", env=cli_env)
     assert result.returncode == 0, result.stderr
-    lines = [line.split("\t") for line in result.stdout.splitlines() if f"\t{name}\t" in line]
-    assert len(lines) == 1, result.stdout
+    return result.stdout
+
+
+def listed_key(listing: str, name: str) -> list[str]:
+    """The `keys list` line of the key called ``name``, split into its columns."""
+    lines = [line.split("\t") for line in listing.splitlines() if f"\t{name}\t" in line]
+    assert len(lines) == 1, listing
     return lines[0]
 
 
@@ -637,7 +680,9 @@ async def test_keys_create_prints_the_key_and_stores_only_its_hash(
     assert key not in result.stderr
     conn = await asyncpg.connect(database_url)
     try:
-        rows = await conn.fetch("select k.secret_hash, k.scopes, row_to_json(k)::text as row_text from api_keys k")
+        rows = await conn.fetch(
+            "select k.secret_hash, k.scopes, row_to_json(k)::text as row_text from api_keys k"
+        )
     finally:
         await conn.close()
     assert not [row for row in rows if key in row["row_text"]]
@@ -650,11 +695,10 @@ def test_keys_list_shows_the_prefix_but_never_the_key(cli_env: dict[str, str], n
     name = new_id("ci")
     key = create_key_with_cli(cli_env, name, "members:read")
 
-    result = run_konvert("keys", "list", env=cli_env)
+    listing = list_keys(cli_env)
 
-    assert result.returncode == 0, result.stderr
-    assert key not in result.stdout
-    key_id, prefix, listed_name, scopes, state = listed_key(cli_env, name)
+    assert key not in listing
+    _, prefix, listed_name, scopes, state = listed_key(listing, name)
     assert key.startswith(prefix.rstrip("…"))
     assert len(prefix.rstrip("…")) < len(key)
     assert (listed_name, scopes, state) == (name, "members:read", "active")
@@ -681,11 +725,13 @@ async def test_a_cli_key_authenticates_until_revoked(
     assert balance.status_code == 200, balance.text
     assert balance.json()["available"] == 20
 
-    key_id = listed_key(cli_env, name)[0]
+    key_id = listed_key(list_keys(cli_env), name)[0]
     revoked = run_konvert("keys", "revoke", key_id, env=cli_env)
     assert revoked.returncode == 0, revoked.stderr
-    assert listed_key(cli_env, name)[4].startswith("revoked")
-    assert_problem(await client.get(f"/v1/members/{member_id}/balance", headers=bearer(key)), 401, "unauthenticated")
+    assert listed_key(list_keys(cli_env), name)[4].startswith("revoked")
+    assert_problem(
+        await client.get(f"/v1/members/{member_id}/balance", headers=bearer(key)), 401, "unauthenticated"
+    )
 
 
 def test_revoking_an_unknown_key_fails(cli_env: dict[str, str]) -> None:
@@ -718,9 +764,13 @@ def test_an_unknown_setting_stops_migrate_with_one_line(cli_env: dict[str, str])
 
 def test_a_bad_program_file_stops_serve_with_one_line(cli_env: dict[str, str], tmp_path: Path) -> None:
     program_file = tmp_path / "program.toml"
-    program_file.write_text('name = "P"\n\n[[partners]]\nid = "shop"\n\n[points]\nreturn_window_dayz = 3\n', "utf-8")
+    program_file.write_text(
+        'name = "P"\n\n[[partners]]\nid = "shop"\n\n[points]\nreturn_window_dayz = 3\n', "utf-8"
+    )
 
-    result = run_konvert("serve", "--port", str(free_port()), env=cli_env | {"KONVERT_PROGRAM_FILE": str(program_file)})
+    result = run_konvert(
+        "serve", "--port", str(free_port()), env=cli_env | {"KONVERT_PROGRAM_FILE": str(program_file)}
+    )
 
     assert_one_line_config_error(result, "return_window_dayz", str(program_file))
 
@@ -730,3 +780,10 @@ def test_migrate_on_the_migrated_database_reports_up_to_date(cli_env: dict[str, 
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "database is up to date"
+
+
+async def test_cors_preflight_options_is_answered_without_a_key(client):
+    for path in ("/health/live", "/v1/rewards", "/v1/purchases"):
+        response = await client.options(path)
+        assert response.status_code in (200, 204), (path, response.text)
+        assert "allow" in response.headers

@@ -70,7 +70,9 @@ def test_pool_minimum_above_maximum_is_refused() -> None:
 
 
 def test_test_and_bench_variables_are_ignored() -> None:
-    settings = load_settings({"KONVERT_TEST_DATABASE_URL": "postgresql://elsewhere", "KONVERT_BENCH_RATE": "x"})
+    settings = load_settings(
+        {"KONVERT_TEST_DATABASE_URL": "postgresql://elsewhere", "KONVERT_BENCH_RATE": "x"}
+    )
 
     assert settings == load_settings({})
 
@@ -185,7 +187,8 @@ def test_a_campaign_ending_before_it_starts_is_refused_naming_it() -> None:
 
 def test_a_campaign_without_a_utc_offset_is_refused() -> None:
     text = program_with(
-        '[[earning.campaigns]]\nid = "spring"\nstarts_at = 2026-03-01T00:00:00\nends_at = 2026-04-01T00:00:00\n'
+        '[[earning.campaigns]]\nid = "spring"\n'
+        "starts_at = 2026-03-01T00:00:00\nends_at = 2026-04-01T00:00:00\n"
     )
 
     with pytest.raises(ConfigurationError, match=r"earning\.campaigns\[0\].*UTC offset"):
@@ -227,14 +230,14 @@ def test_two_rates_for_the_same_currency_and_partner_are_refused() -> None:
 
 
 def test_invalid_toml_is_refused_with_the_source_name() -> None:
-    with pytest.raises(ConfigurationError, match="my.toml: not valid TOML"):
+    with pytest.raises(ConfigurationError, match=r"my\.toml: not valid TOML"):
         parse_program("name = ", source="my.toml")
 
 
 def test_an_unreadable_program_file_is_refused_naming_the_path(tmp_path: Path) -> None:
     missing = tmp_path / "missing.toml"
 
-    with pytest.raises(ConfigurationError, match="missing.toml"):
+    with pytest.raises(ConfigurationError, match=r"missing\.toml"):
         load_program(str(missing))
 
 
@@ -242,5 +245,7 @@ def test_load_program_reads_the_file_and_names_it_in_errors(tmp_path: Path) -> N
     path = tmp_path / "program.toml"
     path.write_text(program_with("[points]\nreturn_window_dayz = 3\n"), "utf-8")
 
-    with pytest.raises(ConfigurationError, match=re.escape(f"program file {path}: ") + ".*return_window_dayz"):
+    with pytest.raises(
+        ConfigurationError, match=re.escape(f"program file {path}: ") + ".*return_window_dayz"
+    ):
         load_program(str(path))

@@ -8,6 +8,7 @@ import asyncpg
 import msgspec
 
 from konvert import errors, tiers
+from konvert.batching import GroupCommit
 from konvert.earning import rules, store
 from konvert.idempotency import Outcome, replay, request_hash
 from konvert.earning.model import EarningResult, PurchaseIn, PurchaseOut, RefundIn, RefundLinePoints, RefundOut
@@ -36,74 +37,142 @@ def preview(services: Services, purchase: PurchaseIn) -> EarningResult:
     return rules.compute_earning(services.program, purchase)
 
 
+class Posted(msgspec.Struct, frozen=True):
+    """A purchase written (not yet committed): its outcome, and the cache entry to invalidate."""
+
+    outcome: Outcome
+    member_id: str
+    version: int | None
+
+
 async def post_purchase(services: Services, purchase: PurchaseIn) -> Outcome:
-    """Record a purchase and credit its points, once per (partner, purchase_id)."""
+    """Record a purchase and credit its points, once per (partner, purchase_id).
+
+    Concurrent postings are group-committed: they share transactions (see konvert.batching),
+    and each still gets its own outcome; a 2xx means committed.
+    """
+    check_purchase(services, purchase)
+    if services.purchases is None:
+        return await post_purchase_alone(services, purchase)
+    posted = await services.purchases.submit(purchase)
+    return posted.outcome
+
+
+def purchase_batcher(services: Services) -> GroupCommit[PurchaseIn, Posted]:
+    """Group commit for postings. Sorted by member so that batches lock members in one order."""
+    settings = services.settings
+
+    async def write(conn: asyncpg.Connection, purchase: PurchaseIn) -> Posted:
+        return await write_purchase(services, conn, purchase)
+
+    async def committed(posted: Posted) -> None:
+        await after_commit(services, posted)
+
+    return GroupCommit(
+        services.pool,
+        write,
+        committed,
+        sort_key=lambda p: (p.member_id, p.partner, p.purchase_id),
+        batch_size_max=settings.write_batch_size_max,
+        batches_in_flight_max=settings.write_batches_in_flight_max,
+    )
+
+
+async def post_purchase_alone(services: Services, purchase: PurchaseIn) -> Outcome:
+    """The same in a transaction of its own (the batcher's fallback, and for callers without one)."""
+    check_purchase(services, purchase)
+    async with services.pool.acquire() as conn, conn.transaction():
+        posted = await write_purchase(services, conn, purchase)
+    await after_commit(services, posted)
+    return posted.outcome
+
+
+def check_purchase(services: Services, purchase: PurchaseIn) -> None:
+    """Everything that can refuse a purchase without the database: raise before any write."""
+    _check_occurred_at(purchase, services.clock())
+    rules.compute_earning(services.program, purchase)
+
+
+async def after_commit(services: Services, posted: Posted) -> None:
+    if posted.version is not None:
+        await services.balances.invalidate(posted.member_id, posted.version)
+
+
+async def write_purchase(services: Services, conn: asyncpg.Connection, purchase: PurchaseIn) -> Posted:
+    """Write one purchase inside the caller's transaction: two round trips on the common path.
+
+    The member's tier is evaluated from the points qualifying before this purchase plus what it
+    earns, and stored by the same statement that records it.
+    """
     program = services.program
     now = services.clock()
-    _check_occurred_at(purchase, now)
-    # Validate against the program before touching the database; the tier factor is applied below.
-    rules.compute_earning(program, purchase)
     digest = request_hash(purchase)
     vests_at = purchase.occurred_at + timedelta(days=program.points.return_window_days)
     bucket = "pending" if vests_at > now else "available"
     expires_at = expiry_for(now, program.points)
+    window_start = now - timedelta(days=program.tiers.window_days) if program.tiers.levels else None
 
-    async with services.pool.acquire() as conn, conn.transaction():
-        member = await store.select_member_with_new_ids(conn, purchase.member_id)
-        if member is None:
-            await ledger.ensure_member(conn, purchase.member_id)
-            member = await store.select_member_with_new_ids(conn, purchase.member_id)
-        multiplier, tier_name = tiers.tier_multiplier(program, member["tier"])
-        earning = rules.compute_earning(program, purchase, tier_multiplier=multiplier, tier_name=tier_name)
-        refund_state = _encode(rules.refund_state_for(purchase, earning))
-        issued_account_id = await services.accounts.id(conn, "points", f"issued:{purchase.partner}")
-        has_points = earning.points > 0
-        response = _encode(
-            PurchaseOut(
-                purchase_id=purchase.purchase_id,
-                partner=purchase.partner,
-                member_id=purchase.member_id,
-                currency=purchase.currency,
-                points=earning.points,
-                status=bucket if has_points else "none",
-                vests_at=vests_at if has_points else None,
-                expires_at=expires_at if has_points else None,
-                lines=earning.lines,
-                bonus_points=earning.bonus_points,
-                bonuses=earning.bonuses,
-                points_before_cap=earning.points_before_cap,
-                cap_applied=earning.cap_applied,
-                rules=earning.rules,
-                lot_id=member["lot_id"] if has_points else None,
-                transfer_id=member["transfer_id"] if has_points else None,
-            )
-        )
-        written = await store.insert_purchase(
-            conn,
-            partner=purchase.partner,
+    member = await store.select_member_with_new_ids(conn, purchase.member_id, window_start)
+    if member is None:
+        await ledger.ensure_member(conn, purchase.member_id)
+        member = await store.select_member_with_new_ids(conn, purchase.member_id, window_start)
+    multiplier, tier_name = tiers.tier_multiplier(program, member["tier"])
+    earning = rules.compute_earning(program, purchase, tier_multiplier=multiplier, tier_name=tier_name)
+    standing = tiers.TierStanding(member["tier"], member["tier_below_since"])
+    qualifying = member["tier_qualifying_points"]
+    if window_start is not None:
+        qualifying = member["qualifying_points"] + earning.points
+        standing = tiers.evaluate_tier(program.tiers, qualifying, member["tier"], member["tier_below_since"], now)
+    has_points = earning.points > 0
+    response = _encode(
+        PurchaseOut(
             purchase_id=purchase.purchase_id,
-            member_uid=member["member_uid"],
+            partner=purchase.partner,
+            member_id=purchase.member_id,
             currency=purchase.currency,
-            occurred_at=purchase.occurred_at,
-            total_amount=sum(line.amount for line in purchase.lines) + purchase.shipping + purchase.tax,
             points=earning.points,
-            refund_state=refund_state,
-            lot_id=member["lot_id"],
-            transfer_id=member["transfer_id"],
-            request_hash=digest,
-            response=response,
-            bucket=bucket,
-            vests_at=vests_at,
-            expires_at=expires_at,
-            issued_account_id=issued_account_id,
+            status=bucket if has_points else "none",
+            vests_at=vests_at if has_points else None,
+            expires_at=expires_at if has_points else None,
+            lines=earning.lines,
+            bonus_points=earning.bonus_points,
+            bonuses=earning.bonuses,
+            points_before_cap=earning.points_before_cap,
+            cap_applied=earning.cap_applied,
+            rules=earning.rules,
+            lot_id=member["lot_id"] if has_points else None,
+            transfer_id=member["transfer_id"] if has_points else None,
         )
-        if written is None:
-            return replay(await store.select_purchase_replay(conn, purchase.partner, purchase.purchase_id), digest)
-        if bucket == "available" and written["points_debt"] > 0:
-            await ledger.settle_debt(conn, member["member_uid"], written["points_debt"])
-        await tiers.reevaluate(conn, program, member["member_uid"], now)
-    await services.balances.invalidate(purchase.member_id, written["version"])
-    return Outcome(response)
+    )
+    written = await store.insert_purchase(
+        conn,
+        partner=purchase.partner,
+        purchase_id=purchase.purchase_id,
+        member_uid=member["member_uid"],
+        currency=purchase.currency,
+        occurred_at=purchase.occurred_at,
+        total_amount=sum(line.amount for line in purchase.lines) + purchase.shipping + purchase.tax,
+        points=earning.points,
+        refund_state=_encode(rules.refund_state_for(purchase, earning)),
+        lot_id=member["lot_id"],
+        transfer_id=member["transfer_id"],
+        request_hash=digest,
+        response=response,
+        bucket=bucket,
+        vests_at=vests_at,
+        expires_at=expires_at,
+        issued_account_id=await services.accounts.id(conn, "points", f"issued:{purchase.partner}"),
+        tier=standing.tier,
+        tier_below_since=standing.below_since,
+        tier_qualifying_points=qualifying,
+        tier_evaluated_at=now if window_start is not None else None,
+    )
+    if written is None:
+        existing = await store.select_purchase_replay(conn, purchase.partner, purchase.purchase_id)
+        return Posted(replay(existing, digest), purchase.member_id, None)
+    if bucket == "available" and written["points_debt"] > 0:
+        await ledger.settle_debt(conn, member["member_uid"], written["points_debt"])
+    return Posted(Outcome(response), purchase.member_id, written["version"])
 
 
 async def refund_purchase(services: Services, purchase_id: str, refund: RefundIn) -> Outcome:

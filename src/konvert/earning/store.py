@@ -6,21 +6,28 @@ from datetime import datetime
 
 import asyncpg
 
+from konvert.tiers import qualifying_points_sql
 
-async def select_member_with_new_ids(conn: asyncpg.Connection, member_id: str) -> asyncpg.Record | None:
-    """The member's uid and tier plus a fresh lot id and transfer id, in one round trip.
+
+async def select_member_with_new_ids(
+    conn: asyncpg.Connection, member_id: str, tier_window_start: datetime | None
+) -> asyncpg.Record | None:
+    """The member's uid and tier, the points qualifying for tiers since ``tier_window_start``
+    (skipped when None), and a fresh lot id and transfer id, in one round trip.
 
     Taking the ids up front lets the response (which names them) be built before the insert,
     so the purchase row can store it in the same statement.
     """
-    return await conn.fetchrow(
-        """
-        select member_uid, tier, nextval('lots_lot_id_seq') as lot_id,
-               nextval('transfers_transfer_id_seq') as transfer_id
-        from members where member_id = $1
-        """,
-        member_id,
-    )
+    return await conn.fetchrow(_SELECT_MEMBER_WITH_NEW_IDS, member_id, tier_window_start)
+
+
+_SELECT_MEMBER_WITH_NEW_IDS = f"""
+    select m.member_uid, m.tier, m.tier_below_since, m.tier_qualifying_points,
+           nextval('lots_lot_id_seq') as lot_id, nextval('transfers_transfer_id_seq') as transfer_id,
+           case when $2::timestamptz is null then 0
+                else {qualifying_points_sql("m.member_uid", "$2")} end as qualifying_points
+    from members m where m.member_id = $1
+"""
 
 
 async def insert_purchase(
@@ -42,6 +49,10 @@ async def insert_purchase(
     vests_at: datetime,
     expires_at: datetime | None,
     issued_account_id: int,
+    tier: str | None,
+    tier_below_since: datetime | None,
+    tier_qualifying_points: int,
+    tier_evaluated_at: datetime | None,
 ) -> asyncpg.Record | None:
     """Record a purchase with its lot, earn transfer and balance change in one statement.
 
@@ -75,6 +86,8 @@ async def insert_purchase(
         set points_pending = points_pending + case when $13::text = 'pending' then $7 else 0 end,
             points_available = points_available + case when $13::text = 'available' then $7 else 0 end,
             points_lifetime_earned = points_lifetime_earned + $7,
+            tier = $17, tier_below_since = $18, tier_qualifying_points = $19,
+            tier_evaluated_at = coalesce($20, tier_evaluated_at),
             version = version + 1
         where member_uid = $3 and exists (select 1 from purchase)
         returning version, points_debt
@@ -95,6 +108,10 @@ async def insert_purchase(
         vests_at,
         expires_at,
         issued_account_id,
+        tier,
+        tier_below_since,
+        tier_qualifying_points,
+        tier_evaluated_at,
     )
 
 

@@ -1,0 +1,149 @@
+"""Group commit: concurrent writes share one transaction, and so one durable commit.
+
+A PostgreSQL commit waits for its WAL flush; one commit per request caps a service at the
+disk's flush rate. Here, requests that arrive while a batch is being written queue up and go
+into the next batch together (natural batching: no timer, no added latency when idle). Every
+request still gets its own outcome:
+
+- work that refuses a request *without* a database error (a KonvertError raised before it
+  writes, such as an idempotency conflict) fails that request only; its neighbours commit;
+- a database error aborts the shared transaction, so the batch is rolled back and each request
+  is retried alone in a transaction of its own: one bad request never fails its neighbours;
+- a request's future is resolved only after the commit: a 2xx means committed.
+
+Items are written in a stable order (``sort_key``) so that concurrent batches, in this process
+or another, take row locks in the same order and cannot deadlock each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Generic, TypeVar
+
+import asyncpg
+
+from konvert.errors import KonvertError
+
+log = logging.getLogger("konvert.batching")
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+WriteOne = Callable[[asyncpg.Connection, Item], Awaitable[Result]]
+AfterCommit = Callable[[Result], Awaitable[None]]
+
+
+class GroupCommit(Generic[Item, Result]):
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        write: WriteOne[Item, Result],
+        after_commit: AfterCommit[Result],
+        sort_key: Callable[[Item], Hashable],
+        *,
+        batch_size_max: int,
+        batches_in_flight_max: int,
+    ) -> None:
+        self._pool = pool
+        self._write = write
+        self._after_commit = after_commit
+        self._sort_key = sort_key
+        self._batch_size_max = batch_size_max
+        self._slots = asyncio.Semaphore(batches_in_flight_max)
+        self._queue: list[tuple[Item, asyncio.Future[Result]]] = []
+        self._pending = asyncio.Event()
+        self._flushes: set[asyncio.Task[None]] = set()
+        self._dispatcher: asyncio.Task[None] | None = None
+        self.batches_written = 0
+        self.items_written = 0
+
+    def start(self) -> None:
+        self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch())
+
+    async def stop(self) -> None:
+        """Write what is queued, wait for batches in flight, then stop."""
+        if self._dispatcher is not None:
+            while self._queue or self._flushes:
+                await asyncio.sleep(0.01)
+            self._dispatcher.cancel()
+            await asyncio.gather(self._dispatcher, return_exceptions=True)
+            self._dispatcher = None
+
+    async def submit(self, item: Item) -> Result:
+        if self._dispatcher is None:
+            raise RuntimeError("GroupCommit.start() was not called")
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, future))
+        self._pending.set()
+        # The write goes on even if this request is cancelled (its client went away): the
+        # outcome is stored and a retry will replay it.
+        return await asyncio.shield(future)
+
+    async def _dispatch(self) -> None:
+        while True:
+            await self._pending.wait()
+            self._pending.clear()
+            while self._queue:
+                await self._slots.acquire()
+                batch = self._queue[: self._batch_size_max]
+                del self._queue[: len(batch)]
+                task = asyncio.create_task(self._flush(batch))
+                self._flushes.add(task)
+                task.add_done_callback(self._flushes.discard)
+
+    async def _flush(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
+        try:
+            batch.sort(key=lambda entry: self._sort_key(entry[0]))
+            try:
+                outcomes = await self._write_together(batch)
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+                log.warning("batch failed; writing its items one by one", extra={"size": len(batch), "error": repr(exc)})
+                outcomes = [await self._write_alone(item) for item, _ in batch]
+            for (_, future), outcome in zip(batch, outcomes, strict=True):
+                if isinstance(outcome, BaseException):
+                    _settle(future, error=outcome)
+                else:
+                    await self._after_commit_safely(outcome)
+                    _settle(future, result=outcome)
+            self.batches_written += 1
+            self.items_written += len(batch)
+        except BaseException as exc:  # never leave a request waiting forever
+            for _, future in batch:
+                _settle(future, error=exc)
+            raise
+        finally:
+            self._slots.release()
+
+    async def _write_together(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> list[Result | KonvertError]:
+        outcomes: list[Result | KonvertError] = []
+        async with self._pool.acquire() as conn, conn.transaction():
+            for item, _ in batch:
+                try:
+                    outcomes.append(await self._write(conn, item))
+                except KonvertError as refused:
+                    outcomes.append(refused)
+        return outcomes
+
+    async def _write_alone(self, item: Item) -> Result | BaseException:
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                return await self._write(conn, item)
+        except Exception as exc:  # noqa: BLE001 - handed to this item's request, which maps it
+            return exc
+
+    async def _after_commit_safely(self, outcome: Result) -> None:
+        try:
+            await self._after_commit(outcome)
+        except Exception:  # the write is committed; a cache hiccup must not turn it into an error
+            log.exception("after-commit step failed")
+
+
+def _settle(future: asyncio.Future[Result], *, result: Result | None = None, error: BaseException | None = None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)  # type: ignore[arg-type]

@@ -1,0 +1,398 @@
+"""Reputation leaderboards: Redis sorted sets, kept current after every commit, rebuilt from PostgreSQL.
+
+Boards: all time, the ISO week and the calendar month (UTC), each per source and over all
+sources (``*``). A change is attributed to the UTC day and source of the kudos that caused it,
+so a late webhook lands in the period its kudos happened in. Scores are reputation gained in
+the board's period (the ledger's moves, so the all-time board over all sources adds up to
+each member's reputation). Members are stored by member_uid and named from PostgreSQL when
+read, so erasing a member's id needs no Redis change.
+
+Keys (one hash tag, so one Redis Cluster slot; ``<g>`` is the build generation)::
+
+    kv:{lb}:rep:built                       generation of the complete build (the marker)
+    kv:{lb}:rep:generation                  counter of builds
+    kv:{lb}:rep:g<g>:<board>:<source|*>     sorted set member_uid -> score
+    ...:<source|*>:scores                   sorted set of the distinct scores (dense ranks)
+    ...:<source|*>:counts                   hash score -> members with it
+    kv:{lb}:rep:g<g>:keys                   every key of the generation (to drop it later)
+
+with ``<board>`` one of ``all``, ``week:2026-W47``, ``month:2026-11``. Sources cannot contain
+``:``, so these names never collide. A member's dense rank is one more than the number of
+distinct scores above theirs: O(log n) whatever the ties.
+
+Consistency with PostgreSQL. Writers add their changes after their transaction commits,
+holding a shared PostgreSQL advisory lock from before the transaction until Redis has the
+change; a rebuild holds that lock exclusively. So a rebuild sees every committed change
+whose increment is already in Redis and none that could still arrive: its snapshot is exact.
+It writes a new generation and then switches the marker, so readers never see half a build.
+When the marker is missing (Redis was flushed or restarted empty) the first read rebuilds
+(writers skip their increments meanwhile: the rebuild includes them), and a process that
+could not reach Redis after a commit drops the marker as soon as Redis answers again, so the
+next read rebuilds rather than serve a board missing that change. Reads while Redis is down
+are refused with 503 ``leaderboard_unavailable``: computing boards from PostgreSQL on every
+read would move the load of a Redis outage onto the database that decides balances.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import weakref
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Iterable
+from datetime import UTC, date, datetime, timedelta
+
+import asyncpg
+import msgspec
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+from konvert import errors
+from konvert.ledger import store as ledger
+from konvert.reputation import rules, store
+from konvert.reputation.model import Leaderboard, LeaderboardEntry, LeaderboardPosition
+from konvert.services import Services
+
+log = logging.getLogger("konvert.reputation.leaderboard")
+
+PREFIX = "kv:{lb}:rep"
+MARKER_KEY = f"{PREFIX}:built"
+GENERATION_KEY = f"{PREFIX}:generation"
+ALL_SOURCES = "*"
+# pg_advisory_lock key of the leaderboards: writers share it, a rebuild takes it alone.
+LOCK_KEY = 0x6B6F6E76_6C620001
+# Period boards outlive their period by this much (only the current ones are read).
+PERIOD_RETENTION = timedelta(days=40)
+_BREAKER_OPEN_SECONDS = 1.0
+_REBUILD_BATCH_ROWS = 1000
+
+# Adds ARGV[3] to member ARGV[2] of the board, keeping the distinct scores and their counts, if
+# the marker still names generation ARGV[1] (else a rebuild will include the change).
+_INCREMENT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local old = redis.call('ZSCORE', KEYS[2], ARGV[2])
+local new = redis.call('ZINCRBY', KEYS[2], ARGV[3], ARGV[2])
+if old then
+  if redis.call('HINCRBY', KEYS[4], old, -1) <= 0 then
+    redis.call('HDEL', KEYS[4], old)
+    redis.call('ZREM', KEYS[3], old)
+  end
+end
+if tonumber(new) == 0 then
+  redis.call('ZREM', KEYS[2], ARGV[2])
+else
+  redis.call('HINCRBY', KEYS[4], new, 1)
+  redis.call('ZADD', KEYS[3], new, new)
+end
+redis.call('SADD', KEYS[5], KEYS[2], KEYS[3], KEYS[4])
+local ttl = tonumber(ARGV[4])
+if ttl > 0 then
+  for i = 2, 4 do redis.call('EXPIRE', KEYS[i], ttl) end
+end
+return 1
+"""
+
+
+class Delta(msgspec.Struct, frozen=True):
+    """A committed change to a member's reputation, where leaderboards attribute it."""
+
+    member_uid: int
+    source: str
+    day: date
+    amount: int
+
+
+class BoardKeys(msgspec.Struct, frozen=True):
+    members: str
+    scores: str
+    counts: str
+
+
+def board_name(period: str, day: date) -> str:
+    return "all" if period == "all" else f"{period}:{rules.period_key(period, day)}"
+
+
+def board_keys(generation: int | str, board: str, source: str) -> BoardKeys:
+    base = f"{PREFIX}:g{generation}:{board}:{source}"
+    return BoardKeys(base, f"{base}:scores", f"{base}:counts")
+
+
+def registry_key(generation: int | str) -> str:
+    return f"{PREFIX}:g{generation}:keys"
+
+
+def board_ttl_seconds(board: str, now: datetime) -> int:
+    """How long a board's keys live: none for all time; a while past the end of its period."""
+    if board == "all":
+        return 0
+    period, _, key = board.partition(":")
+    if period == "week":
+        year, week = key.split("-W")
+        start = date.fromisocalendar(int(year), int(week), 1)
+    else:
+        year, month = key.split("-")
+        start = date(int(year), int(month), 1)
+    end = rules.period_end(period, start)
+    assert end is not None
+    expires = datetime(end.year, end.month, end.day, tzinfo=UTC) + PERIOD_RETENTION
+    return max(60, int((expires - now).total_seconds()))
+
+
+def dense_ranks(scores: Iterable[float], first_rank: int = 1) -> list[int]:
+    """Dense ranks of scores sorted best first."""
+    ranks = []
+    rank, previous = first_rank, None
+    for score in scores:
+        if previous is not None and score != previous:
+            rank += 1
+        ranks.append(rank)
+        previous = score
+    return ranks
+
+
+def _score_text(score: int) -> str:
+    # Redis prints integral scores without a fraction ("10", "-5"); counts and distinct scores
+    # written here must use the same text as the script's ZINCRBY results.
+    return str(int(score))
+
+
+class Leaderboards:
+    """Per process: the increment script, a short circuit breaker, and whether a change was lost."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+        self._increment = client.register_script(_INCREMENT)
+        self._skip_until = 0.0
+        # A change committed in PostgreSQL could not be added here: the boards are missing it.
+        self.missed_change = False
+
+    def available(self) -> bool:
+        return time.monotonic() >= self._skip_until
+
+    def failed(self, action: str, exc: Exception) -> None:
+        self._skip_until = time.monotonic() + _BREAKER_OPEN_SECONDS
+        log.warning("redis unavailable for leaderboards", extra={"action": action, "error": repr(exc)})
+
+    async def forget_missed_changes(self) -> None:
+        """After a change could not be added: drop the marker so the next read rebuilds."""
+        if self.missed_change:
+            await self.redis.delete(MARKER_KEY)
+            self.missed_change = False
+            log.info("leaderboards marked for rebuild after a missed change")
+
+    async def add(self, deltas: Iterable[Delta], now: datetime | None = None) -> None:
+        """Add committed changes to every board they belong to. Never raises: Redis only remembers."""
+        totals: dict[tuple[str, str, int], int] = defaultdict(int)
+        for delta in deltas:
+            if delta.amount == 0:
+                continue
+            for period in ("all", "week", "month"):
+                board = board_name(period, delta.day)
+                for source in (delta.source, ALL_SOURCES):
+                    totals[(board, source, delta.member_uid)] += delta.amount
+        changes = [(key, amount) for key, amount in totals.items() if amount != 0]
+        if not changes:
+            return
+        if not self.available():
+            self.missed_change = True
+            return
+        now = now or datetime.now(UTC)
+        try:
+            await self.forget_missed_changes()
+            generation = await self.redis.get(MARKER_KEY)
+            if generation is None:
+                return  # nothing built: the rebuild that the next read makes includes this change
+            generation = generation.decode()
+            pipe = self.redis.pipeline(transaction=False)
+            for (board, source, member_uid), amount in changes:
+                keys = board_keys(generation, board, source)
+                await self._increment(
+                    keys=[MARKER_KEY, keys.members, keys.scores, keys.counts, registry_key(generation)],
+                    args=[generation, member_uid, amount, board_ttl_seconds(board, now)],
+                    client=pipe,
+                )
+            await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self.missed_change = True
+            self.failed("add", exc)
+
+
+_instances: weakref.WeakKeyDictionary[redis.Redis, Leaderboards] = weakref.WeakKeyDictionary()
+
+
+def leaderboards(services: Services) -> Leaderboards:
+    instance = _instances.get(services.redis)
+    if instance is None:
+        instance = _instances[services.redis] = Leaderboards(services.redis)
+    return instance
+
+
+@contextlib.asynccontextmanager
+async def writing(conn: asyncpg.Connection) -> AsyncIterator[None]:
+    """Hold the leaderboards' lock shared while a use case commits and adds its changes to Redis."""
+    await conn.execute("select pg_advisory_lock_shared($1)", LOCK_KEY)
+    try:
+        yield
+    finally:
+        try:
+            await conn.execute("select pg_advisory_unlock_shared($1)", LOCK_KEY)
+        except (asyncpg.PostgresError, OSError):  # the session ends, and its locks with it
+            log.warning("could not release the leaderboard lock; closing the connection")
+            conn.terminate()
+
+
+# --- rebuild --------------------------------------------------------------------------------
+
+
+class RebuildReport(msgspec.Struct, frozen=True):
+    generation: int
+    boards: int
+    entries: int
+
+
+async def rebuild(services: Services, *, only_if_missing: bool = False) -> RebuildReport | None:
+    """Recreate every current board exactly from PostgreSQL; return what was built.
+
+    With ``only_if_missing`` (the automatic rebuild on read) it does nothing if another process
+    built the boards while this one waited for the lock.
+    """
+    boards = leaderboards(services)
+    client = services.redis
+    async with services.pool.acquire() as conn:
+        await conn.execute("select pg_advisory_lock($1)", LOCK_KEY)
+        try:
+            if only_if_missing and await client.exists(MARKER_KEY):
+                return None
+            report = await _build(services, conn, client)
+            boards.missed_change = False
+            return report
+        finally:
+            await conn.execute("select pg_advisory_unlock($1)", LOCK_KEY)
+
+
+async def _build(services: Services, conn: asyncpg.Connection, client: redis.Redis) -> RebuildReport:
+    now = datetime.now(UTC)
+    today = now.date()
+    generation = int(await client.incr(GENERATION_KEY))
+    registry = registry_key(generation)
+    counts: dict[tuple[str, str], Counter[int]] = defaultdict(Counter)
+    entries = 0
+    try:
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            pipe = client.pipeline(transaction=False)
+            pending = 0
+            week_start, month_start = rules.period_start("week", today), rules.period_start("month", today)
+            async for row in conn.cursor(store.LEADERBOARD_SCORES, week_start, month_start, prefetch=_REBUILD_BATCH_ROWS):
+                board, source, score = row["board"], row["source"], row["score"]
+                pipe.zadd(board_keys(generation, board, source).members, {str(row["member_uid"]): score})
+                counts[(board, source)][score] += 1
+                entries += 1
+                pending += 1
+                if pending >= _REBUILD_BATCH_ROWS:
+                    await pipe.execute()
+                    pipe, pending = client.pipeline(transaction=False), 0
+            await pipe.execute()
+        pipe = client.pipeline(transaction=False)
+        for (board, source), score_counts in counts.items():
+            keys = board_keys(generation, board, source)
+            pipe.hset(keys.counts, mapping={_score_text(s): n for s, n in score_counts.items()})
+            pipe.zadd(keys.scores, {_score_text(s): s for s in score_counts})
+            pipe.sadd(registry, keys.members, keys.scores, keys.counts)
+            if ttl := board_ttl_seconds(board, now):
+                for key in (keys.members, keys.scores, keys.counts):
+                    pipe.expire(key, ttl)
+        await pipe.execute()
+        previous = await client.get(MARKER_KEY)
+        await client.set(MARKER_KEY, generation)
+    except BaseException:
+        await _drop_generation(client, generation)
+        raise
+    if previous is not None and int(previous) != generation:
+        await _drop_generation(client, int(previous))
+    log.info("leaderboards rebuilt", extra={"generation": generation, "boards": len(counts), "entries": entries})
+    return RebuildReport(generation, len(counts), entries)
+
+
+async def _drop_generation(client: redis.Redis, generation: int) -> None:
+    with contextlib.suppress(RedisError, OSError):
+        registry = registry_key(generation)
+        keys = list(await client.smembers(registry))
+        for start in range(0, len(keys), 500):
+            await client.unlink(*keys[start : start + 500])
+        await client.unlink(registry)
+
+
+# --- reads ----------------------------------------------------------------------------------
+
+
+async def _generation(services: Services) -> str:
+    """The complete build's generation, building it first if Redis lost it."""
+    boards = leaderboards(services)
+    if not boards.available():
+        raise errors.LeaderboardUnavailable("leaderboards are unavailable while Redis does not answer")
+    try:
+        await boards.forget_missed_changes()
+        generation = await services.redis.get(MARKER_KEY)
+        if generation is None:
+            await rebuild(services, only_if_missing=True)
+            generation = await services.redis.get(MARKER_KEY)
+    except (RedisError, OSError) as exc:
+        boards.failed("read", exc)
+        raise errors.LeaderboardUnavailable("leaderboards are unavailable while Redis does not answer") from None
+    if generation is None:  # pragma: no cover - flushed again during the rebuild
+        raise errors.LeaderboardUnavailable("leaderboards are being rebuilt; retry")
+    return generation.decode()
+
+
+async def top(services: Services, period: str, source: str | None, limit: int, today: date | None = None) -> Leaderboard:
+    """The members who gained the most reputation in the current period, with dense ranks."""
+    today = today or datetime.now(UTC).date()
+    board = board_name(period, today)
+    generation = await _generation(services)
+    keys = board_keys(generation, board, source or ALL_SOURCES)
+    try:
+        rows = await services.redis.zrevrange(keys.members, 0, limit - 1, withscores=True)
+    except (RedisError, OSError) as exc:
+        leaderboards(services).failed("read", exc)
+        raise errors.LeaderboardUnavailable("leaderboards are unavailable while Redis does not answer") from None
+    uids = [int(member) for member, _ in rows]
+    names = await store.select_member_ids(services.pool, uids)
+    scores = [int(score) for _, score in rows]
+    entries = [
+        LeaderboardEntry(rank, names[uid], score)
+        for uid, score, rank in zip(uids, scores, dense_ranks(scores), strict=True)
+        if uid in names
+    ]
+    return Leaderboard(
+        period=period,  # type: ignore[arg-type]
+        period_key=rules.period_key(period, today),
+        source=source,
+        entries=entries,
+    )
+
+
+async def position(
+    services: Services, member_id: str, period: str, source: str | None, today: date | None = None
+) -> LeaderboardPosition:
+    """A member's dense rank and reputation gained on one board (rank None: nothing gained)."""
+    today = today or datetime.now(UTC).date()
+    member_uid = await ledger.select_member_uid(services.pool, member_id)
+    if member_uid is None:
+        raise errors.MemberNotFound(f"no member {member_id!r}")
+    generation = await _generation(services)
+    keys = board_keys(generation, board_name(period, today), source or ALL_SOURCES)
+    try:
+        score = await services.redis.zscore(keys.members, str(member_uid))
+        above = None if score is None else await services.redis.zcount(keys.scores, f"({score}", "+inf")
+    except (RedisError, OSError) as exc:
+        leaderboards(services).failed("read", exc)
+        raise errors.LeaderboardUnavailable("leaderboards are unavailable while Redis does not answer") from None
+    return LeaderboardPosition(
+        member_id=member_id,
+        period=period,  # type: ignore[arg-type]
+        period_key=rules.period_key(period, today),
+        source=source,
+        rank=None if above is None else above + 1,
+        reputation=0 if score is None else int(score),
+    )
