@@ -171,8 +171,8 @@ async def select_day_shares(conn: asyncpg.Connection, author_uid: int, day: date
     """
     return await conn.fetch(
         """
-        select kudos_pk, kudos_id, value, author_credited, worth_before from (
-            select kudos_pk, kudos_id, occurred_at, value, author_credited,
+        select kudos_pk, kudos_id, source, value, author_credited, worth_before from (
+            select kudos_pk, kudos_id, source, occurred_at, value, author_credited,
                    coalesce(sum(value) over (order by occurred_at, kudos_id collate "C"
                                              rows between unbounded preceding and 1 preceding), 0) as worth_before
             from kudos
