@@ -229,6 +229,68 @@ class Reputation(_Rule):
             raise ValueError("reputation.ranks: min_reputation must increase from rank to rank")
 
 
+PreferenceType = Literal["choice", "multi_choice", "text", "month_day", "boolean"]
+PreferenceChoice = Annotated[str, Meta(min_length=1, max_length=200)]
+
+
+class PreferenceDef(_Rule):
+    """A preference members may share: what it holds, what sharing it first earns, and the
+    purposes it may ever be used for (a member consents to some or all of them)."""
+
+    key: Identifier
+    label: Annotated[str, Meta(min_length=1, max_length=200)]
+    type: PreferenceType
+    # The purposes this preference may be used for; a member consents to some or all of them.
+    purposes: Annotated[tuple[Identifier, ...], Meta(min_length=1)]
+    # The allowed values of a choice or multi_choice preference, in the order apps show them.
+    choices: Annotated[tuple[PreferenceChoice, ...], Meta(max_length=500)] = ()
+    # The longest text value, in characters (text preferences only).
+    max_length: Annotated[int, Meta(ge=1, le=10_000)] = 200
+    # Points for the first time a member shares this preference (never again for the same key).
+    points: Annotated[int, Meta(ge=0, le=1_000_000)] = 0
+
+    def __post_init__(self) -> None:
+        if self.type in ("choice", "multi_choice"):
+            if not self.choices:
+                raise ValueError(f"preferences.catalog {self.key}: a {self.type} preference needs choices")
+            if len(set(self.choices)) != len(self.choices):
+                raise ValueError(f"preferences.catalog {self.key}: choices must be unique")
+        elif self.choices:
+            raise ValueError(f"preferences.catalog {self.key}: only choice and multi_choice take choices")
+        if len(set(self.purposes)) != len(self.purposes):
+            raise ValueError(f"preferences.catalog {self.key}: purposes must be unique")
+
+
+class Preferences(_Rule):
+    """What members may share for points, and the purposes shared data may be used for."""
+
+    purposes: Annotated[tuple[Identifier, ...], Meta(min_length=1, max_length=50)] = (
+        "personalisation",
+        "marketing",
+        "support",
+    )
+    # Whether deleting a preference takes back the points its first sharing earned.
+    claw_back_on_withdrawal: bool = False
+    catalog: Annotated[tuple[PreferenceDef, ...], Meta(max_length=500)] = ()
+
+    def __post_init__(self) -> None:
+        if len(set(self.purposes)) != len(self.purposes):
+            raise ValueError("preferences.purposes: purposes must be unique")
+        keys = [d.key for d in self.catalog]
+        if len(set(keys)) != len(keys):
+            raise ValueError("preferences.catalog: keys must be unique")
+        for definition in self.catalog:
+            unknown = [p for p in definition.purposes if p not in self.purposes]
+            if unknown:
+                raise ValueError(
+                    f"preferences.catalog {definition.key}: unknown purpose {', '.join(unknown)}; "
+                    f"preferences.purposes are {', '.join(self.purposes)}"
+                )
+
+    def find(self, key: str) -> PreferenceDef | None:
+        return next((d for d in self.catalog if d.key == key), None)
+
+
 class Program(_Rule):
     name: Annotated[str, Meta(min_length=1, max_length=200)]
     partners: tuple[Partner, ...] = ()
@@ -238,6 +300,7 @@ class Program(_Rule):
     tiers: Tiers = Tiers()
     adjustments: Adjustments = Adjustments()
     reputation: Reputation = Reputation()
+    preferences: Preferences = Preferences()
 
     def __post_init__(self) -> None:
         partner_ids = [p.id for p in self.partners]
