@@ -13,7 +13,6 @@ from typing import Any
 
 import asyncpg
 import redis.asyncio as redis
-
 from litestar.di import NamedDependency
 
 from konvert.auth import KeyVerifier

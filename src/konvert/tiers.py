@@ -15,6 +15,7 @@ import msgspec
 
 from konvert.program import Program, TierLevel, Tiers
 
+
 class TierStanding(msgspec.Struct, frozen=True):
     """A member's tier after an evaluation, and since when they are below it (grace period)."""
 

@@ -13,7 +13,6 @@ from konvert.idempotency import written
 from konvert.services import Svc
 
 
-
 class PurchaseController(Controller):
     path = "/v1/purchases"
     tags = ["purchases"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import asyncpg
 import msgspec
@@ -10,8 +10,15 @@ import msgspec
 from konvert import errors, tiers
 from konvert.batching import GroupCommit
 from konvert.earning import rules, store
+from konvert.earning.model import (
+    EarningResult,
+    PurchaseIn,
+    PurchaseOut,
+    RefundIn,
+    RefundLinePoints,
+    RefundOut,
+)
 from konvert.idempotency import Outcome, replay, request_hash
-from konvert.earning.model import EarningResult, PurchaseIn, PurchaseOut, RefundIn, RefundLinePoints, RefundOut
 from konvert.ledger import store as ledger
 from konvert.redemption.rules import expiry_for
 from konvert.services import Services

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+
 from konvert import errors
 from konvert.program import Points, Reward
 

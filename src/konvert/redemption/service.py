@@ -6,7 +6,7 @@ which serialises every spend of one member and makes overdrawing impossible.
 from __future__ import annotations
 
 import base64
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import asyncpg
 import msgspec

@@ -54,8 +54,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
 import msgspec
@@ -104,7 +105,7 @@ class _Planned(msgspec.Struct, frozen=True):
     kudos_pk: int
     kudos_id: str
     source: str
-    day: object  # datetime.date
+    day: date
     member_uid: int
     role: str
     reason: str
@@ -132,10 +133,10 @@ class _Book:
         self.versions: dict[str, int] = {}
         self._system_accounts: dict[tuple[str, str], int] = {}
 
-    def plan(self, kudos: asyncpg.Record, member_uid: int, role: str, reason: str, change: int) -> None:
+    def plan(self, kudos: Mapping[str, Any], member_uid: int, role: str, reason: str, change: int) -> None:
         if change != 0:
             self.planned.append(
-                _Planned(kudos["kudos_pk"], kudos["kudos_id"], kudos["source"], self.cause["day"] if "day" not in kudos.keys() else kudos["day"], member_uid, role, reason, change)
+                _Planned(kudos["kudos_pk"], kudos["kudos_id"], kudos["source"], kudos["day"], member_uid, role, reason, change)
             )
 
     async def system_account(self, asset: str, name: str) -> int:
@@ -171,7 +172,7 @@ class _Book:
                     kudos_pk=p.kudos_pk,
                     role=p.role,
                     source=p.source,
-                    day=p.day,  # type: ignore[arg-type]
+                    day=p.day,
                     reason=p.reason,
                     change=p.change,
                     posted=step.posted,
@@ -182,7 +183,7 @@ class _Book:
                 reputation += step.posted
                 kept = step.floor_kept
                 if step.posted:
-                    deltas.append(Delta(member_uid, p.source, p.day, step.posted))  # type: ignore[arg-type]
+                    deltas.append(Delta(member_uid, p.source, p.day, step.posted))
                 changes.append(
                     ReputationChange(
                         member_id=member["member_id"],
@@ -387,14 +388,14 @@ async def _give(services: Services, conn: asyncpg.Connection, kudos: KudosIn, di
     return _Written(body, versions=book.versions, deltas=deltas)
 
 
-async def _share_day(book: _Book, author_uid: int, day: object) -> None:
+async def _share_day(book: _Book, author_uid: int, day: date) -> None:
     """Share the author's daily cap among the day's standing likes and helpful marks again."""
     cap = book.services.program.reputation.daily_cap
-    for row in await store.select_day_shares(book.conn, author_uid, day, cap):  # type: ignore[arg-type]
+    for row in await store.select_day_shares(book.conn, author_uid, day, cap):
         change = rules.capped_credit(row["value"], row["worth_before"], cap) - row["author_credited"]
         if change:
             reason = "award" if row["kudos_pk"] == book.cause["kudos_pk"] else ("cap_freed" if change > 0 else "cap_taken")
-            book.plan({**row, "day": day}, author_uid, "author", reason, change)  # type: ignore[arg-type]
+            book.plan({**row, "day": day}, author_uid, "author", reason, change)
 
 
 async def _supersede(book: _Book, current: asyncpg.Record, by: asyncpg.Record) -> None:
@@ -513,9 +514,6 @@ async def _retract(
     if kudos["status"] == "retracted":
         return _Written(bytes(kudos["retraction_response"]), replayed=True)
     accepted = kudos["kind"] == "accepted_answer"
-    current = await store.select_thread_accepted(conn, kudos["source"], kudos["thread_id"]) if accepted else None
-    if current is not None and current["kudos_pk"] != kudos["kudos_pk"]:
-        current = None
     was_standing = kudos["status"] == "standing"
     await store.update_kudos_status(conn, kudos["kudos_pk"], "retracted")
     book = _Book(services, conn, members, kudos)
