@@ -157,3 +157,25 @@ class GiverLimitReached(RateLimited):
 
 class LeaderboardUnavailable(ServiceUnavailable):
     code, title = "leaderboard_unavailable", "Leaderboards are unavailable"
+
+
+class UnknownPreference(NotFound):
+    """The program's preference catalog has no such key (and the member has not shared it)."""
+
+    code, title = "unknown_preference", "Preference not in the catalog"
+
+
+class InvalidPreferenceValue(Unprocessable):
+    """The value does not fit the catalog entry's type; the detail names the key and what it allows."""
+
+    code, title = "invalid_preference_value", "Invalid preference value"
+
+
+class PurposeNotAllowed(Unprocessable):
+    """Consent names a purpose the catalog entry may not be used for."""
+
+    code, title = "purpose_not_allowed", "Purpose not allowed for this preference"
+
+
+class UnknownPurpose(Unprocessable):
+    code, title = "unknown_purpose", "Purpose not in the program"

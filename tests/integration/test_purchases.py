@@ -468,3 +468,60 @@ async def test_refund_activity_links_back_to_the_earn(client, admin_headers, pos
     assert items[0]["reason"] == "damaged"
     assert items[0]["cause"] == {"type": "refund", "ref": f"webshop/{purchase_id}/r1"}
     assert items[0]["delta"] == -10
+
+
+async def test_the_service_vests_points_by_itself(database_url, redis_url, program, make_key, new_id):
+    """The background job in the service process (not only `konvert jobs run`) vests points."""
+    from litestar.testing import AsyncTestClient
+
+    from konvert.app import create_app
+    from tests.conftest import make_settings
+
+    headers = {"Authorization": f"Bearer {await make_key('admin')}"}
+    member = new_id("m")
+    settings = make_settings(database_url, redis_url, jobs_interval_seconds=0.2)
+    async with AsyncTestClient(create_app(settings, program)) as client:
+        await client.post("/v1/purchases", json=purchase(member, new_id("p"), occurred_at=RECENT), headers=headers)
+        services = client.app.state.services
+        real_clock = services.clock
+        services.clock = lambda: real_clock() + timedelta(days=15)
+        for _ in range(100):
+            balance = (await client.get(f"/v1/members/{member}/balance", headers=headers)).json()
+            if balance["available"] == 100:
+                break
+            await asyncio.sleep(0.05)
+    assert (balance["available"], balance["pending"]) == (100, 0)
+
+
+async def test_jobs_run_command_vests_due_points(post, balance, database_url, redis_url, new_id):
+    import os
+    import subprocess
+    import sys
+
+    member = new_id("m")
+    await post("/v1/purchases", purchase(member, new_id("p"), occurred_at=RECENT))
+    # Let the return window pass: the lot fell due a minute ago.
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            """
+            update lots set vests_at = now() - interval '1 minute'
+            where member_uid = (select member_uid from members where member_id = $1)
+            """,
+            member,
+        )
+    finally:
+        await conn.close()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KONVERT_")}
+    env |= {"KONVERT_DATABASE_URL": database_url, "KONVERT_REDIS_URL": redis_url}
+
+    result = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "konvert", "jobs", "run"], env=env, capture_output=True, text=True, timeout=60
+    )
+
+    assert result.returncode == 0, result.stderr
+    counts = dict(line.split(": ") for line in result.stdout.splitlines())
+    assert set(counts) == {"vested_lots", "released_holds", "expired_lots", "tiers_reevaluated"}
+    assert int(counts["vested_lots"]) >= 1
+    after = await balance(member)
+    assert (after["available"], after["pending"]) == (100, 0)
