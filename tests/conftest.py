@@ -163,6 +163,47 @@ multiplier = 2
 [[earning.categories]]
 category = "gift-cards"
 exclude = true
+
+[preferences]
+purposes = ["personalisation", "marketing", "support"]
+
+[[preferences.catalog]]
+key = "favourite_categories"
+label = "Favourite categories"
+type = "multi_choice"
+choices = ["books", "music", "outdoor", "kitchen"]
+points = 50
+purposes = ["personalisation", "marketing"]
+
+[[preferences.catalog]]
+key = "clothing_size"
+label = "Clothing size"
+type = "choice"
+choices = ["S", "M", "L"]
+points = 20
+purposes = ["personalisation", "support"]
+
+[[preferences.catalog]]
+key = "birthday"
+label = "Birthday"
+type = "month_day"
+points = 30
+purposes = ["personalisation", "marketing"]
+
+[[preferences.catalog]]
+key = "newsletter"
+label = "Newsletter"
+type = "boolean"
+points = 0
+purposes = ["marketing"]
+
+[[preferences.catalog]]
+key = "delivery_notes"
+label = "Delivery notes"
+type = "text"
+max_length = 40
+points = 10
+purposes = ["support"]
 """
 
 

@@ -22,6 +22,7 @@ from konvert.ledger.api import BalanceController
 from konvert.observability import RequestObserver
 from konvert.problems import EXCEPTION_HANDLERS
 from konvert.program import Program, load_program
+from konvert.preferences import api as preferences_api
 from konvert.redemption import api as redemption_api
 from konvert.redemption.service import seed_rewards
 from konvert.reputation import api as reputation_api
@@ -36,6 +37,7 @@ ROUTE_HANDLERS: list[Any] = [
     PurchaseController,
     *redemption_api.ROUTES,
     *reputation_api.ROUTES,
+    *preferences_api.ROUTES,
 ]
 
 

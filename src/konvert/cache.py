@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import time
+from urllib.parse import urlsplit
 
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from konvert.fastredis import SUPPORTED_SCHEMES, MultiplexedRedis
 from konvert.settings import Settings
 
 log = logging.getLogger("konvert.cache")
@@ -56,11 +58,23 @@ def balance_key(member_id: str) -> str:
 
 
 class BalanceCache:
-    def __init__(self, client: redis.Redis, ttl_seconds: int) -> None:
+    def __init__(self, client: redis.Redis, ttl_seconds: int, reader: MultiplexedRedis | None = None) -> None:
         self._redis = client
+        # Reads take the multiplexed connection when the URL allows it (see konvert.fastredis).
+        self._reader = reader
         self._ttl_seconds = ttl_seconds
         self._put_if_newer = client.register_script(_PUT_IF_NEWER)
         self._skip_until = 0.0
+
+    @classmethod
+    def for_settings(cls, client: redis.Redis, settings: Settings) -> BalanceCache:
+        fast = urlsplit(settings.redis_url).scheme in SUPPORTED_SCHEMES
+        reader = MultiplexedRedis(settings.redis_url, settings.redis_timeout_seconds) if fast else None
+        return cls(client, settings.balance_cache_ttl_seconds, reader)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
 
     def _available(self) -> bool:
         return time.monotonic() >= self._skip_until
@@ -74,8 +88,10 @@ class BalanceCache:
         if not self._available():
             return None
         try:
+            if self._reader is not None:
+                return await self._reader.execute(b"HGET", balance_key(member_id), b"b")
             return await self._redis.hget(balance_key(member_id), "b")
-        except (RedisError, OSError) as exc:
+        except (RedisError, OSError) as exc:  # RedisUnavailable is an OSError
             self._failed("get", exc)
             return None
 

@@ -1,4 +1,4 @@
-"""``konvert serve | migrate | keys | jobs | audit``.
+"""``konvert serve | migrate | keys | jobs | audit | leaderboards``.
 
 Every command builds its settings from ``KONVERT_*`` once. Without KONVERT_DATABASE_URL /
 KONVERT_REDIS_URL it starts the embedded PostgreSQL / Redis under the data directory. A bad
@@ -199,6 +199,14 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_leaderboards(args: argparse.Namespace, settings: Settings) -> int:
+    from konvert.reputation import leaderboard
+
+    report = asyncio.run(_with_services(with_servers(settings), leaderboard.rebuild))
+    print(f"leaderboards rebuilt: generation {report.generation}, {report.boards} boards, {report.entries} entries")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="konvert", description="konvert loyalty points and reputation engine")
     parser.add_argument("--version", action="version", version=f"konvert {__version__}")
@@ -231,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("audit", help="check the ledger's invariants; exit 1 on any violation").set_defaults(
         run=cmd_audit
     )
+
+    leaderboards = commands.add_parser("leaderboards", help="manage the reputation leaderboards in Redis")
+    leaderboards.add_subparsers(dest="leaderboards_command", required=True).add_parser(
+        "rebuild", help="recreate every leaderboard exactly from PostgreSQL"
+    )
+    leaderboards.set_defaults(run=cmd_leaderboards)
     return parser
 
 

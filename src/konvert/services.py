@@ -63,11 +63,12 @@ class Services:
             pool=pool,
             redis=client,
             keys=KeyVerifier(pool, settings.auth_cache_seconds),
-            balances=BalanceCache(client, settings.balance_cache_ttl_seconds),
+            balances=BalanceCache.for_settings(client, settings),
             accounts=SystemAccounts(),
         )
 
     async def close(self) -> None:
+        self.balances.close()
         await self.redis.aclose()
         await self.pool.close()
 

@@ -94,8 +94,8 @@ CHECKS: tuple[tuple[str, str], ...] = (
         """
         select m.member_id, 'lifetime_earned ' || m.points_lifetime_earned || ' <> transfers ' || coalesce(t.net, 0)
         from members m left join (
-            select member_uid, sum(case code when 'earn' then amount when 'refund' then -amount end) as net
-            from transfers where asset = 'points' and code in ('earn', 'refund') group by member_uid
+            select member_uid, sum(case code when 'earn' then amount else -amount end) as net
+            from transfers where asset = 'points' and code in ('earn', 'refund', 'clawback') group by member_uid
         ) t using (member_uid)
         where m.points_lifetime_earned <> coalesce(t.net, 0)
         """,
@@ -144,10 +144,11 @@ CHECKS: tuple[tuple[str, str], ...] = (
 
 def all_checks() -> tuple[tuple[str, str], ...]:
     """The ledger's own checks plus those each feature adds for its tables."""
+    from konvert.preferences import audit as preferences
     from konvert.redemption import audit as redemption
     from konvert.reputation import audit as reputation
 
-    return CHECKS + redemption.CHECKS + reputation.CHECKS
+    return CHECKS + redemption.CHECKS + reputation.CHECKS + preferences.CHECKS
 
 
 async def run_audit(conn: asyncpg.Connection) -> list[Violation]:

@@ -352,6 +352,10 @@ async def _give(services: Services, conn: asyncpg.Connection, kudos: KudosIn, di
     ):
         # A later acceptance of the thread already stands: this one arrived late.
         status, superseded_by = "superseded", current["kudos_pk"]
+    elif current is not None:
+        # This acceptance replaces the standing one: it stops standing before this one is inserted,
+        # so the thread never has two.
+        await store.update_kudos_status(conn, current["kudos_pk"], "superseded")
     kudos_pk = await store.insert_kudos(
         conn,
         kudos_id=kudos.kudos_id,
@@ -399,7 +403,7 @@ async def _share_day(book: _Book, author_uid: int, day: date) -> None:
 
 
 async def _supersede(book: _Book, current: asyncpg.Record, by: asyncpg.Record) -> None:
-    await store.update_kudos_status(book.conn, current["kudos_pk"], "superseded", by["kudos_pk"])
+    await store.update_kudos_status(book.conn, current["kudos_pk"], "superseded", superseded_by_pk=by["kudos_pk"])
     await _reverse_accepted(book, current, "superseded")
 
 

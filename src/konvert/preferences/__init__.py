@@ -1,0 +1,1 @@
+"""Preferences members share for points, consent per purpose, export and erasure."""

@@ -1,0 +1,61 @@
+"""The multiplexed Redis connection of the balance read path, against a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from konvert.fastredis import MultiplexedRedis, RedisUnavailable
+
+
+@pytest.fixture
+async def fast(redis_url, redis_client):
+    client = MultiplexedRedis(redis_url, timeout_seconds=1.0)
+    yield client
+    client.close()
+
+
+async def test_replies_match_their_commands_under_concurrency(fast, redis_client):
+    prefix = uuid.uuid4().hex
+    async with redis_client.pipeline(transaction=False) as pipe:
+        for i in range(200):
+            pipe.hset(f"{prefix}:{i}", "b", f"value-{i}")
+        await pipe.execute()
+
+    replies = await asyncio.gather(*(fast.execute(b"HGET", f"{prefix}:{i}", b"b") for i in range(200)))
+
+    assert replies == [f"value-{i}".encode() for i in range(200)]
+    assert await fast.execute(b"HGET", f"{prefix}:missing", b"b") is None
+
+
+async def test_an_error_reply_fails_only_its_command(fast):
+    bad, good = await asyncio.gather(fast.execute(b"NOSUCHCOMMAND"), fast.execute(b"PING"), return_exceptions=True)
+    assert isinstance(bad, RedisUnavailable)
+    assert good == b"PONG"
+
+
+async def test_it_selects_the_database_of_the_url(redis_url, redis_client):
+    key = f"db-check:{uuid.uuid4().hex}"
+    await redis_client.set(key, b"here")
+    client = MultiplexedRedis(redis_url, timeout_seconds=1.0)
+    try:
+        assert await client.execute(b"GET", key) == b"here"
+    finally:
+        client.close()
+
+
+async def test_unreachable_redis_fails_fast():
+    client = MultiplexedRedis("redis://127.0.0.1:1/0", timeout_seconds=0.5)
+    with pytest.raises(RedisUnavailable):
+        await client.execute(b"PING")
+
+
+async def test_a_timeout_fails_the_waiting_commands_and_the_next_one_reconnects(fast, redis_url):
+    # BLPOP on an empty list blocks server-side longer than the client waits.
+    blocked = asyncio.ensure_future(fast.execute(b"BLPOP", f"empty:{uuid.uuid4().hex}", b"5"))
+    queued = asyncio.ensure_future(fast.execute(b"PING"))
+    results = await asyncio.gather(blocked, queued, return_exceptions=True)
+    assert all(isinstance(r, RedisUnavailable) for r in results)
+    assert await fast.execute(b"PING") == b"PONG"
