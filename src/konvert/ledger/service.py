@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import logging
 from datetime import datetime, timedelta
 from itertools import groupby
@@ -13,6 +12,7 @@ import msgspec
 from konvert import errors, tiers
 from konvert.ledger import store
 from konvert.ledger.model import ActivityItem, ActivityPage, Balance, Cause, ExpiringPoints, TierStatus
+from konvert.pagination import decode_cursor, encode_cursor
 from konvert.services import Services
 
 log = logging.getLogger("konvert.ledger")
@@ -73,30 +73,14 @@ def _tier_status(services: Services, row: asyncpg.Record) -> TierStatus | None:
     )
 
 
-def encode_cursor(transfer_id: int) -> str:
-    return base64.urlsafe_b64encode(f"t{transfer_id}".encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> int:
-    try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        if text[:1] != "t":
-            raise ValueError(text)
-        return int(text[1:])
-    except ValueError:
-        raise errors.ValidationFailed(
-            "cursor is not one this API gave out", errors=[{"field": "cursor", "message": "invalid cursor"}]
-        ) from None
-
-
 async def activity(services: Services, member_id: str, cursor: str | None, limit: int) -> ActivityPage:
-    before = decode_cursor(cursor) if cursor else None
+    before = decode_cursor("t", cursor) if cursor else None
     member_uid = await store.select_member_uid(services.pool, member_id)
     if member_uid is None:
         raise errors.MemberNotFound(f"no member {member_id!r}")
     rows = await store.select_activity(services.pool, member_uid, before, limit + 1)
     items = [_activity_item(r) for r in rows[:limit]]
-    next_cursor = encode_cursor(rows[limit - 1]["transfer_id"]) if len(rows) > limit else None
+    next_cursor = encode_cursor("t", rows[limit - 1]["transfer_id"]) if len(rows) > limit else None
     return ActivityPage(items=items, next_cursor=next_cursor)
 
 
@@ -169,6 +153,20 @@ async def _vest_member(services: Services, member_uid: int, lot_ids: list[int], 
     return len(changed)
 
 
+async def takes_for_spending(conn: asyncpg.Connection, member: asyncpg.Record, points: int) -> list[tuple[int, int]]:
+    """The (lot_id, points) to take for spending ``points``, soonest-expiring first.
+
+    ``member`` must be the member's row locked by this transaction: the check against its stored
+    available balance under that lock is what makes overdrawing impossible.
+    """
+    available = member["points_available"]
+    if available < points:
+        raise errors.InsufficientPoints(f"{points} points needed, {max(available, 0)} available", available=max(available, 0))
+    takes, missing = store.plan_takes(await store.lock_available_lots(conn, member["member_uid"]), points)
+    assert missing == 0, "available points and available lots disagree"
+    return takes
+
+
 async def spend_points(
     services: Services, member_id: str, points: int, *, code: str, cause_type: str, cause_ref: str, reason: str
 ) -> int:
@@ -183,12 +181,7 @@ async def spend_points(
         if member_uid is None:
             raise errors.MemberNotFound(f"no member {member_id!r}")
         member = await store.lock_member(conn, member_uid)
-        if member["points_available"] < points:
-            raise errors.InsufficientPoints(
-                f"{points} points asked, {max(member['points_available'], 0)} available", available=member["points_available"]
-            )
-        takes, missing = store.plan_takes(await store.lock_available_lots(conn, member_uid), points)
-        assert missing == 0, "available points and available lots disagree"
+        takes = await takes_for_spending(conn, member, points)
         accounts = await store.select_member_account_ids(conn, member_uid)
         transfer_id = await store.insert_transfer(
             conn,

@@ -5,7 +5,6 @@ which serialises every spend of one member and makes overdrawing impossible.
 
 from __future__ import annotations
 
-import base64
 from datetime import datetime, timedelta
 
 import asyncpg
@@ -15,6 +14,8 @@ from konvert import errors, tiers
 from konvert.auth import Principal
 from konvert.idempotency import Outcome, replay, request_hash
 from konvert.ledger import store as ledger
+from konvert.ledger.service import takes_for_spending
+from konvert.pagination import decode_cursor, encode_cursor
 from konvert.program import Reward
 from konvert.redemption import rules, store
 from konvert.redemption.model import (
@@ -96,13 +97,7 @@ async def redeem(services: Services, member_id: str, redemption: RedemptionIn) -
             points = reward.cost_points
             await store.change_stock(conn, reward.reward_id, -1)
         assert points is not None
-        if member["points_available"] < points:
-            raise errors.InsufficientPoints(
-                f"{points} points needed, {max(member['points_available'], 0)} available",
-                available=max(member["points_available"], 0),
-            )
-        takes, missing = ledger.plan_takes(await ledger.lock_available_lots(conn, member_uid), points)
-        assert missing == 0, "available points and available lots disagree"
+        takes = await takes_for_spending(conn, member, points)
 
         accounts = await ledger.select_member_account_ids(conn, member_uid)
         held = redemption.hold
@@ -289,26 +284,10 @@ async def member_redemptions(services: Services, member_id: str, cursor: str | N
     member_uid = await ledger.select_member_uid(services.pool, member_id)
     if member_uid is None:
         raise errors.MemberNotFound(f"no member {member_id!r}")
-    before = _decode_cursor(cursor) if cursor else None
+    before = decode_cursor("r", cursor) if cursor else None
     rows = await store.select_member_redemptions(services.pool, member_uid, before, limit + 1)
-    next_cursor = _encode_cursor(rows[limit - 1]["redemption_pk"]) if len(rows) > limit else None
+    next_cursor = encode_cursor("r", rows[limit - 1]["redemption_pk"]) if len(rows) > limit else None
     return RedemptionPage([_redemption_out(r) for r in rows[:limit]], next_cursor)
-
-
-def _encode_cursor(pk: int) -> str:
-    return base64.urlsafe_b64encode(f"r{pk}".encode()).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> int:
-    try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        if text[:1] != "r":
-            raise ValueError(text)
-        return int(text[1:])
-    except ValueError:
-        raise errors.ValidationFailed(
-            "cursor is not one this API gave out", errors=[{"field": "cursor", "message": "invalid cursor"}]
-        ) from None
 
 
 # --- jobs ----------------------------------------------------------------------------------
@@ -429,11 +408,8 @@ async def adjust(services: Services, member_id: str, adjustment: AdjustmentIn, p
         lot_id = None
         if credit:
             lot_id = await store.insert_lot(conn, member_uid, points, "available", now, rules.expiry_for(now, services.program.points))
-        elif member["points_available"] < points:
-            raise errors.InsufficientPoints(
-                f"cannot take {points} points, {max(member['points_available'], 0)} available",
-                available=max(member["points_available"], 0),
-            )
+        else:
+            takes = await takes_for_spending(conn, member, points)
         transfer_id = await ledger.insert_transfer(
             conn,
             member_uid=member_uid,
@@ -448,7 +424,6 @@ async def adjust(services: Services, member_id: str, adjustment: AdjustmentIn, p
             reason=f"{adjustment.reason_code}: {adjustment.note}" if adjustment.note else adjustment.reason_code,
         )
         if not credit:
-            takes, _ = ledger.plan_takes(await ledger.lock_available_lots(conn, member_uid), points)
             await ledger.take_from_lots(conn, member_uid, takes, transfer_id, "adjust")
         version = await ledger.update_member_points(conn, member_uid, available=adjustment.points)
         if credit:
