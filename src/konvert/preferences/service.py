@@ -128,7 +128,9 @@ def _shared(value: Any, consent: Any) -> str:
     return _encode({"value": value, "consent": list(consent)}).decode()
 
 
-async def share(services: Services, member_id: str, key: str, body: PreferenceIn, principal: Principal) -> PreferenceOut:
+async def share(
+    services: Services, member_id: str, key: str, body: PreferenceIn, principal: Principal
+) -> PreferenceOut:
     """Share (or change) a preference. The member's first share of a key, ever, pays the
     catalog's points; changing, deleting and re-sharing it pays nothing again."""
     definition = _definition(services, key)
@@ -311,8 +313,15 @@ async def list_preferences(services: Services, member_id: str, purpose: str | No
 # --- consents ------------------------------------------------------------------------------
 
 
-def _consent_states(services: Services, rows: list[asyncpg.Record], every_stored: bool = False) -> dict[str, ConsentState]:
-    stored = {r["purpose"]: ConsentState(granted=r["granted"], changed_at=r["changed_at"], changed_by=r["changed_by"]) for r in rows}
+def _consent_states(
+    services: Services, rows: list[asyncpg.Record], every_stored: bool = False
+) -> dict[str, ConsentState]:
+    """Every program purpose (never granted: not granted); with ``every_stored`` also purposes
+    the program no longer has but the member once decided on."""
+    stored = {
+        r["purpose"]: ConsentState(granted=r["granted"], changed_at=r["changed_at"], changed_by=r["changed_by"])
+        for r in rows
+    }
     never = ConsentState(granted=False, changed_at=None, changed_by=None)
     states = {purpose: stored.get(purpose, never) for purpose in services.program.preferences.purposes}
     if every_stored:
@@ -456,7 +465,7 @@ async def erase(services: Services, member_id: str, principal: Principal) -> str
                 await conn.execute("set local konvert.erasure = 'on'")
                 for step in ERASURE_STEPS:
                     await step(conn, member_uid, member_id, pseudonym)
-                version = await store.erase_member(conn, member_uid, pseudonym, now)
+                version = await store.erase_member(conn, member_uid, member_id, pseudonym, now)
                 await store.insert_log(
                     conn, member_uid=member_uid, kind="erased", subject=None, old_value=None, new_value=None,
                     points=0, client=principal.name, now=now,
