@@ -13,6 +13,8 @@ at the start.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import socket
 import tempfile
@@ -22,12 +24,13 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import httpx
 import pytest
 import redis.asyncio as redis
-from litestar.testing import AsyncTestClient
+import uvicorn
 
 from konvert import auth, db
-from konvert.app import create_app
+from konvert.app import KonvertApp, create_app
 from konvert.program import Program, parse_program
 from konvert.services import Services
 from konvert.settings import Settings, load_settings
@@ -228,13 +231,45 @@ def settings(database_url: str, redis_url: str) -> Settings:
     return make_settings(database_url, redis_url)
 
 
-AppClient = AsyncTestClient
+class AppClient(httpx.AsyncClient):
+    """An HTTP client for an app served by uvicorn on a loopback port, in the tests' event loop.
+
+    Unlike Litestar's test client, which serves one request at a time, this is real HTTP with
+    real concurrency, and ``client.app.state.services`` lives on the tests' loop.
+    """
+
+    app: KonvertApp
+
+
+@contextlib.asynccontextmanager
+async def serve(app: KonvertApp) -> AsyncIterator[AppClient]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, lifespan="on", log_config=None, access_log=False, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  # pytest owns the signals
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            task.result()  # start-up failed: raise its error here
+        await asyncio.sleep(0.01)
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+    try:
+        async with AppClient(base_url=f"http://127.0.0.1:{port}", limits=limits, timeout=30) as client:
+            client.app = app
+            yield client
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
 
 
 @pytest.fixture(scope="session")
 async def client(settings: Settings, program: Program, redis_client: redis.Redis) -> AsyncIterator[AppClient]:
-    async with AsyncTestClient(create_app(settings, program)) as test_client:
-        yield test_client
+    async with serve(create_app(settings, program)) as app_client:
+        yield app_client
 
 
 @pytest.fixture(scope="session")

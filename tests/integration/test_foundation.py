@@ -31,7 +31,7 @@ from konvert.app import create_app
 from konvert.errors import ConfigurationError
 from konvert.program import Program
 from konvert.settings import Settings
-from tests.conftest import make_settings
+from tests.conftest import AppClient, make_settings
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -90,7 +90,7 @@ async def key_id_of(conn: asyncpg.Connection, key: str) -> int:
 # Authentication and authorisation.
 
 
-async def test_no_key_is_401(client: AsyncTestClient) -> None:
+async def test_no_key_is_401(client: AppClient) -> None:
     response = await client.get("/v1/members/x/balance")
 
     assert_problem(response, 401, "unauthenticated")
@@ -101,26 +101,26 @@ async def test_no_key_is_401(client: AsyncTestClient) -> None:
     [
         "Basic dXNlcjpwYXNz",
         "Bearer",
-        "Bearer ",
+        "Bearer kvt_",
         "kvt_" + "a" * 43,
         "Bearer not-a-konvert-key",
         "Bearer kvt_" + "a" * 200,
     ],
 )
-async def test_a_malformed_authorization_header_is_401(client: AsyncTestClient, authorization: str) -> None:
+async def test_a_malformed_authorization_header_is_401(client: AppClient, authorization: str) -> None:
     response = await client.get("/v1/members/x/balance", headers={"Authorization": authorization})
 
     assert_problem(response, 401, "unauthenticated")
 
 
-async def test_an_unknown_key_is_401(client: AsyncTestClient) -> None:
+async def test_an_unknown_key_is_401(client: AppClient) -> None:
     response = await client.get("/v1/members/x/balance", headers=bearer(auth.generate_key()))
 
     assert_problem(response, 401, "unauthenticated")
 
 
 async def test_a_revoked_key_is_401(
-    client: AsyncTestClient, make_key: MakeKey, database_url: str, settings: Settings
+    client: AppClient, make_key: MakeKey, database_url: str, settings: Settings
 ) -> None:
     assert settings.auth_cache_seconds == 0  # so revocation shows on the next request
     key = await make_key("members:read", name="soon revoked")
@@ -135,7 +135,7 @@ async def test_a_revoked_key_is_401(
     assert_problem(await client.get("/v1/members/x/balance", headers=bearer(key)), 401, "unauthenticated")
 
 
-async def test_a_key_lacking_the_scope_is_403(client: AsyncTestClient, make_key: MakeKey) -> None:
+async def test_a_key_lacking_the_scope_is_403(client: AppClient, make_key: MakeKey) -> None:
     key = await make_key("kudos:write")
 
     response = await client.get("/v1/members/x/balance", headers=bearer(key))
@@ -145,7 +145,7 @@ async def test_a_key_lacking_the_scope_is_403(client: AsyncTestClient, make_key:
 
 
 async def test_an_admin_key_may_use_every_scope(
-    client: AsyncTestClient, admin_headers: dict[str, str]
+    client: AppClient, admin_headers: dict[str, str]
 ) -> None:
     response = await client.get("/v1/members/nobody-here/balance", headers=admin_headers)
 
@@ -155,14 +155,14 @@ async def test_an_admin_key_may_use_every_scope(
 # Errors outside the handlers: routing, method, body size, media type, JSON, validation.
 
 
-async def test_an_unknown_route_is_404(client: AsyncTestClient, admin_headers: dict[str, str]) -> None:
+async def test_an_unknown_route_is_404(client: AppClient, admin_headers: dict[str, str]) -> None:
     response = await client.get("/v1/no-such-thing", headers=admin_headers)
 
     assert_problem(response, 404, "not_found")
 
 
 async def test_a_wrong_method_is_405_with_allow(
-    client: AsyncTestClient, admin_headers: dict[str, str]
+    client: AppClient, admin_headers: dict[str, str]
 ) -> None:
     response = await client.delete("/v1/members/x/balance", headers=admin_headers)
 
@@ -171,7 +171,7 @@ async def test_a_wrong_method_is_405_with_allow(
 
 
 async def test_a_body_larger_than_the_limit_is_413(
-    client: AsyncTestClient, admin_headers: dict[str, str], settings: Settings
+    client: AppClient, admin_headers: dict[str, str], settings: Settings
 ) -> None:
     body = b'{"purchase_id": "' + b"x" * settings.request_max_body_bytes + b'"}'
 
@@ -183,7 +183,7 @@ async def test_a_body_larger_than_the_limit_is_413(
 
 
 async def test_a_body_that_is_not_json_is_415(
-    client: AsyncTestClient, admin_headers: dict[str, str], new_id: NewId
+    client: AppClient, admin_headers: dict[str, str], new_id: NewId
 ) -> None:
     body = msgspec.json.encode(purchase_body(new_id("m")))
 
@@ -196,7 +196,7 @@ async def test_a_body_that_is_not_json_is_415(
 
 @pytest.mark.parametrize("body", [b"{bad", b'{"purchase_id": "p1"', b"", b"\xff\xfe"])
 async def test_malformed_json_is_400(
-    client: AsyncTestClient, admin_headers: dict[str, str], body: bytes
+    client: AppClient, admin_headers: dict[str, str], body: bytes
 ) -> None:
     response = await client.post(
         "/v1/purchases", content=body, headers=admin_headers | {"content-type": "application/json"}
@@ -221,7 +221,7 @@ INVALID_PURCHASES: dict[str, tuple[Callable[[str], dict[str, Any]], str]] = {
 
 @pytest.mark.parametrize("case", INVALID_PURCHASES)
 async def test_an_invalid_body_is_422_naming_the_field(
-    client: AsyncTestClient, admin_headers: dict[str, str], new_id: NewId, case: str
+    client: AppClient, admin_headers: dict[str, str], new_id: NewId, case: str
 ) -> None:
     make_body, field = INVALID_PURCHASES[case]
 
@@ -233,7 +233,7 @@ async def test_an_invalid_body_is_422_naming_the_field(
 
 @pytest.mark.parametrize("body", [[1, 2], None, "purchase"])
 async def test_a_body_that_is_not_an_object_is_422(
-    client: AsyncTestClient, admin_headers: dict[str, str], body: object
+    client: AppClient, admin_headers: dict[str, str], body: object
 ) -> None:
     response = await client.post(
         "/v1/purchases",
@@ -257,7 +257,7 @@ REFUSALS: dict[str, Callable[[str, dict[str, str]], dict[str, Any]]] = {
 
 @pytest.mark.parametrize("refusal", REFUSALS)
 async def test_a_refused_purchase_writes_nothing(
-    client: AsyncTestClient, admin_headers: dict[str, str], new_id: NewId, refusal: str
+    client: AppClient, admin_headers: dict[str, str], new_id: NewId, refusal: str
 ) -> None:
     member_id = new_id("refused")
 
@@ -270,7 +270,7 @@ async def test_a_refused_purchase_writes_nothing(
 
 
 async def test_a_key_without_the_write_scope_writes_nothing(
-    client: AsyncTestClient, admin_headers: dict[str, str], make_key: MakeKey, new_id: NewId
+    client: AppClient, admin_headers: dict[str, str], make_key: MakeKey, new_id: NewId
 ) -> None:
     member_id = new_id("refused")
     reader = await make_key("members:read")
@@ -286,7 +286,7 @@ async def test_a_key_without_the_write_scope_writes_nothing(
 # Request ids.
 
 
-async def test_a_request_id_is_generated_when_absent(client: AsyncTestClient) -> None:
+async def test_a_request_id_is_generated_when_absent(client: AppClient) -> None:
     first = await client.get("/health/live")
     second = await client.get("/health/live")
 
@@ -294,7 +294,7 @@ async def test_a_request_id_is_generated_when_absent(client: AsyncTestClient) ->
     assert first.headers["x-request-id"] != second.headers["x-request-id"]
 
 
-async def test_a_valid_client_request_id_is_echoed(client: AsyncTestClient) -> None:
+async def test_a_valid_client_request_id_is_echoed(client: AppClient) -> None:
     request_id = f"checkout-{uuid.uuid4().hex}"
 
     response = await client.get("/v1/members/x/balance", headers={"X-Request-ID": request_id})
@@ -306,14 +306,14 @@ async def test_a_valid_client_request_id_is_echoed(client: AsyncTestClient) -> N
 @pytest.mark.parametrize(
     "request_id", ["short", "has spaces in it", "x" * 129, "semi;colon;ids", "ünïcödé-id"]
 )
-async def test_an_invalid_client_request_id_is_replaced(client: AsyncTestClient, request_id: str) -> None:
+async def test_an_invalid_client_request_id_is_replaced(client: AppClient, request_id: str) -> None:
     response = await client.get("/health/live", headers={"X-Request-ID": request_id.encode()})
 
     assert len(response.headers["x-request-id"]) >= 16
     assert response.headers["x-request-id"] != request_id
 
 
-async def test_every_response_carries_exactly_one_request_id(client: AsyncTestClient) -> None:
+async def test_every_response_carries_exactly_one_request_id(client: AppClient) -> None:
     response = await client.get("/health/live", headers={"X-Request-ID": "client-supplied-id"})
 
     assert response.headers.get_list("x-request-id") == ["client-supplied-id"]
@@ -322,14 +322,14 @@ async def test_every_response_carries_exactly_one_request_id(client: AsyncTestCl
 # Health, and running without Redis.
 
 
-async def test_liveness_is_200(client: AsyncTestClient) -> None:
+async def test_liveness_is_200(client: AppClient) -> None:
     response = await client.get("/health/live")
 
     assert response.status_code == 200
     assert response.json() == {"status": "ok"}
 
 
-async def test_readiness_is_200_when_postgres_and_redis_answer(client: AsyncTestClient) -> None:
+async def test_readiness_is_200_when_postgres_and_redis_answer(client: AppClient) -> None:
     response = await client.get("/health/ready")
 
     assert response.status_code == 200
@@ -345,7 +345,7 @@ async def redisless_client(database_url: str, program: Program) -> AsyncIterator
 
 
 async def test_readiness_is_503_naming_redis_when_redis_is_unreachable(
-    redisless_client: AsyncTestClient,
+    redisless_client: AppClient,
 ) -> None:
     response = await redisless_client.get("/health/ready")
 
@@ -358,7 +358,7 @@ async def test_readiness_is_503_naming_redis_when_redis_is_unreachable(
 
 
 async def test_writes_and_reads_work_without_redis(
-    redisless_client: AsyncTestClient, admin_headers: dict[str, str], new_id: NewId
+    redisless_client: AppClient, admin_headers: dict[str, str], new_id: NewId
 ) -> None:
     member_id = new_id("no-redis")
 
@@ -393,7 +393,7 @@ def requests_total(metrics_text: str) -> list[dict[str, str]]:
 
 
 async def test_metrics_count_requests_by_route_template_not_member_id(
-    client: AsyncTestClient, admin_headers: dict[str, str], new_id: NewId
+    client: AppClient, admin_headers: dict[str, str], new_id: NewId
 ) -> None:
     member_id = new_id("metrics")
     await client.get(f"/v1/members/{member_id}/balance", headers=admin_headers)
@@ -408,7 +408,7 @@ async def test_metrics_count_requests_by_route_template_not_member_id(
     )
 
 
-async def test_metrics_label_unknown_urls_as_unmatched(client: AsyncTestClient, new_id: NewId) -> None:
+async def test_metrics_label_unknown_urls_as_unmatched(client: AppClient, new_id: NewId) -> None:
     path = f"/{new_id('no-such-page')}"
     await client.get(path)
 
@@ -421,7 +421,7 @@ async def test_metrics_label_unknown_urls_as_unmatched(client: AsyncTestClient, 
 # OpenAPI.
 
 
-async def test_the_openapi_document_is_json_with_the_api_paths(client: AsyncTestClient) -> None:
+async def test_the_openapi_document_is_json_with_the_api_paths(client: AppClient) -> None:
     response = await client.get("/schema/openapi.json")
 
     assert response.status_code == 200
@@ -432,7 +432,7 @@ async def test_the_openapi_document_is_json_with_the_api_paths(client: AsyncTest
     assert "apiKey" in document["components"]["securitySchemes"]
 
 
-async def test_the_interactive_api_docs_are_html(client: AsyncTestClient) -> None:
+async def test_the_interactive_api_docs_are_html(client: AppClient) -> None:
     response = await client.get("/schema")
 
     assert response.status_code == 200
@@ -493,7 +493,7 @@ def test_every_api_route_declares_a_known_scope(app: Litestar) -> None:
     assert without_scope == []
 
 
-async def test_every_api_route_answers_401_without_a_key(client: AsyncTestClient, app: Litestar) -> None:
+async def test_every_api_route_answers_401_without_a_key(client: AppClient, app: Litestar) -> None:
     answers = {}
     for route, handler in api_handlers(app):
         for method in sorted(handler.http_methods):
@@ -518,7 +518,7 @@ def test_every_api_write_declares_its_idempotency_key(app: Litestar) -> None:
     assert offenders == []
 
 
-async def test_every_api_route_is_in_the_openapi_document(client: AsyncTestClient, app: Litestar) -> None:
+async def test_every_api_route_is_in_the_openapi_document(client: AppClient, app: Litestar) -> None:
     paths = (await client.get("/schema/openapi.json")).json()["paths"]
 
     missing = [
@@ -713,7 +713,7 @@ def test_keys_create_refuses_an_unknown_scope(cli_env: dict[str, str]) -> None:
 
 
 async def test_a_cli_key_authenticates_until_revoked(
-    client: AsyncTestClient, admin_headers: dict[str, str], cli_env: dict[str, str], new_id: NewId
+    client: AppClient, admin_headers: dict[str, str], cli_env: dict[str, str], new_id: NewId
 ) -> None:
     member_id = new_id("cli")
     created = await client.post("/v1/purchases", json=purchase_body(member_id), headers=admin_headers)

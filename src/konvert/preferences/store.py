@@ -382,7 +382,6 @@ async def erase_member(
         _encode_json({"member_id": pseudonym, "note": ""}).decode(),
     )
     await conn.execute("update redemptions set note = null where member_uid = $1 and note is not null", member_uid)
-    await _rename_in_optional_tables(conn, member_uid, old_member_id, pseudonym)
     return await conn.fetchval(
         """
         update members set member_id = $2, erased_at = $3, version = version + 1
@@ -394,53 +393,11 @@ async def erase_member(
     )
 
 
-# Tables of optional features (reputation) whose rows store member ids inside JSON: the stored
-# idempotency responses of kudos (author_id, giver_id) and the member events' payloads.
-# (table, columns naming the member by uid, JSON-in-bytea columns, jsonb columns, digest column)
-_MEMBER_ID_IN_JSON: tuple[tuple[str, tuple[str, ...], tuple[str, ...], tuple[str, ...], str | None], ...] = (
-    ("kudos", ("author_uid", "giver_uid"), ("response", "retraction_response"), (), "request_hash"),
-    ("events", ("member_uid",), (), ("payload",), None),
-)
-
-
-async def _rename_in_optional_tables(
-    conn: asyncpg.Connection, member_uid: int, old_member_id: str, pseudonym: str
-) -> None:
-    """Replace the member id, wherever it is a whole JSON string, by the pseudonym.
-
-    Only tables and columns that exist are touched, so this works with and without the feature
-    installed. Ids that merely contain the member id (a kudos_id "alice-1") are kept: they are
-    the clients' idempotency keys, and clients must not put personal data in them.
-    """
-    for table, member_columns, bytea_columns, jsonb_columns, digest_column in _MEMBER_ID_IN_JSON:
-        present = {
-            r["column_name"]
-            for r in await conn.fetch(
-                """
-                select column_name from information_schema.columns
-                where table_schema = current_schema() and table_name = $1
-                """,
-                table,
-            )
-        }
-        members = [c for c in member_columns if c in present]
-        if not members:
-            continue
-        sets = [f"{c} = {_RENAMED_BYTEA.format(column=c)}" for c in bytea_columns if c in present]
-        sets += [f"{c} = {_RENAMED_JSONB.format(column=c)}" for c in jsonb_columns if c in present]
-        params: list[object] = [member_uid, old_member_id, pseudonym] if sets else [member_uid]
-        if digest_column in present:
-            params.append(ERASED_REQUEST_HASH)
-            sets.append(f"{digest_column} = ${len(params)}")
-        if not sets:
-            continue
-        where = " or ".join(f"{c} = $1" for c in members)
-        await conn.execute(f"update {table} set {', '.join(sets)} where {where}", *params)  # noqa: S608
-
-
-# Both parse the JSON first, so that the member id is matched in PostgreSQL's own encoding of it.
-_RENAMED_JSONB = "replace({column}::text, to_jsonb($2::text)::text, to_jsonb($3::text)::text)::jsonb"
-_RENAMED_BYTEA = (
+# For other features' erasure steps: replace a member id ($2) by the pseudonym ($3) wherever it is
+# a whole JSON string in a column. Both parse the JSON first, so that the member id is matched in
+# PostgreSQL's own encoding of it.
+RENAMED_JSONB = "replace({column}::text, to_jsonb($2::text)::text, to_jsonb($3::text)::text)::jsonb"
+RENAMED_BYTEA = (
     "convert_to(replace(convert_from({column}, 'UTF8')::jsonb::text, to_jsonb($2::text)::text, "
     "to_jsonb($3::text)::text), 'UTF8')"
 )

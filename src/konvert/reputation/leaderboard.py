@@ -9,12 +9,16 @@ read, so erasing a member's id needs no Redis change.
 
 Keys (one hash tag, so one Redis Cluster slot; ``<g>`` is the build generation)::
 
-    kv:{lb}:rep:built                       generation of the complete build (the marker)
-    kv:{lb}:rep:generation                  counter of builds
-    kv:{lb}:rep:g<g>:<board>:<source|*>     sorted set member_uid -> score
-    ...:<source|*>:scores                   sorted set of the distinct scores (dense ranks)
-    ...:<source|*>:counts                   hash score -> members with it
-    kv:{lb}:rep:g<g>:keys                   every key of the generation (to drop it later)
+    kv:{lb:<ns>}:rep:built                     generation of the complete build (the marker)
+    kv:{lb:<ns>}:rep:generation                counter of builds
+    kv:{lb:<ns>}:rep:g<g>:<board>:<source|*>   sorted set member_uid -> score
+    ...:<source|*>:scores                      sorted set of the distinct scores (dense ranks)
+    ...:<source|*>:counts                      hash score -> members with it
+    kv:{lb:<ns>}:rep:g<g>:keys                 every key of the generation (to drop it later)
+
+``<ns>`` names the PostgreSQL database the boards come from (a digest of its system identifier
+and name), so several konvert databases (test runs, staging next to production) can share one
+Redis without rebuilding each other's boards.
 
 with ``<board>`` one of ``all``, ``week:2026-W47``, ``month:2026-11``. Sources cannot contain
 ``:``, so these names never collide. A member's dense rank is one more than the number of
@@ -36,6 +40,7 @@ read would move the load of a Redis outage onto the database that decides balanc
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import time
 import weakref
@@ -56,9 +61,6 @@ from konvert.services import Services
 
 log = logging.getLogger("konvert.reputation.leaderboard")
 
-PREFIX = "kv:{lb}:rep"
-MARKER_KEY = f"{PREFIX}:built"
-GENERATION_KEY = f"{PREFIX}:generation"
 ALL_SOURCES = "*"
 # pg_advisory_lock key of the leaderboards: writers share it, a rebuild takes it alone.
 LOCK_KEY = 0x6B6F6E76_6C620001
@@ -113,13 +115,39 @@ def board_name(period: str, day: date) -> str:
     return "all" if period == "all" else f"{period}:{rules.period_key(period, day)}"
 
 
-def board_keys(generation: int | str, board: str, source: str) -> BoardKeys:
-    base = f"{PREFIX}:g{generation}:{board}:{source}"
-    return BoardKeys(base, f"{base}:scores", f"{base}:counts")
+class KeySpace(msgspec.Struct, frozen=True):
+    """The leaderboard keys of one PostgreSQL database."""
+
+    prefix: str
+
+    @classmethod
+    def of(cls, system_identifier: str, database: str) -> KeySpace:
+        digest = hashlib.sha256(f"{system_identifier}/{database}".encode()).hexdigest()[:12]
+        return cls(f"kv:{{lb:{digest}}}:rep")
+
+    @property
+    def marker(self) -> str:
+        return f"{self.prefix}:built"
+
+    @property
+    def generation_counter(self) -> str:
+        return f"{self.prefix}:generation"
+
+    def board(self, generation: int | str, board: str, source: str) -> BoardKeys:
+        base = f"{self.prefix}:g{generation}:{board}:{source}"
+        return BoardKeys(base, f"{base}:scores", f"{base}:counts")
+
+    def registry(self, generation: int | str) -> str:
+        return f"{self.prefix}:g{generation}:keys"
 
 
-def registry_key(generation: int | str) -> str:
-    return f"{PREFIX}:g{generation}:keys"
+async def keyspace_of(conn: asyncpg.Connection | asyncpg.Pool) -> KeySpace:
+    database = await conn.fetchval("select current_database()")
+    try:
+        system_identifier = await conn.fetchval("select system_identifier::text from pg_control_system()")
+    except asyncpg.InsufficientPrivilegeError:  # the database's name must do
+        system_identifier = ""
+    return KeySpace.of(system_identifier, database)
 
 
 def board_ttl_seconds(board: str, now: datetime) -> int:
@@ -151,6 +179,10 @@ def dense_ranks(scores: Iterable[float], first_rank: int = 1) -> list[int]:
     return ranks
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _score_text(score: int) -> str:
     # Redis prints integral scores without a fraction ("10", "-5"); counts and distinct scores
     # written here must use the same text as the script's ZINCRBY results.
@@ -158,14 +190,21 @@ def _score_text(score: int) -> str:
 
 
 class Leaderboards:
-    """Per process: the increment script, a short circuit breaker, and whether a change was lost."""
+    """Per process: the key space, the increment script, a short circuit breaker, and whether a
+    change was lost."""
 
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
         self._increment = client.register_script(_INCREMENT)
+        self._keys: KeySpace | None = None
         self._skip_until = 0.0
         # A change committed in PostgreSQL could not be added here: the boards are missing it.
         self.missed_change = False
+
+    async def keys(self, conn: asyncpg.Connection | asyncpg.Pool) -> KeySpace:
+        if self._keys is None:
+            self._keys = await keyspace_of(conn)
+        return self._keys
 
     def available(self) -> bool:
         return time.monotonic() >= self._skip_until
@@ -174,14 +213,16 @@ class Leaderboards:
         self._skip_until = time.monotonic() + _BREAKER_OPEN_SECONDS
         log.warning("redis unavailable for leaderboards", extra={"action": action, "error": repr(exc)})
 
-    async def forget_missed_changes(self) -> None:
+    async def forget_missed_changes(self, keys: KeySpace) -> None:
         """After a change could not be added: drop the marker so the next read rebuilds."""
         if self.missed_change:
-            await self.redis.delete(MARKER_KEY)
+            await self.redis.delete(keys.marker)
             self.missed_change = False
             log.info("leaderboards marked for rebuild after a missed change")
 
-    async def add(self, deltas: Iterable[Delta], now: datetime | None = None) -> None:
+    async def add(
+        self, conn: asyncpg.Connection, deltas: Iterable[Delta], now: datetime | None = None
+    ) -> None:
         """Add committed changes to every board they belong to. Never raises: Redis only remembers."""
         totals: dict[tuple[str, str, int], int] = defaultdict(int)
         for delta in deltas:
@@ -192,28 +233,35 @@ class Leaderboards:
                 for source in (delta.source, ALL_SOURCES):
                     totals[(board, source, delta.member_uid)] += delta.amount
         changes = [(key, amount) for key, amount in totals.items() if amount != 0]
-        if not changes:
+        if not changes and not self.missed_change:
             return
         if not self.available():
             self.missed_change = True
             return
         now = now or datetime.now(UTC)
         try:
-            await self.forget_missed_changes()
-            generation = await self.redis.get(MARKER_KEY)
-            if generation is None:
+            keys = await self.keys(conn)
+            await self.forget_missed_changes(keys)
+            generation = await self.redis.get(keys.marker)
+            if generation is None or not changes:
                 return  # nothing built: the rebuild that the next read makes includes this change
-            generation = generation.decode()
+            generation = _text(generation)
             pipe = self.redis.pipeline(transaction=False)
             for (board, source, member_uid), amount in changes:
-                keys = board_keys(generation, board, source)
+                board_keys = keys.board(generation, board, source)
                 await self._increment(
-                    keys=[MARKER_KEY, keys.members, keys.scores, keys.counts, registry_key(generation)],
+                    keys=[
+                        keys.marker,
+                        board_keys.members,
+                        board_keys.scores,
+                        board_keys.counts,
+                        keys.registry(generation),
+                    ],
                     args=[generation, member_uid, amount, board_ttl_seconds(board, now)],
                     client=pipe,
                 )
             await pipe.execute()
-        except (RedisError, OSError) as exc:
+        except (RedisError, OSError, asyncpg.PostgresError) as exc:
             self.missed_change = True
             self.failed("add", exc)
 
@@ -260,22 +308,23 @@ async def rebuild(services: Services, *, only_if_missing: bool = False) -> Rebui
     boards = leaderboards(services)
     client = services.redis
     async with services.pool.acquire() as conn:
+        keys = await boards.keys(conn)
         await conn.execute("select pg_advisory_lock($1)", LOCK_KEY)
         try:
-            if only_if_missing and await client.exists(MARKER_KEY):
+            if only_if_missing and await client.exists(keys.marker):
                 return None
-            report = await _build(services, conn, client)
+            report = await _build(conn, client, keys)
             boards.missed_change = False
             return report
         finally:
             await conn.execute("select pg_advisory_unlock($1)", LOCK_KEY)
 
 
-async def _build(services: Services, conn: asyncpg.Connection, client: redis.Redis) -> RebuildReport:
+async def _build(conn: asyncpg.Connection, client: redis.Redis, keys: KeySpace) -> RebuildReport:
     now = datetime.now(UTC)
     today = now.date()
-    generation = int(await client.incr(GENERATION_KEY))
-    registry = registry_key(generation)
+    generation = int(await client.incr(keys.generation_counter))
+    registry = keys.registry(generation)
     counts: dict[tuple[str, str], Counter[int]] = defaultdict(Counter)
     entries = 0
     try:
@@ -283,9 +332,11 @@ async def _build(services: Services, conn: asyncpg.Connection, client: redis.Red
             pipe = client.pipeline(transaction=False)
             pending = 0
             week_start, month_start = rules.period_start("week", today), rules.period_start("month", today)
-            async for row in conn.cursor(store.LEADERBOARD_SCORES, week_start, month_start, prefetch=_REBUILD_BATCH_ROWS):
+            async for row in conn.cursor(
+                store.LEADERBOARD_SCORES, week_start, month_start, prefetch=_REBUILD_BATCH_ROWS
+            ):
                 board, source, score = row["board"], row["source"], row["score"]
-                pipe.zadd(board_keys(generation, board, source).members, {str(row["member_uid"]): score})
+                pipe.zadd(keys.board(generation, board, source).members, {str(row["member_uid"]): score})
                 counts[(board, source)][score] += 1
                 entries += 1
                 pending += 1
@@ -295,28 +346,29 @@ async def _build(services: Services, conn: asyncpg.Connection, client: redis.Red
             await pipe.execute()
         pipe = client.pipeline(transaction=False)
         for (board, source), score_counts in counts.items():
-            keys = board_keys(generation, board, source)
-            pipe.hset(keys.counts, mapping={_score_text(s): n for s, n in score_counts.items()})
-            pipe.zadd(keys.scores, {_score_text(s): s for s in score_counts})
-            pipe.sadd(registry, keys.members, keys.scores, keys.counts)
+            board_keys = keys.board(generation, board, source)
+            pipe.hset(board_keys.counts, mapping={_score_text(s): n for s, n in score_counts.items()})
+            pipe.zadd(board_keys.scores, {_score_text(s): s for s in score_counts})
+            pipe.sadd(registry, board_keys.members, board_keys.scores, board_keys.counts)
             if ttl := board_ttl_seconds(board, now):
-                for key in (keys.members, keys.scores, keys.counts):
+                for key in (board_keys.members, board_keys.scores, board_keys.counts):
                     pipe.expire(key, ttl)
         await pipe.execute()
-        previous = await client.get(MARKER_KEY)
-        await client.set(MARKER_KEY, generation)
+        previous = await client.get(keys.marker)
+        await client.set(keys.marker, generation)
     except BaseException:
-        await _drop_generation(client, generation)
+        await _drop_generation(client, keys.registry(generation))
         raise
     if previous is not None and int(previous) != generation:
-        await _drop_generation(client, int(previous))
-    log.info("leaderboards rebuilt", extra={"generation": generation, "boards": len(counts), "entries": entries})
+        await _drop_generation(client, keys.registry(int(previous)))
+    log.info(
+        "leaderboards rebuilt", extra={"generation": generation, "boards": len(counts), "entries": entries}
+    )
     return RebuildReport(generation, len(counts), entries)
 
 
-async def _drop_generation(client: redis.Redis, generation: int) -> None:
+async def _drop_generation(client: redis.Redis, registry: str) -> None:
     with contextlib.suppress(RedisError, OSError):
-        registry = registry_key(generation)
         keys = list(await client.smembers(registry))
         for start in range(0, len(keys), 500):
             await client.unlink(*keys[start : start + 500])
@@ -326,39 +378,46 @@ async def _drop_generation(client: redis.Redis, generation: int) -> None:
 # --- reads ----------------------------------------------------------------------------------
 
 
-async def _generation(services: Services) -> str:
-    """The complete build's generation, building it first if Redis lost it."""
+async def _generation(services: Services) -> tuple[KeySpace, str]:
+    """The key space and the complete build's generation, building it first if Redis lost it."""
     boards = leaderboards(services)
     if not boards.available():
         raise errors.LeaderboardUnavailable("leaderboards are unavailable while Redis does not answer")
+    keys = await boards.keys(services.pool)
     try:
-        await boards.forget_missed_changes()
-        generation = await services.redis.get(MARKER_KEY)
+        await boards.forget_missed_changes(keys)
+        generation = await services.redis.get(keys.marker)
         if generation is None:
             await rebuild(services, only_if_missing=True)
-            generation = await services.redis.get(MARKER_KEY)
+            generation = await services.redis.get(keys.marker)
     except (RedisError, OSError) as exc:
         boards.failed("read", exc)
-        raise errors.LeaderboardUnavailable("leaderboards are unavailable while Redis does not answer") from None
+        raise errors.LeaderboardUnavailable(
+            "leaderboards are unavailable while Redis does not answer"
+        ) from None
     if generation is None:  # pragma: no cover - flushed again during the rebuild
         raise errors.LeaderboardUnavailable("leaderboards are being rebuilt; retry")
-    return generation.decode()
+    return keys, _text(generation)
 
 
-async def top(services: Services, period: str, source: str | None, limit: int, today: date | None = None) -> Leaderboard:
+async def top(
+    services: Services, period: str, source: str | None, limit: int, today: date | None = None
+) -> Leaderboard:
     """The members who gained the most reputation in the current period, with dense ranks."""
     today = today or datetime.now(UTC).date()
     board = board_name(period, today)
-    generation = await _generation(services)
-    keys = board_keys(generation, board, source or ALL_SOURCES)
+    keys, generation = await _generation(services)
+    board_keys = keys.board(generation, board, source or ALL_SOURCES)
     try:
-        rows = await services.redis.zrevrange(keys.members, 0, limit - 1, withscores=True)
+        rows = await services.redis.zrevrange(board_keys.members, 0, limit - 1, withscores=True)
     except (RedisError, OSError) as exc:
         leaderboards(services).failed("read", exc)
-        raise errors.LeaderboardUnavailable("leaderboards are unavailable while Redis does not answer") from None
-    uids = [int(member) for member, _ in rows]
+        raise errors.LeaderboardUnavailable(
+            "leaderboards are unavailable while Redis does not answer"
+        ) from None
+    uids = [int(row[0]) for row in rows]
     names = await store.select_member_ids(services.pool, uids)
-    scores = [int(score) for _, score in rows]
+    scores = [int(row[1]) for row in rows]
     entries = [
         LeaderboardEntry(rank, names[uid], score)
         for uid, score, rank in zip(uids, scores, dense_ranks(scores), strict=True)
@@ -380,14 +439,16 @@ async def position(
     member_uid = await ledger.select_member_uid(services.pool, member_id)
     if member_uid is None:
         raise errors.MemberNotFound(f"no member {member_id!r}")
-    generation = await _generation(services)
-    keys = board_keys(generation, board_name(period, today), source or ALL_SOURCES)
+    keys, generation = await _generation(services)
+    board_keys = keys.board(generation, board_name(period, today), source or ALL_SOURCES)
     try:
-        score = await services.redis.zscore(keys.members, str(member_uid))
-        above = None if score is None else await services.redis.zcount(keys.scores, f"({score}", "+inf")
+        score = await services.redis.zscore(board_keys.members, str(member_uid))
+        above = None if score is None else await services.redis.zcount(board_keys.scores, f"({score}", "+inf")
     except (RedisError, OSError) as exc:
         leaderboards(services).failed("read", exc)
-        raise errors.LeaderboardUnavailable("leaderboards are unavailable while Redis does not answer") from None
+        raise errors.LeaderboardUnavailable(
+            "leaderboards are unavailable while Redis does not answer"
+        ) from None
     return LeaderboardPosition(
         member_id=member_id,
         period=period,  # type: ignore[arg-type]

@@ -20,8 +20,9 @@ KudosId = Annotated[
     Meta(
         min_length=1,
         max_length=128,
-        pattern=r"^[^\x00-\x1f\x7f]+$",
-        description="The caller's id for this kudos; unique across sources, its idempotency key.",
+        # No "/": every kudos can be named in the URL that retracts it.
+        pattern=r"^[^\x00-\x1f\x7f/]+$",
+        description="The caller's id for this kudos (no `/`); unique across sources, its idempotency key.",
     ),
 ]
 Source = Annotated[

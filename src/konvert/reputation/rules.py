@@ -36,7 +36,9 @@ class KudosWorth(msgspec.Struct, frozen=True):
     not_counted_reason: str | None = None
 
 
-def giver_has_standing(rules: Reputation, giver_reputation: int, giver_since: datetime, now: datetime) -> bool:
+def giver_has_standing(
+    rules: Reputation, giver_reputation: int, giver_since: datetime, now: datetime
+) -> bool:
     """Whether a giver's kudos count: enough reputation and a member for long enough (both off by default).
 
     A member's age counts from when konvert first saw them (their first kudos, purchase, ...).
@@ -68,8 +70,11 @@ def kudos_worth(rules: Reputation, kind: str, self_given: bool, giver_counts: bo
 
 
 def canonical_key(occurred_at: datetime, kudos_id: str) -> tuple[datetime, bytes]:
-    """The order in which a day's kudos fill the cap. Matches SQL ``order by occurred_at, kudos_id collate "C"``
-    (byte order of UTF-8, which is code point order)."""
+    """The order in which a day's kudos fill the cap.
+
+    Matches SQL ``order by occurred_at, kudos_id collate "C"``: byte order of UTF-8, which is
+    code point order.
+    """
     return occurred_at, kudos_id.encode()
 
 

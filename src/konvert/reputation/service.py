@@ -1,8 +1,9 @@
 """Reputation use cases: give a kudos, retract one, read a member's reputation.
 
 Each write is one PostgreSQL transaction that locks the rows of every member it touches first
-(in member_uid order, with konvert.ledger.store.lock_member) and anything else after; the
-balance cache and the leaderboards are updated after it commits.
+(in member_uid order, with konvert.ledger.store.lock_member) and anything else after; an
+acceptance takes its thread's lock before that (see konvert.reputation.store). The balance cache
+and the leaderboards are updated after it commits.
 
 Decisions, in the order a kudos meets them:
 
@@ -55,8 +56,8 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import msgspec
@@ -124,7 +125,13 @@ class _Written(msgspec.Struct):
 class _Book:
     """One use case's reputation changes: the floor applied, transfers, entries, balances and ranks."""
 
-    def __init__(self, services: Services, conn: asyncpg.Connection, members: dict[int, asyncpg.Record], cause: asyncpg.Record):
+    def __init__(
+        self,
+        services: Services,
+        conn: asyncpg.Connection,
+        members: dict[int, asyncpg.Record],
+        cause: asyncpg.Record,
+    ):
         self.services = services
         self.conn = conn
         self.members = members
@@ -136,7 +143,16 @@ class _Book:
     def plan(self, kudos: Mapping[str, Any], member_uid: int, role: str, reason: str, change: int) -> None:
         if change != 0:
             self.planned.append(
-                _Planned(kudos["kudos_pk"], kudos["kudos_id"], kudos["source"], kudos["day"], member_uid, role, reason, change)
+                _Planned(
+                    kudos["kudos_pk"],
+                    kudos["kudos_id"],
+                    kudos["source"],
+                    kudos["day"],
+                    member_uid,
+                    role,
+                    reason,
+                    change,
+                )
             )
 
     async def system_account(self, asset: str, name: str) -> int:
@@ -159,7 +175,9 @@ class _Book:
         floor = self.services.program.reputation.floor
         for member_uid in sorted({p.member_uid for p in self.planned}):
             member = self.members[member_uid]
-            planned = sorted((p for p in self.planned if p.member_uid == member_uid), key=lambda p: p.change < 0)
+            planned = sorted(
+                (p for p in self.planned if p.member_uid == member_uid), key=lambda p: p.change < 0
+            )
             reputation_before = reputation = member["reputation"]
             kept_before = kept = await store.select_floor_kept(self.conn, member_uid)
             account_id = (await ledger.select_member_account_ids(self.conn, member_uid))["reputation"]
@@ -198,7 +216,12 @@ class _Book:
             if kept != kept_before:
                 await store.set_floor_kept(self.conn, member_uid, kept)
             if reputation != reputation_before:
-                self.note_version(member_uid, await store.update_member_reputation(self.conn, member_uid, reputation - reputation_before))
+                self.note_version(
+                    member_uid,
+                    await store.update_member_reputation(
+                        self.conn, member_uid, reputation - reputation_before
+                    ),
+                )
                 await self._record_rank_change(member, reputation_before, reputation)
         return changes, deltas
 
@@ -264,7 +287,8 @@ async def give_kudos(services: Services, kudos: KudosIn) -> Outcome:
         raise errors.SelfKudos(f"{kudos.giver_id!r} cannot give a {kudos.kind} to their own post")
     if kudos.occurred_at > now + _FUTURE_SKEW:
         raise errors.ValidationFailed(
-            "occurred_at is in the future", errors=[{"field": "occurred_at", "message": "must not be later than now"}]
+            "occurred_at is in the future",
+            errors=[{"field": "occurred_at", "message": "must not be later than now"}],
         )
     digest = request_hash(kudos)
     return await _write(services, lambda conn: _give(services, conn, kudos, digest, now))
@@ -292,7 +316,7 @@ async def _write(services: Services, work: Callable[[asyncpg.Connection], Awaita
         if not written.replayed:
             for member_id, version in written.versions.items():
                 await services.balances.invalidate(member_id, version)
-            await leaderboard.leaderboards(services).add(written.deltas)
+            await leaderboard.leaderboards(services).add(conn, written.deltas)
     return Outcome(written.body, replayed=written.replayed)
 
 
@@ -307,16 +331,23 @@ async def _lock_members(conn: asyncpg.Connection, member_uids: set[int]) -> dict
     return {uid: await ledger.lock_member(conn, uid) for uid in sorted(member_uids)}
 
 
-async def _give(services: Services, conn: asyncpg.Connection, kudos: KudosIn, digest: bytes, now: datetime) -> _Written:
+async def _give(
+    services: Services, conn: asyncpg.Connection, kudos: KudosIn, digest: bytes, now: datetime
+) -> _Written:
     program = services.program.reputation
     existing = await store.select_kudos(conn, kudos.kudos_id)
     if existing is not None:
         return _replay(existing, digest)
     # Create members in one order, so that two writes creating the same two members never wait
     # on each other's inserts.
-    uids = {member_id: await ledger.ensure_member(conn, member_id) for member_id in sorted({kudos.author_id, kudos.giver_id})}
+    uids = {
+        member_id: await ledger.ensure_member(conn, member_id)
+        for member_id in sorted({kudos.author_id, kudos.giver_id})
+    }
     author_uid, giver_uid = uids[kudos.author_id], uids[kudos.giver_id]
     accepted = kudos.kind == "accepted_answer"
+    if accepted:
+        await store.lock_thread(conn, kudos.source, kudos.thread_id)
     current = await store.select_thread_accepted(conn, kudos.source, kudos.thread_id) if accepted else None
     involved = {author_uid, giver_uid} | ({current["author_uid"], current["giver_uid"]} if current else set())
     members = await _lock_members(conn, involved)
@@ -329,7 +360,9 @@ async def _give(services: Services, conn: asyncpg.Connection, kudos: KudosIn, di
         current = await store.select_thread_accepted(conn, kudos.source, kudos.thread_id)
         if current is not None and not {current["author_uid"], current["giver_uid"]} <= members.keys():
             raise _StartOver
-    if other := await store.select_standing_kudos_id(conn, kudos.source, kudos.post_id, giver_uid, kudos.kind):
+    if other := await store.select_standing_kudos_id(
+        conn, kudos.source, kudos.post_id, giver_uid, kudos.kind
+    ):
         raise errors.DuplicateKudos(
             f"{kudos.giver_id!r} already gave a {kudos.kind} to post {kudos.post_id!r} of {kudos.source!r} "
             f"(kudos_id {other!r}); retract it first"
@@ -338,7 +371,8 @@ async def _give(services: Services, conn: asyncpg.Connection, kudos: KudosIn, di
     given = await store.count_kudos_given(conn, giver_uid, day)
     if given >= program.giver_daily_limit:
         raise errors.GiverLimitReached(
-            f"{kudos.giver_id!r} gave {given} kudos on {day}, the most allowed per day ({program.giver_daily_limit})"
+            f"{kudos.giver_id!r} gave {given} kudos on {day}, "
+            f"the most allowed per day ({program.giver_daily_limit})"
         )
     giver_counts = True
     if program.giver_min_reputation or program.giver_min_account_age_days:
@@ -347,9 +381,9 @@ async def _give(services: Services, conn: asyncpg.Connection, kudos: KudosIn, di
     worth = rules.kudos_worth(program, kudos.kind, author_uid == giver_uid, giver_counts)
 
     status, superseded_by = "standing", None
-    if current is not None and rules.canonical_key(current["occurred_at"], current["kudos_id"]) > rules.canonical_key(
-        kudos.occurred_at, kudos.kudos_id
-    ):
+    if current is not None and rules.canonical_key(
+        current["occurred_at"], current["kudos_id"]
+    ) > rules.canonical_key(kudos.occurred_at, kudos.kudos_id):
         # A later acceptance of the thread already stands: this one arrived late.
         status, superseded_by = "superseded", current["kudos_pk"]
     elif current is not None:
@@ -398,12 +432,18 @@ async def _share_day(book: _Book, author_uid: int, day: date) -> None:
     for row in await store.select_day_shares(book.conn, author_uid, day, cap):
         change = rules.capped_credit(row["value"], row["worth_before"], cap) - row["author_credited"]
         if change:
-            reason = "award" if row["kudos_pk"] == book.cause["kudos_pk"] else ("cap_freed" if change > 0 else "cap_taken")
+            reason = (
+                "award"
+                if row["kudos_pk"] == book.cause["kudos_pk"]
+                else ("cap_freed" if change > 0 else "cap_taken")
+            )
             book.plan({**row, "day": day}, author_uid, "author", reason, change)
 
 
 async def _supersede(book: _Book, current: asyncpg.Record, by: asyncpg.Record) -> None:
-    await store.update_kudos_status(book.conn, current["kudos_pk"], "superseded", superseded_by_pk=by["kudos_pk"])
+    await store.update_kudos_status(
+        book.conn, current["kudos_pk"], "superseded", superseded_by_pk=by["kudos_pk"]
+    )
     await _reverse_accepted(book, current, "superseded")
 
 
@@ -441,7 +481,9 @@ async def _bridge_award(book: _Book, kudos: asyncpg.Record, now: datetime) -> No
     book.note_version(member_uid, await ledger.update_member_points(conn, member_uid, available=points))
     debt = (await ledger.lock_member(conn, member_uid))["points_debt"]
     await ledger.settle_debt(conn, member_uid, debt)
-    await store.set_kudos_bridge(conn, kudos["kudos_pk"], points=points, lot_id=lot_id, transfer_id=transfer_id)
+    await store.set_kudos_bridge(
+        conn, kudos["kudos_pk"], points=points, lot_id=lot_id, transfer_id=transfer_id
+    )
 
 
 async def _bridge_clawback(book: _Book, kudos: asyncpg.Record) -> None:
@@ -451,7 +493,9 @@ async def _bridge_clawback(book: _Book, kudos: asyncpg.Record) -> None:
     points, member_uid, lot_id = kudos["bridge_points"], kudos["author_uid"], kudos["bridge_lot_id"]
     own = await ledger.lock_lot(conn, lot_id)
     own_take = min(points, own["remaining"]) if own is not None and own["state"] == "available" else 0
-    other_takes, missing = ledger.plan_takes(await ledger.lock_available_lots(conn, member_uid, lot_id), points - own_take)
+    other_takes, missing = ledger.plan_takes(
+        await ledger.lock_available_lots(conn, member_uid, lot_id), points - own_take
+    )
     allow_negative = services.program.points.allow_negative_balance
     debt, shortfall = (missing, 0) if allow_negative else (0, missing)
     amount = points - shortfall
@@ -473,7 +517,9 @@ async def _bridge_clawback(book: _Book, kudos: asyncpg.Record) -> None:
         )
         takes = ([(lot_id, own_take)] if own_take else []) + other_takes
         await ledger.take_from_lots(conn, member_uid, takes, transfer_id, "retract")
-        book.note_version(member_uid, await ledger.update_member_points(conn, member_uid, available=-amount, debt=debt))
+        book.note_version(
+            member_uid, await ledger.update_member_points(conn, member_uid, available=-amount, debt=debt)
+        )
     await store.set_kudos_bridge(conn, kudos["kudos_pk"], points=0, shortfall=shortfall)
 
 
@@ -560,7 +606,9 @@ def _kudos_out(kudos: asyncpg.Record, changes: list[ReputationChange]) -> KudosO
 # --- reading --------------------------------------------------------------------------------
 
 
-async def member_reputation(services: Services, member_id: str, now: datetime | None = None) -> MemberReputation:
+async def member_reputation(
+    services: Services, member_id: str, now: datetime | None = None
+) -> MemberReputation:
     """A member's reputation, rank, what the next rank needs, where it comes from, and today's cap."""
     program = services.program.reputation
     row = await store.select_member_reputation(services.pool, member_id)

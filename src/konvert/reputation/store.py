@@ -3,6 +3,10 @@
 None of these commit: the use case owns the transaction. Every write here happens after the
 use case has locked the rows of the members it touches (konvert.ledger.store.lock_member, in
 member_uid order), and a kudos row only changes under its author's lock.
+
+Lock order: an acceptance first takes its thread's lock (lock_thread), then members, then lots.
+Only acceptances take a thread lock, one each, before anything else, so this extends the
+project's order (members, then what they own) without any possible cycle.
 """
 
 from __future__ import annotations
@@ -65,13 +69,28 @@ async def select_standing_kudos_id(
     )
 
 
-async def select_thread_accepted(conn: asyncpg.Connection, source: str, thread_id: str) -> asyncpg.Record | None:
+async def select_thread_accepted(
+    conn: asyncpg.Connection, source: str, thread_id: str
+) -> asyncpg.Record | None:
     """The thread's standing accepted answer, if any."""
     return await conn.fetchrow(
         f"""
         select {_KUDOS_COLUMNS} {_KUDOS_FROM}
         where k.source = $1 and k.thread_id = $2 and k.kind = 'accepted_answer' and k.status = 'standing'
         """,
+        source,
+        thread_id,
+    )
+
+
+async def lock_thread(conn: asyncpg.Connection, source: str, thread_id: str) -> None:
+    """Serialize acceptances in one thread until the transaction ends.
+
+    Without it, acceptances in one thread by different members lock disjoint member rows and
+    meet only on the one-accepted-answer index, over and over under a burst.
+    """
+    await conn.execute(
+        "select pg_advisory_xact_lock(hashtext('konvert.kudos.thread'), hashtext($1 || '/' || $2))",
         source,
         thread_id,
     )
@@ -161,7 +180,9 @@ async def set_retraction_response(conn: asyncpg.Connection, kudos_pk: int, respo
     await conn.execute("update kudos set retraction_response = $2 where kudos_pk = $1", kudos_pk, response)
 
 
-async def select_day_shares(conn: asyncpg.Connection, author_uid: int, day: date, cap: int) -> list[asyncpg.Record]:
+async def select_day_shares(
+    conn: asyncpg.Connection, author_uid: int, day: date, cap: int
+) -> list[asyncpg.Record]:
     """The author's standing likes and helpful marks of a day whose share of the cap may change.
 
     Each row carries ``worth_before``: what the kudos before it (in canonical order) are worth.
@@ -261,7 +282,10 @@ async def set_floor_kept(conn: asyncpg.Connection, member_uid: int, floor_kept: 
 
 async def insert_event(conn: asyncpg.Connection, member_uid: int, event_type: str, payload: str) -> None:
     await conn.execute(
-        "insert into events (member_uid, type, payload) values ($1, $2, $3::jsonb)", member_uid, event_type, payload
+        "insert into events (member_uid, type, payload) values ($1, $2, $3::jsonb)",
+        member_uid,
+        event_type,
+        payload,
     )
 
 
@@ -311,7 +335,9 @@ async def set_kudos_bridge(
 # --- reads ----------------------------------------------------------------------------------
 
 
-async def select_member_reputation(conn: asyncpg.Connection | asyncpg.Pool, member_id: str) -> asyncpg.Record | None:
+async def select_member_reputation(
+    conn: asyncpg.Connection | asyncpg.Pool, member_id: str
+) -> asyncpg.Record | None:
     return await conn.fetchrow(
         """
         select m.member_uid, m.member_id, m.reputation, coalesce(r.floor_kept, 0) as floor_kept
@@ -340,7 +366,9 @@ async def select_breakdown(conn: asyncpg.Connection | asyncpg.Pool, member_uid: 
     )
 
 
-async def select_day_totals(conn: asyncpg.Connection | asyncpg.Pool, member_uid: int, day: date) -> asyncpg.Record:
+async def select_day_totals(
+    conn: asyncpg.Connection | asyncpg.Pool, member_uid: int, day: date
+) -> asyncpg.Record:
     return await conn.fetchrow(
         """
         select coalesce(sum(value), 0)::bigint as before_cap, coalesce(sum(author_credited), 0)::bigint as capped
@@ -352,19 +380,23 @@ async def select_day_totals(conn: asyncpg.Connection | asyncpg.Pool, member_uid:
     )
 
 
-async def select_member_ids(conn: asyncpg.Connection | asyncpg.Pool, member_uids: Sequence[int]) -> dict[int, str]:
+async def select_member_ids(
+    conn: asyncpg.Connection | asyncpg.Pool, member_uids: Sequence[int]
+) -> dict[int, str]:
     rows = await conn.fetch(
         "select member_uid, member_id from members where member_uid = any($1::bigint[])", list(member_uids)
     )
     return {r["member_uid"]: r["member_id"] for r in rows}
 
 
-# The leaderboards, as PostgreSQL knows them: reputation moved per board, source and member.
+# The leaderboards, as PostgreSQL knows them: reputation moved per board, source and member
+# (erased members are left out).
 # Weeks and months from the given first days on (the current periods, and any later one a
 # kudos from a clock a little ahead may already have touched).
 LEADERBOARD_SCORES = """
     with e as (
-        select member_uid, source, day, posted from reputation_entries where posted <> 0
+        select member_uid, source, day, posted from reputation_entries
+        where posted <> 0 and member_uid not in (select member_uid from members where erased_at is not null)
     ), boards as (
         select 'all' as board, source, member_uid, posted from e
         union all

@@ -1,0 +1,78 @@
+"""The load-test harness's correctness path, at a tiny size: nothing lost, nothing doubled, audit passes.
+
+Runs ``loadtests/run.py`` as a subprocess against the local PostgreSQL and Redis (its own
+database, Redis db 14), with the write scenarios for two seconds each. No timing is asserted:
+the harness's figures are only meaningful when it is run on purpose, on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+RUN_PY = ROOT / "loadtests" / "run.py"
+HARNESS_TIMEOUT_SECONDS = 300
+LOCAL_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+HARNESS_REDIS_DB = 14
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _servers() -> tuple[str, str]:
+    """The PostgreSQL server and Redis database the harness may use, or skip."""
+    database_url = os.environ.get("KONVERT_TEST_DATABASE_URL", LOCAL_DATABASE_URL)
+    parts = urlsplit(database_url)
+    if not _port_open(parts.hostname or "127.0.0.1", parts.port or 5432):
+        pytest.skip(f"the load-test harness needs a PostgreSQL server over TCP ({parts.hostname}:{parts.port or 5432})")
+    redis_url = os.environ.get("KONVERT_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+    redis_parts = urlsplit(redis_url)
+    if not _port_open(redis_parts.hostname or "127.0.0.1", redis_parts.port or 6379):
+        pytest.skip("the load-test harness needs a Redis server over TCP")
+    # The harness flushes its Redis database: never the one the test suite uses.
+    return database_url, urlunsplit(redis_parts._replace(path=f"/{HARNESS_REDIS_DB}"))
+
+
+def test_harness_loses_nothing_and_the_audit_passes(tmp_path: Path) -> None:
+    missing = [tool for tool in ("wrk", "pgbench") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"the load-test harness needs {' and '.join(missing)} (Debian: apt-get install wrk postgresql-contrib)")
+    database_url, redis_url = _servers()
+    output = tmp_path / "result.json"
+    completed = subprocess.run(
+        [
+            sys.executable, str(RUN_PY), "--quick", "--members", "200", "--duration", "2", "--warmup", "0.5",
+            "--connections", "8", "--scenarios", "purchases,redemptions,mixed",
+            "--pg-url", database_url, "--redis-url", redis_url, "--output", str(output),
+        ],  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=HARNESS_TIMEOUT_SECONDS,
+        check=False,
+    )
+    assert output.exists(), f"no result written (exit {completed.returncode}):\n{completed.stdout}\n{completed.stderr}"
+    result = json.loads(output.read_text())
+    config = result["configs"][0]
+    writes = {name: scenario["writes"] for name, scenario in config["scenarios"].items()}
+    assert result["nothing_lost"] is True, json.dumps(writes, indent=2)
+    assert result["audit_passed"] is True, completed.stdout
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    # The checks compared real traffic: every write scenario got answers and recorded rows.
+    for name in ("purchases", "redemptions"):
+        kind = writes[name]["purchase" if name == "purchases" else "redemption"]
+        assert kind["accepted"] > 0 and kind["recorded_rows"] >= kind["accepted"], (name, kind)
