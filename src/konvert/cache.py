@@ -7,6 +7,7 @@ request. Nothing here ever authorises a spend.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from urllib.parse import urlsplit
@@ -16,7 +17,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from konvert.fastredis import SUPPORTED_SCHEMES, MultiplexedRedis
+from konvert.fastredis import SUPPORTED_SCHEMES, MultiplexedRedis, RedisUnavailable
 from konvert.settings import Settings
 
 log = logging.getLogger("konvert.cache")
@@ -39,6 +40,7 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 
+_PUT_IF_NEWER_SHA = hashlib.sha1(_PUT_IF_NEWER.encode()).hexdigest()
 _BREAKER_OPEN_SECONDS = 1.0
 
 
@@ -75,6 +77,17 @@ class BalanceCache:
     def close(self) -> None:
         if self._reader is not None:
             self._reader.close()
+
+    async def _eval_put(self, key: str, version: int, body: bytes) -> None:
+        assert self._reader is not None
+        args = (key, version, body, self._ttl_seconds)
+        try:
+            await self._reader.execute(b"EVALSHA", _PUT_IF_NEWER_SHA, b"1", *args)
+        except RedisUnavailable as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+            # Redis forgot the script (restart, SCRIPT FLUSH): EVAL loads it again.
+            await self._reader.execute(b"EVAL", _PUT_IF_NEWER, b"1", *args)
 
     def _available(self) -> bool:
         return time.monotonic() >= self._skip_until
@@ -114,7 +127,10 @@ class BalanceCache:
         if not self._available():
             return False
         try:
-            await self._put_if_newer(keys=[balance_key(member_id)], args=[version, body, self._ttl_seconds])
+            if self._reader is not None:
+                await self._eval_put(balance_key(member_id), version, body)
+            else:
+                await self._put_if_newer(keys=[balance_key(member_id)], args=[version, body, self._ttl_seconds])
             return True
         except (RedisError, OSError) as exc:
             self._failed("put", exc)

@@ -525,3 +525,16 @@ async def test_jobs_run_command_vests_due_points(post, balance, database_url, re
     assert int(counts["vested_lots"]) >= 1
     after = await balance(member)
     assert (after["available"], after["pending"]) == (100, 0)
+
+
+async def test_writes_still_invalidate_after_redis_forgets_its_scripts(post, balance, redis_client, new_id):
+    member = new_id("m")
+    await post("/v1/purchases", purchase(member, new_id("p")))
+    first = await balance(member)
+    await redis_client.script_flush()
+
+    await post("/v1/purchases", purchase(member, new_id("p")))
+
+    tombstone = await redis_client.hgetall(balance_key(member))
+    assert int(tombstone[b"v"]) == first["version"] + 1 and b"b" not in tombstone
+    assert (await balance(member))["available"] == 200

@@ -58,19 +58,26 @@ async def post_purchase(services: Services, purchase: PurchaseIn) -> Outcome:
     Concurrent postings are group-committed: they share transactions (see konvert.batching),
     and each still gets its own outcome; a 2xx means committed.
     """
-    check_purchase(services, purchase)
+    base = check_purchase(services, purchase)
     if services.purchases is None:
         return await post_purchase_alone(services, purchase)
-    posted = await services.purchases.submit(purchase)
+    posted = await services.purchases.submit(Posting(purchase, base))
     return posted.outcome
 
 
-def purchase_batcher(services: Services) -> GroupCommit[PurchaseIn, Posted]:
+class Posting(msgspec.Struct, frozen=True):
+    """A checked purchase waiting for its batch, with what it earns before any tier factor."""
+
+    purchase: PurchaseIn
+    base_earning: EarningResult
+
+
+def purchase_batcher(services: Services) -> GroupCommit[Posting, Posted]:
     """Group commit for postings. Sorted by member so that batches lock members in one order."""
     settings = services.settings
 
-    async def write(conn: asyncpg.Connection, purchase: PurchaseIn) -> Posted:
-        return await write_purchase(services, conn, purchase)
+    async def write(conn: asyncpg.Connection, posting: Posting) -> Posted:
+        return await write_purchase(services, conn, posting.purchase, posting.base_earning)
 
     async def committed(posted: Posted) -> None:
         await after_commit(services, posted)
@@ -79,7 +86,7 @@ def purchase_batcher(services: Services) -> GroupCommit[PurchaseIn, Posted]:
         services.pool,
         write,
         committed,
-        sort_key=lambda p: (p.member_id, p.partner, p.purchase_id),
+        sort_key=lambda p: (p.purchase.member_id, p.purchase.partner, p.purchase.purchase_id),
         batch_size_max=settings.write_batch_size_max,
         batches_in_flight_max=settings.write_batches_in_flight_max,
     )
@@ -87,17 +94,21 @@ def purchase_batcher(services: Services) -> GroupCommit[PurchaseIn, Posted]:
 
 async def post_purchase_alone(services: Services, purchase: PurchaseIn) -> Outcome:
     """The same in a transaction of its own (the batcher's fallback, and for callers without one)."""
-    check_purchase(services, purchase)
+    base = check_purchase(services, purchase)
     async with services.pool.acquire() as conn, conn.transaction():
-        posted = await write_purchase(services, conn, purchase)
+        posted = await write_purchase(services, conn, purchase, base)
     await after_commit(services, posted)
     return posted.outcome
 
 
-def check_purchase(services: Services, purchase: PurchaseIn) -> None:
-    """Everything that can refuse a purchase without the database: raise before any write."""
+def check_purchase(services: Services, purchase: PurchaseIn) -> EarningResult:
+    """Everything that can refuse a purchase without the database: raise before any write.
+
+    Returns what the purchase earns without a tier factor (what it earns, unless the member's
+    tier multiplies it).
+    """
     _check_occurred_at(purchase, services.clock())
-    rules.compute_earning(services.program, purchase)
+    return rules.compute_earning(services.program, purchase)
 
 
 async def after_commit(services: Services, posted: Posted) -> None:
@@ -105,7 +116,9 @@ async def after_commit(services: Services, posted: Posted) -> None:
         await services.balances.invalidate(posted.member_id, posted.version)
 
 
-async def write_purchase(services: Services, conn: asyncpg.Connection, purchase: PurchaseIn) -> Posted:
+async def write_purchase(
+    services: Services, conn: asyncpg.Connection, purchase: PurchaseIn, base_earning: EarningResult
+) -> Posted:
     """Write one purchase inside the caller's transaction: two round trips on the common path.
 
     The member's tier is evaluated from the points qualifying before this purchase plus what it
@@ -124,7 +137,9 @@ async def write_purchase(services: Services, conn: asyncpg.Connection, purchase:
         await ledger.ensure_member(conn, purchase.member_id)
         member = await store.select_member_with_new_ids(conn, purchase.member_id, window_start)
     multiplier, tier_name = tiers.tier_multiplier(program, member["tier"])
-    earning = rules.compute_earning(program, purchase, tier_multiplier=multiplier, tier_name=tier_name)
+    earning = base_earning
+    if multiplier != 1:
+        earning = rules.compute_earning(program, purchase, tier_multiplier=multiplier, tier_name=tier_name)
     standing = tiers.TierStanding(member["tier"], member["tier_below_since"])
     qualifying = member["tier_qualifying_points"]
     if window_start is not None:
