@@ -20,9 +20,9 @@ from konvert.earning.api import PurchaseController
 from konvert.earning.service import purchase_batcher
 from konvert.ledger.api import BalanceController
 from konvert.observability import RequestObserver
+from konvert.preferences import api as preferences_api
 from konvert.problems import EXCEPTION_HANDLERS
 from konvert.program import Program, load_program
-from konvert.preferences import api as preferences_api
 from konvert.redemption import api as redemption_api
 from konvert.redemption.service import seed_rewards
 from konvert.reputation import api as reputation_api

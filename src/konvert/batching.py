@@ -32,6 +32,8 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 WriteOne = Callable[[asyncpg.Connection, Item], Awaitable[Result]]
+# Writes a whole batch at once (e.g. pipelined); returns per item its result or its refusal.
+WriteMany = Callable[[asyncpg.Connection, list[Item]], Awaitable[list[Result | KonvertError]]]
 AfterCommit = Callable[[Result], Awaitable[None]]
 
 
@@ -45,9 +47,11 @@ class GroupCommit(Generic[Item, Result]):
         *,
         batch_size_max: int,
         batches_in_flight_max: int,
+        write_many: WriteMany[Item, Result] | None = None,
     ) -> None:
         self._pool = pool
         self._write = write
+        self._write_many = write_many
         self._after_commit = after_commit
         self._sort_key = sort_key
         self._batch_size_max = batch_size_max
@@ -119,6 +123,8 @@ class GroupCommit(Generic[Item, Result]):
     async def _write_together(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> list[Result | KonvertError]:
         outcomes: list[Result | KonvertError] = []
         async with self._pool.acquire() as conn, conn.transaction():
+            if self._write_many is not None:
+                return await self._write_many(conn, [item for item, _ in batch])
             for item, _ in batch:
                 try:
                     outcomes.append(await self._write(conn, item))

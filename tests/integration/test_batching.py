@@ -92,3 +92,78 @@ async def test_stop_writes_what_is_queued(table):
     await group.stop()
     assert sorted(await asyncio.gather(*pending)) == list(range(30))
     assert await pool.fetchval(f"select count(*) from {name}") == 30
+
+
+# --- purchases written as one pipelined batch --------------------------------------------------
+
+
+def _posting(services, member_id, purchase_id, cents):
+    import msgspec
+
+    from konvert.earning.model import PurchaseIn
+    from konvert.earning.service import Posting, check_purchase
+
+    body = {
+        "purchase_id": purchase_id, "member_id": member_id, "partner": "webshop", "currency": "EUR",
+        "occurred_at": "2026-01-01T10:00:00Z",
+        "lines": [{"line_id": "1", "sku": "S", "category": "toys", "quantity": 1, "unit_price": cents}],
+    }  # fmt: skip
+    purchase = msgspec.convert(body, PurchaseIn)
+    return Posting(purchase, check_purchase(services, purchase))
+
+
+@pytest.fixture
+async def tier_services(database_url, redis_url, redis_client):
+    from konvert.program import parse_program
+    from konvert.services import Services
+    from tests.conftest import TEST_PROGRAM, make_settings
+
+    program = parse_program(
+        TEST_PROGRAM
+        + '\n[tiers]\n[[tiers.levels]]\nname = "Bronze"\nmin_points = 0\n'
+        + '[[tiers.levels]]\nname = "Silver"\nmin_points = 100\nmultiplier = 2\n'
+    )
+    services = await Services.open(make_settings(database_url, redis_url), program)
+    yield services
+    await services.close()
+
+
+async def test_a_batch_carries_a_members_tier_from_one_purchase_to_the_next(tier_services, new_id):
+    import msgspec
+
+    from konvert.earning.service import write_purchases
+
+    member = new_id("m")
+    postings = [_posting(tier_services, member, new_id("p"), 10000), _posting(tier_services, member, new_id("p"), 1000)]
+    async with tier_services.pool.acquire() as conn, conn.transaction():
+        first, second = await write_purchases(tier_services, conn, postings)
+
+    # The first purchase lifts the member to Silver, so the second already earns double.
+    assert msgspec.json.decode(first.outcome.body)["points"] == 100
+    second_body = msgspec.json.decode(second.outcome.body)
+    assert second_body["points"] == 20
+    assert {"kind": "tier", "ref": "Silver", "factor": "2"} in second_body["lines"][0]["rules"]
+    row = await tier_services.pool.fetchrow(
+        "select tier, tier_qualifying_points, points_available from members where member_id = $1", member
+    )
+    assert tuple(row) == ("Silver", 120, 120)
+
+
+async def test_duplicates_within_one_batch_replay_or_conflict_alone(services, new_id):
+    from konvert.earning.service import write_purchases
+    from konvert.errors import IdempotencyConflict
+
+    member, purchase_id = new_id("m"), new_id("p")
+    original = _posting(services, member, purchase_id, 5000)
+    same = _posting(services, member, purchase_id, 5000)
+    different = _posting(services, member, purchase_id, 7000)
+    other = _posting(services, member, new_id("p"), 1000)
+    async with services.pool.acquire() as conn, conn.transaction():
+        outcomes = await write_purchases(services, conn, [original, same, different, other])
+
+    assert not outcomes[0].outcome.replayed
+    assert outcomes[1].outcome.replayed and outcomes[1].outcome.body == outcomes[0].outcome.body
+    assert isinstance(outcomes[2], IdempotencyConflict)
+    assert not outcomes[3].outcome.replayed
+    available = await services.pool.fetchval("select points_available from members where member_id = $1", member)
+    assert available == 60

@@ -79,6 +79,9 @@ def purchase_batcher(services: Services) -> GroupCommit[Posting, Posted]:
     async def write(conn: asyncpg.Connection, posting: Posting) -> Posted:
         return await write_purchase(services, conn, posting.purchase, posting.base_earning)
 
+    async def write_many(conn: asyncpg.Connection, postings: list[Posting]) -> list[Posted | errors.KonvertError]:
+        return await write_purchases(services, conn, postings)
+
     async def committed(posted: Posted) -> None:
         await after_commit(services, posted)
 
@@ -86,6 +89,7 @@ def purchase_batcher(services: Services) -> GroupCommit[Posting, Posted]:
         services.pool,
         write,
         committed,
+        write_many=write_many,
         sort_key=lambda p: (p.purchase.member_id, p.purchase.partner, p.purchase.purchase_id),
         batch_size_max=settings.write_batch_size_max,
         batches_in_flight_max=settings.write_batches_in_flight_max,
@@ -119,32 +123,100 @@ async def after_commit(services: Services, posted: Posted) -> None:
 async def write_purchase(
     services: Services, conn: asyncpg.Connection, purchase: PurchaseIn, base_earning: EarningResult
 ) -> Posted:
-    """Write one purchase inside the caller's transaction: two round trips on the common path.
+    """Write one purchase inside the caller's transaction (see write_purchases)."""
+    (posted,) = await write_purchases(services, conn, [Posting(purchase, base_earning)])
+    if isinstance(posted, errors.KonvertError):
+        raise posted
+    return posted
 
-    The member's tier is evaluated from the points qualifying before this purchase plus what it
-    earns, and stored by the same statement that records it.
+
+async def write_purchases(
+    services: Services, conn: asyncpg.Connection, postings: list[Posting]
+) -> list[Posted | errors.KonvertError]:
+    """Write purchases inside the caller's transaction, in order, in two pipelined round trips
+    for the whole list: one reads every member (tier, qualifying points, fresh ids), one records
+    every purchase (purchase, lot, earn transfer, balance and tier in one statement each).
+
+    A member's tier is carried from one of its purchases to the next within the list, so the
+    outcome is the same as writing them one after another. A purchase id already taken yields
+    its replay, or an IdempotencyConflict for that posting alone.
     """
     program = services.program
     now = services.clock()
-    digest = request_hash(purchase)
+    window_start = now - timedelta(days=program.tiers.window_days) if program.tiers.levels else None
+    members = await _members_for(conn, [p.purchase.member_id for p in postings], window_start)
+    carried: dict[int, tuple[str | None, datetime | None, int]] = {}
+    prepared = [await _prepare(services, conn, posting, member, carried, now, window_start) for posting, member in zip(postings, members, strict=True)]
+    written_rows = await store.insert_purchases(conn, [row for row, _ in prepared])
+
+    outcomes: list[Posted | errors.KonvertError] = []
+    retier: set[int] = set()
+    for (row, posting), written in zip(prepared, written_rows, strict=True):
+        purchase = posting.purchase
+        if written["version"] is None:
+            retier.add(row.member_uid)
+            existing = await store.select_purchase_replay(conn, purchase.partner, purchase.purchase_id)
+            try:
+                outcomes.append(Posted(replay(existing, row.request_hash), purchase.member_id, None))
+            except errors.KonvertError as refused:
+                outcomes.append(refused)
+            continue
+        if row.bucket == "available" and written["points_debt"] > 0:
+            await ledger.settle_debt(conn, row.member_uid, written["points_debt"])
+        outcomes.append(Posted(Outcome(row.response), purchase.member_id, written["version"]))
+    # A replayed posting earned nothing now, but its member's tier was carried as if it had:
+    # evaluate those members once more, exactly.
+    for member_uid in retier:
+        await tiers.reevaluate(conn, program, member_uid, now)
+    return outcomes
+
+
+async def _members_for(
+    conn: asyncpg.Connection, member_ids: list[str], window_start: datetime | None
+) -> list[asyncpg.Record]:
+    """One row per member id, creating members seen for the first time."""
+    members = await store.select_members_with_new_ids(conn, member_ids, window_start)
+    unknown = [i for i, member in enumerate(members) if member["member_uid"] is None]
+    if unknown:
+        for member_id in sorted({member_ids[i] for i in unknown}):
+            await ledger.ensure_member(conn, member_id)
+        again = await store.select_members_with_new_ids(conn, [member_ids[i] for i in unknown], window_start)
+        for i, member in zip(unknown, again, strict=True):
+            members[i] = member
+    return members
+
+
+async def _prepare(
+    services: Services,
+    conn: asyncpg.Connection,
+    posting: Posting,
+    member: asyncpg.Record,
+    carried: dict[int, tuple[str | None, datetime | None, int]],
+    now: datetime,
+    window_start: datetime | None,
+) -> tuple[store.PurchaseRow, Posting]:
+    """The row that records one purchase: its points at the member's tier, its response, and
+    the member's tier after it."""
+    program = services.program
+    purchase = posting.purchase
+    member_uid = member["member_uid"]
+    tier, below_since, qualifying = carried.get(
+        member_uid,
+        (member["tier"], member["tier_below_since"], member["qualifying_points"] if window_start else member["tier_qualifying_points"]),
+    )
+    multiplier, tier_name = tiers.tier_multiplier(program, tier)
+    earning = posting.base_earning
+    if multiplier != 1:
+        earning = rules.compute_earning(program, purchase, tier_multiplier=multiplier, tier_name=tier_name)
+    if window_start is not None:
+        qualifying += earning.points
+        standing = tiers.evaluate_tier(program.tiers, qualifying, tier, below_since, now)
+        tier, below_since = standing.tier, standing.below_since
+    carried[member_uid] = (tier, below_since, qualifying)
+
     vests_at = purchase.occurred_at + timedelta(days=program.points.return_window_days)
     bucket = "pending" if vests_at > now else "available"
     expires_at = expiry_for(now, program.points)
-    window_start = now - timedelta(days=program.tiers.window_days) if program.tiers.levels else None
-
-    member = await store.select_member_with_new_ids(conn, purchase.member_id, window_start)
-    if member is None:
-        await ledger.ensure_member(conn, purchase.member_id)
-        member = await store.select_member_with_new_ids(conn, purchase.member_id, window_start)
-    multiplier, tier_name = tiers.tier_multiplier(program, member["tier"])
-    earning = base_earning
-    if multiplier != 1:
-        earning = rules.compute_earning(program, purchase, tier_multiplier=multiplier, tier_name=tier_name)
-    standing = tiers.TierStanding(member["tier"], member["tier_below_since"])
-    qualifying = member["tier_qualifying_points"]
-    if window_start is not None:
-        qualifying = member["qualifying_points"] + earning.points
-        standing = tiers.evaluate_tier(program.tiers, qualifying, member["tier"], member["tier_below_since"], now)
     has_points = earning.points > 0
     response = _encode(
         PurchaseOut(
@@ -166,35 +238,29 @@ async def write_purchase(
             transfer_id=member["transfer_id"] if has_points else None,
         )
     )
-    written = await store.insert_purchase(
-        conn,
+    row = store.PurchaseRow(
         partner=purchase.partner,
         purchase_id=purchase.purchase_id,
-        member_uid=member["member_uid"],
+        member_uid=member_uid,
         currency=purchase.currency,
         occurred_at=purchase.occurred_at,
         total_amount=sum(line.amount for line in purchase.lines) + purchase.shipping + purchase.tax,
         points=earning.points,
-        refund_state=_encode(rules.refund_state_for(purchase, earning)),
+        refund_state=_encode(rules.refund_state_for(purchase, earning)).decode(),
         lot_id=member["lot_id"],
         transfer_id=member["transfer_id"],
-        request_hash=digest,
+        request_hash=request_hash(purchase),
         response=response,
         bucket=bucket,
         vests_at=vests_at,
         expires_at=expires_at,
         issued_account_id=await services.accounts.id(conn, "points", f"issued:{purchase.partner}"),
-        tier=standing.tier,
-        tier_below_since=standing.below_since,
+        tier=tier,
+        tier_below_since=below_since,
         tier_qualifying_points=qualifying,
         tier_evaluated_at=now if window_start is not None else None,
     )
-    if written is None:
-        existing = await store.select_purchase_replay(conn, purchase.partner, purchase.purchase_id)
-        return Posted(replay(existing, digest), purchase.member_id, None)
-    if bucket == "available" and written["points_debt"] > 0:
-        await ledger.settle_debt(conn, member["member_uid"], written["points_debt"])
-    return Posted(Outcome(response), purchase.member_id, written["version"])
+    return row, posting
 
 
 async def refund_purchase(services: Services, purchase_id: str, refund: RefundIn) -> Outcome:

@@ -3,85 +3,95 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import NamedTuple
 
 import asyncpg
 
 from konvert.tiers import qualifying_points_sql
 
 
-async def select_member_with_new_ids(
-    conn: asyncpg.Connection, member_id: str, tier_window_start: datetime | None
-) -> asyncpg.Record | None:
-    """The member's uid and tier, the points qualifying for tiers since ``tier_window_start``
-    (skipped when None), and a fresh lot id and transfer id, in one round trip.
+async def select_members_with_new_ids(
+    conn: asyncpg.Connection, member_ids: list[str], tier_window_start: datetime | None
+) -> list[asyncpg.Record]:
+    """For each member id (in order, one row each, member_uid null for an unknown member): its
+    uid and tier, the points qualifying for tiers since ``tier_window_start`` (0 when None), and
+    a fresh lot id and transfer id. All in one pipelined round trip.
 
-    Taking the ids up front lets the response (which names them) be built before the insert,
+    Taking the ids up front lets each response (which names them) be built before the insert,
     so the purchase row can store it in the same statement.
     """
-    return await conn.fetchrow(_SELECT_MEMBER_WITH_NEW_IDS, member_id, tier_window_start)
+    return await conn.fetchmany(_SELECT_MEMBER_WITH_NEW_IDS, [(member_id, tier_window_start) for member_id in member_ids])
 
 
 _SELECT_MEMBER_WITH_NEW_IDS = f"""
     select m.member_uid, m.tier, m.tier_below_since, m.tier_qualifying_points,
            nextval('lots_lot_id_seq') as lot_id, nextval('transfers_transfer_id_seq') as transfer_id,
-           case when $2::timestamptz is null then 0
+           case when $2::timestamptz is null or m.member_uid is null then 0
                 else {qualifying_points_sql("m.member_uid", "$2")} end as qualifying_points
-    from members m where m.member_id = $1
+    from (select $1::text as member_id) r left join members m on m.member_id = r.member_id
 """
 
 
-async def insert_purchase(
-    conn: asyncpg.Connection,
-    *,
-    partner: str,
-    purchase_id: str,
-    member_uid: int,
-    currency: str,
-    occurred_at: datetime,
-    total_amount: int,
-    points: int,
-    refund_state: bytes,
-    lot_id: int,
-    transfer_id: int,
-    request_hash: bytes,
-    response: bytes,
-    bucket: str,
-    vests_at: datetime,
-    expires_at: datetime | None,
-    issued_account_id: int,
-    tier: str | None,
-    tier_below_since: datetime | None,
-    tier_qualifying_points: int,
-    tier_evaluated_at: datetime | None,
-) -> asyncpg.Record | None:
-    """Record a purchase with its lot, earn transfer and balance change in one statement.
+class PurchaseRow(NamedTuple):
+    """The arguments of one purchase for INSERT_PURCHASE, in its parameter order."""
 
-    Returns the member's new (version, points_debt), or None if the purchase id was taken (by
-    this or another request): then nothing was written.
+    partner: str
+    purchase_id: str
+    member_uid: int
+    currency: str
+    occurred_at: datetime
+    total_amount: int
+    points: int
+    refund_state: str
+    lot_id: int
+    transfer_id: int
+    request_hash: bytes
+    response: bytes
+    bucket: str
+    vests_at: datetime
+    expires_at: datetime | None
+    issued_account_id: int
+    tier: str | None
+    tier_below_since: datetime | None
+    tier_qualifying_points: int
+    tier_evaluated_at: datetime | None
+
+
+async def insert_purchases(conn: asyncpg.Connection, rows: list[PurchaseRow]) -> list[asyncpg.Record]:
+    """Record purchases with their lots, earn transfers and balance changes: one statement each,
+    all pipelined in one round trip, in order.
+
+    Each gives one row: the member's new (version, points_debt), or nulls if the purchase id was
+    taken (by an earlier row, this batch or another request): then that one wrote nothing.
     """
-    return await conn.fetchrow(
-        """
-        with purchase as (
-            insert into purchases (partner, purchase_id, member_uid, currency, occurred_at, total_amount, points,
-                                   refund_state, lot_id, transfer_id, request_hash, response)
-            values ($1, $2, $3::bigint, $4, $5, $6::bigint, $7::bigint, $8::text::jsonb,
-                    case when $7::bigint > 0 then $9::bigint end, case when $7::bigint > 0 then $10::bigint end,
-                    $11, $12)
-            on conflict (partner, purchase_id) do nothing
-            returning purchase_pk
-        ), lot as (
-            insert into lots (lot_id, member_uid, amount, remaining, state, vests_at, expires_at)
-            overriding system value
-            select $9, $3, $7, $7, $13::text, $14, $15 from purchase where $7 > 0
-        ), transfer as (
-            insert into transfers (transfer_id, member_uid, asset, debit_account_id, credit_account_id, amount,
-                                   code, cause_type, cause_ref, lot_id, reason)
-            overriding system value
-            select $10, $3, 'points', $16,
-                   (select account_id from accounts where member_uid = $3 and asset = 'points' and name = $13::text),
-                   $7, 'earn', 'purchase', $1 || '/' || $2, $9, 'points for purchase'
-            from purchase where $7 > 0
-        )
+    return await conn.fetchmany(INSERT_PURCHASE, rows)
+
+
+# A purchase with its lot, earn transfer and balance change, in one statement. Parameters are
+# PurchaseRow's fields in order. It always returns one row: the member's new version and debt, or
+# nulls when the purchase id was taken (then nothing was written).
+INSERT_PURCHASE = """
+    with purchase as (
+        insert into purchases (partner, purchase_id, member_uid, currency, occurred_at, total_amount, points,
+                               refund_state, lot_id, transfer_id, request_hash, response)
+        values ($1, $2, $3::bigint, $4, $5, $6::bigint, $7::bigint, $8::text::jsonb,
+                case when $7::bigint > 0 then $9::bigint end, case when $7::bigint > 0 then $10::bigint end,
+                $11, $12)
+        on conflict (partner, purchase_id) do nothing
+        returning purchase_pk
+    ), lot as (
+        insert into lots (lot_id, member_uid, amount, remaining, state, vests_at, expires_at)
+        overriding system value
+        select $9, $3, $7, $7, $13::text, $14, $15 from purchase where $7 > 0
+    ), transfer as (
+        insert into transfers (transfer_id, member_uid, asset, debit_account_id, credit_account_id, amount,
+                               code, cause_type, cause_ref, lot_id, reason)
+        overriding system value
+        select $10, $3, 'points', $16,
+               (select account_id from accounts where member_uid = $3 and asset = 'points' and name = $13::text),
+               $7, 'earn', 'purchase', $1 || '/' || $2, $9, 'points for purchase'
+        from purchase where $7 > 0
+    ), updated as (
         update members
         set points_pending = points_pending + case when $13::text = 'pending' then $7 else 0 end,
             points_available = points_available + case when $13::text = 'available' then $7 else 0 end,
@@ -91,28 +101,9 @@ async def insert_purchase(
             version = version + 1
         where member_uid = $3 and exists (select 1 from purchase)
         returning version, points_debt
-        """,
-        partner,
-        purchase_id,
-        member_uid,
-        currency,
-        occurred_at,
-        total_amount,
-        points,
-        refund_state.decode(),
-        lot_id,
-        transfer_id,
-        request_hash,
-        response,
-        bucket,
-        vests_at,
-        expires_at,
-        issued_account_id,
-        tier,
-        tier_below_since,
-        tier_qualifying_points,
-        tier_evaluated_at,
     )
+    select (select version from updated) as version, (select points_debt from updated) as points_debt
+"""
 
 
 async def select_purchase_replay(
