@@ -62,6 +62,7 @@ def create_app(settings: Settings, program: Program | None = None) -> KonvertApp
         services = await Services.open(settings, program)
         app.state.services = services
         await seed_rewards(services)
+        await services.accounts.warm(services.pool, system_accounts(program))
         services.purchases = purchase_batcher(services)
         services.purchases.start()
         runner = asyncio.create_task(jobs.run_forever(services)) if settings.jobs_interval_seconds > 0 else None
@@ -103,6 +104,13 @@ def create_app(settings: Settings, program: Program | None = None) -> KonvertApp
     )
     app.observer = RequestObserver(settings)
     return app
+
+
+def system_accounts(program: Program) -> list[tuple[str, str]]:
+    """The system accounts this program's writes use (kudos sources are created as they come)."""
+    names = [("points", f"issued:{partner.id}") for partner in program.partners]
+    names += [("points", name) for name in ("redeemed", "expired", "adjustments", "preferences")]
+    return names
 
 
 def _services(request: Request[Any, Any, Any]) -> Services:

@@ -28,6 +28,10 @@ from konvert.errors import KonvertError
 
 log = logging.getLogger("konvert.batching")
 
+
+class RetryAlone(Exception):
+    """Raised by a batch writer that cannot settle its batch in one pass (rolls the batch back)."""
+
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
@@ -102,14 +106,17 @@ class GroupCommit(Generic[Item, Result]):
             batch.sort(key=lambda entry: self._sort_key(entry[0]))
             try:
                 outcomes = await self._write_together(batch)
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError, RetryAlone) as exc:
                 log.warning("batch failed; writing its items one by one", extra={"size": len(batch), "error": repr(exc)})
                 outcomes = [await self._write_alone(item) for item, _ in batch]
+            # After-commit steps (cache invalidations) run side by side: a slow Redis costs the
+            # batch one timeout, not one per item.
+            committed = [outcome for outcome in outcomes if not isinstance(outcome, BaseException)]
+            await asyncio.gather(*(self._after_commit_safely(outcome) for outcome in committed))
             for (_, future), outcome in zip(batch, outcomes, strict=True):
                 if isinstance(outcome, BaseException):
                     _settle(future, error=outcome)
                 else:
-                    await self._after_commit_safely(outcome)
                     _settle(future, result=outcome)
             self.batches_written += 1
             self.items_written += len(batch)

@@ -112,10 +112,16 @@ class BalanceCache:
         await self._put(member_id, version, body)
 
     async def invalidate(self, member_id: str, version: int) -> None:
-        """After a committed write at ``version``: no reader may serve an older balance."""
-        if not await self._put(member_id, version, b""):
-            # If Redis refused the tombstone we cannot vouch for what it holds; drop it.
-            await self.forget(member_id)
+        """After a committed write at ``version``: no reader may serve an older balance.
+
+        The tombstone (version, no body) is what keeps a slower reader from caching an older
+        balance; a plain DEL would not. When Redis cannot be reached at all, entries expire
+        after ``balance_cache_ttl_seconds``, which bounds how long an older balance can live.
+        """
+        # Unlike reads, invalidations do not skip Redis while the breaker is open: a missed
+        # tombstone would let an older balance be served. Batches run them concurrently, so a
+        # silent Redis costs a write one timeout, not one per member.
+        await self._put(member_id, version, b"", even_if_breaker_open=True)
 
     async def forget(self, member_id: str) -> None:
         try:
@@ -123,14 +129,20 @@ class BalanceCache:
         except (RedisError, OSError) as exc:
             self._failed("forget", exc)
 
-    async def _put(self, member_id: str, version: int, body: bytes) -> bool:
-        if not self._available():
+    async def _put(self, member_id: str, version: int, body: bytes, *, even_if_breaker_open: bool = False) -> bool:
+        if not (even_if_breaker_open or self._available()):
             return False
+        key = balance_key(member_id)
         try:
             if self._reader is not None:
-                await self._eval_put(balance_key(member_id), version, body)
-            else:
-                await self._put_if_newer(keys=[balance_key(member_id)], args=[version, body, self._ttl_seconds])
+                try:
+                    await self._eval_put(key, version, body)
+                    return True
+                except RedisUnavailable as exc:
+                    if "no reply within" in str(exc):
+                        raise  # Redis is slow, not the connection broken: do not wait twice
+                    # The multiplexed connection may be what failed: try the pooled client once.
+            await self._put_if_newer(keys=[key], args=[version, body, self._ttl_seconds])
             return True
         except (RedisError, OSError) as exc:
             self._failed("put", exc)

@@ -108,6 +108,15 @@ async def migrate_url(database_url: str) -> list[Migration]:
         await conn.close()
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Replaces asyncpg's reset query (a round trip on every release of a connection).
+
+    konvert keeps no session state on pooled connections: every SET is LOCAL to its transaction,
+    session advisory locks are released explicitly (and a connection that fails to release one
+    is terminated), nothing LISTENs. asyncpg itself still rolls back an open transaction.
+    """
+
+
 async def create_pool(settings: Settings) -> asyncpg.Pool:
     statement_timeout_ms = str(int(settings.db_statement_timeout_seconds * 1000))
     return await asyncpg.create_pool(
@@ -117,4 +126,5 @@ async def create_pool(settings: Settings) -> asyncpg.Pool:
         timeout=settings.db_connect_timeout_seconds,
         command_timeout=settings.db_statement_timeout_seconds + 1,
         server_settings={"statement_timeout": statement_timeout_ms, "application_name": "konvert"},
+        reset=_keep_session,
     )

@@ -126,16 +126,24 @@ class MultiplexedRedis:
                 _, protocol = await asyncio.wait_for(connect, self._timeout_seconds)
             except (OSError, TimeoutError) as exc:
                 raise RedisUnavailable(f"cannot connect: {exc!r}") from exc
+            # Published only once authenticated and on the URL's database: a command sent
+            # earlier would run as the wrong user or on database 0.
+            try:
+                if self._password is not None:
+                    auth = ("AUTH", self._username, self._password) if self._username else ("AUTH", self._password)
+                    await self._handshake(protocol, auth)
+                if self._db:
+                    await self._handshake(protocol, ("SELECT", self._db))
+            except (RedisUnavailable, TimeoutError) as exc:
+                protocol.fail_all(RedisUnavailable("handshake failed"))
+                if protocol.transport is not None:
+                    protocol.transport.abort()
+                raise RedisUnavailable(f"handshake failed: {exc}") from exc
             self._protocol = protocol
-            if self._password is not None:
-                await self._handshake(("AUTH", self._username, self._password) if self._username else ("AUTH", self._password))
-            if self._db:
-                await self._handshake(("SELECT", self._db))
             return protocol
 
-    async def _handshake(self, command: tuple[Any, ...]) -> None:
-        protocol = self._protocol
-        assert protocol is not None and protocol.transport is not None
+    async def _handshake(self, protocol: _Protocol, command: tuple[Any, ...]) -> None:
+        assert protocol.transport is not None
         waiter = asyncio.get_running_loop().create_future()
         protocol.waiters.append(waiter)
         protocol.transport.write(_encode(command))

@@ -17,7 +17,10 @@ def decode_cursor(kind: str, cursor: str) -> int:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         if not text.startswith(kind):
             raise ValueError(text)
-        return int(text[len(kind) :])
+        last_id = int(text[len(kind) :])
+        if not 0 < last_id < 2**63:  # ids are positive bigints
+            raise ValueError(text)
+        return last_id
     except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors too
         raise errors.ValidationFailed(
             "cursor is not one this API gave out", errors=[{"field": "cursor", "message": "invalid cursor"}]

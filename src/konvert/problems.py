@@ -146,6 +146,10 @@ def handle_database_error(request: Request[Any, Any, Any], exc: asyncpg.Postgres
     constraint = getattr(exc, "constraint_name", None)
     if constraint in CONSTRAINT_ERRORS:
         return problem_response(request, CONSTRAINT_ERRORS[constraint](f"conflicts with existing data ({constraint})"))
+    if isinstance(exc, asyncpg.DataError):
+        # SQLSTATE class 22: a value PostgreSQL cannot store (out of range, untranslatable
+        # character). The request is at fault; retrying it cannot help.
+        return problem_response(request, errors.ValidationFailed("a value is out of range or cannot be stored"))
     if isinstance(exc, asyncpg.QueryCanceledError):
         return problem_response(request, errors.ServiceUnavailable("the database took too long to answer"))
     log.exception("database error")

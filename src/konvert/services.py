@@ -26,17 +26,39 @@ from konvert.settings import Settings
 
 @dataclass
 class SystemAccounts:
-    """Ids of the program's system accounts, created on first use and then remembered."""
+    """Ids of the program's system accounts, created on first use and then remembered.
 
+    An account is created on a connection of its own that commits at once, never inside the
+    caller's transaction: if that transaction rolled back, a remembered id would point at a row
+    that does not exist. ``warm`` creates the known ones at start-up.
+    """
+
+    database_url: str
     _ids: dict[tuple[str, str], int] = field(default_factory=dict)
 
     async def id(self, conn: asyncpg.Connection, asset: str, name: str) -> int:
         key = (asset, name)
         account_id = self._ids.get(key)
         if account_id is None:
-            account_id = await store.ensure_system_account(conn, asset, name)
+            account_id = await conn.fetchval(
+                "select account_id from accounts where member_uid is null and asset = $1 and name = $2", asset, name
+            )
+            if account_id is None:
+                account_id = await self._create(asset, name)
             self._ids[key] = account_id
         return account_id
+
+    async def _create(self, asset: str, name: str) -> int:
+        own = await asyncpg.connect(self.database_url)
+        try:
+            return await store.ensure_system_account(own, asset, name)
+        finally:
+            await own.close()
+
+    async def warm(self, pool: asyncpg.Pool, names: list[tuple[str, str]]) -> None:
+        async with pool.acquire() as conn:
+            for asset, name in names:
+                await self.id(conn, asset, name)
 
 
 @dataclass
@@ -64,7 +86,7 @@ class Services:
             redis=client,
             keys=KeyVerifier(pool, settings.auth_cache_seconds),
             balances=BalanceCache.for_settings(client, settings),
-            accounts=SystemAccounts(),
+            accounts=SystemAccounts(settings.database_url),
         )
 
     async def close(self) -> None:

@@ -427,10 +427,11 @@ def test_decimal_arithmetic_is_exact() -> None:
 
 def test_decimal_arithmetic_is_exact_for_the_largest_amounts() -> None:
     program = make_program('[[earning.rates]]\ncurrency = "EUR"\npoints_per_unit = 3.33\n')
-    # 100000 x 9,999,999,999.99 EUR = 999,999,999,999,000 EUR; x 3.33 = 3,329,999,999,996,670 exactly.
-    result = compute_earning(program, purchase(line("a", 999_999_999_999, 100_000)))
+    # The largest total a purchase may have (PURCHASE_TOTAL_MAX, 10**15 minor units):
+    # 100000 x 99,999,999.99 EUR = 9,999,999,999,000 EUR; x 3.33 = 33,299,999,996,670 exactly.
+    result = compute_earning(program, purchase(line("a", 9_999_999_999, 100_000)))
 
-    assert result.points == 3_329_999_999_996_670
+    assert result.points == 33_299_999_996_670
     assert len(result.lines[0].rules) == 1
 
 

@@ -7,25 +7,30 @@ yen for JPY); points are integers. Neither is ever a float.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
 
-from konvert.ledger.model import MemberId
+from konvert.ledger.model import NO_CONTROL_CHARACTERS, NO_NUL, MemberId
 
-LineId = Annotated[str, Meta(min_length=1, max_length=64)]
-Sku = Annotated[str, Meta(min_length=1, max_length=128)]
-Category = Annotated[str, Meta(min_length=1, max_length=128)]
+LineId = Annotated[str, Meta(min_length=1, max_length=64, pattern=NO_CONTROL_CHARACTERS)]
+Sku = Annotated[str, Meta(min_length=1, max_length=128, pattern=NO_CONTROL_CHARACTERS)]
+Category = Annotated[str, Meta(min_length=1, max_length=128, pattern=NO_CONTROL_CHARACTERS)]
 Quantity = Annotated[int, Meta(ge=1, le=100_000)]
 MinorAmount = Annotated[
     int, Meta(ge=0, le=10**12, description="An amount in minor currency units, e.g. cents for EUR.")
 ]
-PurchaseId = Annotated[str, Meta(min_length=1, max_length=128)]
-PartnerId = Annotated[str, Meta(min_length=1, max_length=64)]
+PurchaseId = Annotated[str, Meta(min_length=1, max_length=128, pattern=NO_CONTROL_CHARACTERS)]
+PartnerId = Annotated[str, Meta(min_length=1, max_length=64, pattern=NO_CONTROL_CHARACTERS)]
 CurrencyCode = Annotated[str, Meta(pattern=r"^[A-Z]{3}$", description="ISO 4217 code, e.g. EUR.")]
 AwareDatetime = Annotated[datetime, Meta(tz=True)]
+
+# Bounds no real purchase reaches, so that totals fit PostgreSQL's bigint with room to spare and
+# dates convert to UTC without overflowing.
+PURCHASE_TOTAL_MAX = 10**15
+OCCURRED_AT_MIN = datetime(2000, 1, 1, tzinfo=UTC)
 
 # Shipping and tax become lines with these ids when the program lets them earn, so a purchase
 # may not use them for its own lines: the two would be indistinguishable in results and refunds.
@@ -64,6 +69,11 @@ class PurchaseIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
         # campaign windows cannot be compared with a naive time.
         if self.occurred_at.tzinfo is None:
             raise ValueError("occurred_at: needs a UTC offset")
+        if not OCCURRED_AT_MIN <= self.occurred_at:
+            raise ValueError(f"occurred_at: must be after {OCCURRED_AT_MIN:%Y-%m-%d}")
+        total = sum(line.amount for line in self.lines) + self.shipping + self.tax
+        if total > PURCHASE_TOTAL_MAX:
+            raise ValueError(f"the purchase total must be at most {PURCHASE_TOTAL_MAX} minor units")
         seen: set[str] = set()
         for line in self.lines:
             if line.line_id in seen:
@@ -130,7 +140,7 @@ class PurchaseOut(msgspec.Struct, frozen=True, kw_only=True):
     transfer_id: int | None
 
 
-RefundId = Annotated[str, Meta(min_length=1, max_length=128)]
+RefundId = Annotated[str, Meta(min_length=1, max_length=128, pattern=NO_CONTROL_CHARACTERS)]
 
 
 class RefundLineIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -146,7 +156,7 @@ class RefundIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     partner: PartnerId | None = None
     lines: Annotated[tuple[RefundLineIn, ...], Meta(min_length=1, max_length=500)] | None = None
     amount: Annotated[int, Meta(ge=1, le=10**12)] | None = None
-    reason: Annotated[str, Meta(max_length=500)] | None = None
+    reason: Annotated[str, Meta(max_length=500, pattern=NO_NUL)] | None = None
 
     def __post_init__(self) -> None:
         if (self.lines is None) == (self.amount is None):
@@ -169,6 +179,8 @@ class RefundOut(msgspec.Struct, frozen=True, kw_only=True):
     points: int
     # Points that could not be clawed back because the balance may not go negative.
     shortfall: int
+    # Points not clawed back because they had expired already (the member lost them once).
+    already_expired: int
     lines: list[RefundLinePoints]
     bonus_points: int
     transfer_ids: list[int]

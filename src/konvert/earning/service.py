@@ -8,7 +8,7 @@ import asyncpg
 import msgspec
 
 from konvert import errors, tiers
-from konvert.batching import GroupCommit
+from konvert.batching import GroupCommit, RetryAlone
 from konvert.earning import rules, store
 from konvert.earning.model import (
     EarningResult,
@@ -133,28 +133,45 @@ async def write_purchase(
 async def write_purchases(
     services: Services, conn: asyncpg.Connection, postings: list[Posting]
 ) -> list[Posted | errors.KonvertError]:
-    """Write purchases inside the caller's transaction, in order, in two pipelined round trips
-    for the whole list: one reads every member (tier, qualifying points, fresh ids), one records
-    every purchase (purchase, lot, earn transfer, balance and tier in one statement each).
+    """Write purchases inside the caller's transaction, in order (sorted by member), in three
+    pipelined round trips for the whole list: lock every member and take fresh ids; see which
+    purchase ids are taken and what qualifies for tiers; record every purchase (purchase, lot,
+    earn transfer, balance and tier in one statement each).
 
-    A member's tier is carried from one of its purchases to the next within the list, so the
+    A member's tier is carried from one of its new purchases to the next within the list, so the
     outcome is the same as writing them one after another. A purchase id already taken yields
     its replay, or an IdempotencyConflict for that posting alone.
     """
     program = services.program
     now = services.clock()
     window_start = now - timedelta(days=program.tiers.window_days) if program.tiers.levels else None
-    members = await _members_for(conn, [p.purchase.member_id for p in postings], window_start)
+    members = await _lock_members(conn, [p.purchase.member_id for p in postings])
+    checks = await store.select_taken_and_qualifying(
+        conn,
+        [(m["member_uid"], p.purchase.partner, p.purchase.purchase_id) for p, m in zip(postings, members, strict=True)],
+        window_start,
+    )
     carried: dict[int, tuple[str | None, datetime | None, int]] = {}
-    prepared = [await _prepare(services, conn, posting, member, carried, now, window_start) for posting, member in zip(postings, members, strict=True)]
-    written_rows = await store.insert_purchases(conn, [row for row, _ in prepared])
+    seen: set[tuple[str, str]] = set()
+    prepared = []
+    for posting, member, check in zip(postings, members, checks, strict=True):
+        key = (posting.purchase.partner, posting.purchase.purchase_id)
+        # Only a purchase that will really be written moves its member's tier.
+        expected_new = not check["taken"] and key not in seen
+        seen.add(key)
+        prepared.append(
+            await _prepare(services, conn, posting, member, check["qualifying_points"], carried, expected_new, now, window_start)
+        )
+    written_rows = await store.insert_purchases(conn, [row for row, _, _ in prepared])
 
     outcomes: list[Posted | errors.KonvertError] = []
-    retier: set[int] = set()
-    for (row, posting), written in zip(prepared, written_rows, strict=True):
+    for (row, posting, expected_new), written in zip(prepared, written_rows, strict=True):
         purchase = posting.purchase
         if written["version"] is None:
-            retier.add(row.member_uid)
+            if expected_new:
+                # Taken in the meantime by another member's batch: the tiers carried through
+                # this batch counted it. Start over, one posting at a time.
+                raise RetryAlone(f"purchase {purchase.partner}/{purchase.purchase_id} was taken concurrently")
             existing = await store.select_purchase_replay(conn, purchase.partner, purchase.purchase_id)
             try:
                 outcomes.append(Posted(replay(existing, row.request_hash), purchase.member_id, None))
@@ -164,23 +181,17 @@ async def write_purchases(
         if row.bucket == "available" and written["points_debt"] > 0:
             await ledger.settle_debt(conn, row.member_uid, written["points_debt"])
         outcomes.append(Posted(Outcome(row.response), purchase.member_id, written["version"]))
-    # A replayed posting earned nothing now, but its member's tier was carried as if it had:
-    # evaluate those members once more, exactly.
-    for member_uid in retier:
-        await tiers.reevaluate(conn, program, member_uid, now)
     return outcomes
 
 
-async def _members_for(
-    conn: asyncpg.Connection, member_ids: list[str], window_start: datetime | None
-) -> list[asyncpg.Record]:
-    """One row per member id, creating members seen for the first time."""
-    members = await store.select_members_with_new_ids(conn, member_ids, window_start)
+async def _lock_members(conn: asyncpg.Connection, member_ids: list[str]) -> list[asyncpg.Record]:
+    """One locked row per member id, creating members seen for the first time."""
+    members = await store.lock_members_with_new_ids(conn, member_ids)
     unknown = [i for i, member in enumerate(members) if member["member_uid"] is None]
     if unknown:
         for member_id in sorted({member_ids[i] for i in unknown}):
             await ledger.ensure_member(conn, member_id)
-        again = await store.select_members_with_new_ids(conn, [member_ids[i] for i in unknown], window_start)
+        again = await store.lock_members_with_new_ids(conn, [member_ids[i] for i in unknown])
         for i, member in zip(unknown, again, strict=True):
             members[i] = member
     return members
@@ -191,10 +202,12 @@ async def _prepare(
     conn: asyncpg.Connection,
     posting: Posting,
     member: asyncpg.Record,
+    qualifying_before: int,
     carried: dict[int, tuple[str | None, datetime | None, int]],
+    expected_new: bool,
     now: datetime,
     window_start: datetime | None,
-) -> tuple[store.PurchaseRow, Posting]:
+) -> tuple[store.PurchaseRow, Posting, bool]:
     """The row that records one purchase: its points at the member's tier, its response, and
     the member's tier after it."""
     program = services.program
@@ -202,17 +215,17 @@ async def _prepare(
     member_uid = member["member_uid"]
     tier, below_since, qualifying = carried.get(
         member_uid,
-        (member["tier"], member["tier_below_since"], member["qualifying_points"] if window_start else member["tier_qualifying_points"]),
+        (member["tier"], member["tier_below_since"], qualifying_before if window_start else member["tier_qualifying_points"]),
     )
     multiplier, tier_name = tiers.tier_multiplier(program, tier)
     earning = posting.base_earning
     if multiplier != 1:
         earning = rules.compute_earning(program, purchase, tier_multiplier=multiplier, tier_name=tier_name)
-    if window_start is not None:
+    if window_start is not None and expected_new:
         qualifying += earning.points
         standing = tiers.evaluate_tier(program.tiers, qualifying, tier, below_since, now)
         tier, below_since = standing.tier, standing.below_since
-    carried[member_uid] = (tier, below_since, qualifying)
+        carried[member_uid] = (tier, below_since, qualifying)
 
     vests_at = purchase.occurred_at + timedelta(days=program.points.return_window_days)
     bucket = "pending" if vests_at > now else "available"
@@ -260,7 +273,7 @@ async def _prepare(
         tier_qualifying_points=qualifying,
         tier_evaluated_at=now if window_start is not None else None,
     )
-    return row, posting
+    return row, posting, expected_new
 
 
 async def refund_purchase(services: Services, purchase_id: str, refund: RefundIn) -> Outcome:
@@ -292,6 +305,7 @@ async def refund_purchase(services: Services, purchase_id: str, refund: RefundIn
                 amount=plan.amount,
                 points=clawback.points,
                 shortfall=clawback.shortfall,
+                already_expired=clawback.already_expired,
                 lines=[RefundLinePoints(line_id, points) for line_id, points in plan.line_points],
                 bonus_points=plan.bonus_points_clawed,
                 transfer_ids=clawback.transfer_ids,
@@ -308,6 +322,7 @@ async def refund_purchase(services: Services, purchase_id: str, refund: RefundIn
             amount=plan.amount,
             points=clawback.points,
             shortfall=clawback.shortfall,
+            already_expired=clawback.already_expired,
             detail=_encode(plan),
             request_hash=digest,
             response=response,
@@ -332,6 +347,7 @@ async def _partner_of(conn: asyncpg.Connection, purchase_id: str) -> str:
 class Clawback(msgspec.Struct, frozen=True):
     points: int
     shortfall: int
+    already_expired: int
     transfer_ids: list[int]
     version: int | None
 
@@ -344,20 +360,23 @@ async def _claw_back(
     negative balance if the program allows it, else a recorded shortfall.
     """
     if points == 0:
-        return Clawback(0, 0, [], None)
+        return Clawback(0, 0, 0, [], None)
     member_uid = purchase["member_uid"]
     await ledger.lock_member(conn, member_uid)
     own_lot = await ledger.lock_lot(conn, purchase["lot_id"]) if purchase["lot_id"] else None
     own_take = min(points, own_lot["remaining"]) if own_lot is not None and own_lot["state"] != "expired" else 0
     own_bucket = own_lot["state"] if own_lot is not None else "available"
+    # What the purchase's lot lost to expiry was taken from the member once already.
+    expired = await store.select_unrefunded_expiry(conn, purchase["purchase_pk"], purchase["lot_id"]) if own_lot else 0
+    already_expired = min(points - own_take, expired)
     other_lots = await ledger.lock_available_lots(conn, member_uid, purchase["lot_id"])
-    other_takes, missing = ledger.plan_takes(other_lots, points - own_take)
+    other_takes, missing = ledger.plan_takes(other_lots, points - own_take - already_expired)
     allow_negative = services.program.points.allow_negative_balance
     debt = missing if allow_negative else 0
     shortfall = 0 if allow_negative else missing
 
     pending_points = own_take if own_bucket == "pending" else 0
-    available_points = points - shortfall - pending_points
+    available_points = points - already_expired - shortfall - pending_points
     accounts = await ledger.select_member_account_ids(conn, member_uid)
     issued = await services.accounts.id(conn, "points", f"issued:{purchase['partner']}")
     cause_ref = f"{purchase['partner']}/{purchase['purchase_id']}/{refund_id}"
@@ -390,6 +409,6 @@ async def _claw_back(
         available=-available_points,
         pending=-pending_points,
         debt=debt,
-        lifetime_earned=-(points - shortfall),
+        lifetime_earned=-(points - already_expired - shortfall),
     )
-    return Clawback(points - shortfall, shortfall, transfer_ids, version)
+    return Clawback(points - already_expired - shortfall, shortfall, already_expired, transfer_ids, version)

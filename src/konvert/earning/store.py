@@ -10,25 +10,43 @@ import asyncpg
 from konvert.tiers import qualifying_points_sql
 
 
-async def select_members_with_new_ids(
-    conn: asyncpg.Connection, member_ids: list[str], tier_window_start: datetime | None
-) -> list[asyncpg.Record]:
-    """For each member id (in order, one row each, member_uid null for an unknown member): its
-    uid and tier, the points qualifying for tiers since ``tier_window_start`` (0 when None), and
-    a fresh lot id and transfer id. All in one pipelined round trip.
+async def lock_members_with_new_ids(conn: asyncpg.Connection, member_ids: list[str]) -> list[asyncpg.Record]:
+    """For each member id (in order, one row each; member_uid null for an unknown member): lock
+    the member's row and return its uid and tier, with a fresh lot id and transfer id. All in one
+    pipelined round trip; callers pass the ids sorted, so concurrent batches lock in one order.
 
     Taking the ids up front lets each response (which names them) be built before the insert,
     so the purchase row can store it in the same statement.
     """
-    return await conn.fetchmany(_SELECT_MEMBER_WITH_NEW_IDS, [(member_id, tier_window_start) for member_id in member_ids])
+    return await conn.fetchmany(_LOCK_MEMBER_WITH_NEW_IDS, [(member_id,) for member_id in member_ids])
 
 
-_SELECT_MEMBER_WITH_NEW_IDS = f"""
+_LOCK_MEMBER_WITH_NEW_IDS = """
     select m.member_uid, m.tier, m.tier_below_since, m.tier_qualifying_points,
-           nextval('lots_lot_id_seq') as lot_id, nextval('transfers_transfer_id_seq') as transfer_id,
-           case when $2::timestamptz is null or m.member_uid is null then 0
-                else {qualifying_points_sql("m.member_uid", "$2")} end as qualifying_points
-    from (select $1::text as member_id) r left join members m on m.member_id = r.member_id
+           nextval('lots_lot_id_seq') as lot_id, nextval('transfers_transfer_id_seq') as transfer_id
+    from (select $1::text as member_id) r
+    left join lateral (select * from members where member_id = r.member_id for update) m on true
+"""
+
+
+async def select_taken_and_qualifying(
+    conn: asyncpg.Connection, keys: list[tuple[int, str, str]], tier_window_start: datetime | None
+) -> list[asyncpg.Record]:
+    """For each (member_uid, partner, purchase_id): whether the purchase id is taken already, and
+    the member's points qualifying for tiers since ``tier_window_start`` (0 when None).
+
+    Asked after the members are locked, so it sees every purchase committed by batches that
+    held those locks before.
+    """
+    return await conn.fetchmany(
+        _SELECT_TAKEN_AND_QUALIFYING, [(uid, partner, purchase_id, tier_window_start) for uid, partner, purchase_id in keys]
+    )
+
+
+_SELECT_TAKEN_AND_QUALIFYING = f"""
+    select exists (select 1 from purchases where partner = $2 and purchase_id = $3) as taken,
+           case when $4::timestamptz is null then 0 else {qualifying_points_sql("$1::bigint", "$4")} end
+               as qualifying_points
 """
 
 
@@ -164,6 +182,7 @@ async def insert_refund(
     amount: int,
     points: int,
     shortfall: int,
+    already_expired: int,
     detail: bytes,
     request_hash: bytes,
     response: bytes,
@@ -171,8 +190,8 @@ async def insert_refund(
     await conn.execute(
         """
         insert into refunds (purchase_pk, refund_id, member_uid, amount, points, shortfall, detail,
-                             request_hash, response)
-        values ($1, $2, $3, $4, $5, $6, $7::text::jsonb, $8, $9)
+                             request_hash, response, already_expired)
+        values ($1, $2, $3, $4, $5, $6, $7::text::jsonb, $8, $9, $10)
         """,
         purchase_pk,
         refund_id,
@@ -183,4 +202,17 @@ async def insert_refund(
         detail.decode(),
         request_hash,
         response,
+        already_expired,
+    )
+
+
+async def select_unrefunded_expiry(conn: asyncpg.Connection, purchase_pk: int, lot_id: int) -> int:
+    """Points of the purchase's lot that expired and that no refund has counted yet."""
+    return await conn.fetchval(
+        """
+        select coalesce((select sum(amount) from lot_entries where lot_id = $2 and kind = 'expire'), 0)
+             - coalesce((select sum(already_expired) from refunds where purchase_pk = $1), 0)
+        """,
+        purchase_pk,
+        lot_id,
     )

@@ -8,7 +8,11 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
-MemberId = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")]
+# Ids travel through URLs, logs and PostgreSQL text: no control characters (PostgreSQL cannot
+# even store NUL). Free text may hold line breaks and tabs, never NUL.
+NO_CONTROL_CHARACTERS = r"^[^\x00-\x1f\x7f]+$"
+NO_NUL = r"^[^\x00]*$"
+MemberId = Annotated[str, Meta(min_length=1, max_length=128, pattern=NO_CONTROL_CHARACTERS)]
 
 
 class ExpiringPoints(msgspec.Struct, frozen=True):

@@ -8,12 +8,14 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from konvert.ledger.model import NO_CONTROL_CHARACTERS, NO_NUL
+
 RewardId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")]
-RedemptionId = Annotated[str, Meta(min_length=1, max_length=128)]
-AdjustmentId = Annotated[str, Meta(min_length=1, max_length=128)]
+RedemptionId = Annotated[str, Meta(min_length=1, max_length=128, pattern=NO_CONTROL_CHARACTERS)]
+AdjustmentId = Annotated[str, Meta(min_length=1, max_length=128, pattern=NO_CONTROL_CHARACTERS)]
 PositivePoints = Annotated[int, Meta(ge=1, le=1_000_000_000)]
 SignedPoints = Annotated[int, Meta(ge=-1_000_000_000, le=1_000_000_000)]
-Note = Annotated[str, Meta(max_length=1000)]
+Note = Annotated[str, Meta(max_length=1000, pattern=NO_NUL)]
 
 RedemptionStatus = Literal["held", "captured", "released", "expired", "cancelled"]
 
@@ -21,9 +23,9 @@ RedemptionStatus = Literal["held", "captured", "released", "expired", "cancelled
 class RewardIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """A reward as an operator defines it (PUT replaces the whole reward)."""
 
-    name: Annotated[str, Meta(min_length=1, max_length=200)]
+    name: Annotated[str, Meta(min_length=1, max_length=200, pattern=NO_NUL)]
     cost_points: PositivePoints
-    description: Annotated[str, Meta(max_length=2000)] = ""
+    description: Annotated[str, Meta(max_length=2000, pattern=NO_NUL)] = ""
     stock: Annotated[int, Meta(ge=0, le=1_000_000_000)] | None = None
     available_from: Annotated[datetime, Meta(tz=True)] | None = None
     available_until: Annotated[datetime, Meta(tz=True)] | None = None
@@ -86,7 +88,7 @@ class AdjustmentIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     adjustment_id: AdjustmentId
     # Signed: positive credits points (a new lot), negative takes available points.
     points: SignedPoints
-    reason_code: Annotated[str, Meta(min_length=1, max_length=64)]
+    reason_code: Annotated[str, Meta(min_length=1, max_length=64, pattern=NO_CONTROL_CHARACTERS)]
     note: Note = ""
 
     def __post_init__(self) -> None:

@@ -396,11 +396,13 @@ async def adjust(services: Services, member_id: str, adjustment: AdjustmentIn, p
     now = services.clock()
     digest = request_hash(member_id, adjustment)
     async with services.pool.acquire() as conn, conn.transaction():
+        member_uid = await ledger.ensure_member(conn, member_id)
+        member = await ledger.lock_member(conn, member_uid)
+        # After the member's lock: a concurrent identical request has committed by now, and
+        # this one replays it instead of tripping over its unique key.
         existing = await store.select_adjustment_replay(conn, adjustment.adjustment_id)
         if existing is not None:
             return replay(existing, digest)
-        member_uid = await ledger.ensure_member(conn, member_id)
-        member = await ledger.lock_member(conn, member_uid)
         accounts = await ledger.select_member_account_ids(conn, member_uid)
         system = await services.accounts.id(conn, "points", "adjustments")
         points = abs(adjustment.points)

@@ -285,9 +285,10 @@ async def writing(conn: asyncpg.Connection) -> AsyncIterator[None]:
     finally:
         try:
             await conn.execute("select pg_advisory_unlock_shared($1)", LOCK_KEY)
-        except (asyncpg.PostgresError, OSError):  # the session ends, and its locks with it
+        except BaseException:  # also on cancellation: the session must not keep the lock
             log.warning("could not release the leaderboard lock; closing the connection")
             conn.terminate()
+            raise
 
 
 # --- rebuild --------------------------------------------------------------------------------
@@ -317,7 +318,11 @@ async def rebuild(services: Services, *, only_if_missing: bool = False) -> Rebui
             boards.missed_change = False
             return report
         finally:
-            await conn.execute("select pg_advisory_unlock($1)", LOCK_KEY)
+            try:
+                await conn.execute("select pg_advisory_unlock($1)", LOCK_KEY)
+            except BaseException:  # the session must not keep the lock: end it
+                conn.terminate()
+                raise
 
 
 async def _build(conn: asyncpg.Connection, client: redis.Redis, keys: KeySpace) -> RebuildReport:

@@ -1,0 +1,403 @@
+"""Review findings: each test here demonstrates a defect (it fails until the defect is fixed).
+
+See the review report for the analysis and the recommended fix of each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+import msgspec
+import pytest
+from litestar.testing import AsyncTestClient
+
+from konvert import auth
+from konvert.app import create_app
+from konvert.earning import service as earning
+from konvert.earning.model import PurchaseIn
+from konvert.program import parse_program
+from konvert.redemption.service import expire_due_lots
+from konvert.services import Services
+from tests.conftest import TEST_PROGRAM, make_settings
+from tests.integration.test_purchases import line, purchase
+
+
+async def _admin_key(database_url: str) -> str:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return (await auth.insert_key(conn, "review", ["admin"]))[0]
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def post(client, admin_headers):
+    async def post(path: str, body: dict[str, Any] | None = None):
+        return await client.post(path, json=body, headers=admin_headers)
+
+    return post
+
+
+@pytest.fixture
+async def balance(client, admin_headers):
+    async def balance(member_id: str) -> dict[str, Any]:
+        response = await client.get(f"/v1/members/{member_id}/balance", headers=admin_headers)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    return balance
+
+
+@pytest.fixture
+def clock(client, services):
+    moved = [client.app.state.services, services]
+    originals = [s.clock for s in moved]
+
+    class Clock:
+        offset = timedelta()
+
+        def advance(self, **delta: float) -> None:
+            self.offset += timedelta(**delta)
+            for target, original in zip(moved, originals, strict=True):
+                target.clock = lambda original=original: original() + self.offset
+
+    yield Clock()
+    for target, original in zip(moved, originals, strict=True):
+        target.clock = original
+
+
+@pytest.fixture
+async def fresh_api(fresh_database_url, redis_url, program):
+    """An app of its own on an empty, migrated database (system accounts not created yet)."""
+    settings = make_settings(fresh_database_url, redis_url)
+    headers = {"Authorization": f"Bearer {await _admin_key(fresh_database_url)}"}
+    async with AsyncTestClient(create_app(settings, program)) as client:
+
+        async def post(path: str, body: dict[str, Any] | None = None):
+            return await client.post(path, json=body, headers=headers)
+
+        client.post_json = post
+        client.database_url = fresh_database_url
+        yield client
+
+
+# --- 1. system account ids cached from a rolled-back transaction ---------------------------
+
+
+async def test_a_refused_first_adjustment_does_not_break_later_adjustments(fresh_api):
+    refused = await fresh_api.post_json(
+        "/v1/members/ann/adjustments", {"adjustment_id": "a1", "points": -10, "reason_code": "correction"}
+    )
+    assert (refused.status_code, refused.json()["code"]) == (409, "insufficient_points")
+
+    credit = await fresh_api.post_json(
+        "/v1/members/ann/adjustments", {"adjustment_id": "a2", "points": 10, "reason_code": "goodwill"}
+    )
+    assert credit.status_code == 201, credit.text
+
+
+# --- 2. inputs that give 500 ---------------------------------------------------------------
+
+
+async def test_a_refused_first_purchase_does_not_break_the_partners_later_purchases(fresh_api):
+    lines = [line(str(i), 100_000, 10**12) for i in range(100)]  # total 10^19 > 2^63: refused
+    refused = await fresh_api.post_json("/v1/purchases", purchase("ann", "p1", *lines))
+    assert refused.status_code >= 400
+
+    ok = await fresh_api.post_json("/v1/purchases", purchase("ann", "p2"))
+    assert ok.status_code == 201, ok.text
+
+
+async def test_a_purchase_whose_total_overflows_bigint_is_a_4xx(fresh_api):
+    assert (await fresh_api.post_json("/v1/purchases", purchase("bob", "p0"))).status_code == 201
+    lines = [line(str(i), 100_000, 10**12) for i in range(100)]  # total 10^19 > 2^63
+    response = await fresh_api.post_json("/v1/purchases", purchase("ann", "p1", *lines))
+    assert 400 <= response.status_code < 500, response.text
+
+
+async def test_an_activity_cursor_beyond_bigint_is_a_4xx_not_500(client, admin_headers, post, new_id):
+    member = new_id("m")
+    assert (await post("/v1/purchases", purchase(member, new_id("p")))).status_code == 201
+    cursor = base64.urlsafe_b64encode(b"t" + b"9" * 25).decode().rstrip("=")
+    response = await client.get(f"/v1/members/{member}/activity", params={"cursor": cursor}, headers=admin_headers)
+    assert 400 <= response.status_code < 500, response.text
+
+
+async def test_a_purchase_at_the_start_of_year_one_is_a_4xx(fresh_api):
+    assert (await fresh_api.post_json("/v1/purchases", purchase("bob", "p0"))).status_code == 201
+    body = purchase("ann", "p1", occurred_at="0001-01-01T00:00:00+14:00")
+    response = await fresh_api.post_json("/v1/purchases", body)
+    assert 400 <= response.status_code < 500, response.text
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/purchases", purchase("ann", "p\u0000x")),
+        ("/v1/members/ann/redemptions", {"redemption_id": "x1", "points": 1, "note": "a\u0000b"}),
+        ("/v1/members/ann/adjustments", {"adjustment_id": "a\u0000", "points": 1, "reason_code": "goodwill"}),
+    ],
+    ids=["purchase_id", "redemption-note", "adjustment_id"],
+)
+async def test_a_nul_character_in_a_text_field_is_a_4xx(fresh_api, path, body):
+    assert (await fresh_api.post_json("/v1/purchases", purchase("ann", "p0"))).status_code == 201
+    response = await fresh_api.post_json(path, body)
+    assert 400 <= response.status_code < 500, response.text
+
+
+async def test_a_failed_first_redemption_does_not_break_later_redemptions(fresh_api):
+    assert (await fresh_api.post_json("/v1/purchases", purchase("ann", "p0"))).status_code == 201
+    failed = await fresh_api.post_json("/v1/members/ann/redemptions", {"redemption_id": "x1", "points": 1, "note": "a\u0000"})
+    assert failed.status_code >= 400
+
+    ok = await fresh_api.post_json("/v1/members/ann/redemptions", {"redemption_id": "x2", "points": 1})
+    assert ok.status_code == 201, ok.text
+
+
+# --- 3. idempotency ------------------------------------------------------------------------
+
+
+async def test_concurrent_identical_adjustments_apply_once_and_all_get_the_replay(post, balance, new_id):
+    member = new_id("m")
+    body = {"adjustment_id": new_id("a"), "points": 100, "reason_code": "goodwill"}
+    responses = await asyncio.gather(*(post(f"/v1/members/{member}/adjustments", body) for _ in range(10)))
+    assert (await balance(member))["available"] == 100
+    assert [r.status_code for r in responses] == [201] * 10, [r.text for r in responses if r.status_code != 201]
+
+
+# --- 4. refund after expiry ----------------------------------------------------------------
+
+
+async def test_refunding_a_purchase_whose_points_expired_does_not_take_them_again(post, balance, clock, services, new_id):
+    member, first = new_id("m"), new_id("p")
+    assert (await post("/v1/purchases", purchase(member, first, line("1", 1, 10000)))).status_code == 201
+    clock.advance(days=100)
+    assert (await post("/v1/purchases", purchase(member, new_id("p"), line("1", 1, 10000)))).status_code == 201
+
+    await expire_due_lots(services, now=services.clock() + timedelta(days=266))  # only the first lot
+    assert (await balance(member))["available"] == 100
+
+    refund = await post(f"/v1/purchases/{first}/refunds", {"refund_id": "r1", "amount": 10000})
+    assert refund.status_code == 201, refund.text
+    # The first purchase's 100 points are already gone (expired); the second purchase's stay.
+    assert (await balance(member))["available"] == 100
+
+
+# --- 5. tiers in the group-commit path -----------------------------------------------------
+
+TIER_PROGRAM = TEST_PROGRAM + """
+[tiers]
+window_days = 365
+downgrade_grace_days = 0
+
+[[tiers.levels]]
+name = "Bronze"
+min_points = 0
+
+[[tiers.levels]]
+name = "Silver"
+min_points = 100
+multiplier = 2
+"""
+
+
+@pytest.fixture
+async def tier_services(database_url, redis_url, redis_client):
+    services = await Services.open(make_settings(database_url, redis_url), parse_program(TIER_PROGRAM))
+    services.purchases = earning.purchase_batcher(services)
+    services.purchases.start()
+    yield services
+    await services.purchases.stop()
+    await services.close()
+
+
+def _purchase_in(member: str, purchase_id: str, euros: int) -> PurchaseIn:
+    return msgspec.convert(purchase(member, purchase_id, line("1", 1, euros * 100)), PurchaseIn)
+
+
+async def _member_tier(services: Services, member: str) -> asyncpg.Record:
+    return await services.pool.fetchrow(
+        "select tier, tier_qualifying_points, points_available from members where member_id = $1", member
+    )
+
+
+async def test_a_retried_purchase_in_the_same_batch_does_not_raise_the_tier_of_its_neighbour(tier_services, new_id):
+    member = new_id("m")
+    first, second = f"a-{new_id('p')}", f"b-{new_id('p')}"
+    await earning.post_purchase(tier_services, _purchase_in(member, first, 50))  # 50 points, Bronze
+
+    # A checkout retries `first` (same body) while posting `second`: both land in one batch.
+    replayed, posted = await asyncio.gather(
+        earning.post_purchase(tier_services, _purchase_in(member, first, 50)),
+        earning.post_purchase(tier_services, _purchase_in(member, second, 10)),
+    )
+
+    assert replayed.replayed
+    # The member has 50 qualifying points, below Silver (100): the second purchase earns x1.
+    assert msgspec.json.decode(posted.body)["points"] == 10
+
+
+async def test_concurrent_batches_for_one_member_do_not_lose_a_tier_upgrade(tier_services, new_id):
+    member = new_id("m")
+    await earning.post_purchase(tier_services, _purchase_in(member, new_id("p"), 50))  # 50 points, Bronze
+    services = tier_services
+
+    async with services.pool.acquire() as conn_a, services.pool.acquire() as conn_b:
+        tx_a = conn_a.transaction()
+        await tx_a.start()
+        posting_a = _purchase_in(member, new_id("p"), 60)
+        await earning.write_purchases(services, conn_a, [earning.Posting(posting_a, earning.check_purchase(services, posting_a))])
+
+        async def batch_b():
+            async with conn_b.transaction():
+                posting_b = _purchase_in(member, new_id("p"), 10)
+                await earning.write_purchases(services, conn_b, [earning.Posting(posting_b, earning.check_purchase(services, posting_b))])
+
+        b = asyncio.create_task(batch_b())
+        await asyncio.sleep(0.5)  # batch B has read the member and waits for its row lock
+        await tx_a.commit()
+        await b
+
+    row = await _member_tier(services, member)
+    # 50 + 60 = 110 makes the member Silver when A commits; B, written after A under the member's
+    # lock, then earns 10 EUR x 2 = 20: 130 qualifying points, Silver.
+    assert (row["tier"], row["tier_qualifying_points"]) == ("Silver", 130)
+
+
+async def test_a_replay_in_a_batch_does_not_lock_members_out_of_order(tier_services, new_id):
+    services = tier_services
+    m1, m2 = f"a-{new_id('m')}", f"b-{new_id('m')}"
+    old = _purchase_in(m1, new_id("p"), 10)
+    await earning.post_purchase(services, old)
+    await earning.post_purchase(services, _purchase_in(m2, new_id("p"), 10))
+
+    def posting(p: PurchaseIn) -> earning.Posting:
+        return earning.Posting(p, earning.check_purchase(services, p))
+
+    async with services.pool.acquire() as conn_a, services.pool.acquire() as conn_b:
+        # Batch B = [m1 new, m2 new], in member order: it locks m1 ...
+        tx_b = conn_b.transaction()
+        await tx_b.start()
+        await earning.write_purchases(services, conn_b, [posting(_purchase_in(m1, new_id("p"), 10))])
+
+        # ... while batch A = [m1 replay, m2 new] locks m2, then re-evaluates m1's tier.
+        async def batch_a():
+            async with conn_a.transaction():
+                await earning.write_purchases(services, conn_a, [posting(old), posting(_purchase_in(m2, new_id("p"), 10))])
+
+        a = asyncio.create_task(batch_a())
+        await asyncio.sleep(0.3)
+        try:
+            await earning.write_purchases(services, conn_b, [posting(_purchase_in(m2, new_id("p"), 10))])  # B goes on to m2
+            await tx_b.commit()
+        except asyncpg.DeadlockDetectedError:
+            await tx_b.rollback()
+            pytest.fail("batch B deadlocked with batch A")
+        finally:
+            results = await asyncio.gather(a, return_exceptions=True)
+        assert not isinstance(results[0], asyncpg.DeadlockDetectedError), "batch A deadlocked with batch B"
+
+
+# --- 6. Redis: the multiplexed connection and a Redis that does not answer ------------------
+
+
+class FakeRedis:
+    """A RESP server that answers AUTH slowly and HGET with the database the connection is on."""
+
+    def __init__(self, auth_delay: float = 0.0, silent: bool = False) -> None:
+        self.auth_delay, self.silent = auth_delay, silent
+        self.server: asyncio.AbstractServer | None = None
+
+    async def __aenter__(self) -> FakeRedis:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        import hiredis
+
+        parser, db = hiredis.Reader(), b"0"
+        try:
+            while data := await reader.read(65536):
+                if self.silent:
+                    continue  # a black hole: accepts, never answers
+                parser.feed(data)
+                while (command := parser.gets()) is not False:
+                    name = command[0].upper()
+                    if name == b"AUTH":
+                        await asyncio.sleep(self.auth_delay)
+                        writer.write(b"+OK\r\n")
+                    elif name == b"SELECT":
+                        db = command[1]
+                        writer.write(b"+OK\r\n")
+                    elif name == b"HGET":
+                        writer.write(b"$%d\r\n%s\r\n" % (len(b"db" + db), b"db" + db))
+                    else:
+                        writer.write(b"+OK\r\n")
+                    await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+
+async def test_commands_sent_while_the_connection_authenticates_run_on_the_urls_database():
+    from konvert.fastredis import MultiplexedRedis
+
+    async with FakeRedis(auth_delay=0.2) as fake:
+        client = MultiplexedRedis(f"redis://user:secret@127.0.0.1:{fake.port}/5", timeout_seconds=2.0)
+        try:
+            first = asyncio.ensure_future(client.execute(b"HGET", b"k", b"b"))  # connects, AUTH pending
+            while client._protocol is None:
+                await asyncio.sleep(0.001)
+            second = await client.execute(b"HGET", b"k", b"b")  # a concurrent balance read
+            assert (await first, second) == (b"db5", b"db5")
+        finally:
+            client.close()
+
+
+async def test_writes_do_not_wait_for_a_silent_redis_once_per_member(database_url, program, new_id):
+    async with FakeRedis(silent=True) as fake:
+        settings = make_settings(database_url, f"redis://127.0.0.1:{fake.port}/0", redis_timeout_seconds=0.2)
+        services = await Services.open(settings, program)
+        services.purchases = earning.purchase_batcher(services)
+        services.purchases.start()
+        try:
+            postings = [msgspec.convert(purchase(new_id("m"), new_id("p")), PurchaseIn) for _ in range(20)]
+            started = time.monotonic()
+            await asyncio.gather(*(earning.post_purchase(services, p) for p in postings))
+            elapsed = time.monotonic() - started
+        finally:
+            await services.purchases.stop()
+            await services.close()
+    # The circuit breaker should make a dead Redis cost one timeout, not one per write.
+    assert elapsed < 1.0, f"20 purchases took {elapsed:.1f}s with Redis not answering"
+
+
+async def test_a_write_whose_tombstone_failed_still_keeps_an_older_balance_out(redis_client, settings, new_id):
+    from konvert.cache import BalanceCache
+
+    writer = BalanceCache.for_settings(redis_client, settings)  # the process that wrote
+    reader = BalanceCache.for_settings(redis_client, settings)  # another worker, serving reads
+    member = new_id("m")
+    try:
+        # The reader read version 1 from PostgreSQL just before the write committed version 2.
+        # The writer's breaker is open after a transient Redis hiccup, so its tombstone is skipped
+        # and it falls back to deleting the key ...
+        writer._skip_until = time.monotonic() + 1.0
+        await writer.invalidate(member, 2)
+        # ... then the slower reader puts what it read, and it is served from then on.
+        await reader.put(member, 1, b'{"available": 0, "version": 1}')
+        assert await reader.get(member) is None, "a balance older than a committed write is served"
+    finally:
+        writer.close()
+        reader.close()
