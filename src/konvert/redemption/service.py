@@ -89,13 +89,14 @@ async def redeem(services: Services, member_id: str, redemption: RedemptionIn) -
 
         points = redemption.points
         if redemption.reward_id is not None:
-            reward_row = await store.lock_reward(conn, redemption.reward_id)
+            reward_row = await store.select_reward(conn, redemption.reward_id)
             reward = Reward(**dict(reward_row)) if reward_row is not None else None
             if refusal := rules.reward_refusal(reward, redemption.reward_id, now):
                 raise refusal
             assert reward is not None
             points = reward.cost_points
-            await store.change_stock(conn, reward.reward_id, -1)
+            if reward.stock is not None and not await store.take_one_from_stock(conn, reward.reward_id):
+                raise errors.OutOfStock(f"reward {reward.reward_id!r} is out of stock")
         assert points is not None
         takes = await takes_for_spending(conn, member, points)
 

@@ -63,8 +63,18 @@ async def upsert_reward(conn: asyncpg.Connection | asyncpg.Pool, reward: Reward)
     )
 
 
-async def lock_reward(conn: asyncpg.Connection, reward_id: str) -> asyncpg.Record | None:
-    return await conn.fetchrow(f"select {_REWARD_COLUMNS} from rewards where reward_id = $1 for update", reward_id)
+async def select_reward(conn: asyncpg.Connection, reward_id: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(f"select {_REWARD_COLUMNS} from rewards where reward_id = $1", reward_id)
+
+
+async def take_one_from_stock(conn: asyncpg.Connection, reward_id: str) -> bool:
+    """Take one unit of a limited-stock reward; False when none is left. Only rewards with a
+    stock are locked (briefly, by this update): an unlimited reward is no row shared by all."""
+    taken = await conn.fetchval(
+        "update rewards set stock = stock - 1, updated_at = now() where reward_id = $1 and stock > 0 returning stock",
+        reward_id,
+    )
+    return taken is not None
 
 
 async def change_stock(conn: asyncpg.Connection, reward_id: str, delta: int) -> None:

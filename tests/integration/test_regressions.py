@@ -1,6 +1,6 @@
-"""Review findings: each test here demonstrates a defect (it fails until the defect is fixed).
-
-See the review report for the analysis and the recommended fix of each.
+"""Regression tests from the review of the money paths: each pinned a defect the review found
+(first failing, then fixed): system accounts and rollbacks, tiers in group-committed batches,
+refunds after expiry, bad input reaching PostgreSQL, replays, and the balance cache's protocol.
 """
 
 from __future__ import annotations
