@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -142,21 +143,41 @@ def rss_bytes(pid: int) -> int:
         return 0
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of one process (children not included)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
 def system_cpu() -> tuple[float, float]:
     """(busy, total) CPU seconds of the whole machine, all cores, from /proc/stat."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     idle = values[3] + values[4]
     total = sum(values[:8])
     return (total - idle) / _CLOCK_TICKS, total / _CLOCK_TICKS
+
+
+# CPU is attributed to these groups by process; "foreign" is everything else on the machine (other
+# users' work, which makes a run noisy: run.py warns when it is large).
+CPU_GROUPS = ("konvert", "postgres", "redis", "loadgen", "harness", "kernel", "foreign")
+_LOADGEN_COMMANDS = {"wrk", "pgbench", "py-spy"}
+
+
+def _process_cpu_table() -> dict[int, tuple[str, float]]:
+    """pid -> (command, user + system CPU seconds) for every process on the machine.
+
+    Kernel threads (children of kthreadd, pid 2) get the command "[kernel]".
+    """
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = (entry / "stat").read_text()
+        except OSError:
+            continue
+        head, _, rest = text.rpartition(")")
+        fields = rest.split()
+        try:
+            command = "[kernel]" if fields[1] == "2" or entry.name == "2" else head.partition("(")[2]
+            table[int(entry.name)] = (command, (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS)
+        except (IndexError, ValueError):
+            continue
+    return table
 
 
 @dataclass
@@ -168,12 +189,14 @@ class Usage:
     peak_rss_per_process_bytes: int = 0
     rss_start_bytes: int = 0
     rss_end_bytes: int = 0
-    # CPU as a share of one core (100 = one core busy), for the service and the whole machine.
-    service_cpu_percent: float = 0.0
+    # CPU as a share of one core (100 = one core busy), for the whole machine and per group.
     machine_cpu_percent: float = 0.0
+    cpu_percent_by_group: dict[str, float] = field(default_factory=dict)
+    # The service's processes one by one: shows whether the workers share the connections.
+    konvert_cpu_percent_by_process: list[float] = field(default_factory=list)
     cores: int = field(default_factory=lambda: os.cpu_count() or 1)
 
-    def as_dict(self) -> dict[str, float]:
+    def as_dict(self) -> dict[str, object]:
         mib = 1024 * 1024
         return {
             "seconds": round(self.seconds, 2),
@@ -181,58 +204,149 @@ class Usage:
             "peak_rss_per_process_mib": round(self.peak_rss_per_process_bytes / mib, 1),
             "rss_start_mib": round(self.rss_start_bytes / mib, 1),
             "rss_end_mib": round(self.rss_end_bytes / mib, 1),
-            "service_cpu_percent": round(self.service_cpu_percent, 1),
+            "service_cpu_percent": round(self.cpu_percent_by_group.get("konvert", 0.0), 1),
             "machine_cpu_percent": round(self.machine_cpu_percent, 1),
             "machine_cpu_capacity_percent": 100 * self.cores,
+            "cpu_percent_by_group": {k: round(v, 1) for k, v in self.cpu_percent_by_group.items()},
+            "konvert_cpu_percent_by_process": [round(v, 1) for v in self.konvert_cpu_percent_by_process],
         }
 
 
-class Sampler:
-    """Samples the service's RSS (parent + workers, summed at each instant) and CPU in a thread."""
+_BACKEND = re.compile(r"^postgres: [^:]+: \S+ (\S+) [0-9a-fA-F.:\[\]]+\(\d+\)")
 
-    def __init__(self, server: Server | None) -> None:
+
+def _postgres_database(pid: int) -> str | None:
+    """The database a PostgreSQL backend serves (None for the server's own background processes)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return None
+    match = _BACKEND.match(cmdline)
+    return match[1] if match else None
+
+
+def system_cpu_split() -> dict[str, float]:
+    """Cumulative CPU seconds of the whole machine by /proc/stat column."""
+    names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return {name: value / _CLOCK_TICKS for name, value in zip(names, values, strict=True)}
+
+
+class Sampler:
+    """Samples the service's RSS (parent + workers, summed at each instant) and everyone's CPU.
+
+    CPU per process is followed from the first to the last time it is seen, so processes that
+    start during the scenario (pgbench's backends) count fully; one that ends loses at most its
+    last sampling interval. PostgreSQL backends of other databases count as foreign: other
+    people's tests on a shared machine.
+    """
+
+    def __init__(self, server: Server | None, database: str = "") -> None:
         self._server = server
+        self._database = database
+        self._groups: dict[int, str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
+        self._first: dict[int, float] = {}
+        self._last: dict[int, tuple[str, float]] = {}
+        self._service_pids: set[int] = set()
         self.usage = Usage()
 
     def _pids(self) -> list[int]:
         return self._server.all_pids() if self._server is not None else []
 
-    def _service_cpu(self, pids: list[int]) -> float:
-        return sum(cpu_seconds(pid) for pid in pids)
+    def _sample_cpu(self, initial: bool = False) -> None:
+        for pid, (command, seconds) in _process_cpu_table().items():
+            if pid not in self._first:
+                # Present at the start: count from here. Started later: count from its start.
+                self._first[pid] = seconds if initial else 0.0
+            self._last[pid] = (command, seconds)
 
     def __enter__(self) -> Sampler:
         self._started = time.monotonic()
-        self._pids_at_start = self._pids()
-        self._cpu_start = self._service_cpu(self._pids_at_start)
+        pids = self._pids()
+        self._service_pids = set(pids)
+        self._sample_cpu(initial=True)
+        for pid, (command, _) in self._last.items():
+            self._group(pid, command)  # classify backends while their command line is current
         self._machine_start = system_cpu()
-        self.usage.rss_start_bytes = sum(rss_bytes(pid) for pid in self._pids_at_start)
+        self._split_start = system_cpu_split()
+        self.usage.rss_start_bytes = sum(rss_bytes(pid) for pid in pids)
         self._thread.start()
         return self
 
     def _run(self) -> None:
         while not self._stop.wait(SAMPLE_INTERVAL_SECONDS):
             self._sample()
+            self._sample_cpu()
 
     def _sample(self) -> int:
-        sizes = [rss_bytes(pid) for pid in self._pids()]
+        pids = self._pids()
+        self._service_pids.update(pids)
+        sizes = [rss_bytes(pid) for pid in pids]
         total = sum(sizes)
         self.usage.peak_rss_bytes = max(self.usage.peak_rss_bytes, total)
         self.usage.peak_rss_per_process_bytes = max(self.usage.peak_rss_per_process_bytes, *sizes, 0)
         return total
 
+    def _group(self, pid: int, command: str) -> str:
+        if pid in self._service_pids:
+            return "konvert"
+        if command.startswith("postgres"):
+            if pid not in self._groups:
+                database = _postgres_database(pid)
+                self._groups[pid] = "postgres" if database in (None, self._database) else "foreign"
+            return self._groups[pid]
+        if command.startswith("redis"):
+            return "redis"
+        if command in _LOADGEN_COMMANDS:
+            return "loadgen"
+        if pid == os.getpid():
+            return "harness"
+        if command == "[kernel]":
+            return "kernel"
+        return "foreign"
+
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
         self.usage.rss_end_bytes = self._sample()
+        self._sample_cpu()
         elapsed = time.monotonic() - self._started
         busy_start, total_start = self._machine_start
         busy_end, total_end = system_cpu()
-        cores = self.usage.cores
         self.usage.seconds = elapsed
-        if elapsed > 0:
-            # Workers live for the whole run, so the same pids are summed at both ends.
-            self.usage.service_cpu_percent = 100 * (self._service_cpu(self._pids_at_start) - self._cpu_start) / elapsed
         if total_end > total_start:
-            self.usage.machine_cpu_percent = 100 * cores * (busy_end - busy_start) / (total_end - total_start)
+            self.usage.machine_cpu_percent = 100 * self.usage.cores * (busy_end - busy_start) / (total_end - total_start)
+        groups = dict.fromkeys(CPU_GROUPS, 0.0)
+        for pid, (command, seconds) in self._last.items():
+            groups[self._group(pid, command)] += seconds - self._first.get(pid, 0.0)
+        if elapsed > 0:
+            self.usage.cpu_percent_by_group = {k: 100 * v / elapsed for k, v in groups.items()}
+            self.usage.konvert_cpu_percent_by_process = [
+                100 * (self._last[pid][1] - self._first.get(pid, 0.0)) / elapsed
+                for pid in sorted(self._service_pids) if pid in self._last
+            ]
+            split_end = system_cpu_split()
+            # Interrupt handling (the loopback network stack runs largely in softirq) is in no
+            # process's CPU time; steal is time the hypervisor gave to other machines.
+            for column in ("softirq", "irq", "steal"):
+                self.usage.cpu_percent_by_group[column] = 100 * (split_end[column] - self._split_start[column]) / elapsed
+            self.usage.cpu_percent_by_group["unattributed"] = max(
+                0.0, self.usage.machine_cpu_percent - sum(
+                    v for k, v in self.usage.cpu_percent_by_group.items() if k != "steal"
+                )
+            )
+
+
+def wait_for_quiet(database: str, max_wait_seconds: float, threshold_percent: float) -> float:
+    """Wait (at most max_wait_seconds) until other work on the machine takes less than
+    threshold_percent of a core over one second; return the last foreign CPU measured."""
+    deadline = time.monotonic() + max_wait_seconds
+    while True:
+        sampler = Sampler(None, database)
+        with sampler:
+            time.sleep(1.0)
+        foreign = sampler.usage.cpu_percent_by_group.get("foreign", 0.0)
+        if foreign < threshold_percent or time.monotonic() >= deadline:
+            return foreign

@@ -1,0 +1,175 @@
+"""The targets of the load-test issue, as code, and the table run.py prints.
+
+Every target is a ratio or a bound measured in one run on one machine, so the figures mean the
+same on a laptop and on a server: "as fast as raw PostgreSQL here", not "N requests per second".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Durable purchase postings per second, against pgbench's raw two-statement transaction at the
+# same client count (loadtests/pgbench/ledger.sql).
+PURCHASES_VS_PGBENCH_MIN = 1.0
+# Balance reads (uniform over all members) against the service's own no-op endpoint.
+BALANCE_VS_NOOP_MIN = 0.7
+# p99 of balance reads at half of the peak balance-read throughput.
+BALANCE_HALF_LOAD_P99_MAX_MS = 5.0
+# Throughput with the large member count within this fraction of the small one.
+MEMBERS_SCALING_TOLERANCE = 0.15
+# Memory stays bounded: no service process above this, and the service's RSS at the end of the
+# last scenario no more than this factor above its RSS at the end of the first one.
+PEAK_RSS_PER_PROCESS_MAX_MIB = 512
+RSS_GROWTH_MAX = 1.5
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    value: float | None
+    goal: str
+    met: bool | None
+    unit: str = ""
+    note: str = ""
+
+    def as_dict(self) -> dict[str, object]:
+        return {"name": self.name, "value": self.value, "goal": self.goal, "met": self.met, "unit": self.unit,
+                "note": self.note}  # fmt: skip
+
+
+def _rps(config: dict, scenario: str) -> float | None:
+    result = config["scenarios"].get(scenario)
+    return result["throughput_rps"] if result and result.get("throughput_rps") else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def config_ratios(config: dict) -> dict[str, float | None]:
+    return {
+        "purchases_vs_pgbench": _ratio(_rps(config, "purchases"), _rps(config, "pgbench")),
+        "balance_uniform_vs_noop": _ratio(_rps(config, "balance_uniform"), _rps(config, "noop")),
+        "balance_hot_vs_noop": _ratio(_rps(config, "balance_hot"), _rps(config, "noop")),
+        "mixed_vs_noop": _ratio(_rps(config, "mixed"), _rps(config, "noop")),
+        "redemptions_vs_pgbench": _ratio(_rps(config, "redemptions"), _rps(config, "pgbench")),
+    }
+
+
+def targets(configs: list[dict]) -> list[Target]:
+    """The issue's targets, from the reference configuration (the first) and the scaling pair."""
+    found: list[Target] = []
+    if not configs:
+        return found
+    label = lambda c: f"{c['members']:,} members, {c['workers']} worker(s)"  # noqa: E731
+    for config in configs:
+        ratios = config["ratios"]
+        if ratios["purchases_vs_pgbench"] is not None:
+            value = ratios["purchases_vs_pgbench"]
+            found.append(Target(f"purchases / pgbench ({label(config)})", value, f">= {PURCHASES_VS_PGBENCH_MIN}x",
+                                value >= PURCHASES_VS_PGBENCH_MIN, "x"))  # fmt: skip
+        if ratios["balance_uniform_vs_noop"] is not None:
+            value = ratios["balance_uniform_vs_noop"]
+            found.append(Target(f"balance reads, uniform / no-op ({label(config)})", value, f">= {BALANCE_VS_NOOP_MIN}x",
+                                value >= BALANCE_VS_NOOP_MIN, "x"))  # fmt: skip
+        if ratios["balance_hot_vs_noop"] is not None:
+            value = ratios["balance_hot_vs_noop"]
+            found.append(Target(f"balance reads, hot skew / no-op ({label(config)})", value,
+                                f">= {BALANCE_VS_NOOP_MIN}x", value >= BALANCE_VS_NOOP_MIN, "x"))  # fmt: skip
+        half = config["scenarios"].get("balance_half")
+        if half:
+            value = half["latency_ms"]["p99"]
+            found.append(Target(
+                f"balance p99 at half peak load ({label(config)})", value, f"<= {BALANCE_HALF_LOAD_P99_MAX_MS} ms",
+                value <= BALANCE_HALF_LOAD_P99_MAX_MS, "ms",
+                f"ran at {half['load_fraction_of_peak']:.2f} of peak ({half['throughput_rps']:.0f} req/s)",
+            ))  # fmt: skip
+        memory = config.get("memory")
+        if memory:
+            value = memory["peak_rss_per_process_mib"]
+            growth = memory.get("rss_growth")
+            met = value <= PEAK_RSS_PER_PROCESS_MAX_MIB and (growth is None or growth <= RSS_GROWTH_MAX)
+            found.append(Target(
+                f"peak RSS per process ({label(config)})", value, f"<= {PEAK_RSS_PER_PROCESS_MAX_MIB} MiB, "
+                f"growth <= {RSS_GROWTH_MAX}x", met, "MiB",
+                f"service total peak {memory['peak_rss_mib']} MiB; end/first-scenario RSS {growth}x",
+            ))  # fmt: skip
+    by_size: dict[int, dict[int, dict]] = {}
+    for config in configs:
+        by_size.setdefault(config["workers"], {})[config["members"]] = config
+    for workers, sizes in by_size.items():
+        if len(sizes) < 2:
+            continue
+        small, large = sizes[min(sizes)], sizes[max(sizes)]
+        for scenario in ("purchases", "balance_uniform", "balance_hot"):
+            ratio = _ratio(_rps(large, scenario), _rps(small, scenario))
+            if ratio is not None:
+                found.append(Target(
+                    f"{scenario} {large['members']:,} / {small['members']:,} members ({workers} worker(s))", ratio,
+                    f">= {1 - MEMBERS_SCALING_TOLERANCE:.2f}x", ratio >= 1 - MEMBERS_SCALING_TOLERANCE, "x",
+                ))  # fmt: skip
+    return found
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _cpu(usage: dict) -> str:
+    groups = usage.get("cpu_percent_by_group", {})
+    if not groups:
+        return "-"
+    parts = [groups.get(g, 0.0) for g in ("konvert", "postgres", "redis", "loadgen", "foreign")]
+    return "/".join(f"{p:.0f}" for p in parts) + f"/{usage.get('machine_cpu_percent', 0):.0f}"
+
+
+# A scenario is flagged as noisy when other work on the machine took more than this (% of a core).
+FOREIGN_CPU_WARN_PERCENT = 10.0
+
+
+def print_report(result: dict) -> None:
+    for config in result["configs"]:
+        print()
+        print(
+            f"== {config['members']:,} members · {config['workers']} worker(s) · "
+            f"{result['settings']['connections']} connections · {result['settings']['duration_s']} s per scenario"
+        )
+        header = (f"{'scenario':<16} {'req/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'non-2xx':>8} "
+                  f"{'5xx':>5} {'sock err':>8} {'peak RSS':>9}  CPU % konvert/pg/redis/loadgen/foreign/all")  # fmt: skip
+        print(header)
+        print("-" * len(header))
+        for name, s in config["scenarios"].items():
+            errors = s.get("errors", {})
+            usage = s.get("usage", {})
+            print(
+                f"{name:<16} {_fmt(s['throughput_rps']):>9} {_fmt(s['latency_ms']['p50'], 2):>8} "
+                f"{_fmt(s['latency_ms']['p95'], 2):>8} {_fmt(s['latency_ms']['p99'], 2):>8} "
+                f"{errors.get('non_2xx', errors.get('failed_transactions', 0)):>8} {errors.get('5xx', 0):>5} "
+                f"{sum(errors.get('socket', {}).values()):>8} "
+                f"{(_fmt(usage.get('peak_rss_mib'), 0) + ' MiB') if usage.get('peak_rss_mib') else '-':>9}  "
+                f"{_cpu(usage)}"
+            )
+        notes = [f"{name}: {s['note']}" for name, s in config["scenarios"].items() if s.get("note")]
+        for name, s in config["scenarios"].items():
+            foreign = s.get("usage", {}).get("cpu_percent_by_group", {}).get("foreign", 0.0)
+            if foreign > FOREIGN_CPU_WARN_PERCENT:
+                notes.append(f"{name}: other processes on the machine took {foreign:.0f}% of a core: noisy figures")
+        for note in notes:
+            print(f"  note: {note}")
+        ratios = {k: v for k, v in config["ratios"].items() if v is not None}
+        if ratios:
+            print("  ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+        correctness = config.get("correctness", {})
+        print(f"  nothing lost: {'yes' if correctness.get('nothing_lost') else 'NO'}; "
+              f"audit: {'passed' if correctness.get('audit_passed') else 'FAILED'}")  # fmt: skip
+    print()
+    print(f"{'target':<62} {'value':>10} {'goal':>28}  status")
+    for target in result["targets"]:
+        status = {True: "met", False: "NOT MET", None: "-"}[target["met"]]
+        value = "-" if target["value"] is None else f"{target['value']:.2f}{target['unit'] and ' ' + target['unit']}"
+        print(f"{target['name']:<62} {value:>10} {target['goal']:>28}  {status}")
+        if target["note"]:
+            print(f"{'':<4}{target['note']}")
+    print()
+    print(f"nothing lost: {'yes' if result['nothing_lost'] else 'NO'}; audit: "
+          f"{'passed' if result['audit_passed'] else 'FAILED'}")  # fmt: skip
