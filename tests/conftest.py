@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import os
 import socket
 import tempfile
@@ -307,3 +308,47 @@ async def services(settings: Settings, program: Program, redis_client: redis.Red
     opened = await Services.open(settings, program)
     yield opened
     await opened.close()
+
+
+# --- shared helpers for API tests ----------------------------------------------------------
+
+
+@pytest.fixture
+async def post(client: AppClient, admin_headers: dict[str, str]):
+    """POST JSON (or nothing) with an admin key."""
+
+    async def post(path: str, body: dict[str, object] | None = None) -> httpx.Response:
+        return await client.post(path, json=body, headers=admin_headers)
+
+    return post
+
+
+@pytest.fixture
+async def balance(client: AppClient, admin_headers: dict[str, str]):
+    """A member's balance, which must exist."""
+
+    async def balance(member_id: str) -> dict[str, object]:
+        response = await client.get(f"/v1/members/{member_id}/balance", headers=admin_headers)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    return balance
+
+
+@pytest.fixture
+def clock(client: AppClient, services: Services):
+    """Move time for the app and the jobs alike: ``clock.advance(days=...)``; restored after."""
+    moved = [client.app.state.services, services]
+    originals = [s.clock for s in moved]
+
+    class Clock:
+        offset = datetime.timedelta()
+
+        def advance(self, **delta: float) -> None:
+            self.offset += datetime.timedelta(**delta)
+            for target, original in zip(moved, originals, strict=True):
+                target.clock = lambda original=original: original() + self.offset
+
+    yield Clock()
+    for target, original in zip(moved, originals, strict=True):
+        target.clock = original

@@ -40,22 +40,8 @@ def purchase(member_id: str, purchase_id: str, *lines: dict[str, Any], occurred_
     }
 
 
-@pytest.fixture
-async def post(client, admin_headers):
-    async def post(path: str, body: dict[str, Any]):
-        return await client.post(path, json=body, headers=admin_headers)
-
-    return post
 
 
-@pytest.fixture
-async def balance(client, admin_headers):
-    async def balance(member_id: str) -> dict[str, Any]:
-        response = await client.get(f"/v1/members/{member_id}/balance", headers=admin_headers)
-        assert response.status_code == 200, response.text
-        return response.json()
-
-    return balance
 
 
 @pytest.fixture

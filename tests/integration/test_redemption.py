@@ -54,23 +54,6 @@ def api(client, admin_headers, services):
     return api
 
 
-@pytest.fixture
-def clock(client, services):
-    """Move time for the app and the jobs alike: ``clock.advance(days=...)``; restored after."""
-    moved = [client.app.state.services, services]
-    originals = [s.clock for s in moved]
-
-    class Clock:
-        offset = timedelta()
-
-        def advance(self, **delta: float) -> None:
-            self.offset += timedelta(**delta)
-            for target, original in zip(moved, originals, strict=True):
-                target.clock = lambda original=original: original() + self.offset
-
-    yield Clock()
-    for target, original in zip(moved, originals, strict=True):
-        target.clock = original
 
 
 # --- rewards -------------------------------------------------------------------------------

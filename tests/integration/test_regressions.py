@@ -35,40 +35,10 @@ async def _admin_key(database_url: str) -> str:
         await conn.close()
 
 
-@pytest.fixture
-async def post(client, admin_headers):
-    async def post(path: str, body: dict[str, Any] | None = None):
-        return await client.post(path, json=body, headers=admin_headers)
-
-    return post
 
 
-@pytest.fixture
-async def balance(client, admin_headers):
-    async def balance(member_id: str) -> dict[str, Any]:
-        response = await client.get(f"/v1/members/{member_id}/balance", headers=admin_headers)
-        assert response.status_code == 200, response.text
-        return response.json()
-
-    return balance
 
 
-@pytest.fixture
-def clock(client, services):
-    moved = [client.app.state.services, services]
-    originals = [s.clock for s in moved]
-
-    class Clock:
-        offset = timedelta()
-
-        def advance(self, **delta: float) -> None:
-            self.offset += timedelta(**delta)
-            for target, original in zip(moved, originals, strict=True):
-                target.clock = lambda original=original: original() + self.offset
-
-    yield Clock()
-    for target, original in zip(moved, originals, strict=True):
-        target.clock = original
 
 
 @pytest.fixture
