@@ -13,6 +13,7 @@ import logging
 import socket
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 from konvert.errors import ConfigurationError
@@ -33,7 +34,10 @@ def start_postgres(data_dir: Path) -> str:
         ) from None
     pgdata = data_dir / "postgres"
     pgdata.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(pgdata, cleanup_mode="stop")
+    with warnings.catch_warnings():
+        # pgserver's lock directory falls back to /tmp without XDG_RUNTIME_DIR, and says so.
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+        server = pgserver.get_server(pgdata, cleanup_mode="stop")
     # pgserver stops the server when the last process holding it exits (its own atexit hook).
     _keep_alive.append(server)
     return server.get_uri()
