@@ -26,7 +26,11 @@ _START_TIMEOUT_SECONDS = 30.0
 def start_postgres(data_dir: Path) -> str:
     """Start (or reuse) the embedded PostgreSQL under ``data_dir/postgres`` and return its URL."""
     try:
-        import pgserver
+        with warnings.catch_warnings():
+            # pgserver's lock directory falls back to /tmp without XDG_RUNTIME_DIR, and says so
+            # when it is imported.
+            warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+            import pgserver
     except ImportError:
         raise ConfigurationError(
             "KONVERT_DATABASE_URL is not set and the embedded PostgreSQL is not installed: "
@@ -35,7 +39,6 @@ def start_postgres(data_dir: Path) -> str:
     pgdata = data_dir / "postgres"
     pgdata.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
-        # pgserver's lock directory falls back to /tmp without XDG_RUNTIME_DIR, and says so.
         warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
         server = pgserver.get_server(pgdata, cleanup_mode="stop")
     # pgserver stops the server when the last process holding it exits (its own atexit hook).
