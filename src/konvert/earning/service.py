@@ -134,9 +134,9 @@ async def write_purchases(
     services: Services, conn: asyncpg.Connection, postings: list[Posting]
 ) -> list[Posted | errors.KonvertError]:
     """Write purchases inside the caller's transaction, in order (sorted by member), in three
-    pipelined round trips for the whole list: lock every member and take fresh ids; see which
-    purchase ids are taken and what qualifies for tiers; record every purchase (purchase, lot,
-    earn transfer, balance and tier in one statement each).
+    statements for the whole list: lock every member and take fresh ids; see which purchase ids
+    are taken and what qualifies for tiers; record every new purchase with its lot, earn
+    transfer, balance change and tier.
 
     A member's tier is carried from one of its new purchases to the next within the list, so the
     outcome is the same as writing them one after another. A purchase id already taken yields
@@ -162,25 +162,31 @@ async def write_purchases(
         prepared.append(
             await _prepare(services, conn, posting, member, check["qualifying_points"], carried, expected_new, now, window_start)
         )
-    written_rows = await store.insert_purchases(conn, [row for row, _, _ in prepared])
+    written = await store.insert_purchases(conn, [row for row, _, expected_new in prepared if expected_new])
 
     outcomes: list[Posted | errors.KonvertError] = []
-    for (row, posting, expected_new), written in zip(prepared, written_rows, strict=True):
+    settle: dict[int, int] = {}
+    index = 0  # of the row among those inserted
+    for row, posting, expected_new in prepared:
         purchase = posting.purchase
-        if written["version"] is None:
-            if expected_new:
-                # Taken in the meantime by another member's batch: the tiers carried through
-                # this batch counted it. Start over, one posting at a time.
-                raise RetryAlone(f"purchase {purchase.partner}/{purchase.purchase_id} was taken concurrently")
+        if not expected_new:
             existing = await store.select_purchase_replay(conn, purchase.partner, purchase.purchase_id)
             try:
                 outcomes.append(Posted(replay(existing, row.request_hash), purchase.member_id, None))
             except errors.KonvertError as refused:
                 outcomes.append(refused)
             continue
-        if row.bucket == "available" and written["points_debt"] > 0:
-            await ledger.settle_debt(conn, row.member_uid, written["points_debt"])
-        outcomes.append(Posted(Outcome(row.response), purchase.member_id, written["version"]))
+        member = written.get(index)
+        index += 1
+        if member is None:
+            # Taken in the meantime by another member's batch: the tiers carried through this
+            # batch counted it. Start over, one posting at a time.
+            raise RetryAlone(f"purchase {purchase.partner}/{purchase.purchase_id} was taken concurrently")
+        if row.bucket == "available" and member["points_debt"] > 0:
+            settle[row.member_uid] = member["points_debt"]
+        outcomes.append(Posted(Outcome(row.response), purchase.member_id, member["version"]))
+    for member_uid, debt in settle.items():
+        await ledger.settle_debt(conn, member_uid, debt)
     return outcomes
 
 

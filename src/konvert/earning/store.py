@@ -1,4 +1,9 @@
-"""Purchase and refund SQL. Plain async functions, connection first; the use case commits."""
+"""Purchase and refund SQL. Plain async functions, connection first; the use case commits.
+
+A batch of purchases is written with one statement per step for the whole batch, its rows
+passed as arrays (``unnest``): PostgreSQL plans and starts each statement once per batch, not
+once per purchase, and the driver sends a few arrays instead of a message per row.
+"""
 
 from __future__ import annotations
 
@@ -12,46 +17,50 @@ from konvert.tiers import qualifying_points_sql
 
 async def lock_members_with_new_ids(conn: asyncpg.Connection, member_ids: list[str]) -> list[asyncpg.Record]:
     """For each member id (in order, one row each; member_uid null for an unknown member): lock
-    the member's row and return its uid and tier, with a fresh lot id and transfer id. All in one
-    pipelined round trip; callers pass the ids sorted, so concurrent batches lock in one order.
+    the member's row and return its uid and tier, with a fresh lot id and transfer id. One
+    statement; callers pass the ids sorted, so concurrent batches lock in one order (the rows
+    are locked in the order of the array).
 
     Taking the ids up front lets each response (which names them) be built before the insert,
     so the purchase row can store it in the same statement.
     """
-    return await conn.fetchmany(_LOCK_MEMBER_WITH_NEW_IDS, [(member_id,) for member_id in member_ids])
+    return await conn.fetch(_LOCK_MEMBERS_WITH_NEW_IDS, member_ids)
 
 
-_LOCK_MEMBER_WITH_NEW_IDS = """
+_LOCK_MEMBERS_WITH_NEW_IDS = """
     select m.member_uid, m.tier, m.tier_below_since, m.tier_qualifying_points,
            nextval('lots_lot_id_seq') as lot_id, nextval('transfers_transfer_id_seq') as transfer_id
-    from (select $1::text as member_id) r
+    from unnest($1::text[]) with ordinality as r (member_id, ord)
     left join lateral (select * from members where member_id = r.member_id for update) m on true
+    order by r.ord
 """
 
 
 async def select_taken_and_qualifying(
     conn: asyncpg.Connection, keys: list[tuple[int, str, str]], tier_window_start: datetime | None
 ) -> list[asyncpg.Record]:
-    """For each (member_uid, partner, purchase_id): whether the purchase id is taken already, and
-    the member's points qualifying for tiers since ``tier_window_start`` (0 when None).
+    """For each (member_uid, partner, purchase_id), in order: whether the purchase id is taken
+    already, and the member's points qualifying for tiers since ``tier_window_start`` (0 when
+    None).
 
-    Asked after the members are locked, so it sees every purchase committed by batches that
-    held those locks before.
+    Asked after the members are locked (in a statement of its own, so with a snapshot taken
+    after the locks), so it sees every purchase committed by batches that held them before.
     """
-    return await conn.fetchmany(
-        _SELECT_TAKEN_AND_QUALIFYING, [(uid, partner, purchase_id, tier_window_start) for uid, partner, purchase_id in keys]
-    )
+    uids, partners, purchase_ids = zip(*keys, strict=True) if keys else ((), (), ())
+    return await conn.fetch(_SELECT_TAKEN_AND_QUALIFYING, list(uids), list(partners), list(purchase_ids), tier_window_start)
 
 
 _SELECT_TAKEN_AND_QUALIFYING = f"""
-    select exists (select 1 from purchases where partner = $2 and purchase_id = $3) as taken,
-           case when $4::timestamptz is null then 0 else {qualifying_points_sql("$1::bigint", "$4")} end
+    select exists (select 1 from purchases p where p.partner = r.partner and p.purchase_id = r.purchase_id) as taken,
+           case when $4::timestamptz is null then 0 else {qualifying_points_sql("r.member_uid", "$4")} end
                as qualifying_points
+    from unnest($1::bigint[], $2::text[], $3::text[]) with ordinality as r (member_uid, partner, purchase_id, ord)
+    order by r.ord
 """
 
 
 class PurchaseRow(NamedTuple):
-    """The arguments of one purchase for INSERT_PURCHASE, in its parameter order."""
+    """One purchase to record: a column of INSERT_PURCHASES' arrays each."""
 
     partner: str
     purchase_id: str
@@ -75,52 +84,82 @@ class PurchaseRow(NamedTuple):
     tier_evaluated_at: datetime | None
 
 
-async def insert_purchases(conn: asyncpg.Connection, rows: list[PurchaseRow]) -> list[asyncpg.Record]:
-    """Record purchases with their lots, earn transfers and balance changes: one statement each,
-    all pipelined in one round trip, in order.
+async def insert_purchases(conn: asyncpg.Connection, rows: list[PurchaseRow]) -> dict[int, asyncpg.Record]:
+    """Record purchases with their lots, earn transfers and balance changes, in one statement.
 
-    Each gives one row: the member's new (version, points_debt), or nulls if the purchase id was
-    taken (by an earlier row, this batch or another request): then that one wrote nothing.
+    The rows must not repeat a (partner, purchase_id). Returns, by the index of each row that was
+    written, its member's new (version, points_debt) after all of this batch's rows; a row whose
+    purchase id was taken meanwhile (by another request) is absent: it wrote nothing.
+    A member's tier becomes that of its last written row.
     """
-    return await conn.fetchmany(INSERT_PURCHASE, rows)
+    if not rows:
+        return {}
+    columns = [list(column) for column in zip(*rows, strict=True)]
+    written = await conn.fetch(INSERT_PURCHASES, *columns)
+    return {record["ord"] - 1: record for record in written}
 
 
-# A purchase with its lot, earn transfer and balance change, in one statement. Parameters are
-# PurchaseRow's fields in order. It always returns one row: the member's new version and debt, or
-# nulls when the purchase id was taken (then nothing was written).
-INSERT_PURCHASE = """
-    with purchase as (
+# Parameters are PurchaseRow's fields in order, each as an array. One row per purchase written:
+# its position in the arrays (1-based) and its member's new version and debt.
+INSERT_PURCHASES = """
+    with input as (
+        select *
+        from unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::timestamptz[], $6::bigint[], $7::bigint[],
+                    $8::text[], $9::bigint[], $10::bigint[], $11::bytea[], $12::bytea[], $13::text[],
+                    $14::timestamptz[], $15::timestamptz[], $16::bigint[], $17::text[], $18::timestamptz[],
+                    $19::bigint[], $20::timestamptz[])
+             with ordinality as r (partner, purchase_id, member_uid, currency, occurred_at, total_amount, points,
+                                   refund_state, lot_id, transfer_id, request_hash, response, bucket, vests_at,
+                                   expires_at, issued_account_id, tier, tier_below_since, tier_qualifying_points,
+                                   tier_evaluated_at, ord)
+    ), purchase as (
         insert into purchases (partner, purchase_id, member_uid, currency, occurred_at, total_amount, points,
                                refund_state, lot_id, transfer_id, request_hash, response)
-        values ($1, $2, $3::bigint, $4, $5, $6::bigint, $7::bigint, $8::text::jsonb,
-                case when $7::bigint > 0 then $9::bigint end, case when $7::bigint > 0 then $10::bigint end,
-                $11, $12)
+        select partner, purchase_id, member_uid, currency, occurred_at, total_amount, points, refund_state::jsonb,
+               case when points > 0 then lot_id end, case when points > 0 then transfer_id end, request_hash, response
+        from input
+        order by ord
         on conflict (partner, purchase_id) do nothing
-        returning purchase_pk
+        returning partner, purchase_id
+    ), written as (
+        select input.* from input join purchase using (partner, purchase_id)
     ), lot as (
         insert into lots (lot_id, member_uid, amount, remaining, state, vests_at, expires_at)
         overriding system value
-        select $9, $3, $7, $7, $13::text, $14, $15 from purchase where $7 > 0
+        select lot_id, member_uid, points, points, bucket, vests_at, expires_at from written where points > 0
     ), transfer as (
         insert into transfers (transfer_id, member_uid, asset, debit_account_id, credit_account_id, amount,
                                code, cause_type, cause_ref, lot_id, reason)
         overriding system value
-        select $10, $3, 'points', $16,
-               (select account_id from accounts where member_uid = $3 and asset = 'points' and name = $13::text),
-               $7, 'earn', 'purchase', $1 || '/' || $2, $9, 'points for purchase'
-        from purchase where $7 > 0
+        select w.transfer_id, w.member_uid, 'points', w.issued_account_id, a.account_id, w.points,
+               'earn', 'purchase', w.partner || '/' || w.purchase_id, w.lot_id, 'points for purchase'
+        from written w
+        join accounts a on a.member_uid = w.member_uid and a.asset = 'points' and a.name = w.bucket
+        where w.points > 0
+    ), change as (
+        select distinct on (member_uid) member_uid,
+               sum(points) filter (where bucket = 'pending') over m as pending,
+               sum(points) filter (where bucket = 'available') over m as available,
+               sum(points) over m as earned,
+               count(*) over m as purchases,
+               tier, tier_below_since, tier_qualifying_points, tier_evaluated_at
+        from written
+        window m as (partition by member_uid)
+        order by member_uid, ord desc
     ), updated as (
-        update members
-        set points_pending = points_pending + case when $13::text = 'pending' then $7 else 0 end,
-            points_available = points_available + case when $13::text = 'available' then $7 else 0 end,
-            points_lifetime_earned = points_lifetime_earned + $7,
-            tier = $17, tier_below_since = $18, tier_qualifying_points = $19,
-            tier_evaluated_at = coalesce($20, tier_evaluated_at),
-            version = version + 1
-        where member_uid = $3 and exists (select 1 from purchase)
-        returning version, points_debt
+        update members m
+        set points_pending = m.points_pending + coalesce(c.pending, 0),
+            points_available = m.points_available + coalesce(c.available, 0),
+            points_lifetime_earned = m.points_lifetime_earned + c.earned,
+            tier = c.tier, tier_below_since = c.tier_below_since, tier_qualifying_points = c.tier_qualifying_points,
+            tier_evaluated_at = coalesce(c.tier_evaluated_at, m.tier_evaluated_at),
+            version = m.version + c.purchases
+        from change c
+        where m.member_uid = c.member_uid
+        returning m.member_uid, m.version, m.points_debt
     )
-    select (select version from updated) as version, (select points_debt from updated) as points_debt
+    select w.ord, u.version, u.points_debt
+    from written w join updated u using (member_uid)
 """
 
 
