@@ -11,6 +11,12 @@ request still gets its own outcome:
   is retried alone in a transaction of its own: one bad request never fails its neighbours;
 - a request's future is resolved only after the commit: a 2xx means committed.
 
+A batch is written in one of two ways. By default every item is written with ``write`` in one
+shared transaction. A ``write_batch`` instead writes and commits the whole batch itself (for
+purchases: one read, then one self-committing statement, no BEGIN/COMMIT round trips; see
+konvert.earning.service) and hands back each item's outcome; it must not raise for a single
+item, and if it raises anyway its items are written one by one like a failed shared batch.
+
 Items are written in a stable order (``sort_key``) so that concurrent batches, in this process
 or another, take row locks in the same order and cannot deadlock each other.
 """
@@ -29,15 +35,12 @@ from konvert.errors import KonvertError
 log = logging.getLogger("konvert.batching")
 
 
-class RetryAlone(Exception):
-    """Raised by a batch writer that cannot settle its batch in one pass (rolls the batch back)."""
-
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 WriteOne = Callable[[asyncpg.Connection, Item], Awaitable[Result]]
-# Writes a whole batch at once (e.g. pipelined); returns per item its result or its refusal.
-WriteMany = Callable[[asyncpg.Connection, list[Item]], Awaitable[list[Result | KonvertError]]]
+# Writes and commits a whole batch itself; returns per item its result or its error.
+WriteBatch = Callable[[list[Item]], Awaitable[list[Result | BaseException]]]
 AfterCommit = Callable[[Result], Awaitable[None]]
 
 
@@ -51,11 +54,11 @@ class GroupCommit(Generic[Item, Result]):
         *,
         batch_size_max: int,
         batches_in_flight_max: int,
-        write_many: WriteMany[Item, Result] | None = None,
+        write_batch: WriteBatch[Item, Result] | None = None,
     ) -> None:
         self._pool = pool
         self._write = write
-        self._write_many = write_many
+        self._write_batch = write_batch
         self._after_commit = after_commit
         self._sort_key = sort_key
         self._batch_size_max = batch_size_max
@@ -106,7 +109,7 @@ class GroupCommit(Generic[Item, Result]):
             batch.sort(key=lambda entry: self._sort_key(entry[0]))
             try:
                 outcomes = await self._write_together(batch)
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError, RetryAlone) as exc:
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
                 log.warning("batch failed; writing its items one by one", extra={"size": len(batch), "error": repr(exc)})
                 outcomes = [await self._write_alone(item) for item, _ in batch]
             # After-commit steps (cache invalidations) run side by side: a slow Redis costs the
@@ -127,11 +130,11 @@ class GroupCommit(Generic[Item, Result]):
         finally:
             self._slots.release()
 
-    async def _write_together(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> list[Result | KonvertError]:
-        outcomes: list[Result | KonvertError] = []
+    async def _write_together(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> list[Result | BaseException]:
+        if self._write_batch is not None:
+            return await self._write_batch([item for item, _ in batch])
+        outcomes: list[Result | BaseException] = []
         async with self._pool.acquire() as conn, conn.transaction():
-            if self._write_many is not None:
-                return await self._write_many(conn, [item for item, _ in batch])
             for item, _ in batch:
                 try:
                     outcomes.append(await self._write(conn, item))

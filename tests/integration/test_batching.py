@@ -136,7 +136,8 @@ async def test_a_batch_carries_a_members_tier_from_one_purchase_to_the_next(tier
     member = new_id("m")
     postings = [_posting(tier_services, member, new_id("p"), 10000), _posting(tier_services, member, new_id("p"), 1000)]
     async with tier_services.pool.acquire() as conn, conn.transaction():
-        first, second = await write_purchases(tier_services, conn, postings)
+        settled = await write_purchases(tier_services, conn, postings)
+    first, second = settled[0], settled[1]
 
     # The first purchase lifts the member to Silver, so the second already earns double.
     assert msgspec.json.decode(first.outcome.body)["points"] == 100
@@ -161,9 +162,62 @@ async def test_duplicates_within_one_batch_replay_or_conflict_alone(services, ne
     async with services.pool.acquire() as conn, conn.transaction():
         outcomes = await write_purchases(services, conn, [original, same, different, other])
 
+    assert sorted(outcomes) == [0, 1, 2, 3]  # every posting settled in one round
     assert not outcomes[0].outcome.replayed
     assert outcomes[1].outcome.replayed and outcomes[1].outcome.body == outcomes[0].outcome.body
     assert isinstance(outcomes[2], IdempotencyConflict)
     assert not outcomes[3].outcome.replayed
     available = await services.pool.fetchval("select points_available from members where member_id = $1", member)
     assert available == 60
+
+
+async def test_a_batch_commits_without_a_transaction_of_its_own(services, new_id):
+    """The batch's write statement commits by itself: once it returns, others see every row."""
+    from konvert.earning.service import write_purchase_batch
+
+    members = [new_id("m") for _ in range(3)]
+    outcomes = await write_purchase_batch(services, [_posting(services, m, new_id("p"), 1000) for m in members])
+
+    assert [o.outcome.replayed for o in outcomes] == [False, False, False]
+    rows = await services.pool.fetch(
+        "select m.member_id, m.points_available, m.version, count(p.*) as purchases"
+        " from members m join purchases p using (member_uid) where m.member_id = any($1::text[])"
+        " group by m.member_id, m.points_available, m.version order by m.member_id",
+        members,
+    )
+    assert [(r["points_available"], r["purchases"]) for r in rows] == [(10, 1)] * 3
+    # Each outcome names the version its member reached, which the cache is invalidated with.
+    assert sorted(o.version for o in outcomes) == sorted(r["version"] for r in rows)
+
+
+async def test_a_purchase_id_taken_meanwhile_by_another_member_writes_nothing_of_its_round(tier_services, new_id):
+    """A's uncommitted purchase holds the id when batch B reads it as free. B's statement then
+    waits for A and finds the id taken: B had carried the tier that purchase would have earned
+    into the member's next purchase, so the statement aborts whole and B's postings are written
+    one by one: the raced one is refused, the next earns at the tier the member really has."""
+    import msgspec
+
+    from konvert.earning.service import write_purchase_batch, write_purchases
+    from konvert.errors import IdempotencyConflict
+
+    services = tier_services
+    raced = new_id("p")
+    owner, other = f"a-{new_id('m')}", f"b-{new_id('m')}"
+    async with services.pool.acquire() as conn_a:
+        tx_a = conn_a.transaction()
+        await tx_a.start()
+        await write_purchases(services, conn_a, [_posting(services, owner, raced, 1000)])
+        # For `other`, `raced` (100 points) would lift it to Silver (x2) before its next purchase.
+        postings = [_posting(services, other, raced, 10000), _posting(services, other, f"z-{new_id('p')}", 1000)]
+        batch_b = asyncio.create_task(write_purchase_batch(services, postings))
+        await asyncio.sleep(0.5)  # B has read `raced` as free and waits on A's insert
+        assert not batch_b.done()
+        await tx_a.commit()
+        refused, written = await batch_b
+
+    assert isinstance(refused, IdempotencyConflict)
+    assert msgspec.json.decode(written.outcome.body)["points"] == 10  # Bronze: x1
+    row = await services.pool.fetchrow(
+        "select tier, tier_qualifying_points, points_available from members where member_id = $1", other
+    )
+    assert tuple(row) == ("Bronze", 10, 10)

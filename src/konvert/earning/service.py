@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timedelta
 
 import asyncpg
 import msgspec
 
 from konvert import errors, tiers
-from konvert.batching import GroupCommit, RetryAlone
+from konvert.batching import GroupCommit
 from konvert.earning import rules, store
 from konvert.earning.model import (
     EarningResult,
@@ -22,6 +23,8 @@ from konvert.idempotency import Outcome, replay, request_hash
 from konvert.ledger import store as ledger
 from konvert.redemption.rules import expiry_for
 from konvert.services import Services
+
+log = logging.getLogger("konvert.earning")
 
 _encode = msgspec.json.Encoder(decimal_format="number").encode
 _decode_state = msgspec.json.Decoder(rules.PurchaseRefundState).decode
@@ -55,8 +58,8 @@ class Posted(msgspec.Struct, frozen=True):
 async def post_purchase(services: Services, purchase: PurchaseIn) -> Outcome:
     """Record a purchase and credit its points, once per (partner, purchase_id).
 
-    Concurrent postings are group-committed: they share transactions (see konvert.batching),
-    and each still gets its own outcome; a 2xx means committed.
+    Concurrent postings are group-committed: they are written together (see konvert.batching
+    and write_purchase_batch), and each still gets its own outcome; a 2xx means committed.
     """
     base = check_purchase(services, purchase)
     if services.purchases is None:
@@ -73,14 +76,14 @@ class Posting(msgspec.Struct, frozen=True):
 
 
 def purchase_batcher(services: Services) -> GroupCommit[Posting, Posted]:
-    """Group commit for postings. Sorted by member so that batches lock members in one order."""
+    """Group commit for postings, sorted by member (the order rows are written in)."""
     settings = services.settings
 
     async def write(conn: asyncpg.Connection, posting: Posting) -> Posted:
-        return await write_purchase(services, conn, posting.purchase, posting.base_earning)
+        return await write_purchase(services, conn, posting)
 
-    async def write_many(conn: asyncpg.Connection, postings: list[Posting]) -> list[Posted | errors.KonvertError]:
-        return await write_purchases(services, conn, postings)
+    async def write_batch(postings: list[Posting]) -> list[Posted | BaseException]:
+        return await write_purchase_batch(services, postings)
 
     async def committed(posted: Posted) -> None:
         await after_commit(services, posted)
@@ -89,7 +92,7 @@ def purchase_batcher(services: Services) -> GroupCommit[Posting, Posted]:
         services.pool,
         write,
         committed,
-        write_many=write_many,
+        write_batch=write_batch,
         sort_key=lambda p: (p.purchase.member_id, p.purchase.partner, p.purchase.purchase_id),
         batch_size_max=settings.write_batch_size_max,
         batches_in_flight_max=settings.write_batches_in_flight_max,
@@ -97,10 +100,10 @@ def purchase_batcher(services: Services) -> GroupCommit[Posting, Posted]:
 
 
 async def post_purchase_alone(services: Services, purchase: PurchaseIn) -> Outcome:
-    """The same in a transaction of its own (the batcher's fallback, and for callers without one)."""
-    base = check_purchase(services, purchase)
-    async with services.pool.acquire() as conn, conn.transaction():
-        posted = await write_purchase(services, conn, purchase, base)
+    """The same in a transaction of its own (for callers without a batcher)."""
+    posted = await _write_alone(services, Posting(purchase, check_purchase(services, purchase)))
+    if isinstance(posted, BaseException):
+        raise posted
     await after_commit(services, posted)
     return posted.outcome
 
@@ -120,87 +123,150 @@ async def after_commit(services: Services, posted: Posted) -> None:
         await services.balances.invalidate(posted.member_id, posted.version)
 
 
-async def write_purchase(
-    services: Services, conn: asyncpg.Connection, purchase: PurchaseIn, base_earning: EarningResult
-) -> Posted:
-    """Write one purchase inside the caller's transaction (see write_purchases)."""
-    (posted,) = await write_purchases(services, conn, [Posting(purchase, base_earning)])
-    if isinstance(posted, errors.KonvertError):
-        raise posted
-    return posted
+# Rounds of read-then-write for a batch before its unsettled postings are written one by one.
+_OPTIMISTIC_ROUNDS = 3
+# Errors after which a round is known to have written nothing (its statement failed whole).
+_ROUND_FAILED = (store.PurchaseTakenConcurrently, asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+
+async def write_purchase_batch(services: Services, postings: list[Posting]) -> list[Posted | BaseException]:
+    """Write and commit a batch of postings; return each one's outcome, in order.
+
+    Optimistic, in two round trips per round and no explicit transaction: one statement reads
+    what the batch needs (members, tiers, which purchase ids are taken, fresh ids), then one
+    self-committing statement writes every purchase whose member is unchanged since that read.
+    Postings of members that changed meanwhile go into the next round. What is still unsettled
+    after a few rounds (a member written to all the time from elsewhere), or after a round that
+    failed, is written one posting at a time under its member's lock.
+    """
+    outcomes: dict[int, Posted | BaseException] = {}
+    todo = list(range(len(postings)))
+    async with services.pool.acquire() as conn:
+        for _ in range(_OPTIMISTIC_ROUNDS):
+            try:
+                settled = await write_purchases(services, conn, [postings[i] for i in todo])
+            except _ROUND_FAILED as exc:
+                log.warning("purchase batch round failed; writing its postings one by one", extra={"error": repr(exc)})
+                break
+            outcomes.update((todo[j], outcome) for j, outcome in settled.items())
+            todo = [i for j, i in enumerate(todo) if j not in settled]
+            if not todo:
+                break
+    for i in todo:
+        outcomes[i] = await _write_alone(services, postings[i])
+    return [outcomes[i] for i in range(len(postings))]
+
+
+async def _write_alone(services: Services, posting: Posting) -> Posted | BaseException:
+    """One posting in a transaction of its own; its error is returned, not raised."""
+    for _ in range(2):
+        try:
+            async with services.pool.acquire() as conn, conn.transaction():
+                return await write_purchase(services, conn, posting)
+        except store.PurchaseTakenConcurrently:
+            continue  # the other request has committed now: the next try replays it or refuses
+        except Exception as exc:  # noqa: BLE001 - handed to this posting's request, which maps it
+            return exc
+    return errors.ServiceUnavailable("the purchase id is being posted concurrently; try again")
+
+
+async def write_purchase(services: Services, conn: asyncpg.Connection, posting: Posting) -> Posted:
+    """Write one posting inside the caller's transaction, its member locked first (so, unlike
+    the optimistic batch, it cannot find its member changed)."""
+    await store.lock_members(conn, [posting.purchase.member_id])
+    for _ in range(2):  # a member created meanwhile by another request is locked by the 1st try
+        settled = await write_purchases(services, conn, [posting])
+        if settled:
+            (outcome,) = settled.values()
+            if isinstance(outcome, errors.KonvertError):
+                raise outcome
+            return outcome
+    raise errors.ServiceUnavailable("the member kept changing; try again")
 
 
 async def write_purchases(
     services: Services, conn: asyncpg.Connection, postings: list[Posting]
-) -> list[Posted | errors.KonvertError]:
-    """Write purchases inside the caller's transaction, in order (sorted by member), in three
-    statements for the whole list: lock every member and take fresh ids; see which purchase ids
-    are taken and what qualifies for tiers; record every new purchase with its lot, earn
-    transfer, balance change and tier.
+) -> dict[int, Posted | errors.KonvertError]:
+    """One round of read-then-write for postings sorted by member; ``conn`` may or may not be
+    in a transaction. Returns the outcome of each posting settled, by its index: written, or a
+    replay of the purchase already recorded, or an IdempotencyConflict for that posting alone.
+    Postings of members that changed since the read are not settled: retry them.
 
     A member's tier is carried from one of its new purchases to the next within the list, so the
-    outcome is the same as writing them one after another. A purchase id already taken yields
-    its replay, or an IdempotencyConflict for that posting alone.
+    outcome is the same as writing them one after another.
     """
     program = services.program
     now = services.clock()
     window_start = now - timedelta(days=program.tiers.window_days) if program.tiers.levels else None
-    members = await _lock_members(conn, [p.purchase.member_id for p in postings])
-    checks = await store.select_taken_and_qualifying(
-        conn,
-        [(m["member_uid"], p.purchase.partner, p.purchase.purchase_id) for p, m in zip(postings, members, strict=True)],
-        window_start,
-    )
+    reads = await _read(conn, postings, window_start)
     carried: dict[int, tuple[str | None, datetime | None, int]] = {}
     seen: set[tuple[str, str]] = set()
     prepared = []
-    for posting, member, check in zip(postings, members, checks, strict=True):
+    for posting, read in zip(postings, reads, strict=True):
         key = (posting.purchase.partner, posting.purchase.purchase_id)
         # Only a purchase that will really be written moves its member's tier.
-        expected_new = not check["taken"] and key not in seen
+        expected_new = not read["taken"] and key not in seen
         seen.add(key)
         prepared.append(
-            await _prepare(services, conn, posting, member, check["qualifying_points"], carried, expected_new, now, window_start)
+            await _prepare(services, conn, posting, read, read["qualifying_points"], carried, expected_new, now, window_start)
         )
-    written = await store.insert_purchases(conn, [row for row, _, expected_new in prepared if expected_new])
+    rows = [row for row, _, expected_new in prepared if expected_new]
+    # Only the members written to are locked and compared: a replay reads its stored response.
+    versions = {read["member_uid"]: read["version"] for read, (_, _, new) in zip(reads, prepared, strict=True) if new}
+    written = await store.insert_purchases(conn, rows, versions)
 
-    outcomes: list[Posted | errors.KonvertError] = []
-    settle: dict[int, int] = {}
+    settled: dict[int, Posted | errors.KonvertError] = {}
+    debts: dict[int, int] = {}
     index = 0  # of the row among those inserted
-    for row, posting, expected_new in prepared:
-        purchase = posting.purchase
+    for i, (row, posting, expected_new) in enumerate(prepared):
+        if expected_new:
+            member = written.get(index)
+            index += 1
+            if member is not None:
+                if row.bucket == "available" and member["points_debt"] > 0:
+                    debts[row.member_uid] = member["points_debt"]
+                settled[i] = Posted(Outcome(row.response), posting.purchase.member_id, member["version"])
+    for i, (row, posting, expected_new) in enumerate(prepared):
         if not expected_new:
-            existing = await store.select_purchase_replay(conn, purchase.partner, purchase.purchase_id)
+            existing = await store.select_purchase_replay(conn, posting.purchase.partner, posting.purchase.purchase_id)
+            if existing is None:
+                continue  # repeats a posting of this batch that was not written: retry with it
             try:
-                outcomes.append(Posted(replay(existing, row.request_hash), purchase.member_id, None))
+                settled[i] = Posted(replay(existing, row.request_hash), posting.purchase.member_id, None)
             except errors.KonvertError as refused:
-                outcomes.append(refused)
-            continue
-        member = written.get(index)
-        index += 1
-        if member is None:
-            # Taken in the meantime by another member's batch: the tiers carried through this
-            # batch counted it. Start over, one posting at a time.
-            raise RetryAlone(f"purchase {purchase.partner}/{purchase.purchase_id} was taken concurrently")
-        if row.bucket == "available" and member["points_debt"] > 0:
-            settle[row.member_uid] = member["points_debt"]
-        outcomes.append(Posted(Outcome(row.response), purchase.member_id, member["version"]))
-    for member_uid, debt in settle.items():
-        await ledger.settle_debt(conn, member_uid, debt)
-    return outcomes
+                settled[i] = refused
+    if debts:
+        await _settle_debts(conn, debts)
+    return settled
 
 
-async def _lock_members(conn: asyncpg.Connection, member_ids: list[str]) -> list[asyncpg.Record]:
-    """One locked row per member id, creating members seen for the first time."""
-    members = await store.lock_members_with_new_ids(conn, member_ids)
-    unknown = [i for i, member in enumerate(members) if member["member_uid"] is None]
+async def _read(conn: asyncpg.Connection, postings: list[Posting], window_start: datetime | None) -> list[asyncpg.Record]:
+    """What write_purchases needs, creating the members seen for the first time."""
+    keys = [(p.purchase.member_id, p.purchase.partner, p.purchase.purchase_id) for p in postings]
+    reads = await store.read_for_purchases(conn, keys, window_start)
+    unknown = sorted({member_id for (member_id, _, _), read in zip(keys, reads, strict=True) if read["member_uid"] is None})
     if unknown:
-        for member_id in sorted({member_ids[i] for i in unknown}):
-            await ledger.ensure_member(conn, member_id)
-        again = await store.lock_members_with_new_ids(conn, [member_ids[i] for i in unknown])
-        for i, member in zip(unknown, again, strict=True):
-            members[i] = member
-    return members
+        async with conn.transaction():
+            for member_id in unknown:
+                await ledger.ensure_member(conn, member_id)
+        reads = await store.read_for_purchases(conn, keys, window_start)
+    return reads
+
+
+async def _settle_debts(conn: asyncpg.Connection, debts: dict[int, int]) -> None:
+    """Repay refund debts from the points just made available (see ledger.settle_debt).
+
+    After the purchases committed, in a transaction of its own when they had none: the stored
+    balances hold either way, repaying only makes the lots agree with them, so a failure here
+    is logged and left to the member's next purchase.
+    """
+    try:
+        async with conn.transaction():
+            for member_uid in sorted(debts):
+                member = await ledger.lock_member(conn, member_uid)
+                await ledger.settle_debt(conn, member_uid, member["points_debt"])
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+        log.exception("settling refund debts failed", extra={"members": sorted(debts)})
 
 
 async def _prepare(

@@ -15,48 +15,37 @@ import asyncpg
 from konvert.tiers import qualifying_points_sql
 
 
-async def lock_members_with_new_ids(conn: asyncpg.Connection, member_ids: list[str]) -> list[asyncpg.Record]:
-    """For each member id (in order, one row each; member_uid null for an unknown member): lock
-    the member's row and return its uid and tier, with a fresh lot id and transfer id. One
-    statement; callers pass the ids sorted, so concurrent batches lock in one order (the rows
-    are locked in the order of the array).
-
-    Taking the ids up front lets each response (which names them) be built before the insert,
-    so the purchase row can store it in the same statement.
-    """
-    return await conn.fetch(_LOCK_MEMBERS_WITH_NEW_IDS, member_ids)
-
-
-_LOCK_MEMBERS_WITH_NEW_IDS = """
-    select m.member_uid, m.tier, m.tier_below_since, m.tier_qualifying_points,
-           nextval('lots_lot_id_seq') as lot_id, nextval('transfers_transfer_id_seq') as transfer_id
-    from unnest($1::text[]) with ordinality as r (member_id, ord)
-    left join lateral (select * from members where member_id = r.member_id for update) m on true
-    order by r.ord
-"""
-
-
-async def select_taken_and_qualifying(
-    conn: asyncpg.Connection, keys: list[tuple[int, str, str]], tier_window_start: datetime | None
+async def read_for_purchases(
+    conn: asyncpg.Connection, keys: list[tuple[str, str, str]], tier_window_start: datetime | None
 ) -> list[asyncpg.Record]:
-    """For each (member_uid, partner, purchase_id), in order: whether the purchase id is taken
-    already, and the member's points qualifying for tiers since ``tier_window_start`` (0 when
-    None).
+    """For each (member_id, partner, purchase_id), in order, as of one snapshot: the member's
+    uid, version and tier (nulls for an unknown member), whether the purchase id is taken, the
+    member's points qualifying for tiers since ``tier_window_start`` (0 when None), and a fresh
+    lot id and transfer id.
 
-    Asked after the members are locked (in a statement of its own, so with a snapshot taken
-    after the locks), so it sees every purchase committed by batches that held them before.
+    Nothing is locked: INSERT_PURCHASES writes a member's purchases only if its version is still
+    the one read here, so what was computed from this read still holds when it is written.
     """
-    uids, partners, purchase_ids = zip(*keys, strict=True) if keys else ((), (), ())
-    return await conn.fetch(_SELECT_TAKEN_AND_QUALIFYING, list(uids), list(partners), list(purchase_ids), tier_window_start)
+    member_ids, partners, purchase_ids = (list(column) for column in zip(*keys, strict=True))
+    return await conn.fetch(_READ_FOR_PURCHASES, member_ids, partners, purchase_ids, tier_window_start)
 
 
-_SELECT_TAKEN_AND_QUALIFYING = f"""
-    select exists (select 1 from purchases p where p.partner = r.partner and p.purchase_id = r.purchase_id) as taken,
-           case when $4::timestamptz is null then 0 else {qualifying_points_sql("r.member_uid", "$4")} end
-               as qualifying_points
-    from unnest($1::bigint[], $2::text[], $3::text[]) with ordinality as r (member_uid, partner, purchase_id, ord)
+_READ_FOR_PURCHASES = f"""
+    select m.member_uid, m.version, m.tier, m.tier_below_since, m.tier_qualifying_points,
+           exists (select 1 from purchases p where p.partner = r.partner and p.purchase_id = r.purchase_id) as taken,
+           case when $4::timestamptz is null or m.member_uid is null then 0
+                else {qualifying_points_sql("m.member_uid", "$4")} end as qualifying_points,
+           nextval('lots_lot_id_seq') as lot_id, nextval('transfers_transfer_id_seq') as transfer_id
+    from unnest($1::text[], $2::text[], $3::text[]) with ordinality as r (member_id, partner, purchase_id, ord)
+    left join members m on m.member_id = r.member_id
     order by r.ord
 """
+
+
+async def lock_members(conn: asyncpg.Connection, member_ids: list[str]) -> None:
+    """Lock the members' rows (those that exist) for the rest of the transaction, in member_id
+    order: the order INSERT_PURCHASES locks them in, so the two cannot deadlock."""
+    await conn.execute("select from members where member_id = any($1::text[]) order by member_id for update", member_ids)
 
 
 class PurchaseRow(NamedTuple):
@@ -84,23 +73,40 @@ class PurchaseRow(NamedTuple):
     tier_evaluated_at: datetime | None
 
 
-async def insert_purchases(conn: asyncpg.Connection, rows: list[PurchaseRow]) -> dict[int, asyncpg.Record]:
-    """Record purchases with their lots, earn transfers and balance changes, in one statement.
+class PurchaseTakenConcurrently(Exception):
+    """INSERT_PURCHASES found a purchase id it was told was free taken by a concurrent request
+    (for another member); the statement was aborted and wrote nothing."""
 
-    The rows must not repeat a (partner, purchase_id). Returns, by the index of each row that was
-    written, its member's new (version, points_debt) after all of this batch's rows; a row whose
-    purchase id was taken meanwhile (by another request) is absent: it wrote nothing.
-    A member's tier becomes that of its last written row.
+
+async def insert_purchases(
+    conn: asyncpg.Connection, rows: list[PurchaseRow], versions: dict[int, int]
+) -> dict[int, asyncpg.Record]:
+    """Record purchases with their lots, earn transfers and balance changes, in one statement,
+    for the members whose version is still the one in ``versions`` (member_uid -> version).
+
+    The rows must not repeat a (partner, purchase_id), and every purchase id must have been free
+    when their members' versions were read. Returns, by the index of each row that was written,
+    its member's new (version, points_debt) after all of this batch's rows. The rows of a member
+    that changed since are absent: they wrote nothing. A member's tier becomes that of its last
+    written row. Raises PurchaseTakenConcurrently (nothing written) if a purchase id of an
+    unchanged member was taken meanwhile.
     """
     if not rows:
         return {}
     columns = [list(column) for column in zip(*rows, strict=True)]
-    written = await conn.fetch(INSERT_PURCHASES, *columns)
+    try:
+        written = await conn.fetch(INSERT_PURCHASES, *columns, list(versions), list(versions.values()))
+    except asyncpg.RaiseError as exc:
+        if exc.sqlstate == "KV001":
+            raise PurchaseTakenConcurrently(str(exc)) from exc
+        raise
     return {record["ord"] - 1: record for record in written}
 
 
-# Parameters are PurchaseRow's fields in order, each as an array. One row per purchase written:
-# its position in the arrays (1-based) and its member's new version and debt.
+# Parameters are PurchaseRow's fields in order, each as an array, then the members' uids and the
+# versions they must still have. One row per purchase written: its position in the arrays
+# (1-based) and its member's new version and debt. Self-committing on its own: it locks the
+# members first (in member_id order) and compares their versions under the lock.
 INSERT_PURCHASES = """
     with input as (
         select *
@@ -112,12 +118,20 @@ INSERT_PURCHASES = """
                                    refund_state, lot_id, transfer_id, request_hash, response, bucket, vests_at,
                                    expires_at, issued_account_id, tier, tier_below_since, tier_qualifying_points,
                                    tier_evaluated_at, ord)
+    ), locked as materialized (
+        -- Under the lock, a row updated meanwhile is seen at its latest committed version.
+        select member_uid, version from members where member_uid = any($21::bigint[]) order by member_id for update
+    ), unchanged as materialized (
+        select l.member_uid
+        from locked l join unnest($21::bigint[], $22::bigint[]) as e (member_uid, version)
+             on e.member_uid = l.member_uid and e.version = l.version
     ), purchase as (
         insert into purchases (partner, purchase_id, member_uid, currency, occurred_at, total_amount, points,
                                refund_state, lot_id, transfer_id, request_hash, response)
         select partner, purchase_id, member_uid, currency, occurred_at, total_amount, points, refund_state::jsonb,
                case when points > 0 then lot_id end, case when points > 0 then transfer_id end, request_hash, response
         from input
+        where member_uid in (select member_uid from unchanged)
         order by ord
         on conflict (partner, purchase_id) do nothing
         returning partner, purchase_id
@@ -160,6 +174,11 @@ INSERT_PURCHASES = """
     )
     select w.ord, u.version, u.points_debt
     from written w join updated u using (member_uid)
+    union all
+    select i.ord, konvert_abort(format('purchase %s/%s was taken concurrently', i.partner, i.purchase_id)), null
+    from input i
+    where i.member_uid in (select member_uid from unchanged)
+      and not exists (select from written w where w.ord = i.ord)
 """
 
 
