@@ -30,6 +30,13 @@ REQUEST_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
 
+# Purchase batches (konvert.earning.service.write_purchase_batch): postings settled by the
+# optimistic rounds, left for a next round because their member changed meanwhile, or written
+# one by one under a lock. Many "retried" or "alone" mean members written to from everywhere.
+PURCHASE_POSTINGS = Counter(
+    "konvert_purchase_batch_postings_total", "Purchase postings by how their batch settled them", ["how"]
+)
+
 access_log = logging.getLogger("konvert.access")
 
 # Attributes every LogRecord has; anything else was passed with extra= and goes into the JSON.

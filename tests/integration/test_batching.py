@@ -97,6 +97,12 @@ async def test_stop_writes_what_is_queued(table):
 # --- purchases written as one pipelined batch --------------------------------------------------
 
 
+def _postings_settled(how: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("konvert_purchase_batch_postings_total", {"how": how}) or 0.0
+
+
 def _posting(services, member_id, purchase_id, cents):
     import msgspec
 
@@ -201,6 +207,7 @@ async def test_a_purchase_id_taken_meanwhile_by_another_member_writes_nothing_of
     from konvert.errors import IdempotencyConflict
 
     services = tier_services
+    alone_before = _postings_settled("alone")
     raced = new_id("p")
     owner, other = f"a-{new_id('m')}", f"b-{new_id('m')}"
     async with services.pool.acquire() as conn_a:
@@ -221,3 +228,4 @@ async def test_a_purchase_id_taken_meanwhile_by_another_member_writes_nothing_of
         "select tier, tier_qualifying_points, points_available from members where member_id = $1", other
     )
     assert tuple(row) == ("Bronze", 10, 10)
+    assert _postings_settled("alone") - alone_before == 2  # what operators see in /metrics

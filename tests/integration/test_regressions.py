@@ -223,6 +223,12 @@ async def test_concurrent_batches_for_one_member_do_not_lose_a_tier_upgrade(tier
         posting_a = _purchase_in(member, new_id("p"), 60)
         await earning.write_purchases(services, conn_a, [earning.Posting(posting_a, earning.check_purchase(services, posting_a))])
 
+        from prometheus_client import REGISTRY
+
+        def retried() -> float:
+            return REGISTRY.get_sample_value("konvert_purchase_batch_postings_total", {"how": "retried"}) or 0.0
+
+        retried_before = retried()
         posting_b = _purchase_in(member, new_id("p"), 10)
         # Batch B (optimistic, as the batcher writes) reads the member, then waits for its lock.
         b = asyncio.create_task(
@@ -236,6 +242,7 @@ async def test_concurrent_batches_for_one_member_do_not_lose_a_tier_upgrade(tier
     # 50 + 60 = 110 makes the member Silver when A commits; B finds the member changed since its
     # read, reads again and earns 10 EUR x 2 = 20: 130 qualifying points, Silver.
     assert msgspec.json.decode(outcome_b.outcome.body)["points"] == 20
+    assert retried() - retried_before == 1
     assert (row["tier"], row["tier_qualifying_points"]) == ("Silver", 130)
 
 

@@ -20,6 +20,7 @@ from konvert.earning.model import (
     RefundOut,
 )
 from konvert.idempotency import Outcome, replay, request_hash
+from konvert.observability import PURCHASE_POSTINGS
 from konvert.ledger import store as ledger
 from konvert.redemption.rules import expiry_for
 from konvert.services import Services
@@ -150,10 +151,13 @@ async def write_purchase_batch(services: Services, postings: list[Posting]) -> l
                 break
             outcomes.update((todo[j], outcome) for j, outcome in settled.items())
             todo = [i for j, i in enumerate(todo) if j not in settled]
+            PURCHASE_POSTINGS.labels("optimistic").inc(len(settled))
             if not todo:
                 break
+            PURCHASE_POSTINGS.labels("retried").inc(len(todo))
     for i in todo:
         outcomes[i] = await _write_alone(services, postings[i])
+    PURCHASE_POSTINGS.labels("alone").inc(len(todo))
     return [outcomes[i] for i in range(len(postings))]
 
 
