@@ -17,15 +17,18 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 
-from konvert import __version__, auth
+from konvert import __version__, auth, workers
 from konvert.errors import ConfigurationError, KonvertError
 from konvert.program import load_program
 from konvert.settings import Settings, load_settings
 
 EXIT_CONFIG = 2
+# How long a stopping worker may take to finish the requests in flight.
+GRACEFUL_SHUTDOWN_SECONDS = 10
 
 
 def _say(message: str) -> None:
@@ -100,24 +103,27 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             metrics_dir = tempfile.mkdtemp(prefix="konvert-metrics-")
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
             atexit.register(shutil.rmtree, metrics_dir, ignore_errors=True)
+    options: dict[str, Any] = {
+        "app": "konvert.app:app_from_environment",
+        "factory": True,
+        "loop": "uvloop" if sys.platform != "win32" else "asyncio",
+        "http": "httptools",
+        "lifespan": "on",
+        "access_log": False,
+        "log_config": None,
+        "server_header": False,
+        "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_SECONDS,
+    }
+    if settings.workers > 1 and workers.spreads_connections():
+        # A listening socket per worker, so the kernel spreads connections evenly (see workers.py).
+        return workers.Supervisor(
+            settings.host, settings.port, settings.workers, options, GRACEFUL_SHUTDOWN_SECONDS
+        ).run()
     # uvicorn shuts down gracefully on SIGTERM and then raises the signal again. Left to its
     # default action, that signal would end the process before atexit stops the embedded
     # PostgreSQL and Redis; exiting through Python runs atexit.
     signal.signal(signal.SIGTERM, _exit_on_signal)
-    uvicorn.run(
-        "konvert.app:app_from_environment",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        loop="uvloop" if sys.platform != "win32" else "asyncio",
-        http="httptools",
-        lifespan="on",
-        access_log=False,
-        log_config=None,
-        server_header=False,
-        timeout_graceful_shutdown=10,
-    )
+    uvicorn.run(host=settings.host, port=settings.port, workers=settings.workers, **options)
     return 0
 
 

@@ -53,6 +53,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
+            "pid": record.process,  # which worker process, with several
         }
         if request_id := request_id_var.get():
             entry["request_id"] = request_id

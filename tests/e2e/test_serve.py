@@ -7,6 +7,7 @@ with SIGTERM the way an init system would, and kills whatever is left in a ``fin
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 MakeKey = Callable[..., Awaitable[str]]
 
@@ -164,6 +166,66 @@ async def test_serve_with_configured_servers_and_two_workers(
 
         server.stop()
         assert "Traceback" not in server.stderr()
+
+
+def listening_sockets(port: int) -> int:
+    """How many sockets listen on the port (Linux: /proc/net/tcp and tcp6, state 0A)."""
+    count = 0
+    for table in (Path("/proc/net/tcp"), Path("/proc/net/tcp6")):
+        if table.exists():
+            for line in table.read_text().splitlines()[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                    count += 1
+    return count
+
+
+def access_log_pids(server: Server, path: str) -> list[int]:
+    """The worker pids in the access log lines for requests to ``path`` (JSON logs)."""
+    pids = []
+    for line in server.stderr().splitlines():
+        if line.startswith("{"):
+            entry = json.loads(line)
+            if entry.get("logger") == "konvert.access" and entry.get("path") == path:
+                pids.append(entry["pid"])
+    return pids
+
+
+def live_on_new_connections(server: Server, count: int) -> None:
+    """``count`` requests, each on a connection of its own."""
+    for _ in range(count):
+        with httpx.Client(base_url=server.base_url, timeout=10) as client:
+            assert client.get("/health/live").status_code == 200
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a socket per worker (SO_REUSEPORT) is Linux only")
+async def test_each_worker_listens_itself_and_a_dead_worker_is_replaced(
+    tmp_path: Path, database_url: str, redis_url: str
+) -> None:
+    env = konvert_env(KONVERT_DATABASE_URL=database_url, KONVERT_REDIS_URL=redis_url)
+    with konvert_serve(tmp_path, env, "--workers", "2") as server:
+        server.wait_ready(READY_TIMEOUT_SECONDS)
+        port = int(server.base_url.rsplit(":", 1)[1])
+        # Two listening sockets, one per worker (uvicorn's own mode shares one), so the kernel
+        # spreads connections over both workers.
+        assert listening_sockets(port) == 2
+        live_on_new_connections(server, 16)
+        pids = set(access_log_pids(server, "/health/live"))
+        assert len(pids) == 2, server.stderr()
+
+        os.kill(min(pids), signal.SIGKILL)
+        server.wait_for_line(re.compile("worker exited; restarting it"))
+        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+        while time.monotonic() < deadline and listening_sockets(port) < 2:
+            time.sleep(0.2)
+        assert listening_sockets(port) == 2, server.stderr()
+        server.wait_ready(READY_TIMEOUT_SECONDS)
+        live_on_new_connections(server, 16)
+        pids_after = set(access_log_pids(server, "/health/live")) - pids
+        assert pids_after, "the replacement worker served nothing"
+
+        assert server.stop() == 0
+        assert listening_sockets(port) == 0
 
 
 def redis_answers(socket_path: Path) -> bool:
