@@ -116,9 +116,12 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     }
     if settings.workers > 1 and workers.spreads_connections():
         # A listening socket per worker, so the kernel spreads connections evenly (see workers.py).
-        return workers.Supervisor(
-            settings.host, settings.port, settings.workers, options, GRACEFUL_SHUTDOWN_SECONDS
-        ).run()
+        supervisor = workers.Supervisor(settings.host, settings.port, settings.workers, options, GRACEFUL_SHUTDOWN_SECONDS)
+        try:
+            return supervisor.run()
+        except OSError as exc:
+            _say(f"konvert: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}")
+            return EXIT_CONFIG
     # uvicorn shuts down gracefully on SIGTERM and then raises the signal again. Left to its
     # default action, that signal would end the process before atexit stops the embedded
     # PostgreSQL and Redis; exiting through Python runs atexit.

@@ -7,11 +7,15 @@ others idle, for as long as those connections live. Here every worker binds its 
 the same address with ``SO_REUSEPORT``, and the kernel spreads new connections over them by a
 hash of each connection's addresses.
 
-The supervisor (the ``konvert serve`` process) holds the address bound without listening on
-it, so a port already in use fails at once and no other program can take the port between
-restarts. It restarts a worker that dies, after a pause that grows while workers keep dying
+The supervisor (the ``konvert serve`` process) refuses to start when something listens on the
+address already, and holds the address bound without listening on it, so no other program can
+take the port between restarts. Workers get SIGTERM from the kernel if the supervisor dies,
+even by SIGKILL, so none outlives it. It restarts a worker that dies, after a pause that grows while workers keep dying
 soon after they start, and on SIGTERM or SIGINT asks each worker to stop (SIGTERM: uvicorn
 finishes the requests in flight) and waits for it.
+
+A worker that dies loses the connections still waiting in its own accept queue (the kernel
+does not hand them to another worker): clients see a reset and retry.
 
 Linux only: elsewhere ``SO_REUSEPORT`` does not spread connections, and ``konvert serve`` uses
 uvicorn's own mode (``spreads_connections()``).
@@ -19,8 +23,10 @@ uvicorn's own mode (``spreads_connections()``).
 
 from __future__ import annotations
 
+import errno
 import logging
 import multiprocessing
+import os
 import signal
 import socket
 import sys
@@ -58,10 +64,31 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run_worker(host: str, port: int, uvicorn_options: dict[str, Any]) -> None:
+def listening(host: str, port: int) -> bool:
+    """Whether something accepts connections on (host, port) already."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.settimeout(1.0)
+        return probe.connect_ex(address) == 0
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Have the kernel send this process SIGTERM when the supervisor dies, even by SIGKILL, so
+    no worker outlives it and keeps the port."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the supervisor died before prctl took effect
+        raise SystemExit(0)
+
+
+def run_worker(host: str, port: int, uvicorn_options: dict[str, Any], parent_pid: int) -> None:
     """A worker process: its own socket, one uvicorn server (which listens on it)."""
     import uvicorn
 
+    _die_with_parent(parent_pid)
     sock = bind(host, port)
     uvicorn.Server(uvicorn.Config(**uvicorn_options)).run(sockets=[sock])
 
@@ -78,10 +105,16 @@ class Supervisor:
         self._failures = 0
 
     def run(self) -> int:
-        guard = bind(self._host, self._port)  # fails now if the port is taken
+        # SO_REUSEPORT would let this bind succeed beside another konvert on the port (the two
+        # would split its connections), so ask first whether anything listens there.
+        if listening(self._host, self._port):
+            raise OSError(errno.EADDRINUSE, f"something listens on {self._host}:{self._port} already")
+        guard = bind(self._host, self._port)  # fails now if a program without SO_REUSEPORT has it
         previous = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        workers: list[BaseProcess] = []
         try:
-            workers = [self._start() for _ in range(self._count)]
+            for _ in range(self._count):
+                workers.append(self._start())
             started = [time.monotonic()] * self._count
             while not self._stopping:
                 time.sleep(0.2)
@@ -98,16 +131,19 @@ class Supervisor:
                     self._sleep_unless_stopping(delay)
                     if not self._stopping:
                         workers[i], started[i] = self._start(), time.monotonic()
-            self._stop_all(workers)
             return 0
         finally:
+            self._stop_all(workers)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             guard.close()
 
     def _start(self) -> BaseProcess:
         worker = self._context.Process(
-            target=run_worker, args=(self._host, self._port, self._options), name="konvert-worker", daemon=False
+            target=run_worker,
+            args=(self._host, self._port, self._options, os.getpid()),
+            name="konvert-worker",
+            daemon=False,
         )
         worker.start()
         return worker

@@ -228,6 +228,30 @@ async def test_each_worker_listens_itself_and_a_dead_worker_is_replaced(
         assert listening_sockets(port) == 0
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a socket per worker (SO_REUSEPORT) is Linux only")
+async def test_workers_do_not_outlive_their_supervisor_nor_share_a_port_with_another(
+    tmp_path: Path, database_url: str, redis_url: str
+) -> None:
+    env = konvert_env(KONVERT_DATABASE_URL=database_url, KONVERT_REDIS_URL=redis_url)
+    with konvert_serve(tmp_path, env, "--workers", "2") as server:
+        server.wait_ready(READY_TIMEOUT_SECONDS)
+        port = int(server.base_url.rsplit(":", 1)[1])
+        # A second konvert on the same port would silently split its connections: it refuses.
+        second = subprocess.run(
+            [sys.executable, "-m", "konvert", "serve", "--port", str(port), "--workers", "2"],
+            env=env, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert second.returncode == 2, second.stderr
+        assert f"cannot listen on 127.0.0.1:{port}" in second.stderr
+        assert listening_sockets(port) == 2
+
+        server.process.kill()  # the supervisor only, by SIGKILL: no chance to stop its workers
+        deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
+        while time.monotonic() < deadline and listening_sockets(port) > 0:
+            time.sleep(0.2)
+        assert listening_sockets(port) == 0, "workers outlived their supervisor"
+
+
 def redis_answers(socket_path: Path) -> bool:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:

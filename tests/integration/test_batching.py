@@ -229,3 +229,79 @@ async def test_a_purchase_id_taken_meanwhile_by_another_member_writes_nothing_of
     )
     assert tuple(row) == ("Bronze", 10, 10)
     assert _postings_settled("alone") - alone_before == 2  # what operators see in /metrics
+
+
+async def test_a_posting_written_alone_that_races_another_member_for_its_id_is_refused(services, new_id):
+    """The transaction-per-posting path meets the raced id too: it tries again once the other
+    request committed, and answers 409 as for any reused id (not a 5xx)."""
+    from konvert.earning.service import post_purchase, write_purchases
+    from konvert.errors import IdempotencyConflict
+
+    assert services.purchases is None  # so post_purchase writes alone
+    raced = new_id("p")
+    async with services.pool.acquire() as conn_a:
+        tx_a = conn_a.transaction()
+        await tx_a.start()
+        await write_purchases(services, conn_a, [_posting(services, f"a-{new_id('m')}", raced, 1000)])
+        alone = asyncio.create_task(post_purchase(services, _posting(services, f"b-{new_id('m')}", raced, 2000).purchase))
+        await asyncio.sleep(0.5)
+        assert not alone.done()
+        await tx_a.commit()
+        with pytest.raises(IdempotencyConflict):
+            await alone
+
+
+async def test_a_round_that_fails_after_its_commit_keeps_what_it_wrote(services, new_id, monkeypatch):
+    """A round commits its purchases, then loses its connection while looking up a replay. The
+    committed posting still gets its own (first, not replayed) outcome and cache version; the
+    rest is settled alone, where a replay invalidates the cache at the member's version."""
+    from konvert.earning import store
+    from konvert.earning.service import write_purchase_batch
+
+    lookup = store.select_purchase_replay
+    failures = []
+
+    async def drops_once(conn, partner, purchase_id):
+        if not failures:
+            failures.append(purchase_id)
+            raise ConnectionResetError("connection lost")  # a network failure: outside the machine's control
+        return await lookup(conn, partner, purchase_id)
+
+    monkeypatch.setattr(store, "select_purchase_replay", drops_once)
+    member, purchase_id = new_id("m"), new_id("p")
+    first, again = await write_purchase_batch(
+        services, [_posting(services, member, purchase_id, 1000), _posting(services, member, purchase_id, 1000)]
+    )
+
+    assert failures == [purchase_id]
+    version = await services.pool.fetchval("select version from members where member_id = $1", member)
+    assert (first.outcome.replayed, first.version) == (False, version)
+    assert (again.outcome.replayed, again.version) == (True, version)
+    assert again.outcome.body == first.outcome.body
+
+
+async def test_a_purchase_that_repays_a_refund_debt_is_written_alone_and_repays_it(services, new_id):
+    from konvert.earning.model import RefundIn
+    from konvert.earning.service import refund_purchase, write_purchase_batch
+    from konvert.ledger.service import spend_points
+
+    member, bought = new_id("m"), new_id("p")
+    await write_purchase_batch(services, [_posting(services, member, bought, 1000)])  # 10 points, available
+    await spend_points(services, member, 10, code="redeem", cause_type="test", cause_ref=bought, reason="t")
+    await refund_purchase(services, bought, RefundIn(refund_id="r1", amount=1000))  # takes 10 back: a debt
+    debt = await services.pool.fetchval("select points_debt from members where member_id = $1", member)
+    assert debt == 10
+    alone_before = _postings_settled("alone")
+
+    (posted,) = await write_purchase_batch(services, [_posting(services, member, new_id("p"), 3000)])  # 30 points
+
+    assert _postings_settled("alone") - alone_before == 1
+    row = await services.pool.fetchrow(
+        """select m.points_available, m.points_debt, m.version,
+                  (select sum(remaining) from lots l where l.member_uid = m.member_uid and l.state = 'available') as lots
+           from members m where member_id = $1""",
+        member,
+    )
+    # Repaid in the purchase's own transaction: the lots agree with the balance at once.
+    assert (row["points_available"], row["points_debt"], row["lots"]) == (20, 0, 20)
+    assert posted.version == row["version"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import asyncpg
@@ -126,8 +127,16 @@ async def after_commit(services: Services, posted: Posted) -> None:
 
 # Rounds of read-then-write for a batch before its unsettled postings are written one by one.
 _OPTIMISTIC_ROUNDS = 3
-# Errors after which a round is known to have written nothing (its statement failed whole).
-_ROUND_FAILED = (store.PurchaseTakenConcurrently, asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+
+@dataclass
+class Round:
+    """What one round of write_purchases settled, by posting index, kept as soon as known: if
+    the round fails later, what it committed still reaches its requests (and the cache)."""
+
+    settled: dict[int, Posted | errors.KonvertError] = field(default_factory=dict)
+    # Postings that need a transaction of their own (their member has a refund debt to repay).
+    alone: set[int] = field(default_factory=set)
 
 
 async def write_purchase_batch(services: Services, postings: list[Posting]) -> list[Posted | BaseException]:
@@ -137,27 +146,33 @@ async def write_purchase_batch(services: Services, postings: list[Posting]) -> l
     what the batch needs (members, tiers, which purchase ids are taken, fresh ids), then one
     self-committing statement writes every purchase whose member is unchanged since that read.
     Postings of members that changed meanwhile go into the next round. What is still unsettled
-    after a few rounds (a member written to all the time from elsewhere), or after a round that
-    failed, is written one posting at a time under its member's lock.
+    after a few rounds (a member written to all the time from elsewhere), after a round that
+    failed, or what repays a refund debt, is written one posting at a time under its member's
+    lock.
     """
     outcomes: dict[int, Posted | BaseException] = {}
     todo = list(range(len(postings)))
+    alone: list[int] = []
     async with services.pool.acquire() as conn:
         for _ in range(_OPTIMISTIC_ROUNDS):
+            round_ = Round()
+            failed = False
             try:
-                settled = await write_purchases(services, conn, [postings[i] for i in todo])
-            except _ROUND_FAILED as exc:
+                await write_purchases(services, conn, [postings[i] for i in todo], round_)
+            except Exception as exc:  # noqa: BLE001 - what the round settled is kept; the rest goes alone
                 log.warning("purchase batch round failed; writing its postings one by one", extra={"error": repr(exc)})
-                break
-            outcomes.update((todo[j], outcome) for j, outcome in settled.items())
-            todo = [i for j, i in enumerate(todo) if j not in settled]
-            PURCHASE_POSTINGS.labels("optimistic").inc(len(settled))
-            if not todo:
+                failed = True
+            outcomes.update((todo[j], outcome) for j, outcome in round_.settled.items())
+            alone += [todo[j] for j in round_.alone]
+            todo = [i for j, i in enumerate(todo) if j not in round_.settled and j not in round_.alone]
+            PURCHASE_POSTINGS.labels("optimistic").inc(len(round_.settled))
+            if failed or not todo:
                 break
             PURCHASE_POSTINGS.labels("retried").inc(len(todo))
-    for i in todo:
+    alone = sorted(alone + todo)
+    for i in alone:
         outcomes[i] = await _write_alone(services, postings[i])
-    PURCHASE_POSTINGS.labels("alone").inc(len(todo))
+    PURCHASE_POSTINGS.labels("alone").inc(len(alone))
     return [outcomes[i] for i in range(len(postings))]
 
 
@@ -177,28 +192,38 @@ async def _write_alone(services: Services, posting: Posting) -> Posted | BaseExc
 async def write_purchase(services: Services, conn: asyncpg.Connection, posting: Posting) -> Posted:
     """Write one posting inside the caller's transaction, its member locked first (so, unlike
     the optimistic batch, it cannot find its member changed)."""
-    await store.lock_members(conn, [posting.purchase.member_id])
+    member_id = posting.purchase.member_id
+    versions = await store.lock_members(conn, [member_id])
     for _ in range(2):  # a member created meanwhile by another request is locked by the 1st try
         settled = await write_purchases(services, conn, [posting])
         if settled:
             (outcome,) = settled.values()
             if isinstance(outcome, errors.KonvertError):
                 raise outcome
+            if outcome.version is None and member_id in versions:
+                # A replay. Its purchase may be one an optimistic round committed without its
+                # answer arriving (a connection lost after the commit): invalidate the cache at
+                # the member's current version, as that round would have.
+                outcome = msgspec.structs.replace(outcome, version=versions[member_id])
             return outcome
     raise errors.ServiceUnavailable("the member kept changing; try again")
 
 
 async def write_purchases(
-    services: Services, conn: asyncpg.Connection, postings: list[Posting]
+    services: Services, conn: asyncpg.Connection, postings: list[Posting], round_: Round | None = None
 ) -> dict[int, Posted | errors.KonvertError]:
     """One round of read-then-write for postings sorted by member; ``conn`` may or may not be
-    in a transaction. Returns the outcome of each posting settled, by its index: written, or a
-    replay of the purchase already recorded, or an IdempotencyConflict for that posting alone.
-    Postings of members that changed since the read are not settled: retry them.
+    in a transaction. Returns (and records in ``round_``) the outcome of each posting settled, by
+    its index: written, or a replay of the purchase already recorded, or an IdempotencyConflict
+    for that posting alone. Postings of members that changed since the read are not settled:
+    retry them. Outside a transaction, the postings of a member with a refund debt that they
+    would repay are not written either but put in ``round_.alone``: repaying takes the member's
+    lots, which one self-committing statement does not do.
 
     A member's tier is carried from one of its new purchases to the next within the list, so the
     outcome is the same as writing them one after another.
     """
+    round_ = round_ if round_ is not None else Round()
     program = services.program
     now = services.clock()
     window_start = now - timedelta(days=program.tiers.window_days) if program.tiers.levels else None
@@ -214,34 +239,37 @@ async def write_purchases(
         prepared.append(
             await _prepare(services, conn, posting, read, read["qualifying_points"], carried, expected_new, now, window_start)
         )
-    rows = [row for row, _, expected_new in prepared if expected_new]
+    in_transaction = conn.is_in_transaction()
+    debtors = {
+        row.member_uid
+        for (row, _, new), read in zip(prepared, reads, strict=True)
+        if new and row.bucket == "available" and read["points_debt"] > 0
+    }
+    if not in_transaction:
+        round_.alone.update(i for i, (row, _, _) in enumerate(prepared) if row.member_uid in debtors)
+    writing = [i for i, (row, _, new) in enumerate(prepared) if new and i not in round_.alone]
     # Only the members written to are locked and compared: a replay reads its stored response.
-    versions = {read["member_uid"]: read["version"] for read, (_, _, new) in zip(reads, prepared, strict=True) if new}
-    written = await store.insert_purchases(conn, rows, versions)
+    versions = {reads[i]["member_uid"]: reads[i]["version"] for i in writing}
+    written = await store.insert_purchases(conn, [prepared[i][0] for i in writing], versions)
 
-    settled: dict[int, Posted | errors.KonvertError] = {}
-    debts: dict[int, int] = {}
-    index = 0  # of the row among those inserted
+    for index, i in enumerate(writing):
+        if (member := written.get(index)) is not None:
+            row, posting, _ = prepared[i]
+            round_.settled[i] = Posted(Outcome(row.response), posting.purchase.member_id, member["version"])
     for i, (row, posting, expected_new) in enumerate(prepared):
-        if expected_new:
-            member = written.get(index)
-            index += 1
-            if member is not None:
-                if row.bucket == "available" and member["points_debt"] > 0:
-                    debts[row.member_uid] = member["points_debt"]
-                settled[i] = Posted(Outcome(row.response), posting.purchase.member_id, member["version"])
-    for i, (row, posting, expected_new) in enumerate(prepared):
-        if not expected_new:
+        if not expected_new and i not in round_.alone:
             existing = await store.select_purchase_replay(conn, posting.purchase.partner, posting.purchase.purchase_id)
             if existing is None:
                 continue  # repeats a posting of this batch that was not written: retry with it
             try:
-                settled[i] = Posted(replay(existing, row.request_hash), posting.purchase.member_id, None)
+                round_.settled[i] = Posted(replay(existing, row.request_hash), posting.purchase.member_id, None)
             except errors.KonvertError as refused:
-                settled[i] = refused
-    if debts:
-        await _settle_debts(conn, debts)
-    return settled
+                round_.settled[i] = refused
+    if in_transaction:
+        for member_uid in sorted(debtors):
+            member = await ledger.lock_member(conn, member_uid)
+            await ledger.settle_debt(conn, member_uid, member["points_debt"])
+    return round_.settled
 
 
 async def _read(conn: asyncpg.Connection, postings: list[Posting], window_start: datetime | None) -> list[asyncpg.Record]:
@@ -255,22 +283,6 @@ async def _read(conn: asyncpg.Connection, postings: list[Posting], window_start:
                 await ledger.ensure_member(conn, member_id)
         reads = await store.read_for_purchases(conn, keys, window_start)
     return reads
-
-
-async def _settle_debts(conn: asyncpg.Connection, debts: dict[int, int]) -> None:
-    """Repay refund debts from the points just made available (see ledger.settle_debt).
-
-    After the purchases committed, in a transaction of its own when they had none: the stored
-    balances hold either way, repaying only makes the lots agree with them, so a failure here
-    is logged and left to the member's next purchase.
-    """
-    try:
-        async with conn.transaction():
-            for member_uid in sorted(debts):
-                member = await ledger.lock_member(conn, member_uid)
-                await ledger.settle_debt(conn, member_uid, member["points_debt"])
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
-        log.exception("settling refund debts failed", extra={"members": sorted(debts)})
 
 
 async def _prepare(

@@ -19,7 +19,7 @@ async def read_for_purchases(
     conn: asyncpg.Connection, keys: list[tuple[str, str, str]], tier_window_start: datetime | None
 ) -> list[asyncpg.Record]:
     """For each (member_id, partner, purchase_id), in order, as of one snapshot: the member's
-    uid, version and tier (nulls for an unknown member), whether the purchase id is taken, the
+    uid, version, refund debt and tier (nulls for an unknown member), whether the purchase id is taken, the
     member's points qualifying for tiers since ``tier_window_start`` (0 when None), and a fresh
     lot id and transfer id.
 
@@ -31,7 +31,7 @@ async def read_for_purchases(
 
 
 _READ_FOR_PURCHASES = f"""
-    select m.member_uid, m.version, m.tier, m.tier_below_since, m.tier_qualifying_points,
+    select m.member_uid, m.version, m.points_debt, m.tier, m.tier_below_since, m.tier_qualifying_points,
            exists (select 1 from purchases p where p.partner = r.partner and p.purchase_id = r.purchase_id) as taken,
            case when $4::timestamptz is null or m.member_uid is null then 0
                 else {qualifying_points_sql("m.member_uid", "$4")} end as qualifying_points,
@@ -42,10 +42,15 @@ _READ_FOR_PURCHASES = f"""
 """
 
 
-async def lock_members(conn: asyncpg.Connection, member_ids: list[str]) -> None:
-    """Lock the members' rows (those that exist) for the rest of the transaction, in member_id
-    order: the order INSERT_PURCHASES locks them in, so the two cannot deadlock."""
-    await conn.execute("select from members where member_id = any($1::text[]) order by member_id for update", member_ids)
+async def lock_members(conn: asyncpg.Connection, member_ids: list[str]) -> dict[str, int]:
+    """Lock the members' rows (those that exist) for the rest of the transaction, in member_uid
+    order (the order every writer that locks several members uses, INSERT_PURCHASES included);
+    return their current versions by member id."""
+    rows = await conn.fetch(
+        "select member_id, version from members where member_id = any($1::text[]) order by member_uid for update",
+        member_ids,
+    )
+    return {row["member_id"]: row["version"] for row in rows}
 
 
 class PurchaseRow(NamedTuple):
@@ -73,6 +78,10 @@ class PurchaseRow(NamedTuple):
     tier_evaluated_at: datetime | None
 
 
+# The SQLSTATE konvert_abort() raises (sql/0007_statement_assertions.sql).
+TAKEN_CONCURRENTLY = "KV001"
+
+
 class PurchaseTakenConcurrently(Exception):
     """INSERT_PURCHASES found a purchase id it was told was free taken by a concurrent request
     (for another member); the statement was aborted and wrote nothing."""
@@ -96,8 +105,8 @@ async def insert_purchases(
     columns = [list(column) for column in zip(*rows, strict=True)]
     try:
         written = await conn.fetch(INSERT_PURCHASES, *columns, list(versions), list(versions.values()))
-    except asyncpg.RaiseError as exc:
-        if exc.sqlstate == "KV001":
+    except asyncpg.PostgresError as exc:
+        if exc.sqlstate == TAKEN_CONCURRENTLY:  # asyncpg knows no class for it: UnknownPostgresError
             raise PurchaseTakenConcurrently(str(exc)) from exc
         raise
     return {record["ord"] - 1: record for record in written}
@@ -106,7 +115,7 @@ async def insert_purchases(
 # Parameters are PurchaseRow's fields in order, each as an array, then the members' uids and the
 # versions they must still have. One row per purchase written: its position in the arrays
 # (1-based) and its member's new version and debt. Self-committing on its own: it locks the
-# members first (in member_id order) and compares their versions under the lock.
+# members first (in member_uid order) and compares their versions under the lock.
 INSERT_PURCHASES = """
     with input as (
         select *
@@ -120,7 +129,7 @@ INSERT_PURCHASES = """
                                    tier_evaluated_at, ord)
     ), locked as materialized (
         -- Under the lock, a row updated meanwhile is seen at its latest committed version.
-        select member_uid, version from members where member_uid = any($21::bigint[]) order by member_id for update
+        select member_uid, version from members where member_uid = any($21::bigint[]) order by member_uid for update
     ), unchanged as materialized (
         select l.member_uid
         from locked l join unnest($21::bigint[], $22::bigint[]) as e (member_uid, version)
