@@ -110,7 +110,10 @@ class GroupCommit(Generic[Item, Result]):
             try:
                 outcomes = await self._write_together(batch)
             except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
-                log.warning("batch failed; writing its items one by one", extra={"size": len(batch), "error": repr(exc)})
+                log.warning(
+                    "batch failed; writing its items one by one",
+                    extra={"size": len(batch), "error": repr(exc)},
+                )
                 outcomes = [await self._write_alone(item) for item, _ in batch]
             # After-commit steps (cache invalidations) run side by side: a slow Redis costs the
             # batch one timeout, not one per item.
@@ -130,7 +133,9 @@ class GroupCommit(Generic[Item, Result]):
         finally:
             self._slots.release()
 
-    async def _write_together(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> list[Result | BaseException]:
+    async def _write_together(
+        self, batch: list[tuple[Item, asyncio.Future[Result]]]
+    ) -> list[Result | BaseException]:
         if self._write_batch is not None:
             return await self._write_batch([item for item, _ in batch])
         outcomes: list[Result | BaseException] = []
@@ -156,7 +161,9 @@ class GroupCommit(Generic[Item, Result]):
             log.exception("after-commit step failed")
 
 
-def _settle(future: asyncio.Future[Result], *, result: Result | None = None, error: BaseException | None = None) -> None:
+def _settle(
+    future: asyncio.Future[Result], *, result: Result | None = None, error: BaseException | None = None
+) -> None:
     if future.done():
         return
     if error is not None:

@@ -93,7 +93,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         _say(f"applied {len(applied)} migration(s)")
     if embedded_db and (key := asyncio.run(_first_admin_key(settings))):
         _say(f"first admin key (shown once, keep it): {key}")
-        _say(f"try: curl -H 'Authorization: Bearer {key}' http://{settings.host}:{settings.port}/v1/members/alice/balance")
+        _say(
+            f"try: curl -H 'Authorization: Bearer {key}' http://{settings.host}:{settings.port}/v1/members/alice/balance"
+        )
     _say(f"serving on http://{settings.host}:{settings.port} (API docs at /schema)")
     # Worker processes build their settings from the environment: hand them the resolved URLs.
     os.environ["KONVERT_DATABASE_URL"] = settings.database_url
@@ -116,7 +118,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     }
     if settings.workers > 1 and workers.spreads_connections():
         # A listening socket per worker, so the kernel spreads connections evenly (see workers.py).
-        supervisor = workers.Supervisor(settings.host, settings.port, settings.workers, options, GRACEFUL_SHUTDOWN_SECONDS)
+        supervisor = workers.Supervisor(
+            settings.host, settings.port, settings.workers, options, GRACEFUL_SHUTDOWN_SECONDS
+        )
         try:
             return supervisor.run()
         except OSError as exc:
@@ -148,7 +152,9 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
         if args.keys_command == "create":
             key, info = await auth.insert_key(conn, args.name, args.scope)
             print(key)
-            _say(f"created key {info.key_id} ({info.name}) with scopes {' '.join(info.scopes)}; it is not shown again")
+            _say(
+                f"created key {info.key_id} ({info.name}) with scopes {' '.join(info.scopes)}; it is not shown again"
+            )
         elif args.keys_command == "list":
             for info in await auth.select_keys(conn):
                 state = f"revoked {info.revoked_at:%Y-%m-%d %H:%M}" if info.revoked_at else "active"
@@ -212,12 +218,16 @@ def cmd_leaderboards(args: argparse.Namespace, settings: Settings) -> int:
     from konvert.reputation import leaderboard
 
     report = asyncio.run(_with_services(with_servers(settings), leaderboard.rebuild))
-    print(f"leaderboards rebuilt: generation {report.generation}, {report.boards} boards, {report.entries} entries")
+    print(
+        f"leaderboards rebuilt: generation {report.generation}, {report.boards} boards, {report.entries} entries"
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="konvert", description="konvert loyalty points and reputation engine")
+    parser = argparse.ArgumentParser(
+        prog="konvert", description="konvert loyalty points and reputation engine"
+    )
     parser.add_argument("--version", action="version", version=f"konvert {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 

@@ -94,7 +94,9 @@ def run_worker(host: str, port: int, uvicorn_options: dict[str, Any], parent_pid
 
 
 class Supervisor:
-    def __init__(self, host: str, port: int, workers: int, uvicorn_options: dict[str, Any], graceful_seconds: float) -> None:
+    def __init__(
+        self, host: str, port: int, workers: int, uvicorn_options: dict[str, Any], graceful_seconds: float
+    ) -> None:
         self._host = host
         self._port = port
         self._count = workers
@@ -123,10 +125,19 @@ class Supervisor:
                         continue
                     lived = time.monotonic() - started[i]
                     self._failures = 0 if lived >= _HEALTHY_AFTER_SECONDS else self._failures + 1
-                    delay = min(_RESTART_DELAY_MAX_SECONDS, 0.5 * 2 ** (self._failures - 1)) if self._failures else 0.0
+                    delay = (
+                        min(_RESTART_DELAY_MAX_SECONDS, 0.5 * 2 ** (self._failures - 1))
+                        if self._failures
+                        else 0.0
+                    )
                     log.error(
                         "worker exited; restarting it",
-                        extra={"worker_pid": worker.pid, "exitcode": worker.exitcode, "lived_s": round(lived, 1), "delay_s": delay},
+                        extra={
+                            "worker_pid": worker.pid,
+                            "exitcode": worker.exitcode,
+                            "lived_s": round(lived, 1),
+                            "delay_s": delay,
+                        },
                     )
                     self._sleep_unless_stopping(delay)
                     if not self._stopping:

@@ -199,7 +199,7 @@ def live_on_new_connections(server: Server, count: int) -> None:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a socket per worker (SO_REUSEPORT) is Linux only")
-async def test_each_worker_listens_itself_and_a_dead_worker_is_replaced(
+def test_each_worker_listens_itself_and_a_dead_worker_is_replaced(
     tmp_path: Path, database_url: str, redis_url: str
 ) -> None:
     env = konvert_env(KONVERT_DATABASE_URL=database_url, KONVERT_REDIS_URL=redis_url)
@@ -229,7 +229,7 @@ async def test_each_worker_listens_itself_and_a_dead_worker_is_replaced(
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a socket per worker (SO_REUSEPORT) is Linux only")
-async def test_workers_do_not_outlive_their_supervisor_nor_share_a_port_with_another(
+def test_workers_do_not_outlive_their_supervisor_nor_share_a_port_with_another(
     tmp_path: Path, database_url: str, redis_url: str
 ) -> None:
     env = konvert_env(KONVERT_DATABASE_URL=database_url, KONVERT_REDIS_URL=redis_url)

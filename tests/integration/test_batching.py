@@ -17,7 +17,9 @@ async def table(database_url):
     """A scratch table: value must be positive, so a negative item is a database error."""
     name = f"gc_{uuid.uuid4().hex[:10]}"
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
-    await pool.execute(f"create table {name} (item int primary key, value int not null check (value > 0), txid bigint)")
+    await pool.execute(
+        f"create table {name} (item int primary key, value int not null check (value > 0), txid bigint)"
+    )
     yield pool, name
     await pool.execute(f"drop table {name}")
     await pool.close()
@@ -29,14 +31,18 @@ def committer(pool, table, committed_seen):
         if value == 0:
             raise Unprocessable("zero is refused before writing")
         return await conn.fetchval(
-            f"insert into {table} (item, value, txid) values ($1, $2, txid_current()) returning item", item_id, value
+            f"insert into {table} (item, value, txid) values ($1, $2, txid_current()) returning item",
+            item_id,
+            value,
         )
 
     async def after_commit(item_id):
         # Visible from another connection: the commit happened before the result is handed out.
         committed_seen.append(await pool.fetchval(f"select count(*) from {table} where item = $1", item_id))
 
-    return GroupCommit(pool, write, after_commit, sort_key=lambda item: item[0], batch_size_max=50, batches_in_flight_max=1)
+    return GroupCommit(
+        pool, write, after_commit, sort_key=lambda item: item[0], batch_size_max=50, batches_in_flight_max=1
+    )
 
 
 async def test_concurrent_writes_share_commits(table):
@@ -60,7 +66,9 @@ async def test_a_refused_item_fails_alone_and_its_neighbours_commit(table):
     group = committer(pool, name, [])
     group.start()
     try:
-        results = await asyncio.gather(*(group.submit((i, 0 if i == 7 else 1)) for i in range(20)), return_exceptions=True)
+        results = await asyncio.gather(
+            *(group.submit((i, 0 if i == 7 else 1)) for i in range(20)), return_exceptions=True
+        )
     finally:
         await group.stop()
 
@@ -74,7 +82,9 @@ async def test_a_database_error_fails_only_its_own_item(table):
     group = committer(pool, name, [])
     group.start()
     try:
-        results = await asyncio.gather(*(group.submit((i, -1 if i == 3 else 1)) for i in range(20)), return_exceptions=True)
+        results = await asyncio.gather(
+            *(group.submit((i, -1 if i == 3 else 1)) for i in range(20)), return_exceptions=True
+        )
     finally:
         await group.stop()
 
@@ -140,7 +150,10 @@ async def test_a_batch_carries_a_members_tier_from_one_purchase_to_the_next(tier
     from konvert.earning.service import write_purchases
 
     member = new_id("m")
-    postings = [_posting(tier_services, member, new_id("p"), 10000), _posting(tier_services, member, new_id("p"), 1000)]
+    postings = [
+        _posting(tier_services, member, new_id("p"), 10000),
+        _posting(tier_services, member, new_id("p"), 1000),
+    ]
     async with tier_services.pool.acquire() as conn, conn.transaction():
         settled = await write_purchases(tier_services, conn, postings)
     first, second = settled[0], settled[1]
@@ -173,7 +186,9 @@ async def test_duplicates_within_one_batch_replay_or_conflict_alone(services, ne
     assert outcomes[1].outcome.replayed and outcomes[1].outcome.body == outcomes[0].outcome.body
     assert isinstance(outcomes[2], IdempotencyConflict)
     assert not outcomes[3].outcome.replayed
-    available = await services.pool.fetchval("select points_available from members where member_id = $1", member)
+    available = await services.pool.fetchval(
+        "select points_available from members where member_id = $1", member
+    )
     assert available == 60
 
 
@@ -182,7 +197,9 @@ async def test_a_batch_commits_without_a_transaction_of_its_own(services, new_id
     from konvert.earning.service import write_purchase_batch
 
     members = [new_id("m") for _ in range(3)]
-    outcomes = await write_purchase_batch(services, [_posting(services, m, new_id("p"), 1000) for m in members])
+    outcomes = await write_purchase_batch(
+        services, [_posting(services, m, new_id("p"), 1000) for m in members]
+    )
 
     assert [o.outcome.replayed for o in outcomes] == [False, False, False]
     rows = await services.pool.fetch(
@@ -196,7 +213,9 @@ async def test_a_batch_commits_without_a_transaction_of_its_own(services, new_id
     assert sorted(o.version for o in outcomes) == sorted(r["version"] for r in rows)
 
 
-async def test_a_purchase_id_taken_meanwhile_by_another_member_writes_nothing_of_its_round(tier_services, new_id):
+async def test_a_purchase_id_taken_meanwhile_by_another_member_writes_nothing_of_its_round(
+    tier_services, new_id
+):
     """A's uncommitted purchase holds the id when batch B reads it as free. B's statement then
     waits for A and finds the id taken: B had carried the tier that purchase would have earned
     into the member's next purchase, so the statement aborts whole and B's postings are written
@@ -215,7 +234,10 @@ async def test_a_purchase_id_taken_meanwhile_by_another_member_writes_nothing_of
         await tx_a.start()
         await write_purchases(services, conn_a, [_posting(services, owner, raced, 1000)])
         # For `other`, `raced` (100 points) would lift it to Silver (x2) before its next purchase.
-        postings = [_posting(services, other, raced, 10000), _posting(services, other, f"z-{new_id('p')}", 1000)]
+        postings = [
+            _posting(services, other, raced, 10000),
+            _posting(services, other, f"z-{new_id('p')}", 1000),
+        ]
         batch_b = asyncio.create_task(write_purchase_batch(services, postings))
         await asyncio.sleep(0.5)  # B has read `raced` as free and waits on A's insert
         assert not batch_b.done()
@@ -243,7 +265,9 @@ async def test_a_posting_written_alone_that_races_another_member_for_its_id_is_r
         tx_a = conn_a.transaction()
         await tx_a.start()
         await write_purchases(services, conn_a, [_posting(services, f"a-{new_id('m')}", raced, 1000)])
-        alone = asyncio.create_task(post_purchase(services, _posting(services, f"b-{new_id('m')}", raced, 2000).purchase))
+        alone = asyncio.create_task(
+            post_purchase(services, _posting(services, f"b-{new_id('m')}", raced, 2000).purchase)
+        )
         await asyncio.sleep(0.5)
         assert not alone.done()
         await tx_a.commit()
@@ -270,7 +294,8 @@ async def test_a_round_that_fails_after_its_commit_keeps_what_it_wrote(services,
     monkeypatch.setattr(store, "select_purchase_replay", drops_once)
     member, purchase_id = new_id("m"), new_id("p")
     first, again = await write_purchase_batch(
-        services, [_posting(services, member, purchase_id, 1000), _posting(services, member, purchase_id, 1000)]
+        services,
+        [_posting(services, member, purchase_id, 1000), _posting(services, member, purchase_id, 1000)],
     )
 
     assert failures == [purchase_id]
@@ -293,7 +318,9 @@ async def test_a_purchase_that_repays_a_refund_debt_is_written_alone_and_repays_
     assert debt == 10
     alone_before = _postings_settled("alone")
 
-    (posted,) = await write_purchase_batch(services, [_posting(services, member, new_id("p"), 3000)])  # 30 points
+    (posted,) = await write_purchase_batch(
+        services, [_posting(services, member, new_id("p"), 3000)]
+    )  # 30 points
 
     assert _postings_settled("alone") - alone_before == 1
     row = await services.pool.fetchrow(

@@ -21,8 +21,8 @@ from konvert.earning.model import (
     RefundOut,
 )
 from konvert.idempotency import Outcome, replay, request_hash
-from konvert.observability import PURCHASE_POSTINGS
 from konvert.ledger import store as ledger
+from konvert.observability import PURCHASE_POSTINGS
 from konvert.redemption.rules import expiry_for
 from konvert.services import Services
 
@@ -160,7 +160,9 @@ async def write_purchase_batch(services: Services, postings: list[Posting]) -> l
             try:
                 await write_purchases(services, conn, [postings[i] for i in todo], round_)
             except Exception as exc:  # noqa: BLE001 - what the round settled is kept; the rest goes alone
-                log.warning("purchase batch round failed; writing its postings one by one", extra={"error": repr(exc)})
+                log.warning(
+                    "purchase batch round failed; writing its postings one by one", extra={"error": repr(exc)}
+                )
                 failed = True
             outcomes.update((todo[j], outcome) for j, outcome in round_.settled.items())
             alone += [todo[j] for j in round_.alone]
@@ -237,7 +239,17 @@ async def write_purchases(
         expected_new = not read["taken"] and key not in seen
         seen.add(key)
         prepared.append(
-            await _prepare(services, conn, posting, read, read["qualifying_points"], carried, expected_new, now, window_start)
+            await _prepare(
+                services,
+                conn,
+                posting,
+                read,
+                read["qualifying_points"],
+                carried,
+                expected_new,
+                now,
+                window_start,
+            )
         )
     in_transaction = conn.is_in_transaction()
     debtors = {
@@ -258,11 +270,15 @@ async def write_purchases(
             round_.settled[i] = Posted(Outcome(row.response), posting.purchase.member_id, member["version"])
     for i, (row, posting, expected_new) in enumerate(prepared):
         if not expected_new and i not in round_.alone:
-            existing = await store.select_purchase_replay(conn, posting.purchase.partner, posting.purchase.purchase_id)
+            existing = await store.select_purchase_replay(
+                conn, posting.purchase.partner, posting.purchase.purchase_id
+            )
             if existing is None:
                 continue  # repeats a posting of this batch that was not written: retry with it
             try:
-                round_.settled[i] = Posted(replay(existing, row.request_hash), posting.purchase.member_id, None)
+                round_.settled[i] = Posted(
+                    replay(existing, row.request_hash), posting.purchase.member_id, None
+                )
             except errors.KonvertError as refused:
                 round_.settled[i] = refused
     if in_transaction:
@@ -272,11 +288,15 @@ async def write_purchases(
     return round_.settled
 
 
-async def _read(conn: asyncpg.Connection, postings: list[Posting], window_start: datetime | None) -> list[asyncpg.Record]:
+async def _read(
+    conn: asyncpg.Connection, postings: list[Posting], window_start: datetime | None
+) -> list[asyncpg.Record]:
     """What write_purchases needs, creating the members seen for the first time."""
     keys = [(p.purchase.member_id, p.purchase.partner, p.purchase.purchase_id) for p in postings]
     reads = await store.read_for_purchases(conn, keys, window_start)
-    unknown = sorted({member_id for (member_id, _, _), read in zip(keys, reads, strict=True) if read["member_uid"] is None})
+    unknown = sorted(
+        {member_id for (member_id, _, _), read in zip(keys, reads, strict=True) if read["member_uid"] is None}
+    )
     if unknown:
         async with conn.transaction():
             for member_id in unknown:
@@ -303,7 +323,11 @@ async def _prepare(
     member_uid = member["member_uid"]
     tier, below_since, qualifying = carried.get(
         member_uid,
-        (member["tier"], member["tier_below_since"], qualifying_before if window_start else member["tier_qualifying_points"]),
+        (
+            member["tier"],
+            member["tier_below_since"],
+            qualifying_before if window_start else member["tier_qualifying_points"],
+        ),
     )
     multiplier, tier_name = tiers.tier_multiplier(program, tier)
     earning = posting.base_earning
@@ -441,7 +465,12 @@ class Clawback(msgspec.Struct, frozen=True):
 
 
 async def _claw_back(
-    services: Services, conn: asyncpg.Connection, purchase: asyncpg.Record, refund_id: str, points: int, reason: str | None
+    services: Services,
+    conn: asyncpg.Connection,
+    purchase: asyncpg.Record,
+    refund_id: str,
+    points: int,
+    reason: str | None,
 ) -> Clawback:
     """Take ``points`` back: from the purchase's own lot first (pending or available), then from
     the member's other available lots soonest-expiring first. What is still missing becomes a
@@ -452,10 +481,16 @@ async def _claw_back(
     member_uid = purchase["member_uid"]
     await ledger.lock_member(conn, member_uid)
     own_lot = await ledger.lock_lot(conn, purchase["lot_id"]) if purchase["lot_id"] else None
-    own_take = min(points, own_lot["remaining"]) if own_lot is not None and own_lot["state"] != "expired" else 0
+    own_take = (
+        min(points, own_lot["remaining"]) if own_lot is not None and own_lot["state"] != "expired" else 0
+    )
     own_bucket = own_lot["state"] if own_lot is not None else "available"
     # What the purchase's lot lost to expiry was taken from the member once already.
-    expired = await store.select_unrefunded_expiry(conn, purchase["purchase_pk"], purchase["lot_id"]) if own_lot else 0
+    expired = (
+        await store.select_unrefunded_expiry(conn, purchase["purchase_pk"], purchase["lot_id"])
+        if own_lot
+        else 0
+    )
     already_expired = min(points - own_take, expired)
     other_lots = await ledger.lock_available_lots(conn, member_uid, purchase["lot_id"])
     other_takes, missing = ledger.plan_takes(other_lots, points - own_take - already_expired)
@@ -471,7 +506,11 @@ async def _claw_back(
     transfer_ids = []
     for bucket, amount, takes in (
         ("pending", pending_points, [(own_lot["lot_id"], own_take)] if pending_points else []),
-        ("available", available_points, ([(own_lot["lot_id"], own_take)] if own_take and not pending_points else []) + other_takes),
+        (
+            "available",
+            available_points,
+            ([(own_lot["lot_id"], own_take)] if own_take and not pending_points else []) + other_takes,
+        ),
     ):
         if amount == 0:
             continue
