@@ -180,6 +180,14 @@ def listening_sockets(port: int) -> int:
     return count
 
 
+def wait_for_listeners(port: int, count: int) -> int:
+    """Wait (bounded) until ``count`` sockets listen on the port; return how many do."""
+    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+    while (listeners := listening_sockets(port)) != count and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return listeners
+
+
 def access_log_pids(server: Server, path: str) -> list[int]:
     """The worker pids in the access log lines for requests to ``path`` (JSON logs)."""
     pids = []
@@ -207,18 +215,15 @@ def test_each_worker_listens_itself_and_a_dead_worker_is_replaced(
         server.wait_ready(READY_TIMEOUT_SECONDS)
         port = int(server.base_url.rsplit(":", 1)[1])
         # Two listening sockets, one per worker (uvicorn's own mode shares one), so the kernel
-        # spreads connections over both workers.
-        assert listening_sockets(port) == 2
+        # spreads connections over both workers. (Ready means one worker is; wait for both.)
+        assert wait_for_listeners(port, 2) == 2
         live_on_new_connections(server, 16)
         pids = set(access_log_pids(server, "/health/live"))
         assert len(pids) == 2, server.stderr()
 
         os.kill(min(pids), signal.SIGKILL)
         server.wait_for_line(re.compile("worker exited; restarting it"))
-        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
-        while time.monotonic() < deadline and listening_sockets(port) < 2:
-            time.sleep(0.2)
-        assert listening_sockets(port) == 2, server.stderr()
+        assert wait_for_listeners(port, 2) == 2, server.stderr()
         server.wait_ready(READY_TIMEOUT_SECONDS)
         live_on_new_connections(server, 16)
         pids_after = set(access_log_pids(server, "/health/live")) - pids
@@ -236,6 +241,7 @@ def test_workers_do_not_outlive_their_supervisor_nor_share_a_port_with_another(
     with konvert_serve(tmp_path, env, "--workers", "2") as server:
         server.wait_ready(READY_TIMEOUT_SECONDS)
         port = int(server.base_url.rsplit(":", 1)[1])
+        assert wait_for_listeners(port, 2) == 2
         # A second konvert on the same port would silently split its connections: it refuses.
         second = subprocess.run(
             [sys.executable, "-m", "konvert", "serve", "--port", str(port), "--workers", "2"],
@@ -246,10 +252,7 @@ def test_workers_do_not_outlive_their_supervisor_nor_share_a_port_with_another(
         assert listening_sockets(port) == 2
 
         server.process.kill()  # the supervisor only, by SIGKILL: no chance to stop its workers
-        deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
-        while time.monotonic() < deadline and listening_sockets(port) > 0:
-            time.sleep(0.2)
-        assert listening_sockets(port) == 0, "workers outlived their supervisor"
+        assert wait_for_listeners(port, 0) == 0, "workers outlived their supervisor"
 
 
 def redis_answers(socket_path: Path) -> bool:
