@@ -206,17 +206,29 @@ def live_on_new_connections(server: Server, count: int) -> None:
             assert client.get("/health/live").status_code == 200
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a socket per worker (SO_REUSEPORT) is Linux only")
-def test_each_worker_listens_itself_and_a_dead_worker_is_replaced(
-    tmp_path: Path, database_url: str, redis_url: str
-) -> None:
-    env = konvert_env(KONVERT_DATABASE_URL=database_url, KONVERT_REDIS_URL=redis_url)
+@contextmanager
+def two_workers(tmp_path: Path, env: dict[str, str]) -> Iterator[tuple[Server, int]]:
+    """``konvert serve --workers 2``, both workers listening; the server and its port."""
     with konvert_serve(tmp_path, env, "--workers", "2") as server:
         server.wait_ready(READY_TIMEOUT_SECONDS)
         port = int(server.base_url.rsplit(":", 1)[1])
         # Two listening sockets, one per worker (uvicorn's own mode shares one), so the kernel
         # spreads connections over both workers. (Ready means one worker is; wait for both.)
         assert wait_for_listeners(port, 2) == 2
+        yield server, port
+
+
+only_on_linux = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="a socket per worker (SO_REUSEPORT) is Linux only"
+)
+
+
+@only_on_linux
+def test_each_worker_listens_itself_and_a_dead_worker_is_replaced(
+    tmp_path: Path, database_url: str, redis_url: str
+) -> None:
+    env = konvert_env(KONVERT_DATABASE_URL=database_url, KONVERT_REDIS_URL=redis_url)
+    with two_workers(tmp_path, env) as (server, port):
         live_on_new_connections(server, 16)
         pids = set(access_log_pids(server, "/health/live"))
         assert len(pids) == 2, server.stderr()
@@ -233,15 +245,12 @@ def test_each_worker_listens_itself_and_a_dead_worker_is_replaced(
         assert listening_sockets(port) == 0
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a socket per worker (SO_REUSEPORT) is Linux only")
+@only_on_linux
 def test_workers_do_not_outlive_their_supervisor_nor_share_a_port_with_another(
     tmp_path: Path, database_url: str, redis_url: str
 ) -> None:
     env = konvert_env(KONVERT_DATABASE_URL=database_url, KONVERT_REDIS_URL=redis_url)
-    with konvert_serve(tmp_path, env, "--workers", "2") as server:
-        server.wait_ready(READY_TIMEOUT_SECONDS)
-        port = int(server.base_url.rsplit(":", 1)[1])
-        assert wait_for_listeners(port, 2) == 2
+    with two_workers(tmp_path, env) as (server, port):
         # A second konvert on the same port would silently split its connections: it refuses.
         second = subprocess.run(
             [sys.executable, "-m", "konvert", "serve", "--port", str(port), "--workers", "2"],
