@@ -37,6 +37,13 @@ PURCHASE_POSTINGS = Counter(
     "konvert_purchase_batch_postings_total", "Purchase postings by how their batch settled them", ["how"]
 )
 
+# Balance reads by where the body came from: the worker's memory (near cache), Redis, or
+# PostgreSQL (a miss of both, which then fills Redis).
+BALANCE_READS = Counter("konvert_balance_reads_total", "Balance reads by where they were served from", ["source"])
+BALANCE_READS_MEMORY = BALANCE_READS.labels("memory")
+BALANCE_READS_REDIS = BALANCE_READS.labels("redis")
+BALANCE_READS_DATABASE = BALANCE_READS.labels("database")
+
 access_log = logging.getLogger("konvert.access")
 
 # Attributes every LogRecord has; anything else was passed with extra= and goes into the JSON.
