@@ -38,7 +38,16 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from harness import checks, load, profile, report, seed  # noqa: E402
-from harness.service import Sampler, Server, http_json, konvert_env, run_cli, wait_for_quiet  # noqa: E402
+from harness.service import (  # noqa: E402
+    Sampler,
+    Server,
+    balance_read_sources,
+    http_json,
+    konvert_env,
+    run_cli,
+    server_latency,
+    wait_for_quiet,
+)
 
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"
@@ -106,6 +115,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--redis-url", default=os.environ.get("KONVERT_BENCH_REDIS_URL", DEFAULT_REDIS_URL),
                         help="a Redis database the harness may flush (default db 14)")  # fmt: skip
     parser.add_argument("--db-pool-max", type=int, help="KONVERT_DB_POOL_MAX for the service (default: konvert's)")
+    parser.add_argument("--set", action="append", default=[], metavar="KONVERT_X=VALUE", dest="settings",
+                        help="a konvert setting for the service, e.g. KONVERT_NEAR_CACHE_SECONDS=0 (repeatable)")  # fmt: skip
     parser.add_argument("--program-file", help="KONVERT_PROGRAM_FILE for the service (default: the example program)")
     parser.add_argument("--profile", action="store_true",
                         help="py-spy a worker during purchases and the balance reads (needs py-spy; slows them)")  # fmt: skip
@@ -235,6 +246,9 @@ class Run:
             variables["KONVERT_DB_POOL_MAX"] = str(self.args.db_pool_max)
         if self.args.program_file:
             variables["KONVERT_PROGRAM_FILE"] = str(Path(self.args.program_file).resolve())
+        for setting in self.args.settings:
+            name, _, value = setting.partition("=")
+            variables[name] = value
         return konvert_env(**variables)
 
     def say(self, message: str) -> None:
@@ -367,9 +381,16 @@ class Run:
                 spy = (profile.start(self._profiled_pid(), duration - 1, spy_output, self.args.profile_native), spy_output)
             else:
                 self.say("warning: --profile needs py-spy (pip install py-spy); not profiling")
+        metrics_before = self.server.metrics()
         with Sampler(self.server, self.database_name) as sampler:
             run = self._wrk(scenario, members, duration, tag, delay_ms)
         result = run.as_dict()
+        # The same requests as konvert timed them (request in to response out, in the worker):
+        # what the client sees beyond that is queueing in the kernel and the scheduler.
+        metrics_after = self.server.metrics()
+        result["server_latency"] = server_latency(metrics_before, metrics_after)
+        if sources := balance_read_sources(metrics_before, metrics_after):
+            result["balance_read_sources"] = sources
         result["usage"] = sampler.usage.as_dict() | quiet
         result["cpu_ms_per_request"] = _cpu_ms_per_request(result)
         hits_after = _redis_stats(self.args.redis_url)
@@ -602,6 +623,7 @@ class Run:
                 "hot_share": self.args.hot_share,
                 "contention_members": self.args.contention_members,
                 "db_pool_max": self.args.db_pool_max,
+                "service_settings": self.args.settings,
                 "program_file": self.args.program_file or "(example program)",
                 "profile": self.args.profile,
                 "quiet_wait_s": self.args.quiet_wait,
@@ -696,6 +718,10 @@ def machine_info(pg_url: str) -> dict[str, object]:
     }
 
 
+def bad_settings(args: argparse.Namespace) -> list[str]:
+    return [s for s in args.settings if not (s.startswith("KONVERT_") and "=" in s)]
+
+
 def missing_tools(args: argparse.Namespace) -> list[str]:
     needed = []
     if any(s in HTTP_SCRIPTS for s in args.scenario_names):
@@ -707,6 +733,9 @@ def missing_tools(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if bad := bad_settings(args):
+        print(f"loadtests: --set takes KONVERT_NAME=VALUE, not {', '.join(map(repr, bad))}", file=sys.stderr)
+        return 2
     if missing := missing_tools(args):
         print(f"loadtests: needs {' and '.join(missing)} (Debian: apt-get install wrk postgresql-contrib)",
               file=sys.stderr)  # fmt: skip

@@ -82,7 +82,8 @@ def targets(configs: list[dict]) -> list[Target]:
             found.append(Target(
                 f"balance p99 at half peak load ({label(config)})", value, f"<= {BALANCE_HALF_LOAD_P99_MAX_MS} ms",
                 value <= BALANCE_HALF_LOAD_P99_MAX_MS, "ms",
-                f"ran at {half['load_fraction_of_peak']:.2f} of peak ({half['throughput_rps']:.0f} req/s)",
+                f"ran at {half['load_fraction_of_peak']:.2f} of peak ({half['throughput_rps']:.0f} req/s)"
+                + _server_p99(half),
             ))  # fmt: skip
         memory = config.get("memory")
         if memory:
@@ -111,6 +112,23 @@ def targets(configs: list[dict]) -> list[Target]:
     return found
 
 
+def _server_p99(scenario: dict) -> str:
+    """What konvert itself measured, beside the client's figure: tells time spent serving from
+    time spent waiting for a CPU or in the kernel's queues."""
+    server = scenario.get("server_latency") or {}
+    if not server.get("requests"):
+        return ""
+    p99 = server.get("p99_le_ms")
+    return f"; inside konvert p99 {'<= ' + format(p99, 'g') + ' ms' if p99 is not None else '> 2.5 s'}"
+
+
+def _le(server: dict | None) -> str:
+    if not server or not server.get("requests"):
+        return "-"
+    p99 = server.get("p99_le_ms")
+    return f"<={p99:g}" if p99 is not None else ">2500"
+
+
 def _fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
@@ -134,7 +152,7 @@ def print_report(result: dict) -> None:
             f"== {config['members']:,} members · {config['workers']} worker(s) · "
             f"{result['settings']['connections']} connections · {result['settings']['duration_s']} s per scenario"
         )
-        header = (f"{'scenario':<16} {'req/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'non-2xx':>8} "
+        header = (f"{'scenario':<16} {'req/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'srv p99':>8} {'non-2xx':>8} "
                   f"{'5xx':>5} {'sock err':>8} {'peak RSS':>9}  CPU % konvert/pg/redis/loadgen/foreign/all")  # fmt: skip
         print(header)
         print("-" * len(header))
@@ -144,6 +162,7 @@ def print_report(result: dict) -> None:
             print(
                 f"{name:<16} {_fmt(s['throughput_rps']):>9} {_fmt(s['latency_ms']['p50'], 2):>8} "
                 f"{_fmt(s['latency_ms']['p95'], 2):>8} {_fmt(s['latency_ms']['p99'], 2):>8} "
+                f"{_le(s.get('server_latency')):>8} "
                 f"{errors.get('non_2xx', errors.get('failed_transactions', 0)):>8} {errors.get('5xx', 0):>5} "
                 f"{sum(errors.get('socket', {}).values()):>8} "
                 f"{(_fmt(usage.get('peak_rss_mib'), 0) + ' MiB') if usage.get('peak_rss_mib') else '-':>9}  "

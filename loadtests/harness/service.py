@@ -106,6 +106,20 @@ class Server:
     def all_pids(self) -> list[int]:
         return [self.process.pid, *self.worker_pids()]
 
+    def metrics(self) -> ServerMetrics:
+        """What konvert's /metrics says now (summed over its workers)."""
+        with urllib.request.urlopen(f"{self.base_url}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        buckets: dict[float, float] = {}
+        for match in _DURATION_BUCKET.finditer(text):
+            labels, value = match.group(1), float(match.group(2))
+            if 'route="/metrics"' in labels:
+                continue
+            bound = float(_LE.search(labels).group(1))  # type: ignore[union-attr]
+            buckets[bound] = buckets.get(bound, 0.0) + value
+        reads = {source: float(value) for source, value in _BALANCE_READS.findall(text)}
+        return ServerMetrics(buckets, reads)
+
     def stop(self) -> int | None:
         """SIGTERM (uvicorn's graceful stop), then SIGKILL to the process group if it lingers."""
         if self.process.poll() is None:
@@ -117,6 +131,43 @@ class Server:
                 self.process.wait(timeout=STOP_TIMEOUT_SECONDS)
         self._log.close()
         return self.process.returncode
+
+
+# Route labels hold braces ("/v1/members/{member_id}/balance"): the labels end at the last "} ".
+_DURATION_BUCKET = re.compile(r"^konvert_http_request_duration_seconds_bucket\{(.*)\} (\S+)$", re.MULTILINE)
+_LE = re.compile(r'le="([^"]+)"')
+
+
+_BALANCE_READS = re.compile(r'^konvert_balance_reads_total\{source="(\w+)"\} (\S+)$', re.MULTILINE)
+
+
+@dataclass
+class ServerMetrics:
+    # konvert's request-duration histogram: cumulative count per upper bound (seconds), all
+    # routes but /metrics.
+    latency_buckets: dict[float, float]
+    # Balance reads by where they were served from (memory, redis, database).
+    balance_reads: dict[str, float]
+
+
+def balance_read_sources(before: ServerMetrics, after: ServerMetrics) -> dict[str, float] | None:
+    """The share of balance reads served from each source between two readings."""
+    deltas = {k: v - before.balance_reads.get(k, 0.0) for k, v in after.balance_reads.items()}
+    total = sum(deltas.values())
+    return {k: round(v / total, 3) for k, v in sorted(deltas.items())} if total else None
+
+
+def server_latency(before: ServerMetrics, after: ServerMetrics) -> dict[str, object]:
+    """Percentiles of the requests served between two readings, as the upper bound of the
+    bucket each falls in (so "<= 5 ms", not an interpolation); None above the last bound."""
+    start, end = before.latency_buckets, after.latency_buckets
+    deltas = sorted((bound, end.get(bound, 0.0) - start.get(bound, 0.0)) for bound in end)
+    total = deltas[-1][1] if deltas else 0.0
+    result: dict[str, object] = {"requests": int(total)}
+    for name, fraction in (("p50", 0.50), ("p95", 0.95), ("p99", 0.99)):
+        bound = next((b for b, count in deltas if total and count >= fraction * total), None)
+        result[f"{name}_le_ms"] = None if bound is None or bound == float("inf") else round(bound * 1000, 3)
+    return result
 
 
 def _children(pid: int) -> list[int]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
-import contextlib
 import os
 import shutil
 import signal
@@ -22,7 +21,7 @@ from typing import Any
 
 import asyncpg
 
-from konvert import __version__, auth, stamps, workers
+from konvert import __version__, auth, workers
 from konvert.errors import ConfigurationError, KonvertError
 from konvert.program import load_program
 from konvert.settings import Settings, load_settings
@@ -34,11 +33,6 @@ GRACEFUL_SHUTDOWN_SECONDS = 10
 
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def _remove_quietly(path: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(path)
 
 
 def _exit_on_signal(signum: int, frame: object) -> None:
@@ -106,12 +100,6 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     # Worker processes build their settings from the environment: hand them the resolved URLs.
     os.environ["KONVERT_DATABASE_URL"] = settings.database_url
     os.environ["KONVERT_REDIS_URL"] = settings.redis_url
-    if not settings.stamps_file and settings.near_cache_seconds > 0:
-        # One write stamps file for every worker, so a write on one retires the balances that
-        # the others keep in memory before its response leaves (konvert.stamps).
-        stamps_file = stamps.create_file()
-        os.environ["KONVERT_STAMPS_FILE"] = stamps_file
-        atexit.register(_remove_quietly, stamps_file)
     if settings.workers > 1:
         if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
             metrics_dir = tempfile.mkdtemp(prefix="konvert-metrics-")

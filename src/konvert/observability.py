@@ -37,10 +37,9 @@ PURCHASE_POSTINGS = Counter(
     "konvert_purchase_batch_postings_total", "Purchase postings by how their batch settled them", ["how"]
 )
 
-# Balance reads by where the body came from: the worker's memory (near cache), Redis, or
-# PostgreSQL (a miss of both, which then fills Redis).
+# Balance reads by where the body came from: the Redis cache, or PostgreSQL (a cache miss,
+# which then fills the cache). Their ratio is the cache's hit ratio.
 BALANCE_READS = Counter("konvert_balance_reads_total", "Balance reads by where they were served from", ["source"])
-BALANCE_READS_MEMORY = BALANCE_READS.labels("memory")
 BALANCE_READS_REDIS = BALANCE_READS.labels("redis")
 BALANCE_READS_DATABASE = BALANCE_READS.labels("database")
 

@@ -59,13 +59,6 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     # another process takes effect within this time). 0 looks every key up on every request.
     auth_cache_seconds: Annotated[float, Meta(ge=0, le=300)] = 5.0
     balance_cache_ttl_seconds: Annotated[int, Meta(ge=1, le=30 * 86400)] = 3600
-    # Each process also keeps the balances it read recently in memory for this long (0: off),
-    # at most this many. See konvert.cache (the near cache) for how it keeps read-your-writes.
-    near_cache_seconds: Annotated[float, Meta(ge=0, le=3600)] = 5.0
-    near_cache_entries: Annotated[int, Meta(ge=1, le=10_000_000)] = 10_000
-    # The write stamps file shared by the processes of one host (konvert.stamps). `konvert
-    # serve` creates one for its workers; empty means each process has its own.
-    stamps_file: str = ""
     # Background jobs (vesting, hold timeouts, expiry) run every this many seconds in each
     # service process; 0 turns them off (run `konvert jobs run` from cron instead).
     jobs_interval_seconds: Annotated[float, Meta(ge=0, le=86400)] = 30.0

@@ -264,51 +264,6 @@ def test_workers_do_not_outlive_their_supervisor_nor_share_a_port_with_another(
         assert wait_for_listeners(port, 0) == 0, "workers outlived their supervisor"
 
 
-def balance_reads(server: Server) -> dict[str, float]:
-    """``konvert_balance_reads_total`` by source, summed over the workers."""
-    text = httpx.get(f"{server.base_url}/metrics", timeout=10).text
-    return {
-        source: float(value)
-        for source, value in re.findall(r'^konvert_balance_reads_total\{source="(\w+)"\} (\S+)$', text, re.MULTILINE)
-    }
-
-
-def stamps_file_of(pid: int) -> str:
-    """The KONVERT_STAMPS_FILE a worker was started with."""
-    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    return next(v.split(b"=", 1)[1].decode() for v in environ if v.startswith(b"KONVERT_STAMPS_FILE="))
-
-
-@only_on_linux
-async def test_a_client_reads_its_own_write_on_either_worker(
-    tmp_path: Path, database_url: str, redis_url: str, make_key: MakeKey
-) -> None:
-    key = await make_key("admin")
-    member_id = f"e2e-{uuid.uuid4().hex[:12]}"
-    env = konvert_env(KONVERT_DATABASE_URL=database_url, KONVERT_REDIS_URL=redis_url)
-    with two_workers(tmp_path, env) as (server, _):
-        assert post_purchase(server, key, member_id).status_code == 201
-        # Reads on new connections land on both workers, and each keeps the balance in memory.
-        for _ in range(24):
-            assert get_balance(server, key, member_id).json()["lifetime_earned"] == 20
-        pids = set(access_log_pids(server, "/v1/members/{member_id}/balance"))
-        assert len(pids) == 2, server.stderr()
-        # Both workers were handed one write stamps file.
-        (stamps_file,) = {stamps_file_of(pid) for pid in pids}
-        from_memory = balance_reads(server).get("memory", 0)
-        assert from_memory > 0
-
-        for round_ in range(2, 6):
-            assert post_purchase(server, key, member_id).status_code == 201
-            # Straight after the response, on whichever worker: never the balance before it.
-            for _ in range(8):
-                assert get_balance(server, key, member_id).json()["lifetime_earned"] == 20 * round_
-        assert balance_reads(server).get("memory", 0) > from_memory
-
-        assert server.stop() == 0
-    assert not Path(stamps_file).exists(), "the stamps file outlived the server"
-
-
 def redis_answers(socket_path: Path) -> bool:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:

@@ -408,6 +408,32 @@ async def test_metrics_count_requests_by_route_template_not_member_id(
     )
 
 
+def balance_reads(metrics_text: str) -> dict[str, float]:
+    return {
+        sample.labels["source"]: sample.value
+        for family in text_string_to_metric_families(metrics_text)
+        for sample in family.samples
+        if sample.name == "konvert_balance_reads_total"
+    }
+
+
+async def test_metrics_count_balance_reads_by_where_they_were_served_from(
+    client: AppClient, admin_headers: dict[str, str], post: Any, new_id: NewId
+) -> None:
+    member_id = new_id("reads")
+    adjustment = {"adjustment_id": new_id("adj"), "points": 5, "reason_code": "goodwill"}
+    created = await post(f"/v1/members/{member_id}/adjustments", adjustment)
+    assert created.status_code == 201, created.text
+    before = balance_reads((await client.get("/metrics")).text)
+
+    for _ in range(3):  # a miss (PostgreSQL, then cached), then two cache hits
+        assert (await client.get(f"/v1/members/{member_id}/balance", headers=admin_headers)).status_code == 200
+
+    after = balance_reads((await client.get("/metrics")).text)
+    assert after["database"] - before.get("database", 0) == 1
+    assert after["redis"] - before.get("redis", 0) == 2
+
+
 async def test_metrics_label_unknown_urls_as_unmatched(client: AppClient, new_id: NewId) -> None:
     path = f"/{new_id('no-such-page')}"
     await client.get(path)

@@ -76,3 +76,9 @@ def test_harness_loses_nothing_and_the_audit_passes(tmp_path: Path) -> None:
     for name in ("purchases", "redemptions"):
         kind = writes[name]["purchase" if name == "purchases" else "redemption"]
         assert kind["accepted"] > 0 and kind["recorded_rows"] >= kind["accepted"], (name, kind)
+    # konvert's own view of the same requests: every one wrk counted was timed by the server,
+    # and the mixed day's balance reads are split by where they were served from.
+    for name, scenario in config["scenarios"].items():
+        assert scenario["server_latency"]["requests"] >= scenario["requests"], (name, scenario["server_latency"])
+    sources = config["scenarios"]["mixed"]["balance_read_sources"]
+    assert set(sources) <= {"redis", "database"} and abs(sum(sources.values()) - 1) < 0.01, sources
