@@ -18,7 +18,7 @@ from konvert import __version__, health, jobs
 from konvert.auth import authorize
 from konvert.earning.api import PurchaseController
 from konvert.earning.service import purchase_batcher
-from konvert.ledger.api import BalanceController
+from konvert.ledger.api import BalanceController, serve_balance_directly
 from konvert.observability import RequestObserver
 from konvert.preferences import api as preferences_api
 from konvert.problems import EXCEPTION_HANDLERS
@@ -42,15 +42,30 @@ ROUTE_HANDLERS: list[Any] = [
 
 
 class KonvertApp(Litestar):
-    """Litestar with one outer layer that every response passes, 404s and errors included."""
+    """Litestar with one outer layer that every response passes, 404s and errors included, and
+    direct answers to plain balance reads and liveness probes (ledger.api, health)."""
 
     observer: RequestObserver
+    # Tests turn this off to compare the direct answers with the routes'.
+    direct_paths: bool = True
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
-            await self.observer.observe(scope, receive, send, super().__call__)
+            await self.observer.observe(scope, receive, send, self._serve_http)
         else:
             await super().__call__(scope, receive, send)
+
+    async def _serve_http(self, scope: Any, receive: Any, send: Any) -> None:
+        # The two most frequent requests, answered without the framework when they are the
+        # plain kind; everything else, and anything that would be an error, goes to the routes.
+        if self.direct_paths:
+            path = scope["path"]
+            if path.startswith("/v1/members/"):
+                if await serve_balance_directly(self.state.services, scope, send):
+                    return
+            elif path == health.LIVE_PATH and await health.serve_live_directly(scope, send):
+                return
+        await super().__call__(scope, receive, send)
 
 
 def create_app(settings: Settings, program: Program | None = None) -> KonvertApp:
