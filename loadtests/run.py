@@ -52,16 +52,17 @@ from harness.service import (  # noqa: E402
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"
 
-SCENARIOS = ("noop", "pgbench", "balance_uniform", "balance_hot", "balance_half", "purchases", "redemptions", "mixed")
+SCENARIOS = ("noop", "noop_routed", "pgbench", "balance_uniform", "balance_hot", "balance_half", "purchases", "redemptions", "mixed")
 GROUPS = {
     "all": SCENARIOS,
-    "baselines": ("noop", "pgbench"),
+    "baselines": ("noop", "noop_routed", "pgbench"),
     "balance": ("balance_uniform", "balance_hot", "balance_half"),
 }
-SCALING_SCENARIOS = ("noop", "pgbench", "balance_uniform", "balance_hot", "purchases")
+SCALING_SCENARIOS = ("noop", "noop_routed", "pgbench", "balance_uniform", "balance_hot", "purchases")
 SCALING_SIZES = (10_000, 1_000_000)
 HTTP_SCRIPTS = {
     "noop": "noop",
+    "noop_routed": "noop_routed",
     "balance_uniform": "balance",
     "balance_hot": "balance",
     "balance_half": "balance",

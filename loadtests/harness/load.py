@@ -29,7 +29,7 @@ WRK_TIMEOUT = "30s"
 OVERRUN_SECONDS = 60
 RESULT_MARKER = "KONVERT_BENCH_RESULT "
 
-KIND_NAMES = {"n": "noop", "b": "balance", "p": "purchase", "r": "redemption", "k": "kudos"}
+KIND_NAMES = {"n": "noop", "f": "noop_routed", "b": "balance", "p": "purchase", "r": "redemption", "k": "kudos"}
 WRITE_KINDS = ("p", "r", "k")
 
 

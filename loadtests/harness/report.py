@@ -51,6 +51,10 @@ def config_ratios(config: dict) -> dict[str, float | None]:
         "purchases_vs_pgbench": _ratio(_rps(config, "purchases"), _rps(config, "pgbench")),
         "balance_uniform_vs_noop": _ratio(_rps(config, "balance_uniform"), _rps(config, "noop")),
         "balance_hot_vs_noop": _ratio(_rps(config, "balance_hot"), _rps(config, "noop")),
+        # Against the no-op as the framework routes it: how the ratios read before konvert
+        # answered /health/live (and plain balance reads) without the framework.
+        "balance_hot_vs_noop_routed": _ratio(_rps(config, "balance_hot"), _rps(config, "noop_routed")),
+        "balance_uniform_vs_noop_routed": _ratio(_rps(config, "balance_uniform"), _rps(config, "noop_routed")),
         "mixed_vs_noop": _ratio(_rps(config, "mixed"), _rps(config, "noop")),
         "redemptions_vs_pgbench": _ratio(_rps(config, "redemptions"), _rps(config, "pgbench")),
     }

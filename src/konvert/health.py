@@ -47,7 +47,7 @@ _LIVE_START = {
 async def serve_live_directly(scope: dict[str, Any], send: Any) -> bool:
     """``GET /health/live`` as the route above answers it, without the framework: the cheapest
     request the service serves (probes call it often), and the load tests' no-op baseline."""
-    if scope["method"] != "GET" or scope["path"] != LIVE_PATH:
+    if scope["method"] != "GET" or scope["path"] != LIVE_PATH or scope["query_string"]:
         return False
     scope["path_template"] = LIVE_PATH
     await send(dict(_LIVE_START))

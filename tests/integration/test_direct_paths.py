@@ -88,6 +88,7 @@ async def test_every_kind_of_balance_request_gets_the_routes_answer(
         ("HEAD", "/health/live", {}),
         ("POST", "/health/live", {}),
         ("GET", "/health/live/", {}),
+        ("GET", "/health/live?via=router", {}),
     ]
     for method, path, headers in cases:
         direct = await client.request(method, path, headers=headers)
