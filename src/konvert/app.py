@@ -16,7 +16,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 
 from konvert import __version__, health, jobs
 from konvert.auth import authorize
-from konvert.earning.api import PurchaseController
+from konvert.earning.api import PURCHASES_PATH, PurchaseController, serve_purchase_directly
 from konvert.earning.service import purchase_batcher
 from konvert.ledger.api import BalanceController, serve_balance_directly
 from konvert.observability import RequestObserver
@@ -43,7 +43,7 @@ ROUTE_HANDLERS: list[Any] = [
 
 class KonvertApp(Litestar):
     """Litestar with one outer layer that every response passes, 404s and errors included, and
-    direct answers to plain balance reads and liveness probes (ledger.api, health)."""
+    direct answers to plain balance reads, purchase postings and liveness probes (konvert.direct)."""
 
     observer: RequestObserver
     # Tests turn this off to compare the direct answers with the routes'.
@@ -56,12 +56,16 @@ class KonvertApp(Litestar):
             await super().__call__(scope, receive, send)
 
     async def _serve_http(self, scope: Any, receive: Any, send: Any) -> None:
-        # The two most frequent requests, answered without the framework when they are the
-        # plain kind; everything else, and anything that would be an error, goes to the routes.
+        # The most frequent requests, answered without the framework when they are the plain
+        # kind; everything else, and anything the framework would refuse, goes to the routes.
         if self.direct_paths:
             path = scope["path"]
             if path.startswith("/v1/members/"):
                 if await serve_balance_directly(self.state.services, scope, send):
+                    return
+            elif path == PURCHASES_PATH:
+                receive = await serve_purchase_directly(self.state.services, scope, receive, send)
+                if receive is None:  # answered
                     return
             elif path == health.LIVE_PATH and await health.serve_live_directly(scope, send):
                 return
@@ -80,7 +84,9 @@ def create_app(settings: Settings, program: Program | None = None) -> KonvertApp
         await services.accounts.warm(services.pool, system_accounts(program))
         services.purchases = purchase_batcher(services)
         services.purchases.start()
-        runner = asyncio.create_task(jobs.run_forever(services)) if settings.jobs_interval_seconds > 0 else None
+        runner = (
+            asyncio.create_task(jobs.run_forever(services)) if settings.jobs_interval_seconds > 0 else None
+        )
         try:
             yield
         finally:
@@ -109,7 +115,9 @@ def create_app(settings: Settings, program: Program | None = None) -> KonvertApp
             path="/schema",
             render_plugins=[ScalarRenderPlugin(), SwaggerRenderPlugin(path="/swagger")],
             components=Components(
-                security_schemes={"apiKey": SecurityScheme(type="http", scheme="bearer", description="kvt_... API key")}
+                security_schemes={
+                    "apiKey": SecurityScheme(type="http", scheme="bearer", description="kvt_... API key")
+                }
             ),
             security=[{"apiKey": []}],
         ),

@@ -8,6 +8,7 @@ from typing import Any
 import msgspec
 from litestar import Response, get
 
+from konvert import direct
 from konvert.observability import render_metrics
 from konvert.services import Svc
 
@@ -37,21 +38,15 @@ async def live() -> Liveness:
 
 LIVE_PATH = "/health/live"
 _LIVE_BODY = msgspec.json.encode(Liveness("ok"))
-_LIVE_START = {
-    "type": "http.response.start",
-    "status": 200,
-    "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(_LIVE_BODY))],
-}
 
 
-async def serve_live_directly(scope: dict[str, Any], send: Any) -> bool:
+async def serve_live_directly(scope: dict[str, Any], send: direct.Send) -> bool:
     """``GET /health/live`` as the route above answers it, without the framework: the cheapest
     request the service serves (probes call it often), and the load tests' no-op baseline."""
     if scope["method"] != "GET" or scope["path"] != LIVE_PATH or scope["query_string"]:
         return False
     scope["path_template"] = LIVE_PATH
-    await send(dict(_LIVE_START))
-    await send({"type": "http.response.body", "body": _LIVE_BODY})
+    await direct.send_json(send, 200, _LIVE_BODY)
     return True
 
 

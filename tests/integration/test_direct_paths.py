@@ -130,11 +130,14 @@ async def test_direct_answers_are_counted_under_their_route(
         await client.get(f"/v1/members/{member_with_points}/balance", headers=admin_headers)
     ).status_code == 200
     assert (await client.get("/health/live")).status_code == 200
+    posting = purchase_body(member_with_points, f"p-{member_with_points}")
+    assert (await client.post("/v1/purchases", json=posting, headers=admin_headers)).status_code == 201
 
     metrics = (await client.get("/metrics")).text
 
     assert 'route="/v1/members/{member_id}/balance",status="200"' in metrics
     assert 'route="/health/live",status="200"' in metrics
+    assert 'route="/v1/purchases",status="201"' in metrics
 
 
 async def test_the_app_takes_the_direct_path_for_plain_reads_only(
@@ -154,3 +157,122 @@ async def test_the_app_takes_the_direct_path_for_plain_reads_only(
     assert (await client.get(f"{path}?expiring_within_days=7", headers=admin_headers)).status_code == 200
 
     assert answered == [True, False, False]
+
+
+def purchase_body(member_id: str, purchase_id: str, **changes: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "purchase_id": purchase_id,
+        "member_id": member_id,
+        "partner": "webshop",
+        "currency": "EUR",
+        "occurred_at": "2026-01-01T10:00:00Z",
+        "lines": [{"line_id": "1", "sku": "A", "category": "books", "quantity": 1, "unit_price": 1000}],
+    }
+    return body | changes
+
+
+async def test_every_kind_of_purchase_request_gets_the_routes_answer(
+    client: AppClient,
+    routes_only: AppClient,
+    admin_headers: dict[str, str],
+    make_key: Callable[..., Awaitable[str]],
+    new_id: NewId,
+) -> None:
+    writer = {"Authorization": f"Bearer {await make_key('purchases:write')}"}
+    reader_only = {"Authorization": f"Bearer {await make_key('members:read')}"}
+    member_id = new_id("direct-p")
+    line = {"line_id": "1", "sku": "A", "category": "books", "quantity": 1, "unit_price": 1000}
+    # (headers, body changes or raw bytes, content type, path): each sent to both apps with a
+    # purchase id of its own, so that neither answer is the other's replay.
+    cases: list[tuple[dict[str, str], Any, str, str]] = [
+        (
+            writer,
+            {"lines": [line | {"quantity": "2"}]},
+            "application/json",
+            "/v1/purchases",
+        ),  # lax, as the route
+        (writer, {"shipping": -1}, "application/json", "/v1/purchases"),  # 422
+        (writer, {"unknown": 1}, "application/json", "/v1/purchases"),  # 422
+        (writer, {"occurred_at": "2026-01-01T10:00:00"}, "application/json", "/v1/purchases"),  # no offset
+        (
+            writer,
+            {"occurred_at": "2999-01-01T10:00:00Z"},
+            "application/json",
+            "/v1/purchases",
+        ),  # future: the service
+        (writer, {"partner": "nobody"}, "application/json", "/v1/purchases"),  # the service refuses
+        (writer, {"currency": "JPY"}, "application/json", "/v1/purchases"),  # no rate: the service
+        (writer, b'{"purchase_id": ', "application/json", "/v1/purchases"),  # malformed
+        (writer, b"", "application/json", "/v1/purchases"),  # empty
+        (writer, b"[1, 2]", "application/json", "/v1/purchases"),  # not an object
+        (writer, b"x" * (300 * 1024), "application/json", "/v1/purchases"),  # too large
+        (writer, {}, "text/plain", "/v1/purchases"),  # 415
+        (writer, {}, "application/json; charset=utf-8", "/v1/purchases"),
+        ({}, {}, "application/json", "/v1/purchases"),  # 401
+        (reader_only, {}, "application/json", "/v1/purchases"),  # 403
+        (writer, {}, "application/json", "/v1/purchases?x=1"),
+        (writer, {}, "application/json", "/v1/purchases/"),
+    ]
+    for headers, changes, content_type, path in cases:
+        answers = []
+        for app_client in (client, routes_only):
+            if isinstance(changes, bytes):
+                content = changes
+            else:
+                content = json.dumps(purchase_body(member_id, new_id("p"), **changes)).encode()
+            answers.append(
+                await app_client.post(path, content=content, headers=headers | {"content-type": content_type})
+            )
+        direct, routed = answers
+        status, direct_headers, direct_body = comparable(direct)
+        assert status == routed.status_code, (path, changes, direct.text, routed.text)
+        assert direct_headers.keys() == comparable(routed)[1].keys(), (path, changes)
+        if status >= 400:
+            assert direct_body == comparable(routed)[2], (path, changes)
+        else:
+            assert direct_body.keys() == comparable(routed)[2].keys()
+
+
+async def test_a_direct_posting_replays_and_conflicts_as_the_route_does(
+    client: AppClient, routes_only: AppClient, admin_headers: dict[str, str], new_id: NewId
+) -> None:
+    body = purchase_body(new_id("direct-r"), new_id("p"))
+    first = await client.post("/v1/purchases", json=body, headers=admin_headers)
+    assert first.status_code == 201 and "idempotent-replayed" not in first.headers
+
+    replays = [await c.post("/v1/purchases", json=body, headers=admin_headers) for c in (client, routes_only)]
+    assert [comparable(r) for r in replays][0] == comparable(replays[1])
+    assert replays[0].headers["idempotent-replayed"] == "true"
+    assert replays[0].content == first.content
+
+    changed = body | {"shipping": 100}
+    conflicts = [
+        await c.post("/v1/purchases", json=changed, headers=admin_headers) for c in (client, routes_only)
+    ]
+    assert conflicts[0].status_code == 409
+    assert comparable(conflicts[0]) == comparable(conflicts[1])
+
+
+async def test_the_app_takes_the_direct_path_for_well_formed_postings_only(
+    client: AppClient, admin_headers: dict[str, str], new_id: NewId, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    answered: list[bool] = []
+    original = konvert.app.serve_purchase_directly
+
+    async def recording(*args: Any) -> Any:
+        receive = await original(*args)
+        answered.append(receive is None)
+        return receive
+
+    monkeypatch.setattr(konvert.app, "serve_purchase_directly", recording)
+    member_id = new_id("direct-w")
+    ok = await client.post("/v1/purchases", json=purchase_body(member_id, new_id("p")), headers=admin_headers)
+    future = purchase_body(member_id, new_id("p"), occurred_at="2999-01-01T10:00:00Z")
+    refused = await client.post("/v1/purchases", json=future, headers=admin_headers)
+    unknown = await client.post(
+        "/v1/purchases", json=purchase_body(member_id, new_id("p"), extra=1), headers=admin_headers
+    )
+
+    assert (ok.status_code, refused.status_code, unknown.status_code) == (201, 422, 422)
+    # Taken on: the posting, and the one the service refuses; left to the route: the bad body.
+    assert answered == [True, True, False]
