@@ -444,6 +444,42 @@ async def test_metrics_label_unknown_urls_as_unmatched(client: AppClient, new_id
     assert {"method": "GET", "route": "unmatched", "status": "404"} in requests_total(response.text)
 
 
+# Schema.
+
+# Plain b-tree indexes whose key columns lead another index on the same table: every lookup the
+# shorter one serves, the longer serves too, and each write pays for both.
+_REDUNDANT_INDEXES = """
+select a.indexrelid::regclass::text as redundant, b.indexrelid::regclass::text as covered_by
+from pg_index a
+join pg_index b on b.indrelid = a.indrelid and b.indexrelid <> a.indexrelid
+join pg_class ia on ia.oid = a.indexrelid join pg_am ama on ama.oid = ia.relam
+join pg_class ib on ib.oid = b.indexrelid join pg_am amb on amb.oid = ib.relam
+join pg_class t on t.oid = a.indrelid join pg_namespace n on n.oid = t.relnamespace
+where n.nspname = current_schema()
+  and ama.amname = 'btree' and amb.amname = 'btree'
+  and not a.indisunique and a.indpred is null and b.indpred is null
+  and a.indexprs is null and b.indexprs is null
+  and a.indnkeyatts <= b.indnkeyatts
+  and (a.indkey::int2[])[0:a.indnkeyatts - 1] = (b.indkey::int2[])[0:a.indnkeyatts - 1]
+"""
+
+
+async def test_no_index_is_a_prefix_of_another(database_url: str) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        redundant = [dict(r) for r in await conn.fetch(_REDUNDANT_INDEXES)]
+        # The check finds what it is for: a redundant index made here is reported.
+        await conn.execute("create index check_redundant_idx on purchases (member_uid, created_at, purchase_pk)")
+        try:
+            found = {r["redundant"] for r in await conn.fetch(_REDUNDANT_INDEXES)}
+        finally:
+            await conn.execute("drop index check_redundant_idx")
+    finally:
+        await conn.close()
+    assert redundant == []
+    assert "purchases_member_created_idx" in found
+
+
 # OpenAPI.
 
 
