@@ -14,7 +14,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 
-from konvert import __version__, health, jobs
+from konvert import __version__, direct, health, jobs
 from konvert.auth import authorize
 from konvert.earning.api import PURCHASES_PATH, PurchaseController, serve_purchase_directly
 from konvert.earning.service import purchase_batcher
@@ -58,7 +58,7 @@ class KonvertApp(Litestar):
     async def _serve_http(self, scope: Any, receive: Any, send: Any) -> None:
         # The most frequent requests, answered without the framework when they are the plain
         # kind; everything else, and anything the framework would refuse, goes to the routes.
-        if self.direct_paths:
+        if self.direct_paths and direct.takes_on(scope):
             path = scope["path"]
             if path.startswith("/v1/members/"):
                 if await serve_balance_directly(self.state.services, scope, send):

@@ -14,7 +14,10 @@ from typing import Any
 
 import msgspec
 
-from konvert import errors
+# Litestar's own check of the Host header, which its router applies before routing: a request
+# it would refuse must reach it.
+from litestar._asgi.utils import is_valid_host
+
 from konvert.problems import EXCEPTION_HANDLERS
 from konvert.services import Services
 
@@ -23,6 +26,18 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 _JSON = (b"content-type", b"application/json")
+
+
+def takes_on(scope: dict[str, Any]) -> bool:
+    """Whether a direct answer may look at this request at all: not when the framework's router
+    would refuse it before routing (an invalid Host header), nor when the app is mounted under
+    a root path (the framework's paths and problem ``instance`` then differ from the scope's)."""
+    if scope.get("root_path"):
+        return False
+    for key, value in scope["headers"]:
+        if key == b"host":
+            return is_valid_host(value)
+    return True
 
 
 def header(scope: dict[str, Any], name: bytes) -> str | None:
@@ -35,21 +50,23 @@ def header(scope: dict[str, Any], name: bytes) -> str | None:
 
 
 async def allowed(services: Services, scope: dict[str, Any], required: str) -> bool:
-    """Whether the request's key is valid and carries the scope; False for every refusal,
-    which the route then makes (401 or 403, as problem+json)."""
+    """Whether the request's key is valid and carries the scope; False for every refusal, which
+    the route then makes (401 or 403), and when the key could not be looked up (the route's
+    guard tries again and answers 503 if it fails too)."""
     try:
         principal = await services.keys.authenticate(header(scope, b"authorization"))
-    except errors.KonvertError:
+    except Exception:  # noqa: BLE001 - a refusal, or a failed lookup: the route's guard says which
         return False
     return principal.allows(required)
 
 
 async def send_json(send: Send, status: int, body: bytes, *headers: tuple[bytes, bytes]) -> None:
+    # In the framework's order: the response's own headers, then content type and length.
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [_JSON, (b"content-length", b"%d" % len(body)), *headers],
+            "headers": [*headers, _JSON, (b"content-length", b"%d" % len(body))],
         }
     )
     await send({"type": "http.response.body", "body": body})
@@ -80,9 +97,9 @@ async def send_error(scope: dict[str, Any], send: Send, exc: Exception) -> None:
             "type": "http.response.start",
             "status": response.status_code,
             "headers": [
+                *extra,
                 (b"content-type", response.media_type.encode()),
                 (b"content-length", b"%d" % len(body)),
-                *extra,
             ],
         }
     )
@@ -109,7 +126,7 @@ async def read_body(
     """The whole request body, or None when it is larger than ``limit`` or the client went away
     (the route then says so); and the messages read, for a ``Replay``."""
     length = header(scope, b"content-length")
-    if length is not None and (not length.isdigit() or int(length) > limit):
+    if length is not None and (not (length.isascii() and length.isdigit()) or int(length) > limit):
         return None, []
     read: list[Message] = []
     chunks: list[bytes] = []

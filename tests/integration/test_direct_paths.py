@@ -1,5 +1,6 @@
-"""Plain balance reads and liveness probes are answered without the framework (app.KonvertApp):
-the answers must be the routes' answers, byte for byte, and anything else must reach the routes.
+"""Plain balance reads, purchase postings and liveness probes are answered without the framework
+(app.KonvertApp, konvert.direct): the answers must be the routes' answers, byte for byte, and
+anything else must reach the routes.
 
 Each request goes to the app as configured and to the same app with its direct paths turned
 off (the routes only), against the same PostgreSQL and Redis.
@@ -11,6 +12,7 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
@@ -20,7 +22,7 @@ from konvert.health import serve_live_directly
 from konvert.ledger.api import serve_balance_directly
 from konvert.program import Program
 from konvert.settings import Settings
-from tests.conftest import AppClient, serve
+from tests.conftest import AppClient, make_settings, serve
 
 NewId = Callable[[str], str]
 
@@ -33,11 +35,17 @@ async def routes_only(settings: Settings, program: Program) -> AsyncIterator[App
         yield client
 
 
-def comparable(response: httpx.Response) -> tuple[int, dict[str, str], Any]:
-    """Status, headers and body, without what differs between any two responses anyway."""
-    headers = {k: v for k, v in response.headers.items() if k not in ("x-request-id", "date")}
-    if "allow" in headers:  # the same methods, in whichever order the app's router lists them
-        headers["allow"] = ", ".join(sorted(headers["allow"].split(", ")))
+def comparable(response: httpx.Response) -> tuple[int, list[tuple[str, str]], Any]:
+    """Status, headers (in order) and body, without what differs between any two responses
+    anyway (the request id, the date)."""
+    headers = []
+    for raw_name, raw_value in response.headers.raw:
+        name, value = raw_name.decode().lower(), raw_value.decode()
+        if name in ("x-request-id", "date"):
+            continue
+        if name == "allow":  # the same methods, in whichever order the app's router lists them
+            value = ", ".join(sorted(value.split(", ")))
+        headers.append((name, value))
     body: Any = response.content
     if response.content and response.headers.get("content-type", "").startswith(
         ("application/json", "application/problem+json")
@@ -81,6 +89,10 @@ async def test_every_kind_of_balance_request_gets_the_routes_answer(
         ("GET", f"/v1/members/{'x' * 129}/balance", reader),  # too long
         ("GET", "/v1/members/bad%01id/balance", reader),  # a control character
         ("GET", "/v1/members/a%2Fb/balance", reader),  # a slash in the id
+        ("GET", f"{balance}%0A", reader),  # a newline after the path
+        ("GET", "/v1/members/ends-in-newline%0A/balance", reader),
+        ("GET", balance, reader | {"Host": "a b/c"}),  # the framework refuses the Host header
+        ("GET", "/health/live", {"Host": "<x>"}),
         ("GET", f"{balance}/", reader),
         ("HEAD", balance, reader),
         ("POST", balance, reader),
@@ -97,7 +109,7 @@ async def test_every_kind_of_balance_request_gets_the_routes_answer(
         assert direct.headers["x-request-id"]
 
 
-async def test_a_plain_read_is_answered_directly_and_an_error_is_left_to_the_route(
+async def test_a_plain_read_is_answered_directly_and_a_refused_one_is_left_to_the_route(
     client: AppClient, admin_headers: dict[str, str], member_with_points: str, new_id: NewId
 ) -> None:
     services = client.app.state.services
@@ -114,8 +126,13 @@ async def test_a_plain_read_is_answered_directly_and_an_error_is_left_to_the_rou
     assert sent[0]["status"] == 200
     assert json.loads(sent[1]["body"])["available"] == 42
 
+    # Taken on, so answered here, once: an unknown member's 404 (not read twice).
     sent.clear()
-    assert not await serve_balance_directly(services, scope(f"/v1/members/{new_id('nobody')}/balance"), send)
+    assert await serve_balance_directly(services, scope(f"/v1/members/{new_id('nobody')}/balance"), send)
+    assert sent[0]["status"] == 404
+    assert json.loads(sent[1]["body"])["code"] == "member_not_found"
+
+    sent.clear()
     assert not await serve_balance_directly(
         services, scope(f"/v1/members/{member_with_points}/balance", None), send
     )
@@ -159,7 +176,7 @@ async def test_the_app_takes_the_direct_path_for_plain_reads_only(
     assert answered == [True, False, False]
 
 
-def purchase_body(member_id: str, purchase_id: str, **changes: Any) -> dict[str, Any]:
+def purchase_body(member_id: str, purchase_id: str, /, **changes: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
         "purchase_id": purchase_id,
         "member_id": member_id,
@@ -212,6 +229,9 @@ async def test_every_kind_of_purchase_request_gets_the_routes_answer(
         (reader_only, {}, "application/json", "/v1/purchases"),  # 403
         (writer, {}, "application/json", "/v1/purchases?x=1"),
         (writer, {}, "application/json", "/v1/purchases/"),
+        (writer, {"member_id": "ends-in-newline\n"}, "application/json", "/v1/purchases"),  # 422
+        (writer, b"[" * 5000 + b"]" * 5000, "application/json", "/v1/purchases"),  # nested too deep
+        (writer | {"Host": "a/b"}, {}, "application/json", "/v1/purchases"),  # the framework refuses the Host
     ]
     for headers, changes, content_type, path in cases:
         answers = []
@@ -225,12 +245,16 @@ async def test_every_kind_of_purchase_request_gets_the_routes_answer(
             )
         direct, routed = answers
         status, direct_headers, direct_body = comparable(direct)
+        _, routed_headers, routed_body = comparable(routed)
         assert status == routed.status_code, (path, changes, direct.text, routed.text)
-        assert direct_headers.keys() == comparable(routed)[1].keys(), (path, changes)
         if status >= 400:
-            assert direct_body == comparable(routed)[2], (path, changes)
-        else:
-            assert direct_body.keys() == comparable(routed)[2].keys()
+            assert (direct_headers, direct_body) == (routed_headers, routed_body), (path, changes)
+        else:  # two postings of their own: the same headers, the same points, other ids
+            assert [n for n, _ in direct_headers] == [n for n, _ in routed_headers]
+            same = ("points", "status", "lines", "bonus_points", "rules", "cap_applied")
+            assert {k: direct_body[k] for k in same} == {k: routed_body[k] for k in same}, (path, changes)
+    newline = purchase_body("ends-in-newline\n", new_id("p"))
+    assert (await client.post("/v1/purchases", json=newline, headers=writer)).status_code == 422
 
 
 async def test_a_direct_posting_replays_and_conflicts_as_the_route_does(
@@ -241,7 +265,7 @@ async def test_a_direct_posting_replays_and_conflicts_as_the_route_does(
     assert first.status_code == 201 and "idempotent-replayed" not in first.headers
 
     replays = [await c.post("/v1/purchases", json=body, headers=admin_headers) for c in (client, routes_only)]
-    assert [comparable(r) for r in replays][0] == comparable(replays[1])
+    assert comparable(replays[0]) == comparable(replays[1])
     assert replays[0].headers["idempotent-replayed"] == "true"
     assert replays[0].content == first.content
 
@@ -276,3 +300,44 @@ async def test_the_app_takes_the_direct_path_for_well_formed_postings_only(
     assert (ok.status_code, refused.status_code, unknown.status_code) == (201, 422, 422)
     # Taken on: the posting, and the one the service refuses; left to the route: the bad body.
     assert answered == [True, True, False]
+
+
+async def test_when_the_database_fails_the_answers_are_the_routes_answers(
+    database_url: str, redis_url: str, program: Program, admin_headers: dict[str, str], new_id: NewId
+) -> None:
+    # Both apps wait at most 0.3 s for a statement; a lock held meanwhile makes them time out.
+    settings = make_settings(database_url, redis_url, db_statement_timeout_seconds=0.3)
+    direct_app, routed_app = create_app(settings, program), create_app(settings, program)
+    routed_app.direct_paths = False
+    locker = await asyncpg.connect(database_url)
+    try:
+        async with serve(direct_app) as direct, serve(routed_app) as routed:
+            for table, path in (
+                ("api_keys", f"/v1/members/{new_id('locked')}/balance"),  # the key cannot be looked up
+                ("members", f"/v1/members/{new_id('locked')}/balance"),  # the balance cannot be read
+            ):
+                async with locker.transaction():
+                    await locker.execute(f"lock table {table} in access exclusive mode")
+                    answers = [await c.get(path, headers=admin_headers) for c in (direct, routed)]
+                assert answers[0].status_code == 503, (table, answers[0].text)
+                assert comparable(answers[0]) == comparable(answers[1]), table
+    finally:
+        await locker.close()
+
+
+def test_the_app_configures_nothing_the_direct_answers_would_skip(
+    settings: Settings, program: Program
+) -> None:
+    # Direct answers bypass the framework: a middleware, hook, CORS, host or header setting
+    # added to the app would silently not apply to them. Adding one must fail here first, and
+    # the direct answers must then do the same (or stop).
+    app = create_app(settings, program)
+    assert (
+        app.middleware,
+        app.allowed_hosts,
+        app.response_headers,
+        app.response_cookies,
+        app.before_send,
+    ) == ([], [], [], [], [])
+    assert (app.before_request, app.after_request, app.after_response) == (None, None, None)
+    assert (app.cors_config, app.csrf_config, app.compression_config) == (None, None, None)

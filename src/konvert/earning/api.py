@@ -82,8 +82,8 @@ async def serve_purchase_directly(
         purchase = msgspec.convert(
             msgspec.json.decode(body or b"null"), PurchaseIn, strict=False, str_keys=True
         )
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return direct.Replay(read, receive)  # the route words the 400 or 422
+    except Exception:  # noqa: BLE001 - the route words it (400, 422; RecursionError for deep nesting)
+        return direct.Replay(read, receive)
     scope["path_template"] = PURCHASES_PATH
     try:
         outcome = await service.post_purchase(services, purchase)

@@ -53,7 +53,7 @@ class BalanceController(Controller):
 
 
 BALANCE_ROUTE = "/v1/members/{member_id}/balance"
-_BALANCE_PATH = re.compile(r"^/v1/members/([^/\x00-\x1f\x7f]{1,128})/balance$")
+_BALANCE_PATH = re.compile(r"/v1/members/([^/\x00-\x1f\x7f]{1,128})/balance")  # fullmatch
 
 
 async def serve_balance_directly(services: Services, scope: dict[str, Any], send: direct.Send) -> bool:
@@ -61,19 +61,21 @@ async def serve_balance_directly(services: Services, scope: dict[str, Any], send
 
     The most frequent request konvert serves, and on a cache hit the framework (routing,
     guard, dependency injection, parameter parsing, the response object) costs more than the
-    rest of it. This answers the plain one (no query string, a well-formed member id, a key
-    with ``members:read``) for a member that exists. Anything else returns False having sent
-    nothing, and the route answers it, errors included, as always.
+    rest of it. This takes on the plain one (no query string, a well-formed member id, a key
+    with ``members:read``) and answers it, an unknown member's 404 and any error included,
+    through the routes' exception handlers. Anything else returns False having sent nothing,
+    and the route answers it as always.
     """
     if scope["method"] != "GET" or scope["query_string"]:
         return False
-    match = _BALANCE_PATH.match(scope["path"])
+    match = _BALANCE_PATH.fullmatch(scope["path"])
     if match is None or not await direct.allowed(services, scope, BalanceController.opt["scope"]):
         return False
+    scope["path_template"] = BALANCE_ROUTE
     try:
         body = await service.balance_body(services, match.group(1))
-    except Exception:  # noqa: BLE001 - nothing was sent: the route answers, and handles errors as always
-        return False
-    scope["path_template"] = BALANCE_ROUTE
+    except Exception as exc:  # noqa: BLE001 - rendered exactly as the route's exception handlers do
+        await direct.send_error(scope, send, exc)  # an unknown member's 404, a database's 503
+        return True
     await direct.send_json(send, 200, body)
     return True

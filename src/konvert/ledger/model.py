@@ -10,7 +10,9 @@ from msgspec import Meta
 
 # Ids travel through URLs, logs and PostgreSQL text: no control characters (PostgreSQL cannot
 # even store NUL). Free text may hold line breaks and tabs, never NUL.
-NO_CONTROL_CHARACTERS = r"^[^\x00-\x1f\x7f]+$"
+# `$` alone would also match before a final newline in Python (msgspec searches with `re`);
+# `(?!\n)` refuses that and means nothing to the JSON Schema (ECMAScript) reading of the pattern.
+NO_CONTROL_CHARACTERS = r"^[^\x00-\x1f\x7f]+$(?!\n)"
 NO_NUL = r"^[^\x00]*$"
 MemberId = Annotated[str, Meta(min_length=1, max_length=128, pattern=NO_CONTROL_CHARACTERS)]
 

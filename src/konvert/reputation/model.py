@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from konvert.ledger.model import MemberId
+from konvert.ledger.model import NO_CONTROL_CHARACTERS, MemberId
 
 KudosId = Annotated[
     str,
@@ -34,7 +34,7 @@ Source = Annotated[
         description="The forum the kudos comes from, e.g. `forum` or `discourse.example.org`.",
     ),
 ]
-ExternalId = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")]
+ExternalId = Annotated[str, Meta(min_length=1, max_length=128, pattern=NO_CONTROL_CHARACTERS)]
 AwareDatetime = Annotated[datetime, Meta(tz=True)]
 KudosKind = Literal["like", "helpful", "accepted_answer"]
 KudosStatus = Literal["standing", "retracted", "superseded"]
