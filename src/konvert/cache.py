@@ -7,6 +7,7 @@ request. Nothing here ever authorises a spend.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -68,6 +69,7 @@ class BalanceCache:
         self._ttl_seconds = ttl_seconds
         self._put_if_newer = client.register_script(_PUT_IF_NEWER)
         self._skip_until = 0.0
+        self._filling: set[asyncio.Task[bool]] = set()
 
     @classmethod
     def for_settings(cls, client: redis.Redis, settings: Settings) -> BalanceCache:
@@ -115,6 +117,14 @@ class BalanceCache:
 
     async def put(self, member_id: str, version: int, body: bytes) -> None:
         await self._put(member_id, version, body)
+
+    def put_soon(self, member_id: str, version: int, body: bytes) -> None:
+        """``put`` without waiting for it: a read that missed answers first and fills the cache
+        after. Safe in any order: the fill only lands if nothing newer is cached meanwhile.
+        A fill that cannot reach Redis is dropped (the breaker logs it)."""
+        task = asyncio.get_running_loop().create_task(self._put(member_id, version, body))
+        self._filling.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._filling.discard)
 
     async def invalidate(self, member_id: str, version: int) -> None:
         """After a committed write at ``version``: no reader may serve an older balance.

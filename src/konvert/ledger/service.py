@@ -29,7 +29,7 @@ async def balance_body(services: Services, member_id: str) -> bytes:
     balance = await read_balance(services, member_id)
     BALANCE_READS_DATABASE.inc()
     body = _encode(balance)
-    await services.balances.put(member_id, balance.version, body)
+    services.balances.put_soon(member_id, balance.version, body)
     return body
 
 
