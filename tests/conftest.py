@@ -22,6 +22,7 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -211,6 +212,19 @@ purposes = ["support"]
 """
 
 
+def purchase_body(member_id: str, purchase_id: str | None = None, /, **changes: Any) -> dict[str, Any]:
+    """A valid purchase of one book for 10.00 EUR: 20 points under the example program."""
+    body: dict[str, Any] = {
+        "purchase_id": purchase_id or f"p-{uuid.uuid4().hex[:12]}",
+        "member_id": member_id,
+        "partner": "webshop",
+        "currency": "EUR",
+        "occurred_at": "2026-01-01T10:00:00Z",
+        "lines": [{"line_id": "1", "sku": "A", "category": "books", "quantity": 1, "unit_price": 1000}],
+    }
+    return body | changes
+
+
 @pytest.fixture(scope="session")
 def program() -> Program:
     return parse_program(TEST_PROGRAM, "test program")
@@ -248,7 +262,9 @@ async def serve(app: KonvertApp) -> AsyncIterator[AppClient]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, lifespan="on", log_config=None, access_log=False, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        app, lifespan="on", log_config=None, access_log=False, timeout_graceful_shutdown=5
+    )
     server = uvicorn.Server(config)
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  # pytest owns the signals
     task = asyncio.create_task(server.serve(sockets=[sock]))
@@ -303,7 +319,9 @@ def program_from() -> Callable[[str], Program]:
 
 
 @pytest.fixture(scope="session")
-async def services(settings: Settings, program: Program, redis_client: redis.Redis) -> AsyncIterator[Services]:
+async def services(
+    settings: Settings, program: Program, redis_client: redis.Redis
+) -> AsyncIterator[Services]:
     """The use cases' dependencies, for tests that call services directly (jobs, spending)."""
     opened = await Services.open(settings, program)
     yield opened

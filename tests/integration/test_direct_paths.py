@@ -22,7 +22,7 @@ from konvert.health import serve_live_directly
 from konvert.ledger.api import serve_balance_directly
 from konvert.program import Program
 from konvert.settings import Settings
-from tests.conftest import AppClient, make_settings, serve
+from tests.conftest import AppClient, make_settings, purchase_body, serve
 
 NewId = Callable[[str], str]
 
@@ -157,35 +157,32 @@ async def test_direct_answers_are_counted_under_their_route(
     assert 'route="/v1/purchases",status="201"' in metrics
 
 
+def record_direct_answers(
+    monkeypatch: pytest.MonkeyPatch, name: str, answered: Callable[[Any], bool]
+) -> list[bool]:
+    """Whether each call of the app's direct answer ``name`` answered its request."""
+    seen: list[bool] = []
+    original = getattr(konvert.app, name)
+
+    async def recording(*args: Any) -> Any:
+        result = await original(*args)
+        seen.append(answered(result))
+        return result
+
+    monkeypatch.setattr(konvert.app, name, recording)
+    return seen
+
+
 async def test_the_app_takes_the_direct_path_for_plain_reads_only(
     client: AppClient, admin_headers: dict[str, str], member_with_points: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    answered: list[bool] = []
-    original = konvert.app.serve_balance_directly
-
-    async def recording(*args: Any) -> bool:
-        answered.append(await original(*args))
-        return answered[-1]
-
-    monkeypatch.setattr(konvert.app, "serve_balance_directly", recording)
+    answered = record_direct_answers(monkeypatch, "serve_balance_directly", lambda taken: taken)
     path = f"/v1/members/{member_with_points}/balance"
     assert (await client.get(path, headers=admin_headers)).status_code == 200
     assert (await client.get(path)).status_code == 401
     assert (await client.get(f"{path}?expiring_within_days=7", headers=admin_headers)).status_code == 200
 
     assert answered == [True, False, False]
-
-
-def purchase_body(member_id: str, purchase_id: str, /, **changes: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "purchase_id": purchase_id,
-        "member_id": member_id,
-        "partner": "webshop",
-        "currency": "EUR",
-        "occurred_at": "2026-01-01T10:00:00Z",
-        "lines": [{"line_id": "1", "sku": "A", "category": "books", "quantity": 1, "unit_price": 1000}],
-    }
-    return body | changes
 
 
 async def test_every_kind_of_purchase_request_gets_the_routes_answer(
@@ -280,15 +277,7 @@ async def test_a_direct_posting_replays_and_conflicts_as_the_route_does(
 async def test_the_app_takes_the_direct_path_for_well_formed_postings_only(
     client: AppClient, admin_headers: dict[str, str], new_id: NewId, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    answered: list[bool] = []
-    original = konvert.app.serve_purchase_directly
-
-    async def recording(*args: Any) -> Any:
-        receive = await original(*args)
-        answered.append(receive is None)
-        return receive
-
-    monkeypatch.setattr(konvert.app, "serve_purchase_directly", recording)
+    answered = record_direct_answers(monkeypatch, "serve_purchase_directly", lambda receive: receive is None)
     member_id = new_id("direct-w")
     ok = await client.post("/v1/purchases", json=purchase_body(member_id, new_id("p")), headers=admin_headers)
     future = purchase_body(member_id, new_id("p"), occurred_at="2999-01-01T10:00:00Z")

@@ -31,7 +31,7 @@ from konvert.app import create_app
 from konvert.errors import ConfigurationError
 from konvert.program import Program
 from konvert.settings import Settings
-from tests.conftest import AppClient, make_settings
+from tests.conftest import AppClient, make_settings, purchase_body
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -40,19 +40,6 @@ UNREACHABLE_REDIS_URL = "redis://127.0.0.1:1/0"
 
 MakeKey = Callable[..., Awaitable[str]]
 NewId = Callable[[str], str]
-
-
-def purchase_body(member_id: str, purchase_id: str | None = None, **changes: Any) -> dict[str, Any]:
-    """A valid purchase of one book for 10.00 EUR: 20 points under the example program."""
-    body: dict[str, Any] = {
-        "purchase_id": purchase_id or f"p-{uuid.uuid4().hex[:12]}",
-        "member_id": member_id,
-        "partner": "webshop",
-        "currency": "EUR",
-        "occurred_at": "2026-01-01T10:00:00Z",
-        "lines": [{"line_id": "1", "sku": "A", "category": "books", "quantity": 1, "unit_price": 1000}],
-    }
-    return body | changes
 
 
 def with_line(member_id: str, **line_changes: Any) -> dict[str, Any]:
@@ -144,9 +131,7 @@ async def test_a_key_lacking_the_scope_is_403(client: AppClient, make_key: MakeK
     assert "members:read" in problem["detail"]
 
 
-async def test_an_admin_key_may_use_every_scope(
-    client: AppClient, admin_headers: dict[str, str]
-) -> None:
+async def test_an_admin_key_may_use_every_scope(client: AppClient, admin_headers: dict[str, str]) -> None:
     response = await client.get("/v1/members/nobody-here/balance", headers=admin_headers)
 
     assert_problem(response, 404, "member_not_found")
@@ -161,9 +146,7 @@ async def test_an_unknown_route_is_404(client: AppClient, admin_headers: dict[st
     assert_problem(response, 404, "not_found")
 
 
-async def test_a_wrong_method_is_405_with_allow(
-    client: AppClient, admin_headers: dict[str, str]
-) -> None:
+async def test_a_wrong_method_is_405_with_allow(client: AppClient, admin_headers: dict[str, str]) -> None:
     response = await client.delete("/v1/members/x/balance", headers=admin_headers)
 
     assert_problem(response, 405, "method_not_allowed")
@@ -195,9 +178,7 @@ async def test_a_body_that_is_not_json_is_415(
 
 
 @pytest.mark.parametrize("body", [b"{bad", b'{"purchase_id": "p1"', b"", b"\xff\xfe"])
-async def test_malformed_json_is_400(
-    client: AppClient, admin_headers: dict[str, str], body: bytes
-) -> None:
+async def test_malformed_json_is_400(client: AppClient, admin_headers: dict[str, str], body: bytes) -> None:
     response = await client.post(
         "/v1/purchases", content=body, headers=admin_headers | {"content-type": "application/json"}
     )
@@ -427,7 +408,9 @@ async def test_metrics_count_balance_reads_by_where_they_were_served_from(
     before = balance_reads((await client.get("/metrics")).text)
 
     for _ in range(3):  # a miss (PostgreSQL, then cached), then two cache hits
-        assert (await client.get(f"/v1/members/{member_id}/balance", headers=admin_headers)).status_code == 200
+        assert (
+            await client.get(f"/v1/members/{member_id}/balance", headers=admin_headers)
+        ).status_code == 200
 
     after = balance_reads((await client.get("/metrics")).text)
     assert after["database"] - before.get("database", 0) == 1
@@ -469,7 +452,9 @@ async def test_no_index_is_a_prefix_of_another(database_url: str) -> None:
     try:
         redundant = [dict(r) for r in await conn.fetch(_REDUNDANT_INDEXES)]
         # The check finds what it is for: a redundant index made here is reported.
-        await conn.execute("create index check_redundant_idx on purchases (member_uid, created_at, purchase_pk)")
+        await conn.execute(
+            "create index check_redundant_idx on purchases (member_uid, created_at, purchase_pk)"
+        )
         try:
             found = {r["redundant"] for r in await conn.fetch(_REDUNDANT_INDEXES)}
         finally:
