@@ -170,10 +170,13 @@ async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: Bas
     if not principal.allows(required):
         raise errors.Forbidden(f"this API key lacks the scope {required}")
     connection.scope["state"]["principal"] = principal
-    if handler.opt.get("body"):
-        content_type = connection.headers.get("content-type", "")
-        if content_type.split(";", 1)[0].strip().lower() != "application/json":
-            raise errors.UnsupportedMediaType("send the request body as application/json")
+    if handler.opt.get("body") and not is_json(connection.headers.get("content-type")):
+        raise errors.UnsupportedMediaType("send the request body as application/json")
+
+
+def is_json(content_type: str | None) -> bool:
+    """Whether a Content-Type header says JSON (parameters such as charset aside)."""
+    return (content_type or "").split(";", 1)[0].strip().lower() == "application/json"
 
 
 def principal_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Principal:

@@ -25,8 +25,6 @@ Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-_JSON = (b"content-type", b"application/json")
-
 
 def takes_on(scope: dict[str, Any]) -> bool:
     """Whether a direct answer may look at this request at all: not when the framework's router
@@ -60,13 +58,19 @@ async def allowed(services: Services, scope: dict[str, Any], required: str) -> b
     return principal.allows(required)
 
 
-async def send_json(send: Send, status: int, body: bytes, *headers: tuple[bytes, bytes]) -> None:
+async def send_json(
+    send: Send,
+    status: int,
+    body: bytes,
+    *headers: tuple[bytes, bytes],
+    media_type: bytes = b"application/json",
+) -> None:
     # In the framework's order: the response's own headers, then content type and length.
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [*headers, _JSON, (b"content-length", b"%d" % len(body))],
+            "headers": [*headers, (b"content-type", media_type), (b"content-length", b"%d" % len(body))],
         }
     )
     await send({"type": "http.response.body", "body": body})
@@ -92,18 +96,7 @@ async def send_error(scope: dict[str, Any], send: Send, exc: Exception) -> None:
         (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in response.headers.items()
     ]
     body = msgspec.json.encode(response.content)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": response.status_code,
-            "headers": [
-                *extra,
-                (b"content-type", response.media_type.encode()),
-                (b"content-length", b"%d" % len(body)),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    await send_json(send, response.status_code, body, *extra, media_type=response.media_type.encode())
 
 
 class Replay:

@@ -9,6 +9,7 @@ from litestar import Controller, Response, post
 from litestar.params import JSONBody, PathParameter
 
 from konvert import direct
+from konvert.auth import is_json
 from konvert.earning import service
 from konvert.earning.model import EarningResult, PurchaseId, PurchaseIn, PurchaseOut, RefundIn, RefundOut
 from konvert.idempotency import REPLAYED_HEADER, written
@@ -72,8 +73,7 @@ async def serve_purchase_directly(
         return receive
     if not await direct.allowed(services, scope, PurchaseController.opt["scope"]):
         return receive
-    content_type = direct.header(scope, b"content-type") or ""
-    if content_type.split(";", 1)[0].strip().lower() != "application/json":
+    if not is_json(direct.header(scope, b"content-type")):
         return receive
     body, read = await direct.read_body(scope, receive, services.settings.request_max_body_bytes)
     if body is None:
