@@ -117,7 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="a Redis database the harness may flush (default db 14)")  # fmt: skip
     parser.add_argument("--db-pool-max", type=int, help="KONVERT_DB_POOL_MAX for the service (default: konvert's)")
     parser.add_argument("--set", action="append", default=[], metavar="KONVERT_X=VALUE", dest="settings",
-                        help="a konvert setting for the service, e.g. KONVERT_NEAR_CACHE_SECONDS=0 (repeatable)")  # fmt: skip
+                        help="a konvert setting for the service, e.g. KONVERT_WRITE_BATCH_SIZE_MAX=64 (repeatable)")  # fmt: skip
     parser.add_argument("--program-file", help="KONVERT_PROGRAM_FILE for the service (default: the example program)")
     parser.add_argument("--profile", action="store_true",
                         help="py-spy a worker during purchases and the balance reads (needs py-spy; slows them)")  # fmt: skip

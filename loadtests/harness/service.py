@@ -146,7 +146,7 @@ class ServerMetrics:
     # konvert's request-duration histogram: cumulative count per upper bound (seconds), all
     # routes but /metrics.
     latency_buckets: dict[float, float]
-    # Balance reads by where they were served from (memory, redis, database).
+    # Balance reads by where they were served from (redis, database).
     balance_reads: dict[str, float]
 
 
