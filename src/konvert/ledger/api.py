@@ -53,7 +53,9 @@ class BalanceController(Controller):
 
 
 BALANCE_ROUTE = "/v1/members/{member_id}/balance"
-_BALANCE_PATH = re.compile(r"/v1/members/([^/\x00-\x1f\x7f]{1,128})/balance")  # fullmatch
+# The id part is MemberId's bounds (ledger.model: 1-128 characters, NO_CONTROL_CHARACTERS) plus
+# no "/": keep the two together. Matched with fullmatch, never search.
+_BALANCE_PATH = re.compile(r"/v1/members/([^/\x00-\x1f\x7f]{1,128})/balance")
 
 
 async def serve_balance_directly(services: Services, scope: dict[str, Any], send: direct.Send) -> bool:
