@@ -10,6 +10,7 @@ from typing import Any
 
 from litestar import Litestar, Request
 from litestar.di import Provide
+from litestar.exceptions import SerializationException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
@@ -39,6 +40,17 @@ ROUTE_HANDLERS: list[Any] = [
     *reputation_api.ROUTES,
     *preferences_api.ROUTES,
 ]
+
+
+class KonvertRequest(Request[Any, Any, Any]):
+    """A request whose JSON body, nested deeper than the decoder recurses, is the client's
+    malformed body (400), not the server's error: msgspec raises RecursionError for it."""
+
+    async def json(self) -> Any:
+        try:
+            return await super().json()
+        except RecursionError:
+            raise SerializationException("the request body is nested too deeply") from None
 
 
 class KonvertApp(Litestar):
@@ -104,6 +116,7 @@ def create_app(settings: Settings, program: Program | None = None) -> KonvertApp
         dependencies={"services": Provide(_services, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=settings.request_max_body_bytes,
+        request_class=KonvertRequest,
         openapi_config=OpenAPIConfig(
             title="konvert",
             version=__version__,

@@ -834,3 +834,33 @@ async def test_cors_preflight_options_is_answered_without_a_key(client):
         response = await client.options(path)
         assert response.status_code in (200, 204), (path, response.text)
         assert "allow" in response.headers
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v1/purchases"),
+        ("POST", "/v1/purchases/preview"),
+        ("POST", "/v1/kudos"),
+        ("PUT", "/v1/members/{member}/consents"),
+    ],
+)
+async def test_json_nested_deeper_than_the_decoder_goes_is_400(
+    client: AppClient, admin_headers: dict[str, str], new_id: NewId, database_url: str, method: str, path: str
+) -> None:
+    member_id = new_id("deep")
+    body = b"[" * 5000 + b"]" * 5000  # 10 kB, within the size limit
+    response = await client.request(
+        method,
+        path.format(member=member_id),
+        content=body,
+        headers=admin_headers | {"content-type": "application/json"},
+    )
+
+    problem = assert_problem(response, 400, "malformed_request")
+    assert problem["detail"] == "the request body is nested too deeply"
+    conn = await asyncpg.connect(database_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM members WHERE member_id = $1", member_id) == 0
+    finally:
+        await conn.close()

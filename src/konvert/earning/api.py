@@ -82,7 +82,7 @@ async def serve_purchase_directly(
         purchase = msgspec.convert(
             msgspec.json.decode(body or b"null"), PurchaseIn, strict=False, str_keys=True
         )
-    except Exception:  # noqa: BLE001 - the route words it (400, 422; RecursionError for deep nesting)
+    except Exception:  # noqa: BLE001 - the route words it: 400 (malformed, nested too deeply) or 422
         return direct.Replay(read, receive)
     scope["path_template"] = PURCHASES_PATH
     try:
