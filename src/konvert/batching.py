@@ -19,11 +19,14 @@ item, and if it raises anyway its items are written one by one like a failed sha
 
 Items are written in a stable order (``sort_key``) so that concurrent batches, in this process
 or another, take row locks in the same order and cannot deadlock each other.
+
+Reads batch the same way (``BatchedLookups``): concurrent lookups by key share one query.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
@@ -37,6 +40,8 @@ log = logging.getLogger("konvert.batching")
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
+Key = TypeVar("Key", bound=Hashable)
+Value = TypeVar("Value")
 
 WriteOne = Callable[[asyncpg.Connection, Item], Awaitable[Result]]
 # Writes and commits a whole batch itself; returns per item its result or its error.
@@ -159,6 +164,97 @@ class GroupCommit(Generic[Item, Result]):
             await self._after_commit(outcome)
         except Exception:  # the write is committed; a cache hiccup must not turn it into an error
             log.exception("after-commit step failed")
+
+
+class BatchedLookups(Generic[Key, Value]):
+    """Concurrent lookups by key share one query: a PostgreSQL round trip, statement and
+    wake-up for many requests instead of one each.
+
+    Natural batching, as for writes: a key asked for is looked up when the current turn of the
+    event loop ends, together with every other key asked for in that turn; while
+    ``batches_in_flight_max`` lookups are in flight, keys wait and go in the next one together.
+    No timer, so an idle service adds no latency. A lookup starts only after its keys were asked
+    for, so it sees every write committed before the request asked (read your writes); a key
+    asked for again while its lookup is in flight is looked up again.
+
+    ``look_up_many`` returns the values it found by key (a key it did not find gets None). If it
+    fails for several keys, each is looked up alone with ``look_up_one``, side by side, so that
+    every request gets its own outcome.
+    """
+
+    def __init__(
+        self,
+        look_up_many: Callable[[list[Key]], Awaitable[dict[Key, Value]]],
+        look_up_one: Callable[[Key], Awaitable[Value | None]],
+        *,
+        batch_size_max: int,
+        batches_in_flight_max: int,
+    ) -> None:
+        self._look_up_many = look_up_many
+        self._look_up_one = look_up_one
+        self._batch_size_max = batch_size_max
+        self._batches_in_flight_max = batches_in_flight_max
+        self._asked: dict[Key, asyncio.Future[Value | None]] = {}
+        self._starting = False
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self.batches = 0
+        self.keys_looked_up = 0
+
+    async def get(self, key: Key) -> Value | None:
+        future = self._asked.get(key)
+        if future is None:
+            loop = asyncio.get_running_loop()
+            future = self._asked[key] = loop.create_future()
+            if not self._starting:
+                self._starting = True
+                loop.call_soon(self._start)
+        # Shielded: a request that goes away must not cancel the answer others wait for too.
+        return await asyncio.shield(future)
+
+    async def wait_idle(self) -> None:
+        """Until every lookup asked for so far has been answered."""
+        while self._asked or self._in_flight:
+            await asyncio.sleep(0.005)
+
+    def _start(self) -> None:
+        self._starting = False
+        loop = asyncio.get_running_loop()
+        while self._asked and len(self._in_flight) < self._batches_in_flight_max:
+            keys = list(itertools.islice(self._asked, self._batch_size_max))
+            batch = {key: self._asked.pop(key) for key in keys}
+            task = loop.create_task(self._look_up(batch))
+            self._in_flight.add(task)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        if self._asked and not self._starting:
+            self._start()  # the keys that waited for a free slot
+
+    async def _look_up(self, batch: dict[Key, asyncio.Future[Value | None]]) -> None:
+        try:
+            try:
+                found = await self._look_up_many(list(batch))
+            except Exception as exc:
+                if len(batch) == 1:
+                    raise
+                log.warning("batched lookup failed; looking up its keys one by one", extra={"error": repr(exc)})
+                outcomes = await asyncio.gather(*(self._look_up_one(key) for key in batch), return_exceptions=True)
+                for future, outcome in zip(batch.values(), outcomes, strict=True):
+                    if isinstance(outcome, BaseException):
+                        _settle(future, error=outcome)
+                    else:
+                        _settle(future, result=outcome)
+            else:
+                for key, future in batch.items():
+                    _settle(future, result=found.get(key))
+            self.batches += 1
+            self.keys_looked_up += len(batch)
+        except BaseException as exc:  # never leave a request waiting forever
+            for future in batch.values():
+                _settle(future, error=exc)
+            if not isinstance(exc, Exception):
+                raise
 
 
 def _settle(

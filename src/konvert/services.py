@@ -16,7 +16,7 @@ import redis.asyncio as redis
 from litestar.di import NamedDependency
 
 from konvert.auth import KeyVerifier
-from konvert.batching import GroupCommit
+from konvert.batching import BatchedLookups, GroupCommit
 from konvert.cache import BalanceCache, create_redis
 from konvert.db import create_pool
 from konvert.ledger import store
@@ -70,6 +70,8 @@ class Services:
     keys: KeyVerifier
     balances: BalanceCache
     accounts: SystemAccounts
+    # Balance reads that miss the cache, batched: concurrent misses share one query.
+    balance_reads: BatchedLookups[str, asyncpg.Record]
     # The one source of "now" for use cases and jobs, so that tests can move time.
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     # Group commit for purchase postings, started by the app (None: each posting commits alone).
@@ -87,12 +89,29 @@ class Services:
             keys=KeyVerifier(pool, settings.auth_cache_seconds),
             balances=BalanceCache.for_settings(client, settings),
             accounts=SystemAccounts(settings.database_url),
+            balance_reads=_balance_reads(pool, settings, program.points.expiring_lots_shown),
         )
 
     async def close(self) -> None:
+        await self.balance_reads.wait_idle()
         self.balances.close()
         await self.redis.aclose()
         await self.pool.close()
+
+
+def _balance_reads(pool: asyncpg.Pool, settings: Settings, expiring_lots: int) -> BatchedLookups[str, asyncpg.Record]:
+    async def many(member_ids: list[str]) -> dict[str, asyncpg.Record]:
+        return {row["member_id"]: row for row in await store.select_balances(pool, member_ids, expiring_lots)}
+
+    async def one(member_id: str) -> asyncpg.Record | None:
+        return await store.select_balance(pool, member_id, expiring_lots)
+
+    return BatchedLookups(
+        many,
+        one,
+        batch_size_max=settings.read_batch_size_max,
+        batches_in_flight_max=settings.read_batches_in_flight_max,
+    )
 
 
 # How route handlers ask for the Services (injected by name from create_app's dependencies).

@@ -67,6 +67,10 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     # such transactions in flight per process (each holds a pool connection while it writes).
     write_batch_size_max: Annotated[int, Meta(ge=1, le=10_000)] = 256
     write_batches_in_flight_max: Annotated[int, Meta(ge=1, le=64)] = 4
+    # Balance reads that miss the cache, batched the same way: at most this many members per
+    # query, and this many queries in flight per process (each holds a pool connection).
+    read_batch_size_max: Annotated[int, Meta(ge=1, le=1000)] = 100
+    read_batches_in_flight_max: Annotated[int, Meta(ge=1, le=64)] = 4
     # Page sizes are bounded everywhere.
     page_size_max: Annotated[int, Meta(ge=1, le=1000)] = 200
 

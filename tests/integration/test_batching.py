@@ -1,4 +1,5 @@
-"""Group commit against real PostgreSQL: shared commits, isolated failures, durable results."""
+"""Group commit and batched lookups against real PostgreSQL: shared commits and queries, isolated
+failures, durable results, reads that see the writes before them."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import uuid
 import asyncpg
 import pytest
 
-from konvert.batching import GroupCommit
+from konvert.batching import BatchedLookups, GroupCommit
 from konvert.errors import Unprocessable
 
 
@@ -102,6 +103,114 @@ async def test_stop_writes_what_is_queued(table):
     await group.stop()
     assert sorted(await asyncio.gather(*pending)) == list(range(30))
     assert await pool.fetchval(f"select count(*) from {name}") == 30
+
+
+# --- batched lookups ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def values(table):
+    """The scratch table with items 0..99, value = item + 1; a lookup divides by (value - 50), so
+    looking up item 49 is a database error."""
+    pool, name = table
+    await pool.executemany(f"insert into {name} (item, value) values ($1, $2)", [(i, i + 1) for i in range(100)])
+    return pool, name
+
+
+def lookups(pool, name, *, batches_in_flight_max=4, before_answer=None):
+    """Looks items up in the scratch table, recording every batch of keys it was asked for."""
+    sql = f"select item, value, 100 / (value - 50) as ratio from {name} where item = any($1::int[])"
+    asked: list[list[int]] = []
+
+    async def many(keys):
+        asked.append(list(keys))
+        rows = await pool.fetch(sql, keys)
+        if before_answer is not None:
+            await before_answer()
+        return {row["item"]: row["value"] for row in rows}
+
+    async def one(key):
+        asked.append([key])
+        rows = await pool.fetch(sql, [key])
+        return rows[0]["value"] if rows else None
+
+    batched = BatchedLookups(many, one, batch_size_max=30, batches_in_flight_max=batches_in_flight_max)
+    return batched, asked
+
+
+async def test_concurrent_lookups_share_queries_and_each_gets_its_own_value(values):
+    pool, name = values
+    batched, asked = lookups(pool, name, batches_in_flight_max=1)
+    keys = [*range(48), *range(51, 100), 500, 7, 7]  # 500 is not there; 7 is asked for three times
+
+    found = await asyncio.gather(*(batched.get(key) for key in keys))
+
+    assert found == [*(k + 1 for k in range(48)), *(k + 1 for k in range(51, 100)), None, 8, 8]
+    assert sorted(k for batch in asked for k in batch) == sorted({*keys})  # each key once
+    assert max(len(batch) for batch in asked) == 30 and len(asked) == 4  # 96 keys in batches of 30
+
+
+async def test_a_failed_batch_looks_its_keys_up_one_by_one(values):
+    pool, name = values
+    batched, asked = lookups(pool, name)
+
+    found = await asyncio.gather(*(batched.get(key) for key in (10, 49, 60)), return_exceptions=True)
+
+    assert found[0] == 11 and found[2] == 61
+    assert isinstance(found[1], asyncpg.DivisionByZeroError)
+    assert asked[0] == [10, 49, 60] and sorted(asked[1:]) == [[10], [49], [60]]
+    with pytest.raises(asyncpg.DivisionByZeroError):  # alone, its error is its own
+        await batched.get(49)
+
+
+async def test_a_lookup_asked_for_after_a_write_sees_it_even_while_one_is_in_flight(values):
+    pool, name = values
+    release = asyncio.Event()
+    batched, asked = lookups(pool, name, before_answer=release.wait)
+
+    first = asyncio.ensure_future(batched.get(5))
+    while not asked:  # the first lookup has run its query and is waiting to answer
+        await asyncio.sleep(0.001)
+    await asyncio.sleep(0.05)
+    await pool.execute(f"update {name} set value = 1000 where item = 5")
+    second = asyncio.ensure_future(batched.get(5))
+    await asyncio.sleep(0.05)
+    release.set()
+
+    assert (await first, await second) == (6, 1000)
+    assert asked == [[5], [5]]
+
+
+async def test_keys_asked_for_while_the_slots_are_busy_go_together_in_the_next_lookup(values):
+    pool, name = values
+    release = asyncio.Event()
+    batched, asked = lookups(pool, name, batches_in_flight_max=1, before_answer=release.wait)
+
+    first = asyncio.ensure_future(batched.get(0))
+    while not asked:
+        await asyncio.sleep(0.001)
+    later = [asyncio.ensure_future(batched.get(key)) for key in range(1, 21)]
+    await asyncio.sleep(0.05)
+    assert asked == [[0]]  # the one slot is taken: the later keys wait
+    release.set()
+
+    assert [await first, *[await f for f in later]] == list(range(1, 22))
+    assert asked == [[0], list(range(1, 21))]
+
+
+async def test_a_request_that_goes_away_does_not_cancel_the_lookup_others_wait_for(values):
+    pool, name = values
+    release = asyncio.Event()
+    batched, _ = lookups(pool, name, before_answer=release.wait)
+
+    leaving, staying = asyncio.ensure_future(batched.get(3)), asyncio.ensure_future(batched.get(3))
+    await asyncio.sleep(0.05)
+    leaving.cancel()
+    release.set()
+
+    assert await staying == 4
+    assert leaving.cancelled()
+    await batched.wait_idle()
 
 
 # --- purchases written as one pipelined batch --------------------------------------------------

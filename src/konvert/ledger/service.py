@@ -40,7 +40,7 @@ EXPIRING_DATES_MAX = 100
 async def read_balance(services: Services, member_id: str, expiring_within_days: int | None = None) -> Balance:
     """The balance from PostgreSQL (the cache's source, and the path for expiry-window queries)."""
     if expiring_within_days is None:
-        row = await store.select_balance(services.pool, member_id, services.program.points.expiring_lots_shown)
+        row = await services.balance_reads.get(member_id)  # batched with concurrent reads
     else:
         before = services.clock() + timedelta(days=expiring_within_days)
         row = await store.select_balance(services.pool, member_id, EXPIRING_DATES_MAX, before)

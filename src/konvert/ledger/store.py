@@ -227,7 +227,18 @@ async def select_balance(
 ) -> asyncpg.Record | None:
     """The member's stored balances, tier, and the soonest-expiring points grouped by date
     (``expiring_lots`` dates at most, or only those expiring before ``expiring_before``)."""
-    return await conn.fetchrow(
+    rows = await select_balances(conn, [member_id], expiring_lots, expiring_before)
+    return rows[0] if rows else None
+
+
+async def select_balances(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    member_ids: list[str],
+    expiring_lots: int,
+    expiring_before: datetime | None = None,
+) -> list[asyncpg.Record]:
+    """``select_balance`` for several members in one statement (those that exist, in no order)."""
+    return await conn.fetch(
         """
         select m.member_id, m.points_available, m.points_pending, m.points_held, m.points_debt,
                m.points_lifetime_earned, m.reputation, m.version,
@@ -242,9 +253,9 @@ async def select_balance(
                        group by expires_at order by expires_at limit $2
                    ) e
                ), '[]') as expiring
-        from members m where m.member_id = $1
+        from members m where m.member_id = any($1::text[])
         """,
-        member_id,
+        member_ids,
         expiring_lots,
         expiring_before,
     )
