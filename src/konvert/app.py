@@ -47,6 +47,7 @@ class KonvertRequest(Request[Any, Any, Any]):
     malformed body (400), not the server's error: msgspec raises RecursionError for it."""
 
     async def json(self) -> Any:
+        await self.body()  # read (and kept) outside the try: only decoding may recurse too deep
         try:
             return await super().json()
         except RecursionError:

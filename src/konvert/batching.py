@@ -177,9 +177,11 @@ class BatchedLookups(Generic[Key, Value]):
     for, so it sees every write committed before the request asked (read your writes); a key
     asked for again while its lookup is in flight is looked up again.
 
-    ``look_up_many`` returns the values it found by key (a key it did not find gets None). If it
-    fails for several keys, each is looked up alone with ``look_up_one``, side by side, so that
-    every request gets its own outcome.
+    ``look_up_many`` returns the values it found by key (a key it did not find gets None). When
+    it fails, every request in the lookup gets its error (a timeout or a lost connection is the
+    whole lookup's), except for a value PostgreSQL refuses (``asyncpg.DataError``), which one key
+    may have brought: then the keys are looked up alone with ``look_up_one``, one after another
+    in the lookup's slot, so that each request gets its own outcome.
     """
 
     def __init__(
@@ -235,16 +237,18 @@ class BatchedLookups(Generic[Key, Value]):
         try:
             try:
                 found = await self._look_up_many(list(batch))
-            except Exception as exc:
+            except asyncpg.DataError as exc:
                 if len(batch) == 1:
                     raise
-                log.warning("batched lookup failed; looking up its keys one by one", extra={"error": repr(exc)})
-                outcomes = await asyncio.gather(*(self._look_up_one(key) for key in batch), return_exceptions=True)
-                for future, outcome in zip(batch.values(), outcomes, strict=True):
-                    if isinstance(outcome, BaseException):
-                        _settle(future, error=outcome)
-                    else:
-                        _settle(future, result=outcome)
+                log.warning(
+                    "batched lookup refused a value; looking its keys up one by one",
+                    extra={"error": repr(exc)},
+                )
+                for key, future in batch.items():
+                    try:
+                        _settle(future, result=await self._look_up_one(key))
+                    except Exception as alone:  # noqa: BLE001 - this key's own outcome
+                        _settle(future, error=alone)
             else:
                 for key, future in batch.items():
                     _settle(future, result=found.get(key))

@@ -126,6 +126,11 @@ class BalanceCache:
         self._filling.add(task)  # the loop keeps only weak references to tasks
         task.add_done_callback(self._filling.discard)
 
+    async def wait_filled(self) -> None:
+        """Until the fills started so far have landed or been dropped (before closing)."""
+        while self._filling:
+            await asyncio.gather(*self._filling, return_exceptions=True)
+
     async def invalidate(self, member_id: str, version: int) -> None:
         """After a committed write at ``version``: no reader may serve an older balance.
 

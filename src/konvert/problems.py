@@ -61,10 +61,6 @@ CONSTRAINT_ERRORS: dict[str, type[errors.KonvertError]] = {
 }
 
 
-# An error's extras that are response headers: 405's Allow, 429's Retry-After (seconds).
-_HEADERS = {"allow": "allow", "retry_after": "retry-after"}
-
-
 def problem_response(request: Request[Any, Any, Any] | None, exc: errors.KonvertError) -> Response[Problem]:
     problem = Problem(
         type=f"urn:konvert:problem:{exc.code}",
@@ -76,10 +72,8 @@ def problem_response(request: Request[Any, Any, Any] | None, exc: errors.Konvert
         request_id=request_id_var.get(),
         errors=[FieldError(**e) for e in exc.errors] if exc.errors else None,
     )
-    headers = {
-        header: str(exc.extra[name]) for name, header in _HEADERS.items() if exc.extra.get(name) is not None
-    }
-    return Response(problem, status_code=exc.status, media_type=PROBLEM_MEDIA_TYPE, headers=headers or None)
+    headers = {"allow": exc.extra["allow"]} if "allow" in exc.extra else None
+    return Response(problem, status_code=exc.status, media_type=PROBLEM_MEDIA_TYPE, headers=headers)
 
 
 def handle_konvert_error(request: Request[Any, Any, Any], exc: errors.KonvertError) -> Response[Problem]:

@@ -94,6 +94,7 @@ class Services:
 
     async def close(self) -> None:
         await self.balance_reads.wait_idle()
+        await self.balances.wait_filled()
         self.balances.close()
         await self.redis.aclose()
         await self.pool.close()

@@ -147,7 +147,7 @@ async def test_concurrent_lookups_share_queries_and_each_gets_its_own_value(valu
 
     assert found == [*(k + 1 for k in range(48)), *(k + 1 for k in range(51, 100)), None, 8, 8]
     assert sorted(k for batch in asked for k in batch) == sorted({*keys})  # each key once
-    assert max(len(batch) for batch in asked) == 30 and len(asked) == 4  # 96 keys in batches of 30
+    assert [len(batch) for batch in asked] == [30, 30, 30, 8]  # 98 keys, 30 at most per lookup
 
 
 async def test_a_failed_batch_looks_its_keys_up_one_by_one(values):
@@ -163,21 +163,47 @@ async def test_a_failed_batch_looks_its_keys_up_one_by_one(values):
         await batched.get(49)
 
 
+async def test_a_lookup_that_times_out_fails_all_its_requests_without_retrying_them(values):
+    pool, _ = values
+    asked: list[list[int]] = []
+
+    async def many(keys):
+        asked.append(list(keys))
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute("set local statement_timeout = '50ms'")
+            await conn.fetch("select pg_sleep(1)")
+        return {}
+
+    async def one(key):
+        asked.append([key])
+        return key
+
+    batched = BatchedLookups(many, one, batch_size_max=30, batches_in_flight_max=4)
+    found = await asyncio.gather(*(batched.get(key) for key in range(5)), return_exceptions=True)
+
+    assert all(isinstance(f, asyncpg.QueryCanceledError) for f in found)
+    assert asked == [[0, 1, 2, 3, 4]]  # not five more queries against a database that is struggling
+
+
 async def test_a_lookup_asked_for_after_a_write_sees_it_even_while_one_is_in_flight(values):
     pool, name = values
-    release = asyncio.Event()
-    batched, asked = lookups(pool, name, before_answer=release.wait)
+    queried, release = asyncio.Event(), asyncio.Event()
+
+    async def hold_the_first_answer():
+        if not queried.is_set():
+            queried.set()
+            await release.wait()
+
+    batched, asked = lookups(pool, name, before_answer=hold_the_first_answer)
 
     first = asyncio.ensure_future(batched.get(5))
-    while not asked:  # the first lookup has run its query and is waiting to answer
-        await asyncio.sleep(0.001)
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(queried.wait(), 10)  # the first lookup has run its query
     await pool.execute(f"update {name} set value = 1000 where item = 5")
     second = asyncio.ensure_future(batched.get(5))
-    await asyncio.sleep(0.05)
+    assert await asyncio.wait_for(second, 10) == 1000  # a lookup of its own, not the one in flight
     release.set()
 
-    assert (await first, await second) == (6, 1000)
+    assert await asyncio.wait_for(first, 10) == 6
     assert asked == [[5], [5]]
 
 
@@ -194,7 +220,7 @@ async def test_keys_asked_for_while_the_slots_are_busy_go_together_in_the_next_l
     assert asked == [[0]]  # the one slot is taken: the later keys wait
     release.set()
 
-    assert [await first, *[await f for f in later]] == list(range(1, 22))
+    assert await asyncio.wait_for(asyncio.gather(first, *later), 10) == list(range(1, 22))
     assert asked == [[0], list(range(1, 21))]
 
 
@@ -208,9 +234,9 @@ async def test_a_request_that_goes_away_does_not_cancel_the_lookup_others_wait_f
     leaving.cancel()
     release.set()
 
-    assert await staying == 4
+    assert await asyncio.wait_for(staying, 10) == 4
     assert leaving.cancelled()
-    await batched.wait_idle()
+    await asyncio.wait_for(batched.wait_idle(), 10)
 
 
 # --- purchases written as one pipelined batch --------------------------------------------------

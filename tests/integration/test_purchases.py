@@ -132,8 +132,10 @@ async def test_concurrent_balance_reads_that_miss_the_cache_share_queries_and_ge
     for n, member in enumerate(members):
         assert (await post("/v1/purchases", purchase(member, new_id("p"), line("1", 1, 1000 * (n + 1))))).status_code == 201
     expected = {member: await balance(member) for member in members}
+    services = client.app.state.services
+    await services.balances.wait_filled()  # no fill of those reads lands after the delete
     await redis_client.delete(*(balance_key(member) for member in members))
-    lookups = client.app.state.services.balance_reads
+    lookups = services.balance_reads
     batches_before, keys_before = lookups.batches, lookups.keys_looked_up
 
     read = await asyncio.gather(*(balance(member) for member in members))
@@ -141,7 +143,7 @@ async def test_concurrent_balance_reads_that_miss_the_cache_share_queries_and_ge
     assert dict(zip(members, read, strict=True)) == expected
     assert len({b["available"] + b["pending"] for b in read}) == len(members)  # all different
     assert lookups.keys_looked_up - keys_before == len(members)
-    assert lookups.batches - batches_before < len(members)
+    assert lookups.batches - batches_before <= len(members) // 2
 
 
 async def test_replay_returns_the_original_response_and_credits_once(post, balance, transfers_of, new_id):

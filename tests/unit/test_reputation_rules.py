@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 from hypothesis import given
@@ -231,16 +231,3 @@ def test_period_boards_expire_a_while_after_their_period():
 def test_dense_ranks_share_a_rank_for_equal_scores():
     assert dense_ranks([50, 30, 30, 20, 20, 20, 5]) == [1, 2, 2, 3, 3, 3, 4]
     assert dense_ranks([]) == []
-
-
-@pytest.mark.parametrize(
-    ("now", "expected"),
-    [
-        (datetime(2026, 11, 30, 0, 0, tzinfo=UTC), 86_400),
-        (datetime(2026, 11, 30, 23, 59, 59, 500_000, tzinfo=UTC), 1),  # rounded up, never 0
-        (datetime(2026, 11, 29, 22, 0, tzinfo=timezone(timedelta(hours=-5))), 3_600 * 21),  # 03:00 UTC
-        (datetime(2026, 12, 1, 0, 0, tzinfo=UTC), None),  # the day is over: waiting cannot help
-    ],
-)
-def test_seconds_until_a_utc_day_ends(now: datetime, expected: int | None) -> None:
-    assert rules.seconds_until_day_ends(date(2026, 11, 30), now) == expected

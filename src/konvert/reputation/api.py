@@ -57,8 +57,7 @@ class KudosController(Controller):
         the same body again returns the original response (`Idempotent-Replayed: true`),
         another body is 409 `idempotency_conflict`, and a second standing kudos from the same
         giver for the same post and kind is 409 `duplicate_kudos`. Liking one's own post is
-        422 `self_kudos`; more kudos than the giver's daily limit is 429 `giver_limit_reached`
-        with `Retry-After` (seconds until that UTC day is over).
+        422 `self_kudos`; more kudos than the giver's daily limit is 429 `giver_limit_reached`.
         """
         return written(await service.give_kudos(services, data))
 

@@ -14,7 +14,6 @@ replays and retractions arrived.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 
@@ -154,15 +153,6 @@ def rank_for(ranks: Sequence[Rank], reputation: int) -> RankStanding:
 
 def utc_day(moment: datetime) -> date:
     return moment.astimezone(UTC).date()
-
-
-def seconds_until_day_ends(day: date, now: datetime) -> int | None:
-    """Whole seconds from ``now`` until the UTC ``day`` is over (rounded up, at least 1); None
-    when it is over already, so waiting cannot help (a kudos dated an earlier day)."""
-    left = datetime.combine(day + timedelta(days=1), datetime.min.time(), UTC) - now
-    if left <= timedelta(0):
-        return None
-    return math.ceil(left.total_seconds())
 
 
 def week_key(day: date) -> str:

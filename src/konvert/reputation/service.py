@@ -372,8 +372,7 @@ async def _give(
     if given >= program.giver_daily_limit:
         raise errors.GiverLimitReached(
             f"{kudos.giver_id!r} gave {given} kudos on {day}, "
-            f"the most allowed per day ({program.giver_daily_limit})",
-            retry_after=rules.seconds_until_day_ends(day, now),
+            f"the most allowed per day ({program.giver_daily_limit})"
         )
     giver_counts = True
     if program.giver_min_reputation or program.giver_min_account_age_days:
