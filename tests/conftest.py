@@ -33,6 +33,7 @@ import uvicorn
 
 from konvert import auth, db
 from konvert.app import KonvertApp, create_app
+from konvert.httpserver import HttpProtocol
 from konvert.program import Program, parse_program
 from konvert.services import Services
 from konvert.settings import Settings, load_settings
@@ -263,7 +264,12 @@ async def serve(app: KonvertApp) -> AsyncIterator[AppClient]:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     config = uvicorn.Config(
-        app, lifespan="on", log_config=None, access_log=False, timeout_graceful_shutdown=5
+        app,
+        http=HttpProtocol,  # konvert serve's protocol
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=5,
     )
     server = uvicorn.Server(config)
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  # pytest owns the signals

@@ -109,7 +109,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         "app": "konvert.app:app_from_environment",
         "factory": True,
         "loop": "uvloop" if sys.platform != "win32" else "asyncio",
-        "http": "httptools",
+        "http": "konvert.httpserver:HttpProtocol",
         "lifespan": "on",
         "access_log": False,
         "log_config": None,

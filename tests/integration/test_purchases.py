@@ -126,7 +126,7 @@ async def test_purchase_from_the_future_is_refused(post, new_id):
 
 
 async def test_concurrent_balance_reads_that_miss_the_cache_share_queries_and_get_their_own_balance(
-    client, post, balance, redis_client, new_id
+    client, post, balance, redis_client, admin_headers, new_id
 ):
     members = [new_id("m") for _ in range(24)]
     for n, member in enumerate(members):
@@ -136,10 +136,22 @@ async def test_concurrent_balance_reads_that_miss_the_cache_share_queries_and_ge
     await services.balances.wait_filled()  # no fill of those reads lands after the delete
     await redis_client.delete(*(balance_key(member) for member in members))
     lookups = services.balance_reads
+    # Concurrent for certain: a connection each, opened first, every request written in one
+    # turn of the loop (a pooled HTTP client may have to reconnect some and send them late).
+    connections = [await asyncio.open_connection(client.base_url.host, client.base_url.port) for _ in members]
     batches_before, keys_before = lookups.batches, lookups.keys_looked_up
 
-    read = await asyncio.gather(*(balance(member) for member in members))
+    for (_, writer), member in zip(connections, members, strict=True):
+        writer.write(
+            f"GET /v1/members/{member}/balance HTTP/1.1\r\nhost: test\r\n"
+            f"authorization: {admin_headers['Authorization']}\r\nconnection: close\r\n\r\n".encode()
+        )
+    responses = await asyncio.gather(*(reader.read() for reader, _ in connections))
+    for _, writer in connections:
+        writer.close()
 
+    assert all(response.startswith(b"HTTP/1.1 200 ") for response in responses)
+    read = [msgspec.json.decode(response.split(b"\r\n\r\n", 1)[1]) for response in responses]
     assert dict(zip(members, read, strict=True)) == expected
     assert len({b["available"] + b["pending"] for b in read}) == len(members)  # all different
     assert lookups.keys_looked_up - keys_before == len(members)
