@@ -20,7 +20,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 class _WritesTogether:
     """The connection's transport, its writes of one turn of the loop joined into one."""
 
-    __slots__ = ("_transport", "_pending", "_loop")
+    __slots__ = ("_loop", "_pending", "_transport")
 
     def __init__(self, transport: asyncio.Transport) -> None:
         self._transport = transport

@@ -24,11 +24,21 @@ SETTLED = (NOW - timedelta(days=30)).isoformat()
 RECENT = (NOW - timedelta(minutes=1)).isoformat()
 
 
-def line(line_id: str, quantity: int, unit_price: int, category: str = "toys", sku: str = "SKU") -> dict[str, Any]:
-    return {"line_id": line_id, "sku": sku, "category": category, "quantity": quantity, "unit_price": unit_price}
+def line(
+    line_id: str, quantity: int, unit_price: int, category: str = "toys", sku: str = "SKU"
+) -> dict[str, Any]:
+    return {
+        "line_id": line_id,
+        "sku": sku,
+        "category": category,
+        "quantity": quantity,
+        "unit_price": unit_price,
+    }
 
 
-def purchase(member_id: str, purchase_id: str, *lines: dict[str, Any], occurred_at: str = SETTLED, **extra: Any) -> dict[str, Any]:
+def purchase(
+    member_id: str, purchase_id: str, *lines: dict[str, Any], occurred_at: str = SETTLED, **extra: Any
+) -> dict[str, Any]:
     return {
         "purchase_id": purchase_id,
         "member_id": member_id,
@@ -38,10 +48,6 @@ def purchase(member_id: str, purchase_id: str, *lines: dict[str, Any], occurred_
         "lines": list(lines) or [line("1", 1, 10000)],
         **extra,
     }
-
-
-
-
 
 
 @pytest.fixture
@@ -67,7 +73,13 @@ async def transfers_of(database_url):
 
 async def test_purchase_earns_points_per_line_with_the_rules_applied(post, balance, new_id):
     member = new_id("m")
-    body = purchase(member, new_id("p"), line("a", 2, 1299, "books"), line("b", 1, 10000), line("c", 1, 5000, "gift-cards"))
+    body = purchase(
+        member,
+        new_id("p"),
+        line("a", 2, 1299, "books"),
+        line("b", 1, 10000),
+        line("c", 1, 5000, "gift-cards"),
+    )
 
     response = await post("/v1/purchases", body)
 
@@ -106,7 +118,9 @@ async def test_preview_computes_the_same_points_and_writes_nothing(client, admin
     assert posted.json()["lines"] == preview.json()["lines"]
 
 
-async def test_unknown_partner_and_currency_are_refused_and_write_nothing(client, admin_headers, post, new_id):
+async def test_unknown_partner_and_currency_are_refused_and_write_nothing(
+    client, admin_headers, post, new_id
+):
     member = new_id("m")
     unknown_partner = await post("/v1/purchases", purchase(member, new_id("p"), partner="nowhere"))
     unknown_currency = await post("/v1/purchases", purchase(member, new_id("p"), currency="JPY"))
@@ -130,7 +144,9 @@ async def test_concurrent_balance_reads_that_miss_the_cache_share_queries_and_ge
 ):
     members = [new_id("m") for _ in range(24)]
     for n, member in enumerate(members):
-        assert (await post("/v1/purchases", purchase(member, new_id("p"), line("1", 1, 1000 * (n + 1))))).status_code == 201
+        assert (
+            await post("/v1/purchases", purchase(member, new_id("p"), line("1", 1, 1000 * (n + 1))))
+        ).status_code == 201
     expected = {member: await balance(member) for member in members}
     services = client.app.state.services
     await services.balances.wait_filled()  # no fill of those reads lands after the delete
@@ -208,7 +224,9 @@ async def test_fifty_concurrent_duplicates_apply_once(post, balance, transfers_o
 
 async def test_concurrent_first_purchases_of_one_member_create_it_once(post, balance, new_id):
     member = new_id("m")
-    responses = await asyncio.gather(*(post("/v1/purchases", purchase(member, new_id("p"))) for _ in range(20)))
+    responses = await asyncio.gather(
+        *(post("/v1/purchases", purchase(member, new_id("p"))) for _ in range(20))
+    )
     assert {r.status_code for r in responses} == {201}
     assert (await balance(member))["available"] == 2000
 
@@ -216,7 +234,9 @@ async def test_concurrent_first_purchases_of_one_member_create_it_once(post, bal
 # --- vesting -------------------------------------------------------------------------------
 
 
-async def test_points_are_pending_in_the_return_window_then_vest(client, admin_headers, post, balance, services, new_id):
+async def test_points_are_pending_in_the_return_window_then_vest(
+    client, admin_headers, post, balance, services, new_id
+):
     member = new_id("m")
     response = await post("/v1/purchases", purchase(member, new_id("p"), occurred_at=RECENT))
     assert response.json()["status"] == "pending"
@@ -231,7 +251,11 @@ async def test_points_are_pending_in_the_return_window_then_vest(client, admin_h
     assert (after["available"], after["pending"], after["lifetime_earned"]) == (100, 0, 100)
     activity = (await client.get(f"/v1/members/{member}/activity", headers=admin_headers)).json()["items"]
     assert activity[0]["code"] == "vest"
-    assert (activity[0]["bucket"], activity[0]["from_bucket"], activity[0]["delta"]) == ("available", "pending", 0)
+    assert (activity[0]["bucket"], activity[0]["from_bucket"], activity[0]["delta"]) == (
+        "available",
+        "pending",
+        0,
+    )
 
 
 async def test_vesting_twice_at_once_moves_points_once(post, balance, services, new_id):
@@ -251,7 +275,10 @@ async def test_partial_refunds_by_line_claw_back_exactly_what_was_earned(post, b
     await post("/v1/purchases", purchase(member, purchase_id, line("a", 3, 1000, "books"), line("b", 1, 550)))
     assert (await balance(member))["available"] == 65  # 30 EUR books x2 = 60, 5.50 EUR -> 5
 
-    first = await post(f"/v1/purchases/{purchase_id}/refunds", {"refund_id": "r1", "lines": [{"line_id": "a", "quantity": 1}]})
+    first = await post(
+        f"/v1/purchases/{purchase_id}/refunds",
+        {"refund_id": "r1", "lines": [{"line_id": "a", "quantity": 1}]},
+    )
     assert first.status_code == 201, first.text
     assert (first.json()["points"], first.json()["amount"]) == (20, 1000)
     assert (await balance(member))["available"] == 45
@@ -265,7 +292,10 @@ async def test_partial_refunds_by_line_claw_back_exactly_what_was_earned(post, b
     final = await balance(member)
     assert (final["available"], final["lifetime_earned"]) == (0, 0)
 
-    too_much = await post(f"/v1/purchases/{purchase_id}/refunds", {"refund_id": "r3", "lines": [{"line_id": "b", "quantity": 1}]})
+    too_much = await post(
+        f"/v1/purchases/{purchase_id}/refunds",
+        {"refund_id": "r3", "lines": [{"line_id": "b", "quantity": 1}]},
+    )
     assert (too_much.status_code, too_much.json()["code"]) == (422, "refund_exceeds_purchase")
 
 
@@ -281,7 +311,9 @@ async def test_refund_by_amount_is_proportional_and_sums_to_the_purchase(post, b
     assert (await balance(member))["available"] == 0
 
 
-async def test_refund_beyond_the_purchase_is_refused_and_changes_nothing(client, admin_headers, post, balance, new_id):
+async def test_refund_beyond_the_purchase_is_refused_and_changes_nothing(
+    client, admin_headers, post, balance, new_id
+):
     member = new_id("m")
     purchase_id = new_id("p")
     await post("/v1/purchases", purchase(member, purchase_id, line("a", 1, 10000), shipping=500))
@@ -321,7 +353,10 @@ async def test_concurrent_refunds_never_exceed_the_purchase(post, balance, new_i
     await post("/v1/purchases", purchase(member, purchase_id, line("a", 1, 10000)))
 
     responses = await asyncio.gather(
-        *(post(f"/v1/purchases/{purchase_id}/refunds", {"refund_id": f"r{i}", "amount": 3000}) for i in range(10))
+        *(
+            post(f"/v1/purchases/{purchase_id}/refunds", {"refund_id": f"r{i}", "amount": 3000})
+            for i in range(10)
+        )
     )
 
     accepted = [r for r in responses if r.status_code == 201]
@@ -336,8 +371,13 @@ async def test_refund_errors(post, new_id):
     await post("/v1/purchases", purchase(member, purchase_id))
 
     unknown_purchase = await post(f"/v1/purchases/{new_id('nope')}/refunds", {"refund_id": "r", "amount": 1})
-    unknown_line = await post(f"/v1/purchases/{purchase_id}/refunds", {"refund_id": "r", "lines": [{"line_id": "x", "quantity": 1}]})
-    both = await post(f"/v1/purchases/{purchase_id}/refunds", {"refund_id": "r", "amount": 1, "lines": [{"line_id": "1", "quantity": 1}]})
+    unknown_line = await post(
+        f"/v1/purchases/{purchase_id}/refunds", {"refund_id": "r", "lines": [{"line_id": "x", "quantity": 1}]}
+    )
+    both = await post(
+        f"/v1/purchases/{purchase_id}/refunds",
+        {"refund_id": "r", "amount": 1, "lines": [{"line_id": "1", "quantity": 1}]},
+    )
     zero = await post(f"/v1/purchases/{purchase_id}/refunds", {"refund_id": "r", "amount": 0})
 
     assert (unknown_purchase.status_code, unknown_purchase.json()["code"]) == (404, "purchase_not_found")
@@ -359,11 +399,15 @@ async def test_refund_takes_pending_points_first(post, balance, new_id):
     assert (after["available"], after["pending"]) == (100, 60)
 
 
-async def test_refund_of_spent_points_may_go_negative_and_is_repaid_by_later_points(post, balance, services, new_id):
+async def test_refund_of_spent_points_may_go_negative_and_is_repaid_by_later_points(
+    post, balance, services, new_id
+):
     member = new_id("m")
     purchase_id = new_id("p")
     await post("/v1/purchases", purchase(member, purchase_id))
-    await spend_points(services, member, 80, code="redeem", cause_type="test", cause_ref=new_id("spend"), reason="test")
+    await spend_points(
+        services, member, 80, code="redeem", cause_type="test", cause_ref=new_id("spend"), reason="test"
+    )
 
     refund = await post(f"/v1/purchases/{purchase_id}/refunds", {"refund_id": "r1", "amount": 10000})
 
@@ -377,7 +421,8 @@ async def test_refund_of_spent_points_stops_at_zero_when_negative_balances_are_o
     client, admin_headers, services: Services, new_id
 ):
     strict = msgspec.structs.replace(
-        services.program, points=msgspec.structs.replace(services.program.points, allow_negative_balance=False)
+        services.program,
+        points=msgspec.structs.replace(services.program.points, allow_negative_balance=False),
     )
     strict_services = Services(**{**services.__dict__, "program": strict})
     member = new_id("m")
@@ -385,10 +430,16 @@ async def test_refund_of_spent_points_stops_at_zero_when_negative_balances_are_o
     from konvert.earning import service as earning
     from konvert.earning.model import PurchaseIn, RefundIn
 
-    await earning.post_purchase(strict_services, msgspec.convert(purchase(member, purchase_id), PurchaseIn, strict=False))
-    await spend_points(strict_services, member, 80, code="redeem", cause_type="test", cause_ref=new_id("s"), reason="t")
+    await earning.post_purchase(
+        strict_services, msgspec.convert(purchase(member, purchase_id), PurchaseIn, strict=False)
+    )
+    await spend_points(
+        strict_services, member, 80, code="redeem", cause_type="test", cause_ref=new_id("s"), reason="t"
+    )
 
-    outcome = await earning.refund_purchase(strict_services, purchase_id, RefundIn(refund_id="r1", amount=10000))
+    outcome = await earning.refund_purchase(
+        strict_services, purchase_id, RefundIn(refund_id="r1", amount=10000)
+    )
 
     result = msgspec.json.decode(outcome.body)
     assert (result["points"], result["shortfall"]) == (20, 80)
@@ -456,7 +507,9 @@ async def test_activity_pages_newest_first(client, admin_headers, post, new_id):
     seen, cursor = [], None
     while True:
         params = {"limit": 2} | ({"cursor": cursor} if cursor else {})
-        page = (await client.get(f"/v1/members/{member}/activity", params=params, headers=admin_headers)).json()
+        page = (
+            await client.get(f"/v1/members/{member}/activity", params=params, headers=admin_headers)
+        ).json()
         seen.extend(item["amount"] for item in page["items"])
         cursor = page["next_cursor"]
         if cursor is None:
@@ -467,8 +520,12 @@ async def test_activity_pages_newest_first(client, admin_headers, post, new_id):
 async def test_activity_rejects_bad_cursors_and_page_sizes(client, admin_headers, post, new_id):
     member = new_id("m")
     await post("/v1/purchases", purchase(member, new_id("p")))
-    bad_cursor = await client.get(f"/v1/members/{member}/activity", params={"cursor": "zzz"}, headers=admin_headers)
-    too_big = await client.get(f"/v1/members/{member}/activity", params={"limit": 10_000}, headers=admin_headers)
+    bad_cursor = await client.get(
+        f"/v1/members/{member}/activity", params={"cursor": "zzz"}, headers=admin_headers
+    )
+    too_big = await client.get(
+        f"/v1/members/{member}/activity", params={"limit": 10_000}, headers=admin_headers
+    )
     assert (bad_cursor.status_code, bad_cursor.json()["errors"][0]["field"]) == (422, "cursor")
     assert too_big.status_code in (400, 422)
     assert too_big.json()["code"] == "validation_failed"
@@ -478,7 +535,9 @@ async def test_refund_activity_links_back_to_the_earn(client, admin_headers, pos
     member = new_id("m")
     purchase_id = new_id("p")
     earned = (await post("/v1/purchases", purchase(member, purchase_id))).json()
-    await post(f"/v1/purchases/{purchase_id}/refunds", {"refund_id": "r1", "amount": 1000, "reason": "damaged"})
+    await post(
+        f"/v1/purchases/{purchase_id}/refunds", {"refund_id": "r1", "amount": 1000, "reason": "damaged"}
+    )
 
     items = (await client.get(f"/v1/members/{member}/activity", headers=admin_headers)).json()["items"]
 
@@ -500,7 +559,9 @@ async def test_the_service_vests_points_by_itself(database_url, redis_url, progr
     member = new_id("m")
     settings = make_settings(database_url, redis_url, jobs_interval_seconds=0.2)
     async with AsyncTestClient(create_app(settings, program)) as client:
-        await client.post("/v1/purchases", json=purchase(member, new_id("p"), occurred_at=RECENT), headers=headers)
+        await client.post(
+            "/v1/purchases", json=purchase(member, new_id("p"), occurred_at=RECENT), headers=headers
+        )
         services = client.app.state.services
         real_clock = services.clock
         services.clock = lambda: real_clock() + timedelta(days=15)
@@ -535,7 +596,12 @@ async def test_jobs_run_command_vests_due_points(post, balance, database_url, re
     env |= {"KONVERT_DATABASE_URL": database_url, "KONVERT_REDIS_URL": redis_url}
 
     result = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "konvert", "jobs", "run"], env=env, capture_output=True, text=True, timeout=60
+        subprocess.run,
+        [sys.executable, "-m", "konvert", "jobs", "run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
     assert result.returncode == 0, result.stderr

@@ -45,7 +45,9 @@ async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
     elif path == "/stream":  # the second chunk only after the client has read the first
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]}
+        )
         await send({"type": "http.response.body", "body": b"first", "more_body": True})
         await asyncio.wait_for(SECOND_CHUNK.wait(), 5)
         await send({"type": "http.response.body", "body": b"second"})
