@@ -38,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from harness import checks, load, profile, report, seed  # noqa: E402
+from konvert.observability import TALLY_FLUSH_SECONDS  # noqa: E402
 from harness.service import (  # noqa: E402
     Sampler,
     Server,
@@ -72,6 +73,9 @@ HTTP_SCRIPTS = {
 }
 WRITE_SCENARIOS = ("purchases", "redemptions", "mixed")
 PROFILED_SCENARIOS = ("purchases", "balance_uniform", "balance_hot")
+# Each worker adds its counts to /metrics every TALLY_FLUSH_SECONDS: wait that long, and a
+# little more, before reading them.
+METRICS_LAG_S = TALLY_FLUSH_SECONDS + 0.5
 
 # Redemption contention: these members get a balance large enough for every redemption of a run.
 CONTENTION_BALANCE_POINTS = 10_000_000
@@ -371,6 +375,7 @@ class Run:
         if warmup and self.args.warmup > 0:
             self._wrk(scenario, members, self.args.warmup, f"w{secrets.token_hex(3)}", delay_ms)
         tag = f"t{secrets.token_hex(4)}"
+        time.sleep(METRICS_LAG_S)  # the warm-up's requests reach /metrics before "before" is taken
         quiet = self.wait_quiet()
         marks = asyncio.run(self._marks()) if scenario in WRITE_SCENARIOS else None
         hits_before = _redis_stats(self.args.redis_url)
@@ -388,6 +393,7 @@ class Run:
         result = run.as_dict()
         # The same requests as konvert timed them (request in to response out, in the worker):
         # what the client sees beyond that is queueing in the kernel and the scheduler.
+        time.sleep(METRICS_LAG_S)
         metrics_after = self.server.metrics()
         result["server_latency"] = server_latency(metrics_before, metrics_after)
         if sources := balance_read_sources(metrics_before, metrics_after):

@@ -20,7 +20,7 @@ from konvert.auth import authorize
 from konvert.earning.api import PURCHASES_PATH, PurchaseController, serve_purchase_directly
 from konvert.earning.service import purchase_batcher
 from konvert.ledger.api import BalanceController, serve_balance_directly
-from konvert.observability import RequestObserver
+from konvert.observability import RequestObserver, flush_tally_periodically
 from konvert.preferences import api as preferences_api
 from konvert.problems import EXCEPTION_HANDLERS
 from konvert.program import Program, load_program
@@ -100,13 +100,15 @@ def create_app(settings: Settings, program: Program | None = None) -> KonvertApp
         runner = (
             asyncio.create_task(jobs.run_forever(services)) if settings.jobs_interval_seconds > 0 else None
         )
+        tally = asyncio.create_task(flush_tally_periodically())
         try:
             yield
         finally:
-            if runner is not None:
-                runner.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await runner
+            for task in (runner, tally):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             await services.purchases.stop()
             await services.close()
 

@@ -19,7 +19,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from konvert.fastredis import SUPPORTED_SCHEMES, MultiplexedRedis, RedisUnavailable
-from konvert.observability import BALANCE_READS_REDIS
+from konvert.observability import TALLY
 from konvert.settings import Settings
 
 log = logging.getLogger("konvert.cache")
@@ -112,7 +112,7 @@ class BalanceCache:
             self._failed("get", exc)
             return None
         if body is not None:
-            BALANCE_READS_REDIS.inc()
+            TALLY.balance_read("redis")
         return body
 
     async def put(self, member_id: str, version: int, body: bytes) -> None:

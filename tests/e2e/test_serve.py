@@ -24,6 +24,8 @@ from typing import Any
 import httpx
 import pytest
 
+from konvert.observability import TALLY_FLUSH_SECONDS
+
 MakeKey = Callable[..., Awaitable[str]]
 
 READY_TIMEOUT_SECONDS = 60.0
@@ -157,12 +159,16 @@ async def test_serve_with_configured_servers_and_two_workers(
     with konvert_serve(tmp_path, env, "--workers", "2") as server:
         server.wait_ready(READY_TIMEOUT_SECONDS)
 
-        metrics = httpx.get(f"{server.base_url}/metrics", timeout=10)
-        assert metrics.status_code == 200
-        assert "konvert_http_requests_total" in metrics.text
         posted = post_purchase(server, key, member_id)
         assert posted.status_code == 201, posted.text
         assert get_balance(server, key, member_id).json()["available"] == 20
+        # Whichever worker answers /metrics shows the posting within the tally's flush interval.
+        deadline = time.monotonic() + 10 * TALLY_FLUSH_SECONDS
+        counted = 'konvert_http_requests_total{method="POST",route="/v1/purchases",status="201"} 1.0'
+        while counted not in (metrics := httpx.get(f"{server.base_url}/metrics", timeout=10)).text:
+            assert metrics.status_code == 200
+            assert time.monotonic() < deadline, metrics.text
+            time.sleep(0.1)
 
         server.stop()
         assert "Traceback" not in server.stderr()

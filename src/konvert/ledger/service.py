@@ -12,7 +12,7 @@ import msgspec
 from konvert import errors, tiers
 from konvert.ledger import store
 from konvert.ledger.model import ActivityItem, ActivityPage, Balance, Cause, ExpiringPoints, TierStatus
-from konvert.observability import BALANCE_READS_DATABASE
+from konvert.observability import TALLY
 from konvert.pagination import decode_cursor, encode_cursor
 from konvert.services import Services
 
@@ -27,7 +27,7 @@ async def balance_body(services: Services, member_id: str) -> bytes:
     if cached is not None:
         return cached
     balance = await read_balance(services, member_id)
-    BALANCE_READS_DATABASE.inc()
+    TALLY.balance_read("database")
     body = _encode(balance)
     services.balances.put_soon(member_id, balance.version, body)
     return body
