@@ -25,12 +25,11 @@ REQUEST_ID_HEADER = b"x-request-id"
 _CLIENT_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{8,128}$")
 
 REQUESTS = Counter("konvert_http_requests_total", "HTTP requests served", ["method", "route", "status"])
-REQUEST_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 REQUEST_SECONDS = Histogram(
     "konvert_http_request_duration_seconds",
     "Time to serve an HTTP request",
     ["method", "route"],
-    buckets=REQUEST_SECONDS_BUCKETS,
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
 
 # Purchase batches (konvert.earning.service.write_purchase_batch): postings settled by the
@@ -58,7 +57,9 @@ class Tally:
     the process id and writes to a memory-mapped file for every increment: about 6 µs for the
     counter, the histogram and the balance-read counter of one request, a sixth of the CPU of a
     no-op request. Here a request costs two dict updates. The price: with several workers, what
-    the other workers counted shows on ``/metrics`` up to ``TALLY_FLUSH_SECONDS`` late.
+    the other workers counted shows on ``/metrics`` up to ``TALLY_FLUSH_SECONDS`` late, and a
+    worker killed without a graceful shutdown (SIGKILL, out of memory) takes its last second
+    of counts with it.
     """
 
     __slots__ = (
@@ -75,13 +76,12 @@ class Tally:
         self,
         requests: Counter = REQUESTS,
         seconds: Histogram = REQUEST_SECONDS,
-        buckets: tuple[float, ...] = REQUEST_SECONDS_BUCKETS,
         reads: Counter = BALANCE_READS,
     ) -> None:
         self._requests_metric = requests
         self._seconds_metric = seconds
         self._reads_metric = reads
-        self._bounds = (*buckets, float("inf"))
+        self._bounds = tuple(seconds._upper_bounds)  # the histogram's own, +Inf last
         self._requests: dict[tuple[str, str, int], int] = {}
         # (method, route) -> the count in each bucket (``le`` its bound, not cumulative), then the sum.
         self._durations: dict[tuple[str, str], list[float]] = {}
@@ -121,14 +121,23 @@ class Tally:
 TALLY = Tally()
 
 
-async def flush_tally_periodically() -> None:
-    """Until cancelled; a worker's counts reach the metrics at most TALLY_FLUSH_SECONDS late."""
+async def flush_tally_periodically(tally: Tally = TALLY, seconds: float = TALLY_FLUSH_SECONDS) -> None:
+    """Until cancelled, then once more: a worker's counts reach the metrics at most ``seconds``
+    late. A flush that fails (a metrics file that cannot grow, say) loses its counts, is logged,
+    and the next one goes on."""
     try:
         while True:
-            await asyncio.sleep(TALLY_FLUSH_SECONDS)
-            TALLY.flush()
+            await asyncio.sleep(seconds)
+            _flush_logged(tally)
     finally:
-        TALLY.flush()
+        _flush_logged(tally)
+
+
+def _flush_logged(tally: Tally) -> None:
+    try:
+        tally.flush()
+    except Exception:
+        logging.getLogger("konvert.metrics").exception("metrics flush failed; its counts are lost")
 
 
 access_log = logging.getLogger("konvert.access")

@@ -24,11 +24,13 @@ from litestar import Litestar
 from litestar.handlers import HTTPRouteHandler
 from litestar.routes import HTTPRoute
 from litestar.testing import AsyncTestClient
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from konvert import auth, db
 from konvert.app import create_app
 from konvert.errors import ConfigurationError
+from konvert.observability import TALLY_FLUSH_SECONDS
 from konvert.program import Program
 from konvert.settings import Settings
 from tests.conftest import AppClient, make_settings, purchase_body
@@ -415,6 +417,22 @@ async def test_metrics_count_balance_reads_by_where_they_were_served_from(
     after = balance_reads((await client.get("/metrics")).text)
     assert after["database"] - before.get("database", 0) == 1
     assert after["redis"] - before.get("redis", 0) == 2
+
+
+async def test_the_running_service_adds_its_counts_to_the_metrics_without_a_scrape(
+    client: AppClient, new_id: NewId
+) -> None:
+    # With several workers, /metrics flushes only the worker that answers it: the others rely on
+    # the flush every TALLY_FLUSH_SECONDS that the app's lifespan runs. Read the metric itself.
+    path = f"/{new_id('tallied')}"
+    labels = {"method": "GET", "route": "unmatched", "status": "404"}
+    before = REGISTRY.get_sample_value("konvert_http_requests_total", labels) or 0
+    await client.get(path)
+    await client.get(path)
+
+    await asyncio.sleep(TALLY_FLUSH_SECONDS * 2.5)
+
+    assert REGISTRY.get_sample_value("konvert_http_requests_total", labels) == before + 2
 
 
 async def test_metrics_label_unknown_urls_as_unmatched(client: AppClient, new_id: NewId) -> None:

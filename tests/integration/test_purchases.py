@@ -157,14 +157,17 @@ async def test_concurrent_balance_reads_that_miss_the_cache_share_queries_and_ge
     connections = [await asyncio.open_connection(client.base_url.host, client.base_url.port) for _ in members]
     batches_before, keys_before = lookups.batches, lookups.keys_looked_up
 
-    for (_, writer), member in zip(connections, members, strict=True):
-        writer.write(
-            f"GET /v1/members/{member}/balance HTTP/1.1\r\nhost: test\r\n"
-            f"authorization: {admin_headers['Authorization']}\r\nconnection: close\r\n\r\n".encode()
-        )
-    responses = await asyncio.gather(*(reader.read() for reader, _ in connections))
-    for _, writer in connections:
-        writer.close()
+    try:
+        for (_, writer), member in zip(connections, members, strict=True):
+            writer.write(
+                f"GET /v1/members/{member}/balance HTTP/1.1\r\nhost: test\r\n"
+                f"authorization: {admin_headers['Authorization']}\r\nconnection: close\r\n\r\n".encode()
+            )
+        responses = await asyncio.wait_for(asyncio.gather(*(reader.read() for reader, _ in connections)), 30)
+    finally:
+        for _, writer in connections:
+            writer.close()
+        await asyncio.gather(*(writer.wait_closed() for _, writer in connections), return_exceptions=True)
 
     assert all(response.startswith(b"HTTP/1.1 200 ") for response in responses)
     read = [msgspec.json.decode(response.split(b"\r\n\r\n", 1)[1]) for response in responses]

@@ -3,7 +3,9 @@ if each had been observed, in one process and across worker processes (multiproc
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from konvert.observability import Tally
+from konvert.observability import Tally, flush_tally_periodically
 
 BUCKETS = (0.001, 0.01, 0.1)
 # (method, route, status, seconds) of the requests counted, and the balance reads.
@@ -38,7 +40,6 @@ def tally_for(registry: CollectorRegistry) -> Tally:
     return Tally(
         Counter("t_requests_total", "requests", ["method", "route", "status"], registry=registry),
         Histogram("t_request_seconds", "seconds", ["method", "route"], buckets=BUCKETS, registry=registry),
-        BUCKETS,
         Counter("t_reads_total", "reads", ["source"], registry=registry),
     )
 
@@ -118,3 +119,41 @@ def test_worker_processes_tallies_add_up_in_multiprocess_mode(tmp_path: Path) ->
 
     twice = {key: 2 * value for key, value in expected_from_observing_each().items()}
     assert json.dumps(sorted(samples(merged).items())) == json.dumps(sorted(twice.items()))
+
+
+async def test_the_periodic_flush_adds_counts_while_running_and_once_more_when_cancelled() -> None:
+    registry = CollectorRegistry()
+    tally = tally_for(registry)
+    flusher = asyncio.create_task(flush_tally_periodically(tally, seconds=0.05))
+    tally.request(*REQUESTS[0])
+    await asyncio.sleep(0.3)
+    while_running = samples(generate_latest(registry).decode())
+    tally.request(*REQUESTS[1])  # counted after the last flush: the final one adds it
+
+    flusher.cancel()
+    await asyncio.gather(flusher, return_exceptions=True)
+
+    balance = (("method", "GET"), ("route", "/v1/members/{member_id}/balance"), ("status", "200"))
+    assert while_running[("t_requests_total", balance)] == 1
+    assert samples(generate_latest(registry).decode())[("t_requests_total", balance)] == 2
+
+
+async def test_a_failing_flush_is_logged_and_the_next_one_still_runs(caplog) -> None:
+    registry = CollectorRegistry()
+    tally = Tally(  # a counter with other labels than the tally's requests: labels() refuses
+        Counter("t_bad_total", "bad", ["only_one"], registry=registry),
+        Histogram("t_request_seconds", "seconds", ["method", "route"], buckets=BUCKETS, registry=registry),
+        Counter("t_reads_total", "reads", ["source"], registry=registry),
+    )
+    flusher = asyncio.create_task(flush_tally_periodically(tally, seconds=0.05))
+    tally.request(*REQUESTS[0])
+    with caplog.at_level(logging.ERROR, logger="konvert.metrics"):
+        await asyncio.sleep(0.2)
+        tally.balance_read("redis")
+        await asyncio.sleep(0.2)
+
+    assert not flusher.done()  # still flushing
+    flusher.cancel()
+    await asyncio.gather(flusher, return_exceptions=True)
+    assert any("metrics flush failed" in record.getMessage() for record in caplog.records)
+    assert samples(generate_latest(registry).decode())[("t_reads_total", (("source", "redis"),))] == 1
