@@ -20,6 +20,11 @@ item, and if it raises anyway its items are written one by one like a failed sha
 Items are written in a stable order (``sort_key``) so that concurrent batches, in this process
 or another, take row locks in the same order and cannot deadlock each other.
 
+A batch starts as soon as one is asked for while none is in flight. While one is, the queue
+grows into the next batch until the one in flight finishes, or until it has been in flight for
+``overlap_after_seconds`` (then another starts beside it, up to ``batches_in_flight_max``): a
+larger batch costs less per item, and a batch waiting on a lock does not hold everything up.
+
 Reads batch the same way (``BatchedLookups``): concurrent lookups by key share one query.
 """
 
@@ -59,6 +64,7 @@ class GroupCommit(Generic[Item, Result]):
         *,
         batch_size_max: int,
         batches_in_flight_max: int,
+        overlap_after_seconds: float = 0.0,
         write_batch: WriteBatch[Item, Result] | None = None,
     ) -> None:
         self._pool = pool
@@ -68,6 +74,8 @@ class GroupCommit(Generic[Item, Result]):
         self._sort_key = sort_key
         self._batch_size_max = batch_size_max
         self._slots = asyncio.Semaphore(batches_in_flight_max)
+        self._overlap_after_seconds = overlap_after_seconds
+        self._last_started = 0.0  # loop time at which the latest batch started
         self._queue: list[tuple[Item, asyncio.Future[Result]]] = []
         self._pending = asyncio.Event()
         self._flushes: set[asyncio.Task[None]] = set()
@@ -103,11 +111,21 @@ class GroupCommit(Generic[Item, Result]):
             self._pending.clear()
             while self._queue:
                 await self._slots.acquire()
+                await self._let_the_batch_grow()
+                self._last_started = asyncio.get_running_loop().time()
                 batch = self._queue[: self._batch_size_max]
                 del self._queue[: len(batch)]
                 task = asyncio.create_task(self._flush(batch))
                 self._flushes.add(task)
                 task.add_done_callback(self._flushes.discard)
+
+    async def _let_the_batch_grow(self) -> None:
+        """Until no batch is in flight, or the latest has been for ``overlap_after_seconds``."""
+        while self._flushes:
+            wait = self._last_started + self._overlap_after_seconds - asyncio.get_running_loop().time()
+            if wait <= 0:
+                return
+            await asyncio.wait(set(self._flushes), timeout=wait, return_when=asyncio.FIRST_COMPLETED)
 
     async def _flush(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
         try:

@@ -67,6 +67,8 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     # such transactions in flight per process (each holds a pool connection while it writes).
     write_batch_size_max: Annotated[int, Meta(ge=1, le=10_000)] = 256
     write_batches_in_flight_max: Annotated[int, Meta(ge=1, le=64)] = 4
+    # A batch starts beside one in flight only once that one has been in flight this long.
+    write_batch_overlap_after_seconds: Annotated[float, Meta(ge=0, le=10)] = 0.005
     # Balance reads that miss the cache, batched the same way: at most this many members per
     # query, and this many queries in flight per process (each holds a pool connection).
     read_batch_size_max: Annotated[int, Meta(ge=1, le=1000)] = 100

@@ -105,6 +105,71 @@ async def test_stop_writes_what_is_queued(table):
     assert await pool.fetchval(f"select count(*) from {name}") == 30
 
 
+def held_batches(pool, *, overlap_after_seconds):
+    """A group commit whose first batch is held until ``release`` is set; records each batch."""
+    release = asyncio.Event()
+    batches: list[list[int]] = []
+
+    async def write_batch(items):
+        batches.append(list(items))
+        if len(batches) == 1:
+            await asyncio.wait_for(release.wait(), 10)
+        return list(items)
+
+    async def nothing(_):
+        return None
+
+    group = GroupCommit(
+        pool,
+        nothing,
+        nothing,
+        sort_key=lambda item: item,
+        batch_size_max=50,
+        batches_in_flight_max=4,
+        overlap_after_seconds=overlap_after_seconds,
+        write_batch=write_batch,
+    )
+    return group, batches, release
+
+
+async def test_postings_that_arrive_while_a_batch_is_in_flight_wait_and_go_together(table):
+    pool, _ = table
+    group, batches, release = held_batches(pool, overlap_after_seconds=10)
+    group.start()
+    try:
+        first = asyncio.ensure_future(group.submit(0))
+        await asyncio.sleep(0.05)
+        later = [asyncio.ensure_future(group.submit(i)) for i in range(1, 11)]
+        await asyncio.sleep(0.2)
+        assert batches == [[0]]  # four slots, but no second batch beside a young one
+        release.set()
+        assert await asyncio.gather(first, *later) == list(range(11))
+    finally:
+        release.set()
+        await group.stop()
+
+    assert batches == [[0], list(range(1, 11))]
+
+
+async def test_a_batch_in_flight_longer_than_the_overlap_time_gets_one_beside_it(table):
+    pool, _ = table
+    group, batches, release = held_batches(pool, overlap_after_seconds=0.05)
+    group.start()
+    try:
+        first = asyncio.ensure_future(group.submit(0))
+        await asyncio.sleep(0.01)
+        later = [asyncio.ensure_future(group.submit(i)) for i in range(1, 6)]
+        assert await asyncio.wait_for(asyncio.gather(*later), 2) == list(range(1, 6))  # first still held
+        assert not first.done()
+        release.set()
+        assert await first == 0
+    finally:
+        release.set()
+        await group.stop()
+
+    assert batches == [[0], list(range(1, 6))]
+
+
 # --- batched lookups ---------------------------------------------------------------------------
 
 
@@ -113,7 +178,9 @@ async def values(table):
     """The scratch table with items 0..99, value = item + 1; a lookup divides by (value - 50), so
     looking up item 49 is a database error."""
     pool, name = table
-    await pool.executemany(f"insert into {name} (item, value) values ($1, $2)", [(i, i + 1) for i in range(100)])
+    await pool.executemany(
+        f"insert into {name} (item, value) values ($1, $2)", [(i, i + 1) for i in range(100)]
+    )
     return pool, name
 
 

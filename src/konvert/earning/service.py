@@ -98,6 +98,7 @@ def purchase_batcher(services: Services) -> GroupCommit[Posting, Posted]:
         sort_key=lambda p: (p.purchase.member_id, p.purchase.partner, p.purchase.purchase_id),
         batch_size_max=settings.write_batch_size_max,
         batches_in_flight_max=settings.write_batches_in_flight_max,
+        overlap_after_seconds=settings.write_batch_overlap_after_seconds,
     )
 
 
