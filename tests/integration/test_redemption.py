@@ -7,13 +7,15 @@ from datetime import timedelta
 from typing import Any
 
 import asyncpg
+import msgspec
 import pytest
 from litestar.testing import AsyncTestClient
 
 from konvert.app import create_app
 from konvert.ledger.audit import run_audit
 from konvert.program import parse_program
-from konvert.redemption.service import expire_due_lots, reevaluate_tiers, release_timed_out_holds
+from konvert.redemption.model import RedemptionIn
+from konvert.redemption.service import expire_due_lots, redeem, reevaluate_tiers, release_timed_out_holds
 from konvert.services import Services
 from tests.conftest import TEST_PROGRAM, make_settings
 from tests.integration.test_purchases import NOW, line, purchase
@@ -45,15 +47,15 @@ def api(client, admin_headers, services):
             return response.json()
 
         async def earn(self, member_id: str, purchase_id: str, euros: int) -> dict[str, Any]:
-            response = await self.post("/v1/purchases", purchase(member_id, purchase_id, line("1", 1, euros * 100)))
+            response = await self.post(
+                "/v1/purchases", purchase(member_id, purchase_id, line("1", 1, euros * 100))
+            )
             assert response.status_code == 201, response.text
             return response.json()
 
     api = Api()
     api.services = services
     return api
-
-
 
 
 # --- rewards -------------------------------------------------------------------------------
@@ -64,7 +66,10 @@ async def test_rewards_catalog_lists_only_what_can_be_redeemed_now(api, new_id):
     await api.put(f"/v1/rewards/{live}", {"name": "Mug", "cost_points": 100, "stock": 3})
     await api.put(f"/v1/rewards/{inactive}", {"name": "Old", "cost_points": 100, "active": False})
     await api.put(f"/v1/rewards/{sold_out}", {"name": "Gone", "cost_points": 100, "stock": 0})
-    await api.put(f"/v1/rewards/{later}", {"name": "Soon", "cost_points": 100, "available_from": (NOW + timedelta(days=3)).isoformat()})
+    await api.put(
+        f"/v1/rewards/{later}",
+        {"name": "Soon", "cost_points": 100, "available_from": (NOW + timedelta(days=3)).isoformat()},
+    )
 
     listed = {r["reward_id"] for r in (await api.get("/v1/rewards")).json()["items"]}
 
@@ -83,10 +88,14 @@ async def test_put_reward_validates_and_replaces(api, new_id):
 
 
 async def test_program_file_rewards_are_seeded(redis_url, database_url):
-    program = parse_program(TEST_PROGRAM + '\n[[rewards]]\nreward_id = "seeded-coffee"\nname = "Coffee"\ncost_points = 150\n')
+    program = parse_program(
+        TEST_PROGRAM + '\n[[rewards]]\nreward_id = "seeded-coffee"\nname = "Coffee"\ncost_points = 150\n'
+    )
     async with AsyncTestClient(create_app(make_settings(database_url, redis_url), program)) as client:
         key = await _admin_key(database_url)
-        rewards = (await client.get("/v1/rewards", headers={"Authorization": f"Bearer {key}"})).json()["items"]
+        rewards = (await client.get("/v1/rewards", headers={"Authorization": f"Bearer {key}"})).json()[
+            "items"
+        ]
     assert "seeded-coffee" in {r["reward_id"] for r in rewards}
 
 
@@ -108,7 +117,9 @@ async def test_redeeming_a_reward_spends_its_cost_and_takes_stock(api, new_id):
     await api.earn(member, new_id("p"), 500)
     await api.put(f"/v1/rewards/{reward}", {"name": "Mug", "cost_points": 120, "stock": 2})
 
-    response = await api.post(f"/v1/members/{member}/redemptions", {"redemption_id": new_id("x"), "reward_id": reward})
+    response = await api.post(
+        f"/v1/members/{member}/redemptions", {"redemption_id": new_id("x"), "reward_id": reward}
+    )
 
     assert response.status_code == 201, response.text
     assert (response.json()["points"], response.json()["status"]) == (120, "captured")
@@ -116,7 +127,11 @@ async def test_redeeming_a_reward_spends_its_cost_and_takes_stock(api, new_id):
     listed = {r["reward_id"]: r for r in (await api.get("/v1/rewards")).json()["items"]}
     assert listed[reward]["stock"] == 1
     activity = (await api.get(f"/v1/members/{member}/activity")).json()["items"]
-    assert (activity[0]["code"], activity[0]["delta"], activity[0]["reason"]) == ("redeem", -120, f"reward {reward}")
+    assert (activity[0]["code"], activity[0]["delta"], activity[0]["reason"]) == (
+        "redeem",
+        -120,
+        f"reward {reward}",
+    )
 
 
 async def test_redemption_replay_and_conflict(api, new_id):
@@ -154,7 +169,9 @@ async def test_bad_redemptions_are_refused_and_change_nothing(api, new_id, body,
 
 
 async def test_redeeming_for_an_unknown_member_is_404(api, new_id):
-    response = await api.post(f"/v1/members/{new_id('ghost')}/redemptions", {"redemption_id": new_id("x"), "points": 1})
+    response = await api.post(
+        f"/v1/members/{new_id('ghost')}/redemptions", {"redemption_id": new_id("x"), "points": 1}
+    )
     assert (response.status_code, response.json()["code"]) == (404, "member_not_found")
 
 
@@ -163,12 +180,48 @@ async def test_hundred_concurrent_redemptions_never_overdraw(api, new_id):
     await api.earn(member, new_id("p"), 1000)
 
     responses = await asyncio.gather(
-        *(api.post(f"/v1/members/{member}/redemptions", {"redemption_id": new_id("x"), "points": 100}) for _ in range(100))
+        *(
+            api.post(f"/v1/members/{member}/redemptions", {"redemption_id": new_id("x"), "points": 100})
+            for _ in range(100)
+        )
     )
 
     assert sum(r.status_code == 201 for r in responses) == 10
     assert {r.json()["code"] for r in responses if r.status_code != 201} == {"insufficient_points"}
     assert (await api.balance(member))["available"] == 0
+
+
+async def test_concurrent_duplicates_of_one_redemption_spend_once_and_replay(api, database_url, new_id):
+    member = new_id("m")
+    await api.earn(member, new_id("p"), 1000)
+    redemption = RedemptionIn(redemption_id=new_id("x"), points=100, note="twenty tries")
+
+    # Straight to the use case, all at once: twenty transactions queue on the member's lock.
+    outcomes = await asyncio.gather(*(redeem(api.services, member, redemption) for _ in range(20)))
+
+    assert len({outcome.body for outcome in outcomes}) == 1  # the replays return the original response
+    assert sum(outcome.replayed for outcome in outcomes) == 19
+    assert (await api.balance(member))["available"] == 900
+    conn = await asyncpg.connect(database_url)
+    try:
+        transfer_id = msgspec.json.decode(outcomes[0].body)["transfer_id"]
+        transfer = await conn.fetchrow(
+            "select code, amount, cause_ref, reason from transfers where transfer_id = $1", transfer_id
+        )
+        taken = await conn.fetchval("select sum(amount) from lot_entries where transfer_id = $1", transfer_id)
+        spends = await conn.fetchval(
+            "select count(*) from transfers where cause_type = 'redemption' and cause_ref = $1",
+            redemption.redemption_id,
+        )
+    finally:
+        await conn.close()
+    assert dict(transfer) == {
+        "code": "redeem",
+        "amount": 100,
+        "cause_ref": redemption.redemption_id,
+        "reason": "points payment: twenty tries",
+    }
+    assert (taken, spends) == (100, 1)
 
 
 async def test_concurrent_redemptions_never_take_stock_below_zero(api, new_id):
@@ -177,7 +230,10 @@ async def test_concurrent_redemptions_never_take_stock_below_zero(api, new_id):
     await api.put(f"/v1/rewards/{reward}", {"name": "Rare", "cost_points": 10, "stock": 5})
 
     responses = await asyncio.gather(
-        *(api.post(f"/v1/members/{member}/redemptions", {"redemption_id": new_id("x"), "reward_id": reward}) for _ in range(20))
+        *(
+            api.post(f"/v1/members/{member}/redemptions", {"redemption_id": new_id("x"), "reward_id": reward})
+            for _ in range(20)
+        )
     )
 
     assert sum(r.status_code == 201 for r in responses) == 5
@@ -192,7 +248,9 @@ async def test_hold_reserves_points_until_captured(api, new_id):
     member, redemption_id = new_id("m"), new_id("x")
     await api.earn(member, new_id("p"), 500)
 
-    held = await api.post(f"/v1/members/{member}/redemptions", {"redemption_id": redemption_id, "points": 200, "hold": True})
+    held = await api.post(
+        f"/v1/members/{member}/redemptions", {"redemption_id": redemption_id, "points": 200, "hold": True}
+    )
 
     assert held.json()["status"] == "held"
     assert ((b := await api.balance(member))["available"], b["held"]) == (300, 200)
@@ -212,7 +270,9 @@ async def test_released_hold_returns_the_same_lots(api, services, new_id):
     before = await api.balance(member)
     redemption_id = new_id("x")
 
-    await api.post(f"/v1/members/{member}/redemptions", {"redemption_id": redemption_id, "points": 150, "hold": True})
+    await api.post(
+        f"/v1/members/{member}/redemptions", {"redemption_id": redemption_id, "points": 150, "hold": True}
+    )
     during = await api.balance(member)
     released = await api.post(f"/v1/redemptions/{redemption_id}/release")
 
@@ -229,7 +289,9 @@ async def test_hold_times_out_and_is_released_by_the_job_even_after_a_restart(
 ):  # noqa: PLR0913
     member, redemption_id = new_id("m"), new_id("x")
     await api.earn(member, new_id("p"), 500)
-    await api.post(f"/v1/members/{member}/redemptions", {"redemption_id": redemption_id, "points": 300, "hold": True})
+    await api.post(
+        f"/v1/members/{member}/redemptions", {"redemption_id": redemption_id, "points": 300, "hold": True}
+    )
 
     # A "restart": new services on the same database, and Redis forgets everything.
     await redis_client.flushdb()
@@ -252,7 +314,9 @@ async def test_hold_times_out_and_is_released_by_the_job_even_after_a_restart(
 async def test_capture_after_timeout_is_refused_even_before_the_job_runs(api, clock, new_id):
     member, redemption_id = new_id("m"), new_id("x")
     await api.earn(member, new_id("p"), 500)
-    await api.post(f"/v1/members/{member}/redemptions", {"redemption_id": redemption_id, "points": 300, "hold": True})
+    await api.post(
+        f"/v1/members/{member}/redemptions", {"redemption_id": redemption_id, "points": 300, "hold": True}
+    )
     clock.advance(seconds=901)
 
     capture = await api.post(f"/v1/redemptions/{redemption_id}/capture")
@@ -266,7 +330,9 @@ async def test_captures_racing_timeouts_settle_each_hold_exactly_once(api, clock
     await api.earn(member, new_id("p"), 1000)
     ids = [new_id("x") for _ in range(10)]
     for redemption_id in ids:
-        await api.post(f"/v1/members/{member}/redemptions", {"redemption_id": redemption_id, "points": 100, "hold": True})
+        await api.post(
+            f"/v1/members/{member}/redemptions", {"redemption_id": redemption_id, "points": 100, "hold": True}
+        )
     services = api.services
     at_timeout = services.clock() + timedelta(seconds=900)
 
@@ -276,7 +342,10 @@ async def test_captures_racing_timeouts_settle_each_hold_exactly_once(api, clock
         release_timed_out_holds(services, now=at_timeout),
     )
 
-    statuses = {r["redemption_id"]: r["status"] for r in (await api.get(f"/v1/members/{member}/redemptions")).json()["items"]}
+    statuses = {
+        r["redemption_id"]: r["status"]
+        for r in (await api.get(f"/v1/members/{member}/redemptions")).json()["items"]
+    }
     captured = sum(s == "captured" for s in statuses.values())
     expired = sum(s == "expired" for s in statuses.values())
     assert captured + expired == 10
@@ -289,7 +358,13 @@ async def test_concurrent_holds_never_overdraw(api, new_id):
     member = new_id("m")
     await api.earn(member, new_id("p"), 1000)
     responses = await asyncio.gather(
-        *(api.post(f"/v1/members/{member}/redemptions", {"redemption_id": new_id("x"), "points": 300, "hold": True}) for _ in range(10))
+        *(
+            api.post(
+                f"/v1/members/{member}/redemptions",
+                {"redemption_id": new_id("x"), "points": 300, "hold": True},
+            )
+            for _ in range(10)
+        )
     )
     assert sum(r.status_code == 201 for r in responses) == 3
     assert ((b := await api.balance(member))["available"], b["held"]) == (100, 900)
@@ -337,7 +412,9 @@ async def test_points_expire_lot_by_lot_soonest_first_and_spending_takes_them_fi
     assert (balance["available"], balance["expiring"]) == (0, [])
 
     items = (await api.get(f"/v1/members/{member}/activity")).json()["items"]
-    expiries = [(i["amount"], i["reason"].startswith("points expired on")) for i in items if i["code"] == "expire"]
+    expiries = [
+        (i["amount"], i["reason"].startswith("points expired on")) for i in items if i["code"] == "expire"
+    ]
     assert expiries == [(50, True), (70, True)]
 
 
@@ -348,7 +425,9 @@ async def test_balance_lists_points_expiring_within_a_window(api, clock, new_id)
     await api.earn(member, new_id("p"), 40)
 
     soon = (await api.get(f"/v1/members/{member}/balance", expiring_within_days=170)).json()["expiring"]
-    all_of_them = (await api.get(f"/v1/members/{member}/balance", expiring_within_days=400)).json()["expiring"]
+    all_of_them = (await api.get(f"/v1/members/{member}/balance", expiring_within_days=400)).json()[
+        "expiring"
+    ]
 
     assert [e["points"] for e in soon] == [100]
     assert [e["points"] for e in all_of_them] == [100, 40]
@@ -369,7 +448,9 @@ async def test_expiry_is_safe_to_run_twice_at_once(api, new_id):
 
 # --- tiers ---------------------------------------------------------------------------------
 
-TIER_PROGRAM = TEST_PROGRAM + """
+TIER_PROGRAM = (
+    TEST_PROGRAM
+    + """
 [tiers]
 window_days = 365
 downgrade_grace_days = {grace}
@@ -383,6 +464,7 @@ name = "Silver"
 min_points = 100
 multiplier = 2
 """
+)
 
 
 @pytest.fixture(params=[0, 30], ids=["no-grace", "grace-30-days"])
@@ -391,7 +473,12 @@ async def tier_api(request, database_url, redis_url, make_key):
     headers = {"Authorization": f"Bearer {await make_key('admin')}"}
     settings = make_settings(database_url, redis_url)
     async with AsyncTestClient(create_app(settings, program)) as client:
-        client.grace_days, client.admin, client.settings, client.program = request.param, headers, settings, program
+        client.grace_days, client.admin, client.settings, client.program = (
+            request.param,
+            headers,
+            settings,
+            program,
+        )
         yield client
 
 
@@ -402,23 +489,33 @@ async def _reevaluate_all(services: Services) -> None:
 
 async def test_tiers_rise_with_earning_and_multiply_later_purchases(tier_api, new_id):
     member = new_id("m")
-    first = await tier_api.post("/v1/purchases", json=purchase(member, new_id("p"), line("1", 1, 10000)), headers=tier_api.admin)
+    first = await tier_api.post(
+        "/v1/purchases", json=purchase(member, new_id("p"), line("1", 1, 10000)), headers=tier_api.admin
+    )
     assert first.json()["points"] == 100  # earned as Bronze
 
     balance = (await tier_api.get(f"/v1/members/{member}/balance", headers=tier_api.admin)).json()
     assert balance["tier"]["name"] == "Silver"
     assert (balance["tier"]["next_tier"], balance["tier"]["points_to_next_tier"]) == (None, None)
 
-    second = await tier_api.post("/v1/purchases", json=purchase(member, new_id("p"), line("1", 1, 1000)), headers=tier_api.admin)
+    second = await tier_api.post(
+        "/v1/purchases", json=purchase(member, new_id("p"), line("1", 1, 1000)), headers=tier_api.admin
+    )
     assert second.json()["points"] == 20
     assert {"kind": "tier", "ref": "Silver", "factor": "2"} in second.json()["lines"][0]["rules"]
 
 
 async def test_refund_of_the_qualifying_purchase_lowers_the_tier_after_the_grace_period(tier_api, new_id):
     member, purchase_id = new_id("m"), new_id("p")
-    await tier_api.post("/v1/purchases", json=purchase(member, purchase_id, line("1", 1, 10000)), headers=tier_api.admin)
+    await tier_api.post(
+        "/v1/purchases", json=purchase(member, purchase_id, line("1", 1, 10000)), headers=tier_api.admin
+    )
 
-    await tier_api.post(f"/v1/purchases/{purchase_id}/refunds", json={"refund_id": "r1", "amount": 5000}, headers=tier_api.admin)
+    await tier_api.post(
+        f"/v1/purchases/{purchase_id}/refunds",
+        json={"refund_id": "r1", "amount": 5000},
+        headers=tier_api.admin,
+    )
 
     tier = (await tier_api.get(f"/v1/members/{member}/balance", headers=tier_api.admin)).json()["tier"]
     assert tier["qualifying_points"] == 50
@@ -431,7 +528,9 @@ async def test_refund_of_the_qualifying_purchase_lowers_the_tier_after_the_grace
         real_clock = services.clock
         services.clock = lambda: real_clock() + timedelta(days=29)
         await _reevaluate_all(services)
-        assert (await tier_api.get(f"/v1/members/{member}/balance", headers=tier_api.admin)).json()["tier"]["name"] == "Silver"
+        assert (await tier_api.get(f"/v1/members/{member}/balance", headers=tier_api.admin)).json()["tier"][
+            "name"
+        ] == "Silver"
         services.clock = lambda: real_clock() + timedelta(days=60)
         await _reevaluate_all(services)
     finally:
@@ -443,12 +542,19 @@ async def test_refund_of_the_qualifying_purchase_lowers_the_tier_after_the_grace
 # --- adjustments ---------------------------------------------------------------------------
 
 
-async def test_adjustments_credit_and_debit_with_a_reason_and_the_key_recorded(client, make_key, database_url, new_id):
+async def test_adjustments_credit_and_debit_with_a_reason_and_the_key_recorded(
+    client, make_key, database_url, new_id
+):
     member = new_id("m")
     headers = {"Authorization": f"Bearer {await make_key('admin', name='support-desk')}"}
     credit = await client.post(
         f"/v1/members/{member}/adjustments",
-        json={"adjustment_id": new_id("a"), "points": 250, "reason_code": "goodwill", "note": "late delivery"},
+        json={
+            "adjustment_id": new_id("a"),
+            "points": 250,
+            "reason_code": "goodwill",
+            "note": "late delivery",
+        },
         headers=headers,
     )
     debit = await client.post(
@@ -474,7 +580,10 @@ async def test_adjustments_credit_and_debit_with_a_reason_and_the_key_recorded(c
         )
     finally:
         await conn.close()
-    assert {(r["key_name"], r["reason_code"]) for r in recorded} == {("support-desk", "goodwill"), ("support-desk", "correction")}
+    assert {(r["key_name"], r["reason_code"]) for r in recorded} == {
+        ("support-desk", "goodwill"),
+        ("support-desk", "correction"),
+    }
 
 
 @pytest.mark.parametrize(
@@ -506,7 +615,9 @@ async def test_adjustments_need_the_admin_scope(client, make_key, new_id):
 # --- the whole ledger ----------------------------------------------------------------------
 
 
-async def test_audit_passes_after_redemptions_holds_expiry_and_adjustments(fresh_database_url, redis_url, program):
+async def test_audit_passes_after_redemptions_holds_expiry_and_adjustments(
+    fresh_database_url, redis_url, program
+):
     settings = make_settings(fresh_database_url, redis_url)
     key = await _admin_key(fresh_database_url)
     headers = {"Authorization": f"Bearer {key}"}
@@ -516,7 +627,9 @@ async def test_audit_passes_after_redemptions_holds_expiry_and_adjustments(fresh
         async def post(path, body=None):
             return await client.post(path, json=body, headers=headers)
 
-        await client.put("/v1/rewards/mug", json={"name": "Mug", "cost_points": 30, "stock": 10}, headers=headers)
+        await client.put(
+            "/v1/rewards/mug", json={"name": "Mug", "cost_points": 30, "stock": 10}, headers=headers
+        )
         for member in ("ann", "bob"):
             await post("/v1/purchases", purchase(member, f"{member}-1", line("1", 1, 10000)))
             await post("/v1/purchases", purchase(member, f"{member}-2", line("1", 1, 5000)))
@@ -526,9 +639,13 @@ async def test_audit_passes_after_redemptions_holds_expiry_and_adjustments(fresh
         await post("/v1/redemptions/a2/capture")
         await post("/v1/redemptions/a1/cancel")
         await post("/v1/members/bob/redemptions", {"redemption_id": "b1", "points": 120, "hold": True})
-        await post("/v1/members/bob/adjustments", {"adjustment_id": "adj1", "points": 25, "reason_code": "goodwill"})
+        await post(
+            "/v1/members/bob/adjustments", {"adjustment_id": "adj1", "points": 25, "reason_code": "goodwill"}
+        )
         await post("/v1/purchases/bob-1/refunds", {"refund_id": "r1", "amount": 10000})
-        await release_timed_out_holds(services, now=services.clock() + timedelta(seconds=1000))  # bob's and ann's a3
+        await release_timed_out_holds(
+            services, now=services.clock() + timedelta(seconds=1000)
+        )  # bob's and ann's a3
         await expire_due_lots(services, now=services.clock() + timedelta(days=400))
         conn = await asyncpg.connect(fresh_database_url)
         try:

@@ -47,12 +47,16 @@ def _reward_out(row: asyncpg.Record) -> RewardOut:
 
 
 async def available_rewards(services: Services) -> RewardList:
-    rows = await store.select_available_rewards(services.pool, services.clock(), services.settings.page_size_max)
+    rows = await store.select_available_rewards(
+        services.pool, services.clock(), services.settings.page_size_max
+    )
     return RewardList([_reward_out(r) for r in rows])
 
 
 async def put_reward(services: Services, reward_id: str, reward: RewardIn) -> RewardOut:
-    row = await store.upsert_reward(services.pool, Reward(reward_id=reward_id, **msgspec.structs.asdict(reward)))
+    row = await store.upsert_reward(
+        services.pool, Reward(reward_id=reward_id, **msgspec.structs.asdict(reward))
+    )
     return _reward_out(row)
 
 
@@ -78,11 +82,15 @@ async def redeem(services: Services, member_id: str, redemption: RedemptionIn) -
     """Spend points on a reward or an amount, at once or as a hold. Never overdraws."""
     now = services.clock()
     digest = request_hash(member_id, redemption)
+    # Six round trips (eight for a reward): BEGIN, lock, replay, [reward, stock], lots, write,
+    # COMMIT; twelve before 2026-11-30. Concurrent spends of one member queue on its lock, so the
+    # fewer round trips while it is held, the more spends per second one member can make.
     async with services.pool.acquire() as conn, conn.transaction():
-        member_uid = await ledger.select_member_uid(conn, member_id)
-        if member_uid is None:
+        member = await store.lock_member_for_spending(conn, member_id)
+        if member is None:
             raise errors.MemberNotFound(f"no member {member_id!r}")
-        member = await ledger.lock_member(conn, member_uid)
+        # After the lock, in a statement of its own: a concurrent duplicate that committed while
+        # this one waited for the lock is seen here (the lock's statement saw the older snapshot).
         existing = await store.select_redemption_replay(conn, redemption.redemption_id)
         if existing is not None:
             return replay(existing, digest)
@@ -100,22 +108,8 @@ async def redeem(services: Services, member_id: str, redemption: RedemptionIn) -
         assert points is not None
         takes = await takes_for_spending(conn, member, points)
 
-        accounts = await ledger.select_member_account_ids(conn, member_uid)
         held = redemption.hold
-        transfer_id = await ledger.insert_transfer(
-            conn,
-            member_uid=member_uid,
-            asset="points",
-            debit_account_id=accounts["available"],
-            credit_account_id=accounts["held"] if held else await services.accounts.id(conn, "points", "redeemed"),
-            amount=points,
-            code="hold" if held else "redeem",
-            cause_type="redemption",
-            cause_ref=redemption.redemption_id,
-            reason=_reason(redemption),
-        )
-        await ledger.take_from_lots(conn, member_uid, takes, transfer_id, "hold" if held else "redeem")
-        version = await ledger.update_member_points(conn, member_uid, available=-points, held=points if held else 0)
+        transfer_id = member["transfer_id"]
         hold_expires_at = now + timedelta(seconds=services.program.points.hold_ttl_seconds) if held else None
         response = _encode(
             RedemptionOut(
@@ -131,16 +125,22 @@ async def redeem(services: Services, member_id: str, redemption: RedemptionIn) -
                 updated_at=now,
             )
         )
-        await store.insert_redemption(
+        version = await store.write_redemption(
             conn,
-            redemption_id=redemption.redemption_id,
-            member_uid=member_uid,
-            reward_id=redemption.reward_id,
+            transfer_id=transfer_id,
+            member_uid=member["member_uid"],
+            debit_account_id=member["available_account_id"],
+            credit_account_id=(
+                member["held_account_id"] if held else await services.accounts.id(conn, "points", "redeemed")
+            ),
             points=points,
-            status="held" if held else "captured",
+            held=held,
+            reason=_reason(redemption),
+            takes=takes,
+            redemption_id=redemption.redemption_id,
+            reward_id=redemption.reward_id,
             hold_expires_at=hold_expires_at,
             allocations=_encode(takes).decode(),
-            transfer_id=transfer_id,
             note=redemption.note,
             request_hash=digest,
             response=response,
@@ -218,7 +218,12 @@ async def release(
         if row["status"] != "held" or (timed_out and row["hold_expires_at"] > now):
             raise errors.HoldNotActive(f"redemption {redemption_id!r} is {row['status']}, not held")
         transfer_id, version = await _give_back(
-            services, conn, row, from_bucket="held", code="release", reason="hold timed out" if timed_out else "hold released"
+            services,
+            conn,
+            row,
+            from_bucket="held",
+            code="release",
+            reason="hold timed out" if timed_out else "hold released",
         )
         updated = await store.close_redemption(conn, row["redemption_pk"], final_status, transfer_id, now)
     await services.balances.invalidate(row["member_id"], version)
@@ -233,15 +238,25 @@ async def cancel(services: Services, redemption_id: str) -> RedemptionOut:
         if row["status"] == "cancelled":
             return _redemption_out(row)
         if row["status"] != "captured":
-            raise errors.Conflict(f"redemption {redemption_id!r} is {row['status']}; only captured ones can be cancelled")
-        transfer_id, version = await _give_back(services, conn, row, from_bucket="redeemed", code="cancel", reason="redemption cancelled")
+            raise errors.Conflict(
+                f"redemption {redemption_id!r} is {row['status']}; only captured ones can be cancelled"
+            )
+        transfer_id, version = await _give_back(
+            services, conn, row, from_bucket="redeemed", code="cancel", reason="redemption cancelled"
+        )
         updated = await store.close_redemption(conn, row["redemption_pk"], "cancelled", transfer_id, now)
     await services.balances.invalidate(row["member_id"], version)
     return _closed(row, "cancelled", transfer_id, updated["updated_at"])
 
 
 async def _give_back(
-    services: Services, conn: asyncpg.Connection, row: asyncpg.Record, *, from_bucket: str, code: str, reason: str
+    services: Services,
+    conn: asyncpg.Connection,
+    row: asyncpg.Record,
+    *,
+    from_bucket: str,
+    code: str,
+    reason: str,
 ) -> tuple[int, int]:
     """Return a redemption's points to its lots; points whose lot expired meanwhile expire now.
 
@@ -254,8 +269,15 @@ async def _give_back(
     dead_points = sum(points for lot, points in allocations if states[lot] == "expired")
     alive_points = row["points"] - dead_points
     accounts = await ledger.select_member_account_ids(conn, member_uid)
-    source = accounts["held"] if from_bucket == "held" else await services.accounts.id(conn, "points", "redeemed")
-    common = {"member_uid": member_uid, "asset": "points", "cause_type": "redemption", "cause_ref": row["redemption_id"]}
+    source = (
+        accounts["held"] if from_bucket == "held" else await services.accounts.id(conn, "points", "redeemed")
+    )
+    common = {
+        "member_uid": member_uid,
+        "asset": "points",
+        "cause_type": "redemption",
+        "cause_ref": row["redemption_id"],
+    }
     transfer_id = None
     if alive_points:
         transfer_id = await ledger.insert_transfer(
@@ -281,7 +303,9 @@ async def _give_back(
     return transfer_id, version
 
 
-async def member_redemptions(services: Services, member_id: str, cursor: str | None, limit: int) -> RedemptionPage:
+async def member_redemptions(
+    services: Services, member_id: str, cursor: str | None, limit: int
+) -> RedemptionPage:
     member_uid = await ledger.select_member_uid(services.pool, member_id)
     if member_uid is None:
         raise errors.MemberNotFound(f"no member {member_id!r}")
@@ -299,7 +323,9 @@ async def release_timed_out_holds(services: Services, now: datetime | None = Non
     leave a hold stuck; safe in several processes (each hold is re-checked under its lock)."""
     now = now or services.clock()
     released = 0
-    for redemption_id in await store.select_expired_holds(services.pool, now, services.settings.jobs_batch_size):
+    for redemption_id in await store.select_expired_holds(
+        services.pool, now, services.settings.jobs_batch_size
+    ):
         try:
             await release(services, redemption_id, timed_out=True, now=now)
             released += 1
@@ -312,7 +338,9 @@ async def expire_due_lots(services: Services, now: datetime | None = None) -> in
     """Expire lots whose date has come, member by member; return the number of lots expired."""
     now = now or services.clock()
     expired = 0
-    for member_uid in await store.select_members_with_expired_lots(services.pool, now, services.settings.jobs_batch_size):
+    for member_uid in await store.select_members_with_expired_lots(
+        services.pool, now, services.settings.jobs_batch_size
+    ):
         expired += await _expire_member(services, member_uid, now)
     return expired
 
@@ -342,7 +370,9 @@ async def _expire_member(services: Services, member_uid: int, now: datetime) -> 
                 lot_id=lot["lot_id"],
                 reason=f"points expired on {lot['expires_at']:%Y-%m-%d}",
             )
-            await ledger.take_from_lots(conn, member_uid, [(lot["lot_id"], lot["remaining"])], transfer_id, "expire")
+            await ledger.take_from_lots(
+                conn, member_uid, [(lot["lot_id"], lot["remaining"])], transfer_id, "expire"
+            )
             taken[lot["state"]] += lot["remaining"]
         await store.mark_lots_expired(conn, [lot["lot_id"] for lot in lots])
         version = await ledger.update_member_points(
@@ -383,7 +413,9 @@ async def reevaluate_tiers(services: Services, now: datetime | None = None) -> i
 # --- adjustments ---------------------------------------------------------------------------
 
 
-async def adjust(services: Services, member_id: str, adjustment: AdjustmentIn, principal: Principal) -> Outcome:
+async def adjust(
+    services: Services, member_id: str, adjustment: AdjustmentIn, principal: Principal
+) -> Outcome:
     """An operator's correction with a reason code; the key that made it is recorded.
 
     A credit is a new lot (available at once, expiring like any other); a debit takes available
@@ -410,7 +442,9 @@ async def adjust(services: Services, member_id: str, adjustment: AdjustmentIn, p
         credit = adjustment.points > 0
         lot_id = None
         if credit:
-            lot_id = await store.insert_lot(conn, member_uid, points, "available", now, rules.expiry_for(now, services.program.points))
+            lot_id = await store.insert_lot(
+                conn, member_uid, points, "available", now, rules.expiry_for(now, services.program.points)
+            )
         else:
             takes = await takes_for_spending(conn, member, points)
         transfer_id = await ledger.insert_transfer(
@@ -424,7 +458,9 @@ async def adjust(services: Services, member_id: str, adjustment: AdjustmentIn, p
             cause_type="adjustment",
             cause_ref=adjustment.adjustment_id,
             lot_id=lot_id,
-            reason=f"{adjustment.reason_code}: {adjustment.note}" if adjustment.note else adjustment.reason_code,
+            reason=f"{adjustment.reason_code}: {adjustment.note}"
+            if adjustment.note
+            else adjustment.reason_code,
         )
         if not credit:
             await ledger.take_from_lots(conn, member_uid, takes, transfer_id, "adjust")

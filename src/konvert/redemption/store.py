@@ -23,13 +23,24 @@ async def seed_rewards(conn: asyncpg.Connection, rewards: tuple[Reward, ...]) ->
         on conflict (reward_id) do nothing
         """,
         [
-            (r.reward_id, r.name, r.description, r.cost_points, r.stock, r.available_from, r.available_until, r.active)
+            (
+                r.reward_id,
+                r.name,
+                r.description,
+                r.cost_points,
+                r.stock,
+                r.available_from,
+                r.available_until,
+                r.active,
+            )
             for r in rewards
         ],
     )
 
 
-async def select_available_rewards(conn: asyncpg.Connection | asyncpg.Pool, now: datetime, limit: int) -> list[asyncpg.Record]:
+async def select_available_rewards(
+    conn: asyncpg.Connection | asyncpg.Pool, now: datetime, limit: int
+) -> list[asyncpg.Record]:
     return await conn.fetch(
         f"""
         select {_REWARD_COLUMNS} from rewards
@@ -85,6 +96,96 @@ async def change_stock(conn: asyncpg.Connection, reward_id: str, delta: int) -> 
     )
 
 
+async def lock_member_for_spending(conn: asyncpg.Connection, member_id: str) -> asyncpg.Record | None:
+    """Lock the member's row (None if there is no such member) and return it with the ids of its
+    available and held accounts and a fresh transfer id: what a redemption needs of the member,
+    in one round trip instead of three while the member's row is locked."""
+    return await conn.fetchrow(
+        """
+        select m.member_uid, m.member_id, m.points_available, m.points_pending, m.points_held, m.points_debt,
+               m.points_lifetime_earned, m.reputation, m.version,
+               (select account_id from accounts a
+                where a.member_uid = m.member_uid and a.asset = 'points' and a.name = 'available') as available_account_id,
+               (select account_id from accounts a
+                where a.member_uid = m.member_uid and a.asset = 'points' and a.name = 'held') as held_account_id,
+               nextval('transfers_transfer_id_seq') as transfer_id
+        from members m where m.member_id = $1
+        for update of m
+        """,
+        member_id,
+    )
+
+
+async def write_redemption(
+    conn: asyncpg.Connection,
+    *,
+    transfer_id: int,
+    member_uid: int,
+    debit_account_id: int,
+    credit_account_id: int,
+    points: int,
+    held: bool,
+    reason: str,
+    takes: list[tuple[int, int]],
+    redemption_id: str,
+    reward_id: str | None,
+    hold_expires_at: datetime | None,
+    allocations: str,
+    note: str | None,
+    request_hash: bytes,
+    response: bytes,
+    now: datetime,
+) -> int:
+    """A redemption's writes in one statement: its transfer (with the id from
+    ``lock_member_for_spending``), the takes from its lots and their lot entries, the redemption
+    itself and the member's balances (available less ``points``, held more when ``held``).
+    Returns the member's new version."""
+    return await conn.fetchval(
+        """
+        with transfer as (
+            insert into transfers (transfer_id, member_uid, asset, debit_account_id, credit_account_id, amount,
+                                   code, cause_type, cause_ref, reason)
+            overriding system value
+            values ($1, $2, 'points', $3, $4, $5, $6, 'redemption', $7, $8)
+        ), takes as (
+            select * from unnest($9::bigint[], $10::bigint[]) as t (lot_id, amount)
+        ), taken as (
+            update lots set remaining = lots.remaining - takes.amount from takes where lots.lot_id = takes.lot_id
+        ), entries as (
+            insert into lot_entries (lot_id, member_uid, transfer_id, amount, kind)
+            select lot_id, $2, $1, amount, $6 from takes
+        ), redemption as (
+            insert into redemptions (redemption_id, member_uid, reward_id, points, status, hold_expires_at,
+                                     allocations, transfer_id, note, request_hash, response, created_at, updated_at)
+            values ($7, $2, $11, $5, $12, $13, $14::text::jsonb, $1, $15, $16, $17, $18, $18)
+        )
+        update members
+        set points_available = points_available - $5, points_held = points_held + $19, version = version + 1
+        where member_uid = $2
+        returning version
+        """,
+        transfer_id,
+        member_uid,
+        debit_account_id,
+        credit_account_id,
+        points,
+        "hold" if held else "redeem",
+        redemption_id,
+        reason,
+        [lot for lot, _ in takes],
+        [amount for _, amount in takes],
+        reward_id,
+        "held" if held else "captured",
+        hold_expires_at,
+        allocations,
+        note,
+        request_hash,
+        response,
+        now,
+        points if held else 0,
+    )
+
+
 async def select_redemption_replay(conn: asyncpg.Connection, redemption_id: str) -> asyncpg.Record | None:
     return await conn.fetchrow(
         "select request_hash, response from redemptions where redemption_id = $1", redemption_id
@@ -128,7 +229,9 @@ async def insert_redemption(
     )
 
 
-async def select_redemption(conn: asyncpg.Connection, redemption_id: str, lock: bool = False) -> asyncpg.Record | None:
+async def select_redemption(
+    conn: asyncpg.Connection, redemption_id: str, lock: bool = False
+) -> asyncpg.Record | None:
     return await conn.fetchrow(
         f"""
         select {_REDEMPTION_COLUMNS} from redemptions r join members m using (member_uid)
@@ -169,7 +272,9 @@ async def select_member_redemptions(
     )
 
 
-async def select_expired_holds(conn: asyncpg.Connection | asyncpg.Pool, now: datetime, limit: int) -> list[str]:
+async def select_expired_holds(
+    conn: asyncpg.Connection | asyncpg.Pool, now: datetime, limit: int
+) -> list[str]:
     rows = await conn.fetch(
         """
         select redemption_id from redemptions where status = 'held' and hold_expires_at <= $1
@@ -181,7 +286,9 @@ async def select_expired_holds(conn: asyncpg.Connection | asyncpg.Pool, now: dat
     return [r["redemption_id"] for r in rows]
 
 
-async def select_members_with_expired_lots(conn: asyncpg.Connection | asyncpg.Pool, now: datetime, limit: int) -> list[int]:
+async def select_members_with_expired_lots(
+    conn: asyncpg.Connection | asyncpg.Pool, now: datetime, limit: int
+) -> list[int]:
     rows = await conn.fetch(
         """
         select distinct member_uid from (
@@ -250,7 +357,12 @@ async def insert_adjustment(
 
 
 async def insert_lot(
-    conn: asyncpg.Connection, member_uid: int, points: int, state: str, vests_at: datetime, expires_at: datetime | None
+    conn: asyncpg.Connection,
+    member_uid: int,
+    points: int,
+    state: str,
+    vests_at: datetime,
+    expires_at: datetime | None,
 ) -> int:
     return await conn.fetchval(
         """
