@@ -22,8 +22,9 @@ or another, take row locks in the same order and cannot deadlock each other.
 
 A batch starts as soon as one is asked for while none is in flight. While one is, the queue
 grows into the next batch until the one in flight finishes, or until it has been in flight for
-``overlap_after_seconds`` (then another starts beside it, up to ``batches_in_flight_max``): a
-larger batch costs less per item, and a batch waiting on a lock does not hold everything up.
+``overlap_after_seconds``, or until it holds a full batch (then another starts beside it, up
+to ``batches_in_flight_max``): a larger batch costs less per item, and a batch waiting on a lock
+does not hold everything up.
 
 Reads batch the same way (``BatchedLookups``): concurrent lookups by key share one query.
 """
@@ -120,8 +121,9 @@ class GroupCommit(Generic[Item, Result]):
                 task.add_done_callback(self._flushes.discard)
 
     async def _let_the_batch_grow(self) -> None:
-        """Until no batch is in flight, or the latest has been for ``overlap_after_seconds``."""
-        while self._flushes:
+        """Until no batch is in flight, the latest has been for ``overlap_after_seconds``, or the
+        queue holds a full batch already (it cannot grow any larger)."""
+        while self._flushes and len(self._queue) < self._batch_size_max:
             wait = self._last_started + self._overlap_after_seconds - asyncio.get_running_loop().time()
             if wait <= 0:
                 return

@@ -105,7 +105,7 @@ async def test_stop_writes_what_is_queued(table):
     assert await pool.fetchval(f"select count(*) from {name}") == 30
 
 
-def held_batches(pool, *, overlap_after_seconds):
+def held_batches(pool, *, overlap_after_seconds, batch_size_max=50):
     """A group commit whose first batch is held until ``release`` is set; records each batch."""
     release = asyncio.Event()
     batches: list[list[int]] = []
@@ -124,7 +124,7 @@ def held_batches(pool, *, overlap_after_seconds):
         nothing,
         nothing,
         sort_key=lambda item: item,
-        batch_size_max=50,
+        batch_size_max=batch_size_max,
         batches_in_flight_max=4,
         overlap_after_seconds=overlap_after_seconds,
         write_batch=write_batch,
@@ -142,13 +142,33 @@ async def test_postings_that_arrive_while_a_batch_is_in_flight_wait_and_go_toget
         later = [asyncio.ensure_future(group.submit(i)) for i in range(1, 11)]
         await asyncio.sleep(0.2)
         assert batches == [[0]]  # four slots, but no second batch beside a young one
-        release.set()
-        assert await asyncio.gather(first, *later) == list(range(11))
+        release.set()  # the batch in flight finishing starts the next at once
+        assert await asyncio.wait_for(asyncio.gather(first, *later), 1) == list(range(11))
     finally:
         release.set()
         await group.stop()
 
     assert batches == [[0], list(range(1, 11))]
+
+
+async def test_a_full_batch_starts_beside_one_in_flight_without_waiting(table):
+    pool, _ = table
+    group, batches, release = held_batches(pool, overlap_after_seconds=10, batch_size_max=5)
+    group.start()
+    try:
+        first = asyncio.ensure_future(group.submit(0))
+        await asyncio.sleep(0.05)
+        later = [asyncio.ensure_future(group.submit(i)) for i in range(1, 13)]
+        # Two full batches of five go beside the held one; the last two wait to grow.
+        assert await asyncio.wait_for(asyncio.gather(*later[:10]), 1) == list(range(1, 11))
+        assert not any(future.done() for future in later[10:])
+        release.set()
+        assert await asyncio.wait_for(asyncio.gather(first, *later[10:]), 1) == [0, 11, 12]
+    finally:
+        release.set()
+        await group.stop()
+
+    assert batches == [[0], [1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [11, 12]]
 
 
 async def test_a_batch_in_flight_longer_than_the_overlap_time_gets_one_beside_it(table):
