@@ -251,7 +251,7 @@ class RequestObserver:
 def render_metrics() -> bytes:
     """The Prometheus exposition; with several worker processes, merged across them (what the
     other workers counted in the last TALLY_FLUSH_SECONDS may not be in it yet)."""
-    TALLY.flush()
+    _flush_logged(TALLY)
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
