@@ -47,13 +47,14 @@ async def ensure_member(conn: asyncpg.Connection, member_id: str) -> int:
     return uid
 
 
+# What the use cases that lock a member read of its row (qualify with ``m.`` where joined).
+LOCKED_MEMBER_COLUMNS = """m.member_uid, m.member_id, m.points_available, m.points_pending, m.points_held,
+    m.points_debt, m.points_lifetime_earned, m.reputation, m.version"""
+
+
 async def lock_member(conn: asyncpg.Connection, member_uid: int) -> asyncpg.Record:
     return await conn.fetchrow(
-        """
-        select member_uid, member_id, points_available, points_pending, points_held, points_debt,
-               points_lifetime_earned, reputation, version
-        from members where member_uid = $1 for update
-        """,
+        f"select {LOCKED_MEMBER_COLUMNS} from members m where m.member_uid = $1 for update",
         member_uid,
     )
 

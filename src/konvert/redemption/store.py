@@ -6,6 +6,7 @@ from datetime import datetime
 
 import asyncpg
 
+from konvert.ledger.store import LOCKED_MEMBER_COLUMNS
 from konvert.program import Reward
 
 _REWARD_COLUMNS = "reward_id, name, description, cost_points, stock, available_from, available_until, active"
@@ -101,9 +102,8 @@ async def lock_member_for_spending(conn: asyncpg.Connection, member_id: str) -> 
     available and held accounts and a fresh transfer id: what a redemption needs of the member,
     in one round trip instead of three while the member's row is locked."""
     return await conn.fetchrow(
-        """
-        select m.member_uid, m.member_id, m.points_available, m.points_pending, m.points_held, m.points_debt,
-               m.points_lifetime_earned, m.reputation, m.version,
+        f"""
+        select {LOCKED_MEMBER_COLUMNS},
                (select account_id from accounts a
                 where a.member_uid = m.member_uid and a.asset = 'points' and a.name = 'available') as available_account_id,
                (select account_id from accounts a
