@@ -112,6 +112,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=1,
                         help="measure each scenario this many times and report the median run (default 1)")  # fmt: skip
     parser.add_argument("--history", type=int, default=3, help="seeded purchases per member (default 3, min 2)")
+    parser.add_argument("--history-every-days", type=int, default=30,
+                        help="days between a member's seeded purchases after the first (default 30; "
+                             "3 with --history 100: frequent shoppers, 100 purchases in the tier window)")  # fmt: skip
     parser.add_argument("--hot-members-percent", type=float, default=1.0, help="balance_hot: the hot members (1%%)")
     parser.add_argument("--hot-share", type=float, default=0.9, help="balance_hot: share of reads on them (0.9)")
     parser.add_argument("--contention-members", type=int, default=8, help="redemptions: members they hit (8)")
@@ -159,6 +162,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.scenario_names = [n for n in SCENARIOS if n in names]  # always in the canonical order
     if args.history < 2:
         parser.error("--history must be at least 2")
+    if args.history_every_days < 1:
+        parser.error("--history-every-days must be at least 1")
     if min(args.sizes) < max(args.contention_members, 2):
         parser.error("--members must be at least --contention-members")
     return args
@@ -283,7 +288,7 @@ class Run:
         self.say(f"seeding members {self.seeded_members + 1:,}..{members:,} ({self.args.history} purchases each)")
         seconds = asyncio.run(
             seed.seed_members(self.database_url, self.seeded_members + 1, members, self.args.history, self.facts,
-                              datetime.now(UTC))
+                              datetime.now(UTC), self.args.history_every_days)
         )  # fmt: skip
         self.seed_seconds[str(members)] = round(seconds, 1)
         self.seeded_members = members
@@ -626,6 +631,7 @@ class Run:
                 "quick": self.args.quick,
                 "repeat": self.args.repeat,
                 "history_purchases_per_member": self.args.history,
+                "history_every_days": self.args.history_every_days,
                 "hot_members_percent": self.args.hot_members_percent,
                 "hot_share": self.args.hot_share,
                 "contention_members": self.args.contention_members,

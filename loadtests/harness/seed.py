@@ -5,8 +5,9 @@ accounts and ``history`` seeded purchases, each with its lot and earn transfer, 
 would have written them:
 
 * purchase 1 is a few days old, still inside the return window: a pending lot;
-* purchases 2.. are months old and vested: an earn transfer into pending, then a vest transfer
-  pending -> available, and an available lot;
+* purchases 2.. are past the return window and vested, one every ``every_days`` (30: months
+  old): an earn transfer into pending, then a vest transfer pending -> available, and an
+  available lot;
 * every second member redeemed 1-9 points from their soonest-expiring lot: a redeem transfer, a
   lot entry and a captured redemption.
 
@@ -33,7 +34,8 @@ _FUNCTIONS = """
 create or replace function pg_temp.seed_points(u bigint, j int) returns bigint
     language sql immutable as $$ select (10 + ((u * 37 + j * 101) % 290))::bigint $$;
 create or replace function pg_temp.seed_age_days(u bigint, j int) returns int
-    language sql immutable as $$ select case when j = 1 then 1 + (u % 5)::int else j * 30 + (u % 20)::int end $$;
+    language sql immutable as $$
+    select case when j = 1 then 1 + (u % 5)::int else {first_vested} + (j - 2) * {every} + (u % 20)::int end $$;
 create or replace function pg_temp.seed_redeemed(u bigint) returns bigint
     language sql immutable as $$ select case when u % 2 = 0 then 1 + u % 9 else 0 end::bigint $$;
 """
@@ -177,22 +179,34 @@ async def _system_account(conn: asyncpg.Connection, name: str) -> int:
     )
 
 
-async def _prepare_session(conn: asyncpg.Connection) -> None:
+def _functions(facts: ProgramFacts, every_days: int) -> str:
+    """The seed's SQL functions; purchase 2 is at least ``2 * every_days`` old and past the return window."""
+    first_vested = max(2 * every_days, facts.return_window_days + 1)
+    return _FUNCTIONS.replace("{first_vested}", str(first_vested)).replace("{every}", str(every_days))
+
+
+async def _prepare_session(conn: asyncpg.Connection, functions: str) -> None:
     # Foreign keys are not checked while bulk loading (the rows are consistent by construction,
     # and `konvert audit` checks the ledger afterwards); commits need not wait for the disk.
     await conn.execute("set session_replication_role = replica")
     await conn.execute("set synchronous_commit = off")
-    await conn.execute(_FUNCTIONS)
+    await conn.execute(functions)
 
 
-async def seed_members(database_url: str, lo: int, hi: int, history: int, facts: ProgramFacts, now: datetime) -> float:
-    """Seed members lo..hi (inclusive); return the seconds it took. The service must be stopped."""
+async def seed_members(
+    database_url: str, lo: int, hi: int, history: int, facts: ProgramFacts, now: datetime, every_days: int = 30
+) -> float:
+    """Seed members lo..hi (inclusive), ``history`` purchases each, one every ``every_days`` after
+    the first; return the seconds it took. The service must be stopped."""
     if history < 2:
         raise ValueError("history must be at least 2 purchases per member (one pending, one available)")
+    if every_days < 1:
+        raise ValueError("purchases must be at least a day apart")
+    functions = _functions(facts, every_days)
     started = time.monotonic()
     conn = await asyncpg.connect(database_url)
     try:
-        await _prepare_session(conn)
+        await _prepare_session(conn, functions)
         if (await conn.fetchval("select coalesce(max(member_uid), 0) from members")) >= lo:
             raise RuntimeError(f"members from uid {lo} on exist already; seed into an empty range")
         issued = await _system_account(conn, f"issued:{facts.partner}")
@@ -211,7 +225,7 @@ async def seed_members(database_url: str, lo: int, hi: int, history: int, facts:
     async def worker() -> None:
         conn = await asyncpg.connect(database_url)
         try:
-            await _prepare_session(conn)
+            await _prepare_session(conn, functions)
             while not queue.empty():
                 chunk_lo, chunk_hi = queue.get_nowait()
                 await _seed_chunk(conn, chunk_lo, chunk_hi, lo, history, facts, now, account_base, lot_base,

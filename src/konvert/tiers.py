@@ -68,12 +68,18 @@ def next_tier(levels: tuple[TierLevel, ...], current: str | None) -> TierLevel |
 def qualifying_points_sql(member_uid: str, since: str) -> str:
     """SQL for the points qualifying for tiers: earned by purchases posted since ``since``, less
     what their refunds clawed back. Arguments are SQL expressions (columns or parameters),
-    never user input, so that the purchase statement can embed the same definition."""
+    never user input, so that the purchase statement can embed the same definition.
+
+    Every purchase re-evaluates its member, so this runs once per posting and must not grow with
+    the member's history: the purchases are summed from an index that carries their points (an
+    index-only scan, sql/0009), the refunds found by member, which are few.
+    """
     return f"""(
-        select coalesce(sum(p.points - coalesce(
-            (select sum(r.points) from refunds r where r.purchase_pk = p.purchase_pk), 0)), 0)::bigint
-        from purchases p where p.member_uid = {member_uid} and p.created_at >= {since}
-    )"""
+        (select coalesce(sum(p.points), 0) from purchases p
+         where p.member_uid = {member_uid} and p.created_at >= {since})
+        - (select coalesce(sum(r.points), 0) from refunds r join purchases p on p.purchase_pk = r.purchase_pk
+           where r.member_uid = {member_uid} and p.created_at >= {since})
+    )::bigint"""
 
 
 async def qualifying_points(conn: asyncpg.Connection, member_uid: int, since: datetime) -> int:

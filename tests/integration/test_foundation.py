@@ -480,7 +480,7 @@ async def test_no_index_is_a_prefix_of_another(database_url: str) -> None:
     finally:
         await conn.close()
     assert redundant == []
-    assert "purchases_member_created_idx" in found
+    assert "purchases_member_created_points_idx" in found
 
 
 # OpenAPI.

@@ -55,7 +55,8 @@ def test_harness_loses_nothing_and_the_audit_passes(tmp_path: Path) -> None:
     output = tmp_path / "result.json"
     completed = subprocess.run(
         [
-            sys.executable, str(RUN_PY), "--quick", "--members", "200", "--duration", "2", "--warmup", "0.5",
+            sys.executable, str(RUN_PY), "--quick", "--members", "200", "--history", "8", "--history-every-days", "3",
+            "--duration", "2", "--warmup", "0.5",
             "--connections", "8", "--scenarios", "purchases,redemptions,mixed",
             "--pg-url", database_url, "--redis-url", redis_url, "--output", str(output),
         ],  # fmt: skip

@@ -17,6 +17,7 @@ from konvert.program import parse_program
 from konvert.redemption.model import RedemptionIn
 from konvert.redemption.service import expire_due_lots, redeem, reevaluate_tiers, release_timed_out_holds
 from konvert.services import Services
+from konvert.tiers import qualifying_points
 from tests.conftest import TEST_PROGRAM, make_settings
 from tests.integration.test_purchases import NOW, line, purchase
 
@@ -537,6 +538,41 @@ async def test_refund_of_the_qualifying_purchase_lowers_the_tier_after_the_grace
         await services.close()
     tier = (await tier_api.get(f"/v1/members/{member}/balance", headers=tier_api.admin)).json()["tier"]
     assert (tier["name"], tier["below_tier_since"]) == ("Bronze", None)
+
+
+async def test_qualifying_points_are_the_window_s_purchases_less_their_own_refunds(
+    tier_api, new_id, database_url
+):
+    member, old, recent = new_id("m"), new_id("p"), new_id("p")
+    earned = {}
+    for purchase_id in (old, recent):
+        response = await tier_api.post(
+            "/v1/purchases", json=purchase(member, purchase_id, line("1", 1, 10000)), headers=tier_api.admin
+        )
+        earned[purchase_id] = response.json()["points"]
+    clawed = {old: 0, recent: 0}
+    for purchase_id, refund_id, amount in ((old, "r1", 3000), (recent, "r1", 2000), (recent, "r2", 1000)):
+        response = await tier_api.post(
+            f"/v1/purchases/{purchase_id}/refunds",
+            json={"refund_id": refund_id, "amount": amount},
+            headers=tier_api.admin,
+        )
+        clawed[purchase_id] += response.json()["points"]
+    assert all(clawed.values())  # both purchases had points clawed back
+    conn = await asyncpg.connect(database_url)
+    try:
+        # The older purchase leaves the window: neither it nor its refund counts any more.
+        await conn.execute(
+            "update purchases set created_at = created_at - interval '400 days' where purchase_id = $1", old
+        )
+        member_uid = await conn.fetchval("select member_uid from members where member_id = $1", member)
+        since = await conn.fetchval("select now() - interval '365 days'")
+        in_window = await qualifying_points(conn, member_uid, since)
+        both = await qualifying_points(conn, member_uid, since - timedelta(days=100))
+    finally:
+        await conn.close()
+    assert in_window == earned[recent] - clawed[recent]
+    assert both == sum(earned.values()) - sum(clawed.values())
 
 
 # --- adjustments ---------------------------------------------------------------------------
