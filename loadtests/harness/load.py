@@ -268,11 +268,13 @@ class PgbenchRun:
 
 
 def pgbench_connection_args(database_url: str) -> tuple[list[str], dict[str, str]]:
-    """pgbench's -h/-p/-U/dbname (and PGPASSWORD) from a postgresql:// URL."""
-    from urllib.parse import unquote, urlsplit
+    """pgbench's -h/-p/-U/dbname (and PGPASSWORD) from a postgresql:// URL; a ``?host=/dir``
+    query (a Unix socket's directory, as libpq and asyncpg read it) wins over the URL's host."""
+    from urllib.parse import parse_qs, unquote, urlsplit
 
     parts = urlsplit(database_url)
-    args = ["-h", parts.hostname or "127.0.0.1", "-p", str(parts.port or 5432)]
+    host = parse_qs(parts.query).get("host", [parts.hostname or "127.0.0.1"])[0]
+    args = ["-h", host, "-p", str(parts.port or 5432)]
     if parts.username:
         args += ["-U", unquote(parts.username)]
     env = {"PGPASSWORD": unquote(parts.password)} if parts.password else {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -34,13 +35,19 @@ OTHER = "interpreter/kernel (no Python frame)"
 _FRAME = re.compile(r"^(?P<name>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
 
+def _py_spy() -> str | None:
+    """py-spy on the PATH, or installed beside this Python (a virtualenv that is not activated)."""
+    beside = Path(sys.executable).with_name("py-spy")
+    return shutil.which("py-spy") or (str(beside) if beside.is_file() else None)
+
+
 def available() -> bool:
-    return shutil.which("py-spy") is not None
+    return _py_spy() is not None
 
 
 def start(pid: int, duration_s: float, output: Path, native: bool = False) -> subprocess.Popen[bytes]:
     command = [
-        "py-spy", "record", "--pid", str(pid), "--duration", str(max(1, int(duration_s))),
+        _py_spy() or "py-spy", "record", "--pid", str(pid), "--duration", str(max(1, int(duration_s))),
         "--rate", str(PROFILE_RATE_HZ), "--format", "raw", "--output", str(output),
     ]  # fmt: skip
     # Native (C) frames need the process paused while sampling; without them py-spy need not.
