@@ -221,7 +221,7 @@ async def test_concurrent_batches_for_one_member_do_not_lose_a_tier_upgrade(tier
         tx_a = conn_a.transaction()
         await tx_a.start()
         posting_a = _purchase_in(member, new_id("p"), 60)
-        await earning.write_purchases(services, conn_a, [earning.Posting(posting_a, earning.check_purchase(services, posting_a))])
+        await earning.write_purchases(services, conn_a, [earning.Posting(posting_a)])
 
         from prometheus_client import REGISTRY
 
@@ -232,7 +232,7 @@ async def test_concurrent_batches_for_one_member_do_not_lose_a_tier_upgrade(tier
         posting_b = _purchase_in(member, new_id("p"), 10)
         # Batch B (optimistic, as the batcher writes) reads the member, then waits for its lock.
         b = asyncio.create_task(
-            earning.write_purchase_batch(services, [earning.Posting(posting_b, earning.check_purchase(services, posting_b))])
+            earning.write_purchase_batch(services, [earning.Posting(posting_b)])
         )
         await asyncio.sleep(0.5)
         await tx_a.commit()
@@ -254,7 +254,8 @@ async def test_a_replay_in_a_batch_does_not_lock_members_out_of_order(tier_servi
     await earning.post_purchase(services, _purchase_in(m2, new_id("p"), 10))
 
     def posting(p: PurchaseIn) -> earning.Posting:
-        return earning.Posting(p, earning.check_purchase(services, p))
+        earning.check_purchase(services, p)
+        return earning.Posting(p)
 
     async with services.pool.acquire() as conn_a, services.pool.acquire() as conn_b:
         # Batch B = [m1 new, m2 new], in member order: it locks m1 ...

@@ -18,6 +18,7 @@ from konvert.earning.rules import (
     apply_refund,
     apportion,
     compute_earning,
+    earning_rate,
     plan_refund_by_amount,
     plan_refund_by_lines,
     refund_state_for,
@@ -157,22 +158,31 @@ def test_rate_minor_units_override_the_iso_exponent() -> None:
     assert result.points == 50
 
 
-def test_unknown_partner_is_refused() -> None:
+# A purchase is checked with earning_rate when it arrives, and its points computed later in its
+# batch: both refuse the same purchases.
+REFUSERS = pytest.mark.parametrize("refuser", [compute_earning, earning_rate], ids=["compute", "check"])
+
+
+@REFUSERS
+def test_unknown_partner_is_refused(refuser) -> None:
     with pytest.raises(UnknownPartner, match="'nowhere'"):
-        compute_earning(make_program(), purchase(line("a", 100), partner="nowhere"))
+        refuser(make_program(), purchase(line("a", 100), partner="nowhere"))
 
 
-def test_currency_without_rate_is_refused() -> None:
+@REFUSERS
+def test_currency_without_rate_is_refused(refuser) -> None:
     with pytest.raises(UnsupportedCurrency, match="'GBP'"):
-        compute_earning(make_program(), purchase(line("a", 100), currency="GBP"))
+        refuser(make_program(), purchase(line("a", 100), currency="GBP"))
 
 
-def test_a_partner_only_rate_does_not_cover_other_partners() -> None:
+@REFUSERS
+def test_a_partner_only_rate_does_not_cover_other_partners(refuser) -> None:
     program = make_program('[[earning.rates]]\ncurrency = "USD"\npartner = "store"\npoints_per_unit = 1\n')
 
     assert compute_earning(program, purchase(line("a", 100), currency="USD", partner="store")).points == 1
+    assert earning_rate(program, purchase(line("a", 100), currency="USD", partner="store")).partner == "store"
     with pytest.raises(UnsupportedCurrency, match="'USD'"):
-        compute_earning(program, purchase(line("a", 100), currency="USD", partner="web"))
+        refuser(program, purchase(line("a", 100), currency="USD", partner="web"))
 
 
 # --------------------------------------------------------------------------------------------

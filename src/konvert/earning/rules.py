@@ -71,10 +71,8 @@ def compute_earning(
     """
     if not tier_multiplier.is_finite() or tier_multiplier < 0:
         raise ValueError(f"tier_multiplier must be a number >= 0, got {tier_multiplier}")
-    if not program.has_partner(purchase.partner):
-        raise UnknownPartner(f"partner {purchase.partner!r} is not in the program", partner=purchase.partner)
     earning = program.earning
-    rate = _rate_for(earning, purchase.currency, purchase.partner)
+    rate = earning_rate(program, purchase)
     pricing = _Pricing(
         rate=_rate_factor(rate),
         tier=_tier_factors(tier_multiplier, tier_name),
@@ -93,6 +91,17 @@ def compute_earning(
     bonuses = _bonuses(campaigns, purchase.lines)
     bonus_points = sum(bonus.points or 0 for bonus in bonuses)
     return _apply_cap(lines, bonuses, bonus_points, earning.purchase_cap_points)
+
+
+def earning_rate(program: Program, purchase: PurchaseIn) -> EarningRate:
+    """The rate the purchase earns at: everything that can refuse it before its points are worked
+    out (checked when it arrives; its points are computed once its member's tier is known).
+
+    Raises :class:`UnknownPartner` and :class:`UnsupportedCurrency`, as compute_earning does.
+    """
+    if not program.has_partner(purchase.partner):
+        raise UnknownPartner(f"partner {purchase.partner!r} is not in the program", partner=purchase.partner)
+    return _rate_for(program.earning, purchase.currency, purchase.partner)
 
 
 class _Pricing(NamedTuple):

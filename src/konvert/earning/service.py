@@ -63,18 +63,18 @@ async def post_purchase(services: Services, purchase: PurchaseIn) -> Outcome:
     Concurrent postings are group-committed: they are written together (see konvert.batching
     and write_purchase_batch), and each still gets its own outcome; a 2xx means committed.
     """
-    base = check_purchase(services, purchase)
+    check_purchase(services, purchase)
     if services.purchases is None:
         return await post_purchase_alone(services, purchase)
-    posted = await services.purchases.submit(Posting(purchase, base))
+    posted = await services.purchases.submit(Posting(purchase))
     return posted.outcome
 
 
 class Posting(msgspec.Struct, frozen=True):
-    """A checked purchase waiting for its batch, with what it earns before any tier factor."""
+    """A checked purchase waiting for its batch (its points depend on its member's tier, which
+    the batch reads)."""
 
     purchase: PurchaseIn
-    base_earning: EarningResult
 
 
 def purchase_batcher(services: Services) -> GroupCommit[Posting, Posted]:
@@ -104,21 +104,19 @@ def purchase_batcher(services: Services) -> GroupCommit[Posting, Posted]:
 
 async def post_purchase_alone(services: Services, purchase: PurchaseIn) -> Outcome:
     """The same in a transaction of its own (for callers without a batcher)."""
-    posted = await _write_alone(services, Posting(purchase, check_purchase(services, purchase)))
+    check_purchase(services, purchase)
+    posted = await _write_alone(services, Posting(purchase))
     if isinstance(posted, BaseException):
         raise posted
     await after_commit(services, posted)
     return posted.outcome
 
 
-def check_purchase(services: Services, purchase: PurchaseIn) -> EarningResult:
-    """Everything that can refuse a purchase without the database: raise before any write.
-
-    Returns what the purchase earns without a tier factor (what it earns, unless the member's
-    tier multiplies it).
-    """
+def check_purchase(services: Services, purchase: PurchaseIn) -> None:
+    """Everything that can refuse a purchase without the database: raise before any write, so
+    that the batch's computation of its points (at its member's tier) cannot refuse it."""
     _check_occurred_at(purchase, services.clock())
-    return rules.compute_earning(services.program, purchase)
+    rules.earning_rate(services.program, purchase)
 
 
 async def after_commit(services: Services, posted: Posted) -> None:
@@ -331,9 +329,7 @@ async def _prepare(
         ),
     )
     multiplier, tier_name = tiers.tier_multiplier(program, tier)
-    earning = posting.base_earning
-    if multiplier != 1:
-        earning = rules.compute_earning(program, purchase, tier_multiplier=multiplier, tier_name=tier_name)
+    earning = rules.compute_earning(program, purchase, tier_multiplier=multiplier, tier_name=tier_name)
     if window_start is not None and expected_new:
         qualifying += earning.points
         standing = tiers.evaluate_tier(program.tiers, qualifying, tier, below_since, now)
