@@ -20,6 +20,7 @@ from konvert import auth
 from konvert.app import create_app
 from konvert.earning import service as earning
 from konvert.earning.model import PurchaseIn
+from konvert.earning.store import PurchaseTakenConcurrently
 from konvert.program import parse_program
 from konvert.redemption.service import expire_due_lots
 from konvert.services import Services
@@ -279,6 +280,48 @@ async def test_a_replay_in_a_batch_does_not_lock_members_out_of_order(tier_servi
         finally:
             results = await asyncio.gather(a, return_exceptions=True)
         assert not isinstance(results[0], asyncpg.DeadlockDetectedError), "batch A deadlocked with batch B"
+
+
+async def test_batches_posting_one_purchase_id_for_different_members_do_not_deadlock(tier_services, new_id):
+    """Two batches that both hold purchase ids the other posts (for other members: a client's
+    mistake) insert them in one order, so one waits for the other instead of both for each other."""
+    services = tier_services
+    tag = new_id("t")
+    x, w, y = f"a-{tag}", f"b-{tag}", f"c-{tag}"
+
+    def postings(*pairs: tuple[str, str]) -> list[earning.Posting]:
+        return [earning.Posting(_purchase_in(f"{member}-{tag}", purchase_id, 10)) for member, purchase_id in pairs]
+
+    batch_a = postings(("a", x), ("b", w), ("c", y))  # by member, as the batcher sorts them
+    batch_b = postings(("d", y), ("e", x))  # by member too: y comes first here
+    async with (
+        services.pool.acquire() as conn_a,
+        services.pool.acquire() as conn_b,
+        services.pool.acquire() as conn_c,
+    ):
+        # Another request holds w (uncommitted): batch A inserts x, then waits for w ...
+        blocker = conn_c.transaction()
+        await blocker.start()
+        await earning.write_purchases(services, conn_c, postings(("f", w)))
+        a = asyncio.create_task(earning.write_purchases(services, conn_a, batch_a))
+        await asyncio.sleep(0.3)
+        # ... while batch B takes y in its member order and then waits for A's x. Once w is free,
+        # A would wait for B's y: a deadlock, unless both insert in purchase id order.
+        b = asyncio.create_task(earning.write_purchases(services, conn_b, batch_b))
+        await asyncio.sleep(0.3)
+        await blocker.rollback()
+        results = await asyncio.gather(a, b, return_exceptions=True)
+
+    assert not any(isinstance(r, asyncpg.DeadlockDetectedError) for r in results), results
+    # A wrote its three purchases; B found both of its ids taken and wrote nothing.
+    assert isinstance(results[0], dict) and len(results[0]) == 3, results[0]
+    assert isinstance(results[1], PurchaseTakenConcurrently), results[1]
+    owners = await services.pool.fetch(
+        "select purchase_id, m.member_id from purchases p join members m using (member_uid)"
+        " where purchase_id = any($1::text[]) order by purchase_id",
+        [x, w, y],
+    )
+    assert [(r["purchase_id"], r["member_id"]) for r in owners] == [(x, f"a-{tag}"), (w, f"b-{tag}"), (y, f"c-{tag}")]
 
 
 # --- 6. Redis: the multiplexed connection and a Redis that does not answer ------------------

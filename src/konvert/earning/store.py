@@ -141,7 +141,10 @@ INSERT_PURCHASES = """
                case when points > 0 then lot_id end, case when points > 0 then transfer_id end, request_hash, response
         from input
         where member_uid in (select member_uid from unchanged)
-        order by ord
+        -- In purchase id order, not member order: two batches that both post ids the other
+        -- holds (for other members) then wait for each other in one direction, never in a circle.
+        -- A member's purchases keep their order (the batch sorts by member, then purchase id).
+        order by partner, purchase_id
         on conflict (partner, purchase_id) do nothing
         returning partner, purchase_id
     ), written as (
