@@ -203,6 +203,29 @@ def _redis_stats(redis_url: str) -> tuple[int, int]:
         client.close()
 
 
+_WAL_STATS = "select wal_records, wal_fpi, wal_bytes::bigint from pg_stat_wal"
+
+
+def _wal_stats(database_url: str) -> tuple[int, int, int] | None:
+    """The server's WAL counters (records, full-page images, bytes; PostgreSQL 14+), or None."""
+    try:
+        (row,) = asyncio.run(_query(database_url, _WAL_STATS))
+    except asyncpg.PostgresError:
+        return None
+    return row[0], row[1], row[2]
+
+
+def _wal_per_request(before: tuple[int, int, int] | None, after: tuple[int, int, int] | None,
+                     requests: int) -> dict[str, float] | None:  # fmt: skip
+    """WAL written per request (or pgbench transaction): every write's durable cost, and full-page
+    images, which grow with how many distinct pages the writes touch between checkpoints."""
+    if before is None or after is None or not requests:
+        return None
+    records, fpi, size = (a - b for a, b in zip(after, before, strict=True))
+    return {"records": round(records / requests, 2), "full_page_images": round(fpi / requests, 3),
+            "bytes": round(size / requests)}  # fmt: skip
+
+
 def _flush_redis(redis_url: str) -> None:
     import redis
 
@@ -393,6 +416,7 @@ class Run:
             else:
                 self.say("warning: --profile needs py-spy (pip install py-spy); not profiling")
         metrics_before = self.server.metrics()
+        wal_before = _wal_stats(self.database_url) if scenario in WRITE_SCENARIOS else None
         with Sampler(self.server, self.database_name) as sampler:
             run = self._wrk(scenario, members, duration, tag, delay_ms)
         result = run.as_dict()
@@ -400,6 +424,8 @@ class Run:
         # what the client sees beyond that is queueing in the kernel and the scheduler.
         time.sleep(METRICS_LAG_S)
         metrics_after = self.server.metrics()
+        if wal_before is not None:
+            result["wal_per_request"] = _wal_per_request(wal_before, _wal_stats(self.database_url), run.requests)
         result["server_latency"] = server_latency(metrics_before, metrics_after)
         if sources := balance_read_sources(metrics_before, metrics_after):
             result["balance_read_sources"] = sources
@@ -469,12 +495,15 @@ class Run:
     def run_pgbench(self, members: int) -> dict:
         self.prepare_pgbench(members)
         quiet = self.wait_quiet()
+        wal_before = _wal_stats(self.database_url)
         with Sampler(None, self.database_name) as sampler:
             run = load.run_pgbench(
                 self.database_url, members=members, duration_s=self.args.duration, clients=self.args.connections,
                 threads=self.args.pgbench_threads,
             )  # fmt: skip
         result = run.as_dict() | {"usage": sampler.usage.as_dict() | quiet}
+        time.sleep(1)  # backends report their WAL counters within a second of going idle
+        result["wal_per_request"] = _wal_per_request(wal_before, _wal_stats(self.database_url), run.transactions)
         result["cpu_ms_per_request"] = _cpu_ms_per_request(result)
         return result
 
@@ -699,6 +728,14 @@ def source_digest() -> dict[str, object]:
     }
 
 
+# The server settings that move the figures most: the buffer cache, durability, and how often
+# checkpoints force full-page images into the WAL (at 1,000,000 members, most of a purchase's WAL).
+POSTGRES_SETTINGS_REPORTED = (
+    "shared_buffers", "synchronous_commit", "max_wal_size", "checkpoint_timeout", "wal_compression",
+)  # fmt: skip
+_POSTGRES_SETTINGS = "select name, current_setting(name) as setting from pg_settings where name = any($1::text[])"
+
+
 def machine_info(pg_url: str) -> dict[str, object]:
     cpu_model = ""
     try:
@@ -714,8 +751,10 @@ def machine_info(pg_url: str) -> dict[str, object]:
         mem_total_kib = 0
     try:
         postgres = asyncio.run(_query(pg_url, "select version()"))[0][0]
+        rows = asyncio.run(_query(pg_url, _POSTGRES_SETTINGS, list(POSTGRES_SETTINGS_REPORTED)))
+        postgres_settings = {row["name"]: row["setting"] for row in rows}
     except Exception as exc:  # noqa: BLE001 - informational only
-        postgres = f"unknown ({exc})"
+        postgres, postgres_settings = f"unknown ({exc})", {}
     from konvert import __version__
 
     return {
@@ -725,6 +764,7 @@ def machine_info(pg_url: str) -> dict[str, object]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "postgres": postgres,
+        "postgres_settings": postgres_settings,
         "wrk": load.tool_version("wrk") if load.tool_path("wrk") else None,
         "pgbench": load.tool_version("pgbench") if load.tool_path("pgbench") else None,
         "konvert": __version__,

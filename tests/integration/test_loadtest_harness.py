@@ -77,6 +77,10 @@ def test_harness_loses_nothing_and_the_audit_passes(tmp_path: Path) -> None:
     for name in ("purchases", "redemptions"):
         kind = writes[name]["purchase" if name == "purchases" else "redemption"]
         assert kind["accepted"] > 0 and kind["recorded_rows"] >= kind["accepted"], (name, kind)
+        # What each write cost the WAL, read from the server's counters around the measurement.
+        wal = config["scenarios"][name]["wal_per_request"]
+        assert wal["records"] >= 1 and wal["bytes"] > 0, (name, wal)
+    assert result["machine"]["postgres_settings"]["max_wal_size"], result["machine"]
     # konvert's own view of the same requests: every one wrk counted was timed by the server,
     # and the mixed day's balance reads are split by where they were served from.
     for name, scenario in config["scenarios"].items():

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "loadtests"))
+LOADTESTS = Path(__file__).resolve().parents[2] / "loadtests"
+sys.path.insert(0, str(LOADTESTS))
 
 from harness.load import pgbench_connection_args
 
@@ -22,3 +24,21 @@ def test_pgbench_uses_the_unix_socket_a_host_query_names() -> None:
 
     assert args == ["-h", "/var/run/postgresql", "-p", "5432", "-U", "postgres", "konvert_bench_1"]
     assert env == {}
+
+
+def test_wal_per_request_divides_the_server_s_counters_by_the_requests() -> None:
+    run = _load_run_py()
+
+    per_request = run._wal_per_request((10, 1, 1_000), (110, 6, 51_000), 50)
+
+    assert per_request == {"records": 2.0, "full_page_images": 0.1, "bytes": 1000}
+    assert run._wal_per_request(None, (110, 6, 51_000), 50) is None  # no pg_stat_wal (PostgreSQL < 14)
+    assert run._wal_per_request((10, 1, 1_000), (110, 6, 51_000), 0) is None
+
+
+def _load_run_py():
+    """loadtests/run.py as a module (it is a script, not a package member)."""
+    spec = importlib.util.spec_from_file_location("konvert_loadtests_run", LOADTESTS / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
