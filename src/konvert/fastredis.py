@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
 
@@ -85,6 +85,15 @@ class _Protocol(asyncio.Protocol):
 SUPPORTED_SCHEMES = ("redis", "unix")
 
 
+def _database_of(scheme: str, path: str, query: str) -> int:
+    """The database a URL selects, read as redis-py reads it (so that both clients of one URL use
+    the same database): ``?db=N`` wins, else ``redis://host/N``; a ``unix://`` path is the socket."""
+    db = parse_qs(query).get("db")
+    if db:
+        return int(db[0])
+    return int(path.lstrip("/") or 0) if scheme == "redis" else 0
+
+
 class MultiplexedRedis:
     """Plain TCP or unix-socket Redis (``redis://`` and ``unix://`` URLs; TLS is left to redis-py)."""
 
@@ -96,7 +105,7 @@ class MultiplexedRedis:
         self._host, self._port = parts.hostname or "127.0.0.1", parts.port or 6379
         self._password = unquote(parts.password) if parts.password else None
         self._username = unquote(parts.username) if parts.username else None
-        self._db = int(parts.path.lstrip("/") or 0) if parts.scheme == "redis" else 0
+        self._db = _database_of(parts.scheme, parts.path, parts.query)
         self._timeout_seconds = timeout_seconds
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Lock | None = None

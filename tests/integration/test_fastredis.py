@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 
+from konvert import embedded
 from konvert.fastredis import MultiplexedRedis, RedisUnavailable
 
 
@@ -59,3 +60,22 @@ async def test_a_timeout_fails_the_waiting_commands_and_the_next_one_reconnects(
     results = await asyncio.gather(blocked, queued, return_exceptions=True)
     assert all(isinstance(r, RedisUnavailable) for r in results)
     assert await fast.execute(b"PING") == b"PONG"
+
+
+@pytest.mark.parametrize("query", ["?db=3", "?db=3&socket_timeout=1"])
+async def test_a_unix_socket_url_selects_the_database_of_its_query(tmp_path, query):
+    # The pooled client (redis-py) reads ?db= too: both clients of one URL must share a database,
+    # or an erasure's DEL would miss the balance the fast path cached.
+    from redis.asyncio import Redis
+
+    url = embedded.start_redis(tmp_path) + query
+    pooled = Redis.from_url(url)
+    fast = MultiplexedRedis(url, timeout_seconds=1.0)
+    try:
+        await pooled.set("where", b"db3")
+        assert await fast.execute(b"GET", "where") == b"db3"
+        await fast.execute(b"SET", "back", b"from the fast path")
+        assert await pooled.get("back") == b"from the fast path"
+    finally:
+        fast.close()
+        await pooled.aclose()
