@@ -54,7 +54,8 @@ class BalanceController(Controller):
 
 BALANCE_ROUTE = "/v1/members/{member_id}/balance"
 # The id part is MemberId's bounds (ledger.model: 1-128 characters, NO_CONTROL_CHARACTERS) plus
-# no "/": keep the two together. Matched with fullmatch, never search.
+# no "/": keep the two together (tests/unit/test_direct_balance_path.py fails when they part).
+# Matched with fullmatch, never search.
 _BALANCE_PATH = re.compile(r"/v1/members/([^/\x00-\x1f\x7f]{1,128})/balance")
 
 
