@@ -203,7 +203,11 @@ def _redis_stats(redis_url: str) -> tuple[int, int]:
         client.close()
 
 
-_WAL_STATS = "select wal_records, wal_fpi, wal_bytes::bigint from pg_stat_wal"
+# Bytes from the WAL insert position (exact, at once); records and full-page images from the
+# server's counters, which backends report at most once a second while busy and up to 10 s after
+# they go idle: per request they are approximate, the part of one run that arrives late roughly
+# offsetting the part of the warm-up that arrives early.
+_WAL_STATS = "select wal_records, wal_fpi, pg_current_wal_insert_lsn() - '0/0'::pg_lsn from pg_stat_wal"
 
 
 def _wal_stats(database_url: str) -> tuple[int, int, int] | None:
@@ -212,7 +216,7 @@ def _wal_stats(database_url: str) -> tuple[int, int, int] | None:
         (row,) = asyncio.run(_query(database_url, _WAL_STATS))
     except asyncpg.PostgresError:
         return None
-    return row[0], row[1], row[2]
+    return int(row[0]), int(row[1]), int(row[2])
 
 
 def _wal_per_request(before: tuple[int, int, int] | None, after: tuple[int, int, int] | None,
@@ -252,6 +256,8 @@ class Run:
         self.database_url = _database_url(args.pg_url, self.database_name)
         self.program = load_program(args.program_file or "")
         self.facts = seed.program_facts(self.program)
+        if problem := seed.history_problem(self.facts, args.history, args.history_every_days):
+            raise SystemExit(f"--history {args.history} --history-every-days {args.history_every_days}: {problem}")
         self.currency = self._currency()
         self.seeded_members = 0
         self.seed_seconds: dict[str, float] = {}
@@ -502,7 +508,7 @@ class Run:
                 threads=self.args.pgbench_threads,
             )  # fmt: skip
         result = run.as_dict() | {"usage": sampler.usage.as_dict() | quiet}
-        time.sleep(1)  # backends report their WAL counters within a second of going idle
+        time.sleep(1)  # pgbench's backends report their WAL counters as they exit
         result["wal_per_request"] = _wal_per_request(wal_before, _wal_stats(self.database_url), run.transactions)
         result["cpu_ms_per_request"] = _cpu_ms_per_request(result)
         return result

@@ -9,7 +9,21 @@
 --   create index concurrently purchases_member_created_points_idx
 --       on purchases (member_uid, created_at) include (points);
 --   create index concurrently refunds_member_idx on refunds (member_uid);
--- (A concurrent build that fails leaves an invalid index of that name: drop it and build again.)
+-- A concurrent build that failed leaves an invalid index of that name: this migration drops
+-- it and builds it again, so the index it relies on is never one PostgreSQL does not use.
+do $$
+declare
+    name text;
+begin
+    foreach name in array array['purchases_member_created_points_idx', 'refunds_member_idx'] loop
+        if exists (select from pg_index i join pg_class c on c.oid = i.indexrelid
+                   where c.relname = name and c.relnamespace = current_schema()::regnamespace
+                     and not i.indisvalid) then
+            execute format('drop index %I', name);
+        end if;
+    end loop;
+end
+$$;
 create index if not exists purchases_member_created_points_idx on purchases (member_uid, created_at) include (points);
-drop index purchases_member_created_idx;
+drop index if exists purchases_member_created_idx;
 create index if not exists refunds_member_idx on refunds (member_uid);

@@ -268,13 +268,16 @@ class PgbenchRun:
 
 
 def pgbench_connection_args(database_url: str) -> tuple[list[str], dict[str, str]]:
-    """pgbench's -h/-p/-U/dbname (and PGPASSWORD) from a postgresql:// URL; a ``?host=/dir``
-    query (a Unix socket's directory, as libpq and asyncpg read it) wins over the URL's host."""
+    """pgbench's -h/-p/-U/dbname (and PGPASSWORD) from a postgresql:// URL, read as asyncpg (so
+    konvert) reads it: ``?host=`` (a Unix socket's directory, say) and ``?port=`` count only
+    where the URL itself names no host or port."""
     from urllib.parse import parse_qs, unquote, urlsplit
 
     parts = urlsplit(database_url)
-    host = parse_qs(parts.query).get("host", [parts.hostname or "127.0.0.1"])[0]
-    args = ["-h", host, "-p", str(parts.port or 5432)]
+    query = parse_qs(parts.query)
+    host = parts.hostname or query.get("host", ["127.0.0.1"])[0]
+    port = parts.port or query.get("port", ["5432"])[0]
+    args = ["-h", host, "-p", str(port)]
     if parts.username:
         args += ["-U", unquote(parts.username)]
     env = {"PGPASSWORD": unquote(parts.password)} if parts.password else {}

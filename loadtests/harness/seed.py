@@ -40,13 +40,14 @@ create or replace function pg_temp.seed_redeemed(u bigint) returns bigint
     language sql immutable as $$ select case when u % 2 = 0 then 1 + u % 9 else 0 end::bigint $$;
 """
 
-# $1 lo, $2 hi, $3 history, $4 now, $5 tier window days, $6 tier names, $7 tier thresholds.
+# $1 lo, $2 hi, $3 history, $4 now, $5 tier window days, $6 tier names, $7 tier thresholds,
+# $8 the members' age in days.
 _MEMBERS = """
 insert into members (member_uid, member_id, points_available, points_pending, points_lifetime_earned, version,
                      created_at, tier, tier_qualifying_points, tier_evaluated_at)
 overriding system value
 select u, 'm' || u, s.available - pg_temp.seed_redeemed(u), s.pending, s.lifetime,
-       2 * $3 - 1 + (u % 2 = 0)::int, $4::timestamptz - interval '400 days', tier.name,
+       2 * $3 - 1 + (u % 2 = 0)::int, $4::timestamptz - make_interval(days => $8::int), tier.name,
        case when tier.name is null then 0 else s.qualifying end, case when tier.name is null then null else $4 end
 from generate_series($1::bigint, $2::bigint) u
 cross join lateral (
@@ -179,6 +180,21 @@ async def _system_account(conn: asyncpg.Connection, name: str) -> int:
     )
 
 
+# Seeded members joined this long ago; their purchases must be younger.
+MEMBER_AGE_DAYS = 400
+
+
+def history_problem(facts: ProgramFacts, history: int, every_days: int) -> str | None:
+    """Why ``history`` purchases ``every_days`` apart cannot be seeded (None: they can): the oldest
+    must be younger than the member, and not expired yet (the seed writes its lot as available)."""
+    oldest = max(2 * every_days, facts.return_window_days + 1) + (history - 2) * every_days + 19
+    if oldest >= MEMBER_AGE_DAYS:
+        return f"the oldest seeded purchase would be {oldest} days old, older than the members ({MEMBER_AGE_DAYS})"
+    if facts.expire_after_days is not None and oldest >= facts.expire_after_days:
+        return f"the oldest seeded purchase would be {oldest} days old, past the program's expiry ({facts.expire_after_days})"
+    return None
+
+
 def _functions(facts: ProgramFacts, every_days: int) -> str:
     """The seed's SQL functions; purchase 2 is at least ``2 * every_days`` old and past the return window."""
     first_vested = max(2 * every_days, facts.return_window_days + 1)
@@ -202,6 +218,8 @@ async def seed_members(
         raise ValueError("history must be at least 2 purchases per member (one pending, one available)")
     if every_days < 1:
         raise ValueError("purchases must be at least a day apart")
+    if problem := history_problem(facts, history, every_days):
+        raise ValueError(problem)
     functions = _functions(facts, every_days)
     started = time.monotonic()
     conn = await asyncpg.connect(database_url)
@@ -267,7 +285,8 @@ async def _seed_chunk(
             facts.expire_after_days)
     async with conn.transaction():
         await conn.execute(
-            _MEMBERS, lo, hi, history, now, facts.tier_window_days, facts.tier_names, facts.tier_thresholds
+            _MEMBERS, lo, hi, history, now, facts.tier_window_days, facts.tier_names, facts.tier_thresholds,
+            MEMBER_AGE_DAYS,
         )
         await conn.execute(_ACCOUNTS, lo, hi, account_base, batch_lo)
         await conn.execute(_LOTS, *rows)

@@ -87,11 +87,20 @@ SUPPORTED_SCHEMES = ("redis", "unix")
 
 def _database_of(scheme: str, path: str, query: str) -> int:
     """The database a URL selects, read as redis-py reads it (so that both clients of one URL use
-    the same database): ``?db=N`` wins, else ``redis://host/N``; a ``unix://`` path is the socket."""
+    the same database): ``?db=N`` wins, else ``redis://host/N``; a ``unix://`` path is the socket.
+    A path that is no number selects 0, as in redis-py; a ``?db=`` that is none is refused."""
     db = parse_qs(query).get("db")
     if db:
-        return int(db[0])
-    return int(path.lstrip("/") or 0) if scheme == "redis" else 0
+        try:
+            return int(db[0])
+        except ValueError:
+            raise ConfigurationError(f"KONVERT_REDIS_URL: ?db= must be a number, not {db[0]!r}") from None
+    if scheme == "redis" and path:
+        try:
+            return int(unquote(path).replace("/", ""))
+        except ValueError:
+            return 0
+    return 0
 
 
 class MultiplexedRedis:
@@ -101,7 +110,7 @@ class MultiplexedRedis:
         parts = urlsplit(url)
         if parts.scheme not in SUPPORTED_SCHEMES:
             raise ConfigurationError(f"KONVERT_REDIS_URL: the fast path does not support {parts.scheme!r}")
-        self._unix_path = parts.path if parts.scheme == "unix" else None
+        self._unix_path = unquote(parts.path) if parts.scheme == "unix" else None
         self._host, self._port = parts.hostname or "127.0.0.1", parts.port or 6379
         self._password = unquote(parts.password) if parts.password else None
         self._username = unquote(parts.username) if parts.username else None

@@ -71,14 +71,15 @@ def qualifying_points_sql(member_uid: str, since: str) -> str:
     never user input, so that the purchase statement can embed the same definition.
 
     Every purchase re-evaluates its member, so this runs once per posting and must not grow with
-    the member's history: the purchases are summed from an index that carries their points (an
-    index-only scan, sql/0009), the refunds found by member, which are few.
+    the member's purchases: they are summed from an index that carries their points (an
+    index-only scan, sql/0009). Refunds are found by member (all of the member's refunds, which
+    are few), each joined to its purchase, which must be the member's and in the window.
     """
     return f"""(
         (select coalesce(sum(p.points), 0) from purchases p
          where p.member_uid = {member_uid} and p.created_at >= {since})
         - (select coalesce(sum(r.points), 0) from refunds r join purchases p on p.purchase_pk = r.purchase_pk
-           where r.member_uid = {member_uid} and p.created_at >= {since})
+           where r.member_uid = {member_uid} and p.member_uid = {member_uid} and p.created_at >= {since})
     )::bigint"""
 
 

@@ -667,6 +667,41 @@ async def test_concurrent_migrations_apply_each_file_exactly_once(empty_database
     assert await recorded_migrations(empty_database_url) == migration_files()
 
 
+async def test_an_index_built_beforehand_is_kept_and_a_failed_build_is_built_again(empty_database_url: str) -> None:
+    """Migration 0009 lets operators build its indexes concurrently first (its header says how);
+    a concurrent build that failed leaves an invalid index, which the migration must not keep."""
+    migrations = db.load_migrations()
+    before_0009 = [m for m in migrations if m.version < 9]
+    conn = await asyncpg.connect(empty_database_url)
+    try:
+        await db.migrate(conn, before_0009)
+        await conn.execute(
+            "create index purchases_member_created_points_idx on purchases (member_uid, created_at) include (points)"
+        )
+        await conn.execute("create index refunds_member_idx on refunds (member_uid)")
+        built_beforehand = await conn.fetchval("select 'purchases_member_created_points_idx'::regclass::oid")
+        # What a failed `create index concurrently` leaves behind (superuser only, as the tests run).
+        await conn.execute(
+            "update pg_index set indisvalid = false where indexrelid = 'refunds_member_idx'::regclass"
+        )
+
+        await db.migrate(conn, migrations)
+
+        indexes = {
+            r["name"]: (r["oid"], r["indisvalid"])
+            for r in await conn.fetch(
+                "select c.relname as name, c.oid, i.indisvalid from pg_index i join pg_class c on c.oid = i.indexrelid"
+                " where c.relname = any($1::text[])",
+                ["purchases_member_created_points_idx", "refunds_member_idx", "purchases_member_created_idx"],
+            )
+        }
+    finally:
+        await conn.close()
+    assert indexes["purchases_member_created_points_idx"] == (built_beforehand, True)  # kept, not rebuilt
+    assert indexes["refunds_member_idx"][1] is True  # dropped and built again
+    assert "purchases_member_created_idx" not in indexes
+
+
 async def test_a_changed_migration_is_refused(empty_database_url: str) -> None:
     await db.migrate_url(empty_database_url)
     conn = await asyncpg.connect(empty_database_url)

@@ -282,6 +282,16 @@ async def test_a_replay_in_a_batch_does_not_lock_members_out_of_order(tier_servi
         assert not isinstance(results[0], asyncpg.DeadlockDetectedError), "batch A deadlocked with batch B"
 
 
+async def _waiting_for_a_lock(pool: asyncpg.Pool, pid: int, timeout: float = 10.0) -> None:
+    """Until the backend ``pid`` waits for a lock. Each look is a transaction of its own: within
+    one, PostgreSQL keeps showing the pg_stat_activity it saw first."""
+    deadline = time.monotonic() + timeout
+    query = "select wait_event_type = 'Lock' from pg_stat_activity where pid = $1"
+    while not await pool.fetchval(query, pid):
+        assert time.monotonic() < deadline, f"backend {pid} never waited for a lock"
+        await asyncio.sleep(0.01)
+
+
 async def test_batches_posting_one_purchase_id_for_different_members_do_not_deadlock(tier_services, new_id):
     """Two batches that both hold purchase ids the other posts (for other members: a client's
     mistake) insert them in one order, so one waits for the other instead of both for each other."""
@@ -304,11 +314,11 @@ async def test_batches_posting_one_purchase_id_for_different_members_do_not_dead
         await blocker.start()
         await earning.write_purchases(services, conn_c, postings(("f", w)))
         a = asyncio.create_task(earning.write_purchases(services, conn_a, batch_a))
-        await asyncio.sleep(0.3)
+        await _waiting_for_a_lock(services.pool, conn_a.get_server_pid())
         # ... while batch B takes y in its member order and then waits for A's x. Once w is free,
         # A would wait for B's y: a deadlock, unless both insert in purchase id order.
         b = asyncio.create_task(earning.write_purchases(services, conn_b, batch_b))
-        await asyncio.sleep(0.3)
+        await _waiting_for_a_lock(services.pool, conn_b.get_server_pid())
         await blocker.rollback()
         results = await asyncio.gather(a, b, return_exceptions=True)
 

@@ -26,6 +26,15 @@ def test_pgbench_uses_the_unix_socket_a_host_query_names() -> None:
     assert env == {}
 
 
+def test_pgbench_reads_host_and_port_queries_as_asyncpg_does() -> None:
+    # The query counts only where the URL names no host or port itself, as asyncpg reads it.
+    tcp, _ = pgbench_connection_args("postgresql://u@127.0.0.1/db?host=/run/postgresql")
+    socket_port, _ = pgbench_connection_args("postgresql://u@/db?host=/tmp&port=5433")
+
+    assert tcp[:4] == ["-h", "127.0.0.1", "-p", "5432"]
+    assert socket_port[:4] == ["-h", "/tmp", "-p", "5433"]
+
+
 def test_wal_per_request_divides_the_server_s_counters_by_the_requests() -> None:
     run = _load_run_py()
 
@@ -42,3 +51,19 @@ def _load_run_py():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_a_seeded_history_must_fit_in_the_members_life_and_the_program_s_expiry() -> None:
+    from dataclasses import replace
+
+    from harness.seed import ProgramFacts, history_problem
+
+    facts = ProgramFacts(
+        partner="webshop", return_window_days=14, expire_after_days=730, tier_window_days=365,
+        tier_names=[], tier_thresholds=[],
+    )  # fmt: skip
+
+    assert history_problem(facts, 3, 30) is None  # the default: 60 and 90 days old (+ up to 19)
+    assert history_problem(facts, 100, 3) is None  # frequent shoppers: up to 328 days old
+    assert "older than the members" in history_problem(facts, 20, 30)
+    assert "past the program's expiry" in history_problem(replace(facts, expire_after_days=200), 100, 3)

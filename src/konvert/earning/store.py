@@ -143,7 +143,8 @@ INSERT_PURCHASES = """
         where member_uid in (select member_uid from unchanged)
         -- In purchase id order, not member order: two batches that both post ids the other
         -- holds (for other members) then wait for each other in one direction, never in a circle.
-        -- A member's purchases keep their order (the batch sorts by member, then purchase id).
+        -- (A member's purchases get their purchase_pk in purchase id order, by the database's
+        -- collation; the batch's own order, and the tier carried through it, is ord.)
         order by partner, purchase_id
         on conflict (partner, purchase_id) do nothing
         returning partner, purchase_id
