@@ -19,7 +19,7 @@ from litestar.testing import AsyncTestClient
 from konvert import auth
 from konvert.app import create_app
 from konvert.earning import service as earning
-from konvert.earning.model import PurchaseIn
+from konvert.earning.model import PurchaseIn, RefundIn
 from konvert.earning.store import PurchaseTakenConcurrently
 from konvert.program import parse_program
 from konvert.redemption.service import expire_due_lots
@@ -332,6 +332,38 @@ async def test_batches_posting_one_purchase_id_for_different_members_do_not_dead
         [x, w, y],
     )
     assert [(r["purchase_id"], r["member_id"]) for r in owners] == [(x, f"a-{tag}"), (w, f"b-{tag}"), (y, f"c-{tag}")]
+
+
+async def test_a_refund_locks_the_member_before_the_purchase(tier_services, new_id):
+    """An erasure locks the member, then rewrites its purchases; a refund that locked the
+    purchase first and then waited for the member could deadlock with it."""
+    services = tier_services
+    member, purchase_id = new_id("m"), new_id("p")
+    await earning.post_purchase(services, _purchase_in(member, purchase_id, 50))
+    refund_in = msgspec.convert({"refund_id": "r1", "amount": 1000}, RefundIn)
+    async with services.pool.acquire() as holder:
+        held = holder.transaction()
+        await held.start()
+        await holder.execute("select from members where member_id = $1 for update", member)
+        refund = asyncio.create_task(earning.refund_purchase(services, purchase_id, refund_in))
+        try:
+            deadline = time.monotonic() + 10
+            waiting = (
+                "select count(*) from pg_stat_activity where datname = current_database()"
+                " and wait_event_type = 'Lock' and pid <> $1"
+            )
+            while not await services.pool.fetchval(waiting, holder.get_server_pid()):
+                assert time.monotonic() < deadline, "the refund never waited for the member"
+                await asyncio.sleep(0.01)
+            # While the refund waits for the member, it holds no lock on the purchase.
+            async with services.pool.acquire() as probe, probe.transaction():
+                await probe.execute(
+                    "select from purchases where purchase_id = $1 for update nowait", purchase_id
+                )
+        finally:
+            await held.rollback()
+            outcome = await refund
+    assert msgspec.json.decode(outcome.body)["points"] == 10
 
 
 # --- 6. Redis: the multiplexed connection and a Redis that does not answer ------------------

@@ -389,9 +389,13 @@ async def refund_purchase(services: Services, purchase_id: str, refund: RefundIn
     """Claw back the points the refunded lines (or amount) earned, once per refund_id."""
     async with services.pool.acquire() as conn, conn.transaction():
         partner = refund.partner or await _partner_of(conn, purchase_id)
-        purchase = await store.lock_purchase(conn, partner, purchase_id)
-        if purchase is None:
+        # The member first, then the purchase: the order of every writer that takes both (an
+        # erasure locks the member, then rewrites its purchases), so the two cannot deadlock.
+        member_uid = await store.select_purchase_member(conn, partner, purchase_id)
+        if member_uid is None:
             raise errors.PurchaseNotFound(f"no purchase {purchase_id!r} from partner {partner!r}")
+        await ledger.lock_member(conn, member_uid)
+        purchase = await store.lock_purchase(conn, partner, purchase_id)
         digest = request_hash(partner, purchase_id, msgspec.structs.replace(refund, partner=partner))
         existing = await store.select_refund_replay(conn, purchase["purchase_pk"], refund.refund_id)
         if existing is not None:

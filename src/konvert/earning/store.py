@@ -212,6 +212,13 @@ async def select_partners_of_purchase(conn: asyncpg.Connection, purchase_id: str
     return [r["partner"] for r in rows]
 
 
+async def select_purchase_member(conn: asyncpg.Connection, partner: str, purchase_id: str) -> int | None:
+    """The member_uid of a purchase (which never changes), or None."""
+    return await conn.fetchval(
+        "select member_uid from purchases where partner = $1 and purchase_id = $2", partner, purchase_id
+    )
+
+
 async def lock_purchase(conn: asyncpg.Connection, partner: str, purchase_id: str) -> asyncpg.Record | None:
     return await conn.fetchrow(
         """
