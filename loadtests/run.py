@@ -207,27 +207,37 @@ def _redis_stats(redis_url: str) -> tuple[int, int]:
 # server's counters, which backends report at most once a second while busy and up to 10 s after
 # they go idle: per request they are approximate, the part of one run that arrives late roughly
 # offsetting the part of the warm-up that arrives early.
-_WAL_STATS = "select wal_records, wal_fpi, pg_current_wal_insert_lsn() - '0/0'::pg_lsn from pg_stat_wal"
+_WAL_STATS = """
+    select wal_records, wal_fpi, pg_current_wal_insert_lsn() - '0/0'::pg_lsn,
+           (select xact_commit + xact_rollback from pg_stat_database where datname = current_database())
+    from pg_stat_wal
+"""
 
 
-def _wal_stats(database_url: str) -> tuple[int, int, int] | None:
-    """The server's WAL counters (records, full-page images, bytes; PostgreSQL 14+), or None."""
+def _wal_stats(database_url: str) -> tuple[int, int, int, int] | None:
+    """The server's WAL counters (records, full-page images, bytes; PostgreSQL 14+) and the
+    database's transactions (as late as the records), or None."""
     try:
         (row,) = asyncio.run(_query(database_url, _WAL_STATS))
     except asyncpg.PostgresError:
         return None
-    return int(row[0]), int(row[1]), int(row[2])
+    return int(row[0]), int(row[1]), int(row[2]), int(row[3])
 
 
-def _wal_per_request(before: tuple[int, int, int] | None, after: tuple[int, int, int] | None,
+def _wal_per_request(before: tuple[int, ...] | None, after: tuple[int, ...] | None,
                      requests: int) -> dict[str, float] | None:  # fmt: skip
     """WAL written per request (or pgbench transaction): every write's durable cost, and full-page
-    images, which grow with how many distinct pages the writes touch between checkpoints."""
+    images, which grow with how many distinct pages the writes touch between checkpoints; and the
+    database's transactions per request, which say how well writes share them (group commit: a
+    purchase batch is two)."""
     if before is None or after is None or not requests:
         return None
-    records, fpi, size = (a - b for a, b in zip(after, before, strict=True))
-    return {"records": round(records / requests, 2), "full_page_images": round(fpi / requests, 3),
-            "bytes": round(size / requests)}  # fmt: skip
+    records, fpi, size, *transactions = (a - b for a, b in zip(after, before, strict=True))
+    per_request = {"records": round(records / requests, 2), "full_page_images": round(fpi / requests, 3),
+                   "bytes": round(size / requests)}  # fmt: skip
+    if transactions:
+        per_request["transactions"] = round(transactions[0] / requests, 3)
+    return per_request
 
 
 def _flush_redis(redis_url: str) -> None:

@@ -38,9 +38,9 @@ def test_pgbench_reads_host_and_port_queries_as_asyncpg_does() -> None:
 def test_wal_per_request_divides_the_server_s_counters_by_the_requests() -> None:
     run = _load_run_py()
 
-    per_request = run._wal_per_request((10, 1, 1_000), (110, 6, 51_000), 50)
+    per_request = run._wal_per_request((10, 1, 1_000, 7), (110, 6, 51_000, 17), 50)
 
-    assert per_request == {"records": 2.0, "full_page_images": 0.1, "bytes": 1000}
+    assert per_request == {"records": 2.0, "full_page_images": 0.1, "bytes": 1000, "transactions": 0.2}
     assert run._wal_per_request(None, (110, 6, 51_000), 50) is None  # no pg_stat_wal (PostgreSQL < 14)
     assert run._wal_per_request((10, 1, 1_000), (110, 6, 51_000), 0) is None
 
