@@ -187,7 +187,7 @@ MEMBER_AGE_DAYS = 400
 def history_problem(facts: ProgramFacts, history: int, every_days: int) -> str | None:
     """Why ``history`` purchases ``every_days`` apart cannot be seeded (None: they can): the oldest
     must be younger than the member, and not expired yet (the seed writes its lot as available)."""
-    oldest = max(2 * every_days, facts.return_window_days + 1) + (history - 2) * every_days + 19
+    oldest = _first_vested_age(facts, every_days) + (history - 2) * every_days + 19
     if oldest >= MEMBER_AGE_DAYS:
         return f"the oldest seeded purchase would be {oldest} days old, older than the members ({MEMBER_AGE_DAYS})"
     if facts.expire_after_days is not None and oldest >= facts.expire_after_days:
@@ -195,9 +195,14 @@ def history_problem(facts: ProgramFacts, history: int, every_days: int) -> str |
     return None
 
 
+def _first_vested_age(facts: ProgramFacts, every_days: int) -> int:
+    """Days since purchase 2 (before its member's ``u % 20``): ``2 * every_days``, and past the return window."""
+    return max(2 * every_days, facts.return_window_days + 1)
+
+
 def _functions(facts: ProgramFacts, every_days: int) -> str:
-    """The seed's SQL functions; purchase 2 is at least ``2 * every_days`` old and past the return window."""
-    first_vested = max(2 * every_days, facts.return_window_days + 1)
+    """The seed's SQL functions (seed_age_days: purchase 1, then purchases 2.. ``every_days`` apart)."""
+    first_vested = _first_vested_age(facts, every_days)
     return _FUNCTIONS.replace("{first_vested}", str(first_vested)).replace("{every}", str(every_days))
 
 

@@ -282,14 +282,18 @@ async def test_a_replay_in_a_batch_does_not_lock_members_out_of_order(tier_servi
         assert not isinstance(results[0], asyncpg.DeadlockDetectedError), "batch A deadlocked with batch B"
 
 
-async def _waiting_for_a_lock(pool: asyncpg.Pool, pid: int, timeout: float = 10.0) -> None:
-    """Until the backend ``pid`` waits for a lock. Each look is a transaction of its own: within
-    one, PostgreSQL keeps showing the pg_stat_activity it saw first."""
+async def _until(pool: asyncpg.Pool, query: str, *args: object, timeout: float = 10.0) -> None:
+    """Until ``query`` is true. Each look is a transaction of its own: within one, PostgreSQL
+    keeps showing the pg_stat_activity it saw first."""
     deadline = time.monotonic() + timeout
-    query = "select wait_event_type = 'Lock' from pg_stat_activity where pid = $1"
-    while not await pool.fetchval(query, pid):
-        assert time.monotonic() < deadline, f"backend {pid} never waited for a lock"
+    while not await pool.fetchval(query, *args):
+        assert time.monotonic() < deadline, f"never true: {query} {args}"
         await asyncio.sleep(0.01)
+
+
+async def _waiting_for_a_lock(pool: asyncpg.Pool, pid: int) -> None:
+    """Until the backend ``pid`` waits for a lock."""
+    await _until(pool, "select wait_event_type = 'Lock' from pg_stat_activity where pid = $1", pid)
 
 
 async def test_batches_posting_one_purchase_id_for_different_members_do_not_deadlock(tier_services, new_id):
@@ -347,14 +351,12 @@ async def test_a_refund_locks_the_member_before_the_purchase(tier_services, new_
         await holder.execute("select from members where member_id = $1 for update", member)
         refund = asyncio.create_task(earning.refund_purchase(services, purchase_id, refund_in))
         try:
-            deadline = time.monotonic() + 10
-            waiting = (
-                "select count(*) from pg_stat_activity where datname = current_database()"
-                " and wait_event_type = 'Lock' and pid <> $1"
+            await _until(  # the refund waits for the member
+                services.pool,
+                "select count(*) > 0 from pg_stat_activity where datname = current_database()"
+                " and wait_event_type = 'Lock' and pid <> $1",
+                holder.get_server_pid(),
             )
-            while not await services.pool.fetchval(waiting, holder.get_server_pid()):
-                assert time.monotonic() < deadline, "the refund never waited for the member"
-                await asyncio.sleep(0.01)
             # While the refund waits for the member, it holds no lock on the purchase.
             async with services.pool.acquire() as probe, probe.transaction():
                 await probe.execute(
