@@ -106,3 +106,46 @@ async def test_audit_names_the_broken_invariant(busy_ledger, redis_url, invarian
     result = _cli_audit(busy_ledger, redis_url)
     assert result.returncode == 1
     assert f"VIOLATION {invariant}" in result.stdout
+
+
+# Transfers, lots and purchases have no foreign keys (sql/0011): the audit finds a reference
+# that points nowhere, whichever of the three holds it.
+DANGLING = {
+    "transfer": (
+        "update transfers set debit_account_id = -1 where transfer_id = (select min(transfer_id) from transfers)",
+        "no account -1",
+    ),
+    "lot": ("update lots set member_uid = -2 where lot_id = (select min(lot_id) from lots)", "no member -2"),
+    "purchase": (
+        "update purchases set transfer_id = -3 where purchase_pk = (select min(purchase_pk) from purchases)",
+        "no transfer -3",
+    ),
+}
+
+
+@pytest.mark.parametrize("holder", sorted(DANGLING))
+async def test_audit_finds_a_reference_that_points_nowhere(busy_ledger, holder):
+    corruption, detail = DANGLING[holder]
+    conn = await asyncpg.connect(busy_ledger)
+    try:
+        await conn.execute(corruption)
+    finally:
+        await conn.close()
+
+    found = [v.detail for v in await _audit(busy_ledger) if v.invariant == "6 every reference resolves"]
+
+    assert len(found) == 1 and found[0].startswith(f"{holder} ") and detail in found[0], found
+
+
+@pytest.mark.parametrize("table", ["members", "accounts", "lots", "transfers", "purchases"])
+async def test_nothing_a_ledger_row_refers_to_is_ever_deleted(fresh_database_url, table):
+    conn = await asyncpg.connect(fresh_database_url)
+    try:
+        await conn.execute("insert into members (member_id) values ('kept')")  # something to delete
+        before = await conn.fetchval(f"select count(*) from {table}")
+        for statement in (f"delete from {table}", f"truncate {table} cascade"):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError, match="never deleted"):
+                await conn.execute(statement)
+        assert await conn.fetchval(f"select count(*) from {table}") == before
+    finally:
+        await conn.close()

@@ -380,7 +380,6 @@ async def _prepare(
         tier=tier,
         tier_below_since=below_since,
         tier_qualifying_points=qualifying,
-        tier_evaluated_at=now if window_start is not None else None,
     )
     return row, posting, expected_new
 

@@ -75,7 +75,6 @@ class PurchaseRow(NamedTuple):
     tier: str | None
     tier_below_since: datetime | None
     tier_qualifying_points: int
-    tier_evaluated_at: datetime | None
 
 
 # The SQLSTATE konvert_abort() raises (sql/0007_statement_assertions.sql).
@@ -122,17 +121,16 @@ INSERT_PURCHASES = """
         from unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::timestamptz[], $6::bigint[], $7::bigint[],
                     $8::text[], $9::bigint[], $10::bigint[], $11::bytea[], $12::bytea[], $13::text[],
                     $14::timestamptz[], $15::timestamptz[], $16::bigint[], $17::text[], $18::timestamptz[],
-                    $19::bigint[], $20::timestamptz[])
+                    $19::bigint[])
              with ordinality as r (partner, purchase_id, member_uid, currency, occurred_at, total_amount, points,
                                    refund_state, lot_id, transfer_id, request_hash, response, bucket, vests_at,
-                                   expires_at, issued_account_id, tier, tier_below_since, tier_qualifying_points,
-                                   tier_evaluated_at, ord)
+                                   expires_at, issued_account_id, tier, tier_below_since, tier_qualifying_points, ord)
     ), locked as materialized (
         -- Under the lock, a row updated meanwhile is seen at its latest committed version.
-        select member_uid, version from members where member_uid = any($21::bigint[]) order by member_uid for update
+        select member_uid, version from members where member_uid = any($20::bigint[]) order by member_uid for update
     ), unchanged as materialized (
         select l.member_uid
-        from locked l join unnest($21::bigint[], $22::bigint[]) as e (member_uid, version)
+        from locked l join unnest($20::bigint[], $21::bigint[]) as e (member_uid, version)
              on e.member_uid = l.member_uid and e.version = l.version
     ), purchase as (
         insert into purchases (partner, purchase_id, member_uid, currency, occurred_at, total_amount, points,
@@ -169,7 +167,7 @@ INSERT_PURCHASES = """
                sum(points) filter (where bucket = 'available') over m as available,
                sum(points) over m as earned,
                count(*) over m as purchases,
-               tier, tier_below_since, tier_qualifying_points, tier_evaluated_at
+               tier, tier_below_since, tier_qualifying_points
         from written
         window m as (partition by member_uid)
         order by member_uid, ord desc
@@ -178,8 +176,9 @@ INSERT_PURCHASES = """
         set points_pending = m.points_pending + coalesce(c.pending, 0),
             points_available = m.points_available + coalesce(c.available, 0),
             points_lifetime_earned = m.points_lifetime_earned + c.earned,
+            -- Not tier_evaluated_at, which the daily tier job keeps: it is indexed, and an update
+            -- that changes no indexed column rewrites the row in place (HOT: no index entries).
             tier = c.tier, tier_below_since = c.tier_below_since, tier_qualifying_points = c.tier_qualifying_points,
-            tier_evaluated_at = coalesce(c.tier_evaluated_at, m.tier_evaluated_at),
             version = m.version + c.purchases
         from change c
         where m.member_uid = c.member_uid
