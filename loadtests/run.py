@@ -53,19 +53,21 @@ from harness.service import (  # noqa: E402
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"
 
-SCENARIOS = ("noop", "noop_routed", "pgbench", "balance_uniform", "balance_hot", "balance_half", "purchases", "redemptions", "mixed")
+SCENARIOS = ("noop", "noop_routed", "pgbench", "balance_uniform", "balance_hot", "balance_warm", "balance_half", "purchases",
+             "redemptions", "mixed")
 GROUPS = {
     "all": SCENARIOS,
     "baselines": ("noop", "noop_routed", "pgbench"),
-    "balance": ("balance_uniform", "balance_hot", "balance_half"),
+    "balance": ("balance_uniform", "balance_hot", "balance_warm", "balance_half"),
 }
-SCALING_SCENARIOS = ("noop", "noop_routed", "pgbench", "balance_uniform", "balance_hot", "purchases")
+SCALING_SCENARIOS = ("noop", "noop_routed", "pgbench", "balance_uniform", "balance_hot", "balance_warm", "purchases")
 SCALING_SIZES = (10_000, 1_000_000)
 HTTP_SCRIPTS = {
     "noop": "noop",
     "noop_routed": "noop_routed",
     "balance_uniform": "balance",
     "balance_hot": "balance",
+    "balance_warm": "balance",
     "balance_half": "balance",
     "purchases": "purchases",
     "redemptions": "redemptions",
@@ -199,6 +201,17 @@ def _redis_stats(redis_url: str) -> tuple[int, int]:
     try:
         stats = client.info("stats")
         return int(stats["keyspace_hits"]), int(stats["keyspace_misses"])
+    finally:
+        client.close()
+
+
+def _redis_memory(redis_url: str) -> tuple[int, int]:
+    """Keys in the harness's database, and the memory Redis uses in all."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return int(client.dbsize()), int(client.info("memory")["used_memory"])
     finally:
         client.close()
 
@@ -553,6 +566,15 @@ class Run:
                 # the previous one left off: each starts from an empty cache and its own warm-up.
                 _flush_redis(self.args.redis_url)
                 runs.append(self.run_http(scenario, members, workers, delay_ms=delay_ms, first=attempt == 0))
+            elif scenario == "balance_warm":
+                # Uniform reads once every balance is cached (`konvert cache warm` into the flushed
+                # cache, beside the running service): what a read costs at any number of members
+                # when Redis holds them all, where balance_uniform measures the cold cache.
+                if attempt == 0:
+                    _flush_redis(self.args.redis_url)
+                    warmed = self.warm_cache()
+                runs.append(self.run_http(scenario, members, workers, warmup=attempt == 0, first=attempt == 0)
+                            | {"cache_warm": warmed})  # fmt: skip
             else:
                 runs.append(self.run_http(scenario, members, workers, delay_ms=delay_ms, warmup=attempt == 0,
                                           first=attempt == 0))  # fmt: skip
@@ -627,6 +649,22 @@ class Run:
             "audit_passed": self.audit(),
         }
         return config
+
+    def warm_cache(self) -> dict:
+        """``konvert cache warm``: how long it took, and what the cached balances take in Redis."""
+        self.say("konvert cache warm")
+        keys_before, used_before = _redis_memory(self.args.redis_url)
+        started = time.monotonic()
+        warmed = run_cli(self.env(), "cache", "warm")
+        seconds = time.monotonic() - started
+        if warmed.returncode != 0:
+            raise SystemExit(f"konvert cache warm failed: {(warmed.stdout + warmed.stderr).strip()[-500:]}")
+        keys, used = _redis_memory(self.args.redis_url)
+        added, grown = keys - keys_before, used - used_before
+        self.say(f"  {warmed.stdout.strip()}; Redis grew by {grown / 2**20:,.1f} MiB for {added:,} keys")
+        return {"seconds": round(seconds, 1), "output": warmed.stdout.strip(), "redis_keys_added": added,
+                "redis_memory_added_mib": round(grown / 2**20, 1),
+                "bytes_per_key": round(grown / added) if added else None}  # fmt: skip
 
     def audit(self) -> bool:
         self.say("konvert audit")

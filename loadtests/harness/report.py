@@ -51,6 +51,7 @@ def config_ratios(config: dict) -> dict[str, float | None]:
         "purchases_vs_pgbench": _ratio(_rps(config, "purchases"), _rps(config, "pgbench")),
         "balance_uniform_vs_noop": _ratio(_rps(config, "balance_uniform"), _rps(config, "noop")),
         "balance_hot_vs_noop": _ratio(_rps(config, "balance_hot"), _rps(config, "noop")),
+        "balance_warm_vs_noop": _ratio(_rps(config, "balance_warm"), _rps(config, "noop")),
         # Against the no-op as the framework routes it: how the ratios read before konvert
         # answered /health/live (and plain balance reads) without the framework.
         "balance_hot_vs_noop_routed": _ratio(_rps(config, "balance_hot"), _rps(config, "noop_routed")),
@@ -80,6 +81,10 @@ def targets(configs: list[dict]) -> list[Target]:
             value = ratios["balance_hot_vs_noop"]
             found.append(Target(f"balance reads, hot skew / no-op ({label(config)})", value,
                                 f">= {BALANCE_VS_NOOP_MIN}x", value >= BALANCE_VS_NOOP_MIN, "x"))  # fmt: skip
+        if ratios.get("balance_warm_vs_noop") is not None:
+            value = ratios["balance_warm_vs_noop"]
+            found.append(Target(f"balance reads, uniform, every balance cached / no-op ({label(config)})", value,
+                                f">= {BALANCE_VS_NOOP_MIN}x", value >= BALANCE_VS_NOOP_MIN, "x"))  # fmt: skip
         half = config["scenarios"].get("balance_half")
         if half:
             value = half["latency_ms"]["p99"]
@@ -106,7 +111,7 @@ def targets(configs: list[dict]) -> list[Target]:
         if len(sizes) < 2:
             continue
         small, large = sizes[min(sizes)], sizes[max(sizes)]
-        for scenario in ("purchases", "balance_uniform", "balance_hot"):
+        for scenario in ("purchases", "balance_uniform", "balance_hot", "balance_warm"):
             ratio = _ratio(_rps(large, scenario), _rps(small, scenario))
             if ratio is not None:
                 found.append(Target(

@@ -118,6 +118,28 @@ class BalanceCache:
     async def put(self, member_id: str, version: int, body: bytes) -> None:
         await self._put(member_id, version, body)
 
+    async def put_many(self, balances: list[tuple[str, int, bytes]]) -> bool:
+        """``put`` for many (member id, version, body) in one round trip: each is cached unless a
+        newer one is. False (and the breaker opened) when Redis could not be asked."""
+        if not self._available():
+            return False
+        try:
+            if self._reader is not None:  # the multiplexed connection sends them in one write
+                await asyncio.gather(*(self._eval_put(balance_key(m), v, b) for m, v, b in balances))
+            else:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for member_id, version, body in balances:
+                        await self._put_if_newer(
+                            keys=[balance_key(member_id)],
+                            args=[version, body, self._ttl_seconds],
+                            client=pipe,
+                        )
+                    await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self._failed("put", exc)
+            return False
+        return True
+
     def put_soon(self, member_id: str, version: int, body: bytes) -> None:
         """``put`` without waiting for it: a read that missed answers first and fills the cache
         after. Safe in any order: the fill only lands if nothing newer is cached meanwhile.

@@ -1,4 +1,4 @@
-"""``konvert serve | migrate | keys | jobs | audit | leaderboards``.
+"""``konvert serve | migrate | keys | jobs | audit | leaderboards | cache``.
 
 Every command builds its settings from ``KONVERT_*`` once. Without KONVERT_DATABASE_URL /
 KONVERT_REDIS_URL it starts the embedded PostgreSQL / Redis under the data directory. A bad
@@ -15,6 +15,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -224,6 +225,15 @@ def cmd_leaderboards(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace, settings: Settings) -> int:
+    from konvert.ledger.service import warm_balances
+
+    started = time.monotonic()
+    warmed = asyncio.run(_with_services(with_servers(settings), lambda s: warm_balances(s, args.batch_size)))
+    print(f"balances cached: {warmed} members in {time.monotonic() - started:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="konvert", description="konvert loyalty points and reputation engine"
@@ -264,6 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
         "rebuild", help="recreate every leaderboard exactly from PostgreSQL"
     )
     leaderboards.set_defaults(run=cmd_leaderboards)
+
+    cache = commands.add_parser("cache", help="manage the balance cache in Redis")
+    warm = cache.add_subparsers(dest="cache_command", required=True).add_parser(
+        "warm", help="cache every member's balance (after Redis lost them: reads then skip PostgreSQL)"
+    )
+    warm.add_argument("--batch-size", type=int, default=1000, help="members per query (default 1000)")
+    cache.set_defaults(run=cmd_cache)
     return parser
 
 

@@ -57,7 +57,7 @@ def test_harness_loses_nothing_and_the_audit_passes(tmp_path: Path) -> None:
         [
             sys.executable, str(RUN_PY), "--quick", "--members", "200", "--history", "8", "--history-every-days", "3",
             "--duration", "2", "--warmup", "0.5",
-            "--connections", "8", "--scenarios", "purchases,redemptions,mixed",
+            "--connections", "8", "--scenarios", "balance_warm,purchases,redemptions,mixed",
             "--pg-url", database_url, "--redis-url", redis_url, "--output", str(output),
         ],  # fmt: skip
         cwd=ROOT,
@@ -69,7 +69,7 @@ def test_harness_loses_nothing_and_the_audit_passes(tmp_path: Path) -> None:
     assert output.exists(), f"no result written (exit {completed.returncode}):\n{completed.stdout}\n{completed.stderr}"
     result = json.loads(output.read_text())
     config = result["configs"][0]
-    writes = {name: scenario["writes"] for name, scenario in config["scenarios"].items()}
+    writes = {name: scenario["writes"] for name, scenario in config["scenarios"].items() if name != "balance_warm"}
     assert result["nothing_lost"] is True, json.dumps(writes, indent=2)
     assert result["audit_passed"] is True, completed.stdout
     assert completed.returncode == 0, completed.stdout + completed.stderr
@@ -85,5 +85,10 @@ def test_harness_loses_nothing_and_the_audit_passes(tmp_path: Path) -> None:
     # and the mixed day's balance reads are split by where they were served from.
     for name, scenario in config["scenarios"].items():
         assert scenario["server_latency"]["requests"] >= scenario["requests"], (name, scenario["server_latency"])
+    # balance_warm read every balance from Redis after `konvert cache warm` put them all there
+    # (it runs first: no write has invalidated one yet).
+    warm = config["scenarios"]["balance_warm"]
+    assert warm["cache_warm"]["output"].startswith("balances cached: 200 members"), warm["cache_warm"]
+    assert warm["balance_read_sources"] == {"redis": 1.0}, warm["balance_read_sources"]
     sources = config["scenarios"]["mixed"]["balance_read_sources"]
     assert set(sources) <= {"redis", "database"} and abs(sum(sources.values()) - 1) < 0.01, sources

@@ -10,6 +10,7 @@ import asyncpg
 import msgspec
 
 from konvert import errors, tiers
+from konvert.fastredis import RedisUnavailable
 from konvert.ledger import store
 from konvert.ledger.model import ActivityItem, ActivityPage, Balance, Cause, ExpiringPoints, TierStatus
 from konvert.observability import TALLY
@@ -46,6 +47,10 @@ async def read_balance(services: Services, member_id: str, expiring_within_days:
         row = await store.select_balance(services.pool, member_id, EXPIRING_DATES_MAX, before)
     if row is None:
         raise errors.MemberNotFound(f"no member {member_id!r}")
+    return _balance_of(services, row)
+
+
+def _balance_of(services: Services, row: asyncpg.Record) -> Balance:
     return Balance(
         member_id=row["member_id"],
         available=row["points_available"],
@@ -57,6 +62,24 @@ async def read_balance(services: Services, member_id: str, expiring_within_days:
         tier=_tier_status(services, row),
         version=row["version"],
     )
+
+
+async def warm_balances(services: Services, batch_size: int = 1000) -> int:
+    """Put every member's balance (erased members aside) in the cache, as a read that missed it
+    would, and return how many. For when Redis has lost them (a restart without persistence, a
+    flush, a failover): reads then find their balances instead of all going to PostgreSQL at
+    once. Safe beside live traffic: a balance is cached only if nothing newer is (a write
+    committed meanwhile leaves its newer version there). Raises RedisUnavailable when Redis
+    does not take them."""
+    expiring_lots = services.program.points.expiring_lots_shown
+    warmed, after = 0, 0
+    while rows := await store.select_balances_after(services.pool, after, batch_size, expiring_lots):
+        balances = [(row["member_id"], row["version"], _encode(_balance_of(services, row))) for row in rows]
+        if not await services.balances.put_many(balances):
+            raise RedisUnavailable(f"Redis did not take the balances of the members after member_uid {after}")
+        warmed += len(rows)
+        after = rows[-1]["member_uid"]
+    return warmed
 
 
 def _tier_status(services: Services, row: asyncpg.Record) -> TierStatus | None:

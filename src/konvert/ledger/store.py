@@ -232,16 +232,12 @@ async def select_balance(
     return rows[0] if rows else None
 
 
-async def select_balances(
-    conn: asyncpg.Connection | asyncpg.Pool,
-    member_ids: list[str],
-    expiring_lots: int,
-    expiring_before: datetime | None = None,
-) -> list[asyncpg.Record]:
-    """``select_balance`` for several members in one statement (those that exist, in no order)."""
-    return await conn.fetch(
-        """
-        select m.member_id, m.points_available, m.points_pending, m.points_held, m.points_debt,
+def _balances_sql(members: str) -> str:
+    """Stored balances, tier and the soonest-expiring points grouped by date (at most $2 dates,
+    only those before $3 unless it is null) of the members that ``members`` selects (the
+    query's tail, over ``members m``)."""
+    return f"""
+        select m.member_uid, m.member_id, m.points_available, m.points_pending, m.points_held, m.points_debt,
                m.points_lifetime_earned, m.reputation, m.version,
                m.tier, m.tier_qualifying_points, m.tier_below_since,
                coalesce((
@@ -254,12 +250,32 @@ async def select_balances(
                        group by expires_at order by expires_at limit $2
                    ) e
                ), '[]') as expiring
-        from members m where m.member_id = any($1::text[])
-        """,
-        member_ids,
-        expiring_lots,
-        expiring_before,
-    )
+        {members}
+    """
+
+
+_BALANCES_OF = _balances_sql("from members m where m.member_id = any($1::text[])")
+_BALANCES_AFTER = _balances_sql(
+    "from members m where m.member_uid > $1 and m.erased_at is null order by m.member_uid limit $4"
+)
+
+
+async def select_balances(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    member_ids: list[str],
+    expiring_lots: int,
+    expiring_before: datetime | None = None,
+) -> list[asyncpg.Record]:
+    """``select_balance`` for several members in one statement (those that exist, in no order)."""
+    return await conn.fetch(_BALANCES_OF, member_ids, expiring_lots, expiring_before)
+
+
+async def select_balances_after(
+    conn: asyncpg.Connection | asyncpg.Pool, after_member_uid: int, limit: int, expiring_lots: int
+) -> list[asyncpg.Record]:
+    """``select_balance`` for the next ``limit`` members (erased ones aside) in member_uid order
+    after ``after_member_uid``: a page of every member's balance."""
+    return await conn.fetch(_BALANCES_AFTER, after_member_uid, expiring_lots, None, limit)
 
 
 async def select_activity(
