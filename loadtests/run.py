@@ -333,6 +333,8 @@ class Run:
 
     def drop_database(self) -> None:
         asyncio.run(_admin(self.args.pg_url, f"drop database if exists {self.database_name} with (force)"))
+        # The balances it cached (with balance_warm, every member's: ~0.8 KB each) go with it.
+        _flush_redis(self.args.redis_url)
 
     def seed_to(self, members: int) -> None:
         if members <= self.seeded_members:
