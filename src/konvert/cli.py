@@ -234,6 +234,12 @@ def cmd_cache(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _batch_size(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 10_000:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 10000, not {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="konvert", description="konvert loyalty points and reputation engine"
@@ -279,7 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     warm = cache.add_subparsers(dest="cache_command", required=True).add_parser(
         "warm", help="cache every member's balance (after Redis lost them: reads then skip PostgreSQL)"
     )
-    warm.add_argument("--batch-size", type=int, default=1000, help="members per query (default 1000)")
+    warm.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default=1000,
+        help="members per query and per round trip to Redis (1-10000, default 1000)",
+    )
     cache.set_defaults(run=cmd_cache)
     return parser
 

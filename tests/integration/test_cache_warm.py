@@ -114,3 +114,10 @@ async def test_the_cli_warms_the_cache(ledger, fresh_database_url, redis_url, re
     assert result.stdout.startswith(f"balances cached: {len(read)} members in ")
     for member, body in read.items():
         assert await redis_client.hget(balance_key(member), "b") == body
+
+
+@pytest.mark.parametrize("size", ["0", "10001", "-5", "many"])
+def test_the_cli_refuses_a_batch_size_out_of_bounds(size):
+    result = run_konvert("cache", "warm", "--batch-size", size, env=konvert_env())
+    assert result.returncode == 2
+    assert "--batch-size: must be a whole number from 1 to 10000" in result.stderr
