@@ -13,6 +13,12 @@
 -- * `konvert audit` checks that every reference of a transfer, lot or purchase resolves
 --   (konvert.ledger.audit, "6 every reference resolves").
 -- Every other table keeps its foreign keys.
+--
+-- Dropping a foreign key locks its table and the one it refers to exclusively, and these are
+-- the tables every request uses: the migration gives up after 5 s of waiting for a lock rather
+-- than queue every request behind a long reader (such as `konvert audit`); start the service
+-- again to retry.
+set local lock_timeout = '5s';
 alter table purchases
     drop constraint purchases_member_uid_fkey,
     drop constraint purchases_lot_id_fkey,

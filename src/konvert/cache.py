@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import random
 import time
 from urllib.parse import urlsplit
 
@@ -81,9 +82,9 @@ class BalanceCache:
         if self._reader is not None:
             self._reader.close()
 
-    async def _eval_put(self, key: str, version: int, body: bytes) -> None:
+    async def _eval_put(self, key: str, version: int, body: bytes, ttl_seconds: int | None = None) -> None:
         assert self._reader is not None
-        args = (key, version, body, self._ttl_seconds)
+        args = (key, version, body, ttl_seconds or self._ttl_seconds)
         try:
             await self._reader.execute(b"EVALSHA", _PUT_IF_NEWER_SHA, b"1", *args)
         except RedisUnavailable as exc:
@@ -120,20 +121,21 @@ class BalanceCache:
 
     async def put_many(self, balances: list[tuple[str, int, bytes]]) -> bool:
         """``put`` for many (member id, version, body) in one round trip: each is cached unless a
-        newer one is. False (and the breaker opened) when Redis could not be asked."""
+        newer one is. False (and the breaker opened) when Redis could not be asked.
+
+        Balances cached together would expire together, and their reads would all go to
+        PostgreSQL at once again: each lives a random time between half the TTL and the TTL."""
         if not self._available():
             return False
+        ttl = self._ttl_seconds
+        entries = [(balance_key(m), v, b, random.randint(max(1, ttl // 2), ttl)) for m, v, b in balances]
         try:
             if self._reader is not None:  # the multiplexed connection sends them in one write
-                await asyncio.gather(*(self._eval_put(balance_key(m), v, b) for m, v, b in balances))
+                await asyncio.gather(*(self._eval_put(*entry) for entry in entries))
             else:
                 async with self._redis.pipeline(transaction=False) as pipe:
-                    for member_id, version, body in balances:
-                        await self._put_if_newer(
-                            keys=[balance_key(member_id)],
-                            args=[version, body, self._ttl_seconds],
-                            client=pipe,
-                        )
+                    for key, version, body, lifetime in entries:
+                        await self._put_if_newer(keys=[key], args=[version, body, lifetime], client=pipe)
                     await pipe.execute()
         except (RedisError, OSError) as exc:
             self._failed("put", exc)

@@ -230,7 +230,14 @@ def cmd_cache(args: argparse.Namespace, settings: Settings) -> int:
 
     started = time.monotonic()
     warmed = asyncio.run(_with_services(with_servers(settings), lambda s: warm_balances(s, args.batch_size)))
-    print(f"balances cached: {warmed} members in {time.monotonic() - started:.1f} s")
+    print(f"balances cached: {warmed.members} members in {time.monotonic() - started:.1f} s")
+    if warmed.stopped_at_memory is not None:
+        used, limit = warmed.stopped_at_memory
+        print(
+            f"stopped early: Redis uses {used / 2**20:,.0f} MiB of its maxmemory {limit / 2**20:,.0f} MiB;"
+            " raise maxmemory to cache every balance"
+        )
+        return 1
     return 0
 
 

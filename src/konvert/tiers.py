@@ -1,8 +1,10 @@
 """Tiers: qualified on points earned (net of refunds) in a trailing window, never on the balance.
 
 Pure rules first, then the SQL that keeps a member's stored tier current. A purchase or refund
-re-evaluates its member in its own transaction; a job re-evaluates everyone else as the window
-slides (which is how downgrades after the grace period happen without any activity).
+re-evaluates its member in its own transaction; a daily job re-evaluates every member with a
+tier as the window slides (which is how downgrades after the grace period happen without any
+activity). Only the job stamps ``tier_evaluated_at``: it is indexed, and a purchase that changes
+no indexed column updates its member in place (sql/0010).
 """
 
 from __future__ import annotations

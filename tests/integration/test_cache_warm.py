@@ -55,7 +55,7 @@ async def test_warming_caches_every_member_s_balance_as_a_read_would(ledger, red
 
     warmed = await warm_balances(services, batch_size=2)  # two pages and a short one
 
-    assert warmed == len(read)  # the erased member is not cached
+    assert warmed == (len(read), None)  # the erased member is not cached
     for member, body in read.items():
         assert await redis_client.hget(balance_key(member), "b") == body
     assert await services.balances.get(next(iter(read))) == read[next(iter(read))]
@@ -80,14 +80,34 @@ async def test_many_balances_go_to_redis_in_one_call_either_way(redis_url, redis
     reader = MultiplexedRedis(redis_url, timeout_seconds=1.0) if fast else None
     cache = BalanceCache(redis_client, 60, reader)
     newer, older = new_id("n"), new_id("o")
+    many = [(new_id("m"), 1, b"{}") for _ in range(40)]
     try:
         await cache.put_many([(newer, 5, b'{"v": 5}')])
-        assert await cache.put_many([(newer, 4, b'{"v": 4}'), (older, 1, b'{"v": 1}')])
+        await redis_client.script_flush()  # as after a Redis restart: the script is loaded again
+        assert await cache.put_many([(newer, 4, b'{"v": 4}'), (older, 1, b'{"v": 1}'), *many])
     finally:
         cache.close()
     assert await redis_client.hget(balance_key(newer), "b") == b'{"v": 5}'
     assert await redis_client.hget(balance_key(older), "b") == b'{"v": 1}'
-    assert 0 < await redis_client.ttl(balance_key(older)) <= 60
+    # Cached together, they expire at different times: between half the TTL and the TTL.
+    lifetimes = [await redis_client.ttl(balance_key(member)) for member, _, _ in many]
+    assert all(29 <= t <= 60 for t in lifetimes) and len(set(lifetimes)) > 5, lifetimes
+
+
+async def test_warming_stops_before_redis_runs_out_of_memory(ledger, redis_client):
+    services, read = ledger
+    await redis_client.delete(*(balance_key(member) for member in read))
+    before = (await redis_client.config_get("maxmemory"))["maxmemory"]
+    used = (await redis_client.info("memory"))["used_memory"]
+    await redis_client.config_set("maxmemory", used * 2)
+    try:
+        warmed = await warm_balances(services, memory_share_max=0.4)
+    finally:
+        await redis_client.config_set("maxmemory", before)
+
+    assert warmed.members == 0 and warmed.stopped_at_memory is not None
+    assert warmed.stopped_at_memory[1] == used * 2
+    assert not await redis_client.exists(*(balance_key(member) for member in read))
 
 
 async def test_warming_says_so_when_redis_does_not_take_the_balances(ledger, redis_client):
@@ -121,3 +141,22 @@ def test_the_cli_refuses_a_batch_size_out_of_bounds(size):
     result = run_konvert("cache", "warm", "--batch-size", size, env=konvert_env())
     assert result.returncode == 2
     assert "--batch-size: must be a whole number from 1 to 10000" in result.stderr
+
+
+async def test_the_cli_says_when_it_stopped_for_redis_memory(
+    ledger, fresh_database_url, redis_url, redis_client
+):
+    before = (await redis_client.config_get("maxmemory"))["maxmemory"]
+    used = (await redis_client.info("memory"))["used_memory"]
+    await redis_client.config_set("maxmemory", int(used * 1.1))  # past 80%: no page goes in
+    try:
+        result = run_konvert(
+            "cache",
+            "warm",
+            env=konvert_env(KONVERT_DATABASE_URL=fresh_database_url, KONVERT_REDIS_URL=redis_url),
+        )
+    finally:
+        await redis_client.config_set("maxmemory", before)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout.startswith("balances cached: 0 members in ")
+    assert "stopped early: Redis uses" in result.stdout and "raise maxmemory" in result.stdout

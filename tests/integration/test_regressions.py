@@ -369,9 +369,10 @@ async def test_a_refund_locks_the_member_before_the_purchase(tier_services, new_
 
 
 async def test_a_purchase_updates_its_member_in_place(tier_services, new_id):
-    """A purchase changes no indexed column of its member (tier_evaluated_at is the daily tier
-    job's), so PostgreSQL rewrites the row on its page without new index entries (a HOT update):
-    at 1,000,000 members each purchase wrote 0.7 fewer full pages to the WAL (sql/0010)."""
+    """A purchase that leaves its member's tier as it was changes no indexed column of the member
+    (tier_evaluated_at is the daily tier job's), so PostgreSQL rewrites the row on its page
+    without new index entries (a HOT update): at 1,000,000 members each purchase wrote 0.7 fewer
+    full pages to the WAL (sql/0010)."""
     services = tier_services
     member = new_id("m")
     await earning.post_purchase(services, _purchase_in(member, new_id("p"), 100))  # Silver from here on
@@ -392,6 +393,28 @@ async def test_a_purchase_updates_its_member_in_place(tier_services, new_id):
     assert len(written) == 1
     assert (after["updated"] - before["updated"], after["hot"] - before["hot"]) == (1, 1)
     assert (member_row["tier"], member_row["tier_evaluated_at"]) == ("Silver", None)
+
+
+async def test_a_purchase_whose_member_lacks_the_account_writes_nothing(tier_services, new_id):
+    """Without foreign keys, nothing but the statement itself stops a purchase written without
+    its earn transfer: a member missing the account to credit fails it whole."""
+    services = tier_services
+    member = new_id("m")
+    await earning.post_purchase(services, _purchase_in(member, new_id("p"), 10))
+    before = await _member_tier(services, member)
+    await services.pool.execute(
+        "update accounts set name = 'gone:' || name where name in ('pending', 'available')"
+        " and member_uid = (select member_uid from members where member_id = $1)",
+        member,
+    )
+    purchase_id = new_id("p")
+    posting = earning.Posting(_purchase_in(member, purchase_id, 10))
+    earning.check_purchase(services, posting.purchase)
+    async with services.pool.acquire() as conn:
+        with pytest.raises(asyncpg.NotNullViolationError):
+            await earning.write_purchases(services, conn, [posting])
+    assert await services.pool.fetchval("select count(*) from purchases where purchase_id = $1", purchase_id) == 0
+    assert await _member_tier(services, member) == before
 
 
 async def test_a_purchase_locks_no_account(tier_services, new_id):

@@ -159,7 +159,10 @@ INSERT_PURCHASES = """
         select w.transfer_id, w.member_uid, 'points', w.issued_account_id, a.account_id, w.points,
                'earn', 'purchase', w.partner || '/' || w.purchase_id, w.lot_id, 'points for purchase'
         from written w
-        join accounts a on a.member_uid = w.member_uid and a.asset = 'points' and a.name = w.bucket
+        -- Left: a member without the account would leave credit_account_id null, which the
+        -- table refuses, so the statement fails whole instead of writing a purchase without its
+        -- transfer (no foreign key would notice: sql/0011).
+        left join accounts a on a.member_uid = w.member_uid and a.asset = 'points' and a.name = w.bucket
         where w.points > 0
     ), change as (
         select distinct on (member_uid) member_uid,

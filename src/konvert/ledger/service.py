@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 from itertools import groupby
+from typing import NamedTuple
 
 import asyncpg
 import msgspec
@@ -64,22 +65,39 @@ def _balance_of(services: Services, row: asyncpg.Record) -> Balance:
     )
 
 
-async def warm_balances(services: Services, batch_size: int = 1000) -> int:
+class Warmed(NamedTuple):
+    members: int
+    # Set when warming stopped early because Redis neared its maxmemory: (used, maxmemory) bytes.
+    stopped_at_memory: tuple[int, int] | None = None
+
+
+# Warming stops once Redis uses this share of its maxmemory: past it, Redis would evict (the
+# leaderboards too) or refuse writes (the invalidations of balances too), depending on its policy.
+WARM_MEMORY_SHARE_MAX = 0.8
+
+
+async def warm_balances(
+    services: Services, batch_size: int = 1000, memory_share_max: float = WARM_MEMORY_SHARE_MAX
+) -> Warmed:
     """Put every member's balance (erased members aside) in the cache, as a read that missed it
-    would, and return how many. For when Redis has lost them (a restart without persistence, a
-    flush, a failover): reads then find their balances instead of all going to PostgreSQL at
-    once. Safe beside live traffic: a balance is cached only if nothing newer is (a write
-    committed meanwhile leaves its newer version there). Raises RedisUnavailable when Redis
-    does not take them."""
+    would. For when Redis has lost them (a restart without persistence, a flush, a failover):
+    reads then find their balances instead of all going to PostgreSQL at once. Safe beside live
+    traffic: a balance is cached only if nothing newer is (a write committed meanwhile leaves its
+    newer version there). Stops early, before a page, when Redis uses ``memory_share_max`` of its
+    maxmemory. Raises RedisUnavailable when Redis does not take the balances."""
     expiring_lots = services.program.points.expiring_lots_shown
     warmed, after = 0, 0
     while rows := await store.select_balances_after(services.pool, after, batch_size, expiring_lots):
+        memory = await services.redis.info("memory")
+        used, limit = int(memory["used_memory"]), int(memory.get("maxmemory", 0))
+        if limit and used >= limit * memory_share_max:
+            return Warmed(warmed, (used, limit))
         balances = [(row["member_id"], row["version"], _encode(_balance_of(services, row))) for row in rows]
         if not await services.balances.put_many(balances):
             raise RedisUnavailable(f"Redis did not take the balances of the members after member_uid {after}")
         warmed += len(rows)
         after = rows[-1]["member_uid"]
-    return warmed
+    return Warmed(warmed)
 
 
 def _tier_status(services: Services, row: asyncpg.Record) -> TierStatus | None:

@@ -383,7 +383,9 @@ async def _expire_member(services: Services, member_uid: int, now: datetime) -> 
 
 
 async def reevaluate_tiers(services: Services, now: datetime | None = None) -> int:
-    """Re-evaluate tiers not evaluated in the last day (the window slides; downgrades fall due)."""
+    """Re-evaluate tiers this job has not evaluated in the last day, members new to a tier first
+    (the window slides; downgrades fall due). Purchases re-evaluate their member's tier but leave
+    ``tier_evaluated_at`` to this job, so every member with a tier comes up once a day."""
     if not services.program.tiers.levels:
         return 0
     now = now or services.clock()
