@@ -44,6 +44,10 @@ return 1
 """
 
 _PUT_IF_NEWER_SHA = hashlib.sha1(_PUT_IF_NEWER.encode()).hexdigest()
+
+# A tombstone at this version keeps every balance out of its key until it expires (a power of two:
+# exact in the Lua script's numbers, which are doubles).
+ABOVE_ANY_VERSION = 2**62
 _BREAKER_OPEN_SECONDS = 1.0
 
 
@@ -166,12 +170,6 @@ class BalanceCache:
         # tombstone would let an older balance be served. Batches run them concurrently, so a
         # silent Redis costs a write one timeout, not one per member.
         await self._put(member_id, version, b"", even_if_breaker_open=True)
-
-    async def forget(self, member_id: str) -> None:
-        try:
-            await self._redis.delete(balance_key(member_id))
-        except (RedisError, OSError) as exc:
-            self._failed("forget", exc)
 
     async def _put(self, member_id: str, version: int, body: bytes, *, even_if_breaker_open: bool = False) -> bool:
         if not (even_if_breaker_open or self._available()):

@@ -940,3 +940,25 @@ async def test_access_logs_name_the_route_not_the_member(settings, program, make
     assert member not in lines[False][0]
     # Configured to (KONVERT_LOG_MEMBER_IDS), the path with the id is logged: the check above can see it.
     assert member in lines[True][0]
+
+
+async def test_a_repeated_erasure_keeps_the_old_balance_out_of_the_cache(api, services, database_url, new_id):
+    """A reader (or `konvert cache warm`) that fetched the balance before the erasure and fills the
+    cache only after a repeated DELETE must not put it back under the old id: the repeat used
+    to delete the first erasure's tombstone."""
+    member = new_id("m")
+    await api.shared(member, "birthday", "02-29", ["marketing"])
+    body = (await api.client.get(f"/v1/members/{member}/balance", headers=api.member_headers)).content
+    conn = await asyncpg.connect(database_url)
+    try:
+        version = await conn.fetchval("select version from members where member_id = $1", member)
+    finally:
+        await conn.close()
+
+    assert (await api.erase(member)).status_code == 204
+    assert (await api.erase(member)).status_code == 204  # nothing left to erase
+    await services.balances.put(member, version, body)  # the late fill
+
+    assert await services.balances.get(member) is None
+    response = await api.client.get(f"/v1/members/{member}/balance", headers=api.member_headers)
+    assert response.status_code == 404

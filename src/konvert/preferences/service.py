@@ -15,6 +15,7 @@ import msgspec
 
 from konvert import errors
 from konvert.auth import Principal
+from konvert.cache import ABOVE_ANY_VERSION
 from konvert.ledger import store as ledger
 from konvert.ledger.service import _activity_item as activity_item
 from konvert.preferences import rules, store
@@ -475,12 +476,11 @@ async def erase(services: Services, member_id: str, principal: Principal) -> str
 
 
 async def _after_erasure(services: Services, member_id: str, pseudonym: str | None, version: int | None) -> None:
-    if version is not None:
-        # A version-only tombstone: a reader that fetched the balance before the erasure cannot
-        # put it back under the old id.
-        await services.balances.invalidate(member_id, version)
-    else:
-        await services.balances.forget(member_id)
+    # A version-only tombstone: a reader (or `konvert cache warm`) that fetched the balance
+    # before the erasure cannot put it back under the old id. A repeated DELETE, which finds
+    # nothing left to erase, leaves one above any version (the first one's may have failed), so
+    # that no fill that late can land either; it expires with the cache's TTL.
+    await services.balances.invalidate(member_id, version if version is not None else ABOVE_ANY_VERSION)
     failed = []
     for hook in ERASURE_HOOKS:
         try:
