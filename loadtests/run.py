@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -28,8 +29,10 @@ import platform
 import secrets
 import sys
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -194,26 +197,28 @@ async def _query(database_url: str, query: str, *args: object) -> list[asyncpg.R
         await conn.close()
 
 
-def _redis_stats(redis_url: str) -> tuple[int, int]:
+@contextlib.contextmanager
+def _redis(redis_url: str) -> Iterator[Any]:
+    """A redis-py client of the harness's Redis database, closed afterwards."""
     import redis
 
     client = redis.Redis.from_url(redis_url)
     try:
-        stats = client.info("stats")
-        return int(stats["keyspace_hits"]), int(stats["keyspace_misses"])
+        yield client
     finally:
         client.close()
+
+
+def _redis_stats(redis_url: str) -> tuple[int, int]:
+    with _redis(redis_url) as client:
+        stats = client.info("stats")
+        return int(stats["keyspace_hits"]), int(stats["keyspace_misses"])
 
 
 def _redis_memory(redis_url: str) -> tuple[int, int]:
     """Keys in the harness's database, and the memory Redis uses in all."""
-    import redis
-
-    client = redis.Redis.from_url(redis_url)
-    try:
+    with _redis(redis_url) as client:
         return int(client.dbsize()), int(client.info("memory")["used_memory"])
-    finally:
-        client.close()
 
 
 # Bytes from the WAL insert position (exact, at once); records and full-page images from the
@@ -254,13 +259,8 @@ def _wal_per_request(before: tuple[int, ...] | None, after: tuple[int, ...] | No
 
 
 def _flush_redis(redis_url: str) -> None:
-    import redis
-
-    client = redis.Redis.from_url(redis_url)
-    try:
+    with _redis(redis_url) as client:
         client.flushdb()
-    finally:
-        client.close()
 
 
 class Run:
