@@ -10,6 +10,12 @@ commands issued in the same turn of the event loop go out in one write (auto-pip
 It does only what the hot path needs: send a command, get its reply, fail fast. On a timeout or
 a lost connection every waiting command fails (the stream can no longer be trusted) and the
 next command reconnects. Everything else in konvert uses redis-py.
+
+The timeout is kept by one timer per connection, not one per command: replies come in order, so
+only the oldest unanswered command can be the first to time out, and the timer is set for its
+deadline (set again for the next oldest's when it fires with that one answered). A timer made
+and cancelled for every command cost ~2 µs of uvloop's time each, a sixth of what a cached
+balance read adds to a request.
 """
 
 from __future__ import annotations
@@ -37,19 +43,32 @@ def _encode(args: tuple[bytes | str | int, ...]) -> bytes:
 
 
 class _Protocol(asyncio.Protocol):
-    def __init__(self) -> None:
+    def __init__(self, timeout_seconds: float) -> None:
         self._reader = hiredis.Reader()
-        self.waiters: collections.deque[asyncio.Future[Any]] = collections.deque()
+        # The commands sent and not yet answered, oldest first, each with its deadline.
+        self.waiters: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self.transport: asyncio.Transport | None = None
         self.lost = False
+        self._timeout_seconds = timeout_seconds
+        self._loop = asyncio.get_running_loop()
+        self._watchdog: asyncio.TimerHandle | None = None
         # Commands sent during one turn of the event loop, written together at its end.
         self._outgoing: list[bytes] = []
+
+    def expect(self) -> asyncio.Future[Any]:
+        """The next command's reply, to come or to fail at the command's deadline."""
+        waiter = self._loop.create_future()
+        deadline = self._loop.time() + self._timeout_seconds
+        self.waiters.append((waiter, deadline))
+        if self._watchdog is None:
+            self._watchdog = self._loop.call_at(deadline, self._check_deadline)
+        return waiter
 
     def send(self, command: bytes) -> None:
         """Queue a command; the queue goes out in one write when this turn of the loop ends, so
         the balance reads of requests that arrived together cost Redis and the kernel one write."""
         if not self._outgoing:
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
         self._outgoing.append(command)
 
     def _flush(self) -> None:
@@ -57,13 +76,29 @@ class _Protocol(asyncio.Protocol):
         if self.transport is not None and not self.lost:
             self.transport.write(b"".join(outgoing))
 
+    def _check_deadline(self) -> None:
+        self._watchdog = None
+        if not self.waiters or self.lost:
+            return
+        deadline = self.waiters[0][1]
+        if deadline > self._loop.time():
+            self._watchdog = self._loop.call_at(deadline, self._check_deadline)
+            return
+        # Replies come in order, so a late one would be taken for the next command's: drop the
+        # connection and fail everything waiting on it. A command whose caller gave up counts
+        # too: the stream is stuck behind it all the same.
+        self.fail_all(RedisUnavailable(f"no reply within {self._timeout_seconds}s"))
+        self.lost = True
+        if self.transport is not None:
+            self.transport.abort()
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
         while (reply := self._reader.gets()) is not False:
-            waiter = self.waiters.popleft()
+            waiter = self.waiters.popleft()[0]
             if waiter.done():
                 continue  # its caller gave up; the reply still had to be consumed in order
             if isinstance(reply, hiredis.ReplyError):
@@ -76,8 +111,11 @@ class _Protocol(asyncio.Protocol):
         self.fail_all(RedisUnavailable(f"connection lost: {exc!r}"))
 
     def fail_all(self, error: Exception) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         while self.waiters:
-            waiter = self.waiters.popleft()
+            waiter = self.waiters.popleft()[0]
             if not waiter.done():
                 waiter.set_exception(error)
 
@@ -123,25 +161,9 @@ class MultiplexedRedis:
         protocol = self._protocol
         if protocol is None or protocol.lost:
             protocol = await self._connect()
-        loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
-        protocol.waiters.append(waiter)
+        reply = protocol.expect()
         protocol.send(_encode(args))
-        timer = loop.call_later(self._timeout_seconds, self._time_out, protocol, waiter)
-        try:
-            return await waiter
-        finally:
-            timer.cancel()
-
-    def _time_out(self, protocol: _Protocol, waiter: asyncio.Future[Any]) -> None:
-        if waiter.done():
-            return
-        # Replies come in order, so a late one would be taken for the next command's: drop the
-        # connection and fail everything waiting on it.
-        protocol.fail_all(RedisUnavailable(f"no reply within {self._timeout_seconds}s"))
-        if protocol.transport is not None:
-            protocol.transport.abort()
-        protocol.lost = True
+        return await reply
 
     async def _connect(self) -> _Protocol:
         if self._connecting is None:
@@ -150,11 +172,15 @@ class MultiplexedRedis:
             if self._protocol is not None and not self._protocol.lost:
                 return self._protocol
             loop = asyncio.get_running_loop()
+
+            def new_protocol() -> _Protocol:
+                return _Protocol(self._timeout_seconds)
+
             try:
                 if self._unix_path is not None:
-                    connect = loop.create_unix_connection(_Protocol, self._unix_path)
+                    connect = loop.create_unix_connection(new_protocol, self._unix_path)
                 else:
-                    connect = loop.create_connection(_Protocol, self._host, self._port)
+                    connect = loop.create_connection(new_protocol, self._host, self._port)
                 _, protocol = await asyncio.wait_for(connect, self._timeout_seconds)
             except (OSError, TimeoutError) as exc:
                 raise RedisUnavailable(f"cannot connect: {exc!r}") from exc
@@ -176,10 +202,9 @@ class MultiplexedRedis:
 
     async def _handshake(self, protocol: _Protocol, command: tuple[Any, ...]) -> None:
         assert protocol.transport is not None
-        waiter = asyncio.get_running_loop().create_future()
-        protocol.waiters.append(waiter)
+        reply = protocol.expect()
         protocol.transport.write(_encode(command))
-        await asyncio.wait_for(waiter, self._timeout_seconds)
+        await reply
 
     def close(self) -> None:
         if self._protocol is not None and self._protocol.transport is not None:

@@ -62,6 +62,36 @@ async def test_a_timeout_fails_the_waiting_commands_and_the_next_one_reconnects(
     assert await fast.execute(b"PING") == b"PONG"
 
 
+async def test_each_command_gets_its_whole_timeout_from_when_it_was_sent(redis_url):
+    # One timer per connection keeps the deadlines: it is first set for the PING's, which is
+    # answered at once; the BLPOP sent later must still get its own 0.5 s.
+    client = MultiplexedRedis(redis_url, timeout_seconds=0.5)
+    try:
+        assert await client.execute(b"PING") == b"PONG"
+        await asyncio.sleep(0.3)
+        # Redis answers nil after 0.4 s: past the PING's deadline, within the BLPOP's own.
+        assert await client.execute(b"BLPOP", f"empty:{uuid.uuid4().hex}", b"0.4") is None
+    finally:
+        client.close()
+
+
+async def test_a_command_sent_after_others_were_answered_still_times_out(redis_url):
+    # The timer set for the PING's deadline finds the BLPOP waiting, not yet late, and must be
+    # set again for the BLPOP's.
+    client = MultiplexedRedis(redis_url, timeout_seconds=0.5)
+    loop = asyncio.get_running_loop()
+    try:
+        assert await client.execute(b"PING") == b"PONG"
+        await asyncio.sleep(0.3)
+        sent = loop.time()
+        with pytest.raises(RedisUnavailable, match="no reply within"):
+            await client.execute(b"BLPOP", f"empty:{uuid.uuid4().hex}", b"5")
+        assert 0.45 <= loop.time() - sent < 2.0
+        assert await client.execute(b"PING") == b"PONG"  # reconnected
+    finally:
+        client.close()
+
+
 @pytest.mark.parametrize("query", ["?db=3", "?db=3&socket_timeout=1"])
 async def test_a_unix_socket_url_selects_the_database_of_its_query(tmp_path, query):
     # The pooled client (redis-py) reads ?db= too: both clients of one URL must share a database,
