@@ -3,8 +3,9 @@
 Pure rules first, then the SQL that keeps a member's stored tier current. A purchase or refund
 re-evaluates its member in its own transaction; a daily job re-evaluates every member with a
 tier as the window slides (which is how downgrades after the grace period happen without any
-activity). Only the job stamps ``tier_evaluated_at``: it is indexed, and a purchase that changes
-no indexed column updates its member in place (sql/0010).
+activity), a batch of members per transaction (``reevaluate_due``). Only the job stamps
+``tier_evaluated_at``: it is indexed, and a purchase that changes no indexed column updates its
+member in place (sql/0010).
 """
 
 from __future__ import annotations
@@ -119,3 +120,67 @@ async def reevaluate(conn: asyncpg.Connection, program: Program, member_uid: int
         now,
     )
     return changed
+
+
+class Reevaluated(msgspec.Struct, frozen=True):
+    """A member whose tier standing the job changed, at the balance version it committed."""
+
+    member_id: str
+    version: int
+
+
+# The due members, locked (skipping any another transaction holds: a purchase's, or another
+# process's job), then their qualifying points: the CTE is evaluated first, so the points are
+# summed for the batch only, not for every due member the sort looks at.
+_DUE = f"""
+with due as (
+    select member_uid, member_id, tier, tier_below_since, tier_qualifying_points from members
+    where tier is not null and (tier_evaluated_at is null or tier_evaluated_at < $1)
+    order by tier_evaluated_at nulls first
+    limit $2
+    for update skip locked
+)
+select due.*, {qualifying_points_sql('due.member_uid', '$3')} as points from due
+"""
+
+_STORE = """
+update members m
+set tier = u.tier, tier_below_since = u.below_since, tier_qualifying_points = u.points,
+    tier_evaluated_at = $6, version = m.version + u.changed::int
+from unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::bigint[], $5::bool[])
+     as u(member_uid, tier, below_since, points, changed)
+where m.member_uid = u.member_uid
+returning m.member_uid, m.version
+"""
+
+
+async def reevaluate_due(
+    conn: asyncpg.Connection, program: Program, now: datetime, evaluated_before: datetime, limit: int
+) -> tuple[int, list[Reevaluated]]:
+    """Re-evaluate up to ``limit`` members with a tier not evaluated since ``evaluated_before``,
+    least recently evaluated first, in two statements; return how many were evaluated, and those
+    whose standing changed (their balance version moved: the caller invalidates their cached
+    balances after commit). Call inside a transaction: the members stay locked until it ends.
+    """
+    tiers = program.tiers
+    rows = await conn.fetch(_DUE, evaluated_before, limit, now - timedelta(days=tiers.window_days))
+    if not rows:
+        return 0, []
+    standings = [evaluate_tier(tiers, r["points"], r["tier"], r["tier_below_since"], now) for r in rows]
+    changed = [
+        (s.tier, s.below_since, r["points"]) != (r["tier"], r["tier_below_since"], r["tier_qualifying_points"])
+        for r, s in zip(rows, standings, strict=True)
+    ]
+    stored = await conn.fetch(
+        _STORE,
+        [r["member_uid"] for r in rows],
+        [s.tier for s in standings],
+        [s.below_since for s in standings],
+        [r["points"] for r in rows],
+        changed,
+        now,
+    )
+    member_ids = {r["member_uid"]: r["member_id"] for r, moved in zip(rows, changed, strict=True) if moved}
+    return len(rows), [
+        Reevaluated(member_ids[r["member_uid"]], r["version"]) for r in stored if r["member_uid"] in member_ids
+    ]

@@ -575,6 +575,67 @@ async def test_qualifying_points_are_the_window_s_purchases_less_their_own_refun
     assert both == sum(earned.values()) - sum(clawed.values())
 
 
+async def test_the_tier_job_passes_over_members_another_transaction_holds(tier_api, new_id, database_url):
+    held, free = new_id("m"), new_id("m")
+    for member in (held, free):
+        await tier_api.post(
+            "/v1/purchases", json=purchase(member, new_id("p"), line("1", 1, 10000)), headers=tier_api.admin
+        )
+    members = "select member_id, version, tier_evaluated_at is not null from members where member_id = any($1)"
+    services = await Services.open(tier_api.settings, tier_api.program)
+    conn = await asyncpg.connect(database_url)
+    try:
+        before = {r[0]: tuple(r[1:]) for r in await conn.fetch(members, [held, free])}
+        assert before[held][1] is before[free][1] is False  # due: never evaluated by the job
+        async with conn.transaction():
+            await conn.execute("select 1 from members where member_id = $1 for update", held)
+            # Another process's job (or a purchase) holds the member: this one goes on without it.
+            await asyncio.wait_for(_reevaluate_all(services), 10)
+            during = {r[0]: tuple(r[1:]) for r in await conn.fetch(members, [held, free])}
+        await _reevaluate_all(services)
+        after = {r[0]: tuple(r[1:]) for r in await conn.fetch(members, [held, free])}
+    finally:
+        await conn.close()
+        await services.close()
+    assert (during[held][1], during[free][1]) == (False, True)
+    # Evaluated by the next run; still Silver on the same points, so no balance version moved.
+    assert after == {member: (before[member][0], True) for member in (held, free)}
+
+
+async def test_the_tier_job_takes_a_batch_least_recently_evaluated_first(tier_api, new_id, database_url):
+    older, newer = new_id("m"), new_id("m")
+    for member in (older, newer):
+        await tier_api.post(
+            "/v1/purchases", json=purchase(member, new_id("p"), line("1", 1, 10000)), headers=tier_api.admin
+        )
+    services = await Services.open(tier_api.settings, tier_api.program)
+    one_at_a_time = await Services.open(
+        make_settings(tier_api.settings.database_url, tier_api.settings.redis_url, jobs_batch_size=1),
+        tier_api.program,
+    )
+    conn = await asyncpg.connect(database_url)
+    try:
+        await _reevaluate_all(services)  # nothing else is due now
+        for member, days in ((newer, 2), (older, 3)):
+            await conn.execute(
+                "update members set tier_evaluated_at = now() - make_interval(days => $2) where member_id = $1",
+                member,
+                days,
+            )
+        assert await reevaluate_tiers(one_at_a_time) == 1
+        due = await conn.fetch(
+            "select member_id from members where member_id = any($1) and tier_evaluated_at < now() - interval '1 day'",
+            [older, newer],
+        )
+        assert [r[0] for r in due] == [newer]
+        assert await reevaluate_tiers(one_at_a_time) == 1
+        assert await reevaluate_tiers(one_at_a_time) == 0
+    finally:
+        await conn.close()
+        await services.close()
+        await one_at_a_time.close()
+
+
 # --- adjustments ---------------------------------------------------------------------------
 
 

@@ -5,6 +5,7 @@ which serialises every spend of one member and makes overdrawing impossible.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime, timedelta
 
 import asyncpg
@@ -385,31 +386,18 @@ async def _expire_member(services: Services, member_uid: int, now: datetime) -> 
 async def reevaluate_tiers(services: Services, now: datetime | None = None) -> int:
     """Re-evaluate tiers this job has not evaluated in the last day, members new to a tier first
     (the window slides; downgrades fall due). Purchases re-evaluate their member's tier but leave
-    ``tier_evaluated_at`` to this job, so every member with a tier comes up once a day."""
+    ``tier_evaluated_at`` to this job, so every member with a tier comes up once a day: one
+    batch of ``jobs_batch_size`` members per transaction (``tiers.reevaluate_due``); processes
+    running the job at once take different members."""
     if not services.program.tiers.levels:
         return 0
     now = now or services.clock()
-    rows = await services.pool.fetch(
-        """
-        select member_uid, member_id from members
-        where tier is not null and (tier_evaluated_at is null or tier_evaluated_at < $1)
-        order by tier_evaluated_at nulls first limit $2
-        """,
-        now - timedelta(days=1),
-        services.settings.jobs_batch_size,
-    )
-    for row in rows:
-        async with services.pool.acquire() as conn, conn.transaction():
-            await ledger.lock_member(conn, row["member_uid"])
-            changed = await tiers.reevaluate(conn, services.program, row["member_uid"], now)
-            version = await conn.fetchval(
-                "update members set version = version + $2::int where member_uid = $1 returning version",
-                row["member_uid"],
-                1 if changed else 0,
-            )
-        if changed:
-            await services.balances.invalidate(row["member_id"], version)
-    return len(rows)
+    async with services.pool.acquire() as conn, conn.transaction():
+        count, changed = await tiers.reevaluate_due(
+            conn, services.program, now, now - timedelta(days=1), services.settings.jobs_batch_size
+        )
+    await asyncio.gather(*(services.balances.invalidate(m.member_id, m.version) for m in changed))
+    return count
 
 
 # --- adjustments ---------------------------------------------------------------------------
