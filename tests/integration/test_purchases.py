@@ -269,6 +269,58 @@ async def test_vesting_twice_at_once_moves_points_once(post, balance, services, 
     assert (await balance(member))["available"] == 100
 
 
+async def test_vesting_passes_over_a_member_another_transaction_holds(post, balance, services, new_id):
+    held, free = new_id("m"), new_id("m")
+    for member in (held, free):
+        await post("/v1/purchases", purchase(member, new_id("p"), occurred_at=RECENT))
+    later = NOW + timedelta(days=15)
+    async with services.pool.acquire() as conn, conn.transaction():
+        await conn.execute("select 1 from members where member_id = $1 for update", held)
+        # A purchase, or another process's job, holds the member: vesting goes on without it.
+        while await asyncio.wait_for(vest_due_lots(services, now=later), 10):
+            pass
+        during = [(await balance(m))["available"] for m in (held, free)]
+    assert during == [0, 100]
+    await vest_due_lots(services, now=later)
+    assert (await balance(held))["available"] == 100
+
+
+async def test_vesting_repays_a_refund_debt_from_the_points_it_makes_available(post, balance, services, new_id):
+    member, settled = new_id("m"), new_id("p")
+    await post("/v1/purchases", purchase(member, settled))  # 100 points, available at once
+    await post("/v1/purchases", purchase(member, new_id("p"), occurred_at=RECENT))  # 100 pending
+    await spend_points(services, member, 100, code="redeem", cause_type="test", cause_ref=settled, reason="t")
+    refund = await post(f"/v1/purchases/{settled}/refunds", {"refund_id": "r1", "amount": 10000})
+    assert refund.json()["points"] == 100  # spent already: a debt of 100
+
+    await vest_due_lots(services, now=NOW + timedelta(days=15))
+
+    row = await services.pool.fetchrow(
+        """select m.points_available, m.points_pending, m.points_debt,
+                  (select sum(remaining) from lots l where l.member_uid = m.member_uid and l.state = 'available') as lots
+           from members m where member_id = $1""",
+        member,
+    )
+    assert (row["points_available"], row["points_pending"], row["points_debt"], row["lots"]) == (0, 0, 0, 0)
+    assert (await balance(member))["available"] == 0
+
+
+async def test_a_member_that_fails_to_vest_holds_up_no_one_else(post, balance, services, new_id):
+    broken, fine = new_id("m"), new_id("m")
+    for member in (broken, fine):
+        await post("/v1/purchases", purchase(member, new_id("p"), occurred_at=RECENT))
+    # A member whose pending account cannot be found: the batch's one statement fails for it.
+    hide = "update accounts set name = $2 where name = $3 and member_uid = (select member_uid from members where member_id = $1)"
+    await services.pool.execute(hide, broken, "pending-hidden", "pending")
+    try:
+        await vest_due_lots(services, now=NOW + timedelta(days=15))
+        assert [(await balance(m))["available"] for m in (broken, fine)] == [0, 100]
+    finally:
+        await services.pool.execute(hide, broken, "pending", "pending-hidden")
+    await vest_due_lots(services, now=NOW + timedelta(days=15))
+    assert (await balance(broken))["available"] == 100
+
+
 # --- refunds -------------------------------------------------------------------------------
 
 

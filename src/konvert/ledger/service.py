@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import datetime, timedelta
-from itertools import groupby
 from typing import NamedTuple
 
 import asyncpg
@@ -155,14 +155,41 @@ def _activity_item(row: msgspec.Struct | dict) -> ActivityItem:  # type: ignore[
 async def vest_due_lots(services: Services, now: datetime | None = None) -> int:
     """Make pending lots whose return window has closed available; return how many vested.
 
-    Safe with several processes: each member is handled in its own transaction under the
-    member's row lock, and a lot is only moved while still pending.
+    Every purchase's lot comes through here, so a batch of ``jobs_batch_size`` lots is one
+    transaction of two statements: the due lots with their members locked (members another
+    transaction holds are passed over, so several processes take different members), then
+    every lot vested with its transfer and its member's balances (``store.vest_locked_lots``).
+    A member with a refund debt, which vesting repays from the lots, is vested on its own after;
+    so is every member of a batch whose statement failed, each with its own outcome (a member
+    whose row is broken must not hold up everyone else's points).
     """
     now = now or services.clock()
-    vested = 0
-    batch = await store.select_due_pending_lots(services.pool, now, services.settings.jobs_batch_size)
-    for member_uid, lots in groupby(sorted(batch, key=lambda r: r["member_uid"]), key=lambda r: r["member_uid"]):
-        vested += await _vest_member(services, member_uid, [r["lot_id"] for r in lots], now)
+    due: list[asyncpg.Record] = []
+    alone: dict[int, list[int]] = {}
+    async with services.pool.acquire() as conn:
+        try:
+            async with conn.transaction():
+                due = await store.lock_due_pending_lots(conn, now, services.settings.jobs_batch_size)
+                for row in due:
+                    if row["points_debt"] > 0:
+                        alone.setdefault(row["member_uid"], []).append(row["lot_id"])
+                plain = [row["lot_id"] for row in due if row["points_debt"] <= 0]
+                moved = await store.vest_locked_lots(conn, plain, now) if plain else []
+        except asyncpg.PostgresError as exc:
+            if not due:
+                raise
+            log.warning("vesting batch failed; vesting its members one by one", extra={"error": repr(exc)})
+            moved, alone = [], {}
+            for row in due:
+                alone.setdefault(row["member_uid"], []).append(row["lot_id"])
+    member_ids = {row["member_uid"]: row["member_id"] for row in due}
+    await asyncio.gather(*(services.balances.invalidate(member_ids[m["member_uid"]], m["version"]) for m in moved))
+    vested = sum(m["lots"] for m in moved)
+    for member_uid, lot_ids in alone.items():
+        try:
+            vested += await _vest_member(services, member_uid, lot_ids, now)
+        except Exception:  # logged; the member's lots stay pending and come up again
+            log.exception("vesting failed for a member", extra={"member_uid": member_uid})
     return vested
 
 

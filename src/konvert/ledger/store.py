@@ -300,17 +300,60 @@ async def select_activity(
     )
 
 
-async def select_due_pending_lots(conn: asyncpg.Connection | asyncpg.Pool, now: datetime, limit: int) -> list[asyncpg.Record]:
+async def lock_due_pending_lots(conn: asyncpg.Connection, now: datetime, limit: int) -> list[asyncpg.Record]:
+    """Up to ``limit`` pending lots whose return window has closed, oldest due first, of members
+    this transaction now holds locked; lots of members another transaction holds are passed
+    over (they come up next time). With each lot its member's id and refund debt."""
     return await conn.fetch(
         """
-        select lot_id, member_uid from lots
-        where state = 'pending' and vests_at <= $1
-        order by vests_at, lot_id
+        select l.lot_id, l.member_uid, m.member_id, m.points_debt from lots l
+        join members m on m.member_uid = l.member_uid
+        where l.state = 'pending' and l.vests_at <= $1
+        order by l.vests_at, l.lot_id
         limit $2
+        for update of m skip locked
         """,
         now,
         limit,
     )
+
+
+# Vests the given lots of members the transaction holds locked, in one statement: each lot still
+# pending becomes available, with a transfer of what remains of it from the member's pending
+# account to their available one, and each member's balances move by the sum (version + 1). A
+# member without those accounts fails the whole statement (left joins: not null), as it should.
+_VEST_LOTS = """
+with vested as (
+    update lots set state = 'available'
+    where lot_id = any($1::bigint[]) and state = 'pending' and vests_at <= $2
+    returning lot_id, member_uid, remaining
+), moved as (
+    insert into transfers (member_uid, asset, debit_account_id, credit_account_id, amount, code,
+                           cause_type, cause_ref, lot_id, reason)
+    select v.member_uid, 'points', pending.account_id, available.account_id, v.remaining, 'vest',
+           'lot', v.lot_id::text, v.lot_id, 'return window closed'
+    from vested v
+    left join accounts pending on pending.member_uid = v.member_uid and pending.asset = 'points'
+                              and pending.name = 'pending'
+    left join accounts available on available.member_uid = v.member_uid and available.asset = 'points'
+                                and available.name = 'available'
+    where v.remaining > 0
+), per_member as (
+    select member_uid, sum(remaining)::bigint as points, count(*) as lots from vested group by member_uid
+)
+update members m
+set points_available = points_available + p.points, points_pending = points_pending - p.points,
+    version = version + 1
+from per_member p
+where m.member_uid = p.member_uid
+returning m.member_uid, m.version, p.lots
+"""
+
+
+async def vest_locked_lots(conn: asyncpg.Connection, lot_ids: Sequence[int], now: datetime) -> list[asyncpg.Record]:
+    """Vest these due lots (of members without a refund debt, locked by this transaction);
+    return (member_uid, version, lots) per member whose balances moved."""
+    return await conn.fetch(_VEST_LOTS, list(lot_ids), now)
 
 
 async def vest_lots(conn: asyncpg.Connection, member_uid: int, lot_ids: Sequence[int], now: datetime) -> list[asyncpg.Record]:
