@@ -242,6 +242,40 @@ def _wal_stats(database_url: str) -> tuple[int, int, int, int] | None:
     return int(row[0]), int(row[1]), int(row[2]), int(row[3])
 
 
+# Checkpoints started (PostgreSQL counts one when it starts) and whether one is running (the
+# checkpointer waits elsewhere than in its main loop while it writes a spread checkpoint). A
+# checkpoint that starts during a write scenario, or runs through it, makes the first change to
+# every page write the whole page to the WAL: more WAL and CPU per request, and a longer tail.
+_CHECKPOINTS = (
+    """select checkpoints_timed + checkpoints_req,
+              (select wait_event from pg_stat_activity where backend_type = 'checkpointer')
+       from pg_stat_bgwriter""",
+    # PostgreSQL 17 moved the counters to their own view.
+    """select num_timed + num_requested,
+              (select wait_event from pg_stat_activity where backend_type = 'checkpointer')
+       from pg_stat_checkpointer""",
+)
+
+
+def _checkpoints(database_url: str) -> tuple[int, bool] | None:
+    """Checkpoints started so far, and whether one is running now; None if not readable."""
+    for query in _CHECKPOINTS:
+        try:
+            (row,) = asyncio.run(_query(database_url, query))
+        except (asyncpg.UndefinedColumnError, asyncpg.UndefinedTableError):
+            continue
+        except asyncpg.PostgresError:
+            return None
+        return int(row[0]), row[1] not in (None, "CheckpointerMain")
+    return None
+
+
+def _checkpoints_during(before: tuple[int, bool] | None, after: tuple[int, bool] | None) -> dict | None:
+    if before is None or after is None:
+        return None
+    return {"started": after[0] - before[0], "running_at_start": before[1], "running_at_end": after[1]}
+
+
 def _wal_per_request(before: tuple[int, ...] | None, after: tuple[int, ...] | None,
                      requests: int) -> dict[str, float] | None:  # fmt: skip
     """WAL written per request (or pgbench transaction): every write's durable cost, and full-page
@@ -448,6 +482,7 @@ class Run:
                 self.say("warning: --profile needs py-spy (pip install py-spy); not profiling")
         metrics_before = self.server.metrics()
         wal_before = _wal_stats(self.database_url) if scenario in WRITE_SCENARIOS else None
+        checkpoints_before = _checkpoints(self.database_url)
         with Sampler(self.server, self.database_name) as sampler:
             run = self._wrk(scenario, members, duration, tag, delay_ms)
         result = run.as_dict()
@@ -457,6 +492,7 @@ class Run:
         metrics_after = self.server.metrics()
         if wal_before is not None:
             result["wal_per_request"] = _wal_per_request(wal_before, _wal_stats(self.database_url), run.requests)
+        result["checkpoints"] = _checkpoints_during(checkpoints_before, _checkpoints(self.database_url))
         result["server_latency"] = server_latency(metrics_before, metrics_after)
         if sources := balance_read_sources(metrics_before, metrics_after):
             result["balance_read_sources"] = sources
@@ -527,6 +563,7 @@ class Run:
         self.prepare_pgbench(members)
         quiet = self.wait_quiet()
         wal_before = _wal_stats(self.database_url)
+        checkpoints_before = _checkpoints(self.database_url)
         with Sampler(None, self.database_name) as sampler:
             run = load.run_pgbench(
                 self.database_url, members=members, duration_s=self.args.duration, clients=self.args.connections,
@@ -535,6 +572,7 @@ class Run:
         result = run.as_dict() | {"usage": sampler.usage.as_dict() | quiet}
         time.sleep(1)  # pgbench's backends report their WAL counters as they exit
         result["wal_per_request"] = _wal_per_request(wal_before, _wal_stats(self.database_url), run.transactions)
+        result["checkpoints"] = _checkpoints_during(checkpoints_before, _checkpoints(self.database_url))
         result["cpu_ms_per_request"] = _cpu_ms_per_request(result)
         return result
 

@@ -138,6 +138,22 @@ def _le(server: dict | None) -> str:
     return f"<={p99:g}" if p99 is not None else ">2500"
 
 
+def checkpoint_note(scenario: dict) -> str:
+    """Why a write scenario's WAL and tail may be out of line: a PostgreSQL checkpoint started
+    or ran during it (then the first change to each page writes the whole page to the WAL)."""
+    checkpoints = scenario.get("checkpoints")
+    if not checkpoints or "wal_per_request" not in scenario:
+        return ""
+    if checkpoints["started"]:
+        what = f"{checkpoints['started']} PostgreSQL checkpoint(s) started during it"
+    elif checkpoints["running_at_start"]:
+        what = "a PostgreSQL checkpoint was running when it started"
+    else:
+        return ""
+    fpi = (scenario.get("wal_per_request") or {}).get("full_page_images")
+    return what + (f" ({fpi} full-page images per request)" if fpi is not None else "")
+
+
 def _fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
@@ -182,6 +198,8 @@ def print_report(result: dict) -> None:
             foreign = s.get("usage", {}).get("cpu_percent_by_group", {}).get("foreign", 0.0)
             if foreign > FOREIGN_CPU_WARN_PERCENT:
                 notes.append(f"{name}: other processes on the machine took {foreign:.0f}% of a core: noisy figures")
+            if note := checkpoint_note(s):
+                notes.append(f"{name}: {note}")
         for note in notes:
             print(f"  note: {note}")
         ratios = {k: v for k, v in config["ratios"].items() if v is not None}

@@ -93,3 +93,35 @@ def test_harness_loses_nothing_and_the_audit_passes(tmp_path: Path) -> None:
     assert warm["balance_read_sources"]["redis"] == 1.0, warm["balance_read_sources"]
     sources = config["scenarios"]["mixed"]["balance_read_sources"]
     assert set(sources) <= {"redis", "database"} and abs(sum(sources.values()) - 1) < 0.01, sources
+
+
+def test_the_harness_sees_a_checkpoint_start(database_url: str) -> None:
+    # The harness notes a checkpoint during a scenario from PostgreSQL's own counters, which
+    # moved to another view in PostgreSQL 17: the query must read them on this server.
+    import asyncio
+
+    import asyncpg
+
+    from tests.unit.test_harness_parts import _load_run_py  # it puts loadtests/ on the path
+
+    from harness.report import checkpoint_note
+
+    run = _load_run_py()
+    before = run._checkpoints(database_url)
+    assert before is not None
+
+    async def checkpoint() -> None:
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute("checkpoint")
+        finally:
+            await conn.close()
+
+    asyncio.run(checkpoint())
+    during = run._checkpoints_during(before, run._checkpoints(database_url))
+    assert during["started"] >= 1, during
+    purchases = {"checkpoints": during, "wal_per_request": {"full_page_images": 0.15}}
+    assert checkpoint_note(purchases).endswith("started during it (0.15 full-page images per request)")
+    quiet = {"checkpoints": {"started": 0, "running_at_start": False, "running_at_end": False}}
+    assert checkpoint_note(quiet | {"wal_per_request": {}}) == ""
+
