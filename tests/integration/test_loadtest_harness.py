@@ -102,11 +102,10 @@ def test_the_harness_sees_a_checkpoint_start(database_url: str) -> None:
 
     import asyncpg
 
-    from tests.unit.test_harness_parts import _load_run_py  # it puts loadtests/ on the path
-
-    from harness.report import checkpoint_note
+    from tests.unit.test_harness_parts import _load_run_py
 
     run = _load_run_py()
+    checkpoint_note = run.report.checkpoint_note
     before = run._checkpoints(database_url)
     assert before is not None
 

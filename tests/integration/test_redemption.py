@@ -19,7 +19,7 @@ from konvert.redemption.service import expire_due_lots, redeem, reevaluate_tiers
 from konvert.services import Services
 from konvert.tiers import qualifying_points
 from tests.conftest import TEST_PROGRAM, make_settings
-from tests.integration.test_purchases import NOW, line, purchase
+from tests.integration.test_purchases import NOW, RECENT, line, purchase
 
 
 @pytest.fixture
@@ -445,6 +445,80 @@ async def test_expiry_is_safe_to_run_twice_at_once(api, new_id):
     assert (await api.balance(member))["available"] == 0
     items = (await api.get(f"/v1/members/{member}/activity")).json()["items"]
     assert [i["code"] for i in items] == ["expire", "earn"]
+
+
+async def _expiry_rows(services: Services, member_id: str) -> dict[str, Any]:
+    """What expiry wrote for a member, without ids: its transfers, lot entries, lots, balances."""
+    transfers = await services.pool.fetch(
+        """select t.amount, d.name as debit, c.name as credit, t.cause_type, t.reason from transfers t
+           join accounts d on d.account_id = t.debit_account_id join accounts c on c.account_id = t.credit_account_id
+           join members m on m.member_uid = t.member_uid
+           where m.member_id = $1 and t.code = 'expire' order by t.amount""",
+        member_id,
+    )
+    entries = await services.pool.fetch(
+        """select e.amount, (e.transfer_id is not null) as with_transfer from lot_entries e
+           join members m on m.member_uid = e.member_uid where m.member_id = $1 and e.kind = 'expire'
+           order by e.amount""",
+        member_id,
+    )
+    lots = await services.pool.fetch(
+        """select l.amount, l.remaining, l.state from lots l join members m on m.member_uid = l.member_uid
+           where m.member_id = $1 order by l.amount""",
+        member_id,
+    )
+    member = await services.pool.fetchrow(
+        "select points_available, points_pending, version from members where member_id = $1", member_id
+    )
+    return {
+        "transfers": [tuple(r) for r in transfers],
+        "entries": [tuple(r) for r in entries],
+        "lots": [tuple(r) for r in lots],
+        "member": tuple(member),
+    }
+
+
+async def test_expiry_in_batches_writes_what_expiring_one_member_at_a_time_wrote(api, new_id):
+    from konvert.redemption.service import _expire_member
+
+    services = api.services
+    alone, batched = new_id("m"), new_id("m")
+    for member in (alone, batched):
+        await api.earn(member, new_id("p"), 100)  # available at once
+        pending = purchase(member, new_id("p"), line("1", 1, 5000), occurred_at=RECENT)
+        assert (await api.post("/v1/purchases", pending)).json()["status"] == "pending"
+        await api.post(f"/v1/members/{member}/redemptions", {"redemption_id": new_id("x"), "points": 30})
+    later = services.clock() + timedelta(days=400)
+    member_uid = await services.pool.fetchval("select member_uid from members where member_id = $1", alone)
+
+    assert await _expire_member(services, member_uid, later) == 2  # the way every member expired before
+    while await expire_due_lots(services, now=later) >= services.settings.jobs_batch_size:
+        pass
+
+    rows = {member: await _expiry_rows(services, member) for member in (alone, batched)}
+    assert rows[batched] == rows[alone]
+    assert rows[batched]["transfers"][0][:4] == (50, "pending", "expired", "lot")
+    assert rows[batched]["transfers"][1][:4] == (70, "available", "expired", "lot")
+    assert rows[batched]["transfers"][1][4].startswith("points expired on ")
+    assert rows[batched]["lots"] == [(50, 0, "expired"), (100, 0, "expired")]
+    balance = await api.balance(batched)
+    assert (balance["available"], balance["pending"]) == (0, 0)
+
+
+async def test_expiry_passes_over_a_member_another_transaction_holds(api, new_id):
+    services = api.services
+    held, free = new_id("m"), new_id("m")
+    for member in (held, free):
+        await api.earn(member, new_id("p"), 100)
+    later = services.clock() + timedelta(days=400)
+    async with services.pool.acquire() as conn, conn.transaction():
+        await conn.execute("select 1 from members where member_id = $1 for update", held)
+        while await asyncio.wait_for(expire_due_lots(services, now=later), 10):
+            pass
+        during = [(await api.balance(m))["available"] for m in (held, free)]
+    assert during == [100, 0]
+    await expire_due_lots(services, now=later)
+    assert (await api.balance(held))["available"] == 0
 
 
 # --- tiers ---------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import NamedTuple
 
@@ -155,42 +156,66 @@ def _activity_item(row: msgspec.Struct | dict) -> ActivityItem:  # type: ignore[
 async def vest_due_lots(services: Services, now: datetime | None = None) -> int:
     """Make pending lots whose return window has closed available; return how many vested.
 
-    Every purchase's lot comes through here, so a batch of ``jobs_batch_size`` lots is one
-    transaction of two statements: the due lots with their members locked (members another
-    transaction holds are passed over, so several processes take different members), then
-    every lot vested with its transfer and its member's balances (``store.vest_locked_lots``).
-    A member with a refund debt, which vesting repays from the lots, is vested on its own after;
-    so is every member of a batch whose statement failed, each with its own outcome (a member
-    whose row is broken must not hold up everyone else's points).
+    Every purchase's lot comes through here, so it works in batches (``work_due_lots``): the
+    due lots with their members locked, then every lot vested with its transfer and its
+    member's balances in one statement (``store.vest_locked_lots``). A member with a refund
+    debt, which vesting repays from the lots, is vested on its own.
     """
     now = now or services.clock()
+    return await work_due_lots(
+        services,
+        "vesting",
+        lock=lambda conn: store.lock_due_pending_lots(conn, now, services.settings.jobs_batch_size),
+        write=lambda conn, lot_ids: store.vest_locked_lots(conn, lot_ids, now),
+        alone=lambda member_uid, lot_ids: _vest_member(services, member_uid, lot_ids, now),
+        by_itself=lambda row: row["points_debt"] > 0,
+    )
+
+
+async def work_due_lots(
+    services: Services,
+    job: str,
+    *,
+    lock: Callable[[asyncpg.Connection], Awaitable[list[asyncpg.Record]]],
+    write: Callable[[asyncpg.Connection, list[int]], Awaitable[list[asyncpg.Record]]],
+    alone: Callable[[int, list[int]], Awaitable[int]],
+    by_itself: Callable[[asyncpg.Record], bool] = lambda row: False,
+) -> int:
+    """One batch of a job over due lots (vesting, expiry); return how many lots it settled.
+
+    One transaction, two statements: ``lock`` selects the due lots (``lot_id``, ``member_uid``,
+    ``member_id``) with their members locked ``for update skip locked``, so processes running
+    the job at once take different members and never wait on a purchase; ``write`` settles the
+    lots and returns ``(member_uid, version, lots)`` per member whose balances it moved. Cached
+    balances are invalidated after commit. The lots of members ``by_itself`` picks, and all of
+    them if ``write`` failed, then go through ``alone`` member by member, each with its own
+    outcome: one member whose rows are broken holds up no one else's points.
+    """
     due: list[asyncpg.Record] = []
-    alone: dict[int, list[int]] = {}
     async with services.pool.acquire() as conn:
         try:
             async with conn.transaction():
-                due = await store.lock_due_pending_lots(conn, now, services.settings.jobs_batch_size)
-                for row in due:
-                    if row["points_debt"] > 0:
-                        alone.setdefault(row["member_uid"], []).append(row["lot_id"])
-                plain = [row["lot_id"] for row in due if row["points_debt"] <= 0]
-                moved = await store.vest_locked_lots(conn, plain, now) if plain else []
+                due = await lock(conn)
+                batch = [row["lot_id"] for row in due if not by_itself(row)]
+                moved = await write(conn, batch) if batch else []
+            left = [row for row in due if by_itself(row)]
         except asyncpg.PostgresError as exc:
             if not due:
                 raise
-            log.warning("vesting batch failed; vesting its members one by one", extra={"error": repr(exc)})
-            moved, alone = [], {}
-            for row in due:
-                alone.setdefault(row["member_uid"], []).append(row["lot_id"])
+            log.warning(f"{job} batch failed; settling its members one by one", extra={"error": repr(exc)})
+            moved, left = [], due
     member_ids = {row["member_uid"]: row["member_id"] for row in due}
     await asyncio.gather(*(services.balances.invalidate(member_ids[m["member_uid"]], m["version"]) for m in moved))
-    vested = sum(m["lots"] for m in moved)
-    for member_uid, lot_ids in alone.items():
+    settled = sum(m["lots"] for m in moved)
+    by_member: dict[int, list[int]] = {}
+    for row in left:
+        by_member.setdefault(row["member_uid"], []).append(row["lot_id"])
+    for member_uid, lot_ids in by_member.items():
         try:
-            vested += await _vest_member(services, member_uid, lot_ids, now)
-        except Exception:  # logged; the member's lots stay pending and come up again
-            log.exception("vesting failed for a member", extra={"member_uid": member_uid})
-    return vested
+            settled += await alone(member_uid, lot_ids)
+        except Exception:  # logged; the member's lots stay due and come up again
+            log.exception(f"{job} failed for a member", extra={"member_uid": member_uid})
+    return settled
 
 
 async def _vest_member(services: Services, member_uid: int, lot_ids: list[int], now: datetime) -> int:

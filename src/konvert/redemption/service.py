@@ -15,7 +15,7 @@ from konvert import errors, tiers
 from konvert.auth import Principal
 from konvert.idempotency import Outcome, replay, request_hash
 from konvert.ledger import store as ledger
-from konvert.ledger.service import takes_for_spending
+from konvert.ledger.service import takes_for_spending, work_due_lots
 from konvert.pagination import decode_cursor, encode_cursor
 from konvert.program import Reward
 from konvert.redemption import rules, store
@@ -336,14 +336,23 @@ async def release_timed_out_holds(services: Services, now: datetime | None = Non
 
 
 async def expire_due_lots(services: Services, now: datetime | None = None) -> int:
-    """Expire lots whose date has come, member by member; return the number of lots expired."""
+    """Expire lots whose date has come; return the number of lots expired.
+
+    Every lot not spent in time comes through here, so it works in batches
+    (``ledger.service.work_due_lots``): the due lots with their members locked, then every lot
+    expired with its transfer, its lot entry and its member's balances in one statement
+    (``store.expire_locked_lots``).
+    """
     now = now or services.clock()
-    expired = 0
-    for member_uid in await store.select_members_with_expired_lots(
-        services.pool, now, services.settings.jobs_batch_size
-    ):
-        expired += await _expire_member(services, member_uid, now)
-    return expired
+    async with services.pool.acquire() as conn:
+        expired_account = await services.accounts.id(conn, "points", "expired")
+    return await work_due_lots(
+        services,
+        "expiry",
+        lock=lambda conn: store.lock_expiring_lots(conn, now, services.settings.jobs_batch_size),
+        write=lambda conn, lot_ids: store.expire_locked_lots(conn, lot_ids, now, expired_account),
+        alone=lambda member_uid, _: _expire_member(services, member_uid, now),
+    )
 
 
 async def _expire_member(services: Services, member_uid: int, now: datetime) -> int:

@@ -286,19 +286,68 @@ async def select_expired_holds(
     return [r["redemption_id"] for r in rows]
 
 
-async def select_members_with_expired_lots(
-    conn: asyncpg.Connection | asyncpg.Pool, now: datetime, limit: int
-) -> list[int]:
-    rows = await conn.fetch(
+async def lock_expiring_lots(conn: asyncpg.Connection, now: datetime, limit: int) -> list[asyncpg.Record]:
+    """Up to ``limit`` lots whose expiry has come, soonest first, of members this transaction
+    now holds locked; lots of members another transaction holds are passed over."""
+    return await conn.fetch(
         """
-        select distinct member_uid from (
-            select member_uid from lots where state <> 'expired' and expires_at <= $1 order by expires_at limit $2
-        ) due
+        select l.lot_id, l.member_uid, m.member_id from lots l
+        join members m on m.member_uid = l.member_uid
+        where l.state <> 'expired' and l.expires_at <= $1
+        order by l.expires_at, l.lot_id
+        limit $2
+        for update of m skip locked
         """,
         now,
         limit,
     )
-    return [r["member_uid"] for r in rows]
+
+
+# Expires the given due lots of members the transaction holds locked, in one statement: what
+# remains of each goes from the member's account for the lot's state to the program's expired
+# account (a transfer, and a lot entry taking it), the lot is marked expired, and each member's
+# balances move by the sums (version + 1). The statement's snapshot is taken after the members
+# were locked, and every writer of lots locks their member first, so `due` is current.
+_EXPIRE_LOTS = """
+with due as (
+    select lot_id, member_uid, remaining, state, expires_at from lots
+    where lot_id = any($1::bigint[]) and state <> 'expired' and expires_at <= $2
+), marked as (
+    update lots set state = 'expired', remaining = 0 from due where lots.lot_id = due.lot_id
+), moved as (
+    insert into transfers (member_uid, asset, debit_account_id, credit_account_id, amount, code,
+                           cause_type, cause_ref, lot_id, reason)
+    select d.member_uid, 'points', bucket.account_id, $3, d.remaining, 'expire', 'lot', d.lot_id::text,
+           d.lot_id, 'points expired on ' || to_char(d.expires_at at time zone 'UTC', 'YYYY-MM-DD')
+    from due d
+    left join accounts bucket on bucket.member_uid = d.member_uid and bucket.asset = 'points'
+                             and bucket.name = d.state
+    where d.remaining > 0
+    returning transfer_id, lot_id, member_uid, amount
+), entries as (
+    insert into lot_entries (lot_id, member_uid, transfer_id, amount, kind)
+    select lot_id, member_uid, transfer_id, amount, 'expire' from moved
+), per_member as (
+    select member_uid, count(*) as lots,
+           coalesce(sum(remaining) filter (where state = 'available'), 0)::bigint as available,
+           coalesce(sum(remaining) filter (where state = 'pending'), 0)::bigint as pending
+    from due group by member_uid
+)
+update members m
+set points_available = points_available - p.available, points_pending = points_pending - p.pending,
+    version = version + 1
+from per_member p
+where m.member_uid = p.member_uid
+returning m.member_uid, m.version, p.lots
+"""
+
+
+async def expire_locked_lots(
+    conn: asyncpg.Connection, lot_ids: list[int], now: datetime, expired_account_id: int
+) -> list[asyncpg.Record]:
+    """Expire these due lots (of members locked by this transaction); return (member_uid,
+    version, lots) per member whose balances moved."""
+    return await conn.fetch(_EXPIRE_LOTS, lot_ids, now, expired_account_id)
 
 
 async def lock_due_lots(conn: asyncpg.Connection, member_uid: int, now: datetime) -> list[asyncpg.Record]:
