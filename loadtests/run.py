@@ -57,7 +57,7 @@ DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"
 
 SCENARIOS = ("noop", "noop_routed", "pgbench", "balance_uniform", "balance_hot", "balance_warm", "balance_half", "purchases",
-             "redemptions", "mixed")
+             "redemptions", "mixed", "jobs")
 GROUPS = {
     "all": SCENARIOS,
     "baselines": ("noop", "noop_routed", "pgbench"),
@@ -646,6 +646,8 @@ class Run:
             config["scenarios"]["pgbench"] = self.measure("pgbench", members, workers)
         http = [s for s in scenarios if s in HTTP_SCRIPTS]
         if not http:
+            if "jobs" in scenarios:
+                config["jobs"] = self.run_jobs()
             config["correctness"] = {"nothing_lost": True, "audit_passed": self.audit()}
             return config
         self.say(f"starting konvert serve --workers {workers}")
@@ -684,6 +686,8 @@ class Run:
         write_checks = [
             s.get("writes_all_repetitions_ok", s["writes"]["ok"]) for s in config["scenarios"].values() if "writes" in s
         ]
+        if "jobs" in scenarios:
+            config["jobs"] = self.run_jobs()
         config["correctness"] = {
             "nothing_lost": all(write_checks),
             "audit_passed": self.audit(),
@@ -705,6 +709,18 @@ class Run:
         return {"seconds": round(seconds, 1), "output": warmed.stdout.strip(), "redis_keys_added": added,
                 "redis_memory_added_mib": round(grown / 2**20, 1),
                 "bytes_per_key": round(grown / added) if added else None}  # fmt: skip
+
+    def run_jobs(self) -> dict:
+        """The background jobs, each until nothing is left due (harness/jobs.py), once: they
+        leave every lot expired, so this comes after the write checks and before the audit."""
+        from harness.jobs import time_jobs
+
+        self.say("jobs: vesting, tiers, expiry, each until nothing is due")
+        with Sampler(None, self.database_name) as sampler:
+            timings = asyncio.run(time_jobs(self.env()))
+        for name, timing in timings.items():
+            self.say(f"  {name}: {timing['settled']:,} in {timing['seconds']:.1f} s, {timing['per_second']:,.0f}/s")
+        return timings | {"usage": sampler.usage.as_dict()}
 
     def audit(self) -> bool:
         self.say("konvert audit")

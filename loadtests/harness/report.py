@@ -17,6 +17,9 @@ BALANCE_VS_NOOP_MIN = 0.7
 BALANCE_HALF_LOAD_P99_MAX_MS = 5.0
 # Throughput with the large member count within this fraction of the small one.
 MEMBERS_SCALING_TOLERANCE = 0.15
+# konvert's own, beyond the issue's: one process's vesting and expiry settle lots at least as
+# fast as the service posts purchases (each makes a lot), so they never fall behind.
+JOBS_VS_PURCHASES_MIN = 1.0
 # Memory stays bounded: no service process above this, and the service's RSS at the end of the
 # last scenario no more than this factor above its RSS at the end of the first one.
 PEAK_RSS_PER_PROCESS_MAX_MIB = 512
@@ -58,7 +61,16 @@ def config_ratios(config: dict) -> dict[str, float | None]:
         "balance_uniform_vs_noop_routed": _ratio(_rps(config, "balance_uniform"), _rps(config, "noop_routed")),
         "mixed_vs_noop": _ratio(_rps(config, "mixed"), _rps(config, "noop")),
         "redemptions_vs_pgbench": _ratio(_rps(config, "redemptions"), _rps(config, "pgbench")),
+        # Lots the jobs settle per second against the purchases (each makes a lot) posted per
+        # second: at 1.0x one process's jobs keep up with purchases at full load.
+        "vesting_vs_purchases": _ratio(_job_rate(config, "vesting"), _rps(config, "purchases")),
+        "expiry_vs_purchases": _ratio(_job_rate(config, "expiry"), _rps(config, "purchases")),
     }
+
+
+def _job_rate(config: dict, job: str) -> float | None:
+    timing = (config.get("jobs") or {}).get(job)
+    return timing["per_second"] if timing and timing.get("settled") else None
 
 
 def targets(configs: list[dict]) -> list[Target]:
@@ -85,6 +97,12 @@ def targets(configs: list[dict]) -> list[Target]:
             value = ratios["balance_warm_vs_noop"]
             found.append(Target(f"balance reads, uniform, every balance cached / no-op ({label(config)})", value,
                                 f">= {BALANCE_VS_NOOP_MIN}x", value >= BALANCE_VS_NOOP_MIN, "x"))  # fmt: skip
+        for job in ("vesting", "expiry"):
+            value = ratios.get(f"{job}_vs_purchases")
+            if value is not None:
+                found.append(Target(f"{job} lots / purchases per second ({label(config)})", value,
+                                    f">= {JOBS_VS_PURCHASES_MIN}x", value >= JOBS_VS_PURCHASES_MIN, "x",
+                                    "konvert's own target: the jobs keep up with purchases"))  # fmt: skip
         half = config["scenarios"].get("balance_half")
         if half:
             value = half["latency_ms"]["p99"]
@@ -202,6 +220,10 @@ def print_report(result: dict) -> None:
                 notes.append(f"{name}: {note}")
         for note in notes:
             print(f"  note: {note}")
+        for name, timing in (config.get("jobs") or {}).items():
+            if name != "usage":
+                print(f"  jobs: {name} settled {timing['settled']:,} in {timing['seconds']:.1f} s "
+                      f"({timing['per_second']:,.0f}/s, one process)")  # fmt: skip
         ratios = {k: v for k, v in config["ratios"].items() if v is not None}
         if ratios:
             print("  ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))

@@ -57,7 +57,7 @@ def test_harness_loses_nothing_and_the_audit_passes(tmp_path: Path) -> None:
         [
             sys.executable, str(RUN_PY), "--quick", "--members", "200", "--history", "8", "--history-every-days", "3",
             "--duration", "2", "--warmup", "0.5",
-            "--connections", "8", "--scenarios", "balance_warm,purchases,redemptions,mixed",
+            "--connections", "8", "--scenarios", "balance_warm,purchases,redemptions,mixed,jobs",
             "--pg-url", database_url, "--redis-url", redis_url, "--output", str(output),
         ],  # fmt: skip
         cwd=ROOT,
@@ -91,6 +91,12 @@ def test_harness_loses_nothing_and_the_audit_passes(tmp_path: Path) -> None:
     assert warm["cache_warm"]["output"].startswith("balances cached: 200 members"), warm["cache_warm"]
     assert warm["balance_read_sources"].get("database", 0.0) == 0.0, warm["balance_read_sources"]
     assert warm["balance_read_sources"]["redis"] == 1.0, warm["balance_read_sources"]
+    # The jobs ran until nothing was due, after the writes and before the audit that passed:
+    # every lot the seed and the purchases made was vested (the pending ones) and expired.
+    jobs = config["jobs"]
+    assert jobs["vesting"]["settled"] >= 200 and jobs["expiry"]["settled"] > jobs["vesting"]["settled"], jobs
+    assert jobs["tiers"]["settled"] >= 200, jobs
+    assert config["ratios"]["vesting_vs_purchases"] > 0, config["ratios"]
     sources = config["scenarios"]["mixed"]["balance_read_sources"]
     assert set(sources) <= {"redis", "database"} and abs(sum(sources.values()) - 1) < 0.01, sources
 
