@@ -243,16 +243,16 @@ def _wal_stats(database_url: str) -> tuple[int, int, int, int] | None:
 
 
 # Checkpoints started (PostgreSQL counts one when it starts) and whether one is running (the
-# checkpointer waits elsewhere than in its main loop while it writes a spread checkpoint). A
+# checkpointer waits elsewhere than in its main loop, or not at all, while it writes one). A
 # checkpoint that starts during a write scenario, or runs through it, makes the first change to
 # every page write the whole page to the WAL: more WAL and CPU per request, and a longer tail.
 _CHECKPOINTS = (
     """select checkpoints_timed + checkpoints_req,
-              (select wait_event from pg_stat_activity where backend_type = 'checkpointer')
+              (select coalesce(wait_event, 'busy') from pg_stat_activity where backend_type = 'checkpointer')
        from pg_stat_bgwriter""",
     # PostgreSQL 17 moved the counters to their own view.
     """select num_timed + num_requested,
-              (select wait_event from pg_stat_activity where backend_type = 'checkpointer')
+              (select coalesce(wait_event, 'busy') from pg_stat_activity where backend_type = 'checkpointer')
        from pg_stat_checkpointer""",
 )
 

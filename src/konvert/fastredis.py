@@ -58,6 +58,9 @@ class _Protocol(asyncio.Protocol):
     def expect(self) -> asyncio.Future[Any]:
         """The next command's reply, to come or to fail at the command's deadline."""
         waiter = self._loop.create_future()
+        if self.lost:  # nothing sent on it will be answered
+            waiter.set_exception(RedisUnavailable("connection lost"))
+            return waiter
         deadline = self._loop.time() + self._timeout_seconds
         self.waiters.append((waiter, deadline))
         if self._watchdog is None:
@@ -78,11 +81,13 @@ class _Protocol(asyncio.Protocol):
 
     def _check_deadline(self) -> None:
         self._watchdog = None
-        if not self.waiters or self.lost:
+        if not self.waiters:
             return
-        deadline = self.waiters[0][1]
-        if deadline > self._loop.time():
-            self._watchdog = self._loop.call_at(deadline, self._check_deadline)
+        wait = self.waiters[0][1] - self._loop.time()
+        if wait > 0:
+            # uvloop keeps timers in whole milliseconds and may fire a little early: at least
+            # 1 ms, or it would fire again and again until its clock ticks over.
+            self._watchdog = self._loop.call_later(max(wait, 0.001), self._check_deadline)
             return
         # Replies come in order, so a late one would be taken for the next command's: drop the
         # connection and fail everything waiting on it. A command whose caller gave up counts

@@ -130,17 +130,20 @@ class Reevaluated(msgspec.Struct, frozen=True):
 
 
 # The due members, locked (skipping any another transaction holds: a purchase's, or another
-# process's job), then their qualifying points: the CTE is evaluated first, so the points are
-# summed for the batch only, not for every due member the sort looks at.
-_DUE = f"""
-with due as (
-    select member_uid, member_id, tier, tier_below_since, tier_qualifying_points from members
-    where tier is not null and (tier_evaluated_at is null or tier_evaluated_at < $1)
-    order by tier_evaluated_at nulls first
-    limit $2
-    for update skip locked
-)
-select due.*, {qualifying_points_sql('due.member_uid', '$3')} as points from due
+# process's job). Their qualifying points are summed by the next statement: this one's snapshot
+# was taken before the locks, so a purchase that committed while it waited for a member's lock
+# would be in the member's row (the locked row is its newest version) but not in the sum.
+_LOCK_DUE = """
+select member_uid, member_id, tier, tier_below_since, tier_qualifying_points from members
+where tier is not null and (tier_evaluated_at is null or tier_evaluated_at < $1)
+order by tier_evaluated_at nulls first
+limit $2
+for update skip locked
+"""
+
+_POINTS = f"""
+select u.member_uid, {qualifying_points_sql('u.member_uid', '$2')} as points
+from unnest($1::bigint[]) as u (member_uid)
 """
 
 _STORE = """
@@ -158,17 +161,22 @@ async def reevaluate_due(
     conn: asyncpg.Connection, program: Program, now: datetime, evaluated_before: datetime, limit: int
 ) -> tuple[int, list[Reevaluated]]:
     """Re-evaluate up to ``limit`` members with a tier not evaluated since ``evaluated_before``,
-    least recently evaluated first, in two statements; return how many were evaluated, and those
+    least recently evaluated first, in three statements (lock, sum, store); return how many were evaluated, and those
     whose standing changed (their balance version moved: the caller invalidates their cached
     balances after commit). Call inside a transaction: the members stay locked until it ends.
     """
     tiers = program.tiers
-    rows = await conn.fetch(_DUE, evaluated_before, limit, now - timedelta(days=tiers.window_days))
+    rows = await conn.fetch(_LOCK_DUE, evaluated_before, limit)
     if not rows:
         return 0, []
-    standings = [evaluate_tier(tiers, r["points"], r["tier"], r["tier_below_since"], now) for r in rows]
+    summed = await conn.fetch(_POINTS, [r["member_uid"] for r in rows], now - timedelta(days=tiers.window_days))
+    points = {r["member_uid"]: r["points"] for r in summed}
+    standings = [
+        evaluate_tier(tiers, points[r["member_uid"]], r["tier"], r["tier_below_since"], now) for r in rows
+    ]
     changed = [
-        (s.tier, s.below_since, r["points"]) != (r["tier"], r["tier_below_since"], r["tier_qualifying_points"])
+        (s.tier, s.below_since, points[r["member_uid"]])
+        != (r["tier"], r["tier_below_since"], r["tier_qualifying_points"])
         for r, s in zip(rows, standings, strict=True)
     ]
     stored = await conn.fetch(
@@ -176,7 +184,7 @@ async def reevaluate_due(
         [r["member_uid"] for r in rows],
         [s.tier for s in standings],
         [s.below_since for s in standings],
-        [r["points"] for r in rows],
+        [points[r["member_uid"]] for r in rows],
         changed,
         now,
     )

@@ -65,12 +65,13 @@ async def test_a_timeout_fails_the_waiting_commands_and_the_next_one_reconnects(
 async def test_each_command_gets_its_whole_timeout_from_when_it_was_sent(redis_url):
     # One timer per connection keeps the deadlines: it is first set for the PING's, which is
     # answered at once; the BLPOP sent later must still get its own 0.5 s.
-    client = MultiplexedRedis(redis_url, timeout_seconds=0.5)
+    client = MultiplexedRedis(redis_url, timeout_seconds=1.0)
     try:
         assert await client.execute(b"PING") == b"PONG"
-        await asyncio.sleep(0.3)
-        # Redis answers nil after 0.4 s: past the PING's deadline, within the BLPOP's own.
-        assert await client.execute(b"BLPOP", f"empty:{uuid.uuid4().hex}", b"0.4") is None
+        await asyncio.sleep(0.6)
+        # Redis answers nil 0.6 s later (up to ~0.1 s more: its cron ticks at 10 Hz), past the
+        # PING's deadline and well within the BLPOP's own.
+        assert await client.execute(b"BLPOP", f"empty:{uuid.uuid4().hex}", b"0.6") is None
     finally:
         client.close()
 
@@ -87,6 +88,16 @@ async def test_a_command_sent_after_others_were_answered_still_times_out(redis_u
         assert await client.execute(b"PING") == b"PONG"  # reconnected
     finally:
         client.close()
+
+
+async def test_a_command_on_a_lost_connection_fails_at_once(fast):
+    assert await fast.execute(b"PING") == b"PONG"
+    protocol = fast._protocol
+    protocol.connection_lost(None)
+    # Nothing sent on it would be answered, and no deadline would be kept for it either.
+    reply = protocol.expect()
+    assert reply.done() and isinstance(reply.exception(), RedisUnavailable)
+    assert await fast.execute(b"PING") == b"PONG"  # the next command connects again
 
 
 @pytest.mark.parametrize("query", ["?db=3", "?db=3&socket_timeout=1"])

@@ -269,7 +269,7 @@ async def test_vesting_twice_at_once_moves_points_once(post, balance, services, 
     assert (await balance(member))["available"] == 100
 
 
-async def test_vesting_passes_over_a_member_another_transaction_holds(post, balance, services, new_id):
+async def test_vesting_passes_over_a_member_another_transaction_holds(post, balance, services, new_id, caplog):
     held, free = new_id("m"), new_id("m")
     for member in (held, free):
         await post("/v1/purchases", purchase(member, new_id("p"), occurred_at=RECENT))
@@ -283,6 +283,8 @@ async def test_vesting_passes_over_a_member_another_transaction_holds(post, bala
     assert during == [0, 100]
     await vest_due_lots(services, now=later)
     assert (await balance(held))["available"] == 100
+    # Vested by the batch's one statement, not by the one-by-one fallback.
+    assert not any("batch failed" in r.getMessage() for r in caplog.records)
 
 
 async def test_vesting_repays_a_refund_debt_from_the_points_it_makes_available(post, balance, services, new_id):
@@ -305,19 +307,31 @@ async def test_vesting_repays_a_refund_debt_from_the_points_it_makes_available(p
     assert (await balance(member))["available"] == 0
 
 
-async def test_a_member_that_fails_to_vest_holds_up_no_one_else(post, balance, services, new_id):
+async def test_a_member_that_fails_to_vest_holds_up_no_one_else(post, balance, services, new_id, caplog, monkeypatch):
+    from konvert.ledger import service as ledger_service
+
     broken, fine = new_id("m"), new_id("m")
     for member in (broken, fine):
         await post("/v1/purchases", purchase(member, new_id("p"), occurred_at=RECENT))
     # A member whose pending account cannot be found: the batch's one statement fails for it.
     hide = "update accounts set name = $2 where name = $3 and member_uid = (select member_uid from members where member_id = $1)"
     await services.pool.execute(hide, broken, "pending-hidden", "pending")
+    later = NOW + timedelta(days=15)
     try:
-        await vest_due_lots(services, now=NOW + timedelta(days=15))
+        await vest_due_lots(services, now=later)
         assert [(await balance(m))["available"] for m in (broken, fine)] == [0, 100]
+        assert any("vesting batch failed" in r.getMessage() for r in caplog.records)
     finally:
         await services.pool.execute(hide, broken, "pending", "pending-hidden")
-    await vest_due_lots(services, now=NOW + timedelta(days=15))
+    # The member that failed is passed over for a while (its lots would fail every batch) ...
+    caplog.clear()
+    while await vest_due_lots(services, now=later):
+        pass
+    assert (await balance(broken))["available"] == 0
+    assert not any("batch failed" in r.getMessage() for r in caplog.records)
+    # ... and then tried again.
+    monkeypatch.setattr(ledger_service, "RETRY_FAILED_MEMBERS_AFTER_SECONDS", 0.0)
+    await vest_due_lots(services, now=later)
     assert (await balance(broken))["available"] == 100
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import NamedTuple
@@ -165,18 +166,36 @@ async def vest_due_lots(services: Services, now: datetime | None = None) -> int:
     return await work_due_lots(
         services,
         "vesting",
-        lock=lambda conn: store.lock_due_pending_lots(conn, now, services.settings.jobs_batch_size),
+        lock=lambda conn, passed_over: store.lock_due_pending_lots(
+            conn, now, services.settings.jobs_batch_size, passed_over
+        ),
         write=lambda conn, lot_ids: store.vest_locked_lots(conn, lot_ids, now),
         alone=lambda member_uid, lot_ids: _vest_member(services, member_uid, lot_ids, now),
         by_itself=lambda row: row["points_debt"] > 0,
     )
 
 
+# Members a job failed to settle on their own, by job, with when (this process's clock): that
+# job's batches pass over them for a while, so that a member whose rows are broken does not fail
+# every batch its lots land in (they are the oldest due, so they would land in every one).
+_FAILED_MEMBERS: dict[str, dict[int, float]] = {}
+RETRY_FAILED_MEMBERS_AFTER_SECONDS = 600.0
+
+
+def _passed_over(job: str) -> list[int]:
+    failed = _FAILED_MEMBERS.setdefault(job, {})
+    now = time.monotonic()
+    for member_uid, failed_at in list(failed.items()):
+        if now - failed_at >= RETRY_FAILED_MEMBERS_AFTER_SECONDS:
+            del failed[member_uid]
+    return list(failed)
+
+
 async def work_due_lots(
     services: Services,
     job: str,
     *,
-    lock: Callable[[asyncpg.Connection], Awaitable[list[asyncpg.Record]]],
+    lock: Callable[[asyncpg.Connection, list[int]], Awaitable[list[asyncpg.Record]]],
     write: Callable[[asyncpg.Connection, list[int]], Awaitable[list[asyncpg.Record]]],
     alone: Callable[[int, list[int]], Awaitable[int]],
     by_itself: Callable[[asyncpg.Record], bool] = lambda row: False,
@@ -184,25 +203,28 @@ async def work_due_lots(
     """One batch of a job over due lots (vesting, expiry); return how many lots it settled.
 
     One transaction, two statements: ``lock`` selects the due lots (``lot_id``, ``member_uid``,
-    ``member_id``) with their members locked ``for update skip locked``, so processes running
-    the job at once take different members and never wait on a purchase; ``write`` settles the
-    lots and returns ``(member_uid, version, lots)`` per member whose balances it moved. Cached
-    balances are invalidated after commit. The lots of members ``by_itself`` picks, and all of
-    them if ``write`` failed, then go through ``alone`` member by member, each with its own
-    outcome: one member whose rows are broken holds up no one else's points.
+    ``member_id``) with their members locked ``for update skip locked``, except the members it
+    is given (those that failed lately), so processes running the job at once take different
+    members and never wait for a lock; ``write`` settles the lots and returns ``(member_uid,
+    version, lots)`` per member whose balances it moved. The batch holds its members' locks for
+    its two statements (a purchase of one of them waits that long). Cached balances are
+    invalidated after commit. The lots of members ``by_itself`` picks, and all of them if
+    ``write`` failed, then go through ``alone`` member by member, each with its own outcome; a
+    member that fails there is logged and passed over by this job for
+    ``RETRY_FAILED_MEMBERS_AFTER_SECONDS``, so it holds up no one else's points for long.
     """
     due: list[asyncpg.Record] = []
     async with services.pool.acquire() as conn:
         try:
             async with conn.transaction():
-                due = await lock(conn)
+                due = await lock(conn, _passed_over(job))
                 batch = [row["lot_id"] for row in due if not by_itself(row)]
                 moved = await write(conn, batch) if batch else []
             left = [row for row in due if by_itself(row)]
-        except asyncpg.PostgresError as exc:
+        except asyncpg.PostgresError:
             if not due:
                 raise
-            log.warning(f"{job} batch failed; settling its members one by one", extra={"error": repr(exc)})
+            log.exception(f"{job} batch failed; settling its members one by one")
             moved, left = [], due
     member_ids = {row["member_uid"]: row["member_id"] for row in due}
     await asyncio.gather(*(services.balances.invalidate(member_ids[m["member_uid"]], m["version"]) for m in moved))
@@ -213,8 +235,9 @@ async def work_due_lots(
     for member_uid, lot_ids in by_member.items():
         try:
             settled += await alone(member_uid, lot_ids)
-        except Exception:  # logged; the member's lots stay due and come up again
-            log.exception(f"{job} failed for a member", extra={"member_uid": member_uid})
+        except Exception:  # logged; the member's lots stay due, and come up again later
+            _FAILED_MEMBERS[job][member_uid] = time.monotonic()
+            log.exception(f"{job} failed for a member; passing over it for a while", extra={"member_uid": member_uid})
     return settled
 
 

@@ -300,21 +300,24 @@ async def select_activity(
     )
 
 
-async def lock_due_pending_lots(conn: asyncpg.Connection, now: datetime, limit: int) -> list[asyncpg.Record]:
+async def lock_due_pending_lots(
+    conn: asyncpg.Connection, now: datetime, limit: int, passed_over: Sequence[int] = ()
+) -> list[asyncpg.Record]:
     """Up to ``limit`` pending lots whose return window has closed, oldest due first, of members
-    this transaction now holds locked; lots of members another transaction holds are passed
-    over (they come up next time). With each lot its member's id and refund debt."""
+    this transaction now holds locked; lots of members another transaction holds, and of the
+    members ``passed_over``, are left for later. With each lot its member's id and refund debt."""
     return await conn.fetch(
         """
         select l.lot_id, l.member_uid, m.member_id, m.points_debt from lots l
         join members m on m.member_uid = l.member_uid
-        where l.state = 'pending' and l.vests_at <= $1
+        where l.state = 'pending' and l.vests_at <= $1 and l.member_uid <> all($3::bigint[])
         order by l.vests_at, l.lot_id
         limit $2
         for update of m skip locked
         """,
         now,
         limit,
+        list(passed_over),
     )
 
 

@@ -349,7 +349,9 @@ async def expire_due_lots(services: Services, now: datetime | None = None) -> in
     return await work_due_lots(
         services,
         "expiry",
-        lock=lambda conn: store.lock_expiring_lots(conn, now, services.settings.jobs_batch_size),
+        lock=lambda conn, passed_over: store.lock_expiring_lots(
+            conn, now, services.settings.jobs_batch_size, passed_over
+        ),
         write=lambda conn, lot_ids: store.expire_locked_lots(conn, lot_ids, now, expired_account),
         alone=lambda member_uid, _: _expire_member(services, member_uid, now),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 
 import asyncpg
@@ -286,20 +287,24 @@ async def select_expired_holds(
     return [r["redemption_id"] for r in rows]
 
 
-async def lock_expiring_lots(conn: asyncpg.Connection, now: datetime, limit: int) -> list[asyncpg.Record]:
+async def lock_expiring_lots(
+    conn: asyncpg.Connection, now: datetime, limit: int, passed_over: Sequence[int] = ()
+) -> list[asyncpg.Record]:
     """Up to ``limit`` lots whose expiry has come, soonest first, of members this transaction
-    now holds locked; lots of members another transaction holds are passed over."""
+    now holds locked; lots of members another transaction holds, and of the members
+    ``passed_over``, are left for later."""
     return await conn.fetch(
         """
         select l.lot_id, l.member_uid, m.member_id from lots l
         join members m on m.member_uid = l.member_uid
-        where l.state <> 'expired' and l.expires_at <= $1
+        where l.state <> 'expired' and l.expires_at <= $1 and l.member_uid <> all($3::bigint[])
         order by l.expires_at, l.lot_id
         limit $2
         for update of m skip locked
         """,
         now,
         limit,
+        list(passed_over),
     )
 
 
@@ -323,6 +328,7 @@ with due as (
     left join accounts bucket on bucket.member_uid = d.member_uid and bucket.asset = 'points'
                              and bucket.name = d.state
     where d.remaining > 0
+    order by d.expires_at, d.lot_id
     returning transfer_id, lot_id, member_uid, amount
 ), entries as (
     insert into lot_entries (lot_id, member_uid, transfer_id, amount, kind)
