@@ -161,9 +161,10 @@ async def reevaluate_due(
     conn: asyncpg.Connection, program: Program, now: datetime, evaluated_before: datetime, limit: int
 ) -> tuple[int, list[Reevaluated]]:
     """Re-evaluate up to ``limit`` members with a tier not evaluated since ``evaluated_before``,
-    least recently evaluated first, in three statements (lock, sum, store); return how many were evaluated, and those
-    whose standing changed (their balance version moved: the caller invalidates their cached
-    balances after commit). Call inside a transaction: the members stay locked until it ends.
+    least recently evaluated first, in three statements (lock, sum, store); return how many were
+    evaluated, and those whose standing changed (their balance version moved: the caller
+    invalidates their cached balances after commit). Call inside a transaction: the members stay
+    locked until it ends.
     """
     tiers = program.tiers
     rows = await conn.fetch(_LOCK_DUE, evaluated_before, limit)

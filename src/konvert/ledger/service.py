@@ -236,7 +236,7 @@ async def work_due_lots(
         try:
             settled += await alone(member_uid, lot_ids)
         except Exception:  # logged; the member's lots stay due, and come up again later
-            _FAILED_MEMBERS[job][member_uid] = time.monotonic()
+            _FAILED_MEMBERS.setdefault(job, {})[member_uid] = time.monotonic()
             log.exception(f"{job} failed for a member; passing over it for a while", extra={"member_uid": member_uid})
     return settled
 

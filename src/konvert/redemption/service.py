@@ -344,15 +344,18 @@ async def expire_due_lots(services: Services, now: datetime | None = None) -> in
     (``store.expire_locked_lots``).
     """
     now = now or services.clock()
-    async with services.pool.acquire() as conn:
+
+    async def expire(conn: asyncpg.Connection, lot_ids: list[int]) -> list[asyncpg.Record]:
         expired_account = await services.accounts.id(conn, "points", "expired")
+        return await store.expire_locked_lots(conn, lot_ids, now, expired_account)
+
     return await work_due_lots(
         services,
         "expiry",
         lock=lambda conn, passed_over: store.lock_expiring_lots(
             conn, now, services.settings.jobs_batch_size, passed_over
         ),
-        write=lambda conn, lot_ids: store.expire_locked_lots(conn, lot_ids, now, expired_account),
+        write=expire,
         alone=lambda member_uid, _: _expire_member(services, member_uid, now),
     )
 
