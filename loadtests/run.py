@@ -647,7 +647,7 @@ class Run:
         http = [s for s in scenarios if s in HTTP_SCRIPTS]
         if not http:
             if "jobs" in scenarios:
-                config["jobs"] = self.run_jobs()
+                config["jobs"], config["jobs_usage"] = self.run_jobs()
             config["correctness"] = {"nothing_lost": True, "audit_passed": self.audit()}
             return config
         self.say(f"starting konvert serve --workers {workers}")
@@ -687,7 +687,7 @@ class Run:
             s.get("writes_all_repetitions_ok", s["writes"]["ok"]) for s in config["scenarios"].values() if "writes" in s
         ]
         if "jobs" in scenarios:
-            config["jobs"] = self.run_jobs()
+            config["jobs"], config["jobs_usage"] = self.run_jobs()
         config["correctness"] = {
             "nothing_lost": all(write_checks),
             "audit_passed": self.audit(),
@@ -710,9 +710,10 @@ class Run:
                 "redis_memory_added_mib": round(grown / 2**20, 1),
                 "bytes_per_key": round(grown / added) if added else None}  # fmt: skip
 
-    def run_jobs(self) -> dict:
+    def run_jobs(self) -> tuple[dict, dict]:
         """The background jobs, each until nothing is left due (harness/jobs.py), once: they
-        leave every lot expired, so this comes after the write checks and before the audit."""
+        leave every lot expired, so this comes after the write checks and before the audit.
+        Returns each job's timing, and the machine's usage while they ran."""
         from harness.jobs import time_jobs
 
         self.say("jobs: vesting, tiers, expiry, each until nothing is due")
@@ -720,7 +721,7 @@ class Run:
             timings = asyncio.run(time_jobs(self.env()))
         for name, timing in timings.items():
             self.say(f"  {name}: {timing['settled']:,} in {timing['seconds']:.1f} s, {timing['per_second']:,.0f}/s")
-        return timings | {"usage": sampler.usage.as_dict()}
+        return timings, sampler.usage.as_dict()
 
     def audit(self) -> bool:
         self.say("konvert audit")

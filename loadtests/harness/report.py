@@ -221,9 +221,8 @@ def print_report(result: dict) -> None:
         for note in notes:
             print(f"  note: {note}")
         for name, timing in (config.get("jobs") or {}).items():
-            if name != "usage":
-                print(f"  jobs: {name} settled {timing['settled']:,} in {timing['seconds']:.1f} s "
-                      f"({timing['per_second']:,.0f}/s, one process)")  # fmt: skip
+            print(f"  jobs: {name} settled {timing['settled']:,} in {timing['seconds']:.1f} s "
+                  f"({timing['per_second']:,.0f}/s, one process)")  # fmt: skip
         ratios = {k: v for k, v in config["ratios"].items() if v is not None}
         if ratios:
             print("  ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
