@@ -52,7 +52,8 @@ Value = TypeVar("Value")
 WriteOne = Callable[[asyncpg.Connection, Item], Awaitable[Result]]
 # Writes and commits a whole batch itself; returns per item its result or its error.
 WriteBatch = Callable[[list[Item]], Awaitable[list[Result | BaseException]]]
-AfterCommit = Callable[[Result], Awaitable[None]]
+# Runs once per batch with the results that committed (cache invalidations, say).
+AfterCommit = Callable[[list[Result]], Awaitable[None]]
 
 
 class GroupCommit(Generic[Item, Result]):
@@ -140,10 +141,11 @@ class GroupCommit(Generic[Item, Result]):
                     extra={"size": len(batch), "error": repr(exc)},
                 )
                 outcomes = [await self._write_alone(item) for item, _ in batch]
-            # After-commit steps (cache invalidations) run side by side: a slow Redis costs the
-            # batch one timeout, not one per item.
+            # One after-commit step for the batch (its cache invalidations in one round trip): a
+            # slow Redis costs the batch one timeout, not one per item.
             committed = [outcome for outcome in outcomes if not isinstance(outcome, BaseException)]
-            await asyncio.gather(*(self._after_commit_safely(outcome) for outcome in committed))
+            if committed:
+                await self._after_commit_safely(committed)
             for (_, future), outcome in zip(batch, outcomes, strict=True):
                 if isinstance(outcome, BaseException):
                     _settle(future, error=outcome)
@@ -179,9 +181,9 @@ class GroupCommit(Generic[Item, Result]):
         except Exception as exc:  # noqa: BLE001 - handed to this item's request, which maps it
             return exc
 
-    async def _after_commit_safely(self, outcome: Result) -> None:
+    async def _after_commit_safely(self, committed: list[Result]) -> None:
         try:
-            await self._after_commit(outcome)
+            await self._after_commit(committed)
         except Exception:  # the write is committed; a cache hiccup must not turn it into an error
             log.exception("after-commit step failed")
 

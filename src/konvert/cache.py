@@ -12,6 +12,7 @@ import hashlib
 import logging
 import random
 import time
+from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 import redis.asyncio as redis
@@ -50,6 +51,9 @@ _PUT_IF_NEWER_SHA = hashlib.sha1(_PUT_IF_NEWER.encode()).hexdigest()
 ABOVE_ANY_VERSION = 2**62
 _BREAKER_OPEN_SECONDS = 1.0
 
+# A cache entry to put: (key, version, body, seconds to live); an empty body is a tombstone.
+_Entry = tuple[str, int, bytes, int]
+
 
 def create_redis(settings: Settings) -> redis.Redis:
     return redis.Redis.from_url(
@@ -86,16 +90,27 @@ class BalanceCache:
         if self._reader is not None:
             self._reader.close()
 
-    async def _eval_put(self, key: str, version: int, body: bytes, ttl_seconds: int | None = None) -> None:
+    async def _eval_put_many(self, entries: list[_Entry]) -> None:
+        """Put-if-newer for every (key, version, body, ttl) on the multiplexed connection, sent in
+        one write; raises RedisUnavailable if any of them could not be applied."""
         assert self._reader is not None
-        args = (key, version, body, ttl_seconds or self._ttl_seconds)
-        try:
-            await self._reader.execute(b"EVALSHA", _PUT_IF_NEWER_SHA, b"1", *args)
-        except RedisUnavailable as exc:
-            if not str(exc).startswith("NOSCRIPT"):
-                raise
+        replies = await self._reader.execute_many(
+            [(b"EVALSHA", _PUT_IF_NEWER_SHA, b"1", *entry) for entry in entries]
+        )
+        forgotten = []
+        for entry, reply in zip(entries, replies, strict=True):
+            if isinstance(reply, RedisUnavailable):
+                if not str(reply).startswith("NOSCRIPT"):
+                    raise reply
+                forgotten.append(entry)
+        if forgotten:
             # Redis forgot the script (restart, SCRIPT FLUSH): EVAL loads it again.
-            await self._reader.execute(b"EVAL", _PUT_IF_NEWER, b"1", *args)
+            replies = await self._reader.execute_many(
+                [(b"EVAL", _PUT_IF_NEWER, b"1", *entry) for entry in forgotten]
+            )
+            for reply in replies:
+                if isinstance(reply, RedisUnavailable):
+                    raise reply
 
     def _available(self) -> bool:
         return time.monotonic() >= self._skip_until
@@ -129,22 +144,10 @@ class BalanceCache:
 
         Balances cached together would expire together, and their reads would all go to
         PostgreSQL at once again: each lives a random time between half the TTL and the TTL."""
-        if not self._available():
-            return False
         ttl = self._ttl_seconds
-        entries = [(balance_key(m), v, b, random.randint(max(1, ttl // 2), ttl)) for m, v, b in balances]
-        try:
-            if self._reader is not None:  # the multiplexed connection sends them in one write
-                await asyncio.gather(*(self._eval_put(*entry) for entry in entries))
-            else:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for key, version, body, lifetime in entries:
-                        await self._put_if_newer(keys=[key], args=[version, body, lifetime], client=pipe)
-                    await pipe.execute()
-        except (RedisError, OSError) as exc:
-            self._failed("put", exc)
-            return False
-        return True
+        return await self._put_many(
+            [(balance_key(m), v, b, random.randint(max(1, ttl // 2), ttl)) for m, v, b in balances]
+        )
 
     def put_soon(self, member_id: str, version: int, body: bytes) -> None:
         """``put`` without waiting for it: a read that missed answers first and fills the cache
@@ -166,25 +169,44 @@ class BalanceCache:
         balance; a plain DEL would not. When Redis cannot be reached at all, entries expire
         after ``balance_cache_ttl_seconds``, which bounds how long an older balance can live.
         """
-        # Unlike reads, invalidations do not skip Redis while the breaker is open: a missed
-        # tombstone would let an older balance be served. Batches run them concurrently, so a
-        # silent Redis costs a write one timeout, not one per member.
-        await self._put(member_id, version, b"", even_if_breaker_open=True)
+        await self.invalidate_many([(member_id, version)])
 
-    async def _put(self, member_id: str, version: int, body: bytes, *, even_if_breaker_open: bool = False) -> bool:
+    async def invalidate_many(self, changes: Iterable[tuple[str, int]]) -> None:
+        """``invalidate`` for the (member id, version) pairs a batch of writes committed, in one
+        round trip (a member's latest version only)."""
+        latest: dict[str, int] = {}
+        for member_id, version in changes:
+            if version > latest.get(member_id, -1):
+                latest[member_id] = version
+        if not latest:
+            return
+        # Unlike reads, invalidations do not skip Redis while the breaker is open: a missed
+        # tombstone would let an older balance be served. A silent Redis costs the whole batch
+        # one timeout.
+        ttl = self._ttl_seconds
+        entries = [(balance_key(member_id), version, b"", ttl) for member_id, version in latest.items()]
+        await self._put_many(entries, even_if_breaker_open=True)
+
+    async def _put(self, member_id: str, version: int, body: bytes) -> bool:
+        return await self._put_many([(balance_key(member_id), version, body, self._ttl_seconds)])
+
+    async def _put_many(self, entries: list[_Entry], *, even_if_breaker_open: bool = False) -> bool:
         if not (even_if_breaker_open or self._available()):
             return False
-        key = balance_key(member_id)
         try:
             if self._reader is not None:
                 try:
-                    await self._eval_put(key, version, body)
+                    await self._eval_put_many(entries)
                     return True
                 except RedisUnavailable as exc:
                     if "no reply within" in str(exc):
                         raise  # Redis is slow, not the connection broken: do not wait twice
-                    # The multiplexed connection may be what failed: try the pooled client once.
-            await self._put_if_newer(keys=[key], args=[version, body, self._ttl_seconds])
+                    # The multiplexed connection may be what failed: try the pooled client once
+                    # (putting an entry again is harmless: it only lands if still newer).
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key, version, body, ttl in entries:
+                    await self._put_if_newer(keys=[key], args=[version, body, ttl], client=pipe)
+                await pipe.execute()
             return True
         except (RedisError, OSError) as exc:
             self._failed("put", exc)

@@ -170,6 +170,30 @@ class MultiplexedRedis:
         protocol.send(_encode(args))
         return await reply
 
+    async def execute_many(self, commands: list[tuple[bytes | str | int, ...]]) -> list[Any]:
+        """Send every command at once and return each one's reply, or the RedisUnavailable it
+        failed with, in order. One write, one wait, and no task per command: what a batch of
+        writes costs for the cache entries it invalidates, instead of one ``execute`` each."""
+        protocol = self._protocol
+        if protocol is None or protocol.lost:
+            protocol = await self._connect()
+        replies = []
+        for args in commands:
+            replies.append(protocol.expect())
+            protocol.send(_encode(args))
+        results: list[Any] = []
+        try:
+            for reply in replies:
+                try:
+                    results.append(await reply)
+                except RedisUnavailable as exc:
+                    results.append(exc)
+        except BaseException:  # cancelled: the replies still to come are nobody's (as in execute)
+            for reply in replies:
+                reply.cancel()
+            raise
+        return results
+
     async def _connect(self) -> _Protocol:
         if self._connecting is None:
             self._connecting = asyncio.Lock()

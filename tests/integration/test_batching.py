@@ -37,9 +37,10 @@ def committer(pool, table, committed_seen):
             value,
         )
 
-    async def after_commit(item_id):
-        # Visible from another connection: the commit happened before the result is handed out.
-        committed_seen.append(await pool.fetchval(f"select count(*) from {table} where item = $1", item_id))
+    async def after_commit(item_ids):
+        # Visible from another connection: the commit happened before the results are handed out.
+        for item_id in item_ids:
+            committed_seen.append(await pool.fetchval(f"select count(*) from {table} where item = $1", item_id))
 
     return GroupCommit(
         pool, write, after_commit, sort_key=lambda item: item[0], batch_size_max=50, batches_in_flight_max=1

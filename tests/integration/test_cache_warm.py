@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncpg
 import pytest
+import redis.asyncio as redis
 from litestar.testing import AsyncTestClient
 
 from konvert import auth
@@ -110,9 +111,11 @@ async def test_warming_stops_before_redis_runs_out_of_memory(ledger, redis_clien
     assert not await redis_client.exists(*(balance_key(member) for member in read))
 
 
-async def test_warming_says_so_when_redis_does_not_take_the_balances(ledger, redis_client):
+async def test_warming_says_so_when_redis_does_not_take_the_balances(ledger):
     services, _ = ledger
-    dead = BalanceCache(redis_client, 60, MultiplexedRedis("redis://127.0.0.1:1/0", timeout_seconds=0.5))
+    nowhere = "redis://127.0.0.1:1/0"
+    pooled = redis.Redis.from_url(nowhere, socket_connect_timeout=0.5)
+    dead = BalanceCache(pooled, 60, MultiplexedRedis(nowhere, timeout_seconds=0.5))
     services.balances, live = dead, services.balances
     try:
         with pytest.raises(RedisUnavailable):
@@ -120,6 +123,22 @@ async def test_warming_says_so_when_redis_does_not_take_the_balances(ledger, red
     finally:
         services.balances = live
         dead.close()
+        await pooled.aclose()
+
+
+async def test_warming_takes_the_pooled_client_when_the_multiplexed_connection_fails(ledger, redis_client):
+    services, read = ledger
+    await redis_client.delete(*(balance_key(member) for member in read))
+    half_dead = BalanceCache(redis_client, 60, MultiplexedRedis("redis://127.0.0.1:1/0", timeout_seconds=0.5))
+    services.balances, live = half_dead, services.balances
+    try:
+        warmed = await warm_balances(services)
+    finally:
+        services.balances = live
+        half_dead.close()
+
+    assert warmed.members >= len(read)
+    assert all([await redis_client.hexists(balance_key(member), "b") for member in read])
 
 
 async def test_the_cli_warms_the_cache(ledger, fresh_database_url, redis_url, redis_client):

@@ -37,6 +37,40 @@ async def test_an_error_reply_fails_only_its_command(fast):
     assert good == b"PONG"
 
 
+async def test_many_commands_go_out_together_and_each_gets_its_own_reply(fast, redis_client):
+    prefix = uuid.uuid4().hex
+    await redis_client.hset(f"{prefix}:0", "b", "zero")
+
+    replies = await fast.execute_many(
+        [
+            (b"HGET", f"{prefix}:0", b"b"),
+            (b"NOSUCHCOMMAND",),
+            (b"HSET", f"{prefix}:1", b"b", b"one"),
+            (b"PING",),
+        ]
+    )
+
+    assert replies[0] == b"zero"
+    assert isinstance(replies[1], RedisUnavailable)  # an error is that command's reply, not raised
+    assert replies[2:] == [1, b"PONG"]
+    assert await redis_client.hget(f"{prefix}:1", "b") == b"one"
+    assert await fast.execute_many([]) == []
+
+
+async def test_many_commands_cancelled_leave_the_connection_in_step(fast):
+    blocked = asyncio.ensure_future(
+        fast.execute_many([(b"BLPOP", f"empty:{uuid.uuid4().hex}", b"0.2"), (b"PING",)])
+    )
+    await asyncio.sleep(0.05)
+    blocked.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await blocked
+
+    # The replies still owed to the cancelled commands are consumed, not taken for these.
+    assert await fast.execute_many([(b"ECHO", b"after")]) == [b"after"]
+    assert await fast.execute(b"ECHO", b"again") == b"again"
+
+
 async def test_it_selects_the_database_of_the_url(redis_url, redis_client):
     key = f"db-check:{uuid.uuid4().hex}"
     await redis_client.set(key, b"here")

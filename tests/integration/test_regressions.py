@@ -524,6 +524,35 @@ async def test_writes_do_not_wait_for_a_silent_redis_once_per_member(database_ur
     assert elapsed < 1.0, f"20 purchases took {elapsed:.1f}s with Redis not answering"
 
 
+@pytest.mark.parametrize("scripts_forgotten", [False, True])
+async def test_a_batch_s_invalidations_leave_each_member_s_latest_version(
+    redis_client, settings, new_id, scripts_forgotten
+):
+    from konvert.cache import BalanceCache, balance_key
+
+    cache = BalanceCache.for_settings(redis_client, settings)
+    first, second, third = (new_id("m") for _ in range(3))
+    try:
+        await cache.put(first, 3, b'{"version": 3}')
+        await cache.put(third, 9, b'{"version": 9}')  # newer than the write below
+        if scripts_forgotten:
+            await redis_client.script_flush()
+
+        # A batch wrote twice to the first member, once to the second.
+        await cache.invalidate_many([(first, 5), (second, 2), (first, 4), (third, 8)])
+
+        assert await redis_client.hgetall(balance_key(first)) == {b"v": b"5"}
+        assert await redis_client.hgetall(balance_key(second)) == {b"v": b"2"}
+        assert await redis_client.hget(balance_key(third), "b") == b'{"version": 9}'
+        # A slower reader's older balance stays out; the written version's goes in.
+        await cache.put(first, 4, b'{"version": 4}')
+        assert await cache.get(first) is None
+        await cache.put(first, 5, b'{"version": 5}')
+        assert await cache.get(first) == b'{"version": 5}'
+    finally:
+        cache.close()
+
+
 async def test_a_write_whose_tombstone_failed_still_keeps_an_older_balance_out(redis_client, settings, new_id):
     from konvert.cache import BalanceCache
 

@@ -87,7 +87,7 @@ def purchase_batcher(services: Services) -> GroupCommit[Posting, Posted]:
     async def write_batch(postings: list[Posting]) -> list[Posted | BaseException]:
         return await write_purchase_batch(services, postings)
 
-    async def committed(posted: Posted) -> None:
+    async def committed(posted: list[Posted]) -> None:
         await after_commit(services, posted)
 
     return GroupCommit(
@@ -108,7 +108,7 @@ async def post_purchase_alone(services: Services, purchase: PurchaseIn) -> Outco
     posted = await _write_alone(services, Posting(purchase))
     if isinstance(posted, BaseException):
         raise posted
-    await after_commit(services, posted)
+    await after_commit(services, [posted])
     return posted.outcome
 
 
@@ -119,9 +119,8 @@ def check_purchase(services: Services, purchase: PurchaseIn) -> None:
     rules.earning_rate(services.program, purchase)
 
 
-async def after_commit(services: Services, posted: Posted) -> None:
-    if posted.version is not None:
-        await services.balances.invalidate(posted.member_id, posted.version)
+async def after_commit(services: Services, posted: list[Posted]) -> None:
+    await services.balances.invalidate_many((p.member_id, p.version) for p in posted if p.version is not None)
 
 
 # Rounds of read-then-write for a batch before its unsettled postings are written one by one.

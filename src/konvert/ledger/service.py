@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -227,7 +226,7 @@ async def work_due_lots(
             log.exception(f"{job} batch failed; settling its members one by one")
             moved, left = [], due
     member_ids = {row["member_uid"]: row["member_id"] for row in due}
-    await asyncio.gather(*(services.balances.invalidate(member_ids[m["member_uid"]], m["version"]) for m in moved))
+    await services.balances.invalidate_many((member_ids[m["member_uid"]], m["version"]) for m in moved)
     settled = sum(m["lots"] for m in moved)
     by_member: dict[int, list[int]] = {}
     for row in left:

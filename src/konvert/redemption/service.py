@@ -5,7 +5,6 @@ which serialises every spend of one member and makes overdrawing impossible.
 
 from __future__ import annotations
 
-import asyncio
 from datetime import datetime, timedelta
 
 import asyncpg
@@ -410,7 +409,7 @@ async def reevaluate_tiers(services: Services, now: datetime | None = None) -> i
         count, changed = await tiers.reevaluate_due(
             conn, services.program, now, now - timedelta(days=1), services.settings.jobs_batch_size
         )
-    await asyncio.gather(*(services.balances.invalidate(m.member_id, m.version) for m in changed))
+    await services.balances.invalidate_many((m.member_id, m.version) for m in changed)
     return count
 
 
