@@ -27,6 +27,7 @@ import math
 import os
 import platform
 import secrets
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -43,6 +44,7 @@ sys.path.insert(0, str(HERE))
 from harness import checks, load, profile, report, seed  # noqa: E402
 from konvert.observability import TALLY_FLUSH_SECONDS  # noqa: E402
 from harness.service import (  # noqa: E402
+    CLI_TIMEOUT_SECONDS,
     Sampler,
     Server,
     balance_read_sources,
@@ -50,6 +52,7 @@ from harness.service import (  # noqa: E402
     konvert_env,
     run_cli,
     server_latency,
+    start_cli,
     wait_for_quiet,
 )
 
@@ -57,7 +60,7 @@ DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"
 
 SCENARIOS = ("noop", "noop_routed", "pgbench", "balance_uniform", "balance_hot", "balance_warm", "balance_half", "purchases",
-             "redemptions", "mixed", "jobs")
+             "redemptions", "mixed", "purchases_jobs", "jobs")
 GROUPS = {
     "all": SCENARIOS,
     "baselines": ("noop", "noop_routed", "pgbench"),
@@ -75,8 +78,10 @@ HTTP_SCRIPTS = {
     "purchases": "purchases",
     "redemptions": "redemptions",
     "mixed": "mixed",
+    # Purchases while `konvert jobs run` vests a backlog beside them.
+    "purchases_jobs": "purchases",
 }
-WRITE_SCENARIOS = ("purchases", "redemptions", "mixed")
+WRITE_SCENARIOS = ("purchases", "redemptions", "mixed", "purchases_jobs")
 PROFILED_SCENARIOS = ("purchases", "balance_uniform", "balance_hot")
 # Each worker adds its counts to /metrics every TALLY_FLUSH_SECONDS: wait that long, and a
 # little more, before reading them.
@@ -481,11 +486,20 @@ class Run:
             else:
                 self.say("warning: --profile needs py-spy (pip install py-spy); not profiling")
         metrics_before = self.server.metrics()
+        backlog = asyncio.run(self._vesting_backlog()) if scenario == "purchases_jobs" else None
         wal_before = _wal_stats(self.database_url) if scenario in WRITE_SCENARIOS else None
         checkpoints_before = _checkpoints(self.database_url)
         with Sampler(self.server, self.database_name) as sampler:
+            jobs = None
+            if backlog is not None:
+                jobs = start_cli(self.env(), "jobs", "run")
+                sampler.label(jobs.pid, "jobs")
+            started = time.monotonic()
             run = self._wrk(scenario, members, duration, tag, delay_ms)
+            load_seconds = time.monotonic() - started
         result = run.as_dict()
+        if jobs is not None:
+            result["jobs_beside"] = self._jobs_beside(jobs, started, load_seconds, backlog)
         # The same requests as konvert timed them (request in to response out, in the worker):
         # what the client sees beyond that is queueing in the kernel and the scheduler.
         time.sleep(METRICS_LAG_S)
@@ -534,6 +548,34 @@ class Run:
         assert self.server is not None
         workers = [pid for pid in self.server.worker_pids() if _is_worker(pid)]
         return workers[0] if workers else self.server.process.pid
+
+    async def _vesting_backlog(self) -> int:
+        """purchases_jobs: every pending lot made due now, as after a jobs outage or a return
+        window ending for a busy day's purchases at once; how many that is."""
+        conn = await asyncpg.connect(self.database_url)
+        try:
+            await conn.execute("update lots set vests_at = now() where state = 'pending' and vests_at > now()")
+            return await conn.fetchval("select count(*) from lots where state = 'pending'")
+        finally:
+            await conn.close()
+
+    def _jobs_beside(self, jobs: subprocess.Popen[str], started: float, load_seconds: float, backlog: int) -> dict:
+        """How ``konvert jobs run`` fared beside the load: what it vested, and when it finished."""
+        try:
+            out, err = jobs.communicate(timeout=CLI_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            jobs.kill()
+            out, err = jobs.communicate()
+        seconds = time.monotonic() - started
+        counts = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
+        vested = int(counts.get("vested_lots", 0))
+        if jobs.returncode != 0:
+            self.say(f"  warning: konvert jobs run exited {jobs.returncode}: {err.strip()[-300:]}")
+        self.say(f"  konvert jobs run beside it: vested {vested:,} of a backlog of {backlog:,} lots in {seconds:.1f} s")
+        return {"backlog_lots": backlog, "vested_lots": vested, "seconds": round(seconds, 2),
+                "lots_per_second": round(vested / seconds, 1) if seconds else 0.0,
+                "finished_during_load": seconds <= load_seconds, "exit_code": jobs.returncode,
+                "counts": {k: int(v) for k, v in counts.items() if v.strip().isdigit()}}  # fmt: skip
 
     async def _marks(self) -> checks.Marks:
         conn = await asyncpg.connect(self.database_url)
@@ -802,6 +844,8 @@ def _cpu_ms_per_request(result: dict) -> dict[str, float]:
     if not rps:
         return {}
     parts = {g: groups.get(g, 0.0) for g in ("konvert", "postgres", "redis", "loadgen", "softirq")}
+    if groups.get("jobs"):  # purchases_jobs: `konvert jobs run` beside the service
+        parts["jobs"] = groups["jobs"]
     per_request = {g: round(pct * 10 / rps, 4) for g, pct in parts.items()}
     per_request["total_without_loadgen"] = round(sum(v for g, v in per_request.items() if g != "loadgen"), 4)
     return per_request

@@ -61,6 +61,8 @@ def config_ratios(config: dict) -> dict[str, float | None]:
         "balance_uniform_vs_noop_routed": _ratio(_rps(config, "balance_uniform"), _rps(config, "noop_routed")),
         "mixed_vs_noop": _ratio(_rps(config, "mixed"), _rps(config, "noop")),
         "redemptions_vs_pgbench": _ratio(_rps(config, "redemptions"), _rps(config, "pgbench")),
+        # Purchases while `konvert jobs run` vests a backlog beside them, against purchases alone.
+        "purchases_jobs_vs_purchases": _ratio(_rps(config, "purchases_jobs"), _rps(config, "purchases")),
         # Lots the jobs settle per second against the purchases (each makes a lot) posted per
         # second: at 1.0x one process's jobs keep up with purchases at full load.
         "vesting_vs_purchases": _ratio(_job_rate(config, "vesting"), _rps(config, "purchases")),
@@ -172,6 +174,23 @@ def checkpoint_note(scenario: dict) -> str:
     return what + (f" ({fpi} full-page images per request)" if fpi is not None else "")
 
 
+def jobs_beside_line(config: dict) -> str:
+    """What purchases_jobs shows: the vesting backlog worked beside the load, and the purchases'
+    p99 beside it against their p99 alone."""
+    beside = config["scenarios"].get("purchases_jobs")
+    if not beside or "jobs_beside" not in beside:
+        return ""
+    jobs = beside["jobs_beside"]
+    line = (f"purchases_jobs: `konvert jobs run` vested {jobs['vested_lots']:,} of {jobs['backlog_lots']:,} due lots "
+            f"in {jobs['seconds']:.1f} s ({jobs['lots_per_second']:,.0f}/s) "
+            f"{'within' if jobs['finished_during_load'] else 'beyond'} the load; "
+            f"purchase p99 {beside['latency_ms']['p99']:.1f} ms beside it")  # fmt: skip
+    alone = config["scenarios"].get("purchases")
+    if alone:
+        line += f", {alone['latency_ms']['p99']:.1f} ms alone"
+    return line
+
+
 def _fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
@@ -220,6 +239,8 @@ def print_report(result: dict) -> None:
                 notes.append(f"{name}: {note}")
         for note in notes:
             print(f"  note: {note}")
+        if line := jobs_beside_line(config):
+            print(f"  {line}")
         for name, timing in (config.get("jobs") or {}).items():
             print(f"  jobs: {name} settled {timing['settled']:,} in {timing['seconds']:.1f} s "
                   f"({timing['per_second']:,.0f}/s, one process)")  # fmt: skip

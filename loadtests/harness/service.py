@@ -43,6 +43,13 @@ def run_cli(env: dict[str, str], *args: str, timeout: float = CLI_TIMEOUT_SECOND
     )
 
 
+def start_cli(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    """``konvert <args>`` in the background, output captured (``communicate()`` for it)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "konvert", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -204,7 +211,7 @@ def system_cpu() -> tuple[float, float]:
 
 # CPU is attributed to these groups by process; "foreign" is everything else on the machine (other
 # users' work, which makes a run noisy: run.py warns when it is large).
-CPU_GROUPS = ("konvert", "postgres", "redis", "loadgen", "harness", "kernel", "foreign")
+CPU_GROUPS = ("konvert", "jobs", "postgres", "redis", "loadgen", "harness", "kernel", "foreign")
 _LOADGEN_COMMANDS = {"wrk", "pgbench", "py-spy"}
 
 
@@ -296,6 +303,7 @@ class Sampler:
         self._server = server
         self._database = database
         self._groups: dict[int, str] = {}
+        self._labels: dict[int, str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
         self._first: dict[int, float] = {}
@@ -305,6 +313,11 @@ class Sampler:
 
     def _pids(self) -> list[int]:
         return self._server.all_pids() if self._server is not None else []
+
+    def label(self, pid: int, group: str) -> None:
+        """Count a process started during the sample under ``group`` (a ``konvert jobs run``
+        beside the service, say) rather than as foreign."""
+        self._labels[pid] = group
 
     def _sample_cpu(self, initial: bool = False) -> None:
         for pid, (command, seconds) in _process_cpu_table().items():
@@ -341,6 +354,8 @@ class Sampler:
         return total
 
     def _group(self, pid: int, command: str) -> str:
+        if pid in self._labels:
+            return self._labels[pid]
         if pid in self._service_pids:
             return "konvert"
         if command.startswith("postgres"):

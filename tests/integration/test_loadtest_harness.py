@@ -57,7 +57,7 @@ def test_harness_loses_nothing_and_the_audit_passes(tmp_path: Path) -> None:
         [
             sys.executable, str(RUN_PY), "--quick", "--members", "200", "--history", "8", "--history-every-days", "3",
             "--duration", "2", "--warmup", "0.5",
-            "--connections", "8", "--scenarios", "balance_warm,purchases,redemptions,mixed,jobs",
+            "--connections", "8", "--scenarios", "balance_warm,purchases,redemptions,mixed,purchases_jobs,jobs",
             "--pg-url", database_url, "--redis-url", redis_url, "--output", str(output),
         ],  # fmt: skip
         cwd=ROOT,
@@ -74,8 +74,8 @@ def test_harness_loses_nothing_and_the_audit_passes(tmp_path: Path) -> None:
     assert result["audit_passed"] is True, completed.stdout
     assert completed.returncode == 0, completed.stdout + completed.stderr
     # The checks compared real traffic: every write scenario got answers and recorded rows.
-    for name in ("purchases", "redemptions"):
-        kind = writes[name]["purchase" if name == "purchases" else "redemption"]
+    for name in ("purchases", "redemptions", "purchases_jobs"):
+        kind = writes[name]["redemption" if name == "redemptions" else "purchase"]
         assert kind["accepted"] > 0 and kind["recorded_rows"] >= kind["accepted"], (name, kind)
         # What each write cost the WAL, read from the server's counters around the measurement.
         wal = config["scenarios"][name]["wal_per_request"]
@@ -93,8 +93,16 @@ def test_harness_loses_nothing_and_the_audit_passes(tmp_path: Path) -> None:
     assert warm["balance_read_sources"]["redis"] == 1.0, warm["balance_read_sources"]
     # The jobs ran until nothing was due, after the writes and before the audit that passed:
     # every lot the seed and the purchases made was vested (the pending ones) and expired.
+    # purchases_jobs: `konvert jobs run` beside the load vested every lot made due before it
+    # (the seed's and the earlier scenarios' pending lots), and no other.
+    beside = config["scenarios"]["purchases_jobs"]["jobs_beside"]
+    pending_before = writes["purchases"]["purchase"]["accepted"] + writes["mixed"]["purchase"]["accepted"]
+    assert beside["exit_code"] == 0 and beside["backlog_lots"] >= pending_before, beside
+    assert beside["vested_lots"] == beside["backlog_lots"] == beside["counts"]["vested_lots"], beside
+    assert config["ratios"]["purchases_jobs_vs_purchases"] > 0, config["ratios"]
     jobs = config["jobs"]
-    assert jobs["vesting"]["settled"] >= 200 and jobs["expiry"]["settled"] > jobs["vesting"]["settled"], jobs
+    assert jobs["vesting"]["settled"] >= writes["purchases_jobs"]["purchase"]["accepted"], (jobs, beside)
+    assert jobs["expiry"]["settled"] > jobs["vesting"]["settled"] + beside["vested_lots"], jobs
     assert jobs["tiers"]["settled"] >= 200, jobs
     assert config["ratios"]["vesting_vs_purchases"] > 0, config["ratios"]
     sources = config["scenarios"]["mixed"]["balance_read_sources"]
