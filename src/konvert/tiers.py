@@ -132,8 +132,9 @@ class Reevaluated(msgspec.Struct, frozen=True):
 # The due members, locked (skipping any another transaction holds: a purchase's, or another
 # process's job). Their qualifying points are summed by the next statement: this one's snapshot
 # was taken before the locks, so a purchase that committed while it waited for a member's lock
-# would be in the member's row (the locked row is its newest version) but not in the sum.
-_LOCK_DUE = """
+# would be in the member's row (the locked row is its newest version) but not in the sum. In the
+# order of members_tier_evaluation_order_idx (migration 0012).
+LOCK_DUE = """
 select member_uid, member_id, tier, tier_below_since, tier_qualifying_points from members
 where tier is not null and (tier_evaluated_at is null or tier_evaluated_at < $1)
 order by tier_evaluated_at nulls first
@@ -167,7 +168,7 @@ async def reevaluate_due(
     locked until it ends.
     """
     tiers = program.tiers
-    rows = await conn.fetch(_LOCK_DUE, evaluated_before, limit)
+    rows = await conn.fetch(LOCK_DUE, evaluated_before, limit)
     if not rows:
         return 0, []
     summed = await conn.fetch(_POINTS, [r["member_uid"] for r in rows], now - timedelta(days=tiers.window_days))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import timedelta
 from typing import Any
 
@@ -12,11 +13,14 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from konvert.app import create_app
+from konvert.ledger import store as ledger_store
 from konvert.ledger.audit import run_audit
 from konvert.program import parse_program
+from konvert.redemption import store as redemption_store
 from konvert.redemption.model import RedemptionIn
 from konvert.redemption.service import expire_due_lots, redeem, reevaluate_tiers, release_timed_out_holds
 from konvert.services import Services
+from konvert.tiers import LOCK_DUE as LOCK_DUE_TIERS
 from konvert.tiers import qualifying_points
 from tests.conftest import TEST_PROGRAM, make_settings
 from tests.integration.test_purchases import NOW, RECENT, line, purchase
@@ -542,6 +546,37 @@ min_points = 100
 multiplier = 2
 """
 )
+
+
+def _plan_nodes(plan: dict[str, Any]) -> list[str]:
+    return [plan["Node Type"], *(node for child in plan.get("Plans", ()) for node in _plan_nodes(child))]
+
+
+@pytest.mark.parametrize(
+    "statement, args",
+    [
+        (ledger_store.LOCK_DUE_PENDING_LOTS, (NOW, 1000, [])),
+        (redemption_store.LOCK_EXPIRING_LOTS, (NOW, 1000, [])),
+        (LOCK_DUE_TIERS, (NOW, 1000)),
+    ],
+    ids=["vesting", "expiry", "tiers"],
+)
+async def test_each_job_takes_its_batch_in_index_order_without_sorting_what_is_due(database_url, statement, args):
+    # Sorting would read every due row for every batch: lots due at one instant (a nightly
+    # import's) or a day's tiered members, read again batch after batch. Sorting is made as
+    # costly as PostgreSQL can make it, so a plan that still sorts has no index in the order.
+    conn = await asyncpg.connect(database_url)
+    try:
+        async with conn.transaction():
+            await conn.execute("set local enable_sort = off; set local enable_incremental_sort = off")
+            await conn.execute("set local plan_cache_mode = force_generic_plan")
+            plan = json.loads(await conn.fetchval(f"explain (format json) {statement}", *args))[0]["Plan"]
+    finally:
+        await conn.close()
+
+    nodes = _plan_nodes(plan)
+    assert not {"Sort", "Incremental Sort"} & set(nodes), nodes
+    assert nodes[:2] == ["Limit", "LockRows"], nodes
 
 
 @pytest.fixture(params=[0, 30], ids=["no-grace", "grace-30-days"])

@@ -306,19 +306,19 @@ async def lock_due_pending_lots(
     """Up to ``limit`` pending lots whose return window has closed, oldest due first, of members
     this transaction now holds locked; lots of members another transaction holds, and of the
     members ``passed_over``, are left for later. With each lot its member's id and refund debt."""
-    return await conn.fetch(
-        """
-        select l.lot_id, l.member_uid, m.member_id, m.points_debt from lots l
-        join members m on m.member_uid = l.member_uid
-        where l.state = 'pending' and l.vests_at <= $1 and l.member_uid <> all($3::bigint[])
-        order by l.vests_at, l.lot_id
-        limit $2
-        for update of m skip locked
-        """,
-        now,
-        limit,
-        list(passed_over),
-    )
+    return await conn.fetch(LOCK_DUE_PENDING_LOTS, now, limit, list(passed_over))
+
+
+# In the order of lots_vesting_order_idx (migration 0012): a batch reads its own lots only, however
+# many are due at the same moment.
+LOCK_DUE_PENDING_LOTS = """
+select l.lot_id, l.member_uid, m.member_id, m.points_debt from lots l
+join members m on m.member_uid = l.member_uid
+where l.state = 'pending' and l.vests_at <= $1 and l.member_uid <> all($3::bigint[])
+order by l.vests_at, l.lot_id
+limit $2
+for update of m skip locked
+"""
 
 
 # Vests the given lots of members the transaction holds locked, in one statement: each lot still

@@ -293,19 +293,18 @@ async def lock_expiring_lots(
     """Up to ``limit`` lots whose expiry has come, soonest first, of members this transaction
     now holds locked; lots of members another transaction holds, and of the members
     ``passed_over``, are left for later."""
-    return await conn.fetch(
-        """
-        select l.lot_id, l.member_uid, m.member_id from lots l
-        join members m on m.member_uid = l.member_uid
-        where l.state <> 'expired' and l.expires_at <= $1 and l.member_uid <> all($3::bigint[])
-        order by l.expires_at, l.lot_id
-        limit $2
-        for update of m skip locked
-        """,
-        now,
-        limit,
-        list(passed_over),
-    )
+    return await conn.fetch(LOCK_EXPIRING_LOTS, now, limit, list(passed_over))
+
+
+# In the order of lots_expiry_order_idx (migration 0012).
+LOCK_EXPIRING_LOTS = """
+select l.lot_id, l.member_uid, m.member_id from lots l
+join members m on m.member_uid = l.member_uid
+where l.state <> 'expired' and l.expires_at <= $1 and l.member_uid <> all($3::bigint[])
+order by l.expires_at, l.lot_id
+limit $2
+for update of m skip locked
+"""
 
 
 # Expires the given due lots of members the transaction holds locked, in one statement: what
