@@ -203,6 +203,10 @@ class BalanceCache:
                         raise  # Redis is slow, not the connection broken: do not wait twice
                     # The multiplexed connection may be what failed: try the pooled client once
                     # (putting an entry again is harmless: it only lands if still newer).
+            if len(entries) == 1:  # one EVALSHA; a pipeline would ask SCRIPT EXISTS first
+                key, version, body, ttl = entries[0]
+                await self._put_if_newer(keys=[key], args=[version, body, ttl])
+                return True
             async with self._redis.pipeline(transaction=False) as pipe:
                 for key, version, body, ttl in entries:
                     await self._put_if_newer(keys=[key], args=[version, body, ttl], client=pipe)

@@ -62,7 +62,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     # Background jobs (vesting, hold timeouts, expiry) run every this many seconds in each
     # service process; 0 turns them off (run `konvert jobs run` from cron instead).
     jobs_interval_seconds: Annotated[float, Meta(ge=0, le=86400)] = 30.0
-    jobs_batch_size: Annotated[int, Meta(ge=1, le=100_000)] = 1000
+    jobs_batch_size: Annotated[int, Meta(ge=1, le=100_000)] = 250
     # Group commit of purchase postings: at most this many per shared transaction, and this many
     # such transactions in flight per process (each holds a pool connection while it writes).
     write_batch_size_max: Annotated[int, Meta(ge=1, le=10_000)] = 256

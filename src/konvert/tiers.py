@@ -132,8 +132,9 @@ class Reevaluated(msgspec.Struct, frozen=True):
 # The due members, locked (skipping any another transaction holds: a purchase's, or another
 # process's job). Their qualifying points are summed by the next statement: this one's snapshot
 # was taken before the locks, so a purchase that committed while it waited for a member's lock
-# would be in the member's row (the locked row is its newest version) but not in the sum. In the
-# order of members_tier_evaluation_order_idx (migration 0012).
+# would be in the member's row (the locked row is its newest version) but not in the sum.
+# (It sorts every due member for each batch: an index scan in this order could not be bounded
+# by the condition when few are due, the usual case. Not changed; docs/ARCHITECTURE.md "Jobs".)
 LOCK_DUE = """
 select member_uid, member_id, tier, tier_below_since, tier_qualifying_points from members
 where tier is not null and (tier_evaluated_at is null or tier_evaluated_at < $1)

@@ -98,7 +98,9 @@ def test_harness_loses_nothing_and_the_audit_passes(tmp_path: Path) -> None:
     beside = config["scenarios"]["purchases_jobs"]["jobs_beside"]
     pending_before = writes["purchases"]["purchase"]["accepted"] + writes["mixed"]["purchase"]["accepted"]
     assert beside["exit_code"] == 0 and beside["backlog_lots"] >= pending_before, beside
-    assert beside["vested_lots"] == beside["backlog_lots"] == beside["counts"]["vested_lots"], beside
+    # A lot whose member a purchase held at that moment is passed over and left to the next run.
+    assert 0.9 * beside["backlog_lots"] <= beside["vested_lots"] <= beside["backlog_lots"], beside
+    assert beside["vested_lots"] == beside["counts"]["vested_lots"], beside
     assert config["ratios"]["purchases_jobs_vs_purchases"] > 0, config["ratios"]
     jobs = config["jobs"]
     assert jobs["vesting"]["settled"] >= writes["purchases_jobs"]["purchase"]["accepted"], (jobs, beside)
