@@ -27,9 +27,7 @@ import math
 import os
 import platform
 import secrets
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -46,6 +44,7 @@ from harness import checks, load, profile, report, seed  # noqa: E402
 from konvert.observability import TALLY_FLUSH_SECONDS  # noqa: E402
 from harness.service import (  # noqa: E402
     CLI_TIMEOUT_SECONDS,
+    BackgroundCli,
     Sampler,
     Server,
     balance_read_sources,
@@ -53,7 +52,6 @@ from harness.service import (  # noqa: E402
     konvert_env,
     run_cli,
     server_latency,
-    start_cli,
     wait_for_quiet,
 )
 
@@ -495,7 +493,7 @@ class Run:
             with Sampler(self.server, self.database_name) as sampler:
                 started = time.monotonic()
                 if backlog is not None:
-                    jobs = _Watched(start_cli(self.env(), "jobs", "run"))
+                    jobs = BackgroundCli(self.env(), "jobs", "run")
                     sampler.label(jobs.process.pid, "jobs")
                 run = self._wrk(scenario, members, duration, tag, delay_ms)
                 load_seconds = time.monotonic() - started
@@ -565,7 +563,7 @@ class Run:
         finally:
             await conn.close()
 
-    def _jobs_beside(self, jobs: _Watched, started: float, load_seconds: float, backlog: int) -> dict:
+    def _jobs_beside(self, jobs: BackgroundCli, started: float, load_seconds: float, backlog: int) -> dict:
         """How ``konvert jobs run`` fared beside the load: what it vested, and when it finished
         (from its start to its exit, interpreter start-up and the other jobs' turns included)."""
         if not jobs.finished.wait(CLI_TIMEOUT_SECONDS):
@@ -836,23 +834,6 @@ class Run:
             "audit_passed": all(c["correctness"]["audit_passed"] for c in self.configs),
             "targets_met": all(t.met for t in found if t.met is not None),
         }
-
-
-class _Watched:
-    """A child process whose output is read, and whose exit time is taken, as it happens (a
-    thread: its pipes never fill up, and its time is its own, not when the harness looked)."""
-
-    def __init__(self, process: subprocess.Popen[str]) -> None:
-        self.process = process
-        self.finished = threading.Event()
-        self.out = self.err = ""
-        self.ended_at = 0.0
-        threading.Thread(target=self._watch, name="watched", daemon=True).start()
-
-    def _watch(self) -> None:
-        self.out, self.err = self.process.communicate()
-        self.ended_at = time.monotonic()
-        self.finished.set()
 
 
 def _cpu_ms_per_request(result: dict) -> dict[str, float]:

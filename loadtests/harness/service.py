@@ -43,11 +43,24 @@ def run_cli(env: dict[str, str], *args: str, timeout: float = CLI_TIMEOUT_SECOND
     )
 
 
-def start_cli(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
-    """``konvert <args>`` in the background, output captured (``communicate()`` for it)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "konvert", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+class BackgroundCli:
+    """``konvert <args>`` in the background. A thread reads its output and takes its exit time
+    as they happen: its pipes never fill up, and its time is its own, not when the caller looked
+    (``finished`` is set once ``out``, ``err`` and ``ended_at`` hold)."""
+
+    def __init__(self, env: dict[str, str], *args: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "konvert", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        self.finished = threading.Event()
+        self.out = self.err = ""
+        self.ended_at = 0.0
+        threading.Thread(target=self._watch, name="konvert-cli", daemon=True).start()
+
+    def _watch(self) -> None:
+        self.out, self.err = self.process.communicate()
+        self.ended_at = time.monotonic()
+        self.finished.set()
 
 
 def free_port() -> int:

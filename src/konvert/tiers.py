@@ -135,7 +135,7 @@ class Reevaluated(msgspec.Struct, frozen=True):
 # would be in the member's row (the locked row is its newest version) but not in the sum.
 # (It sorts every due member for each batch: an index scan in this order could not be bounded
 # by the condition when few are due, the usual case. Not changed; docs/ARCHITECTURE.md "Jobs".)
-LOCK_DUE = """
+_LOCK_DUE = """
 select member_uid, member_id, tier, tier_below_since, tier_qualifying_points from members
 where tier is not null and (tier_evaluated_at is null or tier_evaluated_at < $1)
 order by tier_evaluated_at nulls first
@@ -169,7 +169,7 @@ async def reevaluate_due(
     locked until it ends.
     """
     tiers = program.tiers
-    rows = await conn.fetch(LOCK_DUE, evaluated_before, limit)
+    rows = await conn.fetch(_LOCK_DUE, evaluated_before, limit)
     if not rows:
         return 0, []
     summed = await conn.fetch(_POINTS, [r["member_uid"] for r in rows], now - timedelta(days=tiers.window_days))
