@@ -133,12 +133,12 @@ class Reevaluated(msgspec.Struct, frozen=True):
 # process's job). Their qualifying points are summed by the next statement: this one's snapshot
 # was taken before the locks, so a purchase that committed while it waited for a member's lock
 # would be in the member's row (the locked row is its newest version) but not in the sum.
-# (It sorts every due member for each batch: an index scan in this order could not be bounded
-# by the condition when few are due, the usual case. Not changed; docs/ARCHITECTURE.md "Jobs".)
-_LOCK_DUE = """
+# Never evaluated is -infinity, as in members_tier_due_idx (sql/0013): one range in the index's
+# order, so a batch reads its own members only, however many are due.
+LOCK_DUE_MEMBERS = """
 select member_uid, member_id, tier, tier_below_since, tier_qualifying_points from members
-where tier is not null and (tier_evaluated_at is null or tier_evaluated_at < $1)
-order by tier_evaluated_at nulls first
+where tier is not null and coalesce(tier_evaluated_at, '-infinity'::timestamptz) < $1
+order by coalesce(tier_evaluated_at, '-infinity'::timestamptz)
 limit $2
 for update skip locked
 """
@@ -169,7 +169,7 @@ async def reevaluate_due(
     locked until it ends.
     """
     tiers = program.tiers
-    rows = await conn.fetch(_LOCK_DUE, evaluated_before, limit)
+    rows = await conn.fetch(LOCK_DUE_MEMBERS, evaluated_before, limit)
     if not rows:
         return 0, []
     summed = await conn.fetch(_POINTS, [r["member_uid"] for r in rows], now - timedelta(days=tiers.window_days))

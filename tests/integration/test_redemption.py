@@ -20,7 +20,7 @@ from konvert.redemption import store as redemption_store
 from konvert.redemption.model import RedemptionIn
 from konvert.redemption.service import expire_due_lots, redeem, reevaluate_tiers, release_timed_out_holds
 from konvert.services import Services
-from konvert.tiers import qualifying_points
+from konvert.tiers import LOCK_DUE_MEMBERS, qualifying_points
 from tests.conftest import TEST_PROGRAM, make_settings
 from tests.integration.test_purchases import NOW, RECENT, line, purchase
 
@@ -556,12 +556,13 @@ def _plan_nodes(plan: dict[str, Any]) -> list[str]:
     [
         (ledger_store.LOCK_DUE_PENDING_LOTS, (NOW, 1000, [])),
         (redemption_store.LOCK_EXPIRING_LOTS, (NOW, 1000, [])),
+        (LOCK_DUE_MEMBERS, (NOW, 1000)),
     ],
-    ids=["vesting", "expiry"],
+    ids=["vesting", "expiry", "tiers"],
 )
 async def test_each_job_takes_its_batch_in_index_order_without_sorting_what_is_due(database_url, statement, args):
-    # Sorting would read every due lot for every batch: lots due at one instant (a nightly
-    # import's), read again batch after batch. Sorting is made as costly as PostgreSQL can make
+    # Sorting would read every due row for every batch: lots due at one instant (a nightly
+    # import's), or a day's tiered members, read again batch after batch. Sorting is made as costly as PostgreSQL can make
     # it, so a plan that still sorts has no index in the order (this shows the index can give
     # the order, not that the generic plan picks it at normal costs).
     conn = await asyncpg.connect(database_url)
