@@ -24,15 +24,20 @@ JOBS = {
     "expired_lots": expire_due_lots,
     "tiers_reevaluated": reevaluate_tiers,
 }
-_BATCHES_PER_RUN_MAX = 1000
+# One run works at most this many rows (lots, holds, members) per job, whatever the batch size;
+# the next run continues where it stopped, so that one job's backlog does not keep the others
+# waiting. (It was 1,000 batches, which silently became 250,000 lots when the default batch
+# size went from 1,000 to 250.)
+ROWS_PER_RUN_MAX = 1_000_000
 
 
-async def run_once(services: Services) -> dict[str, int]:
-    """Run every job until it has nothing left due (bounded by batches); return counts per job."""
+async def run_once(services: Services, rows_max: int = ROWS_PER_RUN_MAX) -> dict[str, int]:
+    """Run every job until it has nothing left due, or has worked ``rows_max`` rows (a batch
+    more at most); return counts per job."""
     counts = {}
     for name, job in JOBS.items():
         total = 0
-        for _ in range(_BATCHES_PER_RUN_MAX):  # the next run continues where this one stopped
+        while total < rows_max:
             count = await job(services)
             total += count
             if count < services.settings.jobs_batch_size:

@@ -681,6 +681,37 @@ async def test_jobs_run_command_vests_due_points(post, balance, database_url, re
     assert (after["available"], after["pending"]) == (100, 0)
 
 
+async def test_a_jobs_run_stops_after_its_row_budget_whatever_the_batch_size(
+    post, database_url, redis_url, program, new_id
+):
+    from konvert import jobs
+    from tests.conftest import make_settings
+
+    members = [new_id("m") for _ in range(7)]
+    for member in members:
+        await post("/v1/purchases", purchase(member, new_id("p"), occurred_at=RECENT))
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            """
+            update lots set vests_at = now() - interval '1 minute'
+            where member_uid in (select member_uid from members where member_id = any($1::text[]))
+            """,
+            members,
+        )
+    finally:
+        await conn.close()
+    services = await Services.open(make_settings(database_url, redis_url, jobs_batch_size=2), program)
+    try:
+        counts = await jobs.run_once(services, rows_max=5)
+        # A budget of rows, not of batches: three batches of two, the last one past the budget.
+        assert counts["vested_lots"] == 6
+        # The next run continues where this one stopped.
+        assert (await jobs.run_once(services, rows_max=5))["vested_lots"] >= 1
+    finally:
+        await services.close()
+
+
 async def test_writes_still_invalidate_after_redis_forgets_its_scripts(post, balance, redis_client, new_id):
     member = new_id("m")
     await post("/v1/purchases", purchase(member, new_id("p")))
