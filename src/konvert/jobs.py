@@ -32,8 +32,9 @@ ROWS_PER_RUN_MAX = 1_000_000
 
 
 async def run_once(services: Services, rows_max: int = ROWS_PER_RUN_MAX) -> dict[str, int]:
-    """Run every job until it has nothing left due, or has worked ``rows_max`` rows (a batch
-    more at most); return counts per job."""
+    """Run every job until a batch comes back short (nothing more is due, or the rest was
+    passed over: locked, or failed) or it has worked ``rows_max`` rows or more; return counts
+    per job."""
     counts = {}
     for name, job in JOBS.items():
         total = 0
