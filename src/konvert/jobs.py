@@ -24,10 +24,9 @@ JOBS = {
     "expired_lots": expire_due_lots,
     "tiers_reevaluated": reevaluate_tiers,
 }
-# One run works at most this many rows (lots, holds, members) per job, whatever the batch size;
-# the next run continues where it stopped, so that one job's backlog does not keep the others
-# waiting. (It was 1,000 batches, which silently became 250,000 lots when the default batch
-# size went from 1,000 to 250.)
+# One run works at most this many rows (lots, holds, members) per job, whatever the batch size
+# (a budget in batches would shrink with it); the next run continues where it stopped, so that
+# one job's backlog does not keep the others waiting.
 ROWS_PER_RUN_MAX = 1_000_000
 
 

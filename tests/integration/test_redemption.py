@@ -562,9 +562,10 @@ def _plan_nodes(plan: dict[str, Any]) -> list[str]:
 )
 async def test_each_job_takes_its_batch_in_index_order_without_sorting_what_is_due(database_url, statement, args):
     # Sorting would read every due row for every batch: lots due at one instant (a nightly
-    # import's), or a day's tiered members, read again batch after batch. Sorting is made as costly as PostgreSQL can make
-    # it, so a plan that still sorts has no index in the order (this shows the index can give
-    # the order, not that the generic plan picks it at normal costs).
+    # import's), or a day's tiered members, read again batch after batch. Sorting is made as
+    # costly as PostgreSQL can make it, so a plan that still sorts has no index in the order
+    # (this shows the index can give the order, not that the generic plan picks it at normal
+    # costs).
     conn = await asyncpg.connect(database_url)
     try:
         async with conn.transaction():
