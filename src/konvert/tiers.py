@@ -3,9 +3,9 @@
 Pure rules first, then the SQL that keeps a member's stored tier current. A purchase or refund
 re-evaluates its member in its own transaction; a daily job re-evaluates every member with a
 tier as the window slides (which is how downgrades after the grace period happen without any
-activity), a batch of members per transaction (``reevaluate_due``). Only the job stamps
-``tier_evaluated_at``: it is indexed, and a purchase that changes no indexed column updates its
-member in place (sql/0010).
+activity), a batch of members per transaction (``reevaluate_due``). Purchases never stamp
+``tier_evaluated_at`` (the job and refunds, which are rare, do): it is indexed, and a purchase
+that changes no indexed column updates its member in place (sql/0010).
 """
 
 from __future__ import annotations
