@@ -7,8 +7,9 @@ temporary directory.
 Isolation: the migrations are applied once per run to a template database; the run gets a
 fresh database made from it, and a test that needs an empty ledger gets its own
 (``fresh_database_url``). Every database made here is dropped at the end. Tests share the run's
-database by using unique member ids (``new_id``); Redis uses its own logical database, flushed
-at the start.
+database by using unique member ids (``new_id``). In Redis, every key a run writes starts with
+the run's own prefix (KONVERT_REDIS_KEY_PREFIX, one per database), and the run deletes them at
+the end; nothing else in Redis is touched.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import asyncio
 import contextlib
 import datetime
 import os
+import shutil
 import socket
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -31,16 +33,43 @@ import pytest
 import redis.asyncio as redis
 import uvicorn
 
-from konvert import auth, db
-from konvert.app import KonvertApp, create_app
-from konvert.httpserver import HttpProtocol
+from litestar import Litestar
+
+from konvert import auth, composition, db
+from konvert.app import create_app
+from konvert.errors import MemberNotFound
+from konvert.ledger.accounts import REDEEMED
+from konvert.ledger.book import writing
+from konvert.ledger.model import Cause
 from konvert.program import Program, parse_program
 from konvert.services import Services
 from konvert.settings import Settings, load_settings
 
 RUN_ID = uuid.uuid4().hex[:8]
 LOCAL_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-LOCAL_REDIS_URL = "redis://127.0.0.1:6379/13"
+LOCAL_REDIS_URL = "redis://127.0.0.1:6379/0"
+# Every Redis key of this run starts with this (and the name of the database it caches).
+REDIS_PREFIX = f"konvert-test-{RUN_ID}"
+# The database the run's tests share.
+RUN_DATABASE = f"konvert_run_{RUN_ID}"
+
+
+def balance_key(member_id: str) -> str:
+    """The Redis key of a member's cached balance in the run's shared database."""
+    return f"{REDIS_PREFIX}-{RUN_DATABASE}:{{m:{member_id}}}:balance"
+
+
+async def spend_points(
+    services: Services, member_id: str, points: int, *, code: str, cause_type: str, cause_ref: str, reason: str
+) -> int:
+    """Spend a member's available points through the ledger core (to the program's redeemed
+    account), as a redemption would; return the transfer id."""
+    async with writing(services) as book:
+        member = await book.member(member_id)
+        if member is None:
+            raise MemberNotFound(f"no member {member_id!r}")
+        spend = await book.spend(member, points, to=REDEEMED, code=code, cause=Cause(cause_type, cause_ref), reason=reason)
+    return spend.transfer_id
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -57,8 +86,10 @@ def _with_database(url: str, name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def embedded_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="konvert-test-"))
+def embedded_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="konvert-test-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -113,7 +144,7 @@ async def template_database(server_database_url: str) -> AsyncIterator[str]:
 
 @pytest.fixture(scope="session")
 async def database_url(server_database_url: str, template_database: str) -> AsyncIterator[str]:
-    name = f"konvert_run_{RUN_ID}"
+    name = RUN_DATABASE
     yield await _create_database(server_database_url, name, template_database)
     await _drop_database(server_database_url, name)
 
@@ -121,16 +152,18 @@ async def database_url(server_database_url: str, template_database: str) -> Asyn
 @pytest.fixture
 async def fresh_database_url(server_database_url: str, template_database: str) -> AsyncIterator[str]:
     """A database of its own, migrated and empty, for tests that look at the whole ledger."""
-    name = f"konvert_t_{uuid.uuid4().hex[:12]}"
+    name = f"konvert_t_{RUN_ID}_{uuid.uuid4().hex[:8]}"
     yield await _create_database(server_database_url, name, template_database)
     await _drop_database(server_database_url, name)
 
 
 @pytest.fixture(scope="session")
 async def redis_client(redis_url: str) -> AsyncIterator[redis.Redis]:
+    """The run's Redis. At the end, every key the run wrote is deleted."""
     client = redis.Redis.from_url(redis_url)
-    await client.flushdb()
     yield client
+    async for key in client.scan_iter(match=f"{REDIS_PREFIX}*", count=1000):
+        await client.unlink(key)
     await client.aclose()
 
 
@@ -235,6 +268,9 @@ def make_settings(database_url: str, redis_url: str, **overrides: object) -> Set
     defaults: dict[str, object] = {
         "database_url": database_url,
         "redis_url": redis_url,
+        # Each database caches under its own prefix: tests with databases of their own may use
+        # the same member ids.
+        "redis_key_prefix": f"{REDIS_PREFIX}-{urlsplit(database_url).path.lstrip('/')}",
         "jobs_interval_seconds": 0,
         "auth_cache_seconds": 0,
         "log_level": "warning",
@@ -254,25 +290,19 @@ class AppClient(httpx.AsyncClient):
     real concurrency, and ``client.app.state.services`` lives on the tests' loop.
     """
 
-    app: KonvertApp
+    app: Litestar
 
 
 @contextlib.asynccontextmanager
-async def serve(app: KonvertApp) -> AsyncIterator[AppClient]:
+async def serve(app: Litestar) -> AsyncIterator[AppClient]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     config = uvicorn.Config(
-        app,
-        http=HttpProtocol,  # konvert serve's protocol
-        lifespan="on",
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=5,
+        app, http="httptools", lifespan="on", log_config=None, access_log=False, timeout_graceful_shutdown=5
     )
     server = uvicorn.Server(config)
-    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  # pytest owns the signals
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
         if task.done():
@@ -329,7 +359,7 @@ async def services(
     settings: Settings, program: Program, redis_client: redis.Redis
 ) -> AsyncIterator[Services]:
     """The use cases' dependencies, for tests that call services directly (jobs, spending)."""
-    opened = await Services.open(settings, program)
+    opened = await composition.open_services(settings, program)
     yield opened
     await opened.close()
 

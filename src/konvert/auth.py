@@ -19,6 +19,7 @@ from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
 from konvert import errors
+from konvert.db import Connection
 
 KEY_PREFIX = "kvt_"
 SCOPES = (
@@ -72,7 +73,7 @@ def validate_scopes(scopes: list[str]) -> list[str]:
     return sorted(set(scopes))
 
 
-async def insert_key(conn: asyncpg.Connection, name: str, scopes: list[str]) -> tuple[str, ApiKeyInfo]:
+async def insert_key(conn: Connection, name: str, scopes: list[str]) -> tuple[str, ApiKeyInfo]:
     """Create a key; return the key itself (to show once) and what is stored about it."""
     key = generate_key()
     row = await conn.fetchrow(
@@ -86,27 +87,27 @@ async def insert_key(conn: asyncpg.Connection, name: str, scopes: list[str]) -> 
         hash_key(key),
         validate_scopes(scopes),
     )
+    assert row is not None
     return key, ApiKeyInfo(**dict(row))
 
 
-async def select_keys(conn: asyncpg.Connection) -> list[ApiKeyInfo]:
-    rows = await conn.fetch(
-        "select key_id, name, prefix, scopes, created_at, revoked_at from api_keys order by key_id"
-    )
+async def select_keys(conn: Connection) -> list[ApiKeyInfo]:
+    rows = await conn.fetch("select key_id, name, prefix, scopes, created_at, revoked_at from api_keys order by key_id")
     return [ApiKeyInfo(**dict(r)) for r in rows]
 
 
-async def revoke_key(conn: asyncpg.Connection, key_id: int) -> bool:
+async def revoke_key(conn: Connection, key_id: int) -> bool:
     status = await conn.execute(
         "update api_keys set revoked_at = now() where key_id = $1 and revoked_at is null", key_id
     )
     return status.endswith(" 1")
 
 
-async def count_active_admin_keys(conn: asyncpg.Connection) -> int:
-    return await conn.fetchval(
+async def count_active_admin_keys(conn: Connection) -> int:
+    count: int = await conn.fetchval(
         "select count(*) from api_keys where revoked_at is null and $1 = any(scopes)", ADMIN_SCOPE
     )
+    return count
 
 
 class KeyVerifier:
@@ -180,4 +181,5 @@ def is_json(content_type: str | None) -> bool:
 
 
 def principal_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Principal:
-    return connection.scope["state"]["principal"]
+    principal: Principal = connection.scope["state"]["principal"]
+    return principal

@@ -2,7 +2,8 @@
 
 Every Redis call here is best-effort: when Redis is down or slow the caller falls back to
 PostgreSQL, and a short circuit breaker keeps a dead Redis from adding its timeout to every
-request. Nothing here ever authorises a spend.
+request. Nothing here ever authorises a spend. The concurrent reads of one turn of the event loop
+share one round trip (a redis-py pipeline); so do the invalidations of a batch of writes.
 """
 
 from __future__ import annotations
@@ -13,15 +14,15 @@ import logging
 import random
 import time
 from collections.abc import Iterable
-from urllib.parse import urlsplit
+from typing import Any
 
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
-from konvert.fastredis import SUPPORTED_SCHEMES, MultiplexedRedis, RedisUnavailable
-from konvert.observability import TALLY
+from konvert.batching import BatchedLookups
+from konvert.observability import BALANCE_READS
 from konvert.settings import Settings
 
 log = logging.getLogger("konvert.cache")
@@ -43,8 +44,7 @@ end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 """
-
-_PUT_IF_NEWER_SHA = hashlib.sha1(_PUT_IF_NEWER.encode()).hexdigest()
+_PUT_IF_NEWER_SHA = hashlib.sha1(_PUT_IF_NEWER.encode(), usedforsecurity=False).hexdigest()  # Redis names scripts so
 
 # A tombstone at this version keeps every balance out of its key until it expires (a power of two:
 # exact in the Lua script's numbers, which are doubles).
@@ -65,52 +65,25 @@ def create_redis(settings: Settings) -> redis.Redis:
     )
 
 
-def balance_key(member_id: str) -> str:
-    # The hash tag keeps all of one member's keys in one Redis Cluster slot.
-    return f"kv:{{m:{member_id}}}:balance"
-
-
 class BalanceCache:
-    def __init__(self, client: redis.Redis, ttl_seconds: int, reader: MultiplexedRedis | None = None) -> None:
+    def __init__(self, client: redis.Redis, ttl_seconds: int, prefix: str, reads_in_flight_max: int = 4) -> None:
         self._redis = client
-        # Reads take the multiplexed connection when the URL allows it (see konvert.fastredis).
-        self._reader = reader
         self._ttl_seconds = ttl_seconds
-        self._put_if_newer = client.register_script(_PUT_IF_NEWER)
+        self._prefix = prefix
         self._skip_until = 0.0
         self._filling: set[asyncio.Task[bool]] = set()
+        # Concurrent reads share one pipeline of HGETs: one round trip, one pooled connection.
+        self._reads: BatchedLookups[str, bytes] = BatchedLookups(
+            self._get_many, batch_size_max=1000, batches_in_flight_max=reads_in_flight_max
+        )
 
     @classmethod
     def for_settings(cls, client: redis.Redis, settings: Settings) -> BalanceCache:
-        fast = urlsplit(settings.redis_url).scheme in SUPPORTED_SCHEMES
-        reader = MultiplexedRedis(settings.redis_url, settings.redis_timeout_seconds) if fast else None
-        return cls(client, settings.balance_cache_ttl_seconds, reader)
+        return cls(client, settings.balance_cache_ttl_seconds, settings.redis_key_prefix)
 
-    def close(self) -> None:
-        if self._reader is not None:
-            self._reader.close()
-
-    async def _eval_put_many(self, entries: list[_Entry]) -> None:
-        """Put-if-newer for every (key, version, body, ttl) on the multiplexed connection, sent in
-        one write; raises RedisUnavailable if any of them could not be applied."""
-        assert self._reader is not None
-        replies = await self._reader.execute_many(
-            [(b"EVALSHA", _PUT_IF_NEWER_SHA, b"1", *entry) for entry in entries]
-        )
-        forgotten = []
-        for entry, reply in zip(entries, replies, strict=True):
-            if isinstance(reply, RedisUnavailable):
-                if not str(reply).startswith("NOSCRIPT"):
-                    raise reply
-                forgotten.append(entry)
-        if forgotten:
-            # Redis forgot the script (restart, SCRIPT FLUSH): EVAL loads it again.
-            replies = await self._reader.execute_many(
-                [(b"EVAL", _PUT_IF_NEWER, b"1", *entry) for entry in forgotten]
-            )
-            for reply in replies:
-                if isinstance(reply, RedisUnavailable):
-                    raise reply
+    def key(self, member_id: str) -> str:
+        # The hash tag keeps all of one member's keys in one Redis Cluster slot.
+        return f"{self._prefix}:{{m:{member_id}}}:balance"
 
     def _available(self) -> bool:
         return time.monotonic() >= self._skip_until
@@ -124,56 +97,49 @@ class BalanceCache:
         if not self._available():
             return None
         try:
-            if self._reader is not None:
-                body = await self._reader.execute(b"HGET", balance_key(member_id), b"b")
-            else:
-                body = await self._redis.hget(balance_key(member_id), "b")
-        except (RedisError, OSError) as exc:  # RedisUnavailable is an OSError
+            body = await self._reads.get(member_id)
+        except (RedisError, OSError) as exc:
             self._failed("get", exc)
             return None
         if body is not None:
-            TALLY.balance_read("redis")
+            BALANCE_READS.labels("redis").inc()
         return body
 
-    async def put(self, member_id: str, version: int, body: bytes) -> None:
-        await self._put(member_id, version, body)
+    async def _get_many(self, member_ids: list[str]) -> dict[str, bytes]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for member_id in member_ids:
+                pipe.hget(self.key(member_id), "b")
+            bodies = await pipe.execute()
+        return {member_id: body for member_id, body in zip(member_ids, bodies, strict=True) if body is not None}
 
     async def put_many(self, balances: list[tuple[str, int, bytes]]) -> bool:
-        """``put`` for many (member id, version, body) in one round trip: each is cached unless a
-        newer one is. False (and the breaker opened) when Redis could not be asked.
+        """Cache many (member id, version, body) in one round trip, each unless a newer one is.
+        False (and the breaker opened) when Redis could not be asked.
 
         Balances cached together would expire together, and their reads would all go to
         PostgreSQL at once again: each lives a random time between half the TTL and the TTL."""
         ttl = self._ttl_seconds
         return await self._put_many(
-            [(balance_key(m), v, b, random.randint(max(1, ttl // 2), ttl)) for m, v, b in balances]
+            [(self.key(m), v, b, random.randint(max(1, ttl // 2), ttl)) for m, v, b in balances]
         )
 
     def put_soon(self, member_id: str, version: int, body: bytes) -> None:
-        """``put`` without waiting for it: a read that missed answers first and fills the cache
-        after. Safe in any order: the fill only lands if nothing newer is cached meanwhile.
+        """Cache a balance without waiting for it: a read that missed answers first and fills the
+        cache after. Safe in any order: the fill only lands if nothing newer is cached meanwhile.
         A fill that cannot reach Redis is dropped (the breaker logs it)."""
-        task = asyncio.get_running_loop().create_task(self._put(member_id, version, body))
+        entry = (self.key(member_id), version, body, self._ttl_seconds)
+        task = asyncio.get_running_loop().create_task(self._put_many([entry]))
         self._filling.add(task)  # the loop keeps only weak references to tasks
         task.add_done_callback(self._filling.discard)
 
-    async def wait_filled(self) -> None:
-        """Until the fills started so far have landed or been dropped (before closing)."""
-        while self._filling:
-            await asyncio.gather(*self._filling, return_exceptions=True)
-
-    async def invalidate(self, member_id: str, version: int) -> None:
-        """After a committed write at ``version``: no reader may serve an older balance.
+    async def invalidate_many(self, changes: Iterable[tuple[str, int]]) -> None:
+        """After committed writes at these (member id, version): no reader may serve an older
+        balance. One round trip for all of them (a member's latest version only).
 
         The tombstone (version, no body) is what keeps a slower reader from caching an older
         balance; a plain DEL would not. When Redis cannot be reached at all, entries expire
         after ``balance_cache_ttl_seconds``, which bounds how long an older balance can live.
         """
-        await self.invalidate_many([(member_id, version)])
-
-    async def invalidate_many(self, changes: Iterable[tuple[str, int]]) -> None:
-        """``invalidate`` for the (member id, version) pairs a batch of writes committed, in one
-        round trip (a member's latest version only)."""
         latest: dict[str, int] = {}
         for member_id, version in changes:
             if version > latest.get(member_id, -1):
@@ -181,37 +147,49 @@ class BalanceCache:
         if not latest:
             return
         # Unlike reads, invalidations do not skip Redis while the breaker is open: a missed
-        # tombstone would let an older balance be served. A silent Redis costs the whole batch
-        # one timeout.
+        # tombstone would let an older balance be served. A silent Redis costs the batch one timeout.
         ttl = self._ttl_seconds
-        entries = [(balance_key(member_id), version, b"", ttl) for member_id, version in latest.items()]
+        entries = [(self.key(member_id), version, b"", ttl) for member_id, version in latest.items()]
         await self._put_many(entries, even_if_breaker_open=True)
-
-    async def _put(self, member_id: str, version: int, body: bytes) -> bool:
-        return await self._put_many([(balance_key(member_id), version, body, self._ttl_seconds)])
 
     async def _put_many(self, entries: list[_Entry], *, even_if_breaker_open: bool = False) -> bool:
         if not (even_if_breaker_open or self._available()):
             return False
         try:
-            if self._reader is not None:
-                try:
-                    await self._eval_put_many(entries)
-                    return True
-                except RedisUnavailable as exc:
-                    if "no reply within" in str(exc):
-                        raise  # Redis is slow, not the connection broken: do not wait twice
-                    # The multiplexed connection may be what failed: try the pooled client once
-                    # (putting an entry again is harmless: it only lands if still newer).
-            if len(entries) == 1:  # one EVALSHA; a pipeline would ask SCRIPT EXISTS first
-                key, version, body, ttl = entries[0]
-                await self._put_if_newer(keys=[key], args=[version, body, ttl])
-                return True
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for key, version, body, ttl in entries:
-                    await self._put_if_newer(keys=[key], args=[version, body, ttl], client=pipe)
-                await pipe.execute()
+            replies = await self._eval(entries)
+            forgotten = [
+                entry for entry, reply in zip(entries, replies, strict=True) if isinstance(reply, NoScriptError)
+            ]
+            _raise_first(reply for reply in replies if not isinstance(reply, NoScriptError))
+            if forgotten:  # Redis lost its scripts (a restart, SCRIPT FLUSH): load it again
+                await self._redis.script_load(_PUT_IF_NEWER)
+                _raise_first(await self._eval(forgotten))
             return True
         except (RedisError, OSError) as exc:
             self._failed("put", exc)
             return False
+
+    async def _eval(self, entries: list[_Entry]) -> list[Any]:
+        """The script for every entry in one pipeline, by its digest (no script body on the wire,
+        no SCRIPT EXISTS first); each reply or the error it got."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key, version, body, ttl in entries:
+                pipe.evalsha(_PUT_IF_NEWER_SHA, 1, key, version, body, ttl)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
+
+    async def wait_filled(self) -> None:
+        """Until the fills started so far have landed or been dropped."""
+        while self._filling:
+            await asyncio.gather(*self._filling, return_exceptions=True)
+
+    async def aclose(self) -> None:
+        """Until the reads and fills started so far have been answered, landed or dropped."""
+        await self._reads.aclose()
+        await self.wait_filled()
+
+
+def _raise_first(replies: Iterable[Any]) -> None:
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply

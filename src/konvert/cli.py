@@ -16,16 +16,22 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 
 from konvert import __version__, auth, workers
+from konvert.db import Connection
 from konvert.errors import ConfigurationError, KonvertError
 from konvert.program import load_program
 from konvert.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from konvert.services import Services
+
+T = TypeVar("T")
 
 EXIT_CONFIG = 2
 # How long a stopping worker may take to finish the requests in flight.
@@ -61,7 +67,7 @@ def with_servers(settings: Settings, announce: bool = False) -> Settings:
     return settings.replace(**changes)
 
 
-async def _connect(settings: Settings) -> asyncpg.Connection:
+async def _connect(settings: Settings) -> Connection:
     return await asyncpg.connect(settings.database_url, timeout=settings.db_connect_timeout_seconds)
 
 
@@ -101,16 +107,15 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     # Worker processes build their settings from the environment: hand them the resolved URLs.
     os.environ["KONVERT_DATABASE_URL"] = settings.database_url
     os.environ["KONVERT_REDIS_URL"] = settings.redis_url
-    if settings.workers > 1:
-        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-            metrics_dir = tempfile.mkdtemp(prefix="konvert-metrics-")
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-            atexit.register(shutil.rmtree, metrics_dir, ignore_errors=True)
+    if settings.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        metrics_dir = tempfile.mkdtemp(prefix="konvert-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        atexit.register(shutil.rmtree, metrics_dir, ignore_errors=True)
     options: dict[str, Any] = {
         "app": "konvert.app:app_from_environment",
         "factory": True,
         "loop": "uvloop" if sys.platform != "win32" else "asyncio",
-        "http": "konvert.httpserver:HttpProtocol",
+        "http": "httptools",
         "lifespan": "on",
         "access_log": False,
         "log_config": None,
@@ -153,9 +158,7 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
         if args.keys_command == "create":
             key, info = await auth.insert_key(conn, args.name, args.scope)
             print(key)
-            _say(
-                f"created key {info.key_id} ({info.name}) with scopes {' '.join(info.scopes)}; it is not shown again"
-            )
+            _say(f"created key {info.key_id} ({info.name}) with scopes {' '.join(info.scopes)}; it is not shown again")
         elif args.keys_command == "list":
             for info in await auth.select_keys(conn):
                 state = f"revoked {info.revoked_at:%Y-%m-%d %H:%M}" if info.revoked_at else "active"
@@ -174,10 +177,10 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
     return asyncio.run(_keys(args, with_servers(settings)))
 
 
-async def _with_services(settings: Settings, work):  # type: ignore[no-untyped-def]
-    from konvert.services import Services
+async def _with_services(settings: Settings, work: Callable[[Services], Awaitable[T]]) -> T:
+    from konvert import composition
 
-    services = await Services.open(settings, load_program(settings.program_file))
+    services = await composition.open_services(settings, load_program(settings.program_file))
     try:
         return await work(services)
     finally:
@@ -194,6 +197,7 @@ def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
+    from konvert.composition import AUDIT_CHECKS
     from konvert.ledger import audit
 
     settings = with_servers(settings)
@@ -201,7 +205,7 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     async def run() -> list[audit.Violation]:
         conn = await _connect(settings)
         try:
-            return await audit.run_audit(conn)
+            return await audit.run_audit(conn, AUDIT_CHECKS)
         finally:
             await conn.close()
 
@@ -219,14 +223,13 @@ def cmd_leaderboards(args: argparse.Namespace, settings: Settings) -> int:
     from konvert.reputation import leaderboard
 
     report = asyncio.run(_with_services(with_servers(settings), leaderboard.rebuild))
-    print(
-        f"leaderboards rebuilt: generation {report.generation}, {report.boards} boards, {report.entries} entries"
-    )
+    assert report is not None  # rebuilt unconditionally
+    print(f"leaderboards rebuilt: generation {report.generation}, {report.boards} boards, {report.entries} entries")
     return 0
 
 
 def cmd_cache(args: argparse.Namespace, settings: Settings) -> int:
-    from konvert.ledger.service import warm_balances
+    from konvert.ledger.balances import warm_balances
 
     started = time.monotonic()
     warmed = asyncio.run(_with_services(with_servers(settings), lambda s: warm_balances(s, args.batch_size)))
@@ -248,9 +251,7 @@ def _batch_size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="konvert", description="konvert loyalty points and reputation engine"
-    )
+    parser = argparse.ArgumentParser(prog="konvert", description="konvert loyalty points and reputation engine")
     parser.add_argument("--version", action="version", version=f"konvert {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -306,7 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings()
-        return args.run(args, settings)
+        status: int = args.run(args, settings)
+        return status
     except (ConfigurationError, KonvertError) as exc:
         _say(f"konvert: {exc}")
         return EXIT_CONFIG

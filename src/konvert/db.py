@@ -5,16 +5,32 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from konvert.errors import ConfigurationError
 from konvert.settings import Settings
 
 log = logging.getLogger("konvert.db")
+
+# A connection, on its own or checked out of the pool; anything statements run on (a pool too).
+Connection = asyncpg.Connection | PoolConnectionProxy
+Queryable = Connection | asyncpg.Pool
+# A row as read: an asyncpg Record, or anything with the same keys.
+Row = asyncpg.Record | Mapping[str, Any]
+
+
+def one(row: asyncpg.Record | None) -> asyncpg.Record:
+    """The row of a statement that always returns one (an update of a row it holds locked, say)."""
+    assert row is not None, "the statement returned no row"
+    return row
+
 
 # pg_advisory_lock key: any constant unique to konvert. Two processes starting at once both ask
 # for it; the second waits, then finds every migration applied.
@@ -79,6 +95,12 @@ async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None =
         for migration in migrations:
             row = applied.get(migration.version)
             if row is not None:
+                if row["name"] != migration.name:
+                    raise ConfigurationError(
+                        f"this database has migration {migration.version:04d}_{row['name']} applied, which konvert "
+                        f"no longer has ({migration.version:04d}_{migration.name} in its place): it was made by an "
+                        "earlier release; migrate it with that release, or start from an empty database"
+                    )
                 if row["checksum"] != migration.checksum:
                     raise ConfigurationError(
                         f"migration {migration.version:04d}_{migration.name} was changed after it was applied; "

@@ -40,7 +40,7 @@ def start_postgres(data_dir: Path) -> str:
     pgdata.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
-        server = pgserver.get_server(pgdata, cleanup_mode="stop")
+        server = pgserver.get_server(pgdata, cleanup_mode="stop")  # type: ignore[attr-defined]
     # pgserver stops the server when the last process holding it exits (its own atexit hook).
     _keep_alive.append(server)
     return server.get_uri()
@@ -65,19 +65,26 @@ def start_redis(data_dir: Path) -> str:
     process = subprocess.Popen(
         [
             str(executable),
-            "--port", "0",
-            "--unixsocket", str(socket_path),
-            "--unixsocketperm", "700",
-            "--dir", str(redis_dir),
+            "--port",
+            "0",
+            "--unixsocket",
+            str(socket_path),
+            "--unixsocketperm",
+            "700",
+            "--dir",
+            str(redis_dir),
             # The cache and leaderboards can be rebuilt from PostgreSQL; an append-only file
             # simply makes restarts warm.
-            "--appendonly", "yes",
-            "--save", "",
-            "--logfile", str(redis_dir / "redis.log"),
+            "--appendonly",
+            "yes",
+            "--save",
+            "",
+            "--logfile",
+            str(redis_dir / "redis.log"),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    )
     atexit.register(_stop, process)
     deadline = time.monotonic() + _START_TIMEOUT_SECONDS
     while not _answers(socket_path):

@@ -107,6 +107,13 @@ class ServiceUnavailable(KonvertError):
     status, code, title = 503, "service_unavailable", "Service unavailable"
 
 
+class ConcurrentWrite(ServiceUnavailable):
+    """A concurrent request changed what this one was written against (it posted the same
+    purchase id meanwhile, say). Trying again settles it; the client sees 503 only if that fails too."""
+
+    code, title = "concurrent_write", "A concurrent request got in the way"
+
+
 class InternalError(KonvertError):
     """A bug or an outage konvert did not foresee. The response carries only the request id."""
 

@@ -8,14 +8,18 @@ meet on the key's unique index, so exactly one applies.
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
-import asyncpg
 import msgspec
 from litestar import Response
 
 from konvert import errors
+from konvert.db import Row
 
 REPLAYED_HEADER = "Idempotent-Replayed"
+# Written over an erased member's request digests: no SHA-256 digest is one byte long, so a replay
+# of one of their old requests is refused (409) instead of answered with their data.
+ERASED_REQUEST_HASH = b"\x00"
 _encode = msgspec.json.Encoder(decimal_format="number").encode
 
 
@@ -31,16 +35,15 @@ def request_hash(*parts: object) -> bytes:
     return hashlib.sha256(b"\x00".join(_encode(p) for p in parts)).digest()
 
 
-def replay(existing: asyncpg.Record | None, digest: bytes) -> Outcome:
-    """The stored outcome for a key already used, if the request is the same one."""
-    if existing is None:  # pragma: no cover - the conflicting row is committed before we see the conflict
-        raise errors.Conflict("the request conflicted with another; retry it")
+def replay(existing: Row, digest: bytes) -> Outcome:
+    """The stored outcome (``request_hash``, ``response``) for a key already used, if the request
+    is the same one; else IdempotencyConflict."""
     if bytes(existing["request_hash"]) != digest:
         raise errors.IdempotencyConflict("this id was used before with a different request body")
     return Outcome(bytes(existing["response"]), replayed=True)
 
 
-def written(outcome: Outcome, status_code: int = 201) -> Response[bytes]:
+def written(outcome: Outcome, status_code: int = 201) -> Response[Any]:
     """The stored response of a write; a replay carries ``Idempotent-Replayed: true``."""
     headers = {REPLAYED_HEADER: "true"} if outcome.replayed else None
     return Response(outcome.body, status_code=status_code, media_type="application/json", headers=headers)

@@ -1,4 +1,5 @@
-"""Background jobs: vesting of pending points, hold timeouts, expiry of lots, tier re-evaluation.
+"""Running the background jobs (konvert.composition.JOBS): vesting of pending points, hold
+timeouts, expiry of lots, tier re-evaluation.
 
 Every service process runs them every ``jobs_interval_seconds``; ``konvert jobs run`` runs them
 once (for cron, or with the in-process runner turned off). Each job works in bounded batches and
@@ -11,19 +12,11 @@ import asyncio
 import logging
 import random
 
-from konvert.ledger.service import vest_due_lots
-from konvert.redemption.service import expire_due_lots, reevaluate_tiers, release_timed_out_holds
+from konvert.composition import JOBS
 from konvert.services import Services
 
 log = logging.getLogger("konvert.jobs")
 
-
-JOBS = {
-    "vested_lots": vest_due_lots,
-    "released_holds": release_timed_out_holds,
-    "expired_lots": expire_due_lots,
-    "tiers_reevaluated": reevaluate_tiers,
-}
 # One run works at most this many rows (lots, holds, members) per job, whatever the batch size
 # (a budget in batches would shrink with it); the next run continues where it stopped, so that
 # one job's backlog does not keep the others waiting.
@@ -34,7 +27,7 @@ async def run_once(services: Services, rows_max: int = ROWS_PER_RUN_MAX) -> dict
     """Run every job until a batch comes back short (nothing more is due, or the rest was
     passed over: locked, or failed) or it has worked ``rows_max`` rows or more; return counts
     per job."""
-    counts = {}
+    counts: dict[str, int] = {}
     for name, job in JOBS.items():
         total = 0
         while total < rows_max:

@@ -1,14 +1,14 @@
 """The one mapping from errors to RFC 9457 problem+json responses.
 
-Every failure the API can return has a stable machine-readable ``code``; ``type`` is a URN
-built from it so clients can switch on either. Database constraint violations that reach
-here are translated by constraint name.
+Every failure the API can return has a stable machine-readable ``code``; ``type`` is a URN built
+from it so clients can switch on either. Errors are recognised by their type, never by their
+message: Litestar's validation errors carry the field's path and where it came from
+(``key``, ``source``); database errors are translated by SQLSTATE class and constraint name.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any
 
 import asyncpg
@@ -25,7 +25,7 @@ from litestar.exceptions import (
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 
 from konvert import errors
-from konvert.observability import request_id_var
+from konvert.observability import REQUEST_ID_HEADER, observe_unmatched, request_id_var
 
 log = logging.getLogger("konvert.errors")
 
@@ -61,71 +61,69 @@ CONSTRAINT_ERRORS: dict[str, type[errors.KonvertError]] = {
 }
 
 
-def problem_response(request: Request[Any, Any, Any] | None, exc: errors.KonvertError) -> Response[Problem]:
+def problem_response(
+    request: Request[Any, Any, Any], exc: errors.KonvertError, request_id: str | None = None
+) -> Response[Problem]:
     problem = Problem(
         type=f"urn:konvert:problem:{exc.code}",
         title=exc.title,
         status=exc.status,
         code=exc.code,
         detail=exc.detail,
-        instance=request.url.path if request is not None else "",
-        request_id=request_id_var.get(),
+        instance=request.url.path,
+        request_id=request_id or request_id_var.get(),
         errors=[FieldError(**e) for e in exc.errors] if exc.errors else None,
     )
-    headers = {"allow": exc.extra["allow"]} if "allow" in exc.extra else None
-    return Response(problem, status_code=exc.status, media_type=PROBLEM_MEDIA_TYPE, headers=headers)
+    headers = {}
+    if "allow" in exc.extra:
+        headers["allow"] = exc.extra["allow"]
+    if request_id:  # a request no middleware saw: its id goes on the response here
+        headers[REQUEST_ID_HEADER.decode()] = request_id
+    return Response(problem, status_code=exc.status, media_type=PROBLEM_MEDIA_TYPE, headers=headers or None)
 
 
 def handle_konvert_error(request: Request[Any, Any, Any], exc: errors.KonvertError) -> Response[Problem]:
     return problem_response(request, exc)
 
 
-_NAMED_FIELD = re.compile(r"(?:unknown|missing required) field `([^`]*)`")
-_MSGSPEC_PATH = re.compile(r"^(?P<text>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
-
-
-def field_errors_from_validation(exc: ValidationException) -> list[dict[str, str]]:
-    """Litestar hands msgspec's message through; turn ``... - at `$.lines[0].quantity``` into a field."""
+def field_errors(exc: ValidationException) -> list[dict[str, str]]:
+    """What Litestar found wrong, field by field: ``key`` is the path of the value (``data``: the
+    body itself), ``message`` msgspec's words for it."""
     found = []
     for item in exc.extra if isinstance(exc.extra, list) else []:
-        message = str(item.get("message", "")) if isinstance(item, dict) else str(item)
-        key = item.get("key") if isinstance(item, dict) else None
-        match = _MSGSPEC_PATH.match(message)
-        text, path = (match["text"], match["path"]) if match else (message, None)
-        # Litestar moves msgspec's path into `key` ("data" is the body itself); either names the field.
-        field = (path or "").lstrip(".") or (str(key) if key and key != "data" else "")
-        if named := _NAMED_FIELD.search(text):
-            # msgspec reports an unknown or missing field at its parent object; name the field itself.
-            field = f"{field}.{named[1]}" if field else named[1]
-        found.append({"field": field or "body", "message": text})
+        if not isinstance(item, dict):
+            continue
+        key = str(item.get("key") or "")
+        field = "body" if key in ("", "data") else key
+        found.append({"field": field, "message": str(item.get("message", ""))})
     return found
 
 
-def _has_no_body(exc: ValidationException) -> bool:
-    # Litestar reports a request without any body as a KeyError ("'data'") on the body parameter.
-    items = exc.extra if isinstance(exc.extra, list) else []
-    return any(isinstance(i, dict) and i.get("key") == "data" and i.get("message") == "'data'" for i in items)
+def _body_is_empty(request: Request[Any, Any, Any], exc: ValidationException) -> bool:
+    about_the_body = any(isinstance(item, dict) and item.get("source") == "body" for item in exc.extra or ())
+    headers = request.headers
+    sent_none = headers.get("content-length", "0") == "0" and "transfer-encoding" not in headers
+    return about_the_body and sent_none
 
 
 def handle_validation_error(request: Request[Any, Any, Any], exc: ValidationException) -> Response[Problem]:
-    if _has_no_body(exc):
+    if _body_is_empty(request, exc):
         return problem_response(request, errors.MalformedRequest("the request body is empty; send a JSON object"))
-    field_errors = field_errors_from_validation(exc)
-    if any(e["message"].startswith(("JSON is malformed", "Input data was truncated")) for e in field_errors):
-        return problem_response(request, errors.MalformedRequest("the request body is not valid JSON"))
-    where = ", ".join(sorted({e["field"] for e in field_errors})) or "request"
-    return problem_response(
-        request, errors.ValidationFailed(f"invalid value for {where}", errors=field_errors or None)
-    )
+    found = field_errors(exc)
+    where = ", ".join(sorted({e["field"] for e in found})) or "request"
+    return problem_response(request, errors.ValidationFailed(f"invalid value for {where}", errors=found or None))
 
 
 def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Problem]:
     mapped: errors.KonvertError
+    request_id = None
     if isinstance(exc, NotFoundException):
         mapped = errors.NotFound(f"no resource at {request.url.path}")
+        request_id = observe_unmatched(request.scope, mapped.status)
     elif isinstance(exc, MethodNotAllowedException):
         allow = (exc.headers or {}).get("allow", "")
         mapped = errors.MethodNotAllowed(f"{request.method} is not allowed here", allow=allow)
+        request_id = observe_unmatched(request.scope, mapped.status)
     elif isinstance(exc, NotAuthorizedException):
         mapped = errors.Unauthenticated(exc.detail)
     elif isinstance(exc, PermissionDeniedException):
@@ -134,12 +132,12 @@ def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -
         mapped = errors.PayloadTooLarge("the request body is larger than this server accepts")
     elif exc.status_code == 415:
         mapped = errors.UnsupportedMediaType(exc.detail)
-    elif 400 <= exc.status_code < 500:
+    elif 400 <= exc.status_code < 500:  # a body that is not JSON, among others
         mapped = errors.MalformedRequest(exc.detail)
     else:
         log.error("http error", extra={"status": exc.status_code, "detail": exc.detail})
         mapped = errors.ServiceUnavailable("the service cannot answer right now")
-    return problem_response(request, mapped)
+    return problem_response(request, mapped, request_id)
 
 
 def handle_database_error(request: Request[Any, Any, Any], exc: asyncpg.PostgresError) -> Response[Problem]:

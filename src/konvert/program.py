@@ -29,10 +29,33 @@ PointsCap = Annotated[int, Meta(ge=1, le=1_000_000_000)]
 # ISO 4217 exponents that differ from the usual 2. A currency listed in the program may
 # override it with `minor_units`.
 _ISO_4217_EXPONENTS = {
-    "BHD": 3, "BIF": 0, "CLF": 4, "CLP": 0, "DJF": 0, "GNF": 0, "IQD": 3, "ISK": 0, "JOD": 3,
-    "JPY": 0, "KMF": 0, "KRW": 0, "KWD": 3, "LYD": 3, "OMR": 3, "PYG": 0, "RWF": 0, "TND": 3,
-    "UGX": 0, "UYI": 0, "UYW": 4, "VND": 0, "VUV": 0, "XAF": 0, "XOF": 0, "XPF": 0,
-}  # fmt: skip
+    "BHD": 3,
+    "BIF": 0,
+    "CLF": 4,
+    "CLP": 0,
+    "DJF": 0,
+    "GNF": 0,
+    "IQD": 3,
+    "ISK": 0,
+    "JOD": 3,
+    "JPY": 0,
+    "KMF": 0,
+    "KRW": 0,
+    "KWD": 3,
+    "LYD": 3,
+    "OMR": 3,
+    "PYG": 0,
+    "RWF": 0,
+    "TND": 3,
+    "UGX": 0,
+    "UYI": 0,
+    "UYW": 4,
+    "VND": 0,
+    "VUV": 0,
+    "XAF": 0,
+    "XOF": 0,
+    "XPF": 0,
+}
 
 
 def currency_exponent(currency: str) -> int:
@@ -49,14 +72,14 @@ def _non_negative(where: str, **values: Decimal) -> None:
             raise ValueError(f"{where}: {name} must be a number >= 0, got {value}")
 
 
-class Partner(_Rule):
+class Partner(_Rule, frozen=True):
     """A store or merchant that posts purchases. Several partners make a coalition."""
 
     id: Identifier
     name: str = ""
 
 
-class EarningRate(_Rule):
+class EarningRate(_Rule, frozen=True):
     """Points per major currency unit (1 EUR, 1 JPY) spent in ``currency``, optionally for one partner."""
 
     currency: CurrencyCode
@@ -68,7 +91,7 @@ class EarningRate(_Rule):
         _non_negative(f"rate {self.currency}", points_per_unit=self.points_per_unit)
 
 
-class CategoryRule(_Rule):
+class CategoryRule(_Rule, frozen=True):
     """Multiplies (or, with ``exclude``, removes) the points of lines in a category."""
 
     category: Annotated[str, Meta(min_length=1, max_length=128)]
@@ -79,7 +102,7 @@ class CategoryRule(_Rule):
         _non_negative(f"category {self.category}", multiplier=self.multiplier)
 
 
-class SkuRule(_Rule):
+class SkuRule(_Rule, frozen=True):
     sku: Annotated[str, Meta(min_length=1, max_length=128)]
     multiplier: NonNegativeDecimal = Decimal(1)
     exclude: bool = False
@@ -88,7 +111,7 @@ class SkuRule(_Rule):
         _non_negative(f"sku {self.sku}", multiplier=self.multiplier)
 
 
-class Campaign(_Rule):
+class Campaign(_Rule, frozen=True):
     """A time-boxed boost: a multiplier on matching lines, or a fixed bonus per purchase, or both.
 
     ``partners`` and ``categories`` filter what the campaign applies to; empty means all.
@@ -111,7 +134,7 @@ class Campaign(_Rule):
             raise ValueError(f"campaign {self.id}: starts_at and ends_at need a UTC offset")
 
 
-class Earning(_Rule):
+class Earning(_Rule, frozen=True):
     # How a line's fractional points become whole points.
     rounding: Literal["floor", "half_up", "ceil"] = "floor"
     # Largest number of points one purchase can earn (bonuses included). None: no cap.
@@ -124,7 +147,7 @@ class Earning(_Rule):
     campaigns: tuple[Campaign, ...] = ()
 
 
-class Points(_Rule):
+class Points(_Rule, frozen=True):
     # Days a purchase's points stay pending (the return window). 0: available at once.
     return_window_days: Days = 0
     # Rolling expiry per lot: expire_after_days after it was earned (None: never), optionally
@@ -141,7 +164,7 @@ class Points(_Rule):
     expiring_lots_shown: Annotated[int, Meta(ge=0, le=100)] = 3
 
 
-class Reward(_Rule):
+class Reward(_Rule, frozen=True):
     """Something points can be converted into. The program file seeds the catalog; operators
     manage it through the admin API afterwards."""
 
@@ -155,7 +178,7 @@ class Reward(_Rule):
     active: bool = True
 
 
-class TierLevel(_Rule):
+class TierLevel(_Rule, frozen=True):
     name: Annotated[str, Meta(min_length=1, max_length=64)]
     # Points earned (net of refunds) in the trailing window needed to hold this tier.
     min_points: Annotated[int, Meta(ge=0, le=1_000_000_000)]
@@ -166,7 +189,7 @@ class TierLevel(_Rule):
         _non_negative(f"tier {self.name}", multiplier=self.multiplier)
 
 
-class Tiers(_Rule):
+class Tiers(_Rule, frozen=True):
     window_days: Annotated[int, Meta(ge=1, le=3650)] = 365
     # A member who falls below their tier keeps it this many days before moving down.
     downgrade_grace_days: Days = 0
@@ -179,12 +202,20 @@ class Tiers(_Rule):
         if thresholds != sorted(set(thresholds)):
             raise ValueError("tiers.levels: min_points must increase from tier to tier")
 
+    def next_after(self, current: str | None) -> TierLevel | None:
+        """The tier above ``current`` (the lowest one for a member without a tier); None at the top."""
+        names = [level.name for level in self.levels]
+        if current not in names:
+            return self.levels[0] if self.levels else None
+        index = names.index(current)
+        return self.levels[index + 1] if index + 1 < len(self.levels) else None
 
-class Adjustments(_Rule):
+
+class Adjustments(_Rule, frozen=True):
     reason_codes: tuple[Identifier, ...] = ("goodwill", "correction", "migration")
 
 
-class KudosValues(_Rule):
+class KudosValues(_Rule, frozen=True):
     """Reputation per kind of kudos (Stack Exchange / Discourse defaults)."""
 
     like: Annotated[int, Meta(ge=0, le=10_000)] = 10
@@ -194,12 +225,12 @@ class KudosValues(_Rule):
     accepter: Annotated[int, Meta(ge=0, le=10_000)] = 2
 
 
-class Rank(_Rule):
+class Rank(_Rule, frozen=True):
     name: Annotated[str, Meta(min_length=1, max_length=64)]
     min_reputation: Annotated[int, Meta(ge=0, le=1_000_000_000)]
 
 
-class Reputation(_Rule):
+class Reputation(_Rule, frozen=True):
     kudos: KudosValues = KudosValues()
     # Most reputation a member gains per UTC day from likes and helpful marks (accepted answers
     # are exempt).
@@ -233,7 +264,7 @@ PreferenceType = Literal["choice", "multi_choice", "text", "month_day", "boolean
 PreferenceChoice = Annotated[str, Meta(min_length=1, max_length=200)]
 
 
-class PreferenceDef(_Rule):
+class PreferenceDef(_Rule, frozen=True):
     """A preference members may share: what it holds, what sharing it first earns, and the
     purposes it may ever be used for (a member consents to some or all of them)."""
 
@@ -261,7 +292,7 @@ class PreferenceDef(_Rule):
             raise ValueError(f"preferences.catalog {self.key}: purposes must be unique")
 
 
-class Preferences(_Rule):
+class Preferences(_Rule, frozen=True):
     """What members may share for points, and the purposes shared data may be used for."""
 
     purposes: Annotated[tuple[Identifier, ...], Meta(min_length=1, max_length=50)] = (
@@ -291,7 +322,7 @@ class Preferences(_Rule):
         return next((d for d in self.catalog if d.key == key), None)
 
 
-class Program(_Rule):
+class Program(_Rule, frozen=True):
     name: Annotated[str, Meta(min_length=1, max_length=200)]
     partners: tuple[Partner, ...] = ()
     points: Points = Points()

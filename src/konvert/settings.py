@@ -35,6 +35,9 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     # Where PostgreSQL and Redis are. Empty means: start the embedded ones under data_dir.
     database_url: str = ""
     redis_url: str = ""
+    # Every Redis key konvert writes starts with this, so that several konvert deployments (or
+    # test runs) can share one Redis.
+    redis_key_prefix: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")] = "konvert"
     data_dir: str = msgspec.field(default_factory=_default_data_dir)
     # The program file (TOML). Empty means the example program shipped with konvert.
     program_file: str = ""

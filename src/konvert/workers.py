@@ -50,9 +50,9 @@ def spreads_connections() -> bool:
 
 def bind(host: str, port: int) -> socket.socket:
     """A TCP socket bound to (host, port) with SO_REUSEPORT; not yet listening."""
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[
+        0
+    ]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -125,11 +125,7 @@ class Supervisor:
                         continue
                     lived = time.monotonic() - started[i]
                     self._failures = 0 if lived >= _HEALTHY_AFTER_SECONDS else self._failures + 1
-                    delay = (
-                        min(_RESTART_DELAY_MAX_SECONDS, 0.5 * 2 ** (self._failures - 1))
-                        if self._failures
-                        else 0.0
-                    )
+                    delay = min(_RESTART_DELAY_MAX_SECONDS, 0.5 * 2 ** (self._failures - 1)) if self._failures else 0.0
                     log.error(
                         "worker exited; restarting it",
                         extra={

@@ -69,7 +69,7 @@ class PurchaseIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
         # campaign windows cannot be compared with a naive time.
         if self.occurred_at.tzinfo is None:
             raise ValueError("occurred_at: needs a UTC offset")
-        if not OCCURRED_AT_MIN <= self.occurred_at:
+        if not self.occurred_at >= OCCURRED_AT_MIN:
             raise ValueError(f"occurred_at: must be after {OCCURRED_AT_MIN:%Y-%m-%d}")
         total = sum(line.amount for line in self.lines) + self.shipping + self.tax
         if total > PURCHASE_TOTAL_MAX:

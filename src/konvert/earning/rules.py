@@ -79,9 +79,7 @@ def compute_earning(
         exponent=rate.minor_units if rate.minor_units is not None else currency_exponent(purchase.currency),
         rounding=earning.rounding,
     )
-    campaigns = [
-        c for c in earning.campaigns if _campaign_in_force(c, purchase.partner, purchase.occurred_at)
-    ]
+    campaigns = [c for c in earning.campaigns if _campaign_in_force(c, purchase.partner, purchase.occurred_at)]
 
     with localcontext(_EXACT):
         lines = [_earn_purchase_line(line, earning, campaigns, pricing) for line in purchase.lines]
@@ -137,9 +135,7 @@ def _rate_for(earning: Earning, currency: str, partner: str) -> EarningRate:
         if rate.partner is None:
             general = rate
     if general is None:
-        raise UnsupportedCurrency(
-            f"currency {currency!r} has no earning rate in the program", currency=currency
-        )
+        raise UnsupportedCurrency(f"currency {currency!r} has no earning rate in the program", currency=currency)
     return general
 
 
@@ -368,9 +364,7 @@ def refund_state_for(purchase: PurchaseIn, earning: EarningResult) -> PurchaseRe
     # Shipping or tax that earned became a line; it must not also count as a pointless extra.
     for line_id, amount in (("shipping", purchase.shipping), ("tax", purchase.tax)):
         if line_id in points_by_line:
-            line = LineRefundState(
-                line_id=line_id, quantity=1, unit_price=amount, points=points_by_line[line_id]
-            )
+            line = LineRefundState(line_id=line_id, quantity=1, unit_price=amount, points=points_by_line[line_id])
             lines.append(line)
     return PurchaseRefundState(
         lines=tuple(lines),
@@ -394,9 +388,7 @@ def plan_refund_by_lines(state: PurchaseRefundState, lines: Sequence[RefundLineI
         if item.line_id not in known:
             raise Unprocessable(f"line {item.line_id!r} is not part of this purchase", line_id=item.line_id)
         if item.line_id in quantities:
-            raise Unprocessable(
-                f"line {item.line_id!r} appears more than once in the refund", line_id=item.line_id
-            )
+            raise Unprocessable(f"line {item.line_id!r} appears more than once in the refund", line_id=item.line_id)
         quantities[item.line_id] = item.quantity
 
     new_lines = []

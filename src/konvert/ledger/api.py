@@ -1,17 +1,17 @@
-"""Balance and activity routes (scope members:read)."""
+"""Balance, activity and adjustment routes."""
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any
 
-from litestar import Controller, Response, get
-from litestar.params import PathParameter, QueryParameter
+from litestar import Controller, Request, Response, get, post
+from litestar.params import JSONBody, PathParameter, QueryParameter
 
-from konvert import direct
-from konvert.ledger import service
-from konvert.ledger.model import ActivityPage, Balance, MemberId
-from konvert.services import Services, Svc
+from konvert.auth import principal_of
+from konvert.idempotency import written
+from konvert.ledger import adjustments, balances
+from konvert.ledger.model import ActivityPage, AdjustmentIn, AdjustmentOut, Balance, MemberId
+from konvert.services import Svc
 
 MemberPath = Annotated[MemberId, PathParameter(description="The member's id, as the caller knows it.")]
 
@@ -37,8 +37,9 @@ class BalanceController(Controller):
         A client that got a response for a write reads that write's effect here.
         """
         if expiring_within_days is not None:
-            return Response(await service.read_balance(services, member_id, expiring_within_days))
-        return Response(await service.balance_body(services, member_id), media_type="application/json")
+            return Response(await balances.read_balance(services, member_id, expiring_within_days))
+        # The cached body as it is: no decoding and encoding again on the most frequent request.
+        return Response(await balances.balance_body(services, member_id), media_type="application/json")  # type: ignore[arg-type]
 
     @get("/activity")
     async def activity(
@@ -49,36 +50,20 @@ class BalanceController(Controller):
         limit: Annotated[int, QueryParameter(ge=1, le=200, description="page size")] = 50,
     ) -> ActivityPage:
         """The member's transfers, newest first: every change to their points and reputation, and why."""
-        return await service.activity(services, member_id, cursor, limit)
+        return await balances.activity(services, member_id, cursor, limit)
 
 
-BALANCE_ROUTE = "/v1/members/{member_id}/balance"
-# The id part is MemberId's bounds (ledger.model: 1-128 characters, NO_CONTROL_CHARACTERS) plus
-# no "/": keep the two together (tests/unit/test_direct_balance_path.py fails when they part).
-# Matched with fullmatch, never search.
-_BALANCE_PATH = re.compile(r"/v1/members/([^/\x00-\x1f\x7f]{1,128})/balance")
+class AdjustmentController(Controller):
+    path = "/v1/members/{member_id:str}/adjustments"
+    tags = ["adjustments"]
+    opt = {"scope": "admin"}
+
+    @post("/", opt={"body": True, "idempotency_key": "adjustment_id"})
+    async def adjust(
+        self, request: Request[Any, Any, Any], member_id: MemberPath, data: JSONBody[AdjustmentIn], services: Svc
+    ) -> Response[AdjustmentOut]:
+        """Credit or debit points with a reason code from the program file; the API key is recorded."""
+        return written(await adjustments.adjust(services, member_id, data, principal_of(request)))
 
 
-async def serve_balance_directly(services: Services, scope: dict[str, Any], send: direct.Send) -> bool:
-    """``GET /v1/members/{id}/balance`` as the route above answers it, without the framework.
-
-    The most frequent request konvert serves, and on a cache hit the framework (routing,
-    guard, dependency injection, parameter parsing, the response object) costs more than the
-    rest of it. This takes on the plain one (no query string, a well-formed member id, a key
-    with ``members:read``) and answers it, an unknown member's 404 and any error included,
-    through the routes' exception handlers. Anything else returns False having sent nothing,
-    and the route answers it as always.
-    """
-    if scope["method"] != "GET" or scope["query_string"]:
-        return False
-    match = _BALANCE_PATH.fullmatch(scope["path"])
-    if match is None or not await direct.allowed(services, scope, BalanceController.opt["scope"]):
-        return False
-    scope["path_template"] = BALANCE_ROUTE
-    try:
-        body = await service.balance_body(services, match.group(1))
-    except Exception as exc:  # noqa: BLE001 - rendered exactly as the route's exception handlers do
-        await direct.send_error(scope, send, exc)  # an unknown member's 404, a database's 503
-        return True
-    await direct.send_json(send, 200, body)
-    return True
+ROUTES: list[Any] = [BalanceController, AdjustmentController]

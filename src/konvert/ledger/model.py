@@ -1,4 +1,4 @@
-"""Ledger wire types: balances and activity, as members and their apps see them."""
+"""Ledger wire types: balances, activity and adjustments, as members, their apps and operators see them."""
 
 from __future__ import annotations
 
@@ -15,6 +15,10 @@ from msgspec import Meta
 NO_CONTROL_CHARACTERS = r"^[^\x00-\x1f\x7f]+$(?!\n)"
 NO_NUL = r"^[^\x00]*$"
 MemberId = Annotated[str, Meta(min_length=1, max_length=128, pattern=NO_CONTROL_CHARACTERS)]
+# Free text a client attaches to a change (a redemption's or an adjustment's note).
+Note = Annotated[str, Meta(max_length=1000, pattern=NO_NUL)]
+AdjustmentId = Annotated[str, Meta(min_length=1, max_length=128, pattern=NO_CONTROL_CHARACTERS)]
+SignedPoints = Annotated[int, Meta(ge=-1_000_000_000, le=1_000_000_000)]
 
 
 class ExpiringPoints(msgspec.Struct, frozen=True):
@@ -79,3 +83,27 @@ class ActivityPage(msgspec.Struct, frozen=True):
     items: list[ActivityItem]
     # Pass as ?cursor= to get the next (older) page; null on the last page.
     next_cursor: str | None
+
+
+class AdjustmentIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    adjustment_id: AdjustmentId
+    # Signed: positive credits points (a new lot), negative takes available points.
+    points: SignedPoints
+    reason_code: Annotated[str, Meta(min_length=1, max_length=64, pattern=NO_CONTROL_CHARACTERS)]
+    note: Note = ""
+
+    def __post_init__(self) -> None:
+        if self.points == 0:
+            raise ValueError("points must not be 0")
+
+
+class AdjustmentOut(msgspec.Struct, frozen=True, kw_only=True):
+    adjustment_id: str
+    member_id: str
+    points: int
+    reason_code: str
+    note: str
+    made_by: str
+    transfer_id: int
+    lot_id: int | None
+    created_at: datetime

@@ -1,66 +1,108 @@
-"""Ledger SQL: members, accounts, transfers, lots. Plain async functions, connection first.
+"""The ledger's SQL for one member at a time: members, accounts, lots, lot entries, transfers.
 
-None of these commit: the use case that calls them owns the transaction. Locking order, to
-keep concurrent use cases free of deadlocks: a member's row first, then that member's lots.
+Together with konvert.ledger.batches this is the only code that writes these tables or moves a
+member's balance ``version``; features ask the ledger core (konvert.ledger.book) to do it inside
+their own transaction. Plain async functions, connection first; none of them commits.
+
+A member's accounts are named in the statements that use them ((member_uid, asset, name) is
+unique), so callers never handle member account ids. Every statement that changes a member's
+balances bumps ``version`` and returns the member's row (MEMBER_COLUMNS).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from typing import NamedTuple
 
 import asyncpg
 
+from konvert.db import Connection, Queryable, one
+from konvert.ledger.rules import OpenLot
+
+# Every member has these accounts, created with the member.
 MEMBER_ACCOUNTS = (("points", "available"), ("points", "pending"), ("points", "held"), ("reputation", "reputation"))
 
+# What the ledger reads of a member's row, and returns after changing it.
+MEMBER_COLUMNS = """member_uid, member_id, points_available, points_pending, points_held, points_debt,
+    points_lifetime_earned, reputation, version, erased_at, tier, tier_below_since, tier_qualifying_points"""
 
-async def select_member_uid(conn: asyncpg.Connection, member_id: str) -> int | None:
-    return await conn.fetchval("select member_uid from members where member_id = $1", member_id)
 
-
-async def ensure_member(conn: asyncpg.Connection, member_id: str) -> int:
-    """The member's uid, creating the member and its accounts on first use."""
-    uid = await select_member_uid(conn, member_id)
-    if uid is not None:
-        return uid
-    uid = await conn.fetchval(
-        """
-        with member as (
-            insert into members (member_id) values ($1)
-            on conflict (member_id) do nothing
-            returning member_uid
-        ), accounts as (
-            insert into accounts (member_uid, asset, name)
-            select member.member_uid, a.asset, a.name
-            from member, unnest($2::text[], $3::text[]) as a (asset, name)
-        )
-        select member_uid from member
-        """,
-        member_id,
-        [a for a, _ in MEMBER_ACCOUNTS],
-        [n for _, n in MEMBER_ACCOUNTS],
-    )
-    if uid is None:
-        # A concurrent request created the member first; its row is committed now.
-        uid = await select_member_uid(conn, member_id)
-    assert uid is not None
+async def select_member_uid(conn: Queryable, member_id: str) -> int | None:
+    uid: int | None = await conn.fetchval("select member_uid from members where member_id = $1", member_id)
     return uid
 
 
-# What the use cases that lock a member read of its row (qualify with ``m.`` where joined).
-LOCKED_MEMBER_COLUMNS = """m.member_uid, m.member_id, m.points_available, m.points_pending, m.points_held,
-    m.points_debt, m.points_lifetime_earned, m.reputation, m.version"""
+async def insert_members(conn: Connection, member_ids: Sequence[str]) -> None:
+    """Create the members that do not exist yet, each with its accounts.
 
-
-async def lock_member(conn: asyncpg.Connection, member_uid: int) -> asyncpg.Record:
-    return await conn.fetchrow(
-        f"select {LOCKED_MEMBER_COLUMNS} from members m where m.member_uid = $1 for update",
-        member_uid,
+    In member id order, so that two transactions creating the same members never wait on each
+    other's inserts in a circle. A member created meanwhile by another transaction is left as it is.
+    """
+    await conn.execute(
+        """
+        with member as (
+            insert into members (member_id)
+            select member_id from unnest($1::text[]) as m (member_id) order by member_id
+            on conflict (member_id) do nothing
+            returning member_uid
+        )
+        insert into accounts (member_uid, asset, name)
+        select member.member_uid, a.asset, a.name
+        from member, unnest($2::text[], $3::text[]) as a (asset, name)
+        """,
+        sorted(set(member_ids)),
+        [asset for asset, _ in MEMBER_ACCOUNTS],
+        [name for _, name in MEMBER_ACCOUNTS],
     )
 
 
-async def ensure_system_account(conn: asyncpg.Connection, asset: str, name: str) -> int:
-    account_id = await conn.fetchval(
+async def lock_members(conn: Connection, *, uids: Sequence[int] = (), ids: Sequence[str] = ()) -> list[asyncpg.Record]:
+    """Lock the members' rows (those that exist, named by uid or by id) until the transaction
+    ends, in member_uid order: the order of every writer that locks several members, so that two
+    of them never wait for each other in a circle."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        f"""
+        select {MEMBER_COLUMNS} from members
+        where member_uid = any($1::bigint[]) or member_id = any($2::text[])
+        order by member_uid
+        for update
+        """,
+        list(uids),
+        list(ids),
+    )
+    return rows
+
+
+async def rename_member(conn: Connection, member_uid: int, pseudonym: str, now: datetime) -> asyncpg.Record:
+    """An erasure: the member id becomes ``pseudonym``; the balances stay, under a new version."""
+    row = one(
+        await conn.fetchrow(
+            f"""
+        update members set member_id = $2, erased_at = $3, version = version + 1
+        where member_uid = $1 returning {MEMBER_COLUMNS}
+        """,
+            member_uid,
+            pseudonym,
+            now,
+        )
+    )
+    return row
+
+
+# --- system accounts ---------------------------------------------------------------------------
+
+
+async def select_system_account(conn: Connection, asset: str, name: str) -> int | None:
+    account_id: int | None = await conn.fetchval(
+        "select account_id from accounts where member_uid is null and asset = $1 and name = $2", asset, name
+    )
+    return account_id
+
+
+async def insert_system_account(conn: Connection, asset: str, name: str) -> int | None:
+    """Create a system account; None when it exists already (or a concurrent transaction made it)."""
+    account_id: int | None = await conn.fetchval(
         """
         insert into accounts (member_uid, asset, name) values (null, $1, $2)
         on conflict (member_uid, asset, name) do nothing
@@ -69,93 +111,29 @@ async def ensure_system_account(conn: asyncpg.Connection, asset: str, name: str)
         asset,
         name,
     )
-    if account_id is None:
-        account_id = await conn.fetchval(
-            "select account_id from accounts where member_uid is null and asset = $1 and name = $2", asset, name
-        )
     return account_id
 
 
-async def select_member_account_ids(conn: asyncpg.Connection, member_uid: int) -> dict[str, int]:
-    rows = await conn.fetch("select name, account_id from accounts where member_uid = $1", member_uid)
-    return {r["name"]: r["account_id"] for r in rows}
+# --- lots --------------------------------------------------------------------------------------
 
 
-async def insert_transfer(
-    conn: asyncpg.Connection,
-    *,
-    member_uid: int,
-    asset: str,
-    debit_account_id: int,
-    credit_account_id: int,
-    amount: int,
-    code: str,
-    cause_type: str,
-    cause_ref: str,
-    lot_id: int | None = None,
-    reverses_transfer_id: int | None = None,
-    reason: str | None = None,
-) -> int:
-    return await conn.fetchval(
-        """
-        insert into transfers (member_uid, asset, debit_account_id, credit_account_id, amount, code,
-                               cause_type, cause_ref, lot_id, reverses_transfer_id, reason)
-        values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-        returning transfer_id
-        """,
-        member_uid,
-        asset,
-        debit_account_id,
-        credit_account_id,
-        amount,
-        code,
-        cause_type,
-        cause_ref,
-        lot_id,
-        reverses_transfer_id,
-        reason,
+class LockedLot(NamedTuple):
+    lot_id: int
+    remaining: int
+    state: str
+    expires_at: datetime | None
+
+
+async def lock_lot(conn: Connection, lot_id: int) -> LockedLot | None:
+    row = await conn.fetchrow(
+        "select lot_id, remaining, state, expires_at from lots where lot_id = $1 for update", lot_id
     )
+    return LockedLot(*row) if row is not None else None
 
 
-async def update_member_points(
-    conn: asyncpg.Connection,
-    member_uid: int,
-    *,
-    available: int = 0,
-    pending: int = 0,
-    held: int = 0,
-    debt: int = 0,
-    lifetime_earned: int = 0,
-) -> int:
-    """Apply deltas to the stored balances; return the new version."""
-    return await conn.fetchval(
-        """
-        update members
-        set points_available = points_available + $2, points_pending = points_pending + $3,
-            points_held = points_held + $4, points_debt = points_debt + $5,
-            points_lifetime_earned = points_lifetime_earned + $6, version = version + 1
-        where member_uid = $1
-        returning version
-        """,
-        member_uid,
-        available,
-        pending,
-        held,
-        debt,
-        lifetime_earned,
-    )
-
-
-async def lock_lot(conn: asyncpg.Connection, lot_id: int) -> asyncpg.Record | None:
-    return await conn.fetchrow(
-        "select lot_id, member_uid, amount, remaining, state, expires_at from lots where lot_id = $1 for update",
-        lot_id,
-    )
-
-
-async def lock_available_lots(conn: asyncpg.Connection, member_uid: int, exclude_lot_id: int | None = None) -> list[asyncpg.Record]:
+async def lock_available_lots(conn: Connection, member_uid: int, exclude_lot_id: int | None = None) -> list[OpenLot]:
     """A member's available lots with points left, soonest expiring first (never-expiring last)."""
-    return await conn.fetch(
+    rows = await conn.fetch(
         """
         select lot_id, remaining from lots
         where member_uid = $1 and state = 'available' and remaining > 0 and lot_id is distinct from $2
@@ -165,203 +143,42 @@ async def lock_available_lots(conn: asyncpg.Connection, member_uid: int, exclude
         member_uid,
         exclude_lot_id,
     )
+    return [OpenLot(row["lot_id"], row["remaining"]) for row in rows]
 
 
-async def take_from_lots(
-    conn: asyncpg.Connection, member_uid: int, takes: Sequence[tuple[int, int]], transfer_id: int | None, kind: str
-) -> None:
-    """Take (lot_id, points) from lots and record each take as a lot entry."""
-    if not takes:
-        return
-    lot_ids = [lot for lot, _ in takes]
-    amounts = [amount for _, amount in takes]
-    await conn.execute(
-        """
-        with takes as (select * from unnest($1::bigint[], $2::bigint[]) as t (lot_id, amount)),
-        updated as (
-            update lots set remaining = lots.remaining - takes.amount
-            from takes where lots.lot_id = takes.lot_id
-        )
-        insert into lot_entries (lot_id, member_uid, transfer_id, amount, kind)
-        select lot_id, $3, $4, amount, $5 from takes
-        """,
-        lot_ids,
-        amounts,
-        member_uid,
-        transfer_id,
-        kind,
+async def lock_lot_states(conn: Connection, lot_ids: Sequence[int]) -> dict[int, str]:
+    rows = await conn.fetch(
+        "select lot_id, state from lots where lot_id = any($1::bigint[]) order by lot_id for update", list(lot_ids)
     )
+    return {row["lot_id"]: row["state"] for row in rows}
 
 
-def plan_takes(lots: Sequence[asyncpg.Record], points: int) -> tuple[list[tuple[int, int]], int]:
-    """Take up to ``points`` from lots in their order; return the takes and what is still missing."""
-    takes = []
-    missing = points
-    for lot in lots:
-        if missing == 0:
-            break
-        take = min(missing, lot["remaining"])
-        if take > 0:
-            takes.append((lot["lot_id"], take))
-            missing -= take
-    return takes, missing
-
-
-async def settle_debt(conn: asyncpg.Connection, member_uid: int, debt: int) -> int:
-    """Repay a refund debt from the member's available lots; return the debt repaid.
-
-    The stored available balance already counts the debt, so repaying moves no points: it only
-    makes the lots agree with the balance (available = available lots - debt).
-    """
-    if debt <= 0:
-        return 0
-    takes, missing = plan_takes(await lock_available_lots(conn, member_uid), debt)
-    repaid = debt - missing
-    if repaid:
-        await take_from_lots(conn, member_uid, takes, None, "debt")
-        await conn.execute("update members set points_debt = points_debt - $2 where member_uid = $1", member_uid, repaid)
-    return repaid
-
-
-async def select_balance(
-    conn: asyncpg.Connection | asyncpg.Pool, member_id: str, expiring_lots: int, expiring_before: datetime | None = None
-) -> asyncpg.Record | None:
-    """The member's stored balances, tier, and the soonest-expiring points grouped by date
-    (``expiring_lots`` dates at most, or only those expiring before ``expiring_before``)."""
-    rows = await select_balances(conn, [member_id], expiring_lots, expiring_before)
-    return rows[0] if rows else None
-
-
-def _balances_sql(members: str) -> str:
-    """Stored balances, tier and the soonest-expiring points grouped by date (at most $2 dates,
-    only those before $3 unless it is null) of the members that ``members`` selects (the
-    query's tail, over ``members m``)."""
-    return f"""
-        select m.member_uid, m.member_id, m.points_available, m.points_pending, m.points_held, m.points_debt,
-               m.points_lifetime_earned, m.reputation, m.version,
-               m.tier, m.tier_qualifying_points, m.tier_below_since,
-               coalesce((
-                   select json_agg(json_build_object('points', e.points, 'expires_at', e.expires_at)
-                                   order by e.expires_at)
-                   from (
-                       select expires_at, sum(remaining) as points from lots
-                       where member_uid = m.member_uid and remaining > 0 and state <> 'expired'
-                         and expires_at is not null and ($3::timestamptz is null or expires_at < $3)
-                       group by expires_at order by expires_at limit $2
-                   ) e
-               ), '[]') as expiring
-        {members}
-    """
-
-
-_BALANCES_OF = _balances_sql("from members m where m.member_id = any($1::text[])")
-_BALANCES_AFTER = _balances_sql(
-    "from members m where m.member_uid > $1 and m.erased_at is null order by m.member_uid limit $4"
-)
-
-
-async def select_balances(
-    conn: asyncpg.Connection | asyncpg.Pool,
-    member_ids: list[str],
-    expiring_lots: int,
-    expiring_before: datetime | None = None,
-) -> list[asyncpg.Record]:
-    """``select_balance`` for several members in one statement (those that exist, in no order)."""
-    return await conn.fetch(_BALANCES_OF, member_ids, expiring_lots, expiring_before)
-
-
-async def select_balances_after(
-    conn: asyncpg.Connection | asyncpg.Pool, after_member_uid: int, limit: int, expiring_lots: int
-) -> list[asyncpg.Record]:
-    """``select_balance`` for the next ``limit`` members (erased ones aside) in member_uid order
-    after ``after_member_uid``: a page of every member's balance."""
-    return await conn.fetch(_BALANCES_AFTER, after_member_uid, expiring_lots, None, limit)
-
-
-async def select_activity(
-    conn: asyncpg.Connection | asyncpg.Pool, member_uid: int, before_transfer_id: int | None, limit: int
-) -> list[asyncpg.Record]:
-    return await conn.fetch(
+async def lock_due_lots(conn: Connection, member_uid: int, now: datetime) -> list[LockedLot]:
+    """The member's lots whose expiry has come, soonest first."""
+    rows = await conn.fetch(
         """
-        select t.transfer_id, t.code, t.asset, t.amount, t.cause_type, t.cause_ref, t.lot_id,
-               t.reverses_transfer_id, t.reason, t.created_at,
-               d.member_uid is not null as debit_is_member, d.name as debit_name,
-               c.member_uid is not null as credit_is_member, c.name as credit_name
-        from transfers t
-        join accounts d on d.account_id = t.debit_account_id
-        join accounts c on c.account_id = t.credit_account_id
-        where t.member_uid = $1 and ($2::bigint is null or t.transfer_id < $2)
-        order by t.transfer_id desc
-        limit $3
+        select lot_id, remaining, state, expires_at from lots
+        where member_uid = $1 and state <> 'expired' and expires_at <= $2
+        order by expires_at, lot_id for update
         """,
         member_uid,
-        before_transfer_id,
-        limit,
+        now,
     )
+    return [LockedLot(*row) for row in rows]
 
 
-async def lock_due_pending_lots(
-    conn: asyncpg.Connection, now: datetime, limit: int, passed_over: Sequence[int] = ()
-) -> list[asyncpg.Record]:
-    """Up to ``limit`` pending lots whose return window has closed, oldest due first, of members
-    this transaction now holds locked; lots of members another transaction holds, and of the
-    members ``passed_over``, are left for later. With each lot its member's id and refund debt."""
-    return await conn.fetch(LOCK_DUE_PENDING_LOTS, now, limit, list(passed_over))
+async def select_expired_from_lot(conn: Connection, lot_id: int) -> int:
+    """Points the lot lost to expiry."""
+    expired: int = await conn.fetchval(
+        "select coalesce(sum(amount), 0) from lot_entries where lot_id = $1 and kind = 'expire'", lot_id
+    )
+    return expired
 
 
-# In the order of lots_vesting_order_idx (migration 0012): a batch reads its own lots only, however
-# many are due at the same moment.
-LOCK_DUE_PENDING_LOTS = """
-select l.lot_id, l.member_uid, m.member_id, m.points_debt from lots l
-join members m on m.member_uid = l.member_uid
-where l.state = 'pending' and l.vests_at <= $1 and l.member_uid <> all($3::bigint[])
-order by l.vests_at, l.lot_id
-limit $2
-for update of m skip locked
-"""
-
-
-# Vests the given lots of members the transaction holds locked, in one statement: each lot still
-# pending becomes available, with a transfer of what remains of it from the member's pending
-# account to their available one, and each member's balances move by the sum (version + 1). A
-# member without those accounts fails the whole statement (left joins: not null), as it should.
-_VEST_LOTS = """
-with vested as (
-    update lots set state = 'available'
-    where lot_id = any($1::bigint[]) and state = 'pending' and vests_at <= $2
-    returning lot_id, member_uid, remaining
-), moved as (
-    insert into transfers (member_uid, asset, debit_account_id, credit_account_id, amount, code,
-                           cause_type, cause_ref, lot_id, reason)
-    select v.member_uid, 'points', pending.account_id, available.account_id, v.remaining, 'vest',
-           'lot', v.lot_id::text, v.lot_id, 'return window closed'
-    from vested v
-    left join accounts pending on pending.member_uid = v.member_uid and pending.asset = 'points'
-                              and pending.name = 'pending'
-    left join accounts available on available.member_uid = v.member_uid and available.asset = 'points'
-                                and available.name = 'available'
-    where v.remaining > 0
-), per_member as (
-    select member_uid, sum(remaining)::bigint as points, count(*) as lots from vested group by member_uid
-)
-update members m
-set points_available = points_available + p.points, points_pending = points_pending - p.points,
-    version = version + 1
-from per_member p
-where m.member_uid = p.member_uid
-returning m.member_uid, m.version, p.lots
-"""
-
-
-async def vest_locked_lots(conn: asyncpg.Connection, lot_ids: Sequence[int], now: datetime) -> list[asyncpg.Record]:
-    """Vest these due lots (of members without a refund debt, locked by this transaction);
-    return (member_uid, version, lots) per member whose balances moved."""
-    return await conn.fetch(_VEST_LOTS, list(lot_ids), now)
-
-
-async def vest_lots(conn: asyncpg.Connection, member_uid: int, lot_ids: Sequence[int], now: datetime) -> list[asyncpg.Record]:
-    """Mark the member's due pending lots available; return (lot_id, remaining) of those changed."""
-    return await conn.fetch(
+async def vest_lots(conn: Connection, member_uid: int, lot_ids: Sequence[int], now: datetime) -> list[OpenLot]:
+    """Make the member's due pending lots among ``lot_ids`` available; return those that changed
+    (what they hold moves by a transfer: ``post``)."""
+    rows = await conn.fetch(
         """
         update lots set state = 'available'
         where lot_id = any($2::bigint[]) and member_uid = $1 and state = 'pending' and vests_at <= $3
@@ -371,17 +188,318 @@ async def vest_lots(conn: asyncpg.Connection, member_uid: int, lot_ids: Sequence
         list(lot_ids),
         now,
     )
+    return [OpenLot(row["lot_id"], row["remaining"]) for row in rows]
 
 
-async def lock_lot_states(conn: asyncpg.Connection, lot_ids: Sequence[int]) -> dict[int, str]:
-    rows = await conn.fetch(
-        "select lot_id, state from lots where lot_id = any($1::bigint[]) order by lot_id for update", list(lot_ids)
+async def mark_lots(conn: Connection, lot_ids: Sequence[int], state: str) -> None:
+    """Move lots to ``state`` (available when they vest, expired when they expire); what they hold
+    is moved by transfers and lot entries (``post``)."""
+    await conn.execute("update lots set state = $2 where lot_id = any($1::bigint[])", list(lot_ids), state)
+
+
+async def credit_lot(
+    conn: Connection,
+    member_uid: int,
+    *,
+    points: int,
+    state: str,
+    vests_at: datetime,
+    expires_at: datetime | None,
+    source_account_id: int,
+    code: str,
+    cause_type: str,
+    cause_ref: str,
+    reason: str,
+    lifetime: bool,
+) -> asyncpg.Record:
+    """Points into a new lot of the member's (pending or available): the lot, the transfer from the
+    source account to the member's account of that state, the balances. Returns lot_id,
+    transfer_id and the member's row."""
+    row = one(
+        await conn.fetchrow(
+            f"""
+        with lot as (
+            insert into lots (member_uid, amount, remaining, state, vests_at, expires_at)
+            values ($1, $2, $2, $3, $4, $5)
+            returning lot_id
+        ), transfer as (
+            insert into transfers (member_uid, asset, debit_account_id, credit_account_id, amount, code,
+                                   cause_type, cause_ref, lot_id, reason)
+            select $1, 'points', $6, a.account_id, $2, $7, $8, $9, lot.lot_id, $10
+            from lot left join accounts a on a.member_uid = $1 and a.asset = 'points' and a.name = $3
+            returning transfer_id, lot_id
+        ), member as (
+            update members
+            set points_available = points_available + case when $3 = 'available' then $2 else 0 end,
+                points_pending = points_pending + case when $3 = 'pending' then $2 else 0 end,
+                points_lifetime_earned = points_lifetime_earned + case when $11 then $2 else 0 end,
+                version = version + 1
+            where member_uid = $1
+            returning {MEMBER_COLUMNS}
+        )
+        select transfer.lot_id, transfer.transfer_id, member.* from transfer, member
+        """,
+            member_uid,
+            points,
+            state,
+            vests_at,
+            expires_at,
+            source_account_id,
+            code,
+            cause_type,
+            cause_ref,
+            reason,
+            lifetime,
+        )
     )
-    return {r["lot_id"]: r["state"] for r in rows}
+    return row
 
 
-async def return_to_lots(
-    conn: asyncpg.Connection, member_uid: int, returns: Sequence[tuple[int, int]], transfer_id: int, kind: str
+# --- transfers ---------------------------------------------------------------------------------
+
+
+class Leg(NamedTuple):
+    """One transfer of a posting. Each side is a system account (by id) or one of the member's own
+    accounts (by name: available, pending, held, reputation)."""
+
+    asset: str
+    amount: int
+    code: str
+    cause_type: str
+    cause_ref: str
+    reason: str
+    debit_account_id: int | None = None
+    debit_bucket: str | None = None
+    credit_account_id: int | None = None
+    credit_bucket: str | None = None
+    lot_id: int | None = None
+    reverses_transfer_id: int | None = None
+
+
+class LotTake(NamedTuple):
+    """Points taken from a lot (negative: given back), as a lot entry naming the transfer by its
+    index in the posting's legs (None: no transfer, a refund debt repaid from the lot)."""
+
+    lot_id: int
+    points: int
+    leg: int | None
+    kind: str
+
+
+class Deltas(NamedTuple):
+    available: int = 0
+    pending: int = 0
+    held: int = 0
+    debt: int = 0
+    lifetime_earned: int = 0
+    reputation: int = 0
+
+
+async def post(
+    conn: Connection, member_uid: int, legs: Sequence[Leg], takes: Sequence[LotTake], deltas: Deltas
+) -> tuple[list[int], asyncpg.Record]:
+    """One change to a member's books in one statement: its transfers, what they take from (or give
+    back to) lots with an entry each, and the member's balances (version + 1). Returns the
+    transfers' ids in the order of ``legs`` and the member's row.
+
+    A member account that does not exist leaves a transfer's account null, which the table
+    refuses: the statement then fails whole instead of writing half a change."""
+    row = one(
+        await conn.fetchrow(
+            _POST,
+            member_uid,
+            [leg.asset for leg in legs],
+            [leg.amount for leg in legs],
+            [leg.code for leg in legs],
+            [leg.cause_type for leg in legs],
+            [leg.cause_ref for leg in legs],
+            [leg.reason for leg in legs],
+            [leg.debit_account_id for leg in legs],
+            [leg.debit_bucket for leg in legs],
+            [leg.credit_account_id for leg in legs],
+            [leg.credit_bucket for leg in legs],
+            [leg.lot_id for leg in legs],
+            [leg.reverses_transfer_id for leg in legs],
+            [take.lot_id for take in takes],
+            [take.points for take in takes],
+            [None if take.leg is None else take.leg + 1 for take in takes],
+            [take.kind for take in takes],
+            *deltas,
+        )
+    )
+    return list(row["transfer_ids"] or []), row
+
+
+_POST = f"""
+with leg as materialized (
+    select l.*, nextval('transfers_transfer_id_seq') as transfer_id
+    from unnest($2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bigint[],
+                $9::text[], $10::bigint[], $11::text[], $12::bigint[], $13::bigint[])
+         with ordinality as l (asset, amount, code, cause_type, cause_ref, reason, debit_account_id, debit_bucket,
+                               credit_account_id, credit_bucket, lot_id, reverses_transfer_id, ord)
+), transfer as (
+    insert into transfers (transfer_id, member_uid, asset, debit_account_id, credit_account_id, amount, code,
+                           cause_type, cause_ref, lot_id, reverses_transfer_id, reason)
+    overriding system value
+    select l.transfer_id, $1, l.asset, coalesce(l.debit_account_id, d.account_id),
+           coalesce(l.credit_account_id, c.account_id), l.amount, l.code, l.cause_type, l.cause_ref, l.lot_id,
+           l.reverses_transfer_id, l.reason
+    from leg l
+    left join accounts d on d.member_uid = $1 and d.asset = l.asset and d.name = l.debit_bucket
+    left join accounts c on c.member_uid = $1 and c.asset = l.asset and c.name = l.credit_bucket
+    order by l.ord
+), take as (
+    select * from unnest($14::bigint[], $15::bigint[], $16::bigint[], $17::text[]) as t (lot_id, points, leg, kind)
+), taken as (
+    update lots set remaining = lots.remaining - t.points
+    from (select lot_id, sum(points) as points from take group by lot_id) t
+    where lots.lot_id = t.lot_id
+), entry as (
+    insert into lot_entries (lot_id, member_uid, transfer_id, amount, kind)
+    select t.lot_id, $1, l.transfer_id, t.points, t.kind from take t left join leg l on l.ord = t.leg
+), member as (
+    update members
+    set points_available = points_available + $18, points_pending = points_pending + $19,
+        points_held = points_held + $20, points_debt = points_debt + $21,
+        points_lifetime_earned = points_lifetime_earned + $22, reputation = reputation + $23,
+        version = version + 1
+    where member_uid = $1
+    returning {MEMBER_COLUMNS}
+)
+select (select array_agg(transfer_id order by ord) from leg) as transfer_ids, member.* from member
+"""
+
+
+async def replace_transfer_reasons(conn: Connection, member_uid: int, reasons: Sequence[tuple[int, str]]) -> None:
+    """Write new reasons over some of the member's transfers: erasure takes out a client's free
+    text that a reason carried. Nothing else of a transfer ever changes."""
+    await conn.execute(
+        """
+        update transfers t set reason = r.reason
+        from unnest($2::bigint[], $3::text[]) as r (transfer_id, reason)
+        where t.transfer_id = r.transfer_id and t.member_uid = $1
+        """,
+        member_uid,
+        [transfer_id for transfer_id, _ in reasons],
+        [reason for _, reason in reasons],
+    )
+
+
+async def reset_transfer_reasons(conn: Connection, member_uid: int, cause_type: str, reason: str) -> None:
+    """``replace_transfer_reasons`` for every transfer of the member with this cause type."""
+    await conn.execute(
+        """
+        update transfers set reason = $3
+        where member_uid = $1 and cause_type = $2 and reason is distinct from $3
+        """,
+        member_uid,
+        cause_type,
+        reason,
+    )
+
+
+# --- tiers ----------------------------------------------------------------------------------
+
+
+class TierStanding(NamedTuple):
+    """A member's tier as the tiers feature decided it: stored on the member, shown with the balance."""
+
+    member_uid: int
+    tier: str | None
+    below_since: datetime | None
+    qualifying_points: int
+    changed: bool
+
+
+async def store_tier_standings(
+    conn: Connection, standings: Sequence[TierStanding], evaluated_at: datetime
+) -> list[asyncpg.Record]:
+    """Store tier standings of members this transaction holds locked, stamped as evaluated at
+    ``evaluated_at``; the version moves where the standing changed. Returns member_uid,
+    member_id and version of every member stored."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        """
+        update members m
+        set tier = s.tier, tier_below_since = s.below_since, tier_qualifying_points = s.points,
+            tier_evaluated_at = $6, version = m.version + s.changed::int
+        from unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::bigint[], $5::bool[])
+             as s (member_uid, tier, below_since, points, changed)
+        where m.member_uid = s.member_uid
+        returning m.member_uid, m.member_id, m.version
+        """,
+        [s.member_uid for s in standings],
+        [s.tier for s in standings],
+        [s.below_since for s in standings],
+        [s.qualifying_points for s in standings],
+        [s.changed for s in standings],
+        evaluated_at,
+    )
+    return rows
+
+
+# --- adjustments -----------------------------------------------------------------------------
+
+
+async def select_adjustment_replay(conn: Queryable, adjustment_id: str) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await conn.fetchrow(
+        "select request_hash, response from adjustments where adjustment_id = $1", adjustment_id
+    )
+    return row
+
+
+async def insert_adjustment(
+    conn: Connection,
+    *,
+    adjustment_id: str,
+    member_uid: int,
+    points: int,
+    reason_code: str,
+    note: str,
+    key_id: int,
+    key_name: str,
+    transfer_id: int,
+    request_hash: bytes,
+    response: bytes,
 ) -> None:
-    """Give (lot_id, points) back to lots they were taken from, recorded as negative entries."""
-    await take_from_lots(conn, member_uid, [(lot, -points) for lot, points in returns], transfer_id, kind)
+    await conn.execute(
+        """
+        insert into adjustments (adjustment_id, member_uid, points, reason_code, note, key_id, key_name, transfer_id,
+                                 request_hash, response)
+        values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+        """,
+        adjustment_id,
+        member_uid,
+        points,
+        reason_code,
+        note,
+        key_id,
+        key_name,
+        transfer_id,
+        request_hash,
+        response,
+    )
+
+
+async def forget_adjustments(conn: Connection, member_uid: int, erased_hash: bytes, renamed: str) -> None:
+    """Erasure: notes go (from adjustments and from their transfers' reasons, which become the
+    reason code); stored responses get ``renamed`` (JSON fields written over them) and old requests
+    can no longer be replayed."""
+    await conn.execute(
+        """
+        update transfers t set reason = a.reason_code
+        from adjustments a
+        where a.member_uid = $1 and t.transfer_id = a.transfer_id and t.member_uid = $1 and a.note <> ''
+        """,
+        member_uid,
+    )
+    await conn.execute(
+        """
+        update adjustments
+        set note = '', request_hash = $2,
+            response = convert_to((convert_from(response, 'UTF8')::jsonb || $3::jsonb)::text, 'UTF8')
+        where member_uid = $1
+        """,
+        member_uid,
+        erased_hash,
+        renamed,
+    )

@@ -1,4 +1,4 @@
-"""Preference, consent, export and erasure routes."""
+"""Preference and consent routes."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from konvert.preferences.model import (
     Catalog,
     ConsentsIn,
     ConsentsOut,
-    Export,
     PreferenceDeleted,
     PreferenceIn,
     PreferenceKey,
@@ -112,21 +111,6 @@ class MemberPreferenceController(Controller):
         Purposes not named keep their state; every change is recorded in the privacy log.
         """
         return await service.change_consents(services, member_id, data, principal_of(request))
-
-    @get("/export", opt={"scope": "members:read"})
-    async def export(self, request: Request[Any, Any, Any], member_id: MemberPath, services: Svc) -> Export:
-        """Everything konvert holds on the member as one JSON document (right of access and
-        portability): balances, preferences, consents and their history, transfers, lots,
-        purchases, redemptions, adjustments and kudos. The export is recorded in the privacy log."""
-        return await service.export(services, member_id, principal_of(request))
-
-    @delete("/", status_code=204, opt={"scope": "admin", "idempotency_key": "member_id"})
-    async def erase(self, request: Request[Any, Any, Any], member_id: MemberPath, services: Svc) -> None:
-        """Erase the member: preferences and consents are deleted, the privacy log keeps no values,
-        free-text notes go, and the member id is replaced by a pseudonym. Ledger amounts stay so
-        the books balance, but no longer identify the person; the old id finds nobody afterwards
-        (a later purchase under it starts a new member). Idempotent: erasing again answers 204."""
-        await service.erase(services, member_id, principal_of(request))
 
 
 ROUTES: list[Any] = [CatalogController, MemberPreferenceController]

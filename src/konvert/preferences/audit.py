@@ -39,7 +39,8 @@ CHECKS: tuple[tuple[str, str], ...] = (
         """
         select m.member_id, what
         from members m, lateral (
-            select 'preferences remain' as what where exists (select 1 from preferences p where p.member_uid = m.member_uid)
+            select 'preferences remain' as what
+            where exists (select 1 from preferences p where p.member_uid = m.member_uid)
             union all
             select 'consents remain' where exists (select 1 from consents c where c.member_uid = m.member_uid)
             union all

@@ -8,8 +8,6 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from konvert.ledger.model import ActivityItem
-
 PreferenceKey = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")]
 Purpose = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")]
 # What a preference holds, by catalog type: choice, text, month_day -> a string; boolean -> a
@@ -121,98 +119,9 @@ class PrivacyLogEntry(msgspec.Struct, frozen=True, kw_only=True):
     created_at: datetime
 
 
-class ExportBalances(msgspec.Struct, frozen=True, kw_only=True):
-    available: int
-    pending: int
-    held: int
-    debt: int
-    lifetime_earned: int
-    reputation: int
-
-
-class ExportMember(msgspec.Struct, frozen=True, kw_only=True):
-    member_id: str
-    created_at: datetime
-    tier: str | None
-    balances: ExportBalances
-
-
 class ExportAward(msgspec.Struct, frozen=True, kw_only=True):
     key: str
     points: int
     points_awarded: int
     points_clawed_back: int
     awarded_at: datetime
-
-
-class ExportLot(msgspec.Struct, frozen=True, kw_only=True):
-    lot_id: int
-    amount: int
-    remaining: int
-    state: str
-    vests_at: datetime
-    expires_at: datetime | None
-    created_at: datetime
-
-
-class ExportRefund(msgspec.Struct, frozen=True, kw_only=True):
-    refund_id: str
-    amount: int
-    points: int
-    shortfall: int
-    created_at: datetime
-
-
-class ExportPurchase(msgspec.Struct, frozen=True, kw_only=True):
-    partner: str
-    purchase_id: str
-    currency: str
-    occurred_at: datetime
-    total_amount: int
-    points: int
-    created_at: datetime
-    refunds: list[ExportRefund]
-
-
-class ExportRedemption(msgspec.Struct, frozen=True, kw_only=True):
-    redemption_id: str
-    reward_id: str | None
-    points: int
-    status: str
-    note: str | None
-    created_at: datetime
-    updated_at: datetime
-
-
-class ExportAdjustment(msgspec.Struct, frozen=True, kw_only=True):
-    adjustment_id: str
-    points: int
-    reason_code: str
-    note: str
-    made_by: str
-    created_at: datetime
-
-
-class Export(msgspec.Struct, frozen=True, kw_only=True):
-    """Everything konvert holds on one member (right of access and portability)."""
-
-    format: str
-    exported_at: datetime
-    member: ExportMember
-    preferences: list[PreferenceItem]
-    preference_awards: list[ExportAward]
-    consents: dict[str, ConsentState]
-    # Every preference and consent change, export and erasure, oldest first.
-    privacy_log: list[PrivacyLogEntry]
-    transfers: list[ActivityItem]
-    lots: list[ExportLot]
-    purchases: list[ExportPurchase]
-    redemptions: list[ExportRedemption]
-    adjustments: list[ExportAdjustment]
-    # Kudos the member received (as author) and gave, when reputation is installed.
-    kudos_received: list[dict[str, Any]]
-    kudos_given: list[dict[str, Any]]
-    # Other member-scoped records of optional features (reputation entries, member events).
-    other: dict[str, list[dict[str, Any]]]
-    # Sections cut at the export's bound (EXPORT_ROWS_MAX rows each); empty when complete.
-    truncated: list[str]

@@ -60,13 +60,12 @@ def normalise_value(definition: PreferenceDef, value: Any) -> str | bool | list[
             if _CONTROL.search(value):
                 raise _refuse(definition, "text must not contain control characters")
             return value
-    elif kind == "month_day":
-        if isinstance(value, str) and (match := _MONTH_DAY.match(value)):
-            try:
-                date(_LEAP_YEAR, int(match[1]), int(match[2]))
-                return value
-            except ValueError:
-                pass
+    elif kind == "month_day" and isinstance(value, str) and (match := _MONTH_DAY.match(value)):
+        try:
+            date(_LEAP_YEAR, int(match[1]), int(match[2]))
+            return value
+        except ValueError:
+            pass
     raise _refuse(definition, f"must be {allowed_values(definition)}")
 
 
@@ -92,9 +91,7 @@ def check_purpose(preferences: Preferences, purpose: str) -> str:
     return purpose
 
 
-def visible_for(
-    purpose: str, definition: PreferenceDef | None, consent: Iterable[str], granted: Iterable[str]
-) -> bool:
+def visible_for(purpose: str, definition: PreferenceDef | None, consent: Iterable[str], granted: Iterable[str]) -> bool:
     """Whether a shared preference may be read for ``purpose``.
 
     All three must agree: the member granted the purpose (member-level consent), consented to it

@@ -1,65 +1,48 @@
-"""Preference, consent, export and erasure use cases. One transaction each; the member's row is
-locked first, which serialises every change of one member (first shares included) and keeps the
-project-wide lock order. Balance caches are invalidated after commit.
+"""Preference and consent use cases. One transaction each; the member's row is locked first,
+which serialises every change of one member (first shares included) and keeps the project-wide
+lock order. A member's export and erasure are konvert.privacy's.
 """
 
 from __future__ import annotations
 
-import logging
-import secrets
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import msgspec
 
 from konvert import errors
 from konvert.auth import Principal
-from konvert.cache import ABOVE_ANY_VERSION
-from konvert.ledger import store as ledger
-from konvert.ledger.service import _activity_item as activity_item
+from konvert.ledger.accounts import SystemAccount
+from konvert.ledger.book import Book, Member, writing
+from konvert.ledger.model import Cause
+from konvert.ledger.reads import select_live_member_uid
+from konvert.ledger.rules import expiry_for
 from konvert.preferences import rules, store
-from konvert.preferences.hooks import ERASURE_HOOKS, ERASURE_STEPS
 from konvert.preferences.model import (
     Catalog,
     CatalogEntry,
     ConsentsIn,
     ConsentsOut,
     ConsentState,
-    Export,
-    ExportAdjustment,
-    ExportAward,
-    ExportBalances,
-    ExportLot,
-    ExportMember,
-    ExportPurchase,
-    ExportRedemption,
-    ExportRefund,
     PreferenceDeleted,
     PreferenceIn,
     PreferenceItem,
     PreferenceList,
     PreferenceOut,
-    PrivacyLogEntry,
 )
 from konvert.program import PreferenceDef
-from konvert.redemption import store as redemption_store
-from konvert.redemption.rules import expiry_for
-from konvert.services import Services
 
-log = logging.getLogger("konvert.preferences")
+if TYPE_CHECKING:
+    from konvert.services import Services
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.decode
 
-EXPORT_FORMAT = "konvert.member-export/1"
-# Each list in an export holds at most this many rows; `truncated` names the lists cut short.
-EXPORT_ROWS_MAX = 100_000
 # A member has at most one row per catalog key; this bounds keys the catalog no longer has too.
 PREFERENCES_MAX = 1000
-PSEUDONYM_PREFIX = "erased-"
 # The system account that preference points come from and clawbacks go back to.
-SYSTEM_ACCOUNT = "preferences"
+SYSTEM_ACCOUNT = SystemAccount("points", "preferences")
 
 
 def catalog(services: Services) -> Catalog:
@@ -85,29 +68,17 @@ def catalog(services: Services) -> Catalog:
 # --- members -------------------------------------------------------------------------------
 
 
-async def _lock_member(conn: asyncpg.Connection, member_id: str, *, create: bool) -> asyncpg.Record:
-    """The member's row, locked; created first if ``create``. Erased members are not found.
-
-    An erasure that commits while we wait for the lock renames the row: then the old id names
-    nobody (or, with ``create``, a new member), so look it up again.
-    """
-    for _ in range(3):
-        if create:
-            member_uid = await ledger.ensure_member(conn, member_id)
-        else:
-            member_uid = await ledger.select_member_uid(conn, member_id)
-        if member_uid is None:
-            break
-        member = await ledger.lock_member(conn, member_uid)
-        if member["member_id"] == member_id:
-            if await store.select_erased_at(conn, member_uid) is not None:
-                break
-            return member
-    raise errors.MemberNotFound(f"no member {member_id!r}")
+async def _lock_member(book: Book, member_id: str, *, create: bool) -> Member:
+    """The member, locked; created first if ``create``. Erased members are not found (an erasure
+    that commits while this waits for the lock renames the row, and the old id names nobody)."""
+    member = await book.member(member_id, create=create)
+    if member is None or member.erased:
+        raise errors.MemberNotFound(f"no member {member_id!r}")
+    return member
 
 
 async def _live_member_uid(conn: store.Conn, member_id: str) -> int:
-    member_uid = await store.select_live_member_uid(conn, member_id)
+    member_uid = await select_live_member_uid(conn, member_id)
     if member_uid is None:
         raise errors.MemberNotFound(f"no member {member_id!r}")
     return member_uid
@@ -138,10 +109,10 @@ async def share(
     value = rules.normalise_value(definition, body.value)
     consent = rules.normalise_consent(definition, body.consent)
     now = services.clock()
-    version = None
-    async with services.pool.acquire() as conn, conn.transaction():
-        member = await _lock_member(conn, member_id, create=True)
-        member_uid = member["member_uid"]
+    async with writing(services) as book:
+        conn = book.conn
+        member = await _lock_member(book, member_id, create=True)
+        member_uid = member.uid
         old = await store.select_preference(conn, member_uid, key)
         old_value = _decode(old["value"]) if old is not None else None
         changed = old is None or old_value != value or tuple(old["consent"]) != consent
@@ -160,7 +131,7 @@ async def share(
             inserted = await store.insert_award(conn, member_uid, key, award.entitled, now)
             assert inserted, "a first share is recorded under the member's lock"
         if award.points:
-            version = await _award(services, conn, member, key, award.points, now)
+            await _award(services, book, member, key, award.points, now)
         if changed or award.points:
             await store.insert_log(
                 conn,
@@ -173,8 +144,6 @@ async def share(
                 client=principal.name,
                 now=now,
             )
-    if version is not None:
-        await services.balances.invalidate(member_id, version)
     return PreferenceOut(
         key=key,
         value=value,
@@ -185,43 +154,30 @@ async def share(
     )
 
 
-async def _award(
-    services: Services, conn: asyncpg.Connection, member: asyncpg.Record, key: str, points: int, now: datetime
-) -> int:
-    """Credit ``points`` for sharing ``key``: a new lot, available at once; return the new version."""
-    member_uid = member["member_uid"]
-    lot_id = await redemption_store.insert_lot(
-        conn, member_uid, points, "available", now, expiry_for(now, services.program.points)
-    )
-    accounts = await ledger.select_member_account_ids(conn, member_uid)
-    transfer_id = await ledger.insert_transfer(
-        conn,
-        member_uid=member_uid,
-        asset="points",
-        debit_account_id=await services.accounts.id(conn, "points", SYSTEM_ACCOUNT),
-        credit_account_id=accounts["available"],
-        amount=points,
+async def _award(services: Services, book: Book, member: Member, key: str, points: int, now: datetime) -> None:
+    """Credit ``points`` for sharing ``key``: a new lot, available at once."""
+    credit = await book.credit(
+        member,
+        points,
+        source=SYSTEM_ACCOUNT,
         code="earn",
-        cause_type="preference",
-        cause_ref=key,
-        lot_id=lot_id,
+        cause=Cause("preference", key),
         reason=f"preference_shared: {key}",
+        expires_at=expiry_for(now, services.program.points),
+        vests_at=now,
     )
-    await store.add_awarded(conn, member_uid, key, points, transfer_id, lot_id)
-    version = await ledger.update_member_points(conn, member_uid, available=points, lifetime_earned=points)
-    await ledger.settle_debt(conn, member_uid, member["points_debt"])
-    return version
+    await store.add_awarded(book.conn, member.uid, key, points, credit.transfer_id, credit.lot_id)
 
 
 async def withdraw(services: Services, member_id: str, key: str, principal: Principal) -> PreferenceDeleted:
     """Delete a shared preference. Its points stay, unless the program claws back on withdrawal.
     Deleting a preference that is not shared changes nothing."""
     now = services.clock()
-    version = None
     clawed = shortfall = 0
-    async with services.pool.acquire() as conn, conn.transaction():
-        member = await _lock_member(conn, member_id, create=False)
-        member_uid = member["member_uid"]
+    async with writing(services) as book:
+        conn = book.conn
+        member = await _lock_member(book, member_id, create=False)
+        member_uid = member.uid
         old = await store.delete_preference(conn, member_uid, key)
         if old is None:
             _definition(services, key)  # an unknown key is a 404; a known one not shared, a no-op
@@ -229,8 +185,8 @@ async def withdraw(services: Services, member_id: str, key: str, principal: Prin
         if services.program.preferences.claw_back_on_withdrawal:
             recorded = await store.select_award(conn, member_uid, key)
             held = recorded["points_awarded"] - recorded["points_clawed_back"] if recorded else 0
-            if held > 0:
-                clawed, shortfall, version = await _claw_back(services, conn, member, recorded, held)
+            if held > 0 and recorded is not None:
+                clawed, shortfall = await _claw_back(services, book, member, recorded, held)
         await store.insert_log(
             conn,
             member_uid=member_uid,
@@ -242,50 +198,33 @@ async def withdraw(services: Services, member_id: str, key: str, principal: Prin
             client=principal.name,
             now=now,
         )
-    if version is not None:
-        await services.balances.invalidate(member_id, version)
     return PreferenceDeleted(key=key, deleted=True, points_clawed_back=clawed, shortfall=shortfall)
 
 
 async def _claw_back(
-    services: Services, conn: asyncpg.Connection, member: asyncpg.Record, award: asyncpg.Record, points: int
-) -> tuple[int, int, int | None]:
-    """Take back a key's points: from its own lot first, then the soonest-expiring available
-    lots. What is missing becomes debt if the program allows negative balances, else a
-    shortfall. Returns (points taken, shortfall, new version or None if nothing moved).
-    """
-    member_uid = member["member_uid"]
-    lots = await ledger.lock_available_lots(conn, member_uid)
-    own_first = sorted(lots, key=lambda lot: lot["lot_id"] != award["latest_lot_id"])
-    takes, missing = ledger.plan_takes(own_first, points)
-    split = rules.clawback_split(points, points - missing, services.program.points.allow_negative_balance)
-    taken = split.from_lots + split.debt
-    if taken == 0:
-        return 0, split.shortfall, None
-    accounts = await ledger.select_member_account_ids(conn, member_uid)
-    transfer_id = await ledger.insert_transfer(
-        conn,
-        member_uid=member_uid,
-        asset="points",
-        debit_account_id=accounts["available"],
-        credit_account_id=await services.accounts.id(conn, "points", SYSTEM_ACCOUNT),
-        amount=taken,
+    services: Services, book: Book, member: Member, award: asyncpg.Record, points: int
+) -> tuple[int, int]:
+    """Take back a key's points: from its own lot first, then the soonest-expiring available lots.
+    What is missing becomes debt if the program allows negative balances, else a shortfall.
+    Returns (points taken, shortfall)."""
+    clawback = await book.claw_back(
+        member,
+        points,
+        own_lot_id=award["latest_lot_id"],
+        to=SYSTEM_ACCOUNT,
         code="clawback",
-        cause_type="preference",
-        cause_ref=award["key"],
-        lot_id=award["latest_lot_id"],
+        cause=Cause("preference", award["key"]),
         reverses_transfer_id=award["transfer_id"],
         reason=f"preference_withdrawn: {award['key']}",
+        allow_negative=services.program.points.allow_negative_balance,
+        lifetime=True,
     )
-    await ledger.take_from_lots(conn, member_uid, takes, transfer_id, "clawback")
-    await store.add_clawed_back(conn, member_uid, award["key"], taken)
-    version = await ledger.update_member_points(
-        conn, member_uid, available=-taken, debt=split.debt, lifetime_earned=-taken
-    )
-    return taken, split.shortfall, version
+    if clawback.points:
+        await store.add_clawed_back(book.conn, member.uid, award["key"], clawback.points)
+    return clawback.points, clawback.shortfall
 
 
-def _item(services: Services, row: asyncpg.Record) -> PreferenceItem:
+def preference_item(services: Services, row: asyncpg.Record) -> PreferenceItem:
     definition = services.program.preferences.find(row["key"])
     return PreferenceItem(
         key=row["key"],
@@ -308,13 +247,13 @@ async def list_preferences(services: Services, member_id: str, purpose: str | No
         granted = {r["purpose"] for r in await store.select_consents(conn, member_uid) if r["granted"]}
     if purpose is not None:
         rows = [r for r in rows if rules.visible_for(purpose, prefs.find(r["key"]), r["consent"], granted)]
-    return PreferenceList(member_id=member_id, purpose=purpose, items=[_item(services, r) for r in rows])
+    return PreferenceList(member_id=member_id, purpose=purpose, items=[preference_item(services, r) for r in rows])
 
 
 # --- consents ------------------------------------------------------------------------------
 
 
-def _consent_states(
+def consent_states(
     services: Services, rows: list[asyncpg.Record], every_stored: bool = False
 ) -> dict[str, ConsentState]:
     """Every program purpose (never granted: not granted); with ``every_stored`` also purposes
@@ -333,7 +272,7 @@ def _consent_states(
 async def consents(services: Services, member_id: str) -> ConsentsOut:
     member_uid = await _live_member_uid(services.pool, member_id)
     rows = await store.select_consents(services.pool, member_uid)
-    return ConsentsOut(member_id=member_id, purposes=_consent_states(services, rows))
+    return ConsentsOut(member_id=member_id, purposes=consent_states(services, rows))
 
 
 async def change_consents(services: Services, member_id: str, body: ConsentsIn, principal: Principal) -> ConsentsOut:
@@ -342,9 +281,10 @@ async def change_consents(services: Services, member_id: str, body: ConsentsIn, 
     prefs = services.program.preferences
     rules.consent_changes(prefs, {}, body.purposes)  # refuse unknown purposes before writing
     now = services.clock()
-    async with services.pool.acquire() as conn, conn.transaction():
-        member = await _lock_member(conn, member_id, create=True)
-        member_uid = member["member_uid"]
+    async with writing(services) as book:
+        conn = book.conn
+        member = await _lock_member(book, member_id, create=True)
+        member_uid = member.uid
         current = {r["purpose"]: r["granted"] for r in await store.select_consents(conn, member_uid)}
         for change in rules.consent_changes(prefs, current, body.purposes):
             await store.upsert_consent(conn, member_uid, change.purpose, change.granted, now, principal.name)
@@ -360,135 +300,4 @@ async def change_consents(services: Services, member_id: str, body: ConsentsIn, 
                 now=now,
             )
         rows = await store.select_consents(conn, member_uid)
-    return ConsentsOut(member_id=member_id, purposes=_consent_states(services, rows))
-
-
-# --- export --------------------------------------------------------------------------------
-
-
-async def export(services: Services, member_id: str, principal: Principal) -> Export:
-    """Everything konvert holds on the member, read in one snapshot; the export itself is logged."""
-    now = services.clock()
-    limit = EXPORT_ROWS_MAX + 1
-    truncated: list[str] = []
-
-    def bounded(name: str, rows: list[Any]) -> list[Any]:
-        if len(rows) > EXPORT_ROWS_MAX:
-            truncated.append(name)
-        return rows[:EXPORT_ROWS_MAX]
-
-    async with services.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
-        member_uid = await _live_member_uid(conn, member_id)
-        await store.insert_log(
-            conn, member_uid=member_uid, kind="exported", subject=None, old_value=None, new_value=None,
-            points=0, client=principal.name, now=now,
-        )  # fmt: skip
-        member = await store.select_member_for_export(conn, member_uid)
-        preferences = await store.select_preferences(conn, member_uid, PREFERENCES_MAX)
-        awards = await store.select_awards(conn, member_uid, limit)
-        consent_rows = await store.select_consents(conn, member_uid)
-        log_rows = bounded("privacy_log", await store.select_log(conn, member_uid, limit))
-        # Oldest first, like every other list here (select_activity pages newest first).
-        transfers = bounded("transfers", await ledger.select_activity(conn, member_uid, None, limit))[::-1]
-        lots = bounded("lots", await store.select_lots(conn, member_uid, limit))
-        purchases = bounded("purchases", await store.select_purchases(conn, member_uid, limit))
-        redemptions = bounded("redemptions", await store.select_redemptions(conn, member_uid, limit))
-        adjustments = bounded("adjustments", await store.select_adjustments(conn, member_uid, limit))
-        optional: dict[str, list[dict[str, Any]]] = {}
-        for name, table, column, left_out in store.OPTIONAL_MEMBER_TABLES:
-            if await store.table_exists(conn, table):
-                rows = await store.select_optional_rows(conn, table, column, left_out, member_uid, limit)
-                optional[name] = [_decode(r) for r in bounded(name, rows)]
-    return Export(
-        format=EXPORT_FORMAT,
-        exported_at=now,
-        member=ExportMember(
-            member_id=member["member_id"],
-            created_at=member["created_at"],
-            tier=member["tier"],
-            balances=ExportBalances(
-                available=member["points_available"],
-                pending=member["points_pending"],
-                held=member["points_held"],
-                debt=member["points_debt"],
-                lifetime_earned=member["points_lifetime_earned"],
-                reputation=member["reputation"],
-            ),
-        ),
-        preferences=[_item(services, r) for r in preferences],
-        preference_awards=[ExportAward(**dict(r)) for r in bounded("preference_awards", awards)],
-        consents=_consent_states(services, consent_rows, every_stored=True),
-        privacy_log=[
-            PrivacyLogEntry(
-                **dict(r) | {"old_value": _json_or_none(r["old_value"]), "new_value": _json_or_none(r["new_value"])}
-            )
-            for r in log_rows
-        ],
-        transfers=[activity_item(r) for r in transfers],
-        lots=[ExportLot(**dict(r)) for r in lots],
-        purchases=[
-            ExportPurchase(
-                **dict(r) | {"refunds": msgspec.json.decode(r["refunds"], type=list[ExportRefund])}
-            )
-            for r in purchases
-        ],
-        redemptions=[ExportRedemption(**dict(r)) for r in redemptions],
-        adjustments=[ExportAdjustment(**dict(r)) for r in adjustments],
-        kudos_received=optional.pop("kudos_received", []),
-        kudos_given=optional.pop("kudos_given", []),
-        other=optional,
-        truncated=truncated,
-    )
-
-
-def _json_or_none(text: str | None) -> Any:
-    return _decode(text) if text is not None else None
-
-
-# --- erasure -------------------------------------------------------------------------------
-
-
-async def erase(services: Services, member_id: str, principal: Principal) -> str | None:
-    """Erase a member: personal data goes, the ledger's amounts stay under a pseudonym, and the
-    old id finds nobody afterwards. Returns the pseudonym, or None when there was nothing to
-    erase (idempotent: a second erasure of the same id changes nothing).
-    """
-    now = services.clock()
-    pseudonym = None
-    version = None
-    async with services.pool.acquire() as conn, conn.transaction():
-        member_uid = await store.select_live_member_uid(conn, member_id)
-        if member_uid is not None:
-            member = await ledger.lock_member(conn, member_uid)
-            if member["member_id"] == member_id:  # else erased meanwhile, by a concurrent DELETE
-                pseudonym = PSEUDONYM_PREFIX + secrets.token_hex(16)
-                # The privacy log refuses every update outside this transaction (sql/0005).
-                await conn.execute("set local konvert.erasure = 'on'")
-                for step in ERASURE_STEPS:
-                    await step(conn, member_uid, member_id, pseudonym)
-                version = await store.erase_member(conn, member_uid, member_id, pseudonym, now)
-                await store.insert_log(
-                    conn, member_uid=member_uid, kind="erased", subject=None, old_value=None, new_value=None,
-                    points=0, client=principal.name, now=now,
-                )  # fmt: skip
-    await _after_erasure(services, member_id, pseudonym, version)
-    return pseudonym
-
-
-async def _after_erasure(services: Services, member_id: str, pseudonym: str | None, version: int | None) -> None:
-    # A version-only tombstone: a reader (or `konvert cache warm`) that fetched the balance
-    # before the erasure cannot put it back under the old id. A repeated DELETE, which finds
-    # nothing left to erase, leaves one above any version (the first one's may have failed), so
-    # that no fill that late can land either; it expires with the cache's TTL.
-    await services.balances.invalidate(member_id, version if version is not None else ABOVE_ANY_VERSION)
-    failed = []
-    for hook in ERASURE_HOOKS:
-        try:
-            await hook(services, member_id, pseudonym)
-        except Exception:
-            log.exception("erasure hook failed", extra={"hook": getattr(hook, "__qualname__", repr(hook))})
-            failed.append(hook)
-    if failed:
-        raise errors.ServiceUnavailable(
-            "the member is erased, but cleaning up after it failed; retry the DELETE to finish it"
-        )
+    return ConsentsOut(member_id=member_id, purposes=consent_states(services, rows))

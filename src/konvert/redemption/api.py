@@ -1,19 +1,16 @@
-"""Rewards, redemptions and adjustments routes."""
+"""Reward and redemption routes."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from litestar import Controller, Request, Response, get, post, put
+from litestar import Controller, Response, get, post, put
 from litestar.params import JSONBody, PathParameter, QueryParameter
 
-from konvert.auth import principal_of
 from konvert.idempotency import written
 from konvert.ledger.api import MemberPath
 from konvert.redemption import service
 from konvert.redemption.model import (
-    AdjustmentIn,
-    AdjustmentOut,
     RedemptionId,
     RedemptionIn,
     RedemptionOut,
@@ -53,7 +50,9 @@ class MemberRedemptionController(Controller):
         "/redemptions",
         opt={"scope": "redemptions:write", "body": True, "idempotency_key": "redemption_id"},
     )
-    async def redeem(self, member_id: MemberPath, data: JSONBody[RedemptionIn], services: Svc) -> Response[RedemptionOut]:
+    async def redeem(
+        self, member_id: MemberPath, data: JSONBody[RedemptionIn], services: Svc
+    ) -> Response[RedemptionOut]:
         """Redeem a reward or pay with points, spending the soonest-expiring points first.
 
         With `"hold": true` the points are reserved (they stop counting as available at once)
@@ -73,13 +72,6 @@ class MemberRedemptionController(Controller):
     ) -> RedemptionPage:
         """The member's redemptions, newest first, with their status."""
         return await service.member_redemptions(services, member_id, cursor, limit)
-
-    @post("/adjustments", opt={"scope": "admin", "body": True, "idempotency_key": "adjustment_id"})
-    async def adjust(
-        self, request: Request[Any, Any, Any], member_id: MemberPath, data: JSONBody[AdjustmentIn], services: Svc
-    ) -> Response[AdjustmentOut]:
-        """Credit or debit points with a reason code from the program file; the API key is recorded."""
-        return written(await service.adjust(services, member_id, data, principal_of(request)))
 
 
 class RedemptionController(Controller):

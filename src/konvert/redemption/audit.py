@@ -17,7 +17,8 @@ CHECKS: tuple[tuple[str, str], ...] = (
         select r.redemption_id, 'points ' || r.points || ' but allocations of ' || coalesce(sum(a.points), 0)
         from redemptions r
         left join lateral jsonb_to_recordset(
-            (select jsonb_agg(jsonb_build_object('lot_id', e->0, 'points', e->1)) from jsonb_array_elements(r.allocations) e)
+            (select jsonb_agg(jsonb_build_object('lot_id', e->0, 'points', e->1))
+             from jsonb_array_elements(r.allocations) e)
         ) as a (lot_id bigint, points bigint) on true
         group by r.redemption_pk having r.points <> coalesce(sum(a.points), 0)
         """,

@@ -1,4 +1,4 @@
-"""Wire types for rewards, redemptions and adjustments."""
+"""Wire types for rewards and redemptions."""
 
 from __future__ import annotations
 
@@ -8,14 +8,11 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from konvert.ledger.model import NO_CONTROL_CHARACTERS, NO_NUL
+from konvert.ledger.model import NO_CONTROL_CHARACTERS, NO_NUL, Note
 
 RewardId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")]
 RedemptionId = Annotated[str, Meta(min_length=1, max_length=128, pattern=NO_CONTROL_CHARACTERS)]
-AdjustmentId = Annotated[str, Meta(min_length=1, max_length=128, pattern=NO_CONTROL_CHARACTERS)]
 PositivePoints = Annotated[int, Meta(ge=1, le=1_000_000_000)]
-SignedPoints = Annotated[int, Meta(ge=-1_000_000_000, le=1_000_000_000)]
-Note = Annotated[str, Meta(max_length=1000, pattern=NO_NUL)]
 
 RedemptionStatus = Literal["held", "captured", "released", "expired", "cancelled"]
 
@@ -82,27 +79,3 @@ class RedemptionOut(msgspec.Struct, frozen=True, kw_only=True):
 class RedemptionPage(msgspec.Struct, frozen=True):
     items: list[RedemptionOut]
     next_cursor: str | None
-
-
-class AdjustmentIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    adjustment_id: AdjustmentId
-    # Signed: positive credits points (a new lot), negative takes available points.
-    points: SignedPoints
-    reason_code: Annotated[str, Meta(min_length=1, max_length=64, pattern=NO_CONTROL_CHARACTERS)]
-    note: Note = ""
-
-    def __post_init__(self) -> None:
-        if self.points == 0:
-            raise ValueError("points must not be 0")
-
-
-class AdjustmentOut(msgspec.Struct, frozen=True, kw_only=True):
-    adjustment_id: str
-    member_id: str
-    points: int
-    reason_code: str
-    note: str
-    made_by: str
-    transfer_id: int
-    lot_id: int | None
-    created_at: datetime

@@ -9,7 +9,7 @@ from litestar.params import JSONBody, PathParameter, QueryParameter
 
 from konvert.idempotency import written
 from konvert.ledger.model import MemberId
-from konvert.reputation import erasure, leaderboard, service
+from konvert.reputation import leaderboard, service
 from konvert.reputation.model import (
     KudosId,
     KudosIn,
@@ -22,13 +22,8 @@ from konvert.reputation.model import (
 )
 from konvert.services import Svc
 
-# Taking part in erasure is registered when the routes are; name the module so it is clear why.
-ERASURE = erasure
-
 MemberPath = Annotated[MemberId, PathParameter(description="The member's id, as the caller knows it.")]
-PeriodQuery = Annotated[
-    Period, QueryParameter(description="all time, or the current ISO week / calendar month (UTC)")
-]
+PeriodQuery = Annotated[Period, QueryParameter(description="all time, or the current ISO week / calendar month (UTC)")]
 SourceQuery = Annotated[
     str | None,
     QueryParameter(
@@ -64,9 +59,7 @@ class KudosController(Controller):
     @delete("/{kudos_id:str}", opt={"idempotency_key": "kudos_id"}, status_code=200)
     async def retract(
         self,
-        kudos_id: Annotated[
-            KudosId, PathParameter(description="The kudos' id, as given when it was posted.")
-        ],
+        kudos_id: Annotated[KudosId, PathParameter(description="The kudos' id, as given when it was posted.")],
         services: Svc,
     ) -> Response[KudosOut]:
         """Retract a kudos: reverse exactly what it credits, as new transfers linked to its award.

@@ -9,16 +9,16 @@ read, so erasing a member's id needs no Redis change.
 
 Keys (one hash tag, so one Redis Cluster slot; ``<g>`` is the build generation)::
 
-    kv:{lb:<ns>}:rep:built                     generation of the complete build (the marker)
-    kv:{lb:<ns>}:rep:generation                counter of builds
-    kv:{lb:<ns>}:rep:g<g>:<board>:<source|*>   sorted set member_uid -> score
-    ...:<source|*>:scores                      sorted set of the distinct scores (dense ranks)
-    ...:<source|*>:counts                      hash score -> members with it
-    kv:{lb:<ns>}:rep:g<g>:keys                 every key of the generation (to drop it later)
+    <prefix>:{lb:<ns>}:rep:built                     generation of the complete build (the marker)
+    <prefix>:{lb:<ns>}:rep:generation                counter of builds
+    <prefix>:{lb:<ns>}:rep:g<g>:<board>:<source|*>   sorted set member_uid -> score
+    ...:<source|*>:scores                            sorted set of the distinct scores (dense ranks)
+    ...:<source|*>:counts                            hash score -> members with it
+    <prefix>:{lb:<ns>}:rep:g<g>:keys                 every key of the generation (to drop it later)
 
-``<ns>`` names the PostgreSQL database the boards come from (a digest of its system identifier
-and name), so several konvert databases (test runs, staging next to production) can share one
-Redis without rebuilding each other's boards.
+``<prefix>`` is KONVERT_REDIS_KEY_PREFIX; ``<ns>`` names the PostgreSQL database the boards come
+from (a digest of its system identifier and name), so several konvert databases (test runs,
+staging next to production) can share one Redis without rebuilding each other's boards.
 
 with ``<board>`` one of ``all``, ``week:2026-W47``, ``month:2026-11``. Sources cannot contain
 ``:``, so these names never collide. A member's dense rank is one more than the number of
@@ -43,10 +43,10 @@ import contextlib
 import hashlib
 import logging
 import time
-import weakref
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, date, datetime, timedelta
+from typing import TYPE_CHECKING
 
 import asyncpg
 import msgspec
@@ -54,10 +54,13 @@ import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 from konvert import errors
-from konvert.ledger import store as ledger
+from konvert.db import Connection, Queryable
+from konvert.ledger.store import select_member_uid
 from konvert.reputation import rules, store
 from konvert.reputation.model import Leaderboard, LeaderboardEntry, LeaderboardPosition
-from konvert.services import Services
+
+if TYPE_CHECKING:
+    from konvert.services import Services
 
 log = logging.getLogger("konvert.reputation.leaderboard")
 
@@ -121,9 +124,9 @@ class KeySpace(msgspec.Struct, frozen=True):
     prefix: str
 
     @classmethod
-    def of(cls, system_identifier: str, database: str) -> KeySpace:
+    def of(cls, prefix: str, system_identifier: str, database: str) -> KeySpace:
         digest = hashlib.sha256(f"{system_identifier}/{database}".encode()).hexdigest()[:12]
-        return cls(f"kv:{{lb:{digest}}}:rep")
+        return cls(f"{prefix}:{{lb:{digest}}}:rep")
 
     @property
     def marker(self) -> str:
@@ -141,13 +144,13 @@ class KeySpace(msgspec.Struct, frozen=True):
         return f"{self.prefix}:g{generation}:keys"
 
 
-async def keyspace_of(conn: asyncpg.Connection | asyncpg.Pool) -> KeySpace:
+async def keyspace_of(conn: Queryable, prefix: str) -> KeySpace:
     database = await conn.fetchval("select current_database()")
     try:
         system_identifier = await conn.fetchval("select system_identifier::text from pg_control_system()")
     except asyncpg.InsufficientPrivilegeError:  # the database's name must do
         system_identifier = ""
-    return KeySpace.of(system_identifier, database)
+    return KeySpace.of(prefix, system_identifier, database)
 
 
 def board_ttl_seconds(board: str, now: datetime) -> int:
@@ -193,17 +196,18 @@ class Leaderboards:
     """Per process: the key space, the increment script, a short circuit breaker, and whether a
     change was lost."""
 
-    def __init__(self, client: redis.Redis) -> None:
-        self.redis = client
-        self._increment = client.register_script(_INCREMENT)
+    def __init__(self, services: Services) -> None:
+        self.redis: redis.Redis = services.redis
+        self._prefix = services.settings.redis_key_prefix
+        self._increment = self.redis.register_script(_INCREMENT)
         self._keys: KeySpace | None = None
         self._skip_until = 0.0
         # A change committed in PostgreSQL could not be added here: the boards are missing it.
         self.missed_change = False
 
-    async def keys(self, conn: asyncpg.Connection | asyncpg.Pool) -> KeySpace:
+    async def keys(self, conn: Queryable) -> KeySpace:
         if self._keys is None:
-            self._keys = await keyspace_of(conn)
+            self._keys = await keyspace_of(conn, self._prefix)
         return self._keys
 
     def available(self) -> bool:
@@ -220,9 +224,7 @@ class Leaderboards:
             self.missed_change = False
             log.info("leaderboards marked for rebuild after a missed change")
 
-    async def add(
-        self, conn: asyncpg.Connection, deltas: Iterable[Delta], now: datetime | None = None
-    ) -> None:
+    async def add(self, conn: Connection, deltas: Iterable[Delta], now: datetime | None = None) -> None:
         """Add committed changes to every board they belong to. Never raises: Redis only remembers."""
         totals: dict[tuple[str, str, int], int] = defaultdict(int)
         for delta in deltas:
@@ -266,18 +268,8 @@ class Leaderboards:
             self.failed("add", exc)
 
 
-_instances: weakref.WeakKeyDictionary[redis.Redis, Leaderboards] = weakref.WeakKeyDictionary()
-
-
-def leaderboards(services: Services) -> Leaderboards:
-    instance = _instances.get(services.redis)
-    if instance is None:
-        instance = _instances[services.redis] = Leaderboards(services.redis)
-    return instance
-
-
 @contextlib.asynccontextmanager
-async def writing(conn: asyncpg.Connection) -> AsyncIterator[None]:
+async def writing(conn: Connection) -> AsyncIterator[None]:
     """Hold the leaderboards' lock shared while a use case commits and adds its changes to Redis."""
     await conn.execute("select pg_advisory_lock_shared($1)", LOCK_KEY)
     try:
@@ -306,7 +298,7 @@ async def rebuild(services: Services, *, only_if_missing: bool = False) -> Rebui
     With ``only_if_missing`` (the automatic rebuild on read) it does nothing if another process
     built the boards while this one waited for the lock.
     """
-    boards = leaderboards(services)
+    boards = services.shared(Leaderboards)
     client = services.redis
     async with services.pool.acquire() as conn:
         keys = await boards.keys(conn)
@@ -325,7 +317,7 @@ async def rebuild(services: Services, *, only_if_missing: bool = False) -> Rebui
                 raise
 
 
-async def _build(conn: asyncpg.Connection, client: redis.Redis, keys: KeySpace) -> RebuildReport:
+async def _build(conn: Connection, client: redis.Redis, keys: KeySpace) -> RebuildReport:
     now = datetime.now(UTC)
     today = now.date()
     generation = int(await client.incr(keys.generation_counter))
@@ -366,9 +358,7 @@ async def _build(conn: asyncpg.Connection, client: redis.Redis, keys: KeySpace) 
         raise
     if previous is not None and int(previous) != generation:
         await _drop_generation(client, keys.registry(int(previous)))
-    log.info(
-        "leaderboards rebuilt", extra={"generation": generation, "boards": len(counts), "entries": entries}
-    )
+    log.info("leaderboards rebuilt", extra={"generation": generation, "boards": len(counts), "entries": entries})
     return RebuildReport(generation, len(counts), entries)
 
 
@@ -385,7 +375,7 @@ async def _drop_generation(client: redis.Redis, registry: str) -> None:
 
 async def _generation(services: Services) -> tuple[KeySpace, str]:
     """The key space and the complete build's generation, building it first if Redis lost it."""
-    boards = leaderboards(services)
+    boards = services.shared(Leaderboards)
     if not boards.available():
         raise errors.LeaderboardUnavailable("leaderboards are unavailable while Redis does not answer")
     keys = await boards.keys(services.pool)
@@ -397,9 +387,7 @@ async def _generation(services: Services) -> tuple[KeySpace, str]:
             generation = await services.redis.get(keys.marker)
     except (RedisError, OSError) as exc:
         boards.failed("read", exc)
-        raise errors.LeaderboardUnavailable(
-            "leaderboards are unavailable while Redis does not answer"
-        ) from None
+        raise errors.LeaderboardUnavailable("leaderboards are unavailable while Redis does not answer") from None
     if generation is None:  # pragma: no cover - flushed again during the rebuild
         raise errors.LeaderboardUnavailable("leaderboards are being rebuilt; retry")
     return keys, _text(generation)
@@ -416,10 +404,8 @@ async def top(
     try:
         rows = await services.redis.zrevrange(board_keys.members, 0, limit - 1, withscores=True)
     except (RedisError, OSError) as exc:
-        leaderboards(services).failed("read", exc)
-        raise errors.LeaderboardUnavailable(
-            "leaderboards are unavailable while Redis does not answer"
-        ) from None
+        services.shared(Leaderboards).failed("read", exc)
+        raise errors.LeaderboardUnavailable("leaderboards are unavailable while Redis does not answer") from None
     uids = [int(row[0]) for row in rows]
     names = await store.select_member_ids(services.pool, uids)
     scores = [int(row[1]) for row in rows]
@@ -441,7 +427,7 @@ async def position(
 ) -> LeaderboardPosition:
     """A member's dense rank and reputation gained on one board (rank None: nothing gained)."""
     today = today or datetime.now(UTC).date()
-    member_uid = await ledger.select_member_uid(services.pool, member_id)
+    member_uid = await select_member_uid(services.pool, member_id)
     if member_uid is None:
         raise errors.MemberNotFound(f"no member {member_id!r}")
     keys, generation = await _generation(services)
@@ -450,10 +436,8 @@ async def position(
         score = await services.redis.zscore(board_keys.members, str(member_uid))
         above = None if score is None else await services.redis.zcount(board_keys.scores, f"({score}", "+inf")
     except (RedisError, OSError) as exc:
-        leaderboards(services).failed("read", exc)
-        raise errors.LeaderboardUnavailable(
-            "leaderboards are unavailable while Redis does not answer"
-        ) from None
+        services.shared(Leaderboards).failed("read", exc)
+        raise errors.LeaderboardUnavailable("leaderboards are unavailable while Redis does not answer") from None
     return LeaderboardPosition(
         member_id=member_id,
         period=period,  # type: ignore[arg-type]

@@ -36,9 +36,7 @@ class KudosWorth(msgspec.Struct, frozen=True):
     not_counted_reason: str | None = None
 
 
-def giver_has_standing(
-    rules: Reputation, giver_reputation: int, giver_since: datetime, now: datetime
-) -> bool:
+def giver_has_standing(rules: Reputation, giver_reputation: int, giver_since: datetime, now: datetime) -> bool:
     """Whether a giver's kudos count: enough reputation and a member for long enough (both off by default).
 
     A member's age counts from when konvert first saw them (their first kudos, purchase, ...).

@@ -16,6 +16,8 @@ from datetime import date, datetime
 
 import asyncpg
 
+from konvert.db import Connection, Queryable, one
+
 _KUDOS_COLUMNS = """
     k.kudos_pk, k.kudos_id, k.source, k.post_id, k.thread_id, k.author_uid, k.giver_uid,
     a.member_id as author_id, g.member_id as giver_id, k.kind, k.occurred_at, k.day, k.status,
@@ -28,16 +30,16 @@ _KUDOS_FROM = """
 """
 
 
-async def select_kudos(conn: asyncpg.Connection, kudos_id: str) -> asyncpg.Record | None:
+async def select_kudos(conn: Connection, kudos_id: str) -> asyncpg.Record | None:
     return await conn.fetchrow(f"select {_KUDOS_COLUMNS} {_KUDOS_FROM} where k.kudos_id = $1", kudos_id)
 
 
-async def select_kudos_by_pk(conn: asyncpg.Connection, kudos_pk: int) -> asyncpg.Record:
-    return await conn.fetchrow(f"select {_KUDOS_COLUMNS} {_KUDOS_FROM} where k.kudos_pk = $1", kudos_pk)
+async def select_kudos_by_pk(conn: Connection, kudos_pk: int) -> asyncpg.Record:
+    return one(await conn.fetchrow(f"select {_KUDOS_COLUMNS} {_KUDOS_FROM} where k.kudos_pk = $1", kudos_pk))
 
 
 async def select_kudos_by_key(
-    conn: asyncpg.Connection, source: str, post_id: str, giver_uid: int, kind: str
+    conn: Connection, source: str, post_id: str, giver_uid: int, kind: str
 ) -> asyncpg.Record | None:
     """The standing kudos with this natural key, else the most recent one that no longer stands."""
     return await conn.fetchrow(
@@ -55,9 +57,9 @@ async def select_kudos_by_key(
 
 
 async def select_standing_kudos_id(
-    conn: asyncpg.Connection, source: str, post_id: str, giver_uid: int, kind: str
+    conn: Connection, source: str, post_id: str, giver_uid: int, kind: str
 ) -> str | None:
-    return await conn.fetchval(
+    value: str | None = await conn.fetchval(
         """
         select kudos_id from kudos
         where source = $1 and post_id = $2 and giver_uid = $3 and kind = $4 and status = 'standing'
@@ -67,11 +69,10 @@ async def select_standing_kudos_id(
         giver_uid,
         kind,
     )
+    return value
 
 
-async def select_thread_accepted(
-    conn: asyncpg.Connection, source: str, thread_id: str
-) -> asyncpg.Record | None:
+async def select_thread_accepted(conn: Connection, source: str, thread_id: str) -> asyncpg.Record | None:
     """The thread's standing accepted answer, if any."""
     return await conn.fetchrow(
         f"""
@@ -83,7 +84,7 @@ async def select_thread_accepted(
     )
 
 
-async def lock_thread(conn: asyncpg.Connection, source: str, thread_id: str) -> None:
+async def lock_thread(conn: Connection, source: str, thread_id: str) -> None:
     """Serialize acceptances in one thread until the transaction ends.
 
     Without it, acceptances in one thread by different members lock disjoint member rows and
@@ -96,17 +97,19 @@ async def lock_thread(conn: asyncpg.Connection, source: str, thread_id: str) -> 
     )
 
 
-async def count_kudos_given(conn: asyncpg.Connection, giver_uid: int, day: date) -> int:
+async def count_kudos_given(conn: Connection, giver_uid: int, day: date) -> int:
     """Kudos the giver gave on a UTC day, standing or not."""
-    return await conn.fetchval("select count(*) from kudos where giver_uid = $1 and day = $2", giver_uid, day)
+    value: int = await conn.fetchval("select count(*) from kudos where giver_uid = $1 and day = $2", giver_uid, day)
+    return value
 
 
-async def select_member_since(conn: asyncpg.Connection, member_uid: int) -> datetime:
-    return await conn.fetchval("select created_at from members where member_uid = $1", member_uid)
+async def select_member_since(conn: Connection, member_uid: int) -> datetime:
+    value: datetime = await conn.fetchval("select created_at from members where member_uid = $1", member_uid)
+    return value
 
 
 async def insert_kudos(
-    conn: asyncpg.Connection,
+    conn: Connection,
     *,
     kudos_id: str,
     source: str,
@@ -125,7 +128,7 @@ async def insert_kudos(
     request_hash: bytes,
 ) -> int:
     """Insert a kudos crediting nothing yet; the use case credits it. Its response comes last."""
-    return await conn.fetchval(
+    kudos_pk: int = await conn.fetchval(
         """
         insert into kudos (kudos_id, source, post_id, thread_id, author_uid, giver_uid, kind, occurred_at, day,
                            status, not_counted_reason, value, accepter_value, superseded_by_pk, request_hash,
@@ -149,10 +152,11 @@ async def insert_kudos(
         superseded_by_pk,
         request_hash,
     )
+    return kudos_pk
 
 
 async def update_kudos_status(
-    conn: asyncpg.Connection, kudos_pk: int, status: str, superseded_by_pk: int | None = None
+    conn: Connection, kudos_pk: int, status: str, superseded_by_pk: int | None = None
 ) -> None:
     await conn.execute(
         """
@@ -167,22 +171,20 @@ async def update_kudos_status(
     )
 
 
-async def add_kudos_credit(conn: asyncpg.Connection, kudos_pk: int, role: str, change: int) -> None:
+async def add_kudos_credit(conn: Connection, kudos_pk: int, role: str, change: int) -> None:
     column = "author_credited" if role == "author" else "accepter_credited"
     await conn.execute(f"update kudos set {column} = {column} + $2 where kudos_pk = $1", kudos_pk, change)
 
 
-async def set_kudos_response(conn: asyncpg.Connection, kudos_pk: int, response: bytes) -> None:
+async def set_kudos_response(conn: Connection, kudos_pk: int, response: bytes) -> None:
     await conn.execute("update kudos set response = $2 where kudos_pk = $1", kudos_pk, response)
 
 
-async def set_retraction_response(conn: asyncpg.Connection, kudos_pk: int, response: bytes) -> None:
+async def set_retraction_response(conn: Connection, kudos_pk: int, response: bytes) -> None:
     await conn.execute("update kudos set retraction_response = $2 where kudos_pk = $1", kudos_pk, response)
 
 
-async def select_day_shares(
-    conn: asyncpg.Connection, author_uid: int, day: date, cap: int
-) -> list[asyncpg.Record]:
+async def select_day_shares(conn: Connection, author_uid: int, day: date, cap: int) -> list[asyncpg.Record]:
     """The author's standing likes and helpful marks of a day whose share of the cap may change.
 
     Each row carries ``worth_before``: what the kudos before it (in canonical order) are worth.
@@ -208,9 +210,9 @@ async def select_day_shares(
     )
 
 
-async def select_first_award_transfer(conn: asyncpg.Connection, kudos_pk: int, role: str) -> int | None:
+async def select_first_award_transfer(conn: Connection, kudos_pk: int, role: str) -> int | None:
     """The first ledger credit a kudos made to a member in this role: what its reversals point at."""
-    return await conn.fetchval(
+    value: int | None = await conn.fetchval(
         """
         select transfer_id from reputation_entries
         where kudos_pk = $1 and role = $2 and posted > 0
@@ -219,10 +221,11 @@ async def select_first_award_transfer(conn: asyncpg.Connection, kudos_pk: int, r
         kudos_pk,
         role,
     )
+    return value
 
 
 async def insert_entry(
-    conn: asyncpg.Connection,
+    conn: Connection,
     *,
     member_uid: int,
     kudos_pk: int,
@@ -254,22 +257,14 @@ async def insert_entry(
     )
 
 
-async def update_member_reputation(conn: asyncpg.Connection, member_uid: int, delta: int) -> int:
-    """Apply a change to the stored reputation; return the new version."""
-    return await conn.fetchval(
-        "update members set reputation = reputation + $2, version = version + 1 where member_uid = $1 returning version",
-        member_uid,
-        delta,
-    )
-
-
-async def select_floor_kept(conn: asyncpg.Connection, member_uid: int) -> int:
-    return await conn.fetchval(
+async def select_floor_kept(conn: Connection, member_uid: int) -> int:
+    value: int = await conn.fetchval(
         "select coalesce((select floor_kept from reputation_members where member_uid = $1), 0)", member_uid
     )
+    return value
 
 
-async def set_floor_kept(conn: asyncpg.Connection, member_uid: int, floor_kept: int) -> None:
+async def set_floor_kept(conn: Connection, member_uid: int, floor_kept: int) -> None:
     await conn.execute(
         """
         insert into reputation_members (member_uid, floor_kept) values ($1, $2)
@@ -280,7 +275,7 @@ async def set_floor_kept(conn: asyncpg.Connection, member_uid: int, floor_kept: 
     )
 
 
-async def insert_event(conn: asyncpg.Connection, member_uid: int, event_type: str, payload: str) -> None:
+async def insert_event(conn: Connection, member_uid: int, event_type: str, payload: str) -> None:
     await conn.execute(
         "insert into events (member_uid, type, payload) values ($1, $2, $3::jsonb)",
         member_uid,
@@ -292,24 +287,8 @@ async def insert_event(conn: asyncpg.Connection, member_uid: int, event_type: st
 # --- the points bridge ----------------------------------------------------------------------
 
 
-async def insert_available_lot(
-    conn: asyncpg.Connection, member_uid: int, points: int, now: datetime, expires_at: datetime | None
-) -> int:
-    return await conn.fetchval(
-        """
-        insert into lots (member_uid, amount, remaining, state, vests_at, expires_at)
-        values ($1, $2, $2, 'available', $3, $4)
-        returning lot_id
-        """,
-        member_uid,
-        points,
-        now,
-        expires_at,
-    )
-
-
 async def set_kudos_bridge(
-    conn: asyncpg.Connection,
+    conn: Connection,
     kudos_pk: int,
     *,
     points: int,
@@ -335,9 +314,7 @@ async def set_kudos_bridge(
 # --- reads ----------------------------------------------------------------------------------
 
 
-async def select_member_reputation(
-    conn: asyncpg.Connection | asyncpg.Pool, member_id: str
-) -> asyncpg.Record | None:
+async def select_member_reputation(conn: Queryable, member_id: str) -> asyncpg.Record | None:
     return await conn.fetchrow(
         """
         select m.member_uid, m.member_id, m.reputation, coalesce(r.floor_kept, 0) as floor_kept
@@ -348,7 +325,7 @@ async def select_member_reputation(
     )
 
 
-async def select_breakdown(conn: asyncpg.Connection | asyncpg.Pool, member_uid: int) -> list[asyncpg.Record]:
+async def select_breakdown(conn: Queryable, member_uid: int) -> list[asyncpg.Record]:
     """What the member's standing kudos credit, by source and kind (accepter: for accepting answers)."""
     return await conn.fetch(
         """
@@ -366,23 +343,21 @@ async def select_breakdown(conn: asyncpg.Connection | asyncpg.Pool, member_uid: 
     )
 
 
-async def select_day_totals(
-    conn: asyncpg.Connection | asyncpg.Pool, member_uid: int, day: date
-) -> asyncpg.Record:
-    return await conn.fetchrow(
-        """
+async def select_day_totals(conn: Queryable, member_uid: int, day: date) -> asyncpg.Record:
+    return one(
+        await conn.fetchrow(
+            """
         select coalesce(sum(value), 0)::bigint as before_cap, coalesce(sum(author_credited), 0)::bigint as capped
         from kudos
         where author_uid = $1 and day = $2 and status = 'standing' and kind in ('like', 'helpful')
         """,
-        member_uid,
-        day,
+            member_uid,
+            day,
+        )
     )
 
 
-async def select_member_ids(
-    conn: asyncpg.Connection | asyncpg.Pool, member_uids: Sequence[int]
-) -> dict[int, str]:
+async def select_member_ids(conn: Queryable, member_uids: Sequence[int]) -> dict[int, str]:
     rows = await conn.fetch(
         "select member_uid, member_id from members where member_uid = any($1::bigint[])", list(member_uids)
     )
@@ -409,3 +384,65 @@ LEADERBOARD_SCORES = """
     group by grouping sets ((board, source, member_uid), (board, member_uid))
     having sum(posted) <> 0
 """
+
+
+# --- export and erasure --------------------------------------------------------------------
+
+# The member's rows of each table, as JSON objects, for the export: (name in the export, table,
+# column naming the member, columns left out). Idempotency blobs and other members' internal ids
+# are left out.
+EXPORTED: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
+    ("kudos_received", "kudos", "author_uid", ("giver_uid",)),
+    ("kudos_given", "kudos", "giver_uid", ("author_uid",)),
+    ("reputation_entries", "reputation_entries", "member_uid", ()),
+    ("events", "events", "member_uid", ()),
+)
+_NEVER_EXPORTED = ("member_uid", "request_hash", "response", "retraction_response")
+
+
+async def select_exported(
+    conn: Connection, table: str, member_column: str, left_out: Sequence[str], member_uid: int, limit: int
+) -> list[str]:
+    """Rows of ``table`` naming the member in ``member_column``, as JSON objects (text); ``table``
+    and ``member_column`` come from EXPORTED, never from a request."""
+    rows = await conn.fetch(
+        f"select (to_jsonb(t) - $3::text[])::text from {table} t where {member_column} = $1 limit $2",
+        member_uid,
+        limit,
+        [*_NEVER_EXPORTED, *left_out],
+    )
+    return [row[0] for row in rows]
+
+
+# The member id ($2) replaced by the pseudonym ($3) wherever it is a whole JSON string in a column,
+# matched in PostgreSQL's own encoding of it.
+_RENAMED_BYTEA = (
+    "convert_to(replace(convert_from({column}, 'UTF8')::jsonb::text, to_jsonb($2::text)::text, "
+    "to_jsonb($3::text)::text), 'UTF8')"
+)
+_RENAMED_JSONB = "replace({column}::text, to_jsonb($2::text)::text, to_jsonb($3::text)::text)::jsonb"
+
+
+async def rename_in_kudos_and_events(
+    conn: Connection, member_uid: int, old_member_id: str, pseudonym: str, erased_hash: bytes
+) -> None:
+    """Kudos keep their stored responses (which name author and giver) and events their payloads,
+    with the pseudonym instead of the member id; the member's kudos requests cannot be replayed."""
+    await conn.execute(
+        f"""
+        update kudos set response = {_RENAMED_BYTEA.format(column="response")},
+                         retraction_response = {_RENAMED_BYTEA.format(column="retraction_response")},
+                         request_hash = $4
+        where author_uid = $1 or giver_uid = $1
+        """,
+        member_uid,
+        old_member_id,
+        pseudonym,
+        erased_hash,
+    )
+    await conn.execute(
+        f"update events set payload = {_RENAMED_JSONB.format(column='payload')} where member_uid = $1",
+        member_uid,
+        old_member_id,
+        pseudonym,
+    )

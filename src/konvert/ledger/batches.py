@@ -1,0 +1,259 @@
+"""The ledger's SQL for many members at once: the postings that every purchase and every lot
+goes through (earning, vesting, expiry), one statement per batch.
+
+Rows travel as arrays (``unnest``): PostgreSQL plans and starts each statement once per batch,
+not once per row, and the driver sends a few arrays instead of a message per row. Like
+konvert.ledger.store, these are the only writers of the ledger's tables; each returns the
+member_uid, member_id and new version of every member whose balances moved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import NamedTuple
+
+import asyncpg
+
+from konvert.db import Connection
+from konvert.ledger.store import TierStanding
+
+
+class Earn(NamedTuple):
+    """Points a member earns into a new lot (a purchase's). With 0 points nothing is posted, but
+    the member's version still moves: the cause (a purchase) is part of what the member did."""
+
+    member_uid: int
+    points: int
+    state: str  # pending or available
+    vests_at: datetime
+    expires_at: datetime | None
+    source_account_id: int
+    cause_type: str
+    cause_ref: str
+    reason: str
+
+
+class Earned(NamedTuple):
+    """What ``post_earns`` made of an earn: its lot and transfer (None for 0 points)."""
+
+    lot_id: int | None
+    transfer_id: int | None
+
+
+async def post_earns(
+    conn: Connection, earns: Sequence[Earn], standings: Sequence[TierStanding]
+) -> tuple[list[Earned], list[asyncpg.Record]]:
+    """Post earns of members this transaction holds locked, in one statement: each lot, its earn
+    transfer, and every member's balances and lifetime points (version + the number of earns),
+    with the tier standing given for it (members without one keep theirs). Returns each earn's
+    lot and transfer, in order, and the row of every member posted to (member_uid, member_id,
+    version, points_debt, points_available)."""
+    rows = await conn.fetch(
+        _POST_EARNS,
+        [e.member_uid for e in earns],
+        [e.points for e in earns],
+        [e.state for e in earns],
+        [e.vests_at for e in earns],
+        [e.expires_at for e in earns],
+        [e.source_account_id for e in earns],
+        [e.cause_type for e in earns],
+        [e.cause_ref for e in earns],
+        [e.reason for e in earns],
+        [s.member_uid for s in standings],
+        [s.tier for s in standings],
+        [s.below_since for s in standings],
+        [s.qualifying_points for s in standings],
+    )
+    earned = [Earned(None, None)] * len(earns)
+    members = {}
+    for row in rows:
+        if row["ord"] is not None:
+            earned[row["ord"] - 1] = Earned(row["lot_id"], row["transfer_id"])
+        members[row["member_uid"]] = row
+    return earned, list(members.values())
+
+
+_POST_EARNS = """
+with earn as (
+    select *
+    from unnest($1::bigint[], $2::bigint[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::bigint[],
+                $7::text[], $8::text[], $9::text[])
+         with ordinality as e (member_uid, points, state, vests_at, expires_at, source_account_id, cause_type,
+                               cause_ref, reason, ord)
+), posted as materialized (
+    select e.*, nextval('lots_lot_id_seq') as lot_id, nextval('transfers_transfer_id_seq') as transfer_id
+    from earn e where e.points > 0
+), lot as (
+    insert into lots (lot_id, member_uid, amount, remaining, state, vests_at, expires_at)
+    overriding system value
+    select lot_id, member_uid, points, points, state, vests_at, expires_at from posted order by ord
+), transfer as (
+    insert into transfers (transfer_id, member_uid, asset, debit_account_id, credit_account_id, amount, code,
+                           cause_type, cause_ref, lot_id, reason)
+    overriding system value
+    -- Left: a member without the account leaves credit_account_id null, which the table refuses,
+    -- so the statement fails whole instead of writing a lot without its transfer.
+    select p.transfer_id, p.member_uid, 'points', p.source_account_id, a.account_id, p.points, 'earn',
+           p.cause_type, p.cause_ref, p.lot_id, p.reason
+    from posted p
+    left join accounts a on a.member_uid = p.member_uid and a.asset = 'points' and a.name = p.state
+    order by p.ord
+), change as (
+    select member_uid,
+           coalesce(sum(points) filter (where state = 'pending'), 0) as pending,
+           coalesce(sum(points) filter (where state = 'available'), 0) as available,
+           sum(points) as earned, count(*) as earns
+    from earn group by member_uid
+), standing as (
+    select * from unnest($10::bigint[], $11::text[], $12::timestamptz[], $13::bigint[])
+                  as s (member_uid, tier, below_since, qualifying_points)
+), updated as (
+    update members m
+    set points_pending = m.points_pending + c.pending,
+        points_available = m.points_available + c.available,
+        points_lifetime_earned = m.points_lifetime_earned + c.earned,
+        -- Not tier_evaluated_at, which the daily tier job keeps: it is indexed, and an update that
+        -- changes no indexed column rewrites the row in place (no new index entries).
+        tier = case when s.member_uid is null then m.tier else s.tier end,
+        tier_below_since = case when s.member_uid is null then m.tier_below_since else s.below_since end,
+        tier_qualifying_points = coalesce(s.qualifying_points, m.tier_qualifying_points),
+        version = m.version + c.earns
+    from change c left join standing s using (member_uid)
+    where m.member_uid = c.member_uid
+    returning m.member_uid, m.member_id, m.version, m.points_debt, m.points_available
+)
+select u.member_uid, u.member_id, u.version, u.points_debt, u.points_available, p.ord, p.lot_id, p.transfer_id
+from updated u left join posted p using (member_uid)
+"""
+
+
+# --- vesting and expiry ------------------------------------------------------------------------
+
+
+async def lock_due_pending_lots(
+    conn: Connection, now: datetime, limit: int, passed_over: Sequence[int] = ()
+) -> list[asyncpg.Record]:
+    """Up to ``limit`` pending lots whose return window has closed, oldest due first, of members
+    this transaction now holds locked; lots of members another transaction holds, and of the
+    members ``passed_over``, are left for later. With each lot its member's id and refund debt."""
+    rows: list[asyncpg.Record] = await conn.fetch(LOCK_DUE_PENDING_LOTS, now, limit, list(passed_over))
+    return rows
+
+
+# In the order of lots_vesting_order_idx: a batch reads its own lots only, however many are due at
+# the same moment.
+LOCK_DUE_PENDING_LOTS = """
+select l.lot_id, l.member_uid, m.member_id, m.points_debt from lots l
+join members m on m.member_uid = l.member_uid
+where l.state = 'pending' and l.vests_at <= $1 and l.member_uid <> all($3::bigint[])
+order by l.vests_at, l.lot_id
+limit $2
+for update of m skip locked
+"""
+
+
+async def vest_locked_lots(conn: Connection, lot_ids: Sequence[int], now: datetime) -> list[asyncpg.Record]:
+    """Vest these due lots (of members without a refund debt, locked by this transaction);
+    return (member_uid, member_id, version, lots) per member whose balances moved."""
+    rows: list[asyncpg.Record] = await conn.fetch(_VEST_LOTS, list(lot_ids), now)
+    return rows
+
+
+# Each lot still pending becomes available, with a transfer of what remains of it from the
+# member's pending account to their available one, and each member's balances move by the sum.
+_VEST_LOTS = """
+with vested as (
+    update lots set state = 'available'
+    where lot_id = any($1::bigint[]) and state = 'pending' and vests_at <= $2
+    returning lot_id, member_uid, remaining
+), moved as (
+    insert into transfers (member_uid, asset, debit_account_id, credit_account_id, amount, code,
+                           cause_type, cause_ref, lot_id, reason)
+    select v.member_uid, 'points', pending.account_id, available.account_id, v.remaining, 'vest',
+           'lot', v.lot_id::text, v.lot_id, 'return window closed'
+    from vested v
+    left join accounts pending on pending.member_uid = v.member_uid and pending.asset = 'points'
+                              and pending.name = 'pending'
+    left join accounts available on available.member_uid = v.member_uid and available.asset = 'points'
+                                and available.name = 'available'
+    where v.remaining > 0
+), per_member as (
+    select member_uid, sum(remaining)::bigint as points, count(*) as lots from vested group by member_uid
+)
+update members m
+set points_available = points_available + p.points, points_pending = points_pending - p.points,
+    version = version + 1
+from per_member p
+where m.member_uid = p.member_uid
+returning m.member_uid, m.member_id, m.version, p.lots
+"""
+
+
+async def lock_expiring_lots(
+    conn: Connection, now: datetime, limit: int, passed_over: Sequence[int] = ()
+) -> list[asyncpg.Record]:
+    """Up to ``limit`` lots whose expiry has come, soonest first, of members this transaction
+    now holds locked; lots of members another transaction holds, and of the members
+    ``passed_over``, are left for later."""
+    rows: list[asyncpg.Record] = await conn.fetch(LOCK_EXPIRING_LOTS, now, limit, list(passed_over))
+    return rows
+
+
+# In the order of lots_expiry_order_idx.
+LOCK_EXPIRING_LOTS = """
+select l.lot_id, l.member_uid, m.member_id from lots l
+join members m on m.member_uid = l.member_uid
+where l.state <> 'expired' and l.expires_at <= $1 and l.member_uid <> all($3::bigint[])
+order by l.expires_at, l.lot_id
+limit $2
+for update of m skip locked
+"""
+
+
+async def expire_locked_lots(
+    conn: Connection, lot_ids: Sequence[int], now: datetime, expired_account_id: int
+) -> list[asyncpg.Record]:
+    """Expire these due lots (of members locked by this transaction); return (member_uid,
+    member_id, version, lots) per member whose balances moved."""
+    rows: list[asyncpg.Record] = await conn.fetch(_EXPIRE_LOTS, list(lot_ids), now, expired_account_id)
+    return rows
+
+
+# What remains of each lot goes from the member's account for the lot's state to the program's
+# expired account (a transfer, and a lot entry taking it), the lot is marked expired, and each
+# member's balances move by the sums. The statement's snapshot is taken after the members were
+# locked, and every writer of lots locks their member first, so `due` is current.
+_EXPIRE_LOTS = """
+with due as (
+    select lot_id, member_uid, remaining, state, expires_at from lots
+    where lot_id = any($1::bigint[]) and state <> 'expired' and expires_at <= $2
+), marked as (
+    update lots set state = 'expired', remaining = 0 from due where lots.lot_id = due.lot_id
+), moved as (
+    insert into transfers (member_uid, asset, debit_account_id, credit_account_id, amount, code,
+                           cause_type, cause_ref, lot_id, reason)
+    select d.member_uid, 'points', bucket.account_id, $3, d.remaining, 'expire', 'lot', d.lot_id::text,
+           d.lot_id, 'points expired on ' || to_char(d.expires_at at time zone 'UTC', 'YYYY-MM-DD')
+    from due d
+    left join accounts bucket on bucket.member_uid = d.member_uid and bucket.asset = 'points'
+                             and bucket.name = d.state
+    where d.remaining > 0
+    order by d.expires_at, d.lot_id
+    returning transfer_id, lot_id, member_uid, amount
+), entries as (
+    insert into lot_entries (lot_id, member_uid, transfer_id, amount, kind)
+    select lot_id, member_uid, transfer_id, amount, 'expire' from moved
+), per_member as (
+    select member_uid, count(*) as lots,
+           coalesce(sum(remaining) filter (where state = 'available'), 0)::bigint as available,
+           coalesce(sum(remaining) filter (where state = 'pending'), 0)::bigint as pending
+    from due group by member_uid
+)
+update members m
+set points_available = points_available - p.available, points_pending = points_pending - p.pending,
+    version = version + 1
+from per_member p
+where m.member_uid = p.member_uid
+returning m.member_uid, m.member_id, m.version, p.lots
+"""

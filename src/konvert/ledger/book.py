@@ -1,0 +1,531 @@
+"""The ledger core: every change to a member's points, reputation or tier goes through a Book.
+
+A use case opens one transaction with ``async with writing(services) as book``, locks the members
+it changes (``book.lock``), does its own SQL on ``book.conn`` and asks the book to move points:
+``credit``, ``spend``, ``capture``, ``give_back``, ``claw_back``, ``move_reputation``,
+``post_earns``, ``store_tier_standings``. The book writes the transfers, lots and lot entries,
+the member's balances and its balance ``version``, and keeps the rules no feature may bend: a
+spend never overdraws (it checks the stored available points under the member's lock), a credit
+to available points repays a refund debt first, a clawback takes a lot's own points back before
+anyone else's. When the transaction commits, the book tombstones the cached balance of every
+member it changed, at the version it committed, before the use case answers.
+
+Lock order, for every writer: members first (several in member_uid order), then what they own
+(lots, holds, purchases).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterable, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Literal, NamedTuple
+
+import asyncpg
+
+from konvert import errors
+from konvert.db import Connection
+from konvert.ledger import batches, store
+from konvert.ledger.accounts import EXPIRED, SystemAccount, SystemAccounts
+from konvert.ledger.model import Cause
+from konvert.ledger.rules import OpenLot, Take, plan_clawback, plan_takes
+from konvert.ledger.store import Deltas, Leg, LotTake, TierStanding
+
+if TYPE_CHECKING:
+    from konvert.services import Services
+
+# A member's own accounts.
+Bucket = Literal["available", "pending", "held", "reputation"]
+
+
+class Member(NamedTuple):
+    """A member's row as this transaction holds it locked (refreshed by every change)."""
+
+    uid: int
+    id: str
+    available: int
+    pending: int
+    held: int
+    debt: int
+    lifetime_earned: int
+    reputation: int
+    version: int
+    erased: bool
+    tier: str | None
+    tier_below_since: datetime | None
+    tier_qualifying_points: int
+
+    @classmethod
+    def of(cls, row: asyncpg.Record) -> Member:
+        return cls(
+            row["member_uid"],
+            row["member_id"],
+            row["points_available"],
+            row["points_pending"],
+            row["points_held"],
+            row["points_debt"],
+            row["points_lifetime_earned"],
+            row["reputation"],
+            row["version"],
+            row["erased_at"] is not None,
+            row["tier"],
+            row["tier_below_since"],
+            row["tier_qualifying_points"],
+        )
+
+
+class Credit(NamedTuple):
+    lot_id: int
+    transfer_id: int
+
+
+class Spend(NamedTuple):
+    transfer_id: int
+    # The lots the points came from, so that a release or cancellation returns exactly those.
+    takes: list[Take]
+
+
+class Clawback(NamedTuple):
+    """What a clawback took: from lots and as debt (``points``), what it could not (``shortfall``),
+    and its transfers (none when nothing moved)."""
+
+    points: int
+    shortfall: int
+    debt: int
+    transfer_ids: list[int]
+
+
+class ReputationMove(NamedTuple):
+    """Reputation to or from a member (signed), against a system account (one per kudos source)."""
+
+    amount: int
+    account: SystemAccount
+    code: str
+    cause: Cause
+    reason: str
+    reverses_transfer_id: int | None = None
+
+
+class Book:
+    def __init__(self, services: Services, conn: Connection) -> None:
+        self.conn = conn
+        self._services = services
+        self._accounts = services.shared(SystemAccounts)
+        self._members: dict[int, Member] = {}
+        # The newest version this transaction gave each member it changed, by member id.
+        self._versions: dict[str, int] = {}
+
+    # --- members --------------------------------------------------------------------------
+
+    async def lock(self, *, uids: Iterable[int] = (), ids: Iterable[str] = (), create: bool = False) -> list[Member]:
+        """Lock members (by uid or id) in member_uid order; with ``create``, members named by an
+        id that does not exist yet are created first (and locked after the others)."""
+        wanted_ids = set(ids)
+        rows = await store.lock_members(self.conn, uids=list(uids), ids=sorted(wanted_ids))
+        missing = wanted_ids - {row["member_id"] for row in rows}
+        if create and missing:
+            await store.insert_members(self.conn, sorted(missing))
+            rows += await store.lock_members(self.conn, ids=sorted(missing))
+        return [self._note(row) for row in rows]
+
+    async def member(self, member_id: str, *, create: bool = False) -> Member | None:
+        """One member, locked (created first with ``create``); None if there is no such member."""
+        locked = await self.lock(ids=[member_id], create=create)
+        return locked[0] if locked else None
+
+    async def member_by_uid(self, member_uid: int) -> Member:
+        (member,) = await self.lock(uids=[member_uid])
+        return member
+
+    def _note(self, row: asyncpg.Record) -> Member:
+        member = Member.of(row)
+        self._members[member.uid] = member
+        return member
+
+    def _changed(self, row: asyncpg.Record) -> Member:
+        member = self._note(row)
+        self._note_version(member.id, member.version)
+        return member
+
+    def _note_version(self, member_id: str, version: int) -> None:
+        self._versions[member_id] = max(version, self._versions.get(member_id, version))
+
+    def invalidate_cached(self, member: Member) -> None:
+        """After the commit, tombstone the member's cached balance at its current version too,
+        although this transaction changed nothing of it (a replayed write whose first answer may
+        have been lost before its cache entry was invalidated)."""
+        self._note_version(member.id, member.version)
+
+    async def system_account(self, account: SystemAccount) -> int:
+        return await self._accounts.id(self.conn, account)
+
+    async def _account_id(self, account: SystemAccount | Bucket) -> tuple[int | None, str | None]:
+        """A leg's side: (system account id, None) or (None, the member's bucket)."""
+        if isinstance(account, SystemAccount):
+            return await self.system_account(account), None
+        return None, account
+
+    # --- points ---------------------------------------------------------------------------
+
+    async def credit(
+        self,
+        member: Member,
+        points: int,
+        *,
+        source: SystemAccount,
+        code: str,
+        cause: Cause,
+        reason: str,
+        expires_at: datetime | None,
+        vests_at: datetime,
+        state: Literal["available", "pending"] = "available",
+        lifetime: bool = True,
+    ) -> Credit:
+        """Points into a new lot (pending until ``vests_at``, or available), from ``source``; with
+        ``lifetime`` they count as earned. A credit to available points repays a refund debt."""
+        row = await store.credit_lot(
+            self.conn,
+            member.uid,
+            points=points,
+            state=state,
+            vests_at=vests_at,
+            expires_at=expires_at,
+            source_account_id=await self.system_account(source),
+            code=code,
+            cause_type=cause.type,
+            cause_ref=cause.ref,
+            reason=reason,
+            lifetime=lifetime,
+        )
+        member = self._changed(row)
+        if state == "available":
+            await self.repay_debt(member)
+        return Credit(row["lot_id"], row["transfer_id"])
+
+    async def spend(
+        self,
+        member: Member,
+        points: int,
+        *,
+        to: SystemAccount | Literal["held"],
+        code: str,
+        cause: Cause,
+        reason: str,
+    ) -> Spend:
+        """Move available points to ``to`` (a system account, or the member's held points),
+        taking them from lots soonest-expiring first. Never overdraws: with fewer available points
+        than asked, under the member's lock, it raises InsufficientPoints and writes nothing."""
+        member = self._members[member.uid]  # the newest row, whatever the caller holds
+        if member.available < points:
+            available = max(member.available, 0)
+            raise errors.InsufficientPoints(f"{points} points needed, {available} available", available=available)
+        takes, missing = plan_takes(await store.lock_available_lots(self.conn, member.uid), points)
+        assert missing == 0, "available points and available lots disagree"
+        system_id, bucket = await self._account_id(to)
+        leg = Leg(
+            "points",
+            points,
+            code,
+            cause.type,
+            cause.ref,
+            reason,
+            debit_bucket="available",
+            credit_account_id=system_id,
+            credit_bucket=bucket,
+        )
+        deltas = Deltas(available=-points, held=points if to == "held" else 0)
+        (transfer_id,), row = await store.post(
+            self.conn, member.uid, [leg], [LotTake(lot, amount, 0, code) for lot, amount in takes], deltas
+        )
+        self._changed(row)
+        return Spend(transfer_id, takes)
+
+    async def capture(self, member: Member, points: int, *, to: SystemAccount, cause: Cause, reason: str) -> int:
+        """Held points spent for good: from the member's held points to ``to``."""
+        leg = Leg(
+            "points",
+            points,
+            "capture",
+            cause.type,
+            cause.ref,
+            reason,
+            debit_bucket="held",
+            credit_account_id=await self.system_account(to),
+        )
+        (transfer_id,), row = await store.post(self.conn, member.uid, [leg], [], Deltas(held=-points))
+        self._changed(row)
+        return transfer_id
+
+    async def give_back(
+        self,
+        member: Member,
+        takes: Sequence[Take],
+        *,
+        source: SystemAccount | Literal["held"],
+        code: str,
+        cause: Cause,
+        reverses_transfer_id: int,
+        reason: str,
+    ) -> int:
+        """Return spent or held points to the lots they came from (``takes``); points whose lot
+        expired meanwhile expire now instead. Returns the first transfer's id."""
+        states = await store.lock_lot_states(self.conn, [lot for lot, _ in takes])
+        alive = [(lot, points) for lot, points in takes if states[lot] != "expired"]
+        alive_points = sum(points for _, points in alive)
+        dead_points = sum(points for _, points in takes) - alive_points
+        system_id, bucket = await self._account_id(source)
+        back = Leg(
+            "points",
+            alive_points,
+            code,
+            cause.type,
+            cause.ref,
+            reason,
+            debit_account_id=system_id,
+            debit_bucket=bucket,
+            credit_bucket="available",
+            reverses_transfer_id=reverses_transfer_id,
+        )
+        legs = [back] if alive_points else []
+        if dead_points:
+            expired_id = await self.system_account(EXPIRED)
+            reason_expired = f"{reason}; their lots had expired"
+            legs.append(
+                back._replace(
+                    amount=dead_points,
+                    code="expire",
+                    reason=reason_expired,
+                    credit_bucket=None,
+                    credit_account_id=expired_id,
+                )
+            )
+        deltas = Deltas(available=alive_points, held=-(alive_points + dead_points) if source == "held" else 0)
+        returns = [LotTake(lot, -points, 0, code) for lot, points in alive]
+        transfer_ids, row = await store.post(self.conn, member.uid, legs, returns, deltas)
+        await self.repay_debt(self._changed(row))
+        return transfer_ids[0]
+
+    async def claw_back(
+        self,
+        member: Member,
+        points: int,
+        *,
+        own_lot_id: int | None,
+        to: SystemAccount,
+        code: str,
+        cause: Cause,
+        reverses_transfer_id: int | None,
+        reason: str,
+        allow_negative: bool,
+        lifetime: bool,
+    ) -> Clawback:
+        """Take back ``points`` once credited to lot ``own_lot_id``: from that lot first (pending or
+        available, unless expired), then from the member's other available lots, soonest
+        expiring first. What is still missing becomes a debt (available goes below zero) if
+        ``allow_negative``, else a shortfall that is not taken. With ``lifetime`` the points no
+        longer count as earned."""
+        if points == 0:
+            return Clawback(0, 0, 0, [])
+        own = await store.lock_lot(self.conn, own_lot_id) if own_lot_id is not None else None
+        own_open = OpenLot(own.lot_id, own.remaining) if own is not None and own.state != "expired" else None
+        others = await store.lock_available_lots(self.conn, member.uid, own_lot_id)
+        plan = plan_clawback(points, own_open, own is not None and own.state == "pending", others, allow_negative)
+        if plan.taken == 0:
+            return Clawback(0, plan.shortfall, 0, [])
+        destination = await self.system_account(to)
+        legs, takes = [], []
+        for bucket, amount in (("pending", plan.from_pending), ("available", plan.from_available)):
+            if amount:
+                legs.append(
+                    Leg(
+                        "points",
+                        amount,
+                        code,
+                        cause.type,
+                        cause.ref,
+                        reason,
+                        debit_bucket=bucket,
+                        credit_account_id=destination,
+                        lot_id=own_lot_id,
+                        reverses_transfer_id=reverses_transfer_id,
+                    )
+                )
+        if plan.own_take:
+            takes.append(LotTake(own_lot_id or 0, plan.own_take, 0, code))
+        takes += [LotTake(lot, amount, len(legs) - 1, code) for lot, amount in plan.other_takes]
+        deltas = Deltas(
+            available=-plan.from_available,
+            pending=-plan.from_pending,
+            debt=plan.debt,
+            lifetime_earned=-plan.taken if lifetime else 0,
+        )
+        transfer_ids, row = await store.post(self.conn, member.uid, legs, takes, deltas)
+        self._changed(row)
+        return Clawback(plan.taken, plan.shortfall, plan.debt, transfer_ids)
+
+    async def repay_debt(self, member: Member) -> None:
+        """Repay a refund debt from the member's available lots. The stored available balance
+        already counts the debt, so this moves no points: it makes the lots agree with the
+        balance again (available = available lots - debt)."""
+        if member.debt <= 0:
+            return
+        takes, missing = plan_takes(await store.lock_available_lots(self.conn, member.uid), member.debt)
+        repaid = member.debt - missing
+        if repaid:
+            _, row = await store.post(
+                self.conn,
+                member.uid,
+                [],
+                [LotTake(lot, amount, None, "debt") for lot, amount in takes],
+                Deltas(debt=-repaid),
+            )
+            self._changed(row)
+
+    async def vest(self, member: Member, lot_ids: Sequence[int], now: datetime) -> int:
+        """Make the member's due pending lots among ``lot_ids`` available (the return window
+        closed); return how many vested. Repays a refund debt from them."""
+        vested = await store.vest_lots(self.conn, member.uid, lot_ids, now)
+        if not vested:
+            return 0
+        legs = [
+            Leg(
+                "points",
+                lot.remaining,
+                "vest",
+                "lot",
+                str(lot.lot_id),
+                "return window closed",
+                debit_bucket="pending",
+                credit_bucket="available",
+                lot_id=lot.lot_id,
+            )
+            for lot in vested
+            if lot.remaining > 0
+        ]
+        points = sum(lot.remaining for lot in vested)
+        _, row = await store.post(self.conn, member.uid, legs, [], Deltas(available=points, pending=-points))
+        await self.repay_debt(self._changed(row))
+        return len(vested)
+
+    async def expire(self, member: Member, now: datetime) -> int:
+        """Expire the member's lots whose date has come: what remains of each goes to the
+        program's expired account. Returns how many lots expired."""
+        lots = await store.lock_due_lots(self.conn, member.uid, now)
+        if not lots:
+            return 0
+        expired_id = await self.system_account(EXPIRED)
+        live = [lot for lot in lots if lot.remaining > 0]
+        legs = [
+            Leg(
+                "points",
+                lot.remaining,
+                "expire",
+                "lot",
+                str(lot.lot_id),
+                f"points expired on {lot.expires_at:%Y-%m-%d}",
+                debit_bucket=lot.state,
+                credit_account_id=expired_id,
+                lot_id=lot.lot_id,
+            )
+            for lot in live
+        ]
+        takes = [LotTake(lot.lot_id, lot.remaining, i, "expire") for i, lot in enumerate(live)]
+        deltas = Deltas(
+            available=-sum(lot.remaining for lot in live if lot.state == "available"),
+            pending=-sum(lot.remaining for lot in live if lot.state == "pending"),
+        )
+        await store.mark_lots(self.conn, [lot.lot_id for lot in lots], "expired")
+        _, row = await store.post(self.conn, member.uid, legs, takes, deltas)
+        self._changed(row)
+        return len(lots)
+
+    # --- reputation -----------------------------------------------------------------------
+
+    async def move_reputation(self, member: Member, moves: Sequence[ReputationMove]) -> list[int]:
+        """Credit (positive) or debit (negative) the member's reputation, one transfer per move
+        against its system account; returns their ids in order."""
+        legs = []
+        for move in moves:
+            system_id = await self.system_account(move.account)
+            leg = Leg(
+                "reputation",
+                abs(move.amount),
+                move.code,
+                move.cause.type,
+                move.cause.ref,
+                move.reason,
+                reverses_transfer_id=move.reverses_transfer_id,
+            )
+            if move.amount > 0:
+                legs.append(leg._replace(debit_account_id=system_id, credit_bucket="reputation"))
+            else:
+                legs.append(leg._replace(debit_bucket="reputation", credit_account_id=system_id))
+        deltas = Deltas(reputation=sum(move.amount for move in moves))
+        transfer_ids, row = await store.post(self.conn, member.uid, legs, [], deltas)
+        self._changed(row)
+        return transfer_ids
+
+    # --- many members at once -------------------------------------------------------------
+
+    async def post_earns(
+        self, earns: Sequence[batches.Earn], standings: Sequence[TierStanding] = ()
+    ) -> list[batches.Earned]:
+        """``credit`` for many locked members in one statement (see konvert.ledger.batches), with
+        the tier standings the earns left them in; then refund debts are repaid."""
+        earned, rows = await batches.post_earns(self.conn, earns, standings)
+        for row in rows:
+            self._note_version(row["member_id"], row["version"])
+            member = self._members[row["member_uid"]]._replace(
+                available=row["points_available"], debt=row["points_debt"], version=row["version"]
+            )
+            self._members[member.uid] = member
+            await self.repay_debt(member)
+        return earned
+
+    async def store_tier_standings(self, standings: Sequence[TierStanding], evaluated_at: datetime) -> None:
+        """Store the tier standings of locked members (see konvert.ledger.store); the version moves
+        where the standing changed."""
+        changed = {standing.member_uid for standing in standings if standing.changed}
+        for row in await store.store_tier_standings(self.conn, standings, evaluated_at):
+            if row["member_uid"] in changed:
+                self._note_version(row["member_id"], row["version"])
+
+    # --- erasure --------------------------------------------------------------------------
+
+    async def rename(self, member: Member, pseudonym: str, now: datetime) -> None:
+        """Erase a member's id: the balances stay under ``pseudonym``; the old id's cached balance
+        is tombstoned at the new version, so no reader can put it back."""
+        row = await store.rename_member(self.conn, member.uid, pseudonym, now)
+        self._note(row)
+        self._note_version(member.id, row["version"])
+
+    async def replace_transfer_reasons(self, member: Member, reasons: Sequence[tuple[int, str]]) -> None:
+        await store.replace_transfer_reasons(self.conn, member.uid, reasons)
+
+    async def reset_transfer_reasons(self, member: Member, cause_type: str, reason: str) -> None:
+        await store.reset_transfer_reasons(self.conn, member.uid, cause_type, reason)
+
+    # --- after commit ---------------------------------------------------------------------
+
+    @property
+    def versions(self) -> dict[str, int]:
+        """The newest version this transaction gave each member it changed, by member id."""
+        return dict(self._versions)
+
+    async def committed(self) -> None:
+        """After the commit: no reader may serve a member's balance older than what committed."""
+        await self._services.cache.invalidate_many(self._versions.items())
+
+
+@contextlib.asynccontextmanager
+async def writing(services: Services, conn: Connection | None = None) -> AsyncIterator[Book]:
+    """One use case's transaction, on ``conn`` or a pooled connection; the cached balances of the
+    members it changed are invalidated after it commits."""
+    if conn is None:
+        async with services.pool.acquire() as pooled, writing(services, pooled) as book:
+            yield book
+        return
+    book = Book(services, conn)
+    async with conn.transaction():
+        yield book
+    await book.committed()

@@ -1,0 +1,201 @@
+"""What one kudos write changes: each kudos' credit to each member, the floor applied, and the
+ledger's transfers for it (through the ledger core), with an entry explaining every change.
+
+Also the points bridge: an accepted answer may credit loyalty points to its author (a lot and a
+``bonus`` transfer), taken back like a refund when the acceptance is retracted or superseded.
+Reputation itself never converts into points.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import date, datetime
+from typing import TYPE_CHECKING, NamedTuple
+
+import asyncpg
+
+from konvert.db import Row
+from konvert.ledger.accounts import SystemAccount
+from konvert.ledger.book import Book, Member, ReputationMove
+from konvert.ledger.model import Cause
+from konvert.ledger.rules import expiry_for
+from konvert.reputation import rules, store
+from konvert.reputation.leaderboard import Delta
+from konvert.reputation.model import ReputationChange
+
+if TYPE_CHECKING:
+    from konvert.services import Services
+
+BRIDGE_ACCOUNT = SystemAccount("points", "bridge:accepted_answer")
+
+_TRANSFER_REASONS = {
+    "award": "kudos",
+    "retraction": "kudos retracted",
+    "superseded": "accepted answer superseded by {cause}",
+    "cap_freed": "daily cap room freed by {cause}",
+    "cap_taken": "daily cap room taken by {cause}, which happened earlier that day",
+}
+
+
+class Planned(NamedTuple):
+    """A change to what one kudos credits one member."""
+
+    kudos_pk: int
+    kudos_id: str
+    source: str
+    day: date
+    member_uid: int
+    role: str
+    reason: str
+    change: int
+
+
+class Credits:
+    """One use case's reputation changes: planned first, then posted member by member."""
+
+    def __init__(self, services: Services, book: Book, members: dict[int, Member], cause: asyncpg.Record) -> None:
+        self.services = services
+        self.book = book
+        self.conn = book.conn
+        self.members = members
+        self.cause = cause
+        self.planned: list[Planned] = []
+
+    def plan(self, kudos: Row, member_uid: int, role: str, reason: str, change: int) -> None:
+        if change != 0:
+            self.planned.append(
+                Planned(
+                    kudos["kudos_pk"],
+                    kudos["kudos_id"],
+                    kudos["source"],
+                    kudos["day"],
+                    member_uid,
+                    role,
+                    reason,
+                    change,
+                )
+            )
+
+    async def post(self) -> tuple[list[ReputationChange], list[Delta]]:
+        """Write every planned change. Per member, credits go first, so the floor only holds back
+        what the change as a whole would take below it."""
+        changes: list[ReputationChange] = []
+        deltas: list[Delta] = []
+        for member_uid in sorted({p.member_uid for p in self.planned}):
+            planned = sorted((p for p in self.planned if p.member_uid == member_uid), key=lambda p: p.change < 0)
+            member_changes, member_deltas = await self._post_member(self.members[member_uid], planned)
+            changes += member_changes
+            deltas += member_deltas
+        return changes, deltas
+
+    async def _post_member(self, member: Member, planned: list[Planned]) -> tuple[list[ReputationChange], list[Delta]]:
+        floor = self.services.program.reputation.floor
+        reputation = member.reputation
+        kept_before = kept = await store.select_floor_kept(self.conn, member.uid)
+        steps = []
+        for p in planned:
+            step = rules.apply_floor(reputation, kept, floor, p.change)
+            steps.append((p, step.posted))
+            reputation += step.posted
+            kept = step.floor_kept
+        moves = [await self._move(p, posted) for p, posted in steps if posted]
+        transfer_ids = iter(await self.book.move_reputation(member, moves) if moves else [])
+        changes, deltas = [], []
+        for p, posted in steps:
+            transfer_id = next(transfer_ids) if posted else None
+            await store.insert_entry(
+                self.conn,
+                member_uid=member.uid,
+                kudos_pk=p.kudos_pk,
+                role=p.role,
+                source=p.source,
+                day=p.day,
+                reason=p.reason,
+                change=p.change,
+                posted=posted,
+                transfer_id=transfer_id,
+                cause_kudos_pk=self.cause["kudos_pk"],
+            )
+            await store.add_kudos_credit(self.conn, p.kudos_pk, p.role, p.change)
+            if posted:
+                deltas.append(Delta(member.uid, p.source, p.day, posted))
+            changes.append(
+                ReputationChange(
+                    member_id=member.id,
+                    kudos_id=p.kudos_id,
+                    role=p.role,  # type: ignore[arg-type]
+                    reason=p.reason,  # type: ignore[arg-type]
+                    amount=p.change,
+                    reputation_delta=posted,
+                    transfer_id=transfer_id,
+                )
+            )
+        if kept != kept_before:
+            await store.set_floor_kept(self.conn, member.uid, kept)
+        await self._record_rank_change(member, member.reputation, reputation)
+        return changes, deltas
+
+    async def _move(self, p: Planned, posted: int) -> ReputationMove:
+        reason = _TRANSFER_REASONS[p.reason].format(cause=self.cause["kudos_id"])
+        if posted != p.change:
+            reason += f" ({abs(p.change - posted)} held by the reputation floor)"
+        account = SystemAccount("reputation", f"kudos:{p.source}")
+        if posted > 0:
+            return ReputationMove(posted, account, "kudos", Cause("kudos", p.kudos_id), reason)
+        reverses = await store.select_first_award_transfer(self.conn, p.kudos_pk, p.role)
+        return ReputationMove(posted, account, "retract", Cause("kudos", p.kudos_id), reason, reverses)
+
+    async def _record_rank_change(self, member: Member, before: int, after: int) -> None:
+        ranks = self.services.program.reputation.ranks
+        old, new = rules.rank_for(ranks, before).rank, rules.rank_for(ranks, after).rank
+        if old != new:
+            payload = {
+                "member_id": member.id,
+                "from": old,
+                "to": new,
+                "reputation": after,
+                "kudos_id": self.cause["kudos_id"],
+            }
+            await store.insert_event(self.conn, member.uid, "rank_changed", json.dumps(payload))
+
+
+# --- the points bridge ---------------------------------------------------------------------
+
+
+async def bridge_award(credits: Credits, kudos: asyncpg.Record, now: datetime) -> None:
+    """Credit an accepted answer's author the program's bridge points: a new lot, available at once."""
+    services, book = credits.services, credits.book
+    points = services.program.reputation.accepted_answer_points
+    credit = await book.credit(
+        credits.members[kudos["author_uid"]],
+        points,
+        source=BRIDGE_ACCOUNT,
+        code="bonus",
+        cause=Cause("kudos", kudos["kudos_id"]),
+        reason="points for an accepted answer",
+        expires_at=expiry_for(now, services.program.points),
+        vests_at=now,
+        lifetime=False,
+    )
+    await store.set_kudos_bridge(
+        book.conn, kudos["kudos_pk"], points=points, lot_id=credit.lot_id, transfer_id=credit.transfer_id
+    )
+
+
+async def bridge_clawback(credits: Credits, kudos: Row) -> None:
+    """Take an accepted answer's bridge points back, like a refund: from its own lot first, then the
+    member's other available lots, then as a negative balance if the program allows it."""
+    services, book = credits.services, credits.book
+    clawback = await book.claw_back(
+        credits.members[kudos["author_uid"]],
+        kudos["bridge_points"],
+        own_lot_id=kudos["bridge_lot_id"],
+        to=BRIDGE_ACCOUNT,
+        code="retract",
+        cause=Cause("kudos", kudos["kudos_id"]),
+        reverses_transfer_id=kudos["bridge_transfer_id"],
+        reason="points for an accepted answer taken back",
+        allow_negative=services.program.points.allow_negative_balance,
+        lifetime=False,
+    )
+    await store.set_kudos_bridge(book.conn, kudos["kudos_pk"], points=0, shortfall=clawback.shortfall)
