@@ -28,16 +28,24 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN python -m venv --without-pip /opt/venv
 
 WORKDIR /src
-# Only what the wheel is made of (pyproject.toml names README.md as the project's readme; sql/
-# is packed into the wheel as konvert/sql).
+# The dependencies first, at the exact versions and hashes of the lock file (regenerate it with
+# `uv pip compile pyproject.toml --universal --python-version 3.11 --generate-hashes -o
+# requirements.lock` after changing pyproject.toml's dependencies): a layer that stays cached
+# while only konvert's own code changes.
+COPY requirements.lock ./
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip --python /opt/venv/bin/python install --require-hashes --no-deps -r requirements.lock
+
+# Then konvert itself, from what its wheel is made of (pyproject.toml names README.md as the
+# project's readme; sql/ is packed into the wheel as konvert/sql), without letting pip resolve
+# anything the lock file did not pin.
 COPY pyproject.toml README.md ./
 COPY src ./src
 COPY sql ./sql
-
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip wheel --no-deps --wheel-dir /wheels . \
- && pip --python /opt/venv/bin/python install /wheels/konvert-*.whl \
- && /opt/venv/bin/python -c "import konvert.cli, konvert.db; assert konvert.db.load_migrations(), 'no migrations in the wheel'"
+ && pip --python /opt/venv/bin/python install --no-deps /wheels/konvert-*.whl \
+ && /opt/venv/bin/python -c "import konvert.app, konvert.cli, konvert.db; assert konvert.db.load_migrations(), 'no migrations in the wheel'"
 
 # ---------------------------------------------------------------------------------------------
 # runtime: the venv and nothing else.

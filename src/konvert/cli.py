@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
+import logging
 import os
 import shutil
 import signal
@@ -42,6 +43,15 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _announce(message: str) -> None:
+    """What ``konvert serve`` tells whoever started it: plain lines on a terminal, log lines
+    otherwise (one JSON object each with KONVERT_LOG_FORMAT=json)."""
+    if sys.stderr.isatty():
+        _say(message)
+    else:
+        logging.getLogger("konvert.serve").info(message)
+
+
 def _exit_on_signal(signum: int, frame: object) -> None:
     sys.exit(128 + signum)
 
@@ -54,16 +64,16 @@ def with_servers(settings: Settings, announce: bool = False) -> Settings:
 
     data_dir = Path(settings.data_dir).expanduser()
     if announce:
-        _say(f"konvert data directory: {data_dir}")
+        _announce(f"konvert data directory: {data_dir}")
     changes = {}
     if settings.embedded_database:
         changes["database_url"] = embedded.start_postgres(data_dir)
         if announce:
-            _say(f"embedded PostgreSQL: {data_dir / 'postgres'}")
+            _announce(f"embedded PostgreSQL: {data_dir / 'postgres'}")
     if settings.embedded_redis:
         changes["redis_url"] = embedded.start_redis(data_dir)
         if announce:
-            _say(f"embedded Redis: {data_dir / 'redis'}")
+            _announce(f"embedded Redis: {data_dir / 'redis'}")
     return settings.replace(**changes)
 
 
@@ -92,18 +102,17 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("workers", args.workers)) if v}
     settings = settings.replace(**overrides)
     load_program(settings.program_file)  # refuse to start on a bad program file, before anything runs
+    configure_logging(settings)
     embedded_db = settings.embedded_database
     settings = with_servers(settings, announce=True)
-    configure_logging(settings)
     applied = asyncio.run(db.migrate_url(settings.database_url))
     if applied:
-        _say(f"applied {len(applied)} migration(s)")
+        _announce(f"applied {len(applied)} migration(s)")
     if embedded_db and (key := asyncio.run(_first_admin_key(settings))):
-        _say(f"first admin key (shown once, keep it): {key}")
-        _say(
-            f"try: curl -H 'Authorization: Bearer {key}' http://{settings.host}:{settings.port}/v1/members/alice/balance"
-        )
-    _say(f"serving on http://{settings.host}:{settings.port} (API docs at /schema)")
+        _announce(f"first admin key (shown once, keep it): {key}")
+        url = f"http://{settings.host}:{settings.port}/v1/members/alice/balance"
+        _announce(f"try: curl -H 'Authorization: Bearer {key}' {url}")
+    _announce(f"serving on http://{settings.host}:{settings.port} (API docs at /schema)")
     # Worker processes build their settings from the environment: hand them the resolved URLs.
     os.environ["KONVERT_DATABASE_URL"] = settings.database_url
     os.environ["KONVERT_REDIS_URL"] = settings.redis_url

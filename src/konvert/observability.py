@@ -92,6 +92,8 @@ def configure_logging(settings: Settings) -> None:
     root.setLevel(settings.log_level.upper())
     # The server's own access log would repeat ours without request ids.
     logging.getLogger("uvicorn.access").disabled = True
+    # The embedded PostgreSQL narrates every command it runs; its warnings and errors still show.
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
