@@ -86,8 +86,10 @@ def main() -> int:
                 compute_earning(program, purchase)
             count += 100
         best = max(best, count / elapsed)
-    print(f"compute_earning, 3-line purchase, example program: {best:,.0f} purchases/s on one core "
-          f"(best of {rounds}; floor {PURCHASES_PER_SECOND_MIN:,}) at {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")  # fmt: skip
+    print(
+        f"compute_earning, 3-line purchase, example program: {best:,.0f} purchases/s on one core "
+        f"(best of {rounds}; floor {PURCHASES_PER_SECOND_MIN:,}) at {datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
+    )
     return 0 if best >= PURCHASES_PER_SECOND_MIN else 1
 
 

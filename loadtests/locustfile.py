@@ -56,8 +56,13 @@ def _occurred_at() -> str:
 
 
 def _line(line_id: str, sku: str, category: str) -> dict[str, object]:
-    return {"line_id": line_id, "sku": f"{sku}-{random.randint(1, 5000)}", "category": category,
-            "quantity": random.randint(1, 3), "unit_price": random.randint(500, 6000)}  # fmt: skip
+    return {
+        "line_id": line_id,
+        "sku": f"{sku}-{random.randint(1, 5000)}",
+        "category": category,
+        "quantity": random.randint(1, 3),
+        "unit_price": random.randint(500, 6000),
+    }
 
 
 class _Konvert(FastHttpUser):
@@ -79,25 +84,35 @@ class _Konvert(FastHttpUser):
         self.client.post("/v1/purchases", json=body, headers=self.headers, name="POST /v1/purchases")
 
     def read_balance(self, hot: bool) -> None:
-        self.client.get(f"/v1/members/{_member(hot)}/balance", headers=self.headers,
-                        name="GET /v1/members/{id}/balance")  # fmt: skip
+        self.client.get(
+            f"/v1/members/{_member(hot)}/balance", headers=self.headers, name="GET /v1/members/{id}/balance"
+        )
 
     def redeem(self) -> None:
         body = {"redemption_id": _next_id("r"), "points": REDEEM_POINTS}
-        self.client.post(f"/v1/members/{_member()}/redemptions", json=body, headers=self.headers,
-                         name="POST /v1/members/{id}/redemptions")  # fmt: skip
+        self.client.post(
+            f"/v1/members/{_member()}/redemptions",
+            json=body,
+            headers=self.headers,
+            name="POST /v1/members/{id}/redemptions",
+        )
 
     def give_kudos(self) -> None:
         author, giver = _member(), _member()
         kudos_id = _next_id("k")
         body = {
-            "kudos_id": kudos_id, "source": "forum", "post_id": f"post-{kudos_id}", "thread_id": f"thread-{kudos_id}",
-            "author_id": author, "giver_id": giver if giver != author else f"m{int(author[1:]) % MEMBERS + 1}",
+            "kudos_id": kudos_id,
+            "source": "forum",
+            "post_id": f"post-{kudos_id}",
+            "thread_id": f"thread-{kudos_id}",
+            "author_id": author,
+            "giver_id": giver if giver != author else f"m{int(author[1:]) % MEMBERS + 1}",
             "kind": random.choice(("like",) * 8 + ("helpful",) * 3 + ("accepted_answer",)),
             "occurred_at": _occurred_at(),
-        }  # fmt: skip
-        with self.client.post("/v1/kudos", json=body, headers=self.headers, catch_response=True,
-                              name="POST /v1/kudos") as response:  # fmt: skip
+        }
+        with self.client.post(
+            "/v1/kudos", json=body, headers=self.headers, catch_response=True, name="POST /v1/kudos"
+        ) as response:
             if response.status_code == 404:
                 # The kudos route is still being written; count it apart instead of as a failure.
                 response.request_meta["name"] = "POST /v1/kudos (404: no route yet)"

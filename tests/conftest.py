@@ -32,7 +32,6 @@ import httpx
 import pytest
 import redis.asyncio as redis
 import uvicorn
-
 from litestar import Litestar
 
 from konvert import auth, composition, db
@@ -68,7 +67,9 @@ async def spend_points(
         member = await book.member(member_id)
         if member is None:
             raise MemberNotFound(f"no member {member_id!r}")
-        spend = await book.spend(member, points, to=REDEEMED, code=code, cause=Cause(cause_type, cause_ref), reason=reason)
+        spend = await book.spend(
+            member, points, to=REDEEMED, code=code, cause=Cause(cause_type, cause_ref), reason=reason
+        )
     return spend.transfer_id
 
 
@@ -295,7 +296,9 @@ class AppClient(httpx.AsyncClient):
 
 @contextlib.asynccontextmanager
 async def serve(app: Litestar) -> AsyncIterator[AppClient]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP named, so that asyncio sets TCP_NODELAY on the connections it accepts: uvicorn
+    # writes a response's head and body apart, and Nagle would hold the body for the client's ACK.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -355,9 +358,7 @@ def program_from() -> Callable[[str], Program]:
 
 
 @pytest.fixture(scope="session")
-async def services(
-    settings: Settings, program: Program, redis_client: redis.Redis
-) -> AsyncIterator[Services]:
+async def services(settings: Settings, program: Program, redis_client: redis.Redis) -> AsyncIterator[Services]:
     """The use cases' dependencies, for tests that call services directly (jobs, spending)."""
     opened = await composition.open_services(settings, program)
     yield opened

@@ -72,29 +72,37 @@ def _parse_ids(values: list[str], prefix: str) -> tuple[set[tuple[int, int]], li
     return parsed, foreign
 
 
-async def _recorded(conn: asyncpg.Connection, kind: str, tag: str, partner: str, since: Marks) -> tuple[list[str], list[str]]:
+async def _recorded(
+    conn: asyncpg.Connection, kind: str, tag: str, partner: str, since: Marks
+) -> tuple[list[str], list[str]]:
     """(ids of rows written, cause refs of their ledger transfers) for a write kind."""
     pattern = f"{tag}-%"
     if kind == "p":
         rows = await conn.fetch(
             "select purchase_id from purchases where purchase_pk > $1 and partner = $2 and purchase_id like $3",
-            since.purchase_pk, partner, pattern,
-        )  # fmt: skip
+            since.purchase_pk,
+            partner,
+            pattern,
+        )
         transfers = await conn.fetch(
             "select substr(cause_ref, length($2) + 2) from transfers where transfer_id > $1 and code = 'earn'"
             " and cause_type = 'purchase' and cause_ref like $2 || '/' || $3",
-            since.transfer_id, partner, pattern,
-        )  # fmt: skip
+            since.transfer_id,
+            partner,
+            pattern,
+        )
     elif kind == "r":
         rows = await conn.fetch(
             "select redemption_id from redemptions where redemption_pk > $1 and redemption_id like $2",
-            since.redemption_pk, pattern,
-        )  # fmt: skip
+            since.redemption_pk,
+            pattern,
+        )
         transfers = await conn.fetch(
             "select cause_ref from transfers where transfer_id > $1 and cause_type = 'redemption'"
             " and code in ('redeem', 'hold') and cause_ref like $2",
-            since.transfer_id, pattern,
-        )  # fmt: skip
+            since.transfer_id,
+            pattern,
+        )
     elif kind == "k":
         rows = await conn.fetch(
             "select kudos_id from kudos where kudos_pk > $1 and kudos_id like $2", since.kudos_pk, pattern
@@ -105,7 +113,9 @@ async def _recorded(conn: asyncpg.Connection, kind: str, tag: str, partner: str,
     return [r[0] for r in rows], [r[0] for r in transfers]
 
 
-async def check_writes(conn: asyncpg.Connection, run: WrkRun, tag: str, partner: str, since: Marks) -> dict[str, object]:
+async def check_writes(
+    conn: asyncpg.Connection, run: WrkRun, tag: str, partner: str, since: Marks
+) -> dict[str, object]:
     """Compare what wrk was told with what the database holds, per write kind in the run."""
     await wait_until_quiet(conn)
     prefix = f"{tag}-"

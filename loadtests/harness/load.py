@@ -29,7 +29,7 @@ WRK_TIMEOUT = "30s"
 OVERRUN_SECONDS = 60
 RESULT_MARKER = "KONVERT_BENCH_RESULT "
 
-KIND_NAMES = {"n": "noop", "f": "noop_routed", "b": "balance", "p": "purchase", "r": "redemption", "k": "kudos"}
+KIND_NAMES = {"n": "noop", "b": "balance", "p": "purchase", "r": "redemption", "k": "kudos"}
 WRITE_KINDS = ("p", "r", "k")
 
 
@@ -292,20 +292,32 @@ def run_pgbench(database_url: str, *, members: int, duration_s: float, clients: 
     command = [
         "pgbench",
         "-n",  # no vacuum of pgbench's own tables: there are none
-        "-M", "prepared",
-        "-c", str(clients),
-        "-j", str(max(1, min(threads, clients))),
-        "-T", str(seconds),
-        "-D", f"members={members}",
-        "-f", str(PGBENCH_SCRIPT),
-        "-l", f"--log-prefix={log_dir}/tx",
+        "-M",
+        "prepared",
+        "-c",
+        str(clients),
+        "-j",
+        str(max(1, min(threads, clients))),
+        "-T",
+        str(seconds),
+        "-D",
+        f"members={members}",
+        "-f",
+        str(PGBENCH_SCRIPT),
+        "-l",
+        f"--log-prefix={log_dir}/tx",
         *connection,
-    ]  # fmt: skip
+    ]
     cpu_before = _children_cpu_seconds()
     started = time.monotonic()
     try:
         out = subprocess.run(
-            command, env=os.environ | env, capture_output=True, text=True, timeout=seconds + OVERRUN_SECONDS, check=False
+            command,
+            env=os.environ | env,
+            capture_output=True,
+            text=True,
+            timeout=seconds + OVERRUN_SECONDS,
+            check=False,
         )
         elapsed = time.monotonic() - started
         if out.returncode not in (0, 2):  # 2: some transactions failed; counted below
@@ -356,6 +368,11 @@ def _latency_from_samples(samples_us: list[int]) -> Latency:
         return ordered[min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))] / 1000
 
     return Latency(
-        p50=pct(50), p90=pct(90), p95=pct(95), p99=pct(99), p999=pct(99.9),
-        mean=sum(ordered) / len(ordered) / 1000, max=ordered[-1] / 1000,
-    )  # fmt: skip
+        p50=pct(50),
+        p90=pct(90),
+        p95=pct(95),
+        p99=pct(99),
+        p999=pct(99.9),
+        mean=sum(ordered) / len(ordered) / 1000,
+        max=ordered[-1] / 1000,
+    )

@@ -47,9 +47,19 @@ def available() -> bool:
 
 def start(pid: int, duration_s: float, output: Path, native: bool = False) -> subprocess.Popen[bytes]:
     command = [
-        _py_spy() or "py-spy", "record", "--pid", str(pid), "--duration", str(max(1, int(duration_s))),
-        "--rate", str(PROFILE_RATE_HZ), "--format", "raw", "--output", str(output),
-    ]  # fmt: skip
+        _py_spy() or "py-spy",
+        "record",
+        "--pid",
+        str(pid),
+        "--duration",
+        str(max(1, int(duration_s))),
+        "--rate",
+        str(PROFILE_RATE_HZ),
+        "--format",
+        "raw",
+        "--output",
+        str(output),
+    ]
     # Native (C) frames need the process paused while sampling; without them py-spy need not.
     command.append("--native" if native else "--nonblocking")
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

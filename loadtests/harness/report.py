@@ -11,7 +11,8 @@ from dataclasses import dataclass
 # Durable purchase postings per second, against pgbench's raw two-statement transaction at the
 # same client count (loadtests/pgbench/ledger.sql).
 PURCHASES_VS_PGBENCH_MIN = 1.0
-# Balance reads (uniform over all members) against the service's own no-op endpoint.
+# Balance reads (uniform over all members, cold or hot-skewed) against the service's own no-op
+# endpoint.
 BALANCE_VS_NOOP_MIN = 0.7
 # p99 of balance reads at half of the peak balance-read throughput.
 BALANCE_HALF_LOAD_P99_MAX_MS = 5.0
@@ -24,6 +25,14 @@ JOBS_VS_PURCHASES_MIN = 1.0
 # last scenario no more than this factor above its RSS at the end of the first one.
 PEAK_RSS_PER_PROCESS_MAX_MIB = 512
 RSS_GROWTH_MAX = 1.5
+# The redesign's acceptance figures (every request through the web framework, /health/live too;
+# one Redis client; a new ledger core): purchases per second at least this share of the commit
+# before it, measured side by side in the same run (run.py --baseline-ref 89afc5e) ...
+ACCEPTANCE_BASELINE_COMMIT = "89afc5e"
+PURCHASES_VS_BASELINE_MIN = 0.9
+# ... and uniform balance reads with every balance cached (balance_warm) at least this share of
+# the no-op, both of the current install.
+BALANCE_WARM_VS_NOOP_MIN = 0.7
 
 
 @dataclass(frozen=True)
@@ -36,8 +45,20 @@ class Target:
     note: str = ""
 
     def as_dict(self) -> dict[str, object]:
-        return {"name": self.name, "value": self.value, "goal": self.goal, "met": self.met, "unit": self.unit,
-                "note": self.note}  # fmt: skip
+        return {
+            "name": self.name,
+            "value": self.value,
+            "goal": self.goal,
+            "met": self.met,
+            "unit": self.unit,
+            "note": self.note,
+        }
+
+
+def _at_least(name: str, value: float | None, minimum: float, note: str = "") -> Target:
+    """A ratio target: met when the value is at least the minimum; undecided without a value."""
+    met = None if value is None else value >= minimum
+    return Target(name, value, f">= {minimum}x", met, "x", note)
 
 
 def _rps(config: dict, scenario: str) -> float | None:
@@ -50,15 +71,11 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def config_ratios(config: dict) -> dict[str, float | None]:
-    return {
+    ratios = {
         "purchases_vs_pgbench": _ratio(_rps(config, "purchases"), _rps(config, "pgbench")),
         "balance_uniform_vs_noop": _ratio(_rps(config, "balance_uniform"), _rps(config, "noop")),
         "balance_hot_vs_noop": _ratio(_rps(config, "balance_hot"), _rps(config, "noop")),
         "balance_warm_vs_noop": _ratio(_rps(config, "balance_warm"), _rps(config, "noop")),
-        # Against the no-op as the framework routes it: how the ratios read before konvert
-        # answered /health/live (and plain balance reads) without the framework.
-        "balance_hot_vs_noop_routed": _ratio(_rps(config, "balance_hot"), _rps(config, "noop_routed")),
-        "balance_uniform_vs_noop_routed": _ratio(_rps(config, "balance_uniform"), _rps(config, "noop_routed")),
         "mixed_vs_noop": _ratio(_rps(config, "mixed"), _rps(config, "noop")),
         "redemptions_vs_pgbench": _ratio(_rps(config, "redemptions"), _rps(config, "pgbench")),
         # Purchases while `konvert jobs run` vests a backlog beside them, against purchases alone.
@@ -68,6 +85,22 @@ def config_ratios(config: dict) -> dict[str, float | None]:
         "vesting_vs_purchases": _ratio(_job_rate(config, "vesting"), _rps(config, "purchases")),
         "expiry_vs_purchases": _ratio(_job_rate(config, "expiry"), _rps(config, "purchases")),
     }
+    if config.get("baseline"):
+        ratios |= baseline_ratios(config, config["baseline"])
+    return ratios
+
+
+def baseline_ratios(config: dict, baseline: dict) -> dict[str, float | None]:
+    """The current install against the baseline, measured side by side: throughput of every
+    scenario both ran (pgbench ran once, for both) and each job's rate, current / baseline."""
+    ratios = {
+        f"{scenario}_vs_baseline": _ratio(_rps(config, scenario), _rps(baseline, scenario))
+        for scenario in config["scenarios"]
+        if scenario in baseline["scenarios"] and scenario != "pgbench"
+    }
+    for job in config.get("jobs") or {}:
+        ratios[f"{job}_vs_baseline"] = _ratio(_job_rate(config, job), _job_rate(baseline, job))
+    return ratios
 
 
 def _job_rate(config: dict, job: str) -> float | None:
@@ -76,57 +109,106 @@ def _job_rate(config: dict, job: str) -> float | None:
 
 
 def targets(configs: list[dict]) -> list[Target]:
-    """The issue's targets, from the reference configuration (the first) and the scaling pair."""
+    """The issue's targets, from each configuration and the scaling pair, and the redesign's
+    acceptance figures."""
     found: list[Target] = []
-    if not configs:
-        return found
-    label = lambda c: f"{c['members']:,} members, {c['workers']} worker(s)"  # noqa: E731
     for config in configs:
-        ratios = config["ratios"]
-        if ratios["purchases_vs_pgbench"] is not None:
-            value = ratios["purchases_vs_pgbench"]
-            found.append(Target(f"purchases / pgbench ({label(config)})", value, f">= {PURCHASES_VS_PGBENCH_MIN}x",
-                                value >= PURCHASES_VS_PGBENCH_MIN, "x"))  # fmt: skip
-        if ratios["balance_uniform_vs_noop"] is not None:
-            value = ratios["balance_uniform_vs_noop"]
-            found.append(Target(f"balance reads, uniform / no-op ({label(config)})", value, f">= {BALANCE_VS_NOOP_MIN}x",
-                                value >= BALANCE_VS_NOOP_MIN, "x"))  # fmt: skip
-        if ratios["balance_hot_vs_noop"] is not None:
-            value = ratios["balance_hot_vs_noop"]
-            found.append(Target(f"balance reads, hot skew / no-op ({label(config)})", value,
-                                f">= {BALANCE_VS_NOOP_MIN}x", value >= BALANCE_VS_NOOP_MIN, "x"))  # fmt: skip
-        if ratios.get("balance_warm_vs_noop") is not None:
-            value = ratios["balance_warm_vs_noop"]
-            found.append(Target(f"balance reads, uniform, every balance cached / no-op ({label(config)})", value,
-                                f">= {BALANCE_VS_NOOP_MIN}x", value >= BALANCE_VS_NOOP_MIN, "x"))  # fmt: skip
-        for job in ("vesting", "expiry"):
-            value = ratios.get(f"{job}_vs_purchases")
-            if value is not None:
-                found.append(Target(f"{job} lots / purchases per second ({label(config)})", value,
-                                    f">= {JOBS_VS_PURCHASES_MIN}x", value >= JOBS_VS_PURCHASES_MIN, "x",
-                                    "konvert's own target: the jobs keep up with purchases"))  # fmt: skip
-        half = config["scenarios"].get("balance_half")
-        if half:
+        label = f"{config['members']:,} members, {config['workers']} worker(s)"
+        found += _acceptance_targets(config, label)
+        found += _ratio_targets(config, label)
+        if half := config["scenarios"].get("balance_half"):
             value = half["latency_ms"]["p99"]
-            found.append(Target(
-                f"balance p99 at half peak load ({label(config)})", value, f"<= {BALANCE_HALF_LOAD_P99_MAX_MS} ms",
-                value <= BALANCE_HALF_LOAD_P99_MAX_MS, "ms",
-                f"ran at {half['load_fraction_of_peak']:.2f} of peak ({half['throughput_rps']:.0f} req/s)"
-                + _server_p99(half),
-            ))  # fmt: skip
-        memory = config.get("memory")
-        if memory:
+            found.append(
+                Target(
+                    f"balance p99 at half peak load ({label})",
+                    value,
+                    f"<= {BALANCE_HALF_LOAD_P99_MAX_MS} ms",
+                    value <= BALANCE_HALF_LOAD_P99_MAX_MS,
+                    "ms",
+                    f"ran at {half['load_fraction_of_peak']:.2f} of peak ({half['throughput_rps']:.0f} req/s)"
+                    + _server_p99(half),
+                )
+            )
+        if memory := config.get("memory"):
             value = memory["peak_rss_per_process_mib"]
             growth = memory.get("rss_growth")
             met = value <= PEAK_RSS_PER_PROCESS_MAX_MIB and (growth is None or growth <= RSS_GROWTH_MAX)
-            found.append(Target(
-                f"peak RSS per process ({label(config)})", value, f"<= {PEAK_RSS_PER_PROCESS_MAX_MIB} MiB, "
-                f"growth <= {RSS_GROWTH_MAX}x", met, "MiB",
-                f"service total peak {memory['peak_rss_mib']} MiB; end/first-scenario RSS {growth}x",
-            ))  # fmt: skip
+            found.append(
+                Target(
+                    f"peak RSS per process ({label})",
+                    value,
+                    f"<= {PEAK_RSS_PER_PROCESS_MAX_MIB} MiB, growth <= {RSS_GROWTH_MAX}x",
+                    met,
+                    "MiB",
+                    f"service total peak {memory['peak_rss_mib']} MiB; end/first-scenario RSS {growth}x",
+                )
+            )
+    return found + _scaling_targets(configs)
+
+
+def _acceptance_targets(config: dict, label: str) -> list[Target]:
+    """The redesign's two figures, shown whether or not this run measured them."""
+    ratios = config["ratios"]
+    baseline = config.get("baseline")
+    commit = baseline["commit"][:12] if baseline and baseline.get("commit") else ACCEPTANCE_BASELINE_COMMIT
+    purchases = ratios.get("purchases_vs_baseline")
+    warm = ratios.get("balance_warm_vs_noop")
+    return [
+        _at_least(
+            f"purchases / baseline {commit} ({label})",
+            purchases,
+            PURCHASES_VS_BASELINE_MIN,
+            _purchases_vs_baseline_note(baseline, purchases),
+        ),
+        _at_least(
+            f"balance reads, every balance cached / no-op ({label})",
+            warm,
+            BALANCE_WARM_VS_NOOP_MIN,
+            "the redesign's acceptance figure" if warm is not None else "needs the noop and balance_warm",
+        ),
+    ]
+
+
+def _purchases_vs_baseline_note(baseline: dict | None, ratio: float | None) -> str:
+    if baseline is None:
+        return f"the redesign's acceptance figure: run with --baseline-ref {ACCEPTANCE_BASELINE_COMMIT} and purchases"
+    if ratio is None:
+        return "needs the purchases scenario"
+    commit = baseline.get("commit") or ""
+    if not commit.startswith(ACCEPTANCE_BASELINE_COMMIT):
+        return f"this run's baseline is {commit[:12]}, not {ACCEPTANCE_BASELINE_COMMIT}: not the acceptance figure"
+    return "the redesign's acceptance figure, measured side by side in this run"
+
+
+def _ratio_targets(config: dict, label: str) -> list[Target]:
+    """The issue's ratio targets this configuration measured."""
+    ratios = config["ratios"]
+    wanted = [
+        (f"purchases / pgbench ({label})", "purchases_vs_pgbench", PURCHASES_VS_PGBENCH_MIN, ""),
+        (f"balance reads, uniform / no-op ({label})", "balance_uniform_vs_noop", BALANCE_VS_NOOP_MIN, ""),
+        (f"balance reads, hot skew / no-op ({label})", "balance_hot_vs_noop", BALANCE_VS_NOOP_MIN, ""),
+    ] + [
+        (
+            f"{job} lots / purchases per second ({label})",
+            f"{job}_vs_purchases",
+            JOBS_VS_PURCHASES_MIN,
+            "konvert's own target: the jobs keep up with purchases",
+        )
+        for job in ("vesting", "expiry")
+    ]
+    return [
+        _at_least(name, ratios[key], minimum, note)
+        for name, key, minimum, note in wanted
+        if ratios.get(key) is not None
+    ]
+
+
+def _scaling_targets(configs: list[dict]) -> list[Target]:
+    """Throughput at the large member count against the small one, per worker count."""
     by_size: dict[int, dict[int, dict]] = {}
     for config in configs:
         by_size.setdefault(config["workers"], {})[config["members"]] = config
+    found = []
     for workers, sizes in by_size.items():
         if len(sizes) < 2:
             continue
@@ -134,10 +216,8 @@ def targets(configs: list[dict]) -> list[Target]:
         for scenario in ("purchases", "balance_uniform", "balance_hot", "balance_warm"):
             ratio = _ratio(_rps(large, scenario), _rps(small, scenario))
             if ratio is not None:
-                found.append(Target(
-                    f"{scenario} {large['members']:,} / {small['members']:,} members ({workers} worker(s))", ratio,
-                    f">= {1 - MEMBERS_SCALING_TOLERANCE:.2f}x", ratio >= 1 - MEMBERS_SCALING_TOLERANCE, "x",
-                ))  # fmt: skip
+                name = f"{scenario} {large['members']:,} / {small['members']:,} members ({workers} worker(s))"
+                found.append(_at_least(name, ratio, round(1 - MEMBERS_SCALING_TOLERANCE, 2)))
     return found
 
 
@@ -181,10 +261,12 @@ def jobs_beside_line(config: dict) -> str:
     if not beside or "jobs_beside" not in beside:
         return ""
     jobs = beside["jobs_beside"]
-    line = (f"purchases_jobs: `konvert jobs run` vested {jobs['vested_lots']:,} of {jobs['backlog_lots']:,} due lots "
-            f"in {jobs['seconds']:.1f} s ({jobs['lots_per_second']:,.0f}/s) "
-            f"{'within' if jobs['finished_during_load'] else 'beyond'} the load; "
-            f"purchase p99 {beside['latency_ms']['p99']:.1f} ms beside it")  # fmt: skip
+    line = (
+        f"purchases_jobs: `konvert jobs run` vested {jobs['vested_lots']:,} of {jobs['backlog_lots']:,} due lots "
+        f"in {jobs['seconds']:.1f} s ({jobs['lots_per_second']:,.0f}/s) "
+        f"{'within' if jobs['finished_during_load'] else 'beyond'} the load; "
+        f"purchase p99 {beside['latency_ms']['p99']:.1f} ms beside it"
+    )
     alone = config["scenarios"].get("purchases")
     if alone:
         line += f", {alone['latency_ms']['p99']:.1f} ms alone"
@@ -209,55 +291,123 @@ FOREIGN_CPU_WARN_PERCENT = 10.0
 
 def print_report(result: dict) -> None:
     for config in result["configs"]:
-        print()
-        print(
-            f"== {config['members']:,} members · {config['workers']} worker(s) · "
-            f"{result['settings']['connections']} connections · {result['settings']['duration_s']} s per scenario"
-        )
-        header = (f"{'scenario':<16} {'req/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'srv p99':>8} {'non-2xx':>8} "
-                  f"{'5xx':>5} {'sock err':>8} {'peak RSS':>9}  CPU % konvert/pg/redis/loadgen/foreign/all")  # fmt: skip
-        print(header)
-        print("-" * len(header))
-        for name, s in config["scenarios"].items():
-            errors = s.get("errors", {})
-            usage = s.get("usage", {})
-            print(
-                f"{name:<16} {_fmt(s['throughput_rps']):>9} {_fmt(s['latency_ms']['p50'], 2):>8} "
-                f"{_fmt(s['latency_ms']['p95'], 2):>8} {_fmt(s['latency_ms']['p99'], 2):>8} "
-                f"{_le(s.get('server_latency')):>8} "
-                f"{errors.get('non_2xx', errors.get('failed_transactions', 0)):>8} {errors.get('5xx', 0):>5} "
-                f"{sum(errors.get('socket', {}).values()):>8} "
-                f"{(_fmt(usage.get('peak_rss_mib'), 0) + ' MiB') if usage.get('peak_rss_mib') else '-':>9}  "
-                f"{_cpu(usage)}"
-            )
-        notes = [f"{name}: {s['note']}" for name, s in config["scenarios"].items() if s.get("note")]
-        for name, s in config["scenarios"].items():
-            foreign = s.get("usage", {}).get("cpu_percent_by_group", {}).get("foreign", 0.0)
-            if foreign > FOREIGN_CPU_WARN_PERCENT:
-                notes.append(f"{name}: other processes on the machine took {foreign:.0f}% of a core: noisy figures")
-            if note := checkpoint_note(s):
-                notes.append(f"{name}: {note}")
-        for note in notes:
-            print(f"  note: {note}")
-        if line := jobs_beside_line(config):
-            print(f"  {line}")
-        for name, timing in (config.get("jobs") or {}).items():
-            print(f"  jobs: {name} settled {timing['settled']:,} in {timing['seconds']:.1f} s "
-                  f"({timing['per_second']:,.0f}/s, one process)")  # fmt: skip
-        ratios = {k: v for k, v in config["ratios"].items() if v is not None}
-        if ratios:
-            print("  ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
-        correctness = config.get("correctness", {})
-        print(f"  nothing lost: {'yes' if correctness.get('nothing_lost') else 'NO'}; "
-              f"audit: {'passed' if correctness.get('audit_passed') else 'FAILED'}")  # fmt: skip
+        _print_config(config, result["settings"])
     print()
-    print(f"{'target':<62} {'value':>10} {'goal':>28}  status")
+    width = max([62, *(len(target["name"]) for target in result["targets"])])
+    print(f"{'target':<{width}} {'value':>10} {'goal':>28}  status")
     for target in result["targets"]:
         status = {True: "met", False: "NOT MET", None: "-"}[target["met"]]
         value = "-" if target["value"] is None else f"{target['value']:.2f}{target['unit'] and ' ' + target['unit']}"
-        print(f"{target['name']:<62} {value:>10} {target['goal']:>28}  {status}")
+        print(f"{target['name']:<{width}} {value:>10} {target['goal']:>28}  {status}")
         if target["note"]:
             print(f"{'':<4}{target['note']}")
     print()
-    print(f"nothing lost: {'yes' if result['nothing_lost'] else 'NO'}; audit: "
-          f"{'passed' if result['audit_passed'] else 'FAILED'}")  # fmt: skip
+    print(
+        f"nothing lost: {'yes' if result['nothing_lost'] else 'NO'}; audit: "
+        f"{'passed' if result['audit_passed'] else 'FAILED'}"
+    )
+
+
+def table_rows(config: dict) -> list[tuple[str, dict, float | None]]:
+    """(row name, scenario, current / baseline) per row: with a baseline, each scenario's baseline
+    row comes first, as it ran, and the current row carries the ratio."""
+    baseline = config.get("baseline")
+    ratios = config.get("ratios", {})
+    rows = []
+    for name, scenario in config["scenarios"].items():
+        if baseline and name in baseline["scenarios"]:
+            rows.append((f"{name} (baseline)", baseline["scenarios"][name], None))
+        rows.append((name, scenario, ratios.get(f"{name}_vs_baseline")))
+    return rows
+
+
+def _print_config(config: dict, settings: dict) -> None:
+    baseline = config.get("baseline")
+    print()
+    print(
+        f"== {config['members']:,} members · {config['workers']} worker(s) · "
+        f"{settings['connections']} connections · {settings['duration_s']} s per scenario"
+        + (f" · against baseline {baseline['commit'][:12]}, side by side" if baseline else "")
+    )
+    rows = table_rows(config)
+    width = max([16, *(len(name) for name, _, _ in rows)])
+    header = (
+        f"{'scenario':<{width}} {'req/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'srv p99':>8} "
+        f"{'non-2xx':>8} {'5xx':>5} {'sock err':>8} {'peak RSS':>9} "
+        + (f"{'vs base':>8} " if baseline else "")
+        + " CPU % konvert/pg/redis/loadgen/foreign/all"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, scenario, vs in rows:
+        vs_column = f"{_fmt_ratio(vs):>8} " if baseline else ""
+        print(f"{_row(name, scenario, width)}{vs_column} {_cpu(scenario.get('usage', {}))}")
+    for label, side in (("", config), *((("[baseline] ", baseline),) if baseline else ())):
+        for line in _side_lines(side):
+            print(f"  {label}{line}")
+    if baseline:
+        vs = [
+            f"{k.removesuffix('_vs_baseline')} {v:.2f}x"
+            for k, v in config["ratios"].items()
+            if k.endswith("_vs_baseline") and v is not None
+        ]
+        print("  current / baseline: " + (", ".join(vs) or "-"))
+
+
+def _row(name: str, scenario: dict, width: int) -> str:
+    errors = scenario.get("errors", {})
+    usage = scenario.get("usage", {})
+    latency = scenario["latency_ms"]
+    return (
+        f"{name:<{width}} {_fmt(scenario['throughput_rps']):>9} {_fmt(latency['p50'], 2):>8} "
+        f"{_fmt(latency['p95'], 2):>8} {_fmt(latency['p99'], 2):>8} {_le(scenario.get('server_latency')):>8} "
+        f"{errors.get('non_2xx', errors.get('failed_transactions', 0)):>8} {errors.get('5xx', 0):>5} "
+        f"{sum(errors.get('socket', {}).values()):>8} "
+        f"{(_fmt(usage.get('peak_rss_mib'), 0) + ' MiB') if usage.get('peak_rss_mib') else '-':>9} "
+    )
+
+
+def _fmt_ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _side_lines(config: dict) -> list[str]:
+    """The lines under the table for one side: notes, the jobs, the ratios, correctness."""
+    lines = [f"note: {name}: {s['note']}" for name, s in config["scenarios"].items() if s.get("note")]
+    for name, s in config["scenarios"].items():
+        foreign = s.get("usage", {}).get("cpu_percent_by_group", {}).get("foreign", 0.0)
+        if foreign > FOREIGN_CPU_WARN_PERCENT:
+            lines.append(f"note: {name}: other processes on the machine took {foreign:.0f}% of a core: noisy figures")
+        if note := checkpoint_note(s):
+            lines.append(f"note: {name}: {note}")
+    if line := jobs_beside_line(config):
+        lines.append(line)
+    lines += jobs_lines(config)
+    ratios = {k: v for k, v in config.get("ratios", {}).items() if v is not None and not k.endswith("_vs_baseline")}
+    if ratios:
+        lines.append("ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+    correctness = config.get("correctness", {})
+    lines.append(
+        f"nothing lost: {'yes' if correctness.get('nothing_lost') else 'NO'}; "
+        f"audit: {'passed' if correctness.get('audit_passed') else 'FAILED'}"
+    )
+    return lines
+
+
+def jobs_lines(config: dict) -> list[str]:
+    """The jobs scenario: each job's own timed `konvert jobs run` calls, and the CLI's fixed cost."""
+    lines = [
+        f"jobs: {name} settled {timing['settled']:,} in {timing['seconds']:.1f} s ({timing['per_second']:,.0f}/s, "
+        f"{timing.get('runs', 1)} `konvert jobs run`)"
+        for name, timing in (config.get("jobs") or {}).items()
+    ]
+    if cli := config.get("jobs_cli"):
+        lines.append(
+            f"jobs: a `konvert jobs run` with nothing due took {cli['startup_seconds']:.1f} s (in each "
+            f"figure above); due before them: {_counts(cli['already_due'])}"
+        )
+    return lines
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v:,}" for k, v in counts.items() if v) or "nothing"

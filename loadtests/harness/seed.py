@@ -251,8 +251,20 @@ async def seed_members(
             await _prepare_session(conn, functions)
             while not queue.empty():
                 chunk_lo, chunk_hi = queue.get_nowait()
-                await _seed_chunk(conn, chunk_lo, chunk_hi, lo, history, facts, now, account_base, lot_base,
-                                  transfer_base, issued, redeemed)
+                await _seed_chunk(
+                    conn,
+                    chunk_lo,
+                    chunk_hi,
+                    lo,
+                    history,
+                    facts,
+                    now,
+                    account_base,
+                    lot_base,
+                    transfer_base,
+                    issued,
+                    redeemed,
+                )
         finally:
             await conn.close()
 
@@ -286,11 +298,28 @@ async def _seed_chunk(
     issued: int,
     redeemed: int,
 ) -> None:
-    rows = (lo, hi, history, now, facts.return_window_days, lot_base, transfer_base, batch_lo, account_base,
-            facts.expire_after_days)
+    rows = (
+        lo,
+        hi,
+        history,
+        now,
+        facts.return_window_days,
+        lot_base,
+        transfer_base,
+        batch_lo,
+        account_base,
+        facts.expire_after_days,
+    )
     async with conn.transaction():
         await conn.execute(
-            _MEMBERS, lo, hi, history, now, facts.tier_window_days, facts.tier_names, facts.tier_thresholds,
+            _MEMBERS,
+            lo,
+            hi,
+            history,
+            now,
+            facts.tier_window_days,
+            facts.tier_names,
+            facts.tier_thresholds,
             MEMBER_AGE_DAYS,
         )
         await conn.execute(_ACCOUNTS, lo, hi, account_base, batch_lo)

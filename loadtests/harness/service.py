@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,11 +37,16 @@ def konvert_env(**variables: str) -> dict[str, str]:
     return env | variables
 
 
-def run_cli(env: dict[str, str], *args: str, timeout: float = CLI_TIMEOUT_SECONDS) -> subprocess.CompletedProcess[str]:
-    """``konvert <args>`` with the same interpreter, output captured."""
-    return subprocess.run(
-        [sys.executable, "-m", "konvert", *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
-    )
+# The konvert under test is a command prefix: this interpreter's by default, or another install's
+# (a baseline commit's virtualenv): every CLI call and the server go through it.
+THIS_KONVERT: tuple[str, ...] = (sys.executable, "-m", "konvert")
+
+
+def run_cli(
+    konvert: Sequence[str], env: dict[str, str], *args: str, timeout: float = CLI_TIMEOUT_SECONDS
+) -> subprocess.CompletedProcess[str]:
+    """``konvert <args>`` of the given install, output captured."""
+    return subprocess.run([*konvert, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 class BackgroundCli:
@@ -48,9 +54,9 @@ class BackgroundCli:
     as they happen: its pipes never fill up, and its time is its own, not when the caller looked
     (``finished`` is set once ``out``, ``err`` and ``ended_at`` hold)."""
 
-    def __init__(self, env: dict[str, str], *args: str) -> None:
+    def __init__(self, konvert: Sequence[str], env: dict[str, str], *args: str) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "konvert", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            [*konvert, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
         self.finished = threading.Event()
         self.out = self.err = ""
@@ -69,7 +75,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def http_json(method: str, url: str, key: str | None = None, body: object = None, timeout: float = 10.0) -> tuple[int, object]:
+def http_json(
+    method: str, url: str, key: str | None = None, body: object = None, timeout: float = 10.0
+) -> tuple[int, object]:
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url, data=data, method=method)
     if key:
@@ -84,16 +92,16 @@ def http_json(method: str, url: str, key: str | None = None, body: object = None
 
 
 class Server:
-    """``konvert serve --workers N`` in its own session; stderr goes to a file."""
+    """``konvert serve --workers N`` of the given install, in its own session; stderr goes to a file."""
 
-    def __init__(self, env: dict[str, str], workers: int, log_path: Path) -> None:
+    def __init__(self, konvert: Sequence[str], env: dict[str, str], workers: int, log_path: Path) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.workers = workers
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "konvert", "serve", "--workers", str(workers), "--port", str(self.port)],
+            [*konvert, "serve", "--workers", str(workers), "--port", str(self.port)],
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -109,11 +117,11 @@ class Server:
             if self.process.poll() is not None:
                 raise RuntimeError(f"konvert serve exited with {self.process.returncode}:\n{self.log_text()}")
             try:
-                if http_json("GET", f"{self.base_url}/health/ready", timeout=2)[0] == 200:
-                    # Every worker answers /health/ready only once its lifespan ran; give the
-                    # others a moment to finish theirs too.
-                    if len(self.worker_pids()) >= (self.workers if self.workers > 1 else 0):
-                        return
+                # Every worker answers /health/ready only once its lifespan ran; give the others a
+                # moment to finish theirs too.
+                ready = http_json("GET", f"{self.base_url}/health/ready", timeout=2)[0] == 200
+                if ready and len(self.worker_pids()) >= (self.workers if self.workers > 1 else 0):
+                    return
             except OSError:
                 pass
             time.sleep(0.25)
@@ -328,8 +336,8 @@ class Sampler:
         return self._server.all_pids() if self._server is not None else []
 
     def label(self, pid: int, group: str) -> None:
-        """Count a process started during the sample under ``group`` (a ``konvert jobs run``
-        beside the service, say) rather than as foreign."""
+        """Count a process under ``group`` rather than as foreign: a ``konvert jobs run`` started
+        beside the service, or the other install's idle service in a baseline comparison."""
         self._labels[pid] = group
 
     def _sample_cpu(self, initial: bool = False) -> None:
@@ -396,25 +404,31 @@ class Sampler:
         busy_end, total_end = system_cpu()
         self.usage.seconds = elapsed
         if total_end > total_start:
-            self.usage.machine_cpu_percent = 100 * self.usage.cores * (busy_end - busy_start) / (total_end - total_start)
+            self.usage.machine_cpu_percent = (
+                100 * self.usage.cores * (busy_end - busy_start) / (total_end - total_start)
+            )
         groups = dict.fromkeys(CPU_GROUPS, 0.0)
         for pid, (command, seconds) in self._last.items():
-            groups[self._group(pid, command)] += seconds - self._first.get(pid, 0.0)
+            group = self._group(pid, command)  # a label may name a group of its own
+            groups[group] = groups.get(group, 0.0) + seconds - self._first.get(pid, 0.0)
         if elapsed > 0:
             self.usage.cpu_percent_by_group = {k: 100 * v / elapsed for k, v in groups.items()}
             self.usage.konvert_cpu_percent_by_process = [
                 100 * (self._last[pid][1] - self._first.get(pid, 0.0)) / elapsed
-                for pid in sorted(self._service_pids) if pid in self._last
+                for pid in sorted(self._service_pids)
+                if pid in self._last
             ]
             split_end = system_cpu_split()
             # Interrupt handling (the loopback network stack runs largely in softirq) is in no
             # process's CPU time; steal is time the hypervisor gave to other machines.
             for column in ("softirq", "irq", "steal"):
-                self.usage.cpu_percent_by_group[column] = 100 * (split_end[column] - self._split_start[column]) / elapsed
-            self.usage.cpu_percent_by_group["unattributed"] = max(
-                0.0, self.usage.machine_cpu_percent - sum(
-                    v for k, v in self.usage.cpu_percent_by_group.items() if k != "steal"
+                self.usage.cpu_percent_by_group[column] = (
+                    100 * (split_end[column] - self._split_start[column]) / elapsed
                 )
+            self.usage.cpu_percent_by_group["unattributed"] = max(
+                0.0,
+                self.usage.machine_cpu_percent
+                - sum(v for k, v in self.usage.cpu_percent_by_group.items() if k != "steal"),
             )
 
 

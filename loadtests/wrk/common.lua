@@ -38,7 +38,7 @@ local delay_ms = tonumber(env("KONVERT_BENCH_DELAY_MS", "0"))
 local log_dir = env("KONVERT_BENCH_LOG_DIR", "")
 local seed = tonumber(env("KONVERT_BENCH_SEED", "1"))
 
-local KINDS = { "n", "f", "b", "p", "r", "k" }
+local KINDS = { "n", "b", "p", "r", "k" }
 local json_headers = { ["Content-Type"] = "application/json", ["Authorization"] = auth }
 local read_headers = { ["Authorization"] = auth }
 
@@ -94,13 +94,6 @@ local builders = {}
 function builders.noop()
   local n = next_number("n")
   return wrk.format("GET", "/health/live", with_id(read_headers, "n", n))
-end
-
--- The same endpoint through the web framework's routing (konvert answers /health/live itself,
--- without the framework, unless the request carries a query string): the framework's own cost.
-function builders.noop_routed()
-  local n = next_number("f")
-  return wrk.format("GET", "/health/live?via=router", with_id(read_headers, "f", n))
 end
 
 function builders.balance()

@@ -147,20 +147,21 @@ class RequestObserver(ASGIMiddleware):
 def observe_unmatched(scope: HTTPScope, status: int) -> str:
     """A request the router matched to no route (which no middleware sees): counted, logged, and
     given a request id, returned for its response."""
-    request_id = request_id_var.get()
-    if not request_id:
-        request_id = new_request_id(scope["headers"])
-        request_id_var.set(request_id)
-    _served(scope, UNMATCHED, status, UNMATCHED, None)
+    request_id = new_request_id(scope["headers"])
+    _served(scope, UNMATCHED, status, UNMATCHED, None, request_id)
     return request_id
 
 
-def _served(scope: HTTPScope, route: str, status: int, path: str, seconds: float | None) -> None:
+def _served(
+    scope: HTTPScope, route: str, status: int, path: str, seconds: float | None, request_id: str | None = None
+) -> None:
     REQUESTS.labels(scope["method"], route, status).inc()
     if access_log.isEnabledFor(logging.INFO):
         extra: dict[str, Any] = {"method": scope["method"], "path": path, "status": status}
         if seconds is not None:
             extra["duration_ms"] = round(seconds * 1000, 3)
+        if request_id is not None:  # not the request being served in this context: name it
+            extra["request_id"] = request_id
         access_log.info("request", extra=extra)
 
 

@@ -24,13 +24,13 @@ from typing import Any
 import httpx
 import pytest
 
-from konvert.observability import TALLY_FLUSH_SECONDS
-
 MakeKey = Callable[..., Awaitable[str]]
 
 READY_TIMEOUT_SECONDS = 60.0
 EMBEDDED_READY_TIMEOUT_SECONDS = 90.0  # the first start runs initdb
 STOP_TIMEOUT_SECONDS = 30.0
+# How long a condition polled for (a count on /metrics) may take to show.
+METRICS_TIMEOUT_SECONDS = 10.0
 FIRST_ADMIN_KEY = re.compile(r"^first admin key \(shown once, keep it\): (kvt_\S+)$", re.M)
 DATA_DIR_LINE = re.compile(r"^konvert data directory: (.+)$", re.M)
 
@@ -58,6 +58,18 @@ class Server:
     def stderr(self) -> str:
         return self.stderr_path.read_text("utf-8", errors="replace")
 
+    def messages(self) -> str:
+        """What it said on stderr, a line per message: the ``msg`` of a JSON log line, any other
+        line as it is (``konvert serve`` announces itself in log lines unless on a terminal)."""
+        said = []
+        for line in self.stderr().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                entry = None
+            said.append(str(entry["msg"]) if isinstance(entry, dict) and "msg" in entry else line)
+        return "\n".join(said)
+
     def wait_ready(self, timeout_seconds: float) -> None:
         deadline = time.monotonic() + timeout_seconds
         while time.monotonic() < deadline:
@@ -74,7 +86,7 @@ class Server:
     def wait_for_line(self, pattern: re.Pattern[str], timeout_seconds: float = 10.0) -> re.Match[str]:
         deadline = time.monotonic() + timeout_seconds
         while time.monotonic() < deadline:
-            if match := pattern.search(self.stderr()):
+            if match := pattern.search(self.messages()):
                 return match
             time.sleep(0.1)
         raise AssertionError(f"no line matching {pattern.pattern!r} in:\n{self.stderr()}")
@@ -136,17 +148,36 @@ def bearer(key: str) -> dict[str, str]:
 
 
 def post_purchase(server: Server, key: str, member_id: str) -> httpx.Response:
-    return httpx.post(
-        f"{server.base_url}/v1/purchases", json=purchase_body(member_id), headers=bearer(key), timeout=10
-    )
+    return httpx.post(f"{server.base_url}/v1/purchases", json=purchase_body(member_id), headers=bearer(key), timeout=10)
 
 
 def get_balance(server: Server, key: str, member_id: str) -> httpx.Response:
     return httpx.get(f"{server.base_url}/v1/members/{member_id}/balance", headers=bearer(key), timeout=10)
 
 
+def get(server: Server, path: str) -> httpx.Response:
+    return httpx.get(f"{server.base_url}{path}", timeout=10)
+
+
 def points_of(balance: dict[str, Any]) -> dict[str, int]:
     return {name: balance[name] for name in ("available", "pending", "held", "lifetime_earned")}
+
+
+def metrics_on_a_new_connection(server: Server) -> str:
+    with httpx.Client(base_url=server.base_url, timeout=10) as client:
+        response = client.get("/metrics")
+        assert response.status_code == 200
+        return response.text
+
+
+def wait_for_metric(server: Server, sample: str) -> None:
+    """Poll /metrics (bounded) until it has the sample line: the request that it counts was
+    answered before the server recorded it."""
+    deadline = time.monotonic() + METRICS_TIMEOUT_SECONDS
+    while sample not in (metrics := get(server, "/metrics")).text:
+        assert metrics.status_code == 200
+        assert time.monotonic() < deadline, metrics.text
+        time.sleep(0.1)
 
 
 async def test_serve_with_configured_servers_and_two_workers(
@@ -162,16 +193,74 @@ async def test_serve_with_configured_servers_and_two_workers(
         posted = post_purchase(server, key, member_id)
         assert posted.status_code == 201, posted.text
         assert get_balance(server, key, member_id).json()["available"] == 20
-        # Whichever worker answers /metrics shows the posting within the tally's flush interval.
-        deadline = time.monotonic() + 10 * TALLY_FLUSH_SECONDS
+        # Metrics are recorded at once, and merged across the workers (prometheus_client's
+        # multiprocess mode): whichever worker answers /metrics shows the posting.
         counted = 'konvert_http_requests_total{method="POST",route="/v1/purchases",status="201"} 1.0'
-        while counted not in (metrics := httpx.get(f"{server.base_url}/metrics", timeout=10)).text:
-            assert metrics.status_code == 200
-            assert time.monotonic() < deadline, metrics.text
-            time.sleep(0.1)
+        wait_for_metric(server, counted)
+        # Each worker shows it, not only the one that served the posting: ask on new connections
+        # until both workers have answered (the access log says which one did).
+        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+        while len(set(access_log_pids(server, "/metrics"))) < 2:
+            assert time.monotonic() < deadline, server.stderr()
+            assert counted in metrics_on_a_new_connection(server)
 
         server.stop()
         assert "Traceback" not in server.stderr()
+
+
+def not_json_objects(text: str) -> list[str]:
+    """The lines of ``text`` that are not one JSON object each."""
+    bad = []
+    for line in text.splitlines():
+        try:
+            if not isinstance(json.loads(line), dict):
+                bad.append(line)
+        except ValueError:
+            bad.append(line)
+    return bad
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_with_json_logs_every_line_on_stderr_is_a_json_object(
+    tmp_path: Path, database_url: str, redis_url: str, make_key: MakeKey, workers: str
+) -> None:
+    key = await make_key("admin")
+    member_id = f"e2e-{uuid.uuid4().hex[:12]}"
+    env = konvert_env(
+        KONVERT_DATABASE_URL=database_url,
+        KONVERT_REDIS_URL=redis_url,
+        KONVERT_LOG_FORMAT="json",
+        KONVERT_LOG_LEVEL="info",
+    )
+
+    with konvert_serve(tmp_path, env, "--workers", workers) as server:
+        server.wait_ready(READY_TIMEOUT_SECONDS)
+        posted = post_purchase(server, key, member_id)
+        assert posted.status_code == 201, posted.text
+        assert get_balance(server, key, member_id).status_code == 200
+        assert get(server, "/v1/nowhere").status_code == 404
+        server.stop()  # (with one worker, uvicorn's stop ends in exit status 143: 128 + SIGTERM)
+        stderr = server.stderr()
+
+    assert stderr.strip(), "konvert serve wrote nothing to stderr"
+    assert not_json_objects(stderr) == [], stderr
+    entries = [json.loads(line) for line in stderr.splitlines()]
+    # konvert's own announcement is among them,
+    assert any(str(entry.get("msg", "")).startswith("serving on http://") for entry in entries), stderr
+    # and uvicorn's own lines (as JSON, without ANSI colours), from start to stop.
+    uvicorn = [entry["msg"] for entry in entries if entry.get("logger", "").startswith("uvicorn")]
+    assert "Application startup complete." in uvicorn, stderr
+    assert "Application shutdown complete." in uvicorn, stderr
+    assert not any("color_message" in entry for entry in entries)
+    assert "\x1b" not in stderr and "\\u001b" not in stderr
+    # And konvert's access log, a line per request, with its request id.
+    access = [entry for entry in entries if entry.get("logger") == "konvert.access"]
+    assert {(entry["method"], entry["path"], entry["status"]) for entry in access} >= {
+        ("POST", "/v1/purchases", 201),
+        ("GET", "/v1/members/{member_id}/balance", 200),
+        ("GET", "unmatched", 404),
+    }, stderr
+    assert all(entry.get("request_id") for entry in access)
 
 
 def listening_sockets(port: int) -> int:
@@ -260,8 +349,12 @@ def test_workers_do_not_outlive_their_supervisor_nor_share_a_port_with_another(
         # A second konvert on the same port would silently split its connections: it refuses.
         second = subprocess.run(
             [sys.executable, "-m", "konvert", "serve", "--port", str(port), "--workers", "2"],
-            env=env, capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert second.returncode == 2, second.stderr
         assert f"cannot listen on 127.0.0.1:{port}" in second.stderr
         assert listening_sockets(port) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -9,36 +10,52 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
-from litestar.testing import AsyncTestClient
 
-from konvert import auth
+from konvert import auth, composition
 from konvert.app import create_app
+from konvert.composition import AUDIT_CHECKS
 from konvert.ledger.audit import run_audit
-from konvert.ledger.service import spend_points, vest_due_lots
-from konvert.services import Services
-from tests.conftest import make_settings
-from tests.integration.test_purchases import RECENT, line, purchase
+from konvert.ledger.jobs import vest_due_lots
+from tests.conftest import make_settings, serve, spend_points
+from tests.integration.test_purchases import (
+    RECENT,
+    held_before_commit,
+    line,
+    posting,
+    purchase,
+    until_waiting_for_locks,
+)
+
+# Purchase ids posted for two members each (a client's mistake): two requests at once, and one
+# request while another process holds the id uncommitted (the service's batch then finds it
+# taken, commits nothing, and tries the posting again alone).
+SHARED_AT_ONCE, SHARED_RACED = "shared-1", "shared-2"
 
 
 @pytest.fixture
 async def busy_ledger(fresh_database_url, redis_url, program):
-    """A database of its own after purchases, replays, vesting, refunds, spending and a debt."""
+    """A database of its own after purchases, replays, vesting, refunds, spending, a debt, and
+    purchase ids posted for two members (one recorded, the other refused)."""
     settings = make_settings(fresh_database_url, redis_url)
     conn = await asyncpg.connect(fresh_database_url)
     key, _ = await auth.insert_key(conn, "audit", ["admin"])
     await conn.close()
     headers = {"Authorization": f"Bearer {key}"}
-    services = await Services.open(settings, program)
+    services = await composition.open_services(settings, program)
     try:
-        async with AsyncTestClient(create_app(settings, program)) as client:
+        async with serve(create_app(settings, program)) as client:  # real HTTP, on this loop
 
             async def post(path, body):
                 response = await client.post(path, json=body, headers=headers)
                 assert response.status_code == 201, response.text
 
             for member in ("ann", "bob", "cem"):
-                await post("/v1/purchases", purchase(member, f"{member}-1", line("a", 3, 1000, "books"), line("b", 1, 999)))
-                await post("/v1/purchases", purchase(member, f"{member}-1", line("a", 3, 1000, "books"), line("b", 1, 999)))
+                await post(
+                    "/v1/purchases", purchase(member, f"{member}-1", line("a", 3, 1000, "books"), line("b", 1, 999))
+                )
+                await post(
+                    "/v1/purchases", purchase(member, f"{member}-1", line("a", 3, 1000, "books"), line("b", 1, 999))
+                )
                 await post("/v1/purchases", purchase(member, f"{member}-2", occurred_at=RECENT))
             await vest_due_lots(services, now=datetime.now(UTC) + timedelta(days=20))
             await post("/v1/purchases", purchase("ann", "ann-3", occurred_at=RECENT))
@@ -47,6 +64,22 @@ async def busy_ledger(fresh_database_url, redis_url, program):
             await spend_points(services, "bob", 150, code="redeem", cause_type="test", cause_ref="b", reason="t")
             await post("/v1/purchases/bob-1/refunds", {"refund_id": "r1", "amount": 3999})  # bob goes negative
             await post("/v1/purchases", purchase("bob", "bob-3"))  # and repays the debt
+
+            at_once = await asyncio.gather(
+                *(
+                    client.post("/v1/purchases", json=purchase(member, SHARED_AT_ONCE), headers=headers)
+                    for member in ("dan", "eve")
+                )
+            )
+            assert sorted(r.status_code for r in at_once) == [201, 409], [r.text for r in at_once]
+            assert {r.json()["code"] for r in at_once if r.status_code == 409} == {"idempotency_conflict"}
+            async with held_before_commit(services, [posting(services, purchase("fay", SHARED_RACED))]):
+                raced = asyncio.ensure_future(
+                    client.post("/v1/purchases", json=purchase("gus", SHARED_RACED), headers=headers)
+                )
+                await until_waiting_for_locks(services.pool, 1)
+            raced_response = await raced
+            assert (raced_response.status_code, raced_response.json()["code"]) == (409, "idempotency_conflict")
         yield fresh_database_url
     finally:
         await services.close()
@@ -55,7 +88,7 @@ async def busy_ledger(fresh_database_url, redis_url, program):
 async def _audit(database_url: str):
     conn = await asyncpg.connect(database_url)
     try:
-        return await run_audit(conn)
+        return await run_audit(conn, AUDIT_CHECKS)
     finally:
         await conn.close()
 
@@ -63,7 +96,9 @@ async def _audit(database_url: str):
 def _cli_audit(database_url: str, redis_url: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KONVERT_")}
     env |= {"KONVERT_DATABASE_URL": database_url, "KONVERT_REDIS_URL": redis_url}
-    return subprocess.run([sys.executable, "-m", "konvert", "audit"], env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "konvert", "audit"], env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 async def test_audit_passes_after_every_kind_of_write(busy_ledger, redis_url):
@@ -71,6 +106,32 @@ async def test_audit_passes_after_every_kind_of_write(busy_ledger, redis_url):
     result = _cli_audit(busy_ledger, redis_url)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "audit passed" in result.stdout
+
+
+async def test_a_purchase_id_posted_for_two_members_is_recorded_once(busy_ledger):
+    conn = await asyncpg.connect(busy_ledger)
+    try:
+        recorded = await conn.fetch(
+            "select p.purchase_id, m.member_id, p.transfer_id from purchases p join members m using (member_uid)"
+            " where p.purchase_id = any($1::text[]) order by p.purchase_id",
+            [SHARED_AT_ONCE, SHARED_RACED],
+        )
+        earns = await conn.fetchval(
+            "select count(*) from transfers where code = 'earn' and cause_ref = any($1::text[])",
+            [f"webshop/{SHARED_AT_ONCE}", f"webshop/{SHARED_RACED}"],
+        )
+        members = await conn.fetchval(
+            "select array_agg(member_id order by member_id) from members"
+            " where member_id in ('dan', 'eve', 'fay', 'gus')"
+        )
+    finally:
+        await conn.close()
+
+    # Each id once, for one member; the refused postings created no member and wrote nothing.
+    assert [r["purchase_id"] for r in recorded] == [SHARED_AT_ONCE, SHARED_RACED]
+    assert recorded[1]["member_id"] == "fay"
+    assert recorded[0]["member_id"] in members and len(members) == 2 and "fay" in members
+    assert earns == 2 and all(r["transfer_id"] is not None for r in recorded)
 
 
 CORRUPTIONS = {
@@ -126,7 +187,11 @@ DANGLING = {
         "transfer ",
         "no transfer -5",
     ),
-    "lot member": ("update lots set member_uid = -2 where lot_id = (select min(lot_id) from lots)", "lot ", "no member -2"),
+    "lot member": (
+        "update lots set member_uid = -2 where lot_id = (select min(lot_id) from lots)",
+        "lot ",
+        "no member -2",
+    ),
     "purchase transfer": (
         "update purchases set transfer_id = -3 where purchase_pk = (select min(purchase_pk) from purchases)",
         "purchase ",

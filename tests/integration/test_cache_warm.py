@@ -2,20 +2,41 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import asyncpg
 import pytest
 import redis.asyncio as redis
 from litestar.testing import AsyncTestClient
 
-from konvert import auth
+from konvert import auth, composition, errors
 from konvert.app import create_app
-from konvert.cache import BalanceCache, balance_key
-from konvert.fastredis import MultiplexedRedis, RedisUnavailable
-from konvert.ledger.service import warm_balances
-from konvert.services import Services
-from tests.conftest import make_settings
-from tests.integration.test_foundation import konvert_env, run_konvert
+from konvert.cache import BalanceCache
+from konvert.ledger.balances import warm_balances
+from tests.conftest import REDIS_PREFIX, make_settings
 from tests.integration.test_purchases import purchase
+
+
+def warm_with_cli(*args: str, database_url: str = "", redis_url: str = "") -> subprocess.CompletedProcess[str]:
+    """``konvert cache warm ...`` in a process of its own, with the settings (and so the Redis
+    keys) the tests' services use on that database; without KONVERT_* variables otherwise."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("KONVERT_")}
+    if database_url:
+        env |= {
+            "KONVERT_DATABASE_URL": database_url,
+            "KONVERT_REDIS_URL": redis_url,
+            "KONVERT_REDIS_KEY_PREFIX": make_settings(database_url, redis_url).redis_key_prefix,
+        }
+    return subprocess.run(
+        [sys.executable, "-m", "konvert", "cache", "warm", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 @pytest.fixture
@@ -28,13 +49,11 @@ async def ledger(fresh_database_url, redis_url, program, new_id):
     await conn.close()
     headers = {"Authorization": f"Bearer {key}"}
     members = [new_id("w") for _ in range(5)]
-    services = await Services.open(settings, program)
+    services = await composition.open_services(settings, program)
     try:
         async with AsyncTestClient(create_app(settings, program)) as client:
             for member in members:
-                response = await client.post(
-                    "/v1/purchases", json=purchase(member, new_id("p")), headers=headers
-                )
+                response = await client.post("/v1/purchases", json=purchase(member, new_id("p")), headers=headers)
                 assert response.status_code == 201, response.text
             assert (await client.delete(f"/v1/members/{members[-1]}", headers=headers)).status_code in (
                 200,
@@ -52,34 +71,32 @@ async def ledger(fresh_database_url, redis_url, program, new_id):
 
 async def test_warming_caches_every_member_s_balance_as_a_read_would(ledger, redis_client):
     services, read = ledger
-    await redis_client.delete(*(balance_key(member) for member in read))
+    await redis_client.delete(*(services.cache.key(member) for member in read))
 
     warmed = await warm_balances(services, batch_size=2)  # two pages and a short one
 
     assert warmed == (len(read), None)  # the erased member is not cached
     for member, body in read.items():
-        assert await redis_client.hget(balance_key(member), "b") == body
-    assert await services.balances.get(next(iter(read))) == read[next(iter(read))]
+        assert await redis_client.hget(services.cache.key(member), "b") == body
+    assert await services.cache.get(next(iter(read))) == read[next(iter(read))]
 
 
 async def test_warming_never_puts_back_an_older_balance(ledger, redis_client):
     services, read = ledger
     member = next(iter(read))
-    await redis_client.delete(*(balance_key(m) for m in read))
+    await redis_client.delete(*(services.cache.key(m) for m in read))
     version = await services.pool.fetchval("select version from members where member_id = $1", member)
     # A write committed version + 1 after warming read the member: its tombstone is in Redis.
-    await services.balances.invalidate(member, version + 1)
+    await services.cache.invalidate_many([(member, version + 1)])
 
     await warm_balances(services)
 
-    assert await redis_client.hgetall(balance_key(member)) == {b"v": str(version + 1).encode()}
-    assert await services.balances.get(member) is None  # read from PostgreSQL, then cached afresh
+    assert await redis_client.hgetall(services.cache.key(member)) == {b"v": str(version + 1).encode()}
+    assert await services.cache.get(member) is None  # read from PostgreSQL, then cached afresh
 
 
-@pytest.mark.parametrize("fast", [True, False], ids=["multiplexed", "redis-py pipeline"])
-async def test_many_balances_go_to_redis_in_one_call_either_way(redis_url, redis_client, new_id, fast):
-    reader = MultiplexedRedis(redis_url, timeout_seconds=1.0) if fast else None
-    cache = BalanceCache(redis_client, 60, reader)
+async def test_many_balances_go_to_redis_in_one_call(redis_client, new_id):
+    cache = BalanceCache(redis_client, 60, f"{REDIS_PREFIX}-many")
     newer, older = new_id("n"), new_id("o")
     many = [(new_id("m"), 1, b"{}") for _ in range(40)]
     try:
@@ -87,17 +104,17 @@ async def test_many_balances_go_to_redis_in_one_call_either_way(redis_url, redis
         await redis_client.script_flush()  # as after a Redis restart: the script is loaded again
         assert await cache.put_many([(newer, 4, b'{"v": 4}'), (older, 1, b'{"v": 1}'), *many])
     finally:
-        cache.close()
-    assert await redis_client.hget(balance_key(newer), "b") == b'{"v": 5}'
-    assert await redis_client.hget(balance_key(older), "b") == b'{"v": 1}'
+        await cache.aclose()
+    assert await redis_client.hget(cache.key(newer), "b") == b'{"v": 5}'
+    assert await redis_client.hget(cache.key(older), "b") == b'{"v": 1}'
     # Cached together, they expire at different times: between half the TTL and the TTL.
-    lifetimes = [await redis_client.ttl(balance_key(member)) for member, _, _ in many]
+    lifetimes = [await redis_client.ttl(cache.key(member)) for member, _, _ in many]
     assert all(29 <= t <= 60 for t in lifetimes) and len(set(lifetimes)) > 5, lifetimes
 
 
 async def test_warming_stops_before_redis_runs_out_of_memory(ledger, redis_client):
     services, read = ledger
-    await redis_client.delete(*(balance_key(member) for member in read))
+    await redis_client.delete(*(services.cache.key(member) for member in read))
     before = (await redis_client.config_get("maxmemory"))["maxmemory"]
     used = (await redis_client.info("memory"))["used_memory"]
     await redis_client.config_set("maxmemory", used * 2)
@@ -108,72 +125,77 @@ async def test_warming_stops_before_redis_runs_out_of_memory(ledger, redis_clien
 
     assert warmed.members == 0 and warmed.stopped_at_memory is not None
     assert warmed.stopped_at_memory[1] == used * 2
-    assert not await redis_client.exists(*(balance_key(member) for member in read))
+    assert not await redis_client.exists(*(services.cache.key(member) for member in read))
 
 
 async def test_warming_says_so_when_redis_does_not_take_the_balances(ledger):
     services, _ = ledger
-    nowhere = "redis://127.0.0.1:1/0"
-    pooled = redis.Redis.from_url(nowhere, socket_connect_timeout=0.5)
-    dead = BalanceCache(pooled, 60, MultiplexedRedis(nowhere, timeout_seconds=0.5))
-    services.balances, live = dead, services.balances
+    nowhere = redis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.5)
+    dead = BalanceCache(nowhere, 60, services.settings.redis_key_prefix)
+    services.cache, live = dead, services.cache
     try:
-        with pytest.raises(RedisUnavailable):
+        with pytest.raises(errors.ServiceUnavailable):
             await warm_balances(services)
     finally:
-        services.balances = live
-        dead.close()
-        await pooled.aclose()
+        services.cache = live
+        await dead.aclose()
+        await nowhere.aclose()
 
 
-async def test_warming_takes_the_pooled_client_when_the_multiplexed_connection_fails(ledger, redis_client):
+async def test_after_a_redis_error_the_breaker_skips_reads_and_warming_but_not_invalidations(
+    ledger, redis_client, monkeypatch
+):
     services, read = ledger
-    await redis_client.delete(*(balance_key(member) for member in read))
-    half_dead = BalanceCache(redis_client, 60, MultiplexedRedis("redis://127.0.0.1:1/0", timeout_seconds=0.5))
-    services.balances, live = half_dead, services.balances
+    monkeypatch.setattr("konvert.cache._BREAKER_OPEN_SECONDS", 60.0)  # open for the whole test, however slow
+    cached, broken = list(read)[:2]
+    await redis_client.delete(*(services.cache.key(member) for member in read))
+    await warm_balances(services)
+    cache = BalanceCache(redis_client, 60, services.settings.redis_key_prefix)
+    services.cache, live = cache, services.cache
     try:
-        warmed = await warm_balances(services)
-    finally:
-        services.balances = live
-        half_dead.close()
+        assert await cache.get(cached) == read[cached]  # Redis answers: the breaker is closed
+        # A key Redis refuses to read as a balance (WRONGTYPE): the read fails, the breaker opens.
+        await redis_client.set(cache.key(broken), "not a hash")
+        assert await cache.get(broken) is None
 
-    assert warmed.members >= len(read)
-    assert all([await redis_client.hexists(balance_key(member), "b") for member in read])
+        # For a moment every read goes to PostgreSQL instead, and warming says it did not cache.
+        assert await cache.get(cached) is None
+        with pytest.raises(errors.ServiceUnavailable):
+            await warm_balances(services)
+        # A tombstone still reaches Redis: no reader may put an older balance back meanwhile.
+        version = await services.pool.fetchval("select version from members where member_id = $1", cached)
+        await cache.invalidate_many([(cached, version + 1)])
+        assert await redis_client.hgetall(cache.key(cached)) == {b"v": str(version + 1).encode()}
+    finally:
+        services.cache = live
+        await cache.aclose()
 
 
 async def test_the_cli_warms_the_cache(ledger, fresh_database_url, redis_url, redis_client):
-    _, read = ledger
-    await redis_client.delete(*(balance_key(member) for member in read))
+    services, read = ledger
+    await redis_client.delete(*(services.cache.key(member) for member in read))
 
-    result = run_konvert(
-        "cache", "warm", env=konvert_env(KONVERT_DATABASE_URL=fresh_database_url, KONVERT_REDIS_URL=redis_url)
-    )
+    result = warm_with_cli(database_url=fresh_database_url, redis_url=redis_url)
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"balances cached: {len(read)} members in ")
     for member, body in read.items():
-        assert await redis_client.hget(balance_key(member), "b") == body
+        assert await redis_client.hget(services.cache.key(member), "b") == body
 
 
 @pytest.mark.parametrize("size", ["0", "10001", "-5", "many"])
 def test_the_cli_refuses_a_batch_size_out_of_bounds(size):
-    result = run_konvert("cache", "warm", "--batch-size", size, env=konvert_env())
+    result = warm_with_cli("--batch-size", size)
     assert result.returncode == 2
     assert "--batch-size: must be a whole number from 1 to 10000" in result.stderr
 
 
-async def test_the_cli_says_when_it_stopped_for_redis_memory(
-    ledger, fresh_database_url, redis_url, redis_client
-):
+async def test_the_cli_says_when_it_stopped_for_redis_memory(ledger, fresh_database_url, redis_url, redis_client):
     before = (await redis_client.config_get("maxmemory"))["maxmemory"]
     used = (await redis_client.info("memory"))["used_memory"]
     await redis_client.config_set("maxmemory", int(used * 1.1))  # past 80%: no page goes in
     try:
-        result = run_konvert(
-            "cache",
-            "warm",
-            env=konvert_env(KONVERT_DATABASE_URL=fresh_database_url, KONVERT_REDIS_URL=redis_url),
-        )
+        result = warm_with_cli(database_url=fresh_database_url, redis_url=redis_url)
     finally:
         await redis_client.config_set("maxmemory", before)
     assert result.returncode == 1, result.stdout + result.stderr

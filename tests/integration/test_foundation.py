@@ -24,7 +24,6 @@ from litestar import Litestar
 from litestar.handlers import HTTPRouteHandler
 from litestar.routes import HTTPRoute
 from litestar.testing import AsyncTestClient
-from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from konvert import auth, db
@@ -166,14 +165,10 @@ async def test_a_body_larger_than_the_limit_is_413(
     assert_problem(response, 413, "payload_too_large")
 
 
-async def test_a_body_that_is_not_json_is_415(
-    client: AppClient, admin_headers: dict[str, str], new_id: NewId
-) -> None:
+async def test_a_body_that_is_not_json_is_415(client: AppClient, admin_headers: dict[str, str], new_id: NewId) -> None:
     body = msgspec.json.encode(purchase_body(new_id("m")))
 
-    response = await client.post(
-        "/v1/purchases", content=body, headers=admin_headers | {"content-type": "text/plain"}
-    )
+    response = await client.post("/v1/purchases", content=body, headers=admin_headers | {"content-type": "text/plain"})
 
     assert_problem(response, 415, "unsupported_media_type")
 
@@ -253,9 +248,7 @@ async def test_a_refused_purchase_writes_nothing(
     response = await client.post("/v1/purchases", **REFUSALS[refusal](member_id, admin_headers))
 
     assert response.status_code in (401, 415, 422)
-    assert_problem(
-        await client.get(f"/v1/members/{member_id}/balance", headers=admin_headers), 404, "member_not_found"
-    )
+    assert_problem(await client.get(f"/v1/members/{member_id}/balance", headers=admin_headers), 404, "member_not_found")
 
 
 async def test_a_key_without_the_write_scope_writes_nothing(
@@ -267,9 +260,7 @@ async def test_a_key_without_the_write_scope_writes_nothing(
     response = await client.post("/v1/purchases", json=purchase_body(member_id), headers=bearer(reader))
 
     assert_problem(response, 403, "forbidden")
-    assert_problem(
-        await client.get(f"/v1/members/{member_id}/balance", headers=admin_headers), 404, "member_not_found"
-    )
+    assert_problem(await client.get(f"/v1/members/{member_id}/balance", headers=admin_headers), 404, "member_not_found")
 
 
 # Request ids.
@@ -292,9 +283,7 @@ async def test_a_valid_client_request_id_is_echoed(client: AppClient) -> None:
     assert assert_problem(response, 401, "unauthenticated")["request_id"] == request_id
 
 
-@pytest.mark.parametrize(
-    "request_id", ["short", "has spaces in it", "x" * 129, "semi;colon;ids", "ünïcödé-id"]
-)
+@pytest.mark.parametrize("request_id", ["short", "has spaces in it", "x" * 129, "semi;colon;ids", "ünïcödé-id"])
 async def test_an_invalid_client_request_id_is_replaced(client: AppClient, request_id: str) -> None:
     response = await client.get("/health/live", headers={"X-Request-ID": request_id.encode()})
 
@@ -360,9 +349,7 @@ async def test_writes_and_reads_work_without_redis(
     assert balance.json()["lifetime_earned"] == 20
 
     # A second write is read back at once: no stale cache stands in the way.
-    second = await redisless_client.post(
-        "/v1/purchases", json=purchase_body(member_id), headers=admin_headers
-    )
+    second = await redisless_client.post("/v1/purchases", json=purchase_body(member_id), headers=admin_headers)
     assert second.status_code == 201, second.text
     balance = await redisless_client.get(f"/v1/members/{member_id}/balance", headers=admin_headers)
     assert balance.json()["available"] == 40
@@ -416,9 +403,7 @@ async def test_metrics_count_balance_reads_by_where_they_were_served_from(
     before = balance_reads((await client.get("/metrics")).text)
 
     for _ in range(3):  # a miss (PostgreSQL, then cached), then two cache hits
-        assert (
-            await client.get(f"/v1/members/{member_id}/balance", headers=admin_headers)
-        ).status_code == 200
+        assert (await client.get(f"/v1/members/{member_id}/balance", headers=admin_headers)).status_code == 200
 
     after = balance_reads((await client.get("/metrics")).text)
     assert after["database"] - before.get("database", 0) == 1
@@ -460,9 +445,7 @@ async def test_no_index_is_a_prefix_of_another(database_url: str) -> None:
     try:
         redundant = [dict(r) for r in await conn.fetch(_REDUNDANT_INDEXES)]
         # The check finds what it is for: a redundant index made here is reported.
-        await conn.execute(
-            "create index check_redundant_idx on purchases (member_uid, created_at, purchase_pk)"
-        )
+        await conn.execute("create index check_redundant_idx on purchases (member_uid, created_at, purchase_pk)")
         try:
             found = {r["redundant"] for r in await conn.fetch(_REDUNDANT_INDEXES)}
         finally:
@@ -540,9 +523,7 @@ def test_every_route_is_documented(app: Litestar) -> None:
 
 def test_every_api_route_declares_a_known_scope(app: Litestar) -> None:
     without_scope = [
-        name_of(route, handler)
-        for route, handler in api_handlers(app)
-        if handler.opt.get("scope") not in auth.SCOPES
+        name_of(route, handler) for route, handler in api_handlers(app) if handler.opt.get("scope") not in auth.SCOPES
     ]
 
     assert without_scope == []
@@ -630,8 +611,7 @@ async def test_migrate_applies_every_file_to_an_empty_database(empty_database_ur
     try:
         applied = await db.migrate(conn)
         tables = {
-            r["tablename"]
-            for r in await conn.fetch("select tablename from pg_tables where schemaname = 'public'")
+            r["tablename"] for r in await conn.fetch("select tablename from pg_tables where schemaname = 'public'")
         }
     finally:
         await conn.close()
@@ -649,9 +629,7 @@ async def test_migrate_again_applies_nothing(empty_database_url: str) -> None:
 
 
 async def test_concurrent_migrations_apply_each_file_exactly_once(empty_database_url: str) -> None:
-    first, second = await asyncio.gather(
-        db.migrate_url(empty_database_url), db.migrate_url(empty_database_url)
-    )
+    first, second = await asyncio.gather(db.migrate_url(empty_database_url), db.migrate_url(empty_database_url))
 
     assert sorted(m.version for m in first + second) == [version for version, _, _ in migration_files()]
     assert await recorded_migrations(empty_database_url) == migration_files()
@@ -678,7 +656,7 @@ async def test_a_database_of_a_replaced_migration_is_refused_with_what_to_do(emp
         await db.migrate(conn)
         await conn.execute("update schema_migrations set name = 'api_keys' where version = 1")
 
-        with pytest.raises(ConfigurationError, match="0001_api_keys.*earlier release"):
+        with pytest.raises(ConfigurationError, match=r"0001_api_keys.*earlier release"):
             await db.migrate(conn)
     finally:
         await conn.close()
@@ -747,9 +725,7 @@ async def test_keys_create_prints_the_key_and_stores_only_its_hash(
     assert key not in result.stderr
     conn = await asyncpg.connect(database_url)
     try:
-        rows = await conn.fetch(
-            "select k.secret_hash, k.scopes, row_to_json(k)::text as row_text from api_keys k"
-        )
+        rows = await conn.fetch("select k.secret_hash, k.scopes, row_to_json(k)::text as row_text from api_keys k")
     finally:
         await conn.close()
     assert not [row for row in rows if key in row["row_text"]]
@@ -796,9 +772,7 @@ async def test_a_cli_key_authenticates_until_revoked(
     revoked = run_konvert("keys", "revoke", key_id, env=cli_env)
     assert revoked.returncode == 0, revoked.stderr
     assert listed_key(list_keys(cli_env), name)[4].startswith("revoked")
-    assert_problem(
-        await client.get(f"/v1/members/{member_id}/balance", headers=bearer(key)), 401, "unauthenticated"
-    )
+    assert_problem(await client.get(f"/v1/members/{member_id}/balance", headers=bearer(key)), 401, "unauthenticated")
 
 
 def test_revoking_an_unknown_key_fails(cli_env: dict[str, str]) -> None:
@@ -831,13 +805,9 @@ def test_an_unknown_setting_stops_migrate_with_one_line(cli_env: dict[str, str])
 
 def test_a_bad_program_file_stops_serve_with_one_line(cli_env: dict[str, str], tmp_path: Path) -> None:
     program_file = tmp_path / "program.toml"
-    program_file.write_text(
-        'name = "P"\n\n[[partners]]\nid = "shop"\n\n[points]\nreturn_window_dayz = 3\n', "utf-8"
-    )
+    program_file.write_text('name = "P"\n\n[[partners]]\nid = "shop"\n\n[points]\nreturn_window_dayz = 3\n', "utf-8")
 
-    result = run_konvert(
-        "serve", "--port", str(free_port()), env=cli_env | {"KONVERT_PROGRAM_FILE": str(program_file)}
-    )
+    result = run_konvert("serve", "--port", str(free_port()), env=cli_env | {"KONVERT_PROGRAM_FILE": str(program_file)})
 
     assert_one_line_config_error(result, "return_window_dayz", str(program_file))
 

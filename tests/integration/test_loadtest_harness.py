@@ -1,8 +1,10 @@
 """The load-test harness's correctness path, at a tiny size: nothing lost, nothing doubled, audit passes.
 
 Runs ``loadtests/run.py`` as a subprocess against the local PostgreSQL and Redis (its own
-database, Redis db 14), with the write scenarios for two seconds each. No timing is asserted:
-the harness's figures are only meaningful when it is run on purpose, on a quiet machine.
+database, Redis db 14), with the write scenarios for two seconds each, and once more with
+``--baseline-ref HEAD``: the committed code exported and installed beside this checkout's, both
+measured side by side. No timing is asserted: the harness's figures are only meaningful when it
+is run on purpose, on a quiet machine.
 """
 
 from __future__ import annotations
@@ -47,29 +49,63 @@ def _servers() -> tuple[str, str]:
     return database_url, urlunsplit(redis_parts._replace(path=f"/{HARNESS_REDIS_DB}"))
 
 
-def test_harness_loses_nothing_and_the_audit_passes(tmp_path: Path) -> None:
+def _run_harness(output: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    """``loadtests/run.py`` at a tiny size with these options, against the local servers."""
     missing = [tool for tool in ("wrk", "pgbench") if shutil.which(tool) is None]
     if missing:
-        pytest.skip(f"the load-test harness needs {' and '.join(missing)} (Debian: apt-get install wrk postgresql-contrib)")
+        pytest.skip(
+            f"the load-test harness needs {' and '.join(missing)} (Debian: apt-get install wrk postgresql-contrib)"
+        )
     database_url, redis_url = _servers()
-    output = tmp_path / "result.json"
-    completed = subprocess.run(
+    return subprocess.run(
         [
-            sys.executable, str(RUN_PY), "--quick", "--members", "200", "--history", "8", "--history-every-days", "3",
-            "--duration", "2", "--warmup", "0.5",
-            "--connections", "8", "--scenarios", "balance_warm,purchases,redemptions,mixed,purchases_jobs,jobs",
-            "--pg-url", database_url, "--redis-url", redis_url, "--output", str(output),
-        ],  # fmt: skip
+            sys.executable,
+            str(RUN_PY),
+            "--quick",
+            "--members",
+            "200",
+            "--warmup",
+            "0.5",
+            "--connections",
+            "8",
+            *options,
+            "--pg-url",
+            database_url,
+            "--redis-url",
+            redis_url,
+            "--output",
+            str(output),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=HARNESS_TIMEOUT_SECONDS,
         check=False,
     )
+
+
+def _result(output: Path, completed: subprocess.CompletedProcess[str]) -> dict:
     assert output.exists(), f"no result written (exit {completed.returncode}):\n{completed.stdout}\n{completed.stderr}"
-    result = json.loads(output.read_text())
+    return json.loads(output.read_text())
+
+
+def test_harness_loses_nothing_and_the_audit_passes(tmp_path: Path) -> None:
+    output = tmp_path / "result.json"
+    completed = _run_harness(
+        output,
+        "--history",
+        "8",
+        "--history-every-days",
+        "3",
+        "--duration",
+        "2",
+        "--scenarios",
+        "noop,balance_warm,purchases,redemptions,mixed,purchases_jobs,jobs",
+    )
+    result = _result(output, completed)
     config = result["configs"][0]
-    writes = {name: scenario["writes"] for name, scenario in config["scenarios"].items() if name != "balance_warm"}
+    writes = {name: scenario["writes"] for name, scenario in config["scenarios"].items() if "writes" in scenario}
+    assert set(writes) == {"purchases", "redemptions", "mixed", "purchases_jobs"}, list(config["scenarios"])
     assert result["nothing_lost"] is True, json.dumps(writes, indent=2)
     assert result["audit_passed"] is True, completed.stdout
     assert completed.returncode == 0, completed.stdout + completed.stderr
@@ -91,8 +127,6 @@ def test_harness_loses_nothing_and_the_audit_passes(tmp_path: Path) -> None:
     assert warm["cache_warm"]["output"].startswith("balances cached: 200 members"), warm["cache_warm"]
     assert warm["balance_read_sources"].get("database", 0.0) == 0.0, warm["balance_read_sources"]
     assert warm["balance_read_sources"]["redis"] == 1.0, warm["balance_read_sources"]
-    # The jobs ran until nothing was due, after the writes and before the audit that passed:
-    # every lot the seed and the purchases made was vested (the pending ones) and expired.
     # purchases_jobs: `konvert jobs run` beside the load vested every lot made due before it
     # (the seed's and the earlier scenarios' pending lots), and no other.
     beside = config["scenarios"]["purchases_jobs"]["jobs_beside"]
@@ -102,13 +136,97 @@ def test_harness_loses_nothing_and_the_audit_passes(tmp_path: Path) -> None:
     assert 0.9 * beside["backlog_lots"] <= beside["vested_lots"] <= beside["backlog_lots"], beside
     assert beside["vested_lots"] == beside["counts"]["vested_lots"], beside
     assert config["ratios"]["purchases_jobs_vs_purchases"] > 0, config["ratios"]
-    jobs = config["jobs"]
-    assert jobs["vesting"]["settled"] >= writes["purchases_jobs"]["purchase"]["accepted"], (jobs, beside)
-    assert jobs["expiry"]["settled"] > jobs["vesting"]["settled"] + beside["vested_lots"], jobs
-    assert jobs["tiers"]["settled"] >= 200, jobs
-    assert config["ratios"]["vesting_vs_purchases"] > 0, config["ratios"]
+    _assert_jobs_ran_through_the_cli(config, writes["purchases_jobs"]["purchase"]["accepted"], beside["vested_lots"])
+    # The redesign's acceptance figures are targets; without a baseline the purchases one waits for it.
+    targets = {t["name"].split(" (")[0]: t for t in result["targets"]}
+    assert targets["balance reads, every balance cached / no-op"]["value"] == config["ratios"]["balance_warm_vs_noop"]
+    assert targets["purchases / baseline 89afc5e"]["value"] is None, targets
     sources = config["scenarios"]["mixed"]["balance_read_sources"]
     assert set(sources) <= {"redis", "database"} and abs(sum(sources.values()) - 1) < 0.01, sources
+
+
+def _assert_jobs_ran_through_the_cli(config: dict, purchased_last: int, vested_beside: int) -> None:
+    """The jobs scenario: each job's work made due in SQL, then settled by `konvert jobs run`
+    alone (nothing else was due), every due row by the CLI's count and by SQL's, after the writes
+    and before the audit that passed."""
+    jobs = config["jobs"]
+    for name in ("vesting", "tiers", "expiry"):
+        job = jobs[name]
+        assert job["runs"] >= 1 and job["seconds"] > 0 and job["due_after"] == 0, (name, job)
+        assert job["settled"] == job["due_before"] > 0, (name, job)
+        assert not set(job["other_counts"]) & {"vested_lots", "expired_lots", "tiers_reevaluated"}, (name, job)
+    # Every pending lot, the last scenario's purchases' among them, vested; then every lot expired.
+    assert jobs["vesting"]["settled"] >= purchased_last, jobs
+    assert jobs["expiry"]["settled"] > jobs["vesting"]["settled"] + vested_beside, jobs
+    assert jobs["tiers"]["settled"] >= 200, jobs  # every seeded member has a tier at this history
+    assert config["jobs_cli"]["startup_seconds"] > 0, config["jobs_cli"]
+    assert config["jobs_usage"]["cpu_percent_by_group"]["jobs"] > 0, config["jobs_usage"]
+    ratios = config["ratios"]
+    assert ratios["vesting_vs_purchases"] > 0 and ratios["expiry_vs_purchases"] > 0, ratios
+
+
+# pip's words for an index it cannot reach: then the baseline cannot be installed here, which is
+# the machine's limit, not the harness's fault.
+_NO_PACKAGE_INDEX = (
+    "No matching distribution",
+    "Could not find a version",
+    "NewConnectionError",
+    "Network is unreachable",
+    "Temporary failure in name resolution",
+    "ProxyError",
+)
+
+
+def test_harness_measures_a_baseline_commit_side_by_side(tmp_path: Path) -> None:
+    if shutil.which("git") is None:
+        pytest.skip("--baseline-ref needs git")
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
+    if head.returncode != 0:
+        pytest.skip(f"not a git checkout: {head.stderr.strip()}")
+    output = tmp_path / "result.json"
+    # A cache of its own (pytest keeps the last few): one build of ~120 MB per commit tested
+    # would pile up in loadtests/results/baselines as HEAD moves.
+    completed = _run_harness(
+        output,
+        "--duration",
+        "1",
+        "--scenarios",
+        "noop,purchases,jobs",
+        "--baseline-ref",
+        "HEAD",
+        "--baseline-cache",
+        str(tmp_path / "baselines"),
+    )
+    if completed.returncode == 2 and any(words in completed.stderr for words in _NO_PACKAGE_INDEX):
+        pytest.skip(f"the baseline could not be installed (no package index): {completed.stderr[-500:]}")
+    result = _result(output, completed)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    config = result["configs"][0]
+    baseline = config["baseline"]
+    commit = head.stdout.strip()
+    # The committed code, exported and installed in a virtualenv of its own, with its own database.
+    assert result["baseline"]["commit"] == baseline["commit"] == commit, result["baseline"]
+    source = result["baseline"]["source"]
+    assert source["python"].endswith(f"/{commit}/.venv/bin/python"), source
+    assert source["package"].endswith(f"/{commit}/src/konvert"), source
+    assert source["database"] != result["source"]["database"], (source, result["source"])
+    # Alternating, scenario by scenario, the baseline first; pgbench would run once, for both.
+    assert config["measured_order"] == ["baseline:noop", "current:noop", "baseline:purchases", "current:purchases"]
+    for side in (config, baseline):
+        purchase = side["scenarios"]["purchases"]["writes"]["purchase"]
+        assert purchase["accepted"] > 0 and purchase["recorded_rows"] >= purchase["accepted"], purchase
+        assert side["correctness"] == {"nothing_lost": True, "audit_passed": True}, side["correctness"]
+        assert side["jobs"]["expiry"]["settled"] > 0 and side["jobs"]["vesting"]["settled"] > 0, side["jobs"]
+    # Each install served its own scenarios: its own server log, its own requests.
+    artifacts = output.with_name(output.stem + "-artifacts")
+    assert (artifacts / "server-200m-2w.log").exists() and (artifacts / "server-200m-2w-baseline.log").exists()
+    assert baseline["scenarios"]["noop"]["server_latency"]["requests"] >= baseline["scenarios"]["noop"]["requests"]
+    ratios = config["ratios"]
+    for name in ("noop", "purchases", "vesting", "tiers", "expiry"):
+        assert ratios[f"{name}_vs_baseline"] > 0, ratios
+    target = next(t for t in result["targets"] if t["name"].startswith(f"purchases / baseline {commit[:12]}"))
+    assert target["value"] == ratios["purchases_vs_baseline"] and target["met"] is not None, target
+    assert "purchases (baseline)" in completed.stdout and "current / baseline: noop " in completed.stdout
 
 
 def test_the_harness_sees_a_checkpoint_start(database_url: str) -> None:
@@ -118,11 +236,11 @@ def test_the_harness_sees_a_checkpoint_start(database_url: str) -> None:
 
     import asyncpg
 
-    from tests.unit.test_harness_parts import _load_run_py
+    sys.path.insert(0, str(ROOT / "loadtests"))
+    from harness import stats
+    from harness.report import checkpoint_note
 
-    run = _load_run_py()
-    checkpoint_note = run.report.checkpoint_note
-    before = run._checkpoints(database_url)
+    before = stats.checkpoints(database_url)
     assert before is not None
 
     async def checkpoint() -> None:
@@ -133,10 +251,9 @@ def test_the_harness_sees_a_checkpoint_start(database_url: str) -> None:
             await conn.close()
 
     asyncio.run(checkpoint())
-    during = run._checkpoints_during(before, run._checkpoints(database_url))
+    during = stats.checkpoints_during(before, stats.checkpoints(database_url))
     assert during["started"] >= 1, during
     purchases = {"checkpoints": during, "wal_per_request": {"full_page_images": 0.15}}
     assert checkpoint_note(purchases).endswith("started during it (0.15 full-page images per request)")
     quiet = {"checkpoints": {"started": 0, "running_at_start": False, "running_at_end": False}}
     assert checkpoint_note(quiet | {"wal_per_request": {}}) == ""
-

@@ -9,12 +9,13 @@ delivery_notes (text up to 40, 10, support).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,11 +23,13 @@ import asyncpg
 import pytest
 from litestar.testing import AsyncTestClient
 
-from konvert import auth
+from konvert import auth, composition
 from konvert.app import create_app
 from konvert.ledger.audit import run_audit
-from konvert.preferences.hooks import ERASURE_HOOKS, ERASURE_STEPS
+from konvert.ledger.book import Book
+from konvert.ledger.book import Member as LockedMember
 from konvert.program import parse_program
+from konvert.services import Erasure, Services
 from tests.conftest import TEST_PROGRAM, make_settings
 from tests.integration.test_purchases import RECENT, line, purchase
 
@@ -45,7 +48,9 @@ class Api:
         body = {"value": value, "consent": list(consent)}
         return await self.client.put(f"/v1/members/{member}/preferences/{key}", json=body, headers=self.member_headers)
 
-    async def shared(self, member: str, key: str, value: Any, consent: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
+    async def shared(
+        self, member: str, key: str, value: Any, consent: tuple[str, ...] | list[str] = ()
+    ) -> dict[str, Any]:
         response = await self.share(member, key, value, consent)
         assert response.status_code == 200, response.text
         return response.json()
@@ -124,7 +129,7 @@ async def _own_api(database_url: str, redis_url: str, program_text: str) -> Asyn
 async def _audit(database_url: str) -> list[Any]:
     conn = await asyncpg.connect(database_url)
     try:
-        return await run_audit(conn)
+        return await run_audit(conn, composition.AUDIT_CHECKS)
     finally:
         await conn.close()
 
@@ -156,16 +161,23 @@ async def test_the_catalog_shows_what_can_be_shared_for_how_many_points(api):
     by_key = {item["key"]: item for item in catalog["items"]}
     assert set(by_key) == {"favourite_categories", "clothing_size", "birthday", "newsletter", "delivery_notes"}
     assert by_key["clothing_size"] == {
-        "key": "clothing_size", "label": "Clothing size", "type": "choice", "purposes": ["personalisation", "support"],
-        "choices": ["S", "M", "L"], "max_length": None, "points": 20,
-    }  # fmt: skip
+        "key": "clothing_size",
+        "label": "Clothing size",
+        "type": "choice",
+        "purposes": ["personalisation", "support"],
+        "choices": ["S", "M", "L"],
+        "max_length": None,
+        "points": 20,
+    }
     assert by_key["delivery_notes"]["max_length"] == 40
 
 
 # --- points for the first share, once ------------------------------------------------------
 
 
-async def test_the_first_share_earns_the_catalog_points_once_across_update_delete_and_reshare(api, database_url, new_id):
+async def test_the_first_share_earns_the_catalog_points_once_across_update_delete_and_reshare(
+    api, database_url, new_id
+):
     member = new_id("m")
 
     first = await api.shared(member, "favourite_categories", ["books"], ["marketing"])
@@ -182,9 +194,15 @@ async def test_the_first_share_earns_the_catalog_points_once_across_update_delet
     assert (reshared["points_awarded"], reshared["first_shared"]) == (0, False)
     balance = await api.balance(member)
     assert (balance["available"], balance["lifetime_earned"]) == (50, 50)
-    assert await _preference_transfers(database_url, member) == [("earn", 50, "preference_shared: favourite_categories")]
+    assert await _preference_transfers(database_url, member) == [
+        ("earn", 50, "preference_shared: favourite_categories")
+    ]
     earned = (await api.activity(member))[0]
-    assert (earned["code"], earned["delta"], earned["cause"]) == ("earn", 50, {"type": "preference", "ref": "favourite_categories"})
+    assert (earned["code"], earned["delta"], earned["cause"]) == (
+        "earn",
+        50,
+        {"type": "preference", "ref": "favourite_categories"},
+    )
 
 
 async def test_each_key_pays_once_and_a_zero_point_key_pays_nothing(api, new_id):
@@ -192,7 +210,12 @@ async def test_each_key_pays_once_and_a_zero_point_key_pays_nothing(api, new_id)
 
     paid = [
         (await api.shared(member, key, value))["points_awarded"]
-        for key, value in (("clothing_size", "M"), ("birthday", "02-29"), ("newsletter", True), ("delivery_notes", "back door"))
+        for key, value in (
+            ("clothing_size", "M"),
+            ("birthday", "02-29"),
+            ("newsletter", True),
+            ("delivery_notes", "back door"),
+        )
     ]
 
     assert paid == [20, 30, 0, 10]
@@ -351,13 +374,23 @@ async def test_reading_for_a_purpose_returns_only_what_the_member_consented_to_a
     assert await api.keys_for(member, "support") == ["clothing_size"]
     assert await api.keys_for(member, "personalisation") == []
     # The member's own view: everything, purpose or not.
-    assert await api.keys_for(member) == ["birthday", "clothing_size", "delivery_notes", "favourite_categories", "newsletter"]
+    assert await api.keys_for(member) == [
+        "birthday",
+        "clothing_size",
+        "delivery_notes",
+        "favourite_categories",
+        "newsletter",
+    ]
     marketing = (await api.preferences(member, "marketing")).json()
     assert marketing["purpose"] == "marketing"
     assert marketing["items"][0] | {"updated_at": None} == {
-        "key": "favourite_categories", "label": "Favourite categories", "type": "multi_choice", "value": ["books"],
-        "consent": ["personalisation", "marketing"], "updated_at": None,
-    }  # fmt: skip
+        "key": "favourite_categories",
+        "label": "Favourite categories",
+        "type": "multi_choice",
+        "value": ["books"],
+        "consent": ["personalisation", "marketing"],
+        "updated_at": None,
+    }
 
 
 async def test_withdrawing_consent_hides_the_preferences_at_once(api, new_id):
@@ -402,7 +435,10 @@ async def test_consents_per_purpose_record_when_and_through_which_client(api, ma
     assert state["support"]["changed_at"] >= granted["purposes"]["support"]["changed_at"]
     assert state["personalisation"] == {"granted": False, "changed_at": None, "changed_by": None}
     assert (await api.consents(member)).json() == withdrawn.json()
-    log = [(e["kind"], e["subject"], e["old_value"], e["new_value"], e["client"]) for e in (await api.export(member)).json()["privacy_log"]]
+    log = [
+        (e["kind"], e["subject"], e["old_value"], e["new_value"], e["client"])
+        for e in (await api.export(member)).json()["privacy_log"]
+    ]
     assert log[1:4] == [
         ("consent_changed", "marketing", None, True, "member-portal"),
         ("consent_changed", "support", None, True, "member-portal"),
@@ -415,7 +451,9 @@ async def test_consents_for_unknown_purposes_are_refused_and_change_nothing(api,
     await api.shared(member, "newsletter", True, ["marketing"])
 
     response = await api.client.put(
-        f"/v1/members/{member}/consents", json={"purposes": {"marketing": True, "tracking": True}}, headers=api.member_headers
+        f"/v1/members/{member}/consents",
+        json={"purposes": {"marketing": True, "tracking": True}},
+        headers=api.member_headers,
     )
     empty = await api.client.put(f"/v1/members/{member}/consents", json={"purposes": {}}, headers=api.member_headers)
 
@@ -459,12 +497,24 @@ async def test_every_preference_change_is_logged_with_its_values_and_client(api,
 
     assert [(e["kind"], e["subject"], e["old_value"], e["new_value"], e["points"], e["client"]) for e in log] == [
         ("preference_set", "clothing_size", None, {"value": "S", "consent": ["support"]}, 20, "member-portal"),
-        ("preference_set", "clothing_size", {"value": "S", "consent": ["support"]},
-         {"value": "M", "consent": ["personalisation", "support"]}, 0, "member-portal"),
-        ("preference_deleted", "clothing_size", {"value": "M", "consent": ["personalisation", "support"]}, None, 0,
-         "member-portal"),
+        (
+            "preference_set",
+            "clothing_size",
+            {"value": "S", "consent": ["support"]},
+            {"value": "M", "consent": ["personalisation", "support"]},
+            0,
+            "member-portal",
+        ),
+        (
+            "preference_deleted",
+            "clothing_size",
+            {"value": "M", "consent": ["personalisation", "support"]},
+            None,
+            0,
+            "member-portal",
+        ),
         ("exported", None, None, None, 0, "member-portal"),
-    ]  # fmt: skip
+    ]
     assert log == sorted(log, key=lambda e: e["log_id"])
 
 
@@ -491,12 +541,20 @@ async def test_the_privacy_log_cannot_be_edited_or_deleted(api, database_url, ne
             await conn.execute("set local konvert.erasure = 'on'")
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
                 async with conn.transaction():  # a savepoint
-                    await conn.execute("update privacy_log set old_value = null, new_value = null, client = 'x' where member_uid = $1", uid)
-            blanked = await conn.execute("update privacy_log set old_value = null, new_value = null where member_uid = $1", uid)
+                    await conn.execute(
+                        "update privacy_log set old_value = null, new_value = null, client = 'x' where member_uid = $1",
+                        uid,
+                    )
+            blanked = await conn.execute(
+                "update privacy_log set old_value = null, new_value = null where member_uid = $1", uid
+            )
             assert blanked == "UPDATE 1"
         finally:
             await transaction.rollback()
-        assert await conn.fetchval("select count(*) from privacy_log where member_uid = $1 and new_value is not null", uid) == 1
+        assert (
+            await conn.fetchval("select count(*) from privacy_log where member_uid = $1 and new_value is not null", uid)
+            == 1
+        )
     finally:
         await conn.close()
 
@@ -505,15 +563,24 @@ async def test_the_privacy_log_cannot_be_edited_or_deleted(api, database_url, ne
 
 
 CLAWBACK_PROGRAM = TEST_PROGRAM.replace("[preferences]\n", "[preferences]\nclaw_back_on_withdrawal = true\n")
-CLAWBACK_NO_NEGATIVE_PROGRAM = CLAWBACK_PROGRAM.replace("allow_negative_balance = true", "allow_negative_balance = false")
+CLAWBACK_NO_NEGATIVE_PROGRAM = CLAWBACK_PROGRAM.replace(
+    "allow_negative_balance = true", "allow_negative_balance = false"
+)
 
 
-async def test_clawback_on_withdrawal_takes_the_points_back_and_a_reshare_pays_them_again(fresh_database_url, redis_url):
+async def test_clawback_on_withdrawal_takes_the_points_back_and_a_reshare_pays_them_again(
+    fresh_database_url, redis_url
+):
     async for api in _own_api(fresh_database_url, redis_url, CLAWBACK_PROGRAM):
         await api.shared("ann", "favourite_categories", ["books"], ["marketing"])
         await api.shared("ann", "clothing_size", "M")
         deleted = await api.withdraw("ann", "favourite_categories")
-        assert deleted.json() == {"key": "favourite_categories", "deleted": True, "points_clawed_back": 50, "shortfall": 0}
+        assert deleted.json() == {
+            "key": "favourite_categories",
+            "deleted": True,
+            "points_clawed_back": 50,
+            "shortfall": 0,
+        }
         assert (await api.balance("ann"))["available"] == 20
         assert (await api.balance("ann"))["lifetime_earned"] == 20
 
@@ -523,8 +590,11 @@ async def test_clawback_on_withdrawal_takes_the_points_back_and_a_reshare_pays_t
         assert changed["points_awarded"] == 0
         assert (await api.balance("ann"))["available"] == 70
         assert [(t["code"], t["delta"]) for t in await api.activity("ann")] == [
-            ("earn", 50), ("clawback", -50), ("earn", 20), ("earn", 50),
-        ]  # fmt: skip
+            ("earn", 50),
+            ("clawback", -50),
+            ("earn", 20),
+            ("earn", 50),
+        ]
 
         # Spent points: the clawback takes the balance below zero (the program allows it), and
         # the next points repay the debt.
@@ -600,9 +670,14 @@ class Member:
     def personal_values(self) -> list[str]:
         # Values distinctive enough to search every column for (a size "M" or a boolean is not).
         return [
-            self.member_id, self.delivery_notes, self.birthday, *self.categories,
-            self.redemption_note, self.adjustment_note, self.refund_reason,
-        ]  # fmt: skip
+            self.member_id,
+            self.delivery_notes,
+            self.birthday,
+            *self.categories,
+            self.redemption_note,
+            self.adjustment_note,
+            self.refund_reason,
+        ]
 
 
 def month_day_unlike_any_date_stored(*candidates: str) -> str:
@@ -622,9 +697,15 @@ async def build_member(
     m = Member(member_id, tag, birthday, list(categories))
     settled = f"{tag}-p1"
     await api.admin_post("/v1/purchases", purchase(member_id, settled, line("a", 2, 5000, "toys")))
-    await api.admin_post("/v1/purchases", purchase(member_id, f"{tag}-p2", line("a", 1, 3000, "toys"), occurred_at=RECENT))
-    await api.admin_post(f"/v1/purchases/{settled}/refunds", {"refund_id": f"{tag}-rf1", "amount": 1000, "reason": m.refund_reason})
-    await api.admin_post(f"/v1/members/{member_id}/redemptions", {"redemption_id": f"{tag}-rd1", "points": 10, "note": m.redemption_note})
+    await api.admin_post(
+        "/v1/purchases", purchase(member_id, f"{tag}-p2", line("a", 1, 3000, "toys"), occurred_at=RECENT)
+    )
+    await api.admin_post(
+        f"/v1/purchases/{settled}/refunds", {"refund_id": f"{tag}-rf1", "amount": 1000, "reason": m.refund_reason}
+    )
+    await api.admin_post(
+        f"/v1/members/{member_id}/redemptions", {"redemption_id": f"{tag}-rd1", "points": 10, "note": m.redemption_note}
+    )
     await api.admin_post(
         f"/v1/members/{member_id}/adjustments",
         {"adjustment_id": f"{tag}-adj1", "points": 5, "reason_code": "goodwill", "note": m.adjustment_note},
@@ -640,8 +721,14 @@ async def build_member(
     await api.set_consents(member_id, personalisation=False)
     now = datetime.now(UTC).isoformat()
     kudos = {"source": "forum", "thread_id": f"{tag}-t1", "kind": "like", "occurred_at": now}
-    await api.admin_post("/v1/kudos", kudos | {"kudos_id": f"{tag}-k1", "post_id": f"{tag}-post1", "author_id": member_id, "giver_id": m.friend})
-    await api.admin_post("/v1/kudos", kudos | {"kudos_id": f"{tag}-k2", "post_id": f"{tag}-post2", "author_id": m.friend, "giver_id": member_id})
+    await api.admin_post(
+        "/v1/kudos",
+        kudos | {"kudos_id": f"{tag}-k1", "post_id": f"{tag}-post1", "author_id": member_id, "giver_id": m.friend},
+    )
+    await api.admin_post(
+        "/v1/kudos",
+        kudos | {"kudos_id": f"{tag}-k2", "post_id": f"{tag}-post2", "author_id": m.friend, "giver_id": member_id},
+    )
     return m
 
 
@@ -658,9 +745,13 @@ async def test_export_holds_everything_konvert_holds_on_the_member(api, new_id):
     assert member["member_id"] == m.member_id
     balance = await api.balance(m.member_id)
     assert member["balances"] == {
-        "available": balance["available"], "pending": balance["pending"], "held": balance["held"], "debt": 0,
-        "lifetime_earned": balance["lifetime_earned"], "reputation": balance["reputation"],
-    }  # fmt: skip
+        "available": balance["available"],
+        "pending": balance["pending"],
+        "held": balance["held"],
+        "debt": 0,
+        "lifetime_earned": balance["lifetime_earned"],
+        "reputation": balance["reputation"],
+    }
     assert balance["reputation"] > 0
     preferences = {p["key"]: (p["value"], p["consent"]) for p in export["preferences"]}
     assert preferences == {
@@ -671,10 +762,19 @@ async def test_export_holds_everything_konvert_holds_on_the_member(api, new_id):
         "delivery_notes": (m.delivery_notes, ["support"]),
     }
     awards = {a["key"]: (a["points"], a["points_awarded"]) for a in export["preference_awards"]}
-    assert awards == {"favourite_categories": (50, 50), "clothing_size": (20, 20), "birthday": (30, 30),
-                      "newsletter": (0, 0), "delivery_notes": (10, 10)}  # fmt: skip
+    assert awards == {
+        "favourite_categories": (50, 50),
+        "clothing_size": (20, 20),
+        "birthday": (30, 30),
+        "newsletter": (0, 0),
+        "delivery_notes": (10, 10),
+    }
     consents = export["consents"]
-    assert {p: c["granted"] for p, c in consents.items()} == {"personalisation": False, "marketing": True, "support": True}
+    assert {p: c["granted"] for p, c in consents.items()} == {
+        "personalisation": False,
+        "marketing": True,
+        "support": True,
+    }
     assert consents["marketing"]["changed_by"] == "member-portal"
     kinds = [e["kind"] for e in export["privacy_log"]]
     assert kinds.count("preference_set") == 6 and kinds.count("preference_deleted") == 1
@@ -720,14 +820,18 @@ async def _columns_containing(conn: asyncpg.Connection, needle: str) -> list[str
     for table, column, data_type in columns:
         name = f'"{table}"."{column}"'
         condition = (
-            f"position(convert_to($1, 'UTF8') in {name}) > 0" if data_type == "bytea" else f"strpos({name}::text, $1) > 0"
+            f"position(convert_to($1, 'UTF8') in {name}) > 0"
+            if data_type == "bytea"
+            else f"strpos({name}::text, $1) > 0"
         )
         if await conn.fetchval(f'select exists (select 1 from "{table}" where {condition})', needle):
             found.append(f"{table}.{column}")
     return found
 
 
-async def test_erasure_removes_personal_data_from_every_table_and_the_books_still_balance(fresh_database_url, redis_url):
+async def test_erasure_removes_personal_data_from_every_table_and_the_books_still_balance(
+    fresh_database_url, redis_url
+):
     async for api in _own_api(fresh_database_url, redis_url, TEST_PROGRAM):
         m = await build_member(api, "erin-" + uuid.uuid4().hex[:8], month_day_unlike_any_date_stored("02-29", "08-31"))
         friend = await build_member(
@@ -762,15 +866,23 @@ async def test_erasure_removes_personal_data_from_every_table_and_the_books_stil
                 "select member_id, erased_at, points_available, reputation from members where member_uid = $1", uid
             )
             assert pseudonym["member_id"].startswith("erased-") and pseudonym["erased_at"] is not None
-            assert (pseudonym["points_available"], pseudonym["reputation"]) == (before["available"], before["reputation"])
+            assert (pseudonym["points_available"], pseudonym["reputation"]) == (
+                before["available"],
+                before["reputation"],
+            )
             assert await conn.fetchval("select count(*) from preferences where member_uid = $1", uid) == 0
             assert await conn.fetchval("select count(*) from consents where member_uid = $1", uid) == 0
-            log = await conn.fetch("select kind, old_value, new_value from privacy_log where member_uid = $1 order by log_id", uid)
+            log = await conn.fetch(
+                "select kind, old_value, new_value from privacy_log where member_uid = $1 order by log_id", uid
+            )
             assert log[-1]["kind"] == "erased"
             assert all(r["old_value"] is None and r["new_value"] is None for r in log)
             assert await conn.fetchval("select count(*) from members where erased_at is not null") == 1
             # The friend's own data is untouched.
-            assert await _columns_containing(conn, friend.delivery_notes) == ["preferences.value", "privacy_log.new_value"]
+            assert await _columns_containing(conn, friend.delivery_notes) == [
+                "preferences.value",
+                "privacy_log.new_value",
+            ]
         finally:
             await conn.close()
         assert (await api.export(friend.member_id)).json()["member"]["member_id"] == friend.member_id
@@ -778,9 +890,10 @@ async def test_erasure_removes_personal_data_from_every_table_and_the_books_stil
 
         # An old request cannot be replayed into the pseudonym; a new one starts a new member.
         replayed = await api.client.post(
-            "/v1/purchases", json=purchase(m.member_id, f"{m.refund_reason[-8:]}-p1", line("a", 2, 5000, "toys")),
+            "/v1/purchases",
+            json=purchase(m.member_id, f"{m.refund_reason[-8:]}-p1", line("a", 2, 5000, "toys")),
             headers=api.admin_headers,
-        )  # fmt: skip
+        )
         assert (replayed.status_code, replayed.json()["code"]) == (409, "idempotency_conflict")
         await api.admin_post("/v1/purchases", purchase(m.member_id, "after-erasure", line("a", 1, 1000)))
         assert (await api.balance(m.member_id))["available"] == 10
@@ -789,7 +902,9 @@ async def test_erasure_removes_personal_data_from_every_table_and_the_books_stil
     assert await _audit(fresh_database_url) == []
     env = {k: v for k, v in os.environ.items() if not k.startswith("KONVERT_")}
     env |= {"KONVERT_DATABASE_URL": fresh_database_url, "KONVERT_REDIS_URL": redis_url}
-    cli = subprocess.run([sys.executable, "-m", "konvert", "audit"], env=env, capture_output=True, text=True, timeout=60)
+    cli = subprocess.run(
+        [sys.executable, "-m", "konvert", "audit"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert cli.returncode == 0, cli.stdout + cli.stderr
     assert "audit passed" in cli.stdout
 
@@ -804,7 +919,9 @@ async def test_erasure_is_idempotent_under_concurrency(api, database_url, new_id
         responses = await asyncio.gather(*(api.erase(member) for _ in range(5)))
 
         assert [r.status_code for r in responses] == [204] * 5
-        assert await conn.fetchval("select count(*) from privacy_log where member_uid = $1 and kind = 'erased'", uid) == 1
+        assert (
+            await conn.fetchval("select count(*) from privacy_log where member_uid = $1 and kind = 'erased'", uid) == 1
+        )
     finally:
         await conn.close()
     assert (await api.erase(new_id("never-existed"))).status_code == 204
@@ -823,44 +940,56 @@ async def test_an_erased_pseudonym_cannot_be_written_to(api, database_url, new_i
 
     for response in (
         await api.share(pseudonym, "newsletter", True, ["marketing"]),
-        await api.client.put(f"/v1/members/{pseudonym}/consents", json={"purposes": {"marketing": True}}, headers=api.member_headers),
+        await api.client.put(
+            f"/v1/members/{pseudonym}/consents", json={"purposes": {"marketing": True}}, headers=api.member_headers
+        ),
         await api.preferences(pseudonym),
         await api.export(pseudonym),
     ):
         assert (response.status_code, response.json()["code"]) == (404, "member_not_found")
 
 
-async def test_erasure_runs_the_registered_steps_and_hooks(api, database_url, new_id):
+@contextlib.contextmanager
+def erasure_with(services: Services, *, step: Any = None, after: Any = None) -> Iterator[None]:
+    """The app's erasure with one more step (in the transaction) and/or clean-up (after the
+    commit), after konvert's own; restored after."""
+    original = services.erasure
+    services.erasure = Erasure(
+        steps=(*composition.ERASURE.steps, *([step] if step else [])),
+        after=(*composition.ERASURE.after, *([after] if after else [])),
+    )
+    try:
+        yield
+    finally:
+        services.erasure = original
+
+
+async def test_erasure_runs_the_registered_steps_and_clean_ups(api, new_id):
     member = new_id("m")
     await api.shared(member, "newsletter", True, ["marketing"])
     calls: list[tuple[str, str, str | None]] = []
     failures = [RuntimeError("redis down")]
 
-    async def step(conn: asyncpg.Connection, member_uid: int, old_member_id: str, pseudonym: str) -> None:
+    async def step(book: Book, locked: LockedMember, pseudonym: str) -> None:
         # Inside the transaction, with the member locked and not yet renamed.
-        assert await conn.fetchval("select member_id from members where member_uid = $1", member_uid) == old_member_id
-        calls.append(("step", old_member_id, pseudonym))
+        assert await book.conn.fetchval("select member_id from members where member_uid = $1", locked.uid) == member
+        calls.append(("step", locked.id, pseudonym))
 
-    async def hook(services: Any, old_member_id: str, pseudonym: str | None) -> None:
-        calls.append(("hook", old_member_id, pseudonym))
+    async def clean_up(services: Any, old_member_id: str, pseudonym: str | None) -> None:
+        calls.append(("after", old_member_id, pseudonym))
         if failures:
             raise failures.pop()
 
-    ERASURE_STEPS.append(step)
-    ERASURE_HOOKS.append(hook)
-    try:
+    with erasure_with(api.client.app.state.services, step=step, after=clean_up):
         failed = await api.erase(member)
         retried = await api.erase(member)
-    finally:
-        ERASURE_STEPS.remove(step)
-        ERASURE_HOOKS.remove(hook)
 
-    # The first hook call failed after the commit: 503, and the retry finishes the clean-up.
+    # The first clean-up failed after the commit: 503, and the retry finishes the clean-up.
     assert (failed.status_code, failed.json()["code"]) == (503, "service_unavailable")
     assert retried.status_code == 204
     pseudonym = calls[0][2]
     assert pseudonym is not None and pseudonym.startswith("erased-")
-    assert calls == [("step", member, pseudonym), ("hook", member, pseudonym), ("hook", member, None)]
+    assert calls == [("step", member, pseudonym), ("after", member, pseudonym), ("after", member, None)]
     assert (await api.preferences(member)).status_code == 404
 
 
@@ -868,15 +997,12 @@ async def test_a_failing_erasure_step_erases_nothing(api, new_id):
     member = new_id("m")
     await api.shared(member, "newsletter", True, ["marketing"])
 
-    async def step(conn: asyncpg.Connection, member_uid: int, old_member_id: str, pseudonym: str) -> None:
-        await conn.execute("delete from preferences where member_uid = $1", member_uid)
+    async def step(book: Book, locked: LockedMember, pseudonym: str) -> None:
+        await book.conn.execute("delete from preferences where member_uid = $1", locked.uid)
         raise RuntimeError("the feature could not erase its data")
 
-    ERASURE_STEPS.append(step)
-    try:
+    with erasure_with(api.client.app.state.services, step=step):
         response = await api.erase(member)
-    finally:
-        ERASURE_STEPS.remove(step)
 
     assert response.status_code == 500
     assert await api.keys_for(member) == ["newsletter"]
@@ -930,7 +1056,9 @@ async def test_access_logs_name_the_route_not_the_member(settings, program, make
                 response = await client.get(f"/v1/members/{member}/preferences?purpose=marketing", headers=headers)
                 assert response.status_code == 404
             lines[log_member_ids] = [
-                logging.Formatter().format(r) + " " + repr(vars(r)) for r in handler.records if r.name == "konvert.access"
+                logging.Formatter().format(r) + " " + repr(vars(r))
+                for r in handler.records
+                if r.name == "konvert.access"
             ]
     finally:
         access.removeHandler(handler)
@@ -957,8 +1085,8 @@ async def test_a_repeated_erasure_keeps_the_old_balance_out_of_the_cache(api, se
 
     assert (await api.erase(member)).status_code == 204
     assert (await api.erase(member)).status_code == 204  # nothing left to erase
-    await services.balances.put(member, version, body)  # the late fill
+    assert await services.cache.put_many([(member, version, body)])  # the late fill (Redis took the call)
 
-    assert await services.balances.get(member) is None
+    assert await services.cache.get(member) is None
     response = await api.client.get(f"/v1/members/{member}/balance", headers=api.member_headers)
     assert response.status_code == 404

@@ -7,16 +7,28 @@ return window 14 days, negative balances allowed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from unittest import mock
 
 import asyncpg
 import msgspec
 import pytest
+from prometheus_client import REGISTRY
 
-from konvert.cache import balance_key
-from konvert.ledger.service import spend_points, vest_due_lots
+from konvert.earning import store as earning_store
+from konvert.earning.model import PurchaseIn
+from konvert.earning.service import check_purchase, write_purchases
+from konvert.errors import KonvertError
+from konvert.idempotency import Outcome
+from konvert.ledger.balances import BalanceReads
+from konvert.ledger.jobs import vest_due_lots
 from konvert.services import Services
+from tests.conftest import balance_key, spend_points
 
 NOW = datetime.now(UTC)
 # Older than the 14-day return window: the points are available at once.
@@ -24,9 +36,7 @@ SETTLED = (NOW - timedelta(days=30)).isoformat()
 RECENT = (NOW - timedelta(minutes=1)).isoformat()
 
 
-def line(
-    line_id: str, quantity: int, unit_price: int, category: str = "toys", sku: str = "SKU"
-) -> dict[str, Any]:
+def line(line_id: str, quantity: int, unit_price: int, category: str = "toys", sku: str = "SKU") -> dict[str, Any]:
     return {
         "line_id": line_id,
         "sku": sku,
@@ -48,6 +58,88 @@ def purchase(
         "lines": list(lines) or [line("1", 1, 10000)],
         **extra,
     }
+
+
+# --- helpers shared with test_batching, test_regressions and test_audit ---------------------
+
+
+def posting(services: Services, body: dict[str, Any]) -> PurchaseIn:
+    """A purchase as write_purchases takes it: validated, and checked as post_purchase would."""
+    purchase_in = msgspec.convert(body, PurchaseIn)
+    check_purchase(services, purchase_in)
+    return purchase_in
+
+
+class HeldWrite:
+    """A write_purchases held open after it recorded its purchases (see ``held_before_commit``)."""
+
+    task: asyncio.Task[list[Outcome | KonvertError]]
+    rolling_back = False
+
+    def roll_back(self) -> None:
+        """At the end of the block, roll back instead of committing."""
+        self.rolling_back = True
+
+
+class _RolledBack(Exception):
+    pass
+
+
+@contextlib.asynccontextmanager
+async def held_before_commit(services: Services, postings: list[PurchaseIn]) -> AsyncIterator[HeldWrite]:
+    """``write_purchases(services, postings)`` paused after it recorded its purchases, before its
+    commit: inside the block its members, lots and purchase ids are written and locked, not
+    committed. At the end of the block it commits (or rolls back); ``held.task`` has its outcome.
+    At least one of the postings must be new (a batch of replays records nothing)."""
+    real_insert = earning_store.insert_purchases
+    recorded, release = asyncio.Event(), asyncio.Event()
+    held = HeldWrite()
+
+    async def insert_and_hold(conn: asyncpg.Connection, rows: list[earning_store.PurchaseRow]) -> int:
+        inserted = await real_insert(conn, rows)
+        recorded.set()
+        await release.wait()
+        if held.rolling_back:
+            raise _RolledBack
+        return inserted
+
+    # Only this write is held: the patch is gone once it has recorded its purchases.
+    with mock.patch.object(earning_store, "insert_purchases", insert_and_hold):
+        held.task = asyncio.create_task(write_purchases(services, postings))
+        waiting = asyncio.ensure_future(recorded.wait())
+        await asyncio.wait({held.task, waiting}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        if held.task.done():
+            held.task.result()  # it failed before recording anything: raise its error here
+        assert recorded.is_set(), "the held write never recorded its purchases"
+    try:
+        yield held
+    finally:
+        release.set()
+        await asyncio.gather(held.task, return_exceptions=True)
+
+
+async def until(pool: asyncpg.Pool, query: str, *args: object, within_seconds: float = 10.0) -> None:
+    """Until ``query`` is true. Each look is a transaction of its own: within one, PostgreSQL
+    keeps showing the pg_stat_activity it saw first."""
+    deadline = time.monotonic() + within_seconds
+    while not await pool.fetchval(query, *args):
+        assert time.monotonic() < deadline, f"never true: {query} {args}"
+        await asyncio.sleep(0.01)
+
+
+async def until_waiting_for_locks(pool: asyncpg.Pool, count: int) -> None:
+    """Until ``count`` backends of this database wait for a lock (a row, a purchase id)."""
+    await until(
+        pool,
+        "select count(*) >= $1 from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'",
+        count,
+    )
+
+
+def batched_writes(how: str) -> float:
+    """konvert_batched_writes_total{how}: group-committed writes, "together" or "alone"."""
+    return REGISTRY.get_sample_value("konvert_batched_writes_total", {"how": how}) or 0.0
 
 
 @pytest.fixture
@@ -86,7 +178,7 @@ async def test_purchase_earns_points_per_line_with_the_rules_applied(post, balan
     assert response.status_code == 201, response.text
     result = response.json()
     # 25.98 EUR of books x2 = 51.96 -> 51 (floor per line); 100 EUR of toys -> 100; gift cards -> 0.
-    assert [(l["line_id"], l["points"]) for l in result["lines"]] == [("a", 51), ("b", 100), ("c", 0)]
+    assert [(line["line_id"], line["points"]) for line in result["lines"]] == [("a", 51), ("b", 100), ("c", 0)]
     assert result["points"] == 151
     assert result["status"] == "available"
     kinds = [rule["kind"] for rule in result["lines"][0]["rules"]]
@@ -118,9 +210,7 @@ async def test_preview_computes_the_same_points_and_writes_nothing(client, admin
     assert posted.json()["lines"] == preview.json()["lines"]
 
 
-async def test_unknown_partner_and_currency_are_refused_and_write_nothing(
-    client, admin_headers, post, new_id
-):
+async def test_unknown_partner_and_currency_are_refused_and_write_nothing(client, admin_headers, post, new_id):
     member = new_id("m")
     unknown_partner = await post("/v1/purchases", purchase(member, new_id("p"), partner="nowhere"))
     unknown_currency = await post("/v1/purchases", purchase(member, new_id("p"), currency="JPY"))
@@ -149,9 +239,14 @@ async def test_concurrent_balance_reads_that_miss_the_cache_share_queries_and_ge
         ).status_code == 201
     expected = {member: await balance(member) for member in members}
     services = client.app.state.services
-    await services.balances.wait_filled()  # no fill of those reads lands after the delete
+    await services.cache.wait_filled()  # no fill of those reads lands after the delete
     await redis_client.delete(*(balance_key(member) for member in members))
-    lookups = services.balance_reads
+    lookups = services.shared(BalanceReads).lookups
+    # The app's pool at full size first: requests that each wait for a new PostgreSQL connection
+    # (their API key is looked up first) would reach the balance lookup spread over tens of
+    # milliseconds on a loaded machine, which is not what this test is about.
+    pool = services.pool
+    await asyncio.gather(*(pool.fetchval("select 1") for _ in range(pool.get_max_size())))
     # Concurrent for certain: a connection each, opened first, every request written in one
     # turn of the loop (a pooled HTTP client may have to reconnect some and send them late).
     connections = [await asyncio.open_connection(client.base_url.host, client.base_url.port) for _ in members]
@@ -202,6 +297,51 @@ async def test_same_purchase_id_with_a_different_body_is_a_conflict(post, balanc
     assert (await balance(member))["available"] == 100
 
 
+async def test_a_purchase_id_posted_again_for_a_new_member_is_a_conflict_and_creates_no_member(
+    client, admin_headers, post, balance, services, new_id
+):
+    owner, newcomer = new_id("m"), new_id("m")
+    purchase_id = new_id("p")
+    assert (await post("/v1/purchases", purchase(owner, purchase_id))).status_code == 201
+
+    conflict = await post("/v1/purchases", purchase(newcomer, purchase_id))
+
+    assert (conflict.status_code, conflict.json()["code"]) == (409, "idempotency_conflict")
+    missing = await client.get(f"/v1/members/{newcomer}/balance", headers=admin_headers)
+    assert (missing.status_code, missing.json()["code"]) == (404, "member_not_found")
+    assert await services.pool.fetchval("select count(*) from members where member_id = $1", newcomer) == 0
+    assert (await balance(owner))["available"] == 100
+
+
+async def test_a_batch_with_a_conflicting_posting_for_a_new_member_records_the_others_and_creates_not_that_member(
+    post, balance, services, new_id
+):
+    from konvert.errors import IdempotencyConflict
+
+    owner, taken = new_id("m"), new_id("p")
+    assert (await post("/v1/purchases", purchase(owner, taken))).status_code == 201
+    tag = new_id("t")
+    newcomers = [f"{tag}-{n}" for n in ("a", "b", "c", "d")]  # in member order, as the batcher sorts
+    conflicting = newcomers[1]
+    postings = [
+        posting(services, purchase(member, taken if member == conflicting else new_id("p"))) for member in newcomers
+    ]
+
+    outcomes = await write_purchases(services, postings)
+
+    assert isinstance(outcomes[1], IdempotencyConflict)
+    recorded = [outcomes[i] for i in (0, 2, 3)]
+    assert all(isinstance(o, Outcome) and not o.replayed for o in recorded), outcomes
+    assert [msgspec.json.decode(o.body)["member_id"] for o in recorded] == [newcomers[i] for i in (0, 2, 3)]
+    for member in (newcomers[0], newcomers[2], newcomers[3]):
+        assert (await balance(member))["available"] == 100
+    assert await services.pool.fetchval("select count(*) from members where member_id = $1", conflicting) == 0
+    owners = await services.pool.fetch(
+        "select m.member_id from purchases p join members m using (member_uid) where p.purchase_id = $1", taken
+    )
+    assert [r["member_id"] for r in owners] == [owner]
+
+
 async def test_purchase_ids_are_unique_per_partner(post, balance, new_id):
     member = new_id("m")
     purchase_id = new_id("p")
@@ -227,9 +367,7 @@ async def test_fifty_concurrent_duplicates_apply_once(post, balance, transfers_o
 
 async def test_concurrent_first_purchases_of_one_member_create_it_once(post, balance, new_id):
     member = new_id("m")
-    responses = await asyncio.gather(
-        *(post("/v1/purchases", purchase(member, new_id("p"))) for _ in range(20))
-    )
+    responses = await asyncio.gather(*(post("/v1/purchases", purchase(member, new_id("p"))) for _ in range(20)))
     assert {r.status_code for r in responses} == {201}
     assert (await balance(member))["available"] == 2000
 
@@ -308,7 +446,7 @@ async def test_vesting_repays_a_refund_debt_from_the_points_it_makes_available(p
 
 
 async def test_a_member_that_fails_to_vest_holds_up_no_one_else(post, balance, services, new_id, caplog, monkeypatch):
-    from konvert.ledger import service as ledger_service
+    from konvert.ledger import jobs as ledger_jobs
 
     broken, fine = new_id("m"), new_id("m")
     for member in (broken, fine):
@@ -330,7 +468,7 @@ async def test_a_member_that_fails_to_vest_holds_up_no_one_else(post, balance, s
     assert (await balance(broken))["available"] == 0
     assert not any("batch failed" in r.getMessage() for r in caplog.records)
     # ... and then tried again.
-    monkeypatch.setattr(ledger_service, "RETRY_FAILED_MEMBERS_AFTER_SECONDS", 0.0)
+    monkeypatch.setattr(ledger_jobs, "RETRY_FAILED_MEMBERS_AFTER_SECONDS", 0.0)
     await vest_due_lots(services, now=later)
     assert (await balance(broken))["available"] == 100
 
@@ -380,9 +518,7 @@ async def test_refund_by_amount_is_proportional_and_sums_to_the_purchase(post, b
     assert (await balance(member))["available"] == 0
 
 
-async def test_refund_beyond_the_purchase_is_refused_and_changes_nothing(
-    client, admin_headers, post, balance, new_id
-):
+async def test_refund_beyond_the_purchase_is_refused_and_changes_nothing(client, admin_headers, post, balance, new_id):
     member = new_id("m")
     purchase_id = new_id("p")
     await post("/v1/purchases", purchase(member, purchase_id, line("a", 1, 10000), shipping=500))
@@ -422,10 +558,7 @@ async def test_concurrent_refunds_never_exceed_the_purchase(post, balance, new_i
     await post("/v1/purchases", purchase(member, purchase_id, line("a", 1, 10000)))
 
     responses = await asyncio.gather(
-        *(
-            post(f"/v1/purchases/{purchase_id}/refunds", {"refund_id": f"r{i}", "amount": 3000})
-            for i in range(10)
-        )
+        *(post(f"/v1/purchases/{purchase_id}/refunds", {"refund_id": f"r{i}", "amount": 3000}) for i in range(10))
     )
 
     accepted = [r for r in responses if r.status_code == 201]
@@ -468,15 +601,11 @@ async def test_refund_takes_pending_points_first(post, balance, new_id):
     assert (after["available"], after["pending"]) == (100, 60)
 
 
-async def test_refund_of_spent_points_may_go_negative_and_is_repaid_by_later_points(
-    post, balance, services, new_id
-):
+async def test_refund_of_spent_points_may_go_negative_and_is_repaid_by_later_points(post, balance, services, new_id):
     member = new_id("m")
     purchase_id = new_id("p")
     await post("/v1/purchases", purchase(member, purchase_id))
-    await spend_points(
-        services, member, 80, code="redeem", cause_type="test", cause_ref=new_id("spend"), reason="test"
-    )
+    await spend_points(services, member, 80, code="redeem", cause_type="test", cause_ref=new_id("spend"), reason="test")
 
     refund = await post(f"/v1/purchases/{purchase_id}/refunds", {"refund_id": "r1", "amount": 10000})
 
@@ -493,22 +622,21 @@ async def test_refund_of_spent_points_stops_at_zero_when_negative_balances_are_o
         services.program,
         points=msgspec.structs.replace(services.program.points, allow_negative_balance=False),
     )
-    strict_services = Services(**{**services.__dict__, "program": strict})
+    # Its own per-process state: the shared batcher must not write with this program afterwards.
+    strict_services = dataclasses.replace(services, program=strict, _shared={})
     member = new_id("m")
     purchase_id = new_id("p")
-    from konvert.earning import service as earning
-    from konvert.earning.model import PurchaseIn, RefundIn
+    from konvert.earning.model import RefundIn
+    from konvert.earning.refunds import refund_purchase
+    from konvert.earning.service import Purchases, post_purchase
 
-    await earning.post_purchase(
-        strict_services, msgspec.convert(purchase(member, purchase_id), PurchaseIn, strict=False)
-    )
-    await spend_points(
-        strict_services, member, 80, code="redeem", cause_type="test", cause_ref=new_id("s"), reason="t"
-    )
+    try:
+        await post_purchase(strict_services, msgspec.convert(purchase(member, purchase_id), PurchaseIn, strict=False))
+    finally:
+        await strict_services.shared(Purchases).aclose()
+    await spend_points(strict_services, member, 80, code="redeem", cause_type="test", cause_ref=new_id("s"), reason="t")
 
-    outcome = await earning.refund_purchase(
-        strict_services, purchase_id, RefundIn(refund_id="r1", amount=10000)
-    )
+    outcome = await refund_purchase(strict_services, purchase_id, RefundIn(refund_id="r1", amount=10000))
 
     result = msgspec.json.decode(outcome.body)
     assert (result["points"], result["shortfall"]) == (20, 80)
@@ -552,16 +680,21 @@ async def test_a_slow_reader_cannot_put_an_older_balance_back(services: Services
     await post("/v1/purchases", purchase(member, new_id("p")))
 
     # A reader that read version N before the write committed tries to cache it afterwards.
-    await services.balances.put(member, old["version"], msgspec.json.encode(old))
+    await services.cache.put_many([(member, old["version"], msgspec.json.encode(old))])
 
     assert (await balance(member))["available"] == 200
 
 
-async def test_balances_are_right_after_redis_is_flushed(post, balance, redis_client, new_id):
+async def test_balances_are_right_after_redis_is_flushed(client, post, balance, redis_client, new_id):
     member = new_id("m")
     await post("/v1/purchases", purchase(member, new_id("p")))
     await balance(member)
-    await redis_client.flushdb()
+    await client.app.state.services.cache.wait_filled()
+    # Redis forgets every balance cached in this database, tombstones included (as a FLUSHDB
+    # would, without touching anyone else's keys).
+    async for key in redis_client.scan_iter(match=balance_key("*"), count=1000):
+        await redis_client.unlink(key)
+    assert not await redis_client.exists(balance_key(member))
     assert (await balance(member))["available"] == 100
 
 
@@ -576,9 +709,7 @@ async def test_activity_pages_newest_first(client, admin_headers, post, new_id):
     seen, cursor = [], None
     while True:
         params = {"limit": 2} | ({"cursor": cursor} if cursor else {})
-        page = (
-            await client.get(f"/v1/members/{member}/activity", params=params, headers=admin_headers)
-        ).json()
+        page = (await client.get(f"/v1/members/{member}/activity", params=params, headers=admin_headers)).json()
         seen.extend(item["amount"] for item in page["items"])
         cursor = page["next_cursor"]
         if cursor is None:
@@ -589,12 +720,8 @@ async def test_activity_pages_newest_first(client, admin_headers, post, new_id):
 async def test_activity_rejects_bad_cursors_and_page_sizes(client, admin_headers, post, new_id):
     member = new_id("m")
     await post("/v1/purchases", purchase(member, new_id("p")))
-    bad_cursor = await client.get(
-        f"/v1/members/{member}/activity", params={"cursor": "zzz"}, headers=admin_headers
-    )
-    too_big = await client.get(
-        f"/v1/members/{member}/activity", params={"limit": 10_000}, headers=admin_headers
-    )
+    bad_cursor = await client.get(f"/v1/members/{member}/activity", params={"cursor": "zzz"}, headers=admin_headers)
+    too_big = await client.get(f"/v1/members/{member}/activity", params={"limit": 10_000}, headers=admin_headers)
     assert (bad_cursor.status_code, bad_cursor.json()["errors"][0]["field"]) == (422, "cursor")
     assert too_big.status_code in (400, 422)
     assert too_big.json()["code"] == "validation_failed"
@@ -604,9 +731,7 @@ async def test_refund_activity_links_back_to_the_earn(client, admin_headers, pos
     member = new_id("m")
     purchase_id = new_id("p")
     earned = (await post("/v1/purchases", purchase(member, purchase_id))).json()
-    await post(
-        f"/v1/purchases/{purchase_id}/refunds", {"refund_id": "r1", "amount": 1000, "reason": "damaged"}
-    )
+    await post(f"/v1/purchases/{purchase_id}/refunds", {"refund_id": "r1", "amount": 1000, "reason": "damaged"})
 
     items = (await client.get(f"/v1/members/{member}/activity", headers=admin_headers)).json()["items"]
 
@@ -628,9 +753,7 @@ async def test_the_service_vests_points_by_itself(database_url, redis_url, progr
     member = new_id("m")
     settings = make_settings(database_url, redis_url, jobs_interval_seconds=0.2)
     async with AsyncTestClient(create_app(settings, program)) as client:
-        await client.post(
-            "/v1/purchases", json=purchase(member, new_id("p"), occurred_at=RECENT), headers=headers
-        )
+        await client.post("/v1/purchases", json=purchase(member, new_id("p"), occurred_at=RECENT), headers=headers)
         services = client.app.state.services
         real_clock = services.clock
         services.clock = lambda: real_clock() + timedelta(days=15)
@@ -642,7 +765,7 @@ async def test_the_service_vests_points_by_itself(database_url, redis_url, progr
     assert (balance["available"], balance["pending"]) == (100, 0)
 
 
-async def test_jobs_run_command_vests_due_points(post, balance, database_url, redis_url, new_id):
+async def test_jobs_run_command_vests_due_points(client, post, balance, database_url, redis_url, settings, new_id):
     import os
     import subprocess
     import sys
@@ -661,8 +784,15 @@ async def test_jobs_run_command_vests_due_points(post, balance, database_url, re
         )
     finally:
         await conn.close()
+    assert (await balance(member))["pending"] == 100  # and cached by the service
+    await client.app.state.services.cache.wait_filled()
     env = {k: v for k, v in os.environ.items() if not k.startswith("KONVERT_")}
-    env |= {"KONVERT_DATABASE_URL": database_url, "KONVERT_REDIS_URL": redis_url}
+    # The service's cache prefix: the job invalidates the balances the service cached.
+    env |= {
+        "KONVERT_DATABASE_URL": database_url,
+        "KONVERT_REDIS_URL": redis_url,
+        "KONVERT_REDIS_KEY_PREFIX": settings.redis_key_prefix,
+    }
 
     result = await asyncio.to_thread(
         subprocess.run,
@@ -684,7 +814,7 @@ async def test_jobs_run_command_vests_due_points(post, balance, database_url, re
 async def test_a_jobs_run_stops_after_its_row_budget_whatever_the_batch_size(
     post, balance, database_url, redis_url, program, new_id
 ):
-    from konvert import jobs
+    from konvert import composition, jobs
     from tests.conftest import make_settings
 
     members = [new_id("m") for _ in range(7)]
@@ -702,7 +832,7 @@ async def test_a_jobs_run_stops_after_its_row_budget_whatever_the_batch_size(
         )
     finally:
         await conn.close()
-    services = await Services.open(make_settings(database_url, redis_url, jobs_batch_size=2), program)
+    services = await composition.open_services(make_settings(database_url, redis_url, jobs_batch_size=2), program)
     try:
         counts = await jobs.run_once(services, rows_max=5)
         # A budget of rows, not of batches: three batches of two, the last one past the budget.

@@ -10,19 +10,31 @@ from typing import Any
 import asyncpg
 import msgspec
 import pytest
+import redis.asyncio as redis
 from litestar.testing import AsyncTestClient
 
+from konvert import composition
 from konvert.app import create_app
-from konvert.ledger import store as ledger_store
+from konvert.ledger import batches
 from konvert.ledger.audit import run_audit
+from konvert.ledger.book import writing
+from konvert.ledger.jobs import expire_due_lots
 from konvert.program import parse_program
-from konvert.redemption import store as redemption_store
 from konvert.redemption.model import RedemptionIn
-from konvert.redemption.service import expire_due_lots, redeem, reevaluate_tiers, release_timed_out_holds
+from konvert.redemption.service import redeem, release_timed_out_holds
 from konvert.services import Services
-from konvert.tiers import LOCK_DUE_MEMBERS, qualifying_points
+from konvert.settings import Settings
+from konvert.tiers.service import reevaluate_due
+from konvert.tiers.store import LOCK_DUE_MEMBERS, select_qualifying_points
 from tests.conftest import TEST_PROGRAM, make_settings
 from tests.integration.test_purchases import NOW, RECENT, line, purchase
+
+
+async def _forget_cached(redis_client: redis.Redis, settings: Settings) -> None:
+    """What a Redis that restarted empty would have of this database's keys: nothing (the
+    other databases' keys, and everything else in this Redis, are left alone)."""
+    async for key in redis_client.scan_iter(match=f"{settings.redis_key_prefix}:*", count=1000):
+        await redis_client.unlink(key)
 
 
 @pytest.fixture
@@ -51,9 +63,7 @@ def api(client, admin_headers, services):
             return response.json()
 
         async def earn(self, member_id: str, purchase_id: str, euros: int) -> dict[str, Any]:
-            response = await self.post(
-                "/v1/purchases", purchase(member_id, purchase_id, line("1", 1, euros * 100))
-            )
+            response = await self.post("/v1/purchases", purchase(member_id, purchase_id, line("1", 1, euros * 100)))
             assert response.status_code == 201, response.text
             return response.json()
 
@@ -97,9 +107,7 @@ async def test_program_file_rewards_are_seeded(redis_url, database_url):
     )
     async with AsyncTestClient(create_app(make_settings(database_url, redis_url), program)) as client:
         key = await _admin_key(database_url)
-        rewards = (await client.get("/v1/rewards", headers={"Authorization": f"Bearer {key}"})).json()[
-            "items"
-        ]
+        rewards = (await client.get("/v1/rewards", headers={"Authorization": f"Bearer {key}"})).json()["items"]
     assert "seeded-coffee" in {r["reward_id"] for r in rewards}
 
 
@@ -121,9 +129,7 @@ async def test_redeeming_a_reward_spends_its_cost_and_takes_stock(api, new_id):
     await api.earn(member, new_id("p"), 500)
     await api.put(f"/v1/rewards/{reward}", {"name": "Mug", "cost_points": 120, "stock": 2})
 
-    response = await api.post(
-        f"/v1/members/{member}/redemptions", {"redemption_id": new_id("x"), "reward_id": reward}
-    )
+    response = await api.post(f"/v1/members/{member}/redemptions", {"redemption_id": new_id("x"), "reward_id": reward})
 
     assert response.status_code == 201, response.text
     assert (response.json()["points"], response.json()["status"]) == (120, "captured")
@@ -173,9 +179,7 @@ async def test_bad_redemptions_are_refused_and_change_nothing(api, new_id, body,
 
 
 async def test_redeeming_for_an_unknown_member_is_404(api, new_id):
-    response = await api.post(
-        f"/v1/members/{new_id('ghost')}/redemptions", {"redemption_id": new_id("x"), "points": 1}
-    )
+    response = await api.post(f"/v1/members/{new_id('ghost')}/redemptions", {"redemption_id": new_id("x"), "points": 1})
     assert (response.status_code, response.json()["code"]) == (404, "member_not_found")
 
 
@@ -274,9 +278,7 @@ async def test_released_hold_returns_the_same_lots(api, services, new_id):
     before = await api.balance(member)
     redemption_id = new_id("x")
 
-    await api.post(
-        f"/v1/members/{member}/redemptions", {"redemption_id": redemption_id, "points": 150, "hold": True}
-    )
+    await api.post(f"/v1/members/{member}/redemptions", {"redemption_id": redemption_id, "points": 150, "hold": True})
     during = await api.balance(member)
     released = await api.post(f"/v1/redemptions/{redemption_id}/release")
 
@@ -290,16 +292,15 @@ async def test_released_hold_returns_the_same_lots(api, services, new_id):
 
 async def test_hold_times_out_and_is_released_by_the_job_even_after_a_restart(
     api, clock, database_url, redis_url, program, redis_client, new_id
-):  # noqa: PLR0913
+):
     member, redemption_id = new_id("m"), new_id("x")
     await api.earn(member, new_id("p"), 500)
-    await api.post(
-        f"/v1/members/{member}/redemptions", {"redemption_id": redemption_id, "points": 300, "hold": True}
-    )
+    await api.post(f"/v1/members/{member}/redemptions", {"redemption_id": redemption_id, "points": 300, "hold": True})
 
     # A "restart": new services on the same database, and Redis forgets everything.
-    await redis_client.flushdb()
-    restarted = await Services.open(make_settings(database_url, redis_url), program)
+    settings = make_settings(database_url, redis_url)
+    await _forget_cached(redis_client, settings)
+    restarted = await composition.open_services(settings, program)
     try:
         await release_timed_out_holds(restarted, now=restarted.clock() + timedelta(seconds=60))
         assert (await api.balance(member))["held"] == 300  # not yet timed out
@@ -318,9 +319,7 @@ async def test_hold_times_out_and_is_released_by_the_job_even_after_a_restart(
 async def test_capture_after_timeout_is_refused_even_before_the_job_runs(api, clock, new_id):
     member, redemption_id = new_id("m"), new_id("x")
     await api.earn(member, new_id("p"), 500)
-    await api.post(
-        f"/v1/members/{member}/redemptions", {"redemption_id": redemption_id, "points": 300, "hold": True}
-    )
+    await api.post(f"/v1/members/{member}/redemptions", {"redemption_id": redemption_id, "points": 300, "hold": True})
     clock.advance(seconds=901)
 
     capture = await api.post(f"/v1/redemptions/{redemption_id}/capture")
@@ -347,8 +346,7 @@ async def test_captures_racing_timeouts_settle_each_hold_exactly_once(api, clock
     )
 
     statuses = {
-        r["redemption_id"]: r["status"]
-        for r in (await api.get(f"/v1/members/{member}/redemptions")).json()["items"]
+        r["redemption_id"]: r["status"] for r in (await api.get(f"/v1/members/{member}/redemptions")).json()["items"]
     }
     captured = sum(s == "captured" for s in statuses.values())
     expired = sum(s == "expired" for s in statuses.values())
@@ -416,9 +414,7 @@ async def test_points_expire_lot_by_lot_soonest_first_and_spending_takes_them_fi
     assert (balance["available"], balance["expiring"]) == (0, [])
 
     items = (await api.get(f"/v1/members/{member}/activity")).json()["items"]
-    expiries = [
-        (i["amount"], i["reason"].startswith("points expired on")) for i in items if i["code"] == "expire"
-    ]
+    expiries = [(i["amount"], i["reason"].startswith("points expired on")) for i in items if i["code"] == "expire"]
     assert expiries == [(50, True), (70, True)]
 
 
@@ -429,9 +425,7 @@ async def test_balance_lists_points_expiring_within_a_window(api, clock, new_id)
     await api.earn(member, new_id("p"), 40)
 
     soon = (await api.get(f"/v1/members/{member}/balance", expiring_within_days=170)).json()["expiring"]
-    all_of_them = (await api.get(f"/v1/members/{member}/balance", expiring_within_days=400)).json()[
-        "expiring"
-    ]
+    all_of_them = (await api.get(f"/v1/members/{member}/balance", expiring_within_days=400)).json()["expiring"]
 
     assert [e["points"] for e in soon] == [100]
     assert [e["points"] for e in all_of_them] == [100, 40]
@@ -482,8 +476,6 @@ async def _expiry_rows(services: Services, member_id: str) -> dict[str, Any]:
 
 
 async def test_expiry_in_batches_writes_what_expiring_one_member_at_a_time_wrote(api, new_id, caplog):
-    from konvert.redemption.service import _expire_member
-
     services = api.services
     alone, batched = new_id("m"), new_id("m")
     for member in (alone, batched):
@@ -494,7 +486,8 @@ async def test_expiry_in_batches_writes_what_expiring_one_member_at_a_time_wrote
     later = services.clock() + timedelta(days=400)
     member_uid = await services.pool.fetchval("select member_uid from members where member_id = $1", alone)
 
-    assert await _expire_member(services, member_uid, later) == 2  # the way every member expired before
+    async with writing(services) as book:  # the way a member of a failed batch expires: on its own
+        assert await book.expire(await book.member_by_uid(member_uid), later) == 2
     while await expire_due_lots(services, now=later) >= services.settings.jobs_batch_size:
         pass
 
@@ -554,8 +547,8 @@ def _plan_nodes(plan: dict[str, Any]) -> list[str]:
 @pytest.mark.parametrize(
     "statement, args",
     [
-        (ledger_store.LOCK_DUE_PENDING_LOTS, (NOW, 1000, [])),
-        (redemption_store.LOCK_EXPIRING_LOTS, (NOW, 1000, [])),
+        (batches.LOCK_DUE_PENDING_LOTS, (NOW, 1000, [])),
+        (batches.LOCK_EXPIRING_LOTS, (NOW, 1000, [])),
         (LOCK_DUE_MEMBERS, (NOW, 1000)),
     ],
     ids=["vesting", "expiry", "tiers"],
@@ -596,7 +589,7 @@ async def tier_api(request, database_url, redis_url, make_key):
 
 
 async def _reevaluate_all(services: Services) -> None:
-    while await reevaluate_tiers(services) == services.settings.jobs_batch_size:
+    while await reevaluate_due(services) == services.settings.jobs_batch_size:
         pass
 
 
@@ -636,7 +629,7 @@ async def test_refund_of_the_qualifying_purchase_lowers_the_tier_after_the_grace
         assert tier["name"] == "Bronze"
         return
     assert (tier["name"], tier["below_tier_since"] is not None) == ("Silver", True)
-    services = await Services.open(tier_api.settings, tier_api.program)
+    services = await composition.open_services(tier_api.settings, tier_api.program)
     try:
         real_clock = services.clock
         services.clock = lambda: real_clock() + timedelta(days=29)
@@ -652,9 +645,7 @@ async def test_refund_of_the_qualifying_purchase_lowers_the_tier_after_the_grace
     assert (tier["name"], tier["below_tier_since"]) == ("Bronze", None)
 
 
-async def test_qualifying_points_are_the_window_s_purchases_less_their_own_refunds(
-    tier_api, new_id, database_url
-):
+async def test_qualifying_points_are_the_window_s_purchases_less_their_own_refunds(tier_api, new_id, database_url):
     member, old, recent = new_id("m"), new_id("p"), new_id("p")
     earned = {}
     for purchase_id in (old, recent):
@@ -679,8 +670,8 @@ async def test_qualifying_points_are_the_window_s_purchases_less_their_own_refun
         )
         member_uid = await conn.fetchval("select member_uid from members where member_id = $1", member)
         since = await conn.fetchval("select now() - interval '365 days'")
-        in_window = await qualifying_points(conn, member_uid, since)
-        both = await qualifying_points(conn, member_uid, since - timedelta(days=100))
+        in_window = (await select_qualifying_points(conn, [member_uid], since))[member_uid]
+        both = (await select_qualifying_points(conn, [member_uid], since - timedelta(days=100)))[member_uid]
     finally:
         await conn.close()
     assert in_window == earned[recent] - clawed[recent]
@@ -694,7 +685,7 @@ async def test_the_tier_job_passes_over_members_another_transaction_holds(tier_a
             "/v1/purchases", json=purchase(member, new_id("p"), line("1", 1, 10000)), headers=tier_api.admin
         )
     members = "select member_id, version, tier_evaluated_at is not null from members where member_id = any($1)"
-    services = await Services.open(tier_api.settings, tier_api.program)
+    services = await composition.open_services(tier_api.settings, tier_api.program)
     conn = await asyncpg.connect(database_url)
     try:
         before = {r[0]: tuple(r[1:]) for r in await conn.fetch(members, [held, free])}
@@ -720,8 +711,8 @@ async def test_the_tier_job_takes_a_batch_least_recently_evaluated_first(tier_ap
         await tier_api.post(
             "/v1/purchases", json=purchase(member, new_id("p"), line("1", 1, 10000)), headers=tier_api.admin
         )
-    services = await Services.open(tier_api.settings, tier_api.program)
-    one_at_a_time = await Services.open(
+    services = await composition.open_services(tier_api.settings, tier_api.program)
+    one_at_a_time = await composition.open_services(
         make_settings(tier_api.settings.database_url, tier_api.settings.redis_url, jobs_batch_size=1),
         tier_api.program,
     )
@@ -734,14 +725,14 @@ async def test_the_tier_job_takes_a_batch_least_recently_evaluated_first(tier_ap
                 member,
                 days,
             )
-        assert await reevaluate_tiers(one_at_a_time) == 1
+        assert await reevaluate_due(one_at_a_time) == 1
         due = await conn.fetch(
             "select member_id from members where member_id = any($1) and tier_evaluated_at < now() - interval '1 day'",
             [older, newer],
         )
         assert [r[0] for r in due] == [newer]
-        assert await reevaluate_tiers(one_at_a_time) == 1
-        assert await reevaluate_tiers(one_at_a_time) == 0
+        assert await reevaluate_due(one_at_a_time) == 1
+        assert await reevaluate_due(one_at_a_time) == 0
     finally:
         await conn.close()
         await services.close()
@@ -751,9 +742,7 @@ async def test_the_tier_job_takes_a_batch_least_recently_evaluated_first(tier_ap
 # --- adjustments ---------------------------------------------------------------------------
 
 
-async def test_adjustments_credit_and_debit_with_a_reason_and_the_key_recorded(
-    client, make_key, database_url, new_id
-):
+async def test_adjustments_credit_and_debit_with_a_reason_and_the_key_recorded(client, make_key, database_url, new_id):
     member = new_id("m")
     headers = {"Authorization": f"Bearer {await make_key('admin', name='support-desk')}"}
     credit = await client.post(
@@ -811,6 +800,21 @@ async def test_bad_adjustments_change_nothing(api, new_id, body, status, code):
     assert (await api.balance(member))["available"] == 100
 
 
+async def test_an_adjustment_id_used_for_another_member_is_a_conflict_that_creates_no_member(
+    api, client, admin_headers, new_id
+):
+    first, newcomer, adjustment_id = new_id("m"), new_id("m"), new_id("a")
+    body = {"adjustment_id": adjustment_id, "points": 40, "reason_code": "goodwill"}
+    assert (await api.post(f"/v1/members/{first}/adjustments", body)).status_code == 201
+
+    reused = await api.post(f"/v1/members/{newcomer}/adjustments", body)
+
+    assert (reused.status_code, reused.json()["code"]) == (409, "idempotency_conflict")
+    missing = await client.get(f"/v1/members/{newcomer}/balance", headers=admin_headers)
+    assert (missing.status_code, missing.json()["code"]) == (404, "member_not_found")
+    assert (await api.balance(first))["available"] == 40
+
+
 async def test_adjustments_need_the_admin_scope(client, make_key, new_id):
     headers = {"Authorization": f"Bearer {await make_key('redemptions:write', 'members:write')}"}
     response = await client.post(
@@ -824,21 +828,17 @@ async def test_adjustments_need_the_admin_scope(client, make_key, new_id):
 # --- the whole ledger ----------------------------------------------------------------------
 
 
-async def test_audit_passes_after_redemptions_holds_expiry_and_adjustments(
-    fresh_database_url, redis_url, program
-):
+async def test_audit_passes_after_redemptions_holds_expiry_and_adjustments(fresh_database_url, redis_url, program):
     settings = make_settings(fresh_database_url, redis_url)
     key = await _admin_key(fresh_database_url)
     headers = {"Authorization": f"Bearer {key}"}
-    services = await Services.open(settings, program)
+    services = await composition.open_services(settings, program)
     async with AsyncTestClient(create_app(settings, program)) as client:
 
         async def post(path, body=None):
             return await client.post(path, json=body, headers=headers)
 
-        await client.put(
-            "/v1/rewards/mug", json={"name": "Mug", "cost_points": 30, "stock": 10}, headers=headers
-        )
+        await client.put("/v1/rewards/mug", json={"name": "Mug", "cost_points": 30, "stock": 10}, headers=headers)
         for member in ("ann", "bob"):
             await post("/v1/purchases", purchase(member, f"{member}-1", line("1", 1, 10000)))
             await post("/v1/purchases", purchase(member, f"{member}-2", line("1", 1, 5000)))
@@ -848,19 +848,16 @@ async def test_audit_passes_after_redemptions_holds_expiry_and_adjustments(
         await post("/v1/redemptions/a2/capture")
         await post("/v1/redemptions/a1/cancel")
         await post("/v1/members/bob/redemptions", {"redemption_id": "b1", "points": 120, "hold": True})
-        await post(
-            "/v1/members/bob/adjustments", {"adjustment_id": "adj1", "points": 25, "reason_code": "goodwill"}
-        )
+        await post("/v1/members/bob/adjustments", {"adjustment_id": "adj1", "points": 25, "reason_code": "goodwill"})
         await post("/v1/purchases/bob-1/refunds", {"refund_id": "r1", "amount": 10000})
-        await release_timed_out_holds(
-            services, now=services.clock() + timedelta(seconds=1000)
-        )  # bob's and ann's a3
+        await release_timed_out_holds(services, now=services.clock() + timedelta(seconds=1000))  # bob's and ann's a3
         await expire_due_lots(services, now=services.clock() + timedelta(days=400))
         conn = await asyncpg.connect(fresh_database_url)
         try:
-            assert await run_audit(conn) == []
+            assert await run_audit(conn, composition.AUDIT_CHECKS) == []
             await conn.execute("update members set points_held = points_held + 5 where member_id = 'ann'")
-            assert "2 held points equal active holds" in {v.invariant for v in await run_audit(conn)}
+            violations = await run_audit(conn, composition.AUDIT_CHECKS)
+            assert "2 held points equal active holds" in {v.invariant for v in violations}
         finally:
             await conn.close()
             await services.close()

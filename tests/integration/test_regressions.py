@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import dataclasses
 import time
 from datetime import timedelta
 from typing import Any
@@ -16,16 +18,28 @@ import msgspec
 import pytest
 from litestar.testing import AsyncTestClient
 
-from konvert import auth
+from konvert import auth, composition
 from konvert.app import create_app
+from konvert.cache import BalanceCache, create_redis
 from konvert.earning import service as earning
 from konvert.earning.model import PurchaseIn, RefundIn
-from konvert.earning.store import PurchaseTakenConcurrently
+from konvert.earning.refunds import refund_purchase
+from konvert.errors import ConcurrentWrite
+from konvert.idempotency import Outcome
+from konvert.ledger.book import writing
+from konvert.ledger.jobs import expire_due_lots
 from konvert.program import parse_program
-from konvert.redemption.service import expire_due_lots
 from konvert.services import Services
-from tests.conftest import TEST_PROGRAM, make_settings
-from tests.integration.test_purchases import line, purchase
+from tests.conftest import TEST_PROGRAM, balance_key, make_settings
+from tests.integration.test_purchases import (
+    batched_writes,
+    held_before_commit,
+    line,
+    posting,
+    purchase,
+    until,
+    until_waiting_for_locks,
+)
 
 
 async def _admin_key(database_url: str) -> str:
@@ -34,12 +48,6 @@ async def _admin_key(database_url: str) -> str:
         return (await auth.insert_key(conn, "review", ["admin"]))[0]
     finally:
         await conn.close()
-
-
-
-
-
-
 
 
 @pytest.fixture
@@ -123,7 +131,9 @@ async def test_a_nul_character_in_a_text_field_is_a_4xx(fresh_api, path, body):
 
 async def test_a_failed_first_redemption_does_not_break_later_redemptions(fresh_api):
     assert (await fresh_api.post_json("/v1/purchases", purchase("ann", "p0"))).status_code == 201
-    failed = await fresh_api.post_json("/v1/members/ann/redemptions", {"redemption_id": "x1", "points": 1, "note": "a\u0000"})
+    failed = await fresh_api.post_json(
+        "/v1/members/ann/redemptions", {"redemption_id": "x1", "points": 1, "note": "a\u0000"}
+    )
     assert failed.status_code >= 400
 
     ok = await fresh_api.post_json("/v1/members/ann/redemptions", {"redemption_id": "x2", "points": 1})
@@ -144,7 +154,9 @@ async def test_concurrent_identical_adjustments_apply_once_and_all_get_the_repla
 # --- 4. refund after expiry ----------------------------------------------------------------
 
 
-async def test_refunding_a_purchase_whose_points_expired_does_not_take_them_again(post, balance, clock, services, new_id):
+async def test_refunding_a_purchase_whose_points_expired_does_not_take_them_again(
+    post, balance, clock, services, new_id
+):
     member, first = new_id("m"), new_id("p")
     assert (await post("/v1/purchases", purchase(member, first, line("1", 1, 10000)))).status_code == 201
     clock.advance(days=100)
@@ -161,7 +173,9 @@ async def test_refunding_a_purchase_whose_points_expired_does_not_take_them_agai
 
 # --- 5. tiers in the group-commit path -----------------------------------------------------
 
-TIER_PROGRAM = TEST_PROGRAM + """
+TIER_PROGRAM = (
+    TEST_PROGRAM
+    + """
 [tiers]
 window_days = 365
 downgrade_grace_days = 0
@@ -175,20 +189,24 @@ name = "Silver"
 min_points = 100
 multiplier = 2
 """
+)
 
 
 @pytest.fixture
 async def tier_services(database_url, redis_url, redis_client):
-    services = await Services.open(make_settings(database_url, redis_url), parse_program(TIER_PROGRAM))
-    services.purchases = earning.purchase_batcher(services)
-    services.purchases.start()
+    """Services with tiers; their purchase batcher starts with the first posting."""
+    services = await composition.open_services(make_settings(database_url, redis_url), parse_program(TIER_PROGRAM))
     yield services
-    await services.purchases.stop()
     await services.close()
 
 
 def _purchase_in(member: str, purchase_id: str, euros: int) -> PurchaseIn:
     return msgspec.convert(purchase(member, purchase_id, line("1", 1, euros * 100)), PurchaseIn)
+
+
+def _posting(services: Services, member: str, purchase_id: str, euros: int) -> PurchaseIn:
+    """The same, checked for write_purchases."""
+    return posting(services, purchase(member, purchase_id, line("1", 1, euros * 100)))
 
 
 async def _member_tier(services: Services, member: str) -> asyncpg.Record:
@@ -214,86 +232,51 @@ async def test_a_retried_purchase_in_the_same_batch_does_not_raise_the_tier_of_i
 
 
 async def test_concurrent_batches_for_one_member_do_not_lose_a_tier_upgrade(tier_services, new_id):
-    member = new_id("m")
-    await earning.post_purchase(tier_services, _purchase_in(member, new_id("p"), 50))  # 50 points, Bronze
     services = tier_services
+    member = new_id("m")
+    await earning.post_purchase(services, _purchase_in(member, new_id("p"), 50))  # 50 points, Bronze
+    together, alone = batched_writes("together"), batched_writes("alone")
 
-    async with services.pool.acquire() as conn_a, services.pool.acquire() as conn_b:
-        tx_a = conn_a.transaction()
-        await tx_a.start()
-        posting_a = _purchase_in(member, new_id("p"), 60)
-        await earning.write_purchases(services, conn_a, [earning.Posting(posting_a)])
-
-        from prometheus_client import REGISTRY
-
-        def retried() -> float:
-            return REGISTRY.get_sample_value("konvert_purchase_batch_postings_total", {"how": "retried"}) or 0.0
-
-        retried_before = retried()
-        posting_b = _purchase_in(member, new_id("p"), 10)
-        # Batch B (optimistic, as the batcher writes) reads the member, then waits for its lock.
-        b = asyncio.create_task(
-            earning.write_purchase_batch(services, [earning.Posting(posting_b)])
-        )
-        await asyncio.sleep(0.5)
-        await tx_a.commit()
-        (outcome_b,) = await b
+    # Batch A (uncommitted) makes the member Silver: 50 + 60 = 110 ...
+    async with held_before_commit(services, [_posting(services, member, new_id("p"), 60)]):
+        # ... while batch B, as the batcher writes it, waits for the member A holds.
+        b = asyncio.ensure_future(earning.post_purchase(services, _purchase_in(member, new_id("p"), 10)))
+        await until_waiting_for_locks(services.pool, 1)
+        assert not b.done()
+    outcome_b = await b
 
     row = await _member_tier(services, member)
-    # 50 + 60 = 110 makes the member Silver when A commits; B finds the member changed since its
-    # read, reads again and earns 10 EUR x 2 = 20: 130 qualifying points, Silver.
-    assert msgspec.json.decode(outcome_b.outcome.body)["points"] == 20
-    assert retried() - retried_before == 1
+    # B reads the member only once A committed: 10 EUR x 2 = 20, 130 qualifying points, Silver.
+    assert msgspec.json.decode(outcome_b.body)["points"] == 20
     assert (row["tier"], row["tier_qualifying_points"]) == ("Silver", 130)
+    # Locked before it read: B was written in its batch, never retried alone.
+    assert (batched_writes("together") - together, batched_writes("alone") - alone) == (1, 0)
 
 
 async def test_a_replay_in_a_batch_does_not_lock_members_out_of_order(tier_services, new_id):
     services = tier_services
     m1, m2 = f"a-{new_id('m')}", f"b-{new_id('m')}"
-    old = _purchase_in(m1, new_id("p"), 10)
-    await earning.post_purchase(services, old)
+    old = new_id("p")
+    await earning.post_purchase(services, _purchase_in(m1, old, 10))  # m1 first: the lower member_uid
     await earning.post_purchase(services, _purchase_in(m2, new_id("p"), 10))
 
-    def posting(p: PurchaseIn) -> earning.Posting:
-        earning.check_purchase(services, p)
-        return earning.Posting(p)
-
-    async with services.pool.acquire() as conn_a, services.pool.acquire() as conn_b:
-        # Batch B = [m1 new, m2 new], in member order: it locks m1 ...
-        tx_b = conn_b.transaction()
-        await tx_b.start()
-        await earning.write_purchases(services, conn_b, [posting(_purchase_in(m1, new_id("p"), 10))])
-
-        # ... while batch A = [m1 replay, m2 new] locks m2, then re-evaluates m1's tier.
-        async def batch_a():
-            async with conn_a.transaction():
-                await earning.write_purchases(services, conn_a, [posting(old), posting(_purchase_in(m2, new_id("p"), 10))])
-
-        a = asyncio.create_task(batch_a())
-        await asyncio.sleep(0.3)
+    # Batch B holds m1 ...
+    async with writing(services) as book_b:
+        await book_b.lock(ids=[m1])
+        # ... while batch A = [m1 replay, m2 new] locks its members: it must not hold m2 while it
+        # waits for m1.
+        batch_a = [_posting(services, m1, old, 10), _posting(services, m2, new_id("p"), 10)]
+        a = asyncio.ensure_future(earning.write_purchases(services, batch_a))
+        await until_waiting_for_locks(services.pool, 1)
         try:
-            await earning.write_purchases(services, conn_b, [posting(_purchase_in(m2, new_id("p"), 10))])  # B goes on to m2
-            await tx_b.commit()
+            await asyncio.wait_for(book_b.lock(ids=[m2]), 10)  # B goes on to m2
         except asyncpg.DeadlockDetectedError:
-            await tx_b.rollback()
             pytest.fail("batch B deadlocked with batch A")
-        finally:
-            results = await asyncio.gather(a, return_exceptions=True)
-        assert not isinstance(results[0], asyncpg.DeadlockDetectedError), "batch A deadlocked with batch B"
+    (results,) = await asyncio.gather(a, return_exceptions=True)
 
-
-async def _until(pool: asyncpg.Pool, query: str, *args: object, timeout: float = 10.0) -> None:
-    """Until ``query`` is true. Each look is a transaction of its own: within one, PostgreSQL
-    keeps showing the pg_stat_activity it saw first."""
-    deadline = time.monotonic() + timeout
-    while not await pool.fetchval(query, *args):
-        assert time.monotonic() < deadline, f"never true: {query} {args}"
-        await asyncio.sleep(0.01)
-
-
-async def _waiting_for_a_lock(pool: asyncpg.Pool, pid: int) -> None:
-    """Until the backend ``pid`` waits for a lock."""
-    await _until(pool, "select wait_event_type = 'Lock' from pg_stat_activity where pid = $1", pid)
+    assert not isinstance(results, asyncpg.DeadlockDetectedError), "batch A deadlocked with batch B"
+    replayed, posted = results
+    assert (replayed.replayed, posted.replayed) == (True, False)
 
 
 async def test_batches_posting_one_purchase_id_for_different_members_do_not_deadlock(tier_services, new_id):
@@ -303,39 +286,36 @@ async def test_batches_posting_one_purchase_id_for_different_members_do_not_dead
     tag = new_id("t")
     x, w, y = f"a-{tag}", f"b-{tag}", f"c-{tag}"
 
-    def postings(*pairs: tuple[str, str]) -> list[earning.Posting]:
-        return [earning.Posting(_purchase_in(f"{member}-{tag}", purchase_id, 10)) for member, purchase_id in pairs]
+    def postings(*pairs: tuple[str, str]) -> list[PurchaseIn]:
+        return [_posting(services, f"{member}-{tag}", purchase_id, 10) for member, purchase_id in pairs]
 
     batch_a = postings(("a", x), ("b", w), ("c", y))  # by member, as the batcher sorts them
     batch_b = postings(("d", y), ("e", x))  # by member too: y comes first here
-    async with (
-        services.pool.acquire() as conn_a,
-        services.pool.acquire() as conn_b,
-        services.pool.acquire() as conn_c,
-    ):
-        # Another request holds w (uncommitted): batch A inserts x, then waits for w ...
-        blocker = conn_c.transaction()
-        await blocker.start()
-        await earning.write_purchases(services, conn_c, postings(("f", w)))
-        a = asyncio.create_task(earning.write_purchases(services, conn_a, batch_a))
-        await _waiting_for_a_lock(services.pool, conn_a.get_server_pid())
+    # Another request holds w (uncommitted, and rolled back in the end): batch A inserts x, then waits for w ...
+    async with held_before_commit(services, postings(("f", w))) as blocker:
+        blocker.roll_back()
+        a = asyncio.ensure_future(earning.write_purchases(services, batch_a))
+        await until_waiting_for_locks(services.pool, 1)
         # ... while batch B takes y in its member order and then waits for A's x. Once w is free,
         # A would wait for B's y: a deadlock, unless both insert in purchase id order.
-        b = asyncio.create_task(earning.write_purchases(services, conn_b, batch_b))
-        await _waiting_for_a_lock(services.pool, conn_b.get_server_pid())
-        await blocker.rollback()
-        results = await asyncio.gather(a, b, return_exceptions=True)
+        b = asyncio.ensure_future(earning.write_purchases(services, batch_b))
+        await until_waiting_for_locks(services.pool, 2)
+    results = await asyncio.gather(a, b, return_exceptions=True)
 
     assert not any(isinstance(r, asyncpg.DeadlockDetectedError) for r in results), results
-    # A wrote its three purchases; B found both of its ids taken and wrote nothing.
-    assert isinstance(results[0], dict) and len(results[0]) == 3, results[0]
-    assert isinstance(results[1], PurchaseTakenConcurrently), results[1]
+    # A wrote its three purchases; B found both of its ids taken and committed nothing.
+    assert isinstance(results[0], list) and [type(o) for o in results[0]] == [Outcome] * 3, results[0]
+    assert isinstance(results[1], ConcurrentWrite), results[1]
     owners = await services.pool.fetch(
         "select purchase_id, m.member_id from purchases p join members m using (member_uid)"
         " where purchase_id = any($1::text[]) order by purchase_id",
         [x, w, y],
     )
     assert [(r["purchase_id"], r["member_id"]) for r in owners] == [(x, f"a-{tag}"), (w, f"b-{tag}"), (y, f"c-{tag}")]
+    created = await services.pool.fetchval(
+        "select count(*) from members where member_id = any($1::text[])", [f"{m}-{tag}" for m in "def"]
+    )
+    assert created == 0  # B's members and the rolled-back blocker's were never created
 
 
 async def test_a_refund_locks_the_member_before_the_purchase(tier_services, new_id):
@@ -349,9 +329,9 @@ async def test_a_refund_locks_the_member_before_the_purchase(tier_services, new_
         held = holder.transaction()
         await held.start()
         await holder.execute("select from members where member_id = $1 for update", member)
-        refund = asyncio.create_task(earning.refund_purchase(services, purchase_id, refund_in))
+        refund = asyncio.create_task(refund_purchase(services, purchase_id, refund_in))
         try:
-            await _until(  # the refund waits for the member
+            await until(  # the refund waits for the member
                 services.pool,
                 "select count(*) > 0 from pg_stat_activity where datname = current_database()"
                 " and wait_event_type = 'Lock' and pid <> $1",
@@ -359,13 +339,23 @@ async def test_a_refund_locks_the_member_before_the_purchase(tier_services, new_
             )
             # While the refund waits for the member, it holds no lock on the purchase.
             async with services.pool.acquire() as probe, probe.transaction():
-                await probe.execute(
-                    "select from purchases where purchase_id = $1 for update nowait", purchase_id
-                )
+                await probe.execute("select from purchases where purchase_id = $1 for update nowait", purchase_id)
         finally:
             await held.rollback()
             outcome = await refund
     assert msgspec.json.decode(outcome.body)["points"] == 10
+
+
+class _OnOneConnection:
+    """A pool that lends only ``conn``: a use case's transaction becomes a savepoint of the
+    caller's, so the caller can look at what it did before it commits."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+
+    @contextlib.asynccontextmanager
+    async def acquire(self):
+        yield self._conn
 
 
 async def test_a_purchase_updates_its_member_in_place(tier_services, new_id):
@@ -381,16 +371,14 @@ async def test_a_purchase_updates_its_member_in_place(tier_services, new_id):
         "select pg_stat_get_xact_tuples_updated('members'::regclass) as updated,"
         " pg_stat_get_xact_tuples_hot_updated('members'::regclass) as hot"
     )
+    purchase_in = _posting(services, member, new_id("p"), 10)
     async with services.pool.acquire() as conn, conn.transaction():
         before = await conn.fetchrow(counts)
-        posting = earning.Posting(_purchase_in(member, new_id("p"), 10))
-        earning.check_purchase(services, posting.purchase)
-        written = await earning.write_purchases(services, conn, [posting])
+        on_conn = dataclasses.replace(services, pool=_OnOneConnection(conn))
+        written = await earning.write_purchases(on_conn, [purchase_in])
         after = await conn.fetchrow(counts)
-        member_row = await conn.fetchrow(
-            "select tier, tier_evaluated_at from members where member_id = $1", member
-        )
-    assert len(written) == 1
+        member_row = await conn.fetchrow("select tier, tier_evaluated_at from members where member_id = $1", member)
+    assert [type(o) for o in written] == [Outcome]
     assert (after["updated"] - before["updated"], after["hot"] - before["hot"]) == (1, 1)
     assert (member_row["tier"], member_row["tier_evaluated_at"]) == ("Silver", None)
 
@@ -408,11 +396,8 @@ async def test_a_purchase_whose_member_lacks_the_account_writes_nothing(tier_ser
         member,
     )
     purchase_id = new_id("p")
-    posting = earning.Posting(_purchase_in(member, purchase_id, 10))
-    earning.check_purchase(services, posting.purchase)
-    async with services.pool.acquire() as conn:
-        with pytest.raises(asyncpg.NotNullViolationError):
-            await earning.write_purchases(services, conn, [posting])
+    with pytest.raises(asyncpg.NotNullViolationError):
+        await earning.write_purchases(services, [_posting(services, member, purchase_id, 10)])
     assert await services.pool.fetchval("select count(*) from purchases where purchase_id = $1", purchase_id) == 0
     assert await _member_tier(services, member) == before
 
@@ -444,15 +429,17 @@ async def test_a_purchase_locks_no_account(tier_services, new_id):
     assert msgspec.json.decode(outcome.body)["points"] == 10
 
 
-# --- 6. Redis: the multiplexed connection and a Redis that does not answer ------------------
+# --- 6. Redis: the cache's connection and a Redis that does not answer ----------------------
 
 
 class FakeRedis:
-    """A RESP server that answers AUTH slowly and HGET with the database the connection is on."""
+    """A RESP2 server (it refuses HELLO, as an old Redis does) that answers AUTH slowly and HGET
+    with the database the connection is on; counts the connections made to it."""
 
     def __init__(self, auth_delay: float = 0.0, silent: bool = False) -> None:
         self.auth_delay, self.silent = auth_delay, silent
         self.server: asyncio.AbstractServer | None = None
+        self.connections = 0
 
     async def __aenter__(self) -> FakeRedis:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -466,6 +453,7 @@ class FakeRedis:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         import hiredis
 
+        self.connections += 1
         parser, db = hiredis.Reader(), b"0"
         try:
             while data := await reader.read(65536):
@@ -474,7 +462,9 @@ class FakeRedis:
                 parser.feed(data)
                 while (command := parser.gets()) is not False:
                     name = command[0].upper()
-                    if name == b"AUTH":
+                    if name == b"HELLO":
+                        writer.write(b"-ERR unknown command 'HELLO'\r\n")
+                    elif name == b"AUTH":
                         await asyncio.sleep(self.auth_delay)
                         writer.write(b"+OK\r\n")
                     elif name == b"SELECT":
@@ -491,36 +481,36 @@ class FakeRedis:
             writer.close()
 
 
-async def test_commands_sent_while_the_connection_authenticates_run_on_the_urls_database():
-    from konvert.fastredis import MultiplexedRedis
-
+async def test_concurrent_cached_reads_share_one_connection_on_the_urls_database(database_url):
+    """Balance reads that arrive while the cache's connection authenticates share its pipeline,
+    and every one of them runs on the URL's database."""
     async with FakeRedis(auth_delay=0.2) as fake:
-        client = MultiplexedRedis(f"redis://user:secret@127.0.0.1:{fake.port}/5", timeout_seconds=2.0)
+        url = f"redis://user:secret@127.0.0.1:{fake.port}/5"
+        settings = make_settings(database_url, url, redis_timeout_seconds=2.0)
+        client = create_redis(settings)
+        cache = BalanceCache.for_settings(client, settings)
         try:
-            first = asyncio.ensure_future(client.execute(b"HGET", b"k", b"b"))  # connects, AUTH pending
-            while client._protocol is None:
-                await asyncio.sleep(0.001)
-            second = await client.execute(b"HGET", b"k", b"b")  # a concurrent balance read
-            assert (await first, second) == (b"db5", b"db5")
+            found = await asyncio.gather(*(cache.get(f"m{i}") for i in range(10)))
+            assert found == [b"db5"] * 10
+            assert fake.connections == 1
         finally:
-            client.close()
+            await cache.aclose()
+            await client.aclose()
 
 
 async def test_writes_do_not_wait_for_a_silent_redis_once_per_member(database_url, program, new_id):
     async with FakeRedis(silent=True) as fake:
         settings = make_settings(database_url, f"redis://127.0.0.1:{fake.port}/0", redis_timeout_seconds=0.2)
-        services = await Services.open(settings, program)
-        services.purchases = earning.purchase_batcher(services)
-        services.purchases.start()
+        services = await composition.open_services(settings, program)
         try:
             postings = [msgspec.convert(purchase(new_id("m"), new_id("p")), PurchaseIn) for _ in range(20)]
             started = time.monotonic()
             await asyncio.gather(*(earning.post_purchase(services, p) for p in postings))
             elapsed = time.monotonic() - started
         finally:
-            await services.purchases.stop()
             await services.close()
-    # The circuit breaker should make a dead Redis cost one timeout, not one per write.
+    # A batch's invalidations share one round trip: a dead Redis costs a batch one timeout, not
+    # one per write.
     assert elapsed < 1.0, f"20 purchases took {elapsed:.1f}s with Redis not answering"
 
 
@@ -528,13 +518,11 @@ async def test_writes_do_not_wait_for_a_silent_redis_once_per_member(database_ur
 async def test_a_batch_s_invalidations_leave_each_member_s_latest_version(
     redis_client, settings, new_id, scripts_forgotten
 ):
-    from konvert.cache import BalanceCache, balance_key
-
     cache = BalanceCache.for_settings(redis_client, settings)
     first, second, third = (new_id("m") for _ in range(3))
     try:
-        await cache.put(first, 3, b'{"version": 3}')
-        await cache.put(third, 9, b'{"version": 9}')  # newer than the write below
+        await cache.put_many([(first, 3, b'{"version": 3}')])
+        await cache.put_many([(third, 9, b'{"version": 9}')])  # newer than the write below
         if scripts_forgotten:
             await redis_client.script_flush()
 
@@ -545,29 +533,27 @@ async def test_a_batch_s_invalidations_leave_each_member_s_latest_version(
         assert await redis_client.hgetall(balance_key(second)) == {b"v": b"2"}
         assert await redis_client.hget(balance_key(third), "b") == b'{"version": 9}'
         # A slower reader's older balance stays out; the written version's goes in.
-        await cache.put(first, 4, b'{"version": 4}')
+        await cache.put_many([(first, 4, b'{"version": 4}')])
         assert await cache.get(first) is None
-        await cache.put(first, 5, b'{"version": 5}')
+        await cache.put_many([(first, 5, b'{"version": 5}')])
         assert await cache.get(first) == b'{"version": 5}'
     finally:
-        cache.close()
+        await cache.aclose()
 
 
 async def test_a_write_whose_tombstone_failed_still_keeps_an_older_balance_out(redis_client, settings, new_id):
-    from konvert.cache import BalanceCache
-
     writer = BalanceCache.for_settings(redis_client, settings)  # the process that wrote
     reader = BalanceCache.for_settings(redis_client, settings)  # another worker, serving reads
     member = new_id("m")
     try:
         # The reader read version 1 from PostgreSQL just before the write committed version 2.
-        # The writer's breaker is open after a transient Redis hiccup, so its tombstone is skipped
-        # and it falls back to deleting the key ...
+        # The writer's breaker is open after a transient Redis hiccup: its tombstone must be
+        # written all the same ...
         writer._skip_until = time.monotonic() + 1.0
-        await writer.invalidate(member, 2)
-        # ... then the slower reader puts what it read, and it is served from then on.
-        await reader.put(member, 1, b'{"available": 0, "version": 1}')
+        await writer.invalidate_many([(member, 2)])
+        # ... then the slower reader puts what it read, and it must never be served.
+        await reader.put_many([(member, 1, b'{"available": 0, "version": 1}')])
         assert await reader.get(member) is None, "a balance older than a committed write is served"
     finally:
-        writer.close()
-        reader.close()
+        await writer.aclose()
+        await reader.aclose()

@@ -29,15 +29,14 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from litestar.testing import AsyncTestClient
 
-from konvert import auth
+from konvert import auth, composition
 from konvert.app import create_app
 from konvert.ledger.audit import run_audit
-from konvert.ledger.service import spend_points
 from konvert.program import Program
 from konvert.reputation import leaderboard, rules, service
 from konvert.reputation.model import KudosIn
 from konvert.services import Services
-from tests.conftest import make_settings
+from tests.conftest import make_settings, spend_points
 
 NOW = datetime.now(UTC)
 # Every kudos of a test happens on one UTC day in the past, so the day cannot change mid-test.
@@ -149,9 +148,7 @@ def api(client, admin_headers, database_url) -> Api:
 
 
 def program_with(program: Program, **reputation: Any) -> Program:
-    return msgspec.structs.replace(
-        program, reputation=msgspec.structs.replace(program.reputation, **reputation)
-    )
+    return msgspec.structs.replace(program, reputation=msgspec.structs.replace(program.reputation, **reputation))
 
 
 @pytest.fixture
@@ -234,6 +231,22 @@ async def test_a_double_like_is_one_award(api, new_id):
     assert [t["code"] for t in await api.transfers_of(author)] == ["kudos"]
 
 
+async def test_a_duplicate_kudos_naming_a_new_author_creates_no_member(api, client, admin_headers, new_id):
+    giver = new_id("giver")
+    like = kudos(new_id("author"), giver)
+    await api.give(like)
+    # The forum sends the giver's like of the same post again, under another id and naming
+    # another author (the post changed hands): the author would be a new member.
+    newcomer = new_id("author")
+
+    refused = await api.give(like | {"kudos_id": new_id("k"), "author_id": newcomer}, expect=409)
+
+    assert refused.json()["code"] == "duplicate_kudos"
+    missing = await client.get(f"/v1/members/{newcomer}/balance", headers=admin_headers)
+    assert (missing.status_code, missing.json()["code"]) == (404, "member_not_found")
+    assert (await api.fetch("select 1 from members where member_id = $1", newcomer)) == []
+
+
 async def test_the_same_kudos_id_with_another_body_is_a_conflict(api, new_id):
     author = new_id("author")
     body = kudos(author, new_id("giver"))
@@ -261,7 +274,8 @@ async def test_the_same_instant_with_another_offset_is_a_replay(api, new_id):
         ({"kind": "dislike"}, "kind"),
         ({"source": "bad:source"}, "source"),
         ({"occurred_at": "2026-01-01T10:00:00"}, "occurred_at"),
-        ({"extra": 1}, "extra"),
+        # An unknown field is named at the object that has it; msgspec's message names the field.
+        ({"extra": 1}, "body"),
         ({"kudos_id": ""}, "kudos_id"),
         ({"kudos_id": "forum/1"}, "kudos_id"),
     ],
@@ -271,6 +285,8 @@ async def test_invalid_kudos_are_refused_naming_the_field(api, new_id, change, f
 
     assert response.json()["code"] == "validation_failed"
     assert field in {e["field"] for e in response.json()["errors"]}
+    if "extra" in change:
+        assert any("`extra`" in e["message"] for e in response.json()["errors"] if e["field"] == "body")
 
 
 async def test_a_kudos_from_the_future_is_refused(api, new_id):
@@ -301,9 +317,7 @@ async def test_a_retraction_restores_the_exact_previous_reputation(api, new_id):
     assert (await api.reputation(author)) == before
     body = retracted.json()
     assert body["status"] == "retracted" and body["author_reputation"] == 0
-    assert [(c["reason"], c["amount"], c["reputation_delta"]) for c in body["changes"]] == [
-        ("retraction", -10, -10)
-    ]
+    assert [(c["reason"], c["amount"], c["reputation_delta"]) for c in body["changes"]] == [("retraction", -10, -10)]
     transfers = await api.transfers_of(author)
     assert transfers[-1]["code"] == "retract" and transfers[-1]["amount"] == 10
     assert transfers[-1]["reverses_transfer_id"] == given["changes"][0]["transfer_id"]
@@ -334,9 +348,7 @@ async def test_a_kudos_can_be_retracted_by_source_post_giver_and_kind(api, new_i
     response = await api.retract_by_key(like)
 
     assert response.json()["kudos_id"] == like["kudos_id"]
-    assert (await api.reputation(author))["breakdown"] == [
-        {"source": "forum", "kind": "helpful", "reputation": 10}
-    ]
+    assert (await api.reputation(author))["breakdown"] == [{"source": "forum", "kind": "helpful", "reputation": 10}]
 
 
 async def test_retracting_an_unknown_kudos_is_404(api, new_id):
@@ -508,13 +520,9 @@ async def play(
     return reputation, [credits[b["kudos_id"]] for b in bodies]
 
 
-@hypothesis_settings(
-    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@hypothesis_settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kudos_set=KUDOS_SETS, data=st.data())
-async def test_the_daily_cap_depends_only_on_the_kudos_that_stand_not_on_arrival_order(
-    capped_api, kudos_set, data
-):
+async def test_the_daily_cap_depends_only_on_the_kudos_that_stand_not_on_arrival_order(capped_api, kudos_set, data):
     events = [("give", i) for i in range(len(kudos_set))]
     events += [("retract", i) for i, (_, _, retracted) in enumerate(kudos_set) if retracted]
     events += data.draw(st.lists(st.sampled_from(events[: len(kudos_set)]), max_size=3), label="replays")
@@ -549,14 +557,10 @@ async def test_an_accepted_answer_credits_its_author_and_the_accepter(api, new_i
 
 async def test_accepting_ones_own_answer_awards_nothing_but_moves_the_accepted_answer(api, new_id):
     asker, helper, thread = new_id("asker"), new_id("helper"), new_id("t")
-    await api.give(
-        kudos(helper, asker, "accepted_answer", thread=thread, post="helpers-answer", occurred_at=at(1))
-    )
+    await api.give(kudos(helper, asker, "accepted_answer", thread=thread, post="helpers-answer", occurred_at=at(1)))
 
     own = (
-        await api.give(
-            kudos(asker, asker, "accepted_answer", thread=thread, post="own-answer", occurred_at=at(2))
-        )
+        await api.give(kudos(asker, asker, "accepted_answer", thread=thread, post="own-answer", occurred_at=at(2)))
     ).json()
 
     assert (own["status"], own["counted"], own["not_counted_reason"]) == ("standing", False, "self_accept")
@@ -589,9 +593,7 @@ async def test_an_acceptance_arriving_after_a_later_one_does_not_replace_it(api,
     asker, first, second, thread = new_id("asker"), new_id("first"), new_id("second"), new_id("t")
     await api.give(kudos(second, asker, "accepted_answer", thread=thread, post="p2", occurred_at=at(10)))
 
-    late = (
-        await api.give(kudos(first, asker, "accepted_answer", thread=thread, post="p1", occurred_at=at(5)))
-    ).json()
+    late = (await api.give(kudos(first, asker, "accepted_answer", thread=thread, post="p1", occurred_at=at(5)))).json()
 
     assert (late["status"], late["counted"], late["changes"]) == ("superseded", False, [])
     assert [(await api.reputation(m))["reputation"] for m in (first, second, asker)] == [0, 15, 2]
@@ -652,9 +654,7 @@ async def test_a_giver_must_be_known_long_enough_when_the_program_says_so(app_wi
     giver, author = new_id("giver"), new_id("author")
     async with app_with(giver_min_account_age_days=7) as strict:
         assert (await strict.give(kudos(author, giver))).json()["counted"] is False
-        await strict.fetch(
-            "update members set created_at = now() - interval '8 days' where member_id = $1", giver
-        )
+        await strict.fetch("update members set created_at = now() - interval '8 days' where member_id = $1", giver)
         assert (await strict.give(kudos(author, giver, "helpful"))).json()["counted"] is True
         assert (await strict.reputation(author))["reputation"] == 10
 
@@ -669,7 +669,7 @@ async def test_a_giver_must_be_known_long_enough_when_the_program_says_so(app_wi
 def services_with(settings, program) -> Callable[..., contextlib.AbstractAsyncContextManager[Services]]:
     @contextlib.asynccontextmanager
     async def start(**reputation: Any) -> AsyncIterator[Services]:
-        opened = await Services.open(settings, program_with(program, **reputation))
+        opened = await composition.open_services(settings, program_with(program, **reputation))
         try:
             yield opened
         finally:
@@ -716,9 +716,7 @@ async def test_concurrent_duplicates_award_once(api, services: Services, new_id)
 async def test_a_burst_from_one_giver_stops_exactly_at_the_limit(api, services_with, new_id):
     giver = new_id("giver")
     async with services_with(giver_daily_limit=5) as limited:
-        results = await at_once(
-            *(service.give_kudos(limited, kudos_in(kudos(new_id("a"), giver))) for _ in range(20))
-        )
+        results = await at_once(*(service.give_kudos(limited, kudos_in(kudos(new_id("a"), giver))) for _ in range(20)))
 
     assert sorted(type(r).__name__ for r in results) == ["GiverLimitReached"] * 15 + ["Outcome"] * 5
     given = await api.fetch(
@@ -749,9 +747,7 @@ async def test_kudos_and_retractions_at_once_leave_the_cap_of_what_stands(api, s
     assert (await api.balance(author))["reputation"] == 200
 
 
-async def test_concurrent_acceptances_in_one_thread_leave_the_latest_standing(
-    api, services: Services, new_id
-):
+async def test_concurrent_acceptances_in_one_thread_leave_the_latest_standing(api, services: Services, new_id):
     thread = new_id("t")
     helpers = [new_id("helper") for _ in range(12)]
     # Accepted by different members (asker, moderators): nothing but the thread links them.
@@ -766,9 +762,7 @@ async def test_concurrent_acceptances_in_one_thread_leave_the_latest_standing(
     assert [type(r).__name__ for r in results] == ["Outcome"] * len(bodies)
     assert [(await api.reputation(h))["reputation"] for h in helpers] == [0] * 11 + [15]
     assert [(await api.reputation(a))["reputation"] for a in accepters] == [0] * 11 + [2]
-    standing = await api.fetch(
-        "select kudos_id from kudos where thread_id = $1 and status = 'standing'", thread
-    )
+    standing = await api.fetch("select kudos_id from kudos where thread_id = $1 and status = 'standing'", thread)
     assert [r["kudos_id"] for r in standing] == [bodies[-1]["kudos_id"]]
 
 
@@ -797,10 +791,7 @@ async def test_the_floor_holds_reputation_and_a_later_award_is_not_counted_twice
         await api.give(third)
         await api.retract(third["kudos_id"])
         assert (await api.reputation(author))["reputation"] == 10
-        assert (
-            sum(t["amount"] if t["code"] == "kudos" else -t["amount"] for t in await api.transfers_of(author))
-            == 10
-        )
+        assert sum(t["amount"] if t["code"] == "kudos" else -t["amount"] for t in await api.transfers_of(author)) == 10
 
 
 # --- the points bridge ----------------------------------------------------------------------
@@ -810,9 +801,7 @@ async def test_the_bridge_credits_points_for_an_accepted_answer_and_takes_them_b
     asker, first, second, thread = new_id("asker"), new_id("first"), new_id("second"), new_id("t")
     async with app_with(accepted_answer_points=50) as api:
         accepted = (
-            await api.give(
-                kudos(first, asker, "accepted_answer", thread=thread, post="p1", occurred_at=at(1))
-            )
+            await api.give(kudos(first, asker, "accepted_answer", thread=thread, post="p1", occurred_at=at(1)))
         ).json()
 
         assert accepted["bridge_points"] == 50
@@ -832,9 +821,7 @@ async def test_taking_back_spent_bridge_points_leaves_a_debt(app_with, services:
     async with app_with(accepted_answer_points=50) as api:
         accepted = kudos(author, new_id("asker"), "accepted_answer")
         await api.give(accepted)
-        await spend_points(
-            services, author, 50, code="redeem", cause_type="test", cause_ref=author, reason="spent"
-        )
+        await spend_points(services, author, 50, code="redeem", cause_type="test", cause_ref=author, reason="spent")
 
         await api.retract(accepted["kudos_id"])
 
@@ -910,9 +897,7 @@ async def test_leaderboards_count_the_period_in_which_kudos_happened(api, new_id
     source, member = new_id("lb"), new_id("m")
     today, long_ago = datetime.now(UTC), datetime.now(UTC) - timedelta(days=45)
     await api.give(kudos(member, new_id("g"), source=source, occurred_at=today.isoformat()))
-    await api.give(
-        kudos(member, new_id("g"), source=source, occurred_at=long_ago.isoformat(), post=new_id("p"))
-    )
+    await api.give(kudos(member, new_id("g"), source=source, occurred_at=long_ago.isoformat(), post=new_id("p")))
 
     boards = {period: await api.board(source=source, period=period) for period in ("all", "week", "month")}
 
@@ -947,8 +932,13 @@ async def test_leaderboards_follow_retractions_and_the_cap(api, new_id):
 
 
 def _cli(database_url: str, redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``konvert ...`` with the settings the tests' apps use on that database (its Redis keys too)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("KONVERT_")}
-    env |= {"KONVERT_DATABASE_URL": database_url, "KONVERT_REDIS_URL": redis_url}
+    env |= {
+        "KONVERT_DATABASE_URL": database_url,
+        "KONVERT_REDIS_URL": redis_url,
+        "KONVERT_REDIS_KEY_PREFIX": make_settings(database_url, redis_url).redis_key_prefix,
+    }
     return subprocess.run(
         [sys.executable, "-m", "konvert", *args],
         env=env,
@@ -971,9 +961,7 @@ async def test_leaderboards_are_the_same_after_redis_is_flushed_and_rebuilt(
     retracted = kudos(members[0], new_id("g"), source=source, post=new_id("p"))
     await api.give(retracted)
     await api.retract(retracted["kudos_id"])
-    await api.give(
-        kudos(members[1], members[2], "accepted_answer", source=source, occurred_at=today.isoformat())
-    )
+    await api.give(kudos(members[1], members[2], "accepted_answer", source=source, occurred_at=today.isoformat()))
 
     async def snapshot() -> list[Any]:
         views = [
@@ -992,25 +980,28 @@ async def test_leaderboards_are_the_same_after_redis_is_flushed_and_rebuilt(
         (4, members[0], 20),
     ]
 
-    await redis_client.flushdb()
-    assert await redis_client.get((await leaderboard.keyspace_of(services.pool)).marker) is None
+    # Redis loses everything of this database's (as a flush or an empty restart would).
+    async for key in redis_client.scan_iter(match=f"{services.settings.redis_key_prefix}:*", count=1000):
+        await redis_client.unlink(key)
+    keys = await leaderboard.keyspace_of(services.pool, services.settings.redis_key_prefix)
+    assert await redis_client.get(keys.marker) is None
     after_flush = await snapshot()  # the first read rebuilt them
+    built = await redis_client.get(keys.marker)
 
     result = _cli(database_url, redis_url, "leaderboards", "rebuild")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "leaderboards rebuilt" in result.stdout
+    assert int(await redis_client.get(keys.marker)) > int(built)  # the boards the app reads were rebuilt
     after_cli = await snapshot()
 
     assert after_flush == before and after_cli == before
 
 
-async def test_a_change_that_could_not_reach_redis_makes_the_next_read_rebuild(
-    api, services: Services, new_id
-):
+async def test_a_change_that_could_not_reach_redis_makes_the_next_read_rebuild(api, services: Services, new_id):
     await leaderboard.rebuild(services)
     source, member = new_id("lb"), new_id("m")
     await api.give(kudos(member, new_id("g"), source=source))
-    boards = leaderboard.leaderboards(services)
+    boards = services.shared(leaderboard.Leaderboards)
     # A write in another process (here: the test's own services) committed, but Redis missed it.
     boards.missed_change = True
 
@@ -1052,9 +1043,7 @@ async def test_leaderboard_queries_are_validated(api, params, field):
 
 
 @pytest.fixture
-async def reputation_ledger(
-    fresh_database_url, redis_url, program
-) -> AsyncIterator[tuple[str, list[Any], Services]]:
+async def reputation_ledger(fresh_database_url, redis_url, program) -> AsyncIterator[tuple[str, list[Any], Services]]:
     """A database of its own after every kind of reputation write, with the floor and the bridge
     on; yields its URL, its leaderboards as the writes left them, and its services."""
     rules_ = program_with(program, floor=5, daily_cap=30, accepted_answer_points=30, giver_daily_limit=6)
@@ -1062,7 +1051,7 @@ async def reputation_ledger(
     conn = await asyncpg.connect(fresh_database_url)
     key, _ = await auth.insert_key(conn, "audit", ["admin"])
     await conn.close()
-    services = await Services.open(settings, rules_)
+    services = await composition.open_services(settings, rules_)
     try:
         # Boards of this database's own (see leaderboard.KeySpace), built while it is empty, so
         # that what the writes leave in them can be compared with a rebuild.
@@ -1083,15 +1072,9 @@ async def reputation_ledger(
             await api.retract(helpful["kudos_id"])
             await api.give(kudos("bob", "fan0", post="bobs-second"))
             # An accepted answer with bridge points, spent, then moved to bob's answer; a self-accept.
-            await api.give(
-                kudos("cem", "dan", "accepted_answer", thread="q1", post="cems", occurred_at=at(5))
-            )
-            await spend_points(
-                services, "cem", 30, code="redeem", cause_type="test", cause_ref="cem", reason="spent"
-            )
-            await api.give(
-                kudos("bob", "dan", "accepted_answer", thread="q1", post="bobs", occurred_at=at(6))
-            )
+            await api.give(kudos("cem", "dan", "accepted_answer", thread="q1", post="cems", occurred_at=at(5)))
+            await spend_points(services, "cem", 30, code="redeem", cause_type="test", cause_ref="cem", reason="spent")
+            await api.give(kudos("bob", "dan", "accepted_answer", thread="q1", post="bobs", occurred_at=at(6)))
             await api.give(kudos("dan", "dan", "accepted_answer", thread="q2", post="dans"))
             # Refused writes leave nothing behind.
             await api.give(kudos("eve", "eve"), expect=422)
@@ -1106,7 +1089,7 @@ async def reputation_ledger(
 async def _audit(database_url: str):
     conn = await asyncpg.connect(database_url)
     try:
-        return await run_audit(conn)
+        return await run_audit(conn, composition.AUDIT_CHECKS)
     finally:
         await conn.close()
 

@@ -247,9 +247,7 @@ multiplier = 2
 
 
 def campaign_program(extra: str = "", multiplier: str = "2") -> Program:
-    return make_program(
-        f'[[earning.campaigns]]\nid = "bf"\nmultiplier = {multiplier}\n{CAMPAIGN_WINDOW}{extra}'
-    )
+    return make_program(f'[[earning.campaigns]]\nid = "bf"\nmultiplier = {multiplier}\n{CAMPAIGN_WINDOW}{extra}')
 
 
 @pytest.mark.parametrize(
@@ -292,9 +290,7 @@ def test_campaign_partner_filter() -> None:
 
 def test_campaign_category_filter() -> None:
     program = campaign_program('categories = ["books"]\n')
-    result = compute_earning(
-        program, purchase(line("a", 1000, category="books"), line("b", 1000, category="toys"))
-    )
+    result = compute_earning(program, purchase(line("a", 1000, category="books"), line("b", 1000, category="toys")))
 
     assert [earned.points for earned in result.lines] == [20, 10]
     assert result.lines[1].rules == (rule("rate", "EUR", "1"),)
@@ -314,14 +310,11 @@ def test_fixed_bonus_is_per_purchase_and_not_per_line() -> None:
 
 def test_category_filtered_bonus_needs_a_matching_line() -> None:
     program = make_program(
-        f'[[earning.campaigns]]\nid = "books-bonus"\nbonus_points = 50\n'
-        f'categories = ["books"]\n{CAMPAIGN_WINDOW}'
+        f'[[earning.campaigns]]\nid = "books-bonus"\nbonus_points = 50\ncategories = ["books"]\n{CAMPAIGN_WINDOW}'
     )
 
     assert compute_earning(program, purchase(line("a", 1000, category="toys"))).bonus_points == 0
-    with_book = compute_earning(
-        program, purchase(line("a", 1000, category="toys"), line("b", 100, category="books"))
-    )
+    with_book = compute_earning(program, purchase(line("a", 1000, category="toys"), line("b", 100, category="books")))
     assert with_book.bonus_points == 50
     assert with_book.points == 10 + 1 + 50
 
@@ -370,9 +363,7 @@ categories = ["books"]
 def test_tier_multiplier_applies_to_lines_but_not_to_bonus() -> None:
     program = make_program(f'[[earning.campaigns]]\nid = "welcome"\nbonus_points = 100\n{CAMPAIGN_WINDOW}')
     # 10.00 EUR x 1.25 = 12.5, floored to 12; the bonus stays 100.
-    result = compute_earning(
-        program, purchase(line("a", 1000)), tier_multiplier=Decimal("1.25"), tier_name="gold"
-    )
+    result = compute_earning(program, purchase(line("a", 1000)), tier_multiplier=Decimal("1.25"), tier_name="gold")
 
     assert result.lines[0].points == 12
     assert result.lines[0].rules == (
@@ -841,17 +832,12 @@ def refund_steps(data: st.DataObject, state: PurchaseRefundState) -> PurchaseRef
         refundable_lines = [
             line
             for line in state.lines
-            if line.refunded_quantity < line.quantity
-            and line.refunded_amount + line.unit_price <= line.amount
+            if line.refunded_quantity < line.quantity and line.refunded_amount + line.unit_price <= line.amount
         ]
         amount_left = state.total_amount - state.refunded_amount
         if refundable_lines and (amount_left == 0 or data.draw(st.booleans())):
-            chosen = data.draw(
-                st.lists(st.sampled_from(refundable_lines), min_size=1, unique_by=lambda ln: ln.line_id)
-            )
-            plan = plan_refund_by_lines(
-                state, [RefundLineIn(ln.line_id, data.draw(unit_counts(ln))) for ln in chosen]
-            )
+            chosen = data.draw(st.lists(st.sampled_from(refundable_lines), min_size=1, unique_by=lambda ln: ln.line_id))
+            plan = plan_refund_by_lines(state, [RefundLineIn(ln.line_id, data.draw(unit_counts(ln))) for ln in chosen])
         elif amount_left > 0:
             plan = plan_refund_by_amount(state, data.draw(st.integers(1, amount_left)))
         else:
@@ -863,9 +849,7 @@ def refund_steps(data: st.DataObject, state: PurchaseRefundState) -> PurchaseRef
     if leftovers:
         state = check_step(state, plan_refund_by_lines(state, leftovers), earned)
     if state.total_amount > state.refunded_amount:
-        state = check_step(
-            state, plan_refund_by_amount(state, state.total_amount - state.refunded_amount), earned
-        )
+        state = check_step(state, plan_refund_by_amount(state, state.total_amount - state.refunded_amount), earned)
     return state
 
 
@@ -895,9 +879,7 @@ def check_step(state: PurchaseRefundState, plan: RefundPlan, earned: int) -> Pur
 
 @settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(program=programs(), bought=purchases(), data=st.data())
-def test_refunds_never_claw_back_more_than_earned(
-    program: Program, bought: PurchaseIn, data: st.DataObject
-) -> None:
+def test_refunds_never_claw_back_more_than_earned(program: Program, bought: PurchaseIn, data: st.DataObject) -> None:
     earning = compute_earning(program, bought)
     state = refund_state_for(bought, earning)
 

@@ -1,159 +1,355 @@
-"""observability.Tally: what requests counted reaches real prometheus_client metrics exactly as
-if each had been observed, in one process and across worker processes (multiprocess mode)."""
+"""konvert.observability: the request middleware's metrics and access log, requests matched to no
+route, and the JSON log lines.
+
+Metrics are recorded at once on prometheus_client's default registry (what ``/metrics``
+renders), which is global to the process: every test compares a sample before and after its own
+requests. (With several worker processes, prometheus_client's multiprocess mode merges the
+workers' metrics: tests/e2e/test_serve.py.)"""
 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
-import subprocess
 import sys
-from pathlib import Path
+import uuid
+from collections.abc import Iterator
+from typing import Annotated, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+import httpx
+import pytest
+from litestar import Litestar, get, post
+from litestar.params import PathParameter
+from litestar.testing import AsyncTestClient
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from konvert.observability import Tally, flush_tally_periodically
+from konvert import errors
+from konvert.app import create_app
+from konvert.observability import (
+    UNMATCHED,
+    JsonFormatter,
+    RequestObserver,
+    configure_logging,
+    request_id_var,
+)
+from konvert.problems import EXCEPTION_HANDLERS
+from konvert.settings import Settings, load_settings
 
-BUCKETS = (0.001, 0.01, 0.1)
-# (method, route, status, seconds) of the requests counted, and the balance reads.
-REQUESTS = [
-    ("GET", "/v1/members/{member_id}/balance", 200, 0.0005),
-    ("GET", "/v1/members/{member_id}/balance", 200, 0.001),  # on a bound: counted in its bucket (le)
-    ("GET", "/v1/members/{member_id}/balance", 404, 0.002),
-    ("POST", "/v1/purchases", 201, 0.05),
-    ("POST", "/v1/purchases", 201, 3.0),  # above every bound: +Inf only
-]
-READS = ["redis", "redis", "database"]
+REQUESTS = "konvert_http_requests_total"
+SECONDS = "konvert_http_request_duration_seconds"
+# Routes of this file's own app, so that no other test's requests count under them.
+BALANCE = "/t-metrics/members/{member_id}/balance"
+SLOW = "/t-metrics/slow"
+FAILING = "/t-metrics/failing"
+PURCHASES = "/t-metrics/purchases"
+SLOW_SECONDS = 0.03
 
 
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def value(name: str, **labels: str) -> float:
+    """A sample of the process's metrics (0 when it has none yet)."""
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def every_label_value() -> set[str]:
     return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
+        label
+        for family in REGISTRY.collect()
+        if family.name.startswith("konvert_")
         for sample in family.samples
-        if not sample.name.endswith("_created")
+        for label in sample.labels.values()
     }
 
 
-def tally_for(registry: CollectorRegistry) -> Tally:
-    return Tally(
-        Counter("t_requests_total", "requests", ["method", "route", "status"], registry=registry),
-        Histogram("t_request_seconds", "seconds", ["method", "route"], buckets=BUCKETS, registry=registry),
-        Counter("t_reads_total", "reads", ["source"], registry=registry),
+@get("/t-metrics/members/{member_id:str}/balance", sync_to_thread=False)
+def balance(member_id: Annotated[str, PathParameter()]) -> dict[str, Any]:
+    if member_id.startswith("missing-"):
+        raise errors.MemberNotFound(f"no member {member_id!r}")  # 404 from a route: not "unmatched"
+    logging.getLogger("konvert.t-metrics").warning("read a balance", extra={"member": member_id})
+    return {"member_id": member_id, "available": 20}
+
+
+@post(PURCHASES, sync_to_thread=False)
+def purchase() -> dict[str, Any]:
+    return {"posted": True}
+
+
+@get(SLOW)
+async def slow() -> dict[str, Any]:
+    await asyncio.sleep(SLOW_SECONDS)
+    return {}
+
+
+@get(FAILING, sync_to_thread=False)
+def failing() -> dict[str, Any]:
+    raise RuntimeError("a bug")
+
+
+def observed_app(**settings: Any) -> Litestar:
+    """An app wired as konvert.app.create_app wires its own: the request observer as middleware,
+    konvert's exception handlers (which count requests matched to no route)."""
+    return Litestar(
+        route_handlers=[balance, purchase, slow, failing],
+        middleware=[RequestObserver(load_settings({}, **settings))],
+        exception_handlers=EXCEPTION_HANDLERS,
+        logging_config=None,
     )
 
 
-def expected_from_observing_each() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """The same metrics, each request observed one at a time by prometheus_client itself."""
-    registry = CollectorRegistry()
-    requests = Counter("t_requests_total", "requests", ["method", "route", "status"], registry=registry)
-    seconds = Histogram(
-        "t_request_seconds", "seconds", ["method", "route"], buckets=BUCKETS, registry=registry
+@pytest.fixture
+def lines() -> Iterator[io.StringIO]:
+    """What konvert's loggers write, as JSON lines (formatted while the request is served, as the
+    real handler does), with the access log enabled."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    loggers = [logging.getLogger("konvert.access"), logging.getLogger("konvert.t-metrics")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    try:
+        yield stream
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+
+
+def entries(stream: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+async def test_requests_are_counted_by_method_route_template_and_status_never_by_member_id() -> None:
+    members = [f"member-{uuid.uuid4().hex[:12]}" for _ in range(2)]
+    missing = f"missing-{uuid.uuid4().hex[:12]}"
+    ok = {"method": "GET", "route": BALANCE, "status": "200"}
+    not_found = ok | {"status": "404"}
+    posted = {"method": "POST", "route": PURCHASES, "status": "201"}
+    unmatched = {"method": "GET", "route": UNMATCHED, "status": "404"}
+    before = {
+        key: value(REQUESTS, **labels)
+        for key, labels in (("ok", ok), ("404", not_found), ("post", posted), ("unmatched", unmatched))
+    }
+
+    async with AsyncTestClient(observed_app()) as client:
+        for member_id in members:
+            assert (await client.get(f"/t-metrics/members/{member_id}/balance")).status_code == 200
+        assert (await client.get(f"/t-metrics/members/{missing}/balance")).status_code == 404
+        assert (await client.post(PURCHASES)).status_code == 201
+
+    assert value(REQUESTS, **ok) - before["ok"] == 2
+    assert value(REQUESTS, **not_found) - before["404"] == 1  # a route's own 404 counts under the route
+    assert value(REQUESTS, **posted) - before["post"] == 1
+    assert value(REQUESTS, **unmatched) == before["unmatched"]
+    labels = every_label_value()
+    assert not any(member in label for label in labels for member in [*members, missing])
+
+
+async def test_request_durations_are_observed_per_method_and_route_template() -> None:
+    labels = {"method": "GET", "route": SLOW}
+    count, total = value(f"{SECONDS}_count", **labels), value(f"{SECONDS}_sum", **labels)
+    fast_bucket = value(f"{SECONDS}_bucket", **labels, le="0.025")
+    every_bucket = value(f"{SECONDS}_bucket", **labels, le="+Inf")
+
+    async with AsyncTestClient(observed_app()) as client:
+        for _ in range(2):
+            assert (await client.get(SLOW)).status_code == 200
+
+    assert value(f"{SECONDS}_count", **labels) - count == 2
+    assert value(f"{SECONDS}_sum", **labels) - total >= 2 * SLOW_SECONDS
+    assert value(f"{SECONDS}_bucket", **labels, le="0.025") == fast_bucket  # each took 30 ms or more
+    assert value(f"{SECONDS}_bucket", **labels, le="+Inf") - every_bucket == 2
+
+
+async def test_a_request_that_fails_is_counted_with_its_500_and_its_duration(caplog) -> None:
+    labels = {"method": "GET", "route": FAILING}
+    failed, count = value(REQUESTS, **labels, status="500"), value(f"{SECONDS}_count", **labels)
+
+    with caplog.at_level(logging.CRITICAL, logger="konvert.errors"):  # its traceback is expected
+        async with AsyncTestClient(observed_app()) as client:
+            assert (await client.get(FAILING)).status_code == 500
+
+    assert value(REQUESTS, **labels, status="500") - failed == 1
+    assert value(f"{SECONDS}_count", **labels) - count == 1
+
+
+async def test_the_real_app_counts_requests_matched_to_no_route_as_unmatched_without_a_duration() -> None:
+    # create_app's wiring, without its lifespan: no route asked for here needs a database.
+    settings = load_settings({}, database_url="postgresql://nobody@127.0.0.1:1/none", redis_url="redis://127.0.0.1:1/0")
+    app = create_app(settings)
+    path = f"/v1/nowhere/{uuid.uuid4().hex}"
+    not_found = {"method": "GET", "route": UNMATCHED, "status": "404"}
+    not_allowed = {"method": "POST", "route": UNMATCHED, "status": "405"}
+    live = {"method": "GET", "route": "/health/live", "status": "200"}
+    before = [value(REQUESTS, **labels) for labels in (not_found, not_allowed, live)]
+    durations = value(f"{SECONDS}_count", method="GET", route=UNMATCHED)
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://konvert") as client:
+        missing = await client.get(path)
+        wrong_method = await client.post("/health/live")
+        assert (await client.get("/health/live")).status_code == 200
+        metrics = await client.get("/metrics")
+
+    assert missing.status_code == 404 and missing.headers["x-request-id"]
+    assert wrong_method.status_code == 405 and wrong_method.headers["x-request-id"]
+    after = [value(REQUESTS, **labels) for labels in (not_found, not_allowed, live)]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 1]
+    assert value(f"{SECONDS}_count", method="GET", route=UNMATCHED) == durations == 0  # counter only
+    assert path not in every_label_value()
+    # /metrics renders the same samples.
+    rendered = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(metrics.text)
+        for sample in family.samples
+    }
+    assert rendered[(REQUESTS, tuple(sorted(not_found.items())))] == after[0]
+    assert rendered[(REQUESTS, tuple(sorted(not_allowed.items())))] == after[1]
+
+
+async def test_the_access_log_names_the_route_template_and_the_request_id(lines: io.StringIO) -> None:
+    member_id = f"member-{uuid.uuid4().hex[:12]}"
+    async with AsyncTestClient(observed_app()) as client:
+        response = await client.get(f"/t-metrics/members/{member_id}/balance")
+        unmatched = await client.get(f"/t-metrics/{member_id}")
+
+    request_id = response.headers["x-request-id"]
+    logged, access, access_unmatched = entries(lines)
+    # A line logged while serving the request carries its request id and its extras.
+    assert (logged["msg"], logged["request_id"], logged["member"]) == ("read a balance", request_id, member_id)
+    assert access["logger"] == "konvert.access"
+    assert access["request_id"] == request_id
+    assert (access["method"], access["path"], access["status"]) == ("GET", BALANCE, 200)
+    assert access["duration_ms"] >= 0
+    assert member_id not in json.dumps(access)
+    assert access_unmatched["request_id"] == unmatched.headers["x-request-id"]
+    assert (access_unmatched["path"], access_unmatched["status"]) == (UNMATCHED, 404)
+    assert member_id not in json.dumps(access_unmatched)
+
+
+async def test_with_log_member_ids_the_access_log_has_the_path_but_metrics_still_the_template(
+    lines: io.StringIO,
+) -> None:
+    member_id = f"member-{uuid.uuid4().hex[:12]}"
+    async with AsyncTestClient(observed_app(log_member_ids=True)) as client:
+        assert (await client.get(f"/t-metrics/members/{member_id}/balance")).status_code == 200
+
+    access = [entry for entry in entries(lines) if entry["logger"] == "konvert.access"]
+    assert [entry["path"] for entry in access] == [f"/t-metrics/members/{member_id}/balance"]
+    assert member_id not in every_label_value()
+
+
+# The JSON log lines.
+
+
+def record(msg: str, *args: Any, extra: dict[str, Any] | None = None, exc_info: Any = None) -> logging.LogRecord:
+    made = logging.getLogger("konvert.t-log").makeRecord(
+        "konvert.t-log", logging.WARNING, __file__, 1, msg, args, exc_info, extra=extra
     )
-    reads = Counter("t_reads_total", "reads", ["source"], registry=registry)
-    for method, route, status, elapsed in REQUESTS:
-        requests.labels(method, route, status).inc()
-        seconds.labels(method, route).observe(elapsed)
-    for source in READS:
-        reads.labels(source).inc()
-    return samples(generate_latest(registry).decode())
+    return made
 
 
-def test_a_flushed_tally_equals_observing_every_request() -> None:
-    registry = CollectorRegistry()
-    tally = tally_for(registry)
-    for request in REQUESTS[:2]:
-        tally.request(*request)
-    tally.flush()  # a flush in between: counts add up across flushes
-    first = samples(generate_latest(registry).decode())
-    for request in REQUESTS[2:]:
-        tally.request(*request)
-    for source in READS:
-        tally.balance_read(source)
+def test_a_json_line_has_the_message_the_logger_the_level_the_pid_and_the_extras() -> None:
+    line = JsonFormatter().format(record("spent %d points", 20, extra={"member_uid": 7, "code": "redeem"}))
 
-    assert samples(generate_latest(registry).decode()) == first  # nothing new before the next flush
-    tally.flush()
-    tally.flush()  # nothing counted twice
-
-    flushed = samples(generate_latest(registry).decode())
-    assert flushed == expected_from_observing_each()
-    balance = (("method", "GET"), ("route", "/v1/members/{member_id}/balance"))
-    assert flushed[("t_request_seconds_bucket", (("le", "0.001"), *balance))] == 2
-    assert flushed[("t_request_seconds_count", balance)] == 3
+    entry = json.loads(line)
+    assert entry["msg"] == "spent 20 points"
+    assert (entry["level"], entry["logger"]) == ("warning", "konvert.t-log")
+    assert isinstance(entry["pid"], int) and entry["ts"].endswith("+00:00")
+    assert (entry["member_uid"], entry["code"]) == (7, "redeem")
+    assert "request_id" not in entry  # logged outside any request
+    assert not {"args", "msg_args", "levelno", "pathname", "exc_info"} & entry.keys()
 
 
-_WORKER = """
-import json, sys
-from prometheus_client import CollectorRegistry, Counter, Histogram
-sys.path.insert(0, {tests!r})
-from unit.test_metrics import READS, REQUESTS, tally_for
-tally = tally_for(CollectorRegistry())
-for request in REQUESTS:
-    tally.request(*request)
-for source in READS:
-    tally.balance_read(source)
-tally.flush()
-"""
+def test_a_json_line_has_the_request_id_of_the_request_being_served() -> None:
+    token = request_id_var.set("req-0123456789")
+    try:
+        entry = json.loads(JsonFormatter().format(record("hello")))
+    finally:
+        request_id_var.reset(token)
+
+    assert entry["request_id"] == "req-0123456789"
 
 
-def test_worker_processes_tallies_add_up_in_multiprocess_mode(tmp_path: Path) -> None:
-    tests = str(Path(__file__).resolve().parents[1])
-    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    for _ in range(2):  # two workers, each its own process and files
-        subprocess.run([sys.executable, "-c", _WORKER.format(tests=tests)], env=env, check=True, timeout=60)
-    merged = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from prometheus_client import CollectorRegistry, generate_latest, multiprocess;"
-            "r = CollectorRegistry(); multiprocess.MultiProcessCollector(r);"
-            "print(generate_latest(r).decode())",
-        ],
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout
+def test_a_message_or_traceback_over_several_lines_is_still_one_json_line() -> None:
+    try:
+        raise ValueError("bad\nvalue")
+    except ValueError:
+        line = JsonFormatter().format(record("first\nsecond", exc_info=sys.exc_info()))
 
-    twice = {key: 2 * value for key, value in expected_from_observing_each().items()}
-    assert json.dumps(sorted(samples(merged).items())) == json.dumps(sorted(twice.items()))
+    assert "\n" not in line
+    entry = json.loads(line)
+    assert entry["msg"] == "first\nsecond"
+    assert "Traceback" in entry["exc"] and "ValueError: bad\nvalue" in entry["exc"]
 
 
-async def test_the_periodic_flush_adds_counts_while_running_and_once_more_when_cancelled() -> None:
-    registry = CollectorRegistry()
-    tally = tally_for(registry)
-    flusher = asyncio.create_task(flush_tally_periodically(tally, seconds=0.05))
-    tally.request(*REQUESTS[0])
-    await asyncio.sleep(0.3)
-    while_running = samples(generate_latest(registry).decode())
-    tally.request(*REQUESTS[1])  # counted after the last flush: the final one adds it
+def test_uvicorns_coloured_message_is_never_in_a_json_line() -> None:
+    # uvicorn logs e.g. "Started server process [%d]" with extra={"color_message": ...}.
+    coloured = "Started server process [\x1b[36m%d\x1b[0m]"
+    line = JsonFormatter().format(record("Started server process [%d]", 42, extra={"color_message": coloured}))
 
-    flusher.cancel()
-    await asyncio.gather(flusher, return_exceptions=True)
-
-    balance = (("method", "GET"), ("route", "/v1/members/{member_id}/balance"), ("status", "200"))
-    assert while_running[("t_requests_total", balance)] == 1
-    assert samples(generate_latest(registry).decode())[("t_requests_total", balance)] == 2
+    entry = json.loads(line)
+    assert entry["msg"] == "Started server process [42]"
+    assert "color_message" not in entry
+    assert "\x1b" not in line and "\\u001b" not in line
 
 
-async def test_a_failing_flush_is_logged_and_the_next_one_still_runs(caplog) -> None:
-    registry = CollectorRegistry()
-    tally = Tally(  # a counter with other labels than the tally's requests: labels() refuses
-        Counter("t_bad_total", "bad", ["only_one"], registry=registry),
-        Histogram("t_request_seconds", "seconds", ["method", "route"], buckets=BUCKETS, registry=registry),
-        Counter("t_reads_total", "reads", ["source"], registry=registry),
+@pytest.fixture
+def logging_restored() -> Iterator[None]:
+    """configure_logging changes the root logger and uvicorn's: put them back afterwards."""
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    uvicorn = {
+        name: (logger.handlers[:], logger.propagate, logger.disabled)
+        for name in ("uvicorn", "uvicorn.error", "uvicorn.access")
+        for logger in [logging.getLogger(name)]
+    }
+    try:
+        yield
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+        for name, (handlers, propagate, disabled) in uvicorn.items():
+            logger = logging.getLogger(name)
+            logger.handlers[:], logger.propagate, logger.disabled = handlers, propagate, disabled
+
+
+def configured(**settings: Any) -> Settings:
+    return load_settings({}, **settings)
+
+
+def test_configured_json_logging_writes_konverts_and_uvicorns_lines_as_json_to_stderr(
+    capsys: pytest.CaptureFixture[str], logging_restored: None
+) -> None:
+    configure_logging(configured(log_format="json", log_level="info"))
+    logging.getLogger("uvicorn.error").info(
+        "Started server process [%d]", 42, extra={"color_message": "Started server process [\x1b[36m%d\x1b[0m]"}
     )
-    flusher = asyncio.create_task(flush_tally_periodically(tally, seconds=0.05))
-    tally.request(*REQUESTS[0])
-    with caplog.at_level(logging.ERROR, logger="konvert.metrics"):
-        await asyncio.sleep(0.2)
-        tally.balance_read("redis")
-        await asyncio.sleep(0.2)
+    logging.getLogger("uvicorn").warning("Invalid HTTP request received.")
+    logging.getLogger("konvert.t-log").info("jobs ran", extra={"expired": 3})
+    logging.getLogger("konvert.t-log").debug("below the level")
+    logging.getLogger("uvicorn.access").info('127.0.0.1 - "GET / HTTP/1.1" 200')  # ours replaces it
 
-    assert not flusher.done()  # still flushing
-    flusher.cancel()
-    await asyncio.gather(flusher, return_exceptions=True)
-    assert any("metrics flush failed" in record.getMessage() for record in caplog.records)
-    assert samples(generate_latest(registry).decode())[("t_reads_total", (("source", "redis"),))] == 1
+    written = capsys.readouterr().err.splitlines()
+    assert [(entry["logger"], entry["msg"]) for entry in map(json.loads, written)] == [
+        ("uvicorn.error", "Started server process [42]"),
+        ("uvicorn", "Invalid HTTP request received."),
+        ("konvert.t-log", "jobs ran"),
+    ]
+    assert json.loads(written[2])["expired"] == 3
+    assert not any("\x1b" in line or "color_message" in line for line in written)
+
+
+def test_configured_text_logging_writes_a_line_with_the_extras(
+    capsys: pytest.CaptureFixture[str], logging_restored: None
+) -> None:
+    configure_logging(configured(log_format="text", log_level="info"))
+    logging.getLogger("konvert.t-log").info("jobs ran", extra={"expired": 3})
+    logging.getLogger("uvicorn.error").info("Started", extra={"color_message": "\x1b[36mStarted\x1b[0m"})
+
+    assert capsys.readouterr().err.splitlines() == [
+        "INFO    konvert.t-log: jobs ran expired=3",
+        "INFO    uvicorn.error: Started",
+    ]

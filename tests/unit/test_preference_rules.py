@@ -1,4 +1,5 @@
-"""Pure preference rules: values per type, consent, visibility, awards, clawbacks, the catalog."""
+"""Pure preference rules: values per type, consent, visibility, awards, the catalog. (How a
+withdrawal's clawback is taken is the ledger's plan_clawback: tests/unit/test_ledger_rules.py.)"""
 
 from __future__ import annotations
 
@@ -11,9 +12,15 @@ from konvert.errors import ConfigurationError
 from konvert.preferences import rules
 from konvert.program import PreferenceDef, Preferences, parse_program
 
-SIZE = PreferenceDef(key="size", label="Size", type="choice", choices=("S", "M", "L"), purposes=("personalisation", "support"))
+SIZE = PreferenceDef(
+    key="size", label="Size", type="choice", choices=("S", "M", "L"), purposes=("personalisation", "support")
+)
 CATEGORIES = PreferenceDef(
-    key="categories", label="Categories", type="multi_choice", choices=("books", "music", "outdoor"), purposes=("marketing",)
+    key="categories",
+    label="Categories",
+    type="multi_choice",
+    choices=("books", "music", "outdoor"),
+    purposes=("marketing",),
 )
 NOTES = PreferenceDef(key="notes", label="Notes", type="text", max_length=10, purposes=("support",))
 BIRTHDAY = PreferenceDef(key="birthday", label="Birthday", type="month_day", purposes=("marketing",))
@@ -142,21 +149,6 @@ def test_a_share_after_a_clawback_pays_back_only_what_was_taken() -> None:
     assert rules.award_for(50, 50, 50, 30) == rules.Award(50, 30, False)
 
 
-@pytest.mark.parametrize(
-    ("points", "takeable", "allow_negative", "split"),
-    [
-        (50, 80, False, (50, 0, 0)),
-        (50, 80, True, (50, 0, 0)),
-        (50, 30, True, (30, 20, 0)),
-        (50, 30, False, (30, 0, 20)),
-        (50, 0, False, (0, 0, 50)),
-        (50, -10, True, (0, 50, 0)),
-    ],
-)
-def test_clawback_split(points: int, takeable: int, allow_negative: bool, split: tuple[int, int, int]) -> None:
-    assert rules.clawback_split(points, takeable, allow_negative) == split
-
-
 # The catalog in the program file.
 
 BASE = 'name = "t"\n[[partners]]\nid = "shop"\n'
@@ -186,7 +178,10 @@ def test_a_program_without_preferences_has_the_default_purposes_and_no_catalog()
     ("text", "message"),
     [
         (catalog('key = "a"\nlabel = "A"\ntype = "choice"\npurposes = ["marketing"]\n'), "needs choices"),
-        (catalog('key = "a"\nlabel = "A"\ntype = "choice"\nchoices = ["x", "x"]\npurposes = ["marketing"]\n'), "unique"),
+        (
+            catalog('key = "a"\nlabel = "A"\ntype = "choice"\nchoices = ["x", "x"]\npurposes = ["marketing"]\n'),
+            "unique",
+        ),
         (catalog('key = "a"\nlabel = "A"\ntype = "text"\nchoices = ["x"]\npurposes = ["marketing"]\n'), "only choice"),
         (catalog('key = "a"\nlabel = "A"\ntype = "boolean"\npurposes = ["tracking"]\n'), "unknown purpose tracking"),
         (catalog('key = "a"\nlabel = "A"\ntype = "boolean"\npurposes = []\n'), "preferences.catalog[0].purposes"),
@@ -194,12 +189,17 @@ def test_a_program_without_preferences_has_the_default_purposes_and_no_catalog()
         (catalog('key = "a"\nlabel = "A"\ntype = "boolean"\npoints = -1\npurposes = ["marketing"]\n'), "points"),
         (catalog('key = "a"\nlabel = "A"\ntype = "boolean"\npurposes = ["marketing"]\ncolour = 1\n'), "colour"),
         (
-            catalog('key = "a"\nlabel = "A"\ntype = "boolean"\npurposes = ["marketing"]\n', 'purposes = ["marketing", "marketing"]\n'),
+            catalog(
+                'key = "a"\nlabel = "A"\ntype = "boolean"\npurposes = ["marketing"]\n',
+                'purposes = ["marketing", "marketing"]\n',
+            ),
             "purposes must be unique",
         ),
         (
-            catalog('key = "a"\nlabel = "A"\ntype = "boolean"\npurposes = ["marketing"]\n[[preferences.catalog]]\nkey = "a"\n'
-                    'label = "B"\ntype = "boolean"\npurposes = ["marketing"]\n'),
+            catalog(
+                'key = "a"\nlabel = "A"\ntype = "boolean"\npurposes = ["marketing"]\n[[preferences.catalog]]\nkey = "a"\n'
+                'label = "B"\ntype = "boolean"\npurposes = ["marketing"]\n'
+            ),
             "keys must be unique",
         ),
     ],

@@ -8,9 +8,10 @@ from decimal import Decimal
 import pytest
 
 from konvert import errors
+from konvert.ledger.rules import expiry_for
 from konvert.program import Points, Reward, TierLevel, Tiers
-from konvert.redemption.rules import expiry_for, reward_refusal
-from konvert.tiers import evaluate_tier, next_tier, tier_for
+from konvert.redemption.rules import reward_refusal
+from konvert.tiers.rules import evaluate_tier, tier_for
 
 EARNED = datetime(2026, 1, 15, 9, 30, tzinfo=UTC)
 
@@ -46,7 +47,10 @@ NOW = datetime(2026, 6, 1, tzinfo=UTC)
     [
         (None, errors.RewardNotFound),
         (Reward(reward_id="r", name="R", cost_points=1, active=False), errors.RewardUnavailable),
-        (Reward(reward_id="r", name="R", cost_points=1, available_from=NOW + timedelta(seconds=1)), errors.RewardUnavailable),
+        (
+            Reward(reward_id="r", name="R", cost_points=1, available_from=NOW + timedelta(seconds=1)),
+            errors.RewardUnavailable,
+        ),
         (Reward(reward_id="r", name="R", cost_points=1, available_until=NOW), errors.RewardUnavailable),
         (Reward(reward_id="r", name="R", cost_points=1, stock=0), errors.OutOfStock),
     ],
@@ -56,7 +60,9 @@ def test_a_reward_that_cannot_be_redeemed_says_why(reward, error):
 
 
 def test_an_available_reward_is_not_refused():
-    reward = Reward(reward_id="r", name="R", cost_points=1, stock=1, available_from=NOW, available_until=NOW + timedelta(days=1))
+    reward = Reward(
+        reward_id="r", name="R", cost_points=1, stock=1, available_from=NOW, available_until=NOW + timedelta(days=1)
+    )
     assert reward_refusal(reward, "r", NOW) is None
 
 
@@ -69,15 +75,23 @@ LEVELS = (
 
 def test_the_tier_is_the_highest_threshold_reached():
     assert [tier_for(LEVELS, p).name for p in (0, 999, 1000, 4999, 5000, 10**9)] == [
-        "Bronze", "Bronze", "Silver", "Silver", "Gold", "Gold",
-    ]  # fmt: skip
+        "Bronze",
+        "Bronze",
+        "Silver",
+        "Silver",
+        "Gold",
+        "Gold",
+    ]
     assert tier_for((), 100) is None
 
 
 def test_next_tier_follows_the_ladder():
-    assert next_tier(LEVELS, None).name == "Bronze"
-    assert next_tier(LEVELS, "Bronze").name == "Silver"
-    assert next_tier(LEVELS, "Gold") is None
+    tiers = Tiers(levels=LEVELS)
+    assert tiers.next_after(None).name == "Bronze"
+    assert tiers.next_after("Bronze").name == "Silver"
+    assert tiers.next_after("Gold") is None
+    assert tiers.next_after("Platinum").name == "Bronze"  # an unknown tier: the ladder starts over
+    assert Tiers().next_after(None) is None  # no tiers configured
 
 
 def test_upgrades_are_immediate_and_clear_a_pending_downgrade():

@@ -90,9 +90,7 @@ KUDOS = st.lists(
 def test_the_cap_gives_each_kudos_the_same_credit_whatever_the_arrival_order(kudos, cap, data):
     def credits(arrived):
         ordered = sorted(arrived, key=lambda k: rules.canonical_key(NOW + timedelta(minutes=k[0]), k[1]))
-        return dict(
-            zip((k[1] for k in ordered), rules.allocate_daily_cap([k[2] for k in ordered], cap), strict=True)
-        )
+        return dict(zip((k[1] for k in ordered), rules.allocate_daily_cap([k[2] for k in ordered], cap), strict=True))
 
     shuffled = data.draw(st.permutations(kudos))
 

@@ -70,9 +70,7 @@ def test_pool_minimum_above_maximum_is_refused() -> None:
 
 
 def test_test_and_bench_variables_are_ignored() -> None:
-    settings = load_settings(
-        {"KONVERT_TEST_DATABASE_URL": "postgresql://elsewhere", "KONVERT_BENCH_RATE": "x"}
-    )
+    settings = load_settings({"KONVERT_TEST_DATABASE_URL": "postgresql://elsewhere", "KONVERT_BENCH_RATE": "x"})
 
     assert settings == load_settings({})
 
@@ -177,8 +175,7 @@ def test_a_rate_that_is_not_a_non_negative_number_is_refused(value: str) -> None
 
 def test_a_campaign_ending_before_it_starts_is_refused_naming_it() -> None:
     text = program_with(
-        '[[earning.campaigns]]\nid = "spring"\n'
-        "starts_at = 2026-03-01T00:00:00Z\nends_at = 2026-02-01T00:00:00Z\n"
+        '[[earning.campaigns]]\nid = "spring"\nstarts_at = 2026-03-01T00:00:00Z\nends_at = 2026-02-01T00:00:00Z\n'
     )
 
     with pytest.raises(ConfigurationError, match=r"earning\.campaigns\[0\].*spring.*ends_at"):
@@ -187,8 +184,7 @@ def test_a_campaign_ending_before_it_starts_is_refused_naming_it() -> None:
 
 def test_a_campaign_without_a_utc_offset_is_refused() -> None:
     text = program_with(
-        '[[earning.campaigns]]\nid = "spring"\n'
-        "starts_at = 2026-03-01T00:00:00\nends_at = 2026-04-01T00:00:00\n"
+        '[[earning.campaigns]]\nid = "spring"\nstarts_at = 2026-03-01T00:00:00\nends_at = 2026-04-01T00:00:00\n'
     )
 
     with pytest.raises(ConfigurationError, match=r"earning\.campaigns\[0\].*UTC offset"):
@@ -245,7 +241,5 @@ def test_load_program_reads_the_file_and_names_it_in_errors(tmp_path: Path) -> N
     path = tmp_path / "program.toml"
     path.write_text(program_with("[points]\nreturn_window_dayz = 3\n"), "utf-8")
 
-    with pytest.raises(
-        ConfigurationError, match=re.escape(f"program file {path}: ") + ".*return_window_dayz"
-    ):
+    with pytest.raises(ConfigurationError, match=re.escape(f"program file {path}: ") + ".*return_window_dayz"):
         load_program(str(path))

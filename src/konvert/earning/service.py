@@ -25,7 +25,6 @@ from konvert.ledger.book import Book, Member, writing
 from konvert.ledger.rules import expiry_for
 from konvert.ledger.store import TierStanding
 from konvert.tiers import rules as tier_rules
-from konvert.tiers import store as tier_store
 
 if TYPE_CHECKING:
     from konvert.services import Services
@@ -101,9 +100,15 @@ async def write_purchases(services: Services, postings: Sequence[PurchaseIn]) ->
     """
     digests = [request_hash(p) for p in postings]
     outcomes: list[Outcome | errors.KonvertError | None] = [None] * len(postings)
+    tiers = services.program.tiers
+    now = services.clock()
+    window_start = now - timedelta(days=tiers.window_days) if tiers.levels else None
     async with writing(services) as book:
         members = {m.id: m for m in await book.lock(ids={p.member_id for p in postings})}
-        recorded = await store.select_recorded(book.conn, [(p.partner, p.purchase_id) for p in postings])
+        keys = [(p.partner, p.purchase_id) for p in postings]
+        recorded, qualifying = await store.read_for_batch(
+            book.conn, keys, [m.uid for m in members.values()], window_start
+        )
         new: list[_New] = []
         first: dict[tuple[str, str], int] = {}
         for index, (purchase, digest) in enumerate(zip(postings, digests, strict=True)):
@@ -120,7 +125,7 @@ async def write_purchases(services: Services, postings: Sequence[PurchaseIn]) ->
         unknown = {n.purchase.member_id for n in new} - members.keys()
         if unknown:
             members |= {m.id: m for m in await book.lock(ids=unknown, create=True)}
-        for index, body in (await _record(services, book, new, members)).items():
+        for index, body in (await _record(services, book, new, members, qualifying, now)).items():
             outcomes[index] = Outcome(body)
     # Repeats of a posting within the batch answer as its replay would.
     for index, (purchase, digest) in enumerate(zip(postings, digests, strict=True)):
@@ -139,16 +144,19 @@ def _replay(response: bytes, recorded_digest: bytes, digest: bytes) -> Outcome |
         return refused
 
 
-async def _record(services: Services, book: Book, new: list[_New], members: dict[str, Member]) -> dict[int, bytes]:
-    """Earn and record the new postings; return each one's response by its index."""
+async def _record(
+    services: Services,
+    book: Book,
+    new: list[_New],
+    members: dict[str, Member],
+    qualifying: dict[int, int],
+    now: datetime,
+) -> dict[int, bytes]:
+    """Earn and record the new postings; return each one's response by its index. ``qualifying``
+    holds the locked members' points qualifying for tiers (members created since have none)."""
     if not new:
         return {}
-    program = services.program
-    now = services.clock()
-    tiers = program.tiers
-    window_start = now - timedelta(days=tiers.window_days) if tiers.levels else None
-    uids = sorted({members[p.purchase.member_id].uid for p in new})
-    qualifying = await tier_store.select_qualifying_points(book.conn, uids, window_start) if window_start else {}
+    tiered = bool(services.program.tiers.levels)
     standings: dict[int, TierStanding] = {}
     earnings = []
     for posting in new:
@@ -157,10 +165,10 @@ async def _record(services: Services, book: Book, new: list[_New], members: dict
             member.uid,
             member.tier,
             member.tier_below_since,
-            qualifying.get(member.uid, 0) if window_start else member.tier_qualifying_points,
+            qualifying.get(member.uid, 0) if tiered else member.tier_qualifying_points,
             False,
         )
-        earning, standing = _earn(services, posting.purchase, standing, now, window_start is not None)
+        earning, standing = _earn(services, posting.purchase, standing, now, tiered)
         standings[member.uid] = standing
         earnings.append(earning)
     earns = [
@@ -169,7 +177,7 @@ async def _record(services: Services, book: Book, new: list[_New], members: dict
     ]
     accounts = {partner: await book.system_account(issued(partner)) for partner in {p.purchase.partner for p in new}}
     earns = [e._replace(source_account_id=accounts[p.purchase.partner]) for p, e in zip(new, earns, strict=True)]
-    earned = await book.post_earns(earns, list(standings.values()) if window_start else [])
+    earned = await book.post_earns(earns, list(standings.values()) if tiered else [])
     rows = [
         _purchase_row(p, members[p.purchase.member_id], earning, earn, lot.lot_id, lot.transfer_id)
         for p, earning, earn, lot in zip(new, earnings, earns, earned, strict=True)

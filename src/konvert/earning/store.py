@@ -13,6 +13,7 @@ from typing import NamedTuple
 import asyncpg
 
 from konvert.db import Connection, Queryable, one
+from konvert.tiers.store import qualifying_points_sql
 
 Conn = Queryable
 
@@ -25,23 +26,36 @@ class Recorded(NamedTuple):
     response: bytes
 
 
-async def select_recorded(conn: Conn, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Recorded]:
-    """The purchases among (partner, purchase_id) keys that are recorded already."""
+async def read_for_batch(
+    conn: Connection, keys: Sequence[tuple[str, str]], member_uids: Sequence[int], tier_window_start: datetime | None
+) -> tuple[dict[tuple[str, str], Recorded], dict[int, int]]:
+    """What a batch of postings needs to know, in one statement: the purchases among (partner,
+    purchase_id) keys that are recorded already, and each member's points qualifying for tiers
+    since ``tier_window_start`` (none when it is None). Read after the members are locked, so the
+    sums include every purchase committed before."""
     rows = await conn.fetch(
-        """
-        select p.partner, p.purchase_id, p.member_uid, p.request_hash, p.response
+        f"""
+        select p.partner, p.purchase_id, p.member_uid, p.request_hash, p.response, null::bigint as points
         from unnest($1::text[], $2::text[]) as k (partner, purchase_id)
         join purchases p on p.partner = k.partner and p.purchase_id = k.purchase_id
+        union all
+        select null, null, u.member_uid, null, null, {qualifying_points_sql("u.member_uid", "$4")}
+        from unnest($3::bigint[]) as u (member_uid)
+        where $4::timestamptz is not null
         """,
         [partner for partner, _ in keys],
         [purchase_id for _, purchase_id in keys],
+        list(member_uids),
+        tier_window_start,
     )
-    return {
+    recorded = {
         (row["partner"], row["purchase_id"]): Recorded(
             row["member_uid"], bytes(row["request_hash"]), bytes(row["response"])
         )
         for row in rows
+        if row["partner"] is not None
     }
+    return recorded, {row["member_uid"]: row["points"] for row in rows if row["partner"] is None}
 
 
 class PurchaseRow(NamedTuple):

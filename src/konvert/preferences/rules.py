@@ -140,21 +140,3 @@ def award_for(catalog_points: int, entitled: int | None, awarded: int, clawed_ba
         return Award(catalog_points, catalog_points, True)
     held = awarded - clawed_back
     return Award(entitled, max(entitled - held, 0), False)
-
-
-class ClawbackSplit(NamedTuple):
-    # Taken from the member's lots.
-    from_lots: int
-    # Taken beyond the lots: a negative balance, repaid from the next points (points_debt).
-    debt: int
-    # Not taken, because the balance may not go below zero.
-    shortfall: int
-
-
-def clawback_split(points: int, takeable: int, allow_negative_balance: bool) -> ClawbackSplit:
-    """How a clawback of ``points`` is paid when the member's available lots hold ``takeable``."""
-    from_lots = min(points, max(takeable, 0))
-    missing = points - from_lots
-    if allow_negative_balance:
-        return ClawbackSplit(from_lots, missing, 0)
-    return ClawbackSplit(from_lots, 0, missing)
