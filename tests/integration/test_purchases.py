@@ -456,7 +456,9 @@ async def test_a_member_that_fails_to_vest_holds_up_no_one_else(post, balance, s
     await services.pool.execute(hide, broken, "pending-hidden", "pending")
     later = NOW + timedelta(days=15)
     try:
-        await vest_due_lots(services, now=later)
+        # Until nothing more vests: other tests' lots fall due too, maybe more than a batch.
+        while await vest_due_lots(services, now=later):
+            pass
         assert [(await balance(m))["available"] for m in (broken, fine)] == [0, 100]
         assert any("vesting batch failed" in r.getMessage() for r in caplog.records)
     finally:
