@@ -116,7 +116,9 @@ class KeyVerifier:
     def __init__(self, pool: asyncpg.Pool, cache_seconds: float) -> None:
         self._pool = pool
         self._cache_seconds = cache_seconds
-        self._cache: dict[bytes, tuple[float, Principal | None]] = {}
+        # By the key as presented: a request whose key was verified lately costs a dict lookup,
+        # not a SHA-256. (The key is in this process's memory for the request anyway.)
+        self._cache: dict[str, tuple[float, Principal | None]] = {}
 
     async def authenticate(self, authorization: str | None) -> Principal:
         if not authorization:
@@ -125,17 +127,16 @@ class KeyVerifier:
         key = key.strip()
         if scheme.lower() != "bearer" or not key.startswith(KEY_PREFIX) or len(key) > 100:
             raise errors.Unauthenticated("send an API key as 'Authorization: Bearer <key>'")
-        digest = hash_key(key)
         now = time.monotonic()
-        cached = self._cache.get(digest)
+        cached = self._cache.get(key)
         if cached is not None and cached[0] > now:
             principal = cached[1]
         else:
-            principal = await self._lookup(digest)
+            principal = await self._lookup(hash_key(key))
             if self._cache_seconds > 0:
                 if len(self._cache) >= _CACHE_ENTRIES_MAX:
                     self._cache.clear()
-                self._cache[digest] = (now + self._cache_seconds, principal)
+                self._cache[key] = (now + self._cache_seconds, principal)
         if principal is None:
             raise errors.Unauthenticated("the API key is not valid or was revoked")
         return principal
@@ -167,11 +168,12 @@ async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: Bas
             return
         raise errors.Forbidden("this route declares no scope")
     verifier: KeyVerifier = connection.app.state.services.keys
-    principal = await verifier.authenticate(connection.headers.get("authorization"))
+    headers = connection.headers
+    principal = await verifier.authenticate(headers.get("authorization"))
     if not principal.allows(required):
         raise errors.Forbidden(f"this API key lacks the scope {required}")
     connection.scope["state"]["principal"] = principal
-    if handler.opt.get("body") and not is_json(connection.headers.get("content-type")):
+    if handler.opt.get("body") and not is_json(headers.get("content-type")):
         raise errors.UnsupportedMediaType("send the request body as application/json")
 
 

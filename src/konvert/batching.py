@@ -72,9 +72,9 @@ class GroupCommit(Generic[Item, Result]):
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._queue.append((item, future))
         self._pending.set()
-        # The write goes on even if this request is cancelled (its client went away): the
-        # outcome is stored and a retry will replay it.
-        return await asyncio.shield(future)
+        # If this request is cancelled (its client went away), so is its future, and nothing
+        # else: the write goes on, its outcome is stored, and a retry will replay it.
+        return await future
 
     async def aclose(self) -> None:
         """Write what is queued, wait for the batches in flight, then stop."""
@@ -181,7 +181,9 @@ class BatchedLookups(Generic[Key, Value]):
         self._alone_on = alone_on
         self._batch_size_max = batch_size_max
         self._batches_in_flight_max = batches_in_flight_max
-        self._asked: dict[Key, asyncio.Future[Value | None]] = {}
+        # The requests waiting for each key, one future each: a request that goes away cancels
+        # its own future only, never the answer the others wait for.
+        self._asked: dict[Key, list[asyncio.Future[Value | None]]] = {}
         self._starting = False
         self._in_flight: set[asyncio.Task[None]] = set()
         # Lookups made, and keys they looked up: their ratio is how many requests share one.
@@ -189,15 +191,17 @@ class BatchedLookups(Generic[Key, Value]):
         self.keys_looked_up = 0
 
     async def get(self, key: Key) -> Value | None:
-        future = self._asked.get(key)
-        if future is None:
-            loop = asyncio.get_running_loop()
-            future = self._asked[key] = loop.create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Value | None] = loop.create_future()
+        waiting = self._asked.get(key)
+        if waiting is None:
+            self._asked[key] = [future]
             if not self._starting:
                 self._starting = True
                 loop.call_soon(self._start)
-        # Shielded: a request that goes away must not cancel the answer others wait for too.
-        return await asyncio.shield(future)
+        else:
+            waiting.append(future)
+        return await future
 
     async def aclose(self) -> None:
         """Until every lookup asked for so far has been answered."""
@@ -220,7 +224,7 @@ class BatchedLookups(Generic[Key, Value]):
         if self._asked and not self._starting:
             self._start()  # the keys that waited for a free slot
 
-    async def _look_up(self, batch: dict[Key, asyncio.Future[Value | None]]) -> None:
+    async def _look_up(self, batch: dict[Key, list[asyncio.Future[Value | None]]]) -> None:
         try:
             try:
                 found = await self._look_up_many(list(batch))
@@ -230,21 +234,28 @@ class BatchedLookups(Generic[Key, Value]):
                 log.warning(
                     "batched lookup refused a value; looking its keys up one by one", extra={"error": repr(exc)}
                 )
-                for key, future in batch.items():
+                for key, futures in batch.items():
                     try:
-                        _settle(future, result=await self._look_up_one(key))
+                        _settle_all(futures, result=await self._look_up_one(key))
                     except Exception as alone:  # noqa: BLE001 - this key's own outcome
-                        _settle(future, error=alone)
+                        _settle_all(futures, error=alone)
             else:
-                for key, future in batch.items():
-                    _settle(future, result=found.get(key))
+                for key, futures in batch.items():
+                    _settle_all(futures, result=found.get(key))
             self.batches += 1
             self.keys_looked_up += len(batch)
         except BaseException as exc:  # never leave a request waiting forever
-            for future in batch.values():
-                _settle(future, error=exc)
+            for futures in batch.values():
+                _settle_all(futures, error=exc)
             if not isinstance(exc, Exception):
                 raise
+
+
+def _settle_all(
+    futures: list[asyncio.Future[Result]], *, result: Result | None = None, error: BaseException | None = None
+) -> None:
+    for future in futures:
+        _settle(future, result=result, error=error)
 
 
 def _settle(

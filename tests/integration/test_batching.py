@@ -180,6 +180,22 @@ async def test_aclose_writes_what_is_queued(table):
     assert sorted(await asyncio.wait_for(asyncio.gather(*pending), 1)) == list(range(30))
 
 
+async def test_a_write_whose_request_goes_away_is_written_all_the_same(table):
+    pool, name = table
+    group = committer(pool, name, [])
+    leaving = asyncio.ensure_future(group.submit((1, 1)))
+    staying = asyncio.ensure_future(group.submit((2, 1)))
+    await asyncio.sleep(0)  # both queued
+    leaving.cancel()
+
+    assert await asyncio.wait_for(staying, 10) == 2
+    await group.aclose()
+
+    assert leaving.cancelled()
+    # Its client went away, not its write: a retry of the request will find it and replay it.
+    assert sorted(await pool.fetchval(f"select array_agg(item) from {name}")) == [1, 2]
+
+
 def held_batches(*, overlap_after_seconds, batch_size_max=50):
     """A group commit whose first batch is held until ``release`` is set; records each batch, and
     sets ``first_started`` once the first is in flight."""
