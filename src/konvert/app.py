@@ -61,7 +61,8 @@ def create_app(settings: Settings, program: Program | None = None) -> Litestar:
         lifespan=[lifespan],
         middleware=[RequestObserver(settings)],
         guards=[authorize],
-        dependencies={"services": Provide(_services, sync_to_thread=False)},
+        # One Services per process: resolved once, then taken from Litestar's cache.
+        dependencies={"services": Provide(_services, sync_to_thread=False, use_cache=True)},
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=settings.request_max_body_bytes,
         request_class=KonvertRequest,
@@ -94,8 +95,10 @@ def _services(request: Request[Any, Any, Any]) -> Services:
 def app_from_environment() -> Litestar:
     """The app for ``konvert serve``'s worker processes, which get their settings from KONVERT_*."""
     from konvert.observability import configure_logging
+    from konvert.serving import stop_when_orphaned
     from konvert.settings import load_settings
 
+    stop_when_orphaned()
     settings = load_settings()
     configure_logging(settings)
     return create_app(settings)

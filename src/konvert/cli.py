@@ -13,17 +13,16 @@ import atexit
 import logging
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import asyncpg
 
-from konvert import __version__, auth, workers
+from konvert import __version__, auth
 from konvert.db import Connection
 from konvert.errors import ConfigurationError, KonvertError
 from konvert.program import load_program
@@ -35,8 +34,6 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 EXIT_CONFIG = 2
-# How long a stopping worker may take to finish the requests in flight.
-GRACEFUL_SHUTDOWN_SECONDS = 10
 
 
 def _say(message: str) -> None:
@@ -50,10 +47,6 @@ def _announce(message: str) -> None:
         _say(message)
     else:
         logging.getLogger("konvert.serve").info(message)
-
-
-def _exit_on_signal(signum: int, frame: object) -> None:
-    sys.exit(128 + signum)
 
 
 def with_servers(settings: Settings, announce: bool = False) -> Settings:
@@ -94,8 +87,6 @@ async def _first_admin_key(settings: Settings) -> str | None:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    import uvicorn
-
     from konvert import db
     from konvert.observability import configure_logging
 
@@ -120,32 +111,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         metrics_dir = tempfile.mkdtemp(prefix="konvert-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         atexit.register(shutil.rmtree, metrics_dir, ignore_errors=True)
-    options: dict[str, Any] = {
-        "app": "konvert.app:app_from_environment",
-        "factory": True,
-        "loop": "uvloop" if sys.platform != "win32" else "asyncio",
-        "http": "httptools",
-        "lifespan": "on",
-        "access_log": False,
-        "log_config": None,
-        "server_header": False,
-        "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_SECONDS,
-    }
-    if settings.workers > 1 and workers.spreads_connections():
-        # A listening socket per worker, so the kernel spreads connections evenly (see workers.py).
-        supervisor = workers.Supervisor(
-            settings.host, settings.port, settings.workers, options, GRACEFUL_SHUTDOWN_SECONDS
-        )
-        try:
-            return supervisor.run()
-        except OSError as exc:
-            _say(f"konvert: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}")
-            return EXIT_CONFIG
-    # uvicorn shuts down gracefully on SIGTERM and then raises the signal again. Left to its
-    # default action, that signal would end the process before atexit stops the embedded
-    # PostgreSQL and Redis; exiting through Python runs atexit.
-    signal.signal(signal.SIGTERM, _exit_on_signal)
-    uvicorn.run(host=settings.host, port=settings.port, workers=settings.workers, **options)
+    from konvert import serving
+
+    serving.serve(settings)
     return 0
 
 

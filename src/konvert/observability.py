@@ -44,8 +44,7 @@ BATCHED_WRITES = Counter("konvert_batched_writes_total", "Group-committed writes
 access_log = logging.getLogger("konvert.access")
 
 # Attributes every LogRecord has; anything else was passed with extra= and goes into the line.
-# uvicorn adds `color_message`, the message with ANSI colour codes, which no log line carries.
-_LEFT_OUT = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "color_message"}
+_LEFT_OUT = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 _json = msgspec.json.Encoder()
 
 
@@ -84,19 +83,15 @@ class TextFormatter(logging.Formatter):
 
 
 def configure_logging(settings: Settings) -> None:
-    """Every log line through one handler on stderr, the ASGI server's included."""
+    """Every log line of the process through one handler on stderr (the HTTP server's own lines
+    are routed here by ``serving.log_config``)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if settings.log_format == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
-    # The server's own access log would repeat ours without request ids.
-    logging.getLogger("uvicorn.access").disabled = True
     # The embedded PostgreSQL narrates every command it runs; its warnings and errors still show.
     logging.getLogger("pgserver").setLevel(logging.WARNING)
-    for name in ("uvicorn", "uvicorn.error"):
-        logging.getLogger(name).handlers[:] = []
-        logging.getLogger(name).propagate = True
 
 
 def new_request_id(headers: Any) -> str:
@@ -114,6 +109,8 @@ class RequestObserver(ASGIMiddleware):
 
     def __init__(self, settings: Settings) -> None:
         self._log_paths = settings.log_member_ids
+        # Each (method, route) histogram child, found once: labels() takes a lock and builds a key.
+        self._seconds: dict[tuple[str, str], Histogram] = {}
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
         if scope["type"] != ScopeType.HTTP:  # never: scopes names HTTP only
@@ -139,7 +136,11 @@ class RequestObserver(ASGIMiddleware):
             # Route templates (/v1/members/{member_id}/balance) keep member ids out of metric
             # labels and, unless configured otherwise, out of the access log.
             route = scope["path_template"]
-            REQUEST_SECONDS.labels(scope["method"], route).observe(elapsed)
+            key = (scope["method"], route)
+            seconds = self._seconds.get(key)
+            if seconds is None:
+                seconds = self._seconds[key] = REQUEST_SECONDS.labels(*key)
+            seconds.observe(elapsed)
             _served(scope, route, status, scope["path"] if self._log_paths else route, elapsed)
             request_id_var.reset(token)
 
@@ -152,10 +153,18 @@ def observe_unmatched(scope: HTTPScope, status: int) -> str:
     return request_id
 
 
+# Each (method, route, status) counter child, found once.
+_COUNTED: dict[tuple[str, str, int], Counter] = {}
+
+
 def _served(
     scope: HTTPScope, route: str, status: int, path: str, seconds: float | None, request_id: str | None = None
 ) -> None:
-    REQUESTS.labels(scope["method"], route, status).inc()
+    key = (scope["method"], route, status)
+    counter = _COUNTED.get(key)
+    if counter is None:
+        counter = _COUNTED[key] = REQUESTS.labels(*key)
+    counter.inc()
     if access_log.isEnabledFor(logging.INFO):
         extra: dict[str, Any] = {"method": scope["method"], "path": path, "status": status}
         if seconds is not None:

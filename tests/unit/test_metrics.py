@@ -12,6 +12,7 @@ import asyncio
 import io
 import json
 import logging
+import logging.config
 import sys
 import uuid
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from litestar.testing import AsyncTestClient
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from konvert import errors
+from konvert import errors, serving
 from konvert.app import create_app
 from konvert.observability import (
     UNMATCHED,
@@ -285,71 +286,56 @@ def test_a_message_or_traceback_over_several_lines_is_still_one_json_line() -> N
     assert "Traceback" in entry["exc"] and "ValueError: bad\nvalue" in entry["exc"]
 
 
-def test_uvicorns_coloured_message_is_never_in_a_json_line() -> None:
-    # uvicorn logs e.g. "Started server process [%d]" with extra={"color_message": ...}.
-    coloured = "Started server process [\x1b[36m%d\x1b[0m]"
-    line = JsonFormatter().format(record("Started server process [%d]", 42, extra={"color_message": coloured}))
-
-    entry = json.loads(line)
-    assert entry["msg"] == "Started server process [42]"
-    assert "color_message" not in entry
-    assert "\x1b" not in line and "\\u001b" not in line
-
-
 @pytest.fixture
 def logging_restored() -> Iterator[None]:
-    """configure_logging changes the root logger and uvicorn's: put them back afterwards."""
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
-    uvicorn = {
-        name: (logger.handlers[:], logger.propagate, logger.disabled)
-        for name in ("uvicorn", "uvicorn.error", "uvicorn.access")
-        for logger in [logging.getLogger(name)]
-    }
+    """configure_logging and the server's log config change the root logger and Granian's: put
+    them back afterwards."""
+    loggers = [logging.getLogger(), logging.getLogger("_granian")]
+    saved = [(logger.handlers[:], logger.level, logger.propagate) for logger in loggers]
     try:
         yield
     finally:
-        root.handlers[:], level = saved
-        root.setLevel(level)
-        for name, (handlers, propagate, disabled) in uvicorn.items():
-            logger = logging.getLogger(name)
-            logger.handlers[:], logger.propagate, logger.disabled = handlers, propagate, disabled
+        for logger, (handlers, level, propagate) in zip(loggers, saved, strict=True):
+            logger.handlers[:], logger.propagate = handlers, propagate
+            logger.setLevel(level)
 
 
 def configured(**settings: Any) -> Settings:
     return load_settings({}, **settings)
 
 
-def test_configured_json_logging_writes_konverts_and_uvicorns_lines_as_json_to_stderr(
+def configure_serve_logging(settings: Settings) -> None:
+    """What ``konvert serve`` sets up: konvert's logging, and Granian's (it applies the dict)."""
+    configure_logging(settings)
+    logging.config.dictConfig(serving.log_config(settings))
+
+
+def test_configured_json_logging_writes_konverts_and_the_servers_lines_as_json_to_stderr(
     capsys: pytest.CaptureFixture[str], logging_restored: None
 ) -> None:
-    configure_logging(configured(log_format="json", log_level="info"))
-    logging.getLogger("uvicorn.error").info(
-        "Started server process [%d]", 42, extra={"color_message": "Started server process [\x1b[36m%d\x1b[0m]"}
-    )
-    logging.getLogger("uvicorn").warning("Invalid HTTP request received.")
+    configure_serve_logging(configured(log_format="json", log_level="info"))
+    logging.getLogger("_granian").info("Starting granian (main PID: %d)", 42)
+    logging.getLogger("_granian.serve").warning("Worker crash loop detected, exiting")
     logging.getLogger("konvert.t-log").info("jobs ran", extra={"expired": 3})
     logging.getLogger("konvert.t-log").debug("below the level")
-    logging.getLogger("uvicorn.access").info('127.0.0.1 - "GET / HTTP/1.1" 200')  # ours replaces it
 
     written = capsys.readouterr().err.splitlines()
     assert [(entry["logger"], entry["msg"]) for entry in map(json.loads, written)] == [
-        ("uvicorn.error", "Started server process [42]"),
-        ("uvicorn", "Invalid HTTP request received."),
+        ("_granian", "Starting granian (main PID: 42)"),
+        ("_granian.serve", "Worker crash loop detected, exiting"),
         ("konvert.t-log", "jobs ran"),
     ]
     assert json.loads(written[2])["expired"] == 3
-    assert not any("\x1b" in line or "color_message" in line for line in written)
 
 
 def test_configured_text_logging_writes_a_line_with_the_extras(
     capsys: pytest.CaptureFixture[str], logging_restored: None
 ) -> None:
-    configure_logging(configured(log_format="text", log_level="info"))
+    configure_serve_logging(configured(log_format="text", log_level="info"))
     logging.getLogger("konvert.t-log").info("jobs ran", extra={"expired": 3})
-    logging.getLogger("uvicorn.error").info("Started", extra={"color_message": "\x1b[36mStarted\x1b[0m"})
+    logging.getLogger("_granian").info("Started")
 
     assert capsys.readouterr().err.splitlines() == [
         "INFO    konvert.t-log: jobs ran expired=3",
-        "INFO    uvicorn.error: Started",
+        "INFO    _granian: Started",
     ]
