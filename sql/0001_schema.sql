@@ -469,7 +469,7 @@ create table preferences (
 
 -- The first time a member shared each key, and the points it paid. A row is never deleted
 -- (not by deleting the preference, not by erasure), so "the first share pays, once" holds
--- across delete and re-share; concurrent first shares meet on the primary key.
+-- across delete and re-share; concurrent first shares queue on the member's lock.
 create table preference_awards (
     member_uid         bigint not null references members (member_uid),
     key                text not null,

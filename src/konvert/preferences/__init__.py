@@ -1,1 +1,2 @@
-"""Preferences members share for points, consent per purpose, export and erasure."""
+"""Preferences members share for points, and consent per purpose (its part in export and
+erasure: ``privacy.py``)."""

@@ -5,7 +5,8 @@ sources (``*``). A change is attributed to the UTC day and source of the kudos t
 so a late webhook lands in the period its kudos happened in. Scores are reputation gained in
 the board's period (the ledger's moves, so the all-time board over all sources adds up to
 each member's reputation). Members are stored by member_uid and named from PostgreSQL when
-read, so erasing a member's id needs no Redis change.
+read; an erasure drops the build marker (``privacy.rebuild_leaderboards``), so the next read
+rebuilds the boards without the erased member.
 
 Keys (one hash tag, so one Redis Cluster slot; ``<g>`` is the build generation)::
 
