@@ -58,6 +58,18 @@ def balance_key(member_id: str) -> str:
     return f"{REDIS_PREFIX}-{RUN_DATABASE}:{{m:{member_id}}}:balance"
 
 
+async def cached_entry(
+    redis_client: redis.Redis, member_id: str, key: str | None = None
+) -> tuple[int, bytes | None] | None:
+    """What the cache holds for the member (in the run's shared database, unless ``key``): its
+    version and balance body (None: a tombstone), or None."""
+    entry = await redis_client.get(key or balance_key(member_id))
+    if entry is None:
+        return None
+    version, _, body = entry.partition(b"|")  # konvert.cache's format
+    return int(version), body or None
+
+
 async def spend_points(
     services: Services, member_id: str, points: int, *, code: str, cause_type: str, cause_ref: str, reason: str
 ) -> int:

@@ -3,7 +3,10 @@
 Every Redis call here is best-effort: when Redis is down or slow the caller falls back to
 PostgreSQL, and a short circuit breaker keeps a dead Redis from adding its timeout to every
 request. Nothing here ever authorises a spend. The concurrent reads of one turn of the event loop
-share one round trip (a redis-py pipeline); so do the invalidations of a batch of writes.
+share one command (MGET); the invalidations of a batch of writes share one round trip (a redis-py
+pipeline).
+
+A member's cached balance is one string, ``<version>|<body>``; an empty body is a tombstone.
 """
 
 from __future__ import annotations
@@ -31,17 +34,14 @@ log = logging.getLogger("konvert.cache")
 # committed version N but not computed the full balance stores a tombstone (version N, no body),
 # so that a slower reader holding version N-1 cannot put an older balance back.
 _PUT_IF_NEWER = """
-local current = tonumber(redis.call('HGET', KEYS[1], 'v') or '-1')
-local version = tonumber(ARGV[1])
-if current > version then return 0 end
-if current == version and (ARGV[2] == '' or redis.call('HEXISTS', KEYS[1], 'b') == 1) then return 0 end
-if ARGV[2] == '' then
-  redis.call('HDEL', KEYS[1], 'b')
-  redis.call('HSET', KEYS[1], 'v', ARGV[1])
-else
-  redis.call('HSET', KEYS[1], 'v', ARGV[1], 'b', ARGV[2])
+local current = redis.call('GET', KEYS[1])
+local digits = current and string.match(current, '^(%d+)|')
+if digits then  -- (anything else there is not a balance konvert wrote: replaced)
+  local cached, version = tonumber(digits), tonumber(ARGV[1])
+  if cached > version then return 0 end
+  if cached == version and (ARGV[2] == '' or #current > #digits + 1) then return 0 end
 end
-redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('SET', KEYS[1], ARGV[1] .. '|' .. ARGV[2], 'EX', ARGV[3])
 return 1
 """
 _PUT_IF_NEWER_SHA = hashlib.sha1(_PUT_IF_NEWER.encode(), usedforsecurity=False).hexdigest()  # Redis names scripts so
@@ -72,7 +72,7 @@ class BalanceCache:
         self._prefix = prefix
         self._skip_until = 0.0
         self._filling: set[asyncio.Task[bool]] = set()
-        # Concurrent reads share one pipeline of HGETs: one round trip, one pooled connection.
+        # Concurrent reads share one MGET: one command, one round trip, one pooled connection.
         self._reads: BatchedLookups[str, bytes] = BatchedLookups(
             self._get_many, batch_size_max=1000, batches_in_flight_max=reads_in_flight_max
         )
@@ -106,11 +106,14 @@ class BalanceCache:
         return body
 
     async def _get_many(self, member_ids: list[str]) -> dict[str, bytes]:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for member_id in member_ids:
-                pipe.hget(self.key(member_id), "b")
-            bodies = await pipe.execute()
-        return {member_id: body for member_id, body in zip(member_ids, bodies, strict=True) if body is not None}
+        found = await self._redis.mget([self.key(member_id) for member_id in member_ids])
+        bodies = {}
+        for member_id, entry in zip(member_ids, found, strict=True):
+            if isinstance(entry, bytes):  # else not cached (or not a string konvert wrote: a miss)
+                version, _, body = entry.partition(b"|")
+                if body and version.isdigit():  # an empty body is a tombstone
+                    bodies[member_id] = body
+        return bodies
 
     async def put_many(self, balances: list[tuple[str, int, bytes]]) -> bool:
         """Cache many (member id, version, body) in one round trip, each unless a newer one is.

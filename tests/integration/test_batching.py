@@ -19,7 +19,7 @@ from konvert.earning.service import post_purchase, write_purchases
 from konvert.errors import ConcurrentWrite, IdempotencyConflict, Unprocessable
 from konvert.idempotency import Outcome
 from konvert.program import parse_program
-from tests.conftest import TEST_PROGRAM, balance_key, make_settings, spend_points
+from tests.conftest import TEST_PROGRAM, balance_key, cached_entry, make_settings, spend_points
 from tests.integration.test_purchases import (
     batched_writes,
     held_before_commit,
@@ -503,7 +503,7 @@ async def test_a_batch_commits_in_one_transaction_and_tombstones_each_members_ba
     )
     assert xmins == 1
     for row in rows:
-        assert await redis_client.hgetall(balance_key(row["member_id"])) == {b"v": str(row["version"]).encode()}
+        assert await cached_entry(redis_client, row["member_id"]) == (row["version"], None)
 
 
 async def test_a_purchase_id_taken_meanwhile_by_another_member_fails_the_batch_and_its_postings_go_alone(
@@ -579,7 +579,7 @@ async def test_a_replay_tombstones_the_cached_balance_a_lost_answer_may_have_lef
     (again,) = await write_purchases(services, [_euros(services, member, purchase_id, 10)])
 
     assert (first.replayed, again.replayed, again.body) == (False, True, first.body)
-    assert await redis_client.hgetall(balance_key(member)) == {b"v": str(version).encode()}
+    assert await cached_entry(redis_client, member) == (version, None)
     assert await services.cache.get(member) is None
 
 
@@ -606,4 +606,4 @@ async def test_a_purchase_that_repays_a_refund_debt_is_written_together_and_repa
     )
     # Repaid in the purchase's own transaction: the lots agree with the balance at once.
     assert (row["points_available"], row["points_debt"], row["lots"]) == (20, 0, 20)
-    assert await redis_client.hgetall(balance_key(member)) == {b"v": str(row["version"]).encode()}
+    assert await cached_entry(redis_client, member) == (row["version"], None)

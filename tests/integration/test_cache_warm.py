@@ -14,8 +14,8 @@ from litestar.testing import AsyncTestClient
 from konvert import auth, composition, errors
 from konvert.app import create_app
 from konvert.cache import BalanceCache
-from konvert.ledger.balances import warm_balances
-from tests.conftest import REDIS_PREFIX, make_settings
+from konvert.ledger.balances import balance_body, warm_balances
+from tests.conftest import REDIS_PREFIX, cached_entry, make_settings
 from tests.integration.test_purchases import purchase
 
 
@@ -77,7 +77,7 @@ async def test_warming_caches_every_member_s_balance_as_a_read_would(ledger, red
 
     assert warmed == (len(read), None)  # the erased member is not cached
     for member, body in read.items():
-        assert await redis_client.hget(services.cache.key(member), "b") == body
+        assert await services.cache.get(member) == body
     assert await services.cache.get(next(iter(read))) == read[next(iter(read))]
 
 
@@ -91,7 +91,7 @@ async def test_warming_never_puts_back_an_older_balance(ledger, redis_client):
 
     await warm_balances(services)
 
-    assert await redis_client.hgetall(services.cache.key(member)) == {b"v": str(version + 1).encode()}
+    assert await cached_entry(redis_client, member, services.cache.key(member)) == (version + 1, None)
     assert await services.cache.get(member) is None  # read from PostgreSQL, then cached afresh
 
 
@@ -105,8 +105,8 @@ async def test_many_balances_go_to_redis_in_one_call(redis_client, new_id):
         assert await cache.put_many([(newer, 4, b'{"v": 4}'), (older, 1, b'{"v": 1}'), *many])
     finally:
         await cache.aclose()
-    assert await redis_client.hget(cache.key(newer), "b") == b'{"v": 5}'
-    assert await redis_client.hget(cache.key(older), "b") == b'{"v": 1}'
+    assert await cached_entry(redis_client, newer, cache.key(newer)) == (5, b'{"v": 5}')
+    assert await cached_entry(redis_client, older, cache.key(older)) == (1, b'{"v": 1}')
     # Cached together, they expire at different times: between half the TTL and the TTL.
     lifetimes = [await redis_client.ttl(cache.key(member)) for member, _, _ in many]
     assert all(29 <= t <= 60 for t in lifetimes) and len(set(lifetimes)) > 5, lifetimes
@@ -154,9 +154,10 @@ async def test_after_a_redis_error_the_breaker_skips_reads_and_warming_but_not_i
     services.cache, live = cache, services.cache
     try:
         assert await cache.get(cached) == read[cached]  # Redis answers: the breaker is closed
-        # A key Redis refuses to read as a balance (WRONGTYPE): the read fails, the breaker opens.
-        await redis_client.set(cache.key(broken), "not a hash")
-        assert await cache.get(broken) is None
+        # A key Redis refuses to treat as a balance (WRONGTYPE): caching one fails, the breaker opens.
+        await redis_client.delete(cache.key(broken))
+        await redis_client.hset(cache.key(broken), "not", "a string")
+        assert not await cache.put_many([(broken, 1, b"{}")])
 
         # For a moment every read goes to PostgreSQL instead, and warming says it did not cache.
         assert await cache.get(cached) is None
@@ -165,7 +166,7 @@ async def test_after_a_redis_error_the_breaker_skips_reads_and_warming_but_not_i
         # A tombstone still reaches Redis: no reader may put an older balance back meanwhile.
         version = await services.pool.fetchval("select version from members where member_id = $1", cached)
         await cache.invalidate_many([(cached, version + 1)])
-        assert await redis_client.hgetall(cache.key(cached)) == {b"v": str(version + 1).encode()}
+        assert await cached_entry(redis_client, cached, cache.key(cached)) == (version + 1, None)
     finally:
         services.cache = live
         await cache.aclose()
@@ -180,7 +181,7 @@ async def test_the_cli_warms_the_cache(ledger, fresh_database_url, redis_url, re
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"balances cached: {len(read)} members in ")
     for member, body in read.items():
-        assert await redis_client.hget(services.cache.key(member), "b") == body
+        assert await services.cache.get(member) == body
 
 
 @pytest.mark.parametrize("size", ["0", "10001", "-5", "many"])
@@ -201,3 +202,14 @@ async def test_the_cli_says_when_it_stopped_for_redis_memory(ledger, fresh_datab
     assert result.returncode == 1, result.stdout + result.stderr
     assert result.stdout.startswith("balances cached: 0 members in ")
     assert "stopped early: Redis uses" in result.stdout and "raise maxmemory" in result.stdout
+
+
+async def test_an_entry_konvert_did_not_write_is_a_miss_not_an_error(ledger, redis_client):
+    services, read = ledger
+    member = next(iter(read))
+    await redis_client.set(services.cache.key(member), b"not|a balance konvert wrote")
+
+    assert await services.cache.get(member) is None
+    assert await balance_body(services, member) == read[member]  # from PostgreSQL, then cached
+    await services.cache.wait_filled()
+    assert await services.cache.get(member) == read[member]

@@ -28,7 +28,7 @@ from konvert.idempotency import Outcome
 from konvert.ledger.balances import BalanceReads
 from konvert.ledger.jobs import vest_due_lots
 from konvert.services import Services
-from tests.conftest import balance_key, spend_points
+from tests.conftest import balance_key, cached_entry, spend_points
 
 NOW = datetime.now(UTC)
 # Older than the 14-day return window: the points are available at once.
@@ -664,14 +664,13 @@ async def test_balance_is_cached_and_a_write_is_read_back_at_once(post, balance,
     await post("/v1/purchases", purchase(member, new_id("p")))
     first = await balance(member)
 
-    cached = await redis_client.hgetall(balance_key(member))
-    assert int(cached[b"v"]) == first["version"]
-    assert msgspec.json.decode(cached[b"b"])["available"] == 100
+    version, body = await cached_entry(redis_client, member)
+    assert version == first["version"]
+    assert msgspec.json.decode(body)["available"] == 100
 
     await post("/v1/purchases", purchase(member, new_id("p")))
     # The write left a tombstone at its version, so the cached body cannot be served.
-    tombstone = await redis_client.hgetall(balance_key(member))
-    assert int(tombstone[b"v"]) == first["version"] + 1 and b"b" not in tombstone
+    assert await cached_entry(redis_client, member) == (first["version"] + 1, None)
     assert (await balance(member))["available"] == 200
 
 
@@ -854,6 +853,5 @@ async def test_writes_still_invalidate_after_redis_forgets_its_scripts(post, bal
 
     await post("/v1/purchases", purchase(member, new_id("p")))
 
-    tombstone = await redis_client.hgetall(balance_key(member))
-    assert int(tombstone[b"v"]) == first["version"] + 1 and b"b" not in tombstone
+    assert await cached_entry(redis_client, member) == (first["version"] + 1, None)
     assert (await balance(member))["available"] == 200
