@@ -46,7 +46,7 @@ HTTP_SCRIPTS = {
     "purchases_jobs": "purchases",
 }
 WRITE_SCENARIOS = ("purchases", "redemptions", "mixed", "purchases_jobs")
-PROFILED_SCENARIOS = ("purchases", "balance_uniform", "balance_hot")
+PROFILED_SCENARIOS = ("purchases", "balance_uniform", "balance_hot", "balance_warm")
 
 
 def parse_args(argv: list[str] | None = None, description: str = "") -> argparse.Namespace:

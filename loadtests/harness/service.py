@@ -128,7 +128,8 @@ class Server:
         raise RuntimeError(f"konvert serve not ready within {timeout_seconds}s:\n{self.log_text()}")
 
     def worker_pids(self) -> list[int]:
-        """The worker processes (with one worker, uvicorn serves in the parent itself)."""
+        """The worker processes (none when the server serves in its own process, as uvicorn does
+        with one worker in older commits)."""
         return _children(self.process.pid)
 
     def all_pids(self) -> list[int]:
