@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -52,17 +53,7 @@ async def export(services: Services, member_id: str, principal: Principal) -> Ex
         member_uid = await reads.select_live_member_uid(conn, member_id)
         if member_uid is None:
             raise errors.MemberNotFound(f"no member {member_id!r}")
-        await preferences_store.insert_log(
-            conn,
-            member_uid=member_uid,
-            kind="exported",
-            subject=None,
-            old_value=None,
-            new_value=None,
-            points=0,
-            client=principal.name,
-            now=now,
-        )
+        await _log(conn, member_uid, "exported", principal, now)
         sections = await _sections(services, conn, member_uid)
     return Export(format=EXPORT_FORMAT, exported_at=now, **sections)
 
@@ -128,6 +119,21 @@ async def _sections(services: Services, conn: Connection, member_uid: int) -> di
     }
 
 
+async def _log(conn: Connection, member_uid: int, kind: str, principal: Principal, now: datetime) -> None:
+    """The export or erasure in the member's privacy log, with the client that asked for it."""
+    await preferences_store.insert_log(
+        conn,
+        member_uid=member_uid,
+        kind=kind,
+        subject=None,
+        old_value=None,
+        new_value=None,
+        points=0,
+        client=principal.name,
+        now=now,
+    )
+
+
 def _json(text: str | None) -> Any:
     return _decode(text) if text is not None else None
 
@@ -151,17 +157,7 @@ async def erase(services: Services, member_id: str, principal: Principal) -> str
             for step in services.erasure.steps:
                 await step(book, member, pseudonym)
             await book.rename(member, pseudonym, now)
-            await preferences_store.insert_log(
-                book.conn,
-                member_uid=member.uid,
-                kind="erased",
-                subject=None,
-                old_value=None,
-                new_value=None,
-                points=0,
-                client=principal.name,
-                now=now,
-            )
+            await _log(book.conn, member.uid, "erased", principal, now)
     if pseudonym is None:
         # A repeated erasure leaves a tombstone above any version (the first one's may have failed
         # to reach Redis), so that no fill that late can put the old balance back; it expires with

@@ -64,7 +64,7 @@ import msgspec
 from konvert import errors
 from konvert.db import Connection
 from konvert.idempotency import Outcome, request_hash
-from konvert.ledger.book import Book, writing
+from konvert.ledger.book import Book, Member, writing
 from konvert.ledger.store import select_member_uid
 from konvert.reputation import leaderboard, rules, store
 from konvert.reputation.credits import Credits, bridge_award, bridge_clawback
@@ -150,7 +150,6 @@ def _replay(existing: asyncpg.Record, digest: bytes) -> _Written:
 
 
 async def _give(services: Services, book: Book, kudos: KudosIn, digest: bytes, now: datetime) -> _Written:
-    program = services.program.reputation
     conn = book.conn
     existing = await store.select_kudos(conn, kudos.kudos_id)
     if existing is not None:
@@ -178,22 +177,8 @@ async def _give(services: Services, book: Book, kudos: KudosIn, digest: bytes, n
         current = await store.select_thread_accepted(conn, kudos.source, kudos.thread_id)
         if current is not None and not {current["author_uid"], current["giver_uid"]} <= members.keys():
             raise _StartOver
-    if other := await store.select_standing_kudos_id(conn, kudos.source, kudos.post_id, giver_uid, kudos.kind):
-        raise errors.DuplicateKudos(
-            f"{kudos.giver_id!r} already gave a {kudos.kind} to post {kudos.post_id!r} of {kudos.source!r} "
-            f"(kudos_id {other!r}); retract it first"
-        )
     day = rules.utc_day(kudos.occurred_at)
-    given = await store.count_kudos_given(conn, giver_uid, day)
-    if given >= program.giver_daily_limit:
-        raise errors.GiverLimitReached(
-            f"{kudos.giver_id!r} gave {given} kudos on {day}, the most allowed per day ({program.giver_daily_limit})"
-        )
-    giver_counts = True
-    if program.giver_min_reputation or program.giver_min_account_age_days:
-        since = await store.select_member_since(conn, giver_uid)
-        giver_counts = rules.giver_has_standing(program, members[giver_uid].reputation, since, now)
-    worth = rules.kudos_worth(program, kudos.kind, author_uid == giver_uid, giver_counts)
+    worth = await _worth(services, conn, kudos, day, author_uid, members[giver_uid], now)
 
     status, superseded_by = "standing", None
     if current is not None and rules.canonical_key(current["occurred_at"], current["kudos_id"]) > rules.canonical_key(
@@ -239,6 +224,30 @@ async def _give(services: Services, book: Book, kudos: KudosIn, digest: bytes, n
     body = _encode(_kudos_out(await store.select_kudos_by_pk(conn, kudos_pk), changes))
     await store.set_kudos_response(conn, kudos_pk, body)
     return _Written(body, deltas=deltas)
+
+
+async def _worth(
+    services: Services, conn: Connection, kudos: KudosIn, day: date, author_uid: int, giver: Member, now: datetime
+) -> rules.KudosWorth:
+    """What the kudos is worth, or its refusal: one standing kudos per giver, post and kind, and
+    at most the program's number per giver and day. A giver without standing gives kudos that
+    count for nothing."""
+    program = services.program.reputation
+    if other := await store.select_standing_kudos_id(conn, kudos.source, kudos.post_id, giver.uid, kudos.kind):
+        raise errors.DuplicateKudos(
+            f"{kudos.giver_id!r} already gave a {kudos.kind} to post {kudos.post_id!r} of {kudos.source!r} "
+            f"(kudos_id {other!r}); retract it first"
+        )
+    given = await store.count_kudos_given(conn, giver.uid, day)
+    if given >= program.giver_daily_limit:
+        raise errors.GiverLimitReached(
+            f"{kudos.giver_id!r} gave {given} kudos on {day}, the most allowed per day ({program.giver_daily_limit})"
+        )
+    giver_counts = True
+    if program.giver_min_reputation or program.giver_min_account_age_days:
+        since = await store.select_member_since(conn, giver.uid)
+        giver_counts = rules.giver_has_standing(program, giver.reputation, since, now)
+    return rules.kudos_worth(program, kudos.kind, author_uid == giver.uid, giver_counts)
 
 
 async def _share_day(credits: Credits, author_uid: int, day: date) -> None:
