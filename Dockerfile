@@ -86,7 +86,7 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health/live' % (os.environ.get('KONVERT_PORT') or '8000'), timeout=4)"]
 
 # `konvert serve` applies pending migrations itself before it serves (under a PostgreSQL
-# advisory lock, so replicas starting together are safe), then starts uvicorn. So the container
+# advisory lock, so replicas starting together are safe), then starts Granian. So the container
 # runs just `konvert serve`, without a `konvert migrate && exec konvert serve` shell wrapper:
 # one step fewer, and konvert is PID 1 and gets SIGTERM directly for a graceful shutdown. Run
 # `konvert migrate` on its own (e.g. `docker compose run --rm konvert konvert migrate`) to
