@@ -36,7 +36,7 @@ log = logging.getLogger("konvert.cache")
 _PUT_IF_NEWER = """
 local current = redis.call('GET', KEYS[1])
 local digits = current and string.match(current, '^(%d+)|')
-if digits then  -- (anything else there is not a balance konvert wrote: replaced)
+if digits then  -- (another string there is not a balance konvert wrote: replaced)
   local cached, version = tonumber(digits), tonumber(ARGV[1])
   if cached > version then return 0 end
   if cached == version and (ARGV[2] == '' or #current > #digits + 1) then return 0 end
@@ -163,10 +163,10 @@ class BalanceCache:
             forgotten = [
                 entry for entry, reply in zip(entries, replies, strict=True) if isinstance(reply, NoScriptError)
             ]
-            _raise_first(reply for reply in replies if not isinstance(reply, NoScriptError))
-            if forgotten:  # Redis lost its scripts (a restart, SCRIPT FLUSH): load it again
+            if forgotten:  # Redis lost its scripts (a restart, SCRIPT FLUSH): load it, try those again
                 await self._redis.script_load(_PUT_IF_NEWER)
-                _raise_first(await self._eval(forgotten))
+                replies += await self._eval(forgotten)
+            _raise_first(reply for reply in replies if not isinstance(reply, NoScriptError))
             return True
         except (RedisError, OSError) as exc:
             self._failed("put", exc)

@@ -81,9 +81,15 @@ def start_redis(data_dir: Path) -> str:
             "",
             "--logfile",
             str(redis_dir / "redis.log"),
+            "--pidfile",
+            str(redis_dir / "redis.pid"),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        # A session of its own, as PostgreSQL's: a Ctrl-C in the terminal stops konvert's workers
+        # gracefully (their last writes still tombstone cached balances), and only then does
+        # konvert stop Redis, at exit.
+        start_new_session=True,
     )
     atexit.register(_stop, process)
     deadline = time.monotonic() + _START_TIMEOUT_SECONDS

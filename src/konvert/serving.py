@@ -46,8 +46,9 @@ def stop_when_orphaned() -> None:
     process is gone. Its workers would otherwise go on serving on the port, unsupervised, and a
     restarted konvert would share the port with them."""
     serve_pid = os.environ.get(SERVE_PID_VARIABLE)
-    if not serve_pid or os.getppid() != int(serve_pid):
+    if not serve_pid:
         return  # not a worker of serve (a test, another ASGI server)
+    # (If serve is gone already, while this worker was starting, the watch stops it at once.)
 
     def watch() -> None:
         while os.getppid() == int(serve_pid):

@@ -24,6 +24,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import REDIS_PREFIX
+
 MakeKey = Callable[..., Awaitable[str]]
 
 READY_TIMEOUT_SECONDS = 60.0
@@ -42,9 +44,17 @@ def free_port() -> int:
 
 
 def konvert_env(**variables: str) -> dict[str, str]:
-    """The test's environment without any KONVERT_* variable, plus the given ones."""
+    """The test's environment without any KONVERT_* variable, plus the given ones. On the
+    configured Redis, keys start with the run's prefix, so the run deletes them at its end."""
     env = {name: value for name, value in os.environ.items() if not name.startswith("KONVERT_")}
+    if "KONVERT_REDIS_URL" in variables:
+        env["KONVERT_REDIS_KEY_PREFIX"] = f"{REDIS_PREFIX}-serve"
     return env | variables
+
+
+@pytest.fixture(autouse=True)
+def _run_keys_deleted_at_the_end(redis_client: object) -> None:
+    """The session's Redis client deletes every key with the run's prefix when the run ends."""
 
 
 class Server:
@@ -121,14 +131,18 @@ def konvert_serve(tmp_path: Path, env: dict[str, str], *args: str) -> Iterator[S
 
 
 @contextmanager
-def embedded_postgres_stopped_afterwards(data_dir: Path) -> Iterator[None]:
-    """Stop the embedded PostgreSQL if a failed test left it running (it has a session of its own)."""
+def embedded_servers_stopped_afterwards(data_dir: Path) -> Iterator[None]:
+    """Stop the embedded PostgreSQL and Redis if a failed test left them running (each has a
+    session of its own)."""
     try:
         yield
     finally:
-        pid_file = data_dir / "postgres" / "postmaster.pid"
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            os.kill(int(pid_file.read_text().split()[0]), signal.SIGINT)  # PostgreSQL's fast shutdown
+        for pid_file, stop in (
+            (data_dir / "postgres" / "postmaster.pid", signal.SIGINT),  # PostgreSQL's fast shutdown
+            (data_dir / "redis" / "redis.pid", signal.SIGTERM),
+        ):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                os.kill(int(pid_file.read_text().split()[0]), stop)
 
 
 def purchase_body(member_id: str) -> dict[str, Any]:
@@ -379,7 +393,7 @@ def test_embedded_default_keeps_data_across_restarts(tmp_path: Path) -> None:
     env = konvert_env(KONVERT_DATA_DIR=str(data_dir))
     member_id = f"e2e-{uuid.uuid4().hex[:12]}"
 
-    with embedded_postgres_stopped_afterwards(data_dir):
+    with embedded_servers_stopped_afterwards(data_dir):
         with konvert_serve(tmp_path, env) as first:
             first.wait_ready(EMBEDDED_READY_TIMEOUT_SECONDS)
             key = first.wait_for_line(FIRST_ADMIN_KEY)[1]
@@ -400,16 +414,25 @@ def test_embedded_default_keeps_data_across_restarts(tmp_path: Path) -> None:
             second.stop()
 
 
-def test_stopping_the_embedded_default_stops_its_servers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["SIGTERM to serve", "Ctrl-C in its terminal"])
+def test_stopping_the_embedded_default_stops_its_servers_after_the_workers(tmp_path: Path, how: str) -> None:
     data_dir = tmp_path / "data"
     env = konvert_env(KONVERT_DATA_DIR=str(data_dir))
 
-    with embedded_postgres_stopped_afterwards(data_dir), konvert_serve(tmp_path, env) as server:
+    with embedded_servers_stopped_afterwards(data_dir), konvert_serve(tmp_path, env) as server:
         server.wait_ready(EMBEDDED_READY_TIMEOUT_SECONDS)
         assert (data_dir / "postgres" / "postmaster.pid").exists()
         assert redis_answers(data_dir / "redis" / "redis.sock")
 
-        server.stop()
+        if how == "SIGTERM to serve":
+            assert server.stop() == 0
+        else:  # the terminal signals its whole foreground process group
+            os.killpg(server.process.pid, signal.SIGINT)
+            assert server.process.wait(STOP_TIMEOUT_SECONDS) == 0
 
         assert not (data_dir / "postgres" / "postmaster.pid").exists()
         assert not redis_answers(data_dir / "redis" / "redis.sock")
+        # Redis was stopped by konvert at its exit, once the workers had stopped, not by the
+        # terminal's signal while they might still write.
+        redis_log = (data_dir / "redis" / "redis.log").read_text()
+        assert "Received SIGTERM" in redis_log and "Received SIGINT" not in redis_log, redis_log

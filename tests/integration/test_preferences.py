@@ -25,12 +25,13 @@ from litestar.testing import AsyncTestClient
 
 from konvert import auth, composition
 from konvert.app import create_app
+from konvert.cache import ABOVE_ANY_VERSION
 from konvert.ledger.audit import run_audit
 from konvert.ledger.book import Book
 from konvert.ledger.book import Member as LockedMember
 from konvert.program import parse_program
 from konvert.services import Erasure, Services
-from tests.conftest import TEST_PROGRAM, make_settings
+from tests.conftest import TEST_PROGRAM, cached_entry, make_settings
 from tests.integration.test_purchases import RECENT, line, purchase
 
 ALL = ("personalisation", "marketing", "support")
@@ -1070,7 +1071,9 @@ async def test_access_logs_name_the_route_not_the_member(settings, program, make
     assert member in lines[True][0]
 
 
-async def test_a_repeated_erasure_keeps_the_old_balance_out_of_the_cache(api, services, database_url, new_id):
+async def test_a_repeated_erasure_keeps_the_old_balance_out_of_the_cache(
+    api, services, database_url, redis_client, new_id
+):
     """A reader (or `konvert cache warm`) that fetched the balance before the erasure and fills the
     cache only after a repeated DELETE must not put it back under the old id: the repeat used
     to delete the first erasure's tombstone."""
@@ -1084,7 +1087,10 @@ async def test_a_repeated_erasure_keeps_the_old_balance_out_of_the_cache(api, se
         await conn.close()
 
     assert (await api.erase(member)).status_code == 204
+    await redis_client.delete(services.cache.key(member))  # as if the first tombstone was lost
     assert (await api.erase(member)).status_code == 204  # nothing left to erase
+    # The repeat leaves a tombstone above any version the member's row could reach.
+    assert await cached_entry(redis_client, member, services.cache.key(member)) == (ABOVE_ANY_VERSION, None)
     assert await services.cache.put_many([(member, version, body)])  # the late fill (Redis took the call)
 
     assert await services.cache.get(member) is None
