@@ -87,7 +87,7 @@ async def refund_purchase(services: Services, purchase_id: str, refund: RefundIn
         )
         if clawback.transfer_ids:
             # After the refund row exists: the refund lowers the qualifying points.
-            await reevaluate(services, book, member_uid, services.clock())
+            await reevaluate(services, book, member, services.clock())  # (a clawback leaves tiers as they were)
     return Outcome(response)
 
 

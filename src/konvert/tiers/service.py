@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from konvert.db import Row
-from konvert.ledger.book import Book, writing
+from konvert.ledger.book import Book, Member, writing
 from konvert.ledger.store import TierStanding
 from konvert.program import Tiers
 from konvert.tiers import rules, store
@@ -20,23 +20,29 @@ if TYPE_CHECKING:
     from konvert.services import Services
 
 
-def _standing(tiers: Tiers, member: Row, points: int, now: datetime) -> TierStanding:
+def _standing(tiers: Tiers, before: TierStanding, points: int, now: datetime) -> TierStanding:
     """The member's standing for ``points`` qualifying points, and whether anything shown changed."""
-    standing = rules.evaluate_tier(tiers, points, member["tier"], member["tier_below_since"], now)
-    before = (member["tier"], member["tier_below_since"], member["tier_qualifying_points"])
-    changed = (standing.tier, standing.below_since, points) != before
-    return TierStanding(member["member_uid"], standing.tier, standing.below_since, points, changed)
+    standing = rules.evaluate_tier(tiers, points, before.tier, before.below_since, now)
+    after = before._replace(tier=standing.tier, below_since=standing.below_since, qualifying_points=points)
+    return after._replace(changed=after != before)
 
 
-async def reevaluate(services: Services, book: Book, member_uid: int, now: datetime) -> None:
+def _stored(member: Row) -> TierStanding:
+    """The standing stored on a member's row."""
+    return TierStanding(
+        member["member_uid"], member["tier"], member["tier_below_since"], member["tier_qualifying_points"], False
+    )
+
+
+async def reevaluate(services: Services, book: Book, member: Member, now: datetime) -> None:
     """Recompute and store a member's tier in the use case's transaction, with the member locked."""
     tiers = services.program.tiers
     if not tiers.levels:
         return
-    member = await store.select_standing(book.conn, member_uid)
+    before = TierStanding(member.uid, member.tier, member.tier_below_since, member.tier_qualifying_points, False)
     since = now - timedelta(days=tiers.window_days)
-    points = await store.select_qualifying_points(book.conn, [member_uid], since)
-    await book.store_tier_standings([_standing(tiers, member, points[member_uid], now)], now)
+    points = await store.select_qualifying_points(book.conn, [member.uid], since)
+    await book.store_tier_standings([_standing(tiers, before, points[member.uid], now)], now)
 
 
 async def reevaluate_due(services: Services, now: datetime | None = None) -> int:
@@ -54,6 +60,6 @@ async def reevaluate_due(services: Services, now: datetime | None = None) -> int
             return 0
         since = moment - timedelta(days=tiers.window_days)
         points = await store.select_qualifying_points(book.conn, [row["member_uid"] for row in due], since)
-        standings = [_standing(tiers, row, points[row["member_uid"]], moment) for row in due]
+        standings = [_standing(tiers, _stored(row), points[row["member_uid"]], moment) for row in due]
         await book.store_tier_standings(standings, moment)
     return len(due)

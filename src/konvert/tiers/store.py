@@ -11,7 +11,7 @@ from datetime import datetime
 
 import asyncpg
 
-from konvert.db import Connection, one
+from konvert.db import Connection
 
 
 def qualifying_points_sql(member_uid: str, since: str) -> str:
@@ -43,16 +43,6 @@ async def select_qualifying_points(conn: Connection, member_uids: Sequence[int],
         since,
     )
     return {row["member_uid"]: row["points"] for row in rows}
-
-
-async def select_standing(conn: Connection, member_uid: int) -> asyncpg.Record:
-    row = one(
-        await conn.fetchrow(
-            "select member_uid, tier, tier_below_since, tier_qualifying_points from members where member_uid = $1",
-            member_uid,
-        )
-    )
-    return row
 
 
 async def lock_due_members(conn: Connection, evaluated_before: datetime, limit: int) -> list[asyncpg.Record]:
