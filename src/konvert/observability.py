@@ -9,7 +9,7 @@ import re
 import sys
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from litestar.enums import ScopeType
@@ -109,8 +109,6 @@ class RequestObserver(ASGIMiddleware):
 
     def __init__(self, settings: Settings) -> None:
         self._log_paths = settings.log_member_ids
-        # Each (method, route) histogram child, found once: labels() takes a lock and builds a key.
-        self._seconds: dict[tuple[str, str], Histogram] = {}
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
         if scope["type"] != ScopeType.HTTP:  # never: scopes names HTTP only
@@ -136,11 +134,7 @@ class RequestObserver(ASGIMiddleware):
             # Route templates (/v1/members/{member_id}/balance) keep member ids out of metric
             # labels and, unless configured otherwise, out of the access log.
             route = scope["path_template"]
-            key = (scope["method"], route)
-            seconds = self._seconds.get(key)
-            if seconds is None:
-                seconds = self._seconds[key] = REQUEST_SECONDS.labels(*key)
-            seconds.observe(elapsed)
+            _child(_TIMED, REQUEST_SECONDS, (scope["method"], route)).observe(elapsed)
             _served(scope, route, status, scope["path"] if self._log_paths else route, elapsed)
             request_id_var.reset(token)
 
@@ -153,18 +147,23 @@ def observe_unmatched(scope: HTTPScope, status: int) -> str:
     return request_id
 
 
-# Each (method, route, status) counter child, found once.
-_COUNTED: dict[tuple[str, str, int], Counter] = {}
+# Each metric's child per label values, found once: labels() takes a lock and builds a key.
+_TIMED: dict[tuple[str, str], Histogram] = {}  # (method, route)
+_COUNTED: dict[tuple[str, str, int], Counter] = {}  # (method, route, status)
+Metric = TypeVar("Metric", Counter, Histogram)
+
+
+def _child(children: dict[Any, Metric], metric: Metric, labels: tuple[Any, ...]) -> Metric:
+    child = children.get(labels)
+    if child is None:
+        child = children[labels] = metric.labels(*labels)
+    return child
 
 
 def _served(
     scope: HTTPScope, route: str, status: int, path: str, seconds: float | None, request_id: str | None = None
 ) -> None:
-    key = (scope["method"], route, status)
-    counter = _COUNTED.get(key)
-    if counter is None:
-        counter = _COUNTED[key] = REQUESTS.labels(*key)
-    counter.inc()
+    _child(_COUNTED, REQUESTS, (scope["method"], route, status)).inc()
     if access_log.isEnabledFor(logging.INFO):
         extra: dict[str, Any] = {"method": scope["method"], "path": path, "status": status}
         if seconds is not None:
