@@ -171,12 +171,11 @@ async def _record(
         earning, standing = _earn(services, posting.purchase, standing, now, tiered)
         standings[member.uid] = standing
         earnings.append(earning)
+    accounts = {partner: await book.system_account(issued(partner)) for partner in {p.purchase.partner for p in new}}
     earns = [
-        _earn_row(services, p.purchase, members[p.purchase.member_id], e, now)
+        _earn_row(services, p.purchase, members[p.purchase.member_id], e, accounts[p.purchase.partner], now)
         for p, e in zip(new, earnings, strict=True)
     ]
-    accounts = {partner: await book.system_account(issued(partner)) for partner in {p.purchase.partner for p in new}}
-    earns = [e._replace(source_account_id=accounts[p.purchase.partner]) for p, e in zip(new, earns, strict=True)]
     earned = await book.post_earns(earns, list(standings.values()) if tiered else [])
     rows = [
         _purchase_row(p, members[p.purchase.member_id], earning, earn, lot.lot_id, lot.transfer_id)
@@ -202,7 +201,10 @@ def _earn(
     return earning, standing._replace(tier=after.tier, below_since=after.below_since, qualifying_points=qualifying)
 
 
-def _earn_row(services: Services, purchase: PurchaseIn, member: Member, earning: EarningResult, now: datetime) -> Earn:
+def _earn_row(
+    services: Services, purchase: PurchaseIn, member: Member, earning: EarningResult, issued_by: int, now: datetime
+) -> Earn:
+    """The earn of a purchase, from the partner's issued account (``issued_by``, its id)."""
     vests_at = purchase.occurred_at + timedelta(days=services.program.points.return_window_days)
     return Earn(
         member_uid=member.uid,
@@ -210,7 +212,7 @@ def _earn_row(services: Services, purchase: PurchaseIn, member: Member, earning:
         state="pending" if vests_at > now else "available",
         vests_at=vests_at,
         expires_at=expiry_for(now, services.program.points),
-        source_account_id=0,  # the partner's issued account, filled in by the caller
+        source_account_id=issued_by,
         cause_type="purchase",
         cause_ref=f"{purchase.partner}/{purchase.purchase_id}",
         reason="points for purchase",
