@@ -42,9 +42,24 @@ class Principal(msgspec.Struct, frozen=True):
     key_id: int
     name: str
     scopes: frozenset[str]
+    # The partners a bound key may post and refund purchases for; None: any.
+    partners: frozenset[str] | None = None
 
     def allows(self, scope: str) -> bool:
         return scope in self.scopes or ADMIN_SCOPE in self.scopes
+
+    def check_partner(self, partner: str | None) -> str | None:
+        """The partner a purchase write is for, checked against a bound key's partners (a key
+        bound to one partner names it when the request does not); PartnerForbidden if not allowed."""
+        if self.partners is None:
+            return partner
+        if partner is None and len(self.partners) == 1:
+            return next(iter(self.partners))
+        if partner not in self.partners:
+            raise errors.PartnerForbidden(
+                f"this API key may write purchases only for {', '.join(sorted(self.partners))}"
+            )
+        return partner
 
 
 class ApiKeyInfo(msgspec.Struct, frozen=True):
@@ -54,6 +69,7 @@ class ApiKeyInfo(msgspec.Struct, frozen=True):
     scopes: list[str]
     created_at: datetime
     revoked_at: datetime | None
+    partners: list[str] | None = None
 
 
 def generate_key() -> str:
@@ -73,26 +89,32 @@ def validate_scopes(scopes: list[str]) -> list[str]:
     return sorted(set(scopes))
 
 
-async def insert_key(conn: Connection, name: str, scopes: list[str]) -> tuple[str, ApiKeyInfo]:
-    """Create a key; return the key itself (to show once) and what is stored about it."""
+async def insert_key(
+    conn: Connection, name: str, scopes: list[str], partners: list[str] | None = None
+) -> tuple[str, ApiKeyInfo]:
+    """Create a key (bound to ``partners`` if given); return the key itself (to show once) and
+    what is stored about it."""
     key = generate_key()
     row = await conn.fetchrow(
         """
-        insert into api_keys (name, prefix, secret_hash, scopes)
-        values ($1, $2, $3, $4)
-        returning key_id, name, prefix, scopes, created_at, revoked_at
+        insert into api_keys (name, prefix, secret_hash, scopes, partners)
+        values ($1, $2, $3, $4, $5)
+        returning key_id, name, prefix, scopes, created_at, revoked_at, partners
         """,
         name,
         key[: len(KEY_PREFIX) + 8],
         hash_key(key),
         validate_scopes(scopes),
+        sorted(set(partners)) if partners else None,
     )
     assert row is not None
     return key, ApiKeyInfo(**dict(row))
 
 
 async def select_keys(conn: Connection) -> list[ApiKeyInfo]:
-    rows = await conn.fetch("select key_id, name, prefix, scopes, created_at, revoked_at from api_keys order by key_id")
+    rows = await conn.fetch(
+        "select key_id, name, prefix, scopes, created_at, revoked_at, partners from api_keys order by key_id"
+    )
     return [ApiKeyInfo(**dict(r)) for r in rows]
 
 
@@ -143,11 +165,12 @@ class KeyVerifier:
 
     async def _lookup(self, digest: bytes) -> Principal | None:
         row = await self._pool.fetchrow(
-            "select key_id, name, scopes from api_keys where secret_hash = $1 and revoked_at is null", digest
+            "select key_id, name, scopes, partners from api_keys where secret_hash = $1 and revoked_at is null", digest
         )
         if row is None:
             return None
-        return Principal(row["key_id"], row["name"], frozenset(row["scopes"]))
+        partners = None if row["partners"] is None else frozenset(row["partners"])
+        return Principal(row["key_id"], row["name"], frozenset(row["scopes"]), partners)
 
 
 async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:

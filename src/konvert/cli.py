@@ -1,4 +1,4 @@
-"""``konvert serve | migrate | keys | jobs | audit | leaderboards | cache``.
+"""``konvert serve | migrate | keys | integrations | jobs | audit | leaderboards | cache``.
 
 Every command builds its settings from ``KONVERT_*`` once. Without KONVERT_DATABASE_URL /
 KONVERT_REDIS_URL it starts the embedded PostgreSQL / Redis under the data directory. A bad
@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import asyncpg
+import msgspec
+from cryptography.fernet import Fernet
 
 from konvert import __version__, auth
 from konvert.db import Connection
@@ -133,13 +135,15 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
     conn = await _connect(settings)
     try:
         if args.keys_command == "create":
-            key, info = await auth.insert_key(conn, args.name, args.scope)
+            key, info = await auth.insert_key(conn, args.name, args.scope, args.partner)
             print(key)
-            _say(f"created key {info.key_id} ({info.name}) with scopes {' '.join(info.scopes)}; it is not shown again")
+            bound = f", for partners {' '.join(info.partners)}" if info.partners else ""
+            _say(f"created key {info.key_id} ({info.name}) with scopes {' '.join(info.scopes)}{bound}; not shown again")
         elif args.keys_command == "list":
             for info in await auth.select_keys(conn):
                 state = f"revoked {info.revoked_at:%Y-%m-%d %H:%M}" if info.revoked_at else "active"
-                print(f"{info.key_id}\t{info.prefix}…\t{info.name}\t{' '.join(info.scopes)}\t{state}")
+                partners = " ".join(info.partners) if info.partners else "any partner"
+                print(f"{info.key_id}\t{info.prefix}…\t{info.name}\t{' '.join(info.scopes)}\t{partners}\t{state}")
         elif args.keys_command == "revoke":
             if not await auth.revoke_key(conn, args.key_id):
                 _say(f"no active key {args.key_id}")
@@ -162,6 +166,54 @@ async def _with_services(settings: Settings, work: Callable[[Services], Awaitabl
         return await work(services)
     finally:
         await services.close()
+
+
+def cmd_integrations(args: argparse.Namespace, settings: Settings) -> int:
+    from konvert.integrations import admin
+    from konvert.integrations.model import IntegrationIn, Options
+
+    if args.integrations_command == "generate-key":
+        print(Fernet.generate_key().decode())
+        _say("set it as KONVERT_SECRET_KEY (keep it apart from database backups), then: konvert integrations reseal")
+        return 0
+
+    async def work(services: Services) -> int:
+        command = args.integrations_command
+        if command == "add":
+            options = Options(earn_on=args.earn_on) if args.earn_on else Options()
+            wanted = msgspec.convert(
+                {"kind": args.kind, "secrets": args.secret, "partner": args.partner, "options": options}, IntegrationIn
+            )
+            out, created = await admin.put_integration(services, args.name, wanted)
+            _say(
+                f"{'connected' if created else 'updated'} {out.name} ({out.kind}); "
+                f"webhook URL: <konvert's base URL>{out.webhook_path}"
+            )
+        elif command == "list":
+            for out in await admin.list_integrations(services):
+                sealed = "encrypted" if out.secrets_encrypted else "NOT encrypted"
+                print(f"{out.name}\t{out.kind}\t{out.partner or '-'}\t{out.secrets_count} secret(s), {sealed}")
+        elif command == "delete":
+            await admin.delete_integration(services, args.name)
+            _say(f"deleted {args.name}")
+        elif command == "deliveries":
+            page = await admin.deliveries(services, args.name, args.status, None, args.limit)
+            for d in page.items:
+                what = " ".join(f"{k}={v}" for k, v in d.results.items()) or d.error or ""
+                print(f"{d.delivery_id}\t{d.received_at:%Y-%m-%d %H:%M:%S}\t{d.topic}\t{d.status}\t{what}")
+        elif command == "retry":
+            result = await admin.retry(services, args.name, (args.status,) if args.status else ("failed", "parked"))
+            print(msgspec.json.encode(result).decode())
+            return 1 if result.still_failed else 0
+        elif command == "reseal":
+            _say(f"resealed the secrets of {await admin.reseal(services)} integration(s)")
+        return 0
+
+    try:
+        return asyncio.run(_with_services(with_servers(settings), work))
+    except (KonvertError, msgspec.ValidationError) as refused:
+        _say(f"refused: {refused}")
+        return 2
 
 
 def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
@@ -247,10 +299,38 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--scope", required=True, nargs="+", action="extend", choices=auth.SCOPES, help="one or more scopes"
     )
+    create.add_argument(
+        "--partner",
+        nargs="+",
+        action="extend",
+        help="bind the key to these partners: it may post and refund purchases only for them",
+    )
     key_commands.add_parser("list", help="list keys (never the keys themselves)")
     revoke = key_commands.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("key_id", type=int)
     keys.set_defaults(run=cmd_keys)
+
+    integrations = commands.add_parser("integrations", help="connect Shopify, Stripe and Discourse webhooks")
+    integration_commands = integrations.add_subparsers(dest="integrations_command", required=True)
+    add = integration_commands.add_parser("add", help="connect a source, or change its secret and settings")
+    add.add_argument("--kind", required=True, choices=("shopify", "stripe", "discourse"))
+    add.add_argument("--name", required=True, help="the integration's name, part of its webhook URL")
+    add.add_argument("--secret", required=True, action="append", help="the signing secret (twice while rotating)")
+    add.add_argument("--partner", help="shops: the partner its purchases are recorded for")
+    add.add_argument("--earn-on", choices=("orders/paid", "orders/create"), help="Shopify: the topic that earns")
+    integration_commands.add_parser("list", help="list the connected sources (never their secrets)")
+    remove = integration_commands.add_parser("delete", help="disconnect a source")
+    remove.add_argument("name")
+    shown = integration_commands.add_parser("deliveries", help="show a source's latest deliveries")
+    shown.add_argument("name")
+    shown.add_argument("--status", choices=("applied", "ignored", "parked", "failed"))
+    shown.add_argument("--limit", type=int, default=50)
+    again = integration_commands.add_parser("retry", help="apply failed and parked deliveries again")
+    again.add_argument("name")
+    again.add_argument("--status", choices=("failed", "parked"))
+    integration_commands.add_parser("generate-key", help="print a new key for KONVERT_SECRET_KEY")
+    integration_commands.add_parser("reseal", help="encrypt stored secrets with the first KONVERT_SECRET_KEY")
+    integrations.set_defaults(run=cmd_integrations)
 
     jobs = commands.add_parser("jobs", help="run background jobs")
     jobs.add_subparsers(dest="jobs_command", required=True).add_parser("run", help="run every due job once")

@@ -15,6 +15,9 @@ from konvert import health
 from konvert.earning import api as earning_api
 from konvert.earning import audit as earning_audit
 from konvert.earning import privacy as earning_privacy
+from konvert.integrations import api as integrations_api
+from konvert.integrations import privacy as integrations_privacy
+from konvert.integrations import service as integrations
 from konvert.ledger import adjustments
 from konvert.ledger import api as ledger_api
 from konvert.ledger import audit as ledger_audit
@@ -46,6 +49,7 @@ ROUTES: list[Any] = [
     *reputation_api.ROUTES,
     *preferences_api.ROUTES,
     *privacy_api.ROUTES,
+    *integrations_api.ROUTES,
 ]
 
 # Run in this order by every service process and by `konvert jobs run`, each in bounded batches;
@@ -55,6 +59,7 @@ JOBS: dict[str, Callable[[Services], Awaitable[int]]] = {
     "released_holds": redemption.release_timed_out_holds,
     "expired_lots": ledger_jobs.expire_due_lots,
     "tiers_reevaluated": tiers.reevaluate_due,
+    "parked_deliveries_dropped": integrations.drop_expired_parked,
 }
 
 AUDIT_CHECKS = (
@@ -72,6 +77,7 @@ ERASURE = Erasure(
         redemption_privacy.forget,
         reputation_privacy.forget,
         preferences_privacy.forget,
+        integrations_privacy.forget,
     ),
     after=(reputation_privacy.rebuild_leaderboards,),
 )

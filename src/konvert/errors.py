@@ -69,6 +69,12 @@ class IdempotencyConflict(Conflict):
     code, title = "idempotency_conflict", "Idempotency key reused with a different request"
 
 
+class AlreadyRefunded(Conflict):
+    """A refund up to a refunded amount, or of what remains, found nothing left to refund."""
+
+    code, title = "already_refunded", "Already refunded"
+
+
 class InsufficientPoints(Conflict):
     code, title = "insufficient_points", "Not enough points"
 
@@ -101,6 +107,22 @@ class RefundExceedsPurchase(Unprocessable):
 
 class RateLimited(KonvertError):
     status, code, title = 429, "rate_limited", "Too many requests"
+
+
+class PartnerForbidden(Forbidden):
+    """The API key is bound to other partners."""
+
+    code, title = "partner_forbidden", "Not allowed for this partner"
+
+
+class InvalidSignature(Unauthenticated):
+    """A webhook delivery without a valid signature of its integration."""
+
+    code, title = "invalid_signature", "Invalid webhook signature"
+
+
+class IntegrationNotFound(NotFound):
+    code, title = "integration_not_found", "Integration not found"
 
 
 class ServiceUnavailable(KonvertError):

@@ -41,6 +41,12 @@ BALANCE_READS = Counter("konvert_balance_reads_total", "Balance reads by where t
 # transaction, or alone because their batch failed. Many "alone" mean batches that keep failing.
 BATCHED_WRITES = Counter("konvert_batched_writes_total", "Group-committed writes by how they were written", ["how"])
 
+# Webhook deliveries by the integration's kind and what became of them: applied, ignored,
+# parked, failed, duplicate, or invalid_signature (refused with 401, nothing else recorded).
+WEBHOOK_DELIVERIES = Counter(
+    "konvert_webhook_deliveries_total", "Webhook deliveries received, by outcome", ["kind", "outcome"]
+)
+
 access_log = logging.getLogger("konvert.access")
 
 # Attributes every LogRecord has; anything else was passed with extra= and goes into the line.

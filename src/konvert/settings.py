@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import msgspec
+from cryptography.fernet import Fernet
 from msgspec import Meta
 
 from konvert.errors import ConfigurationError
@@ -78,6 +79,12 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     read_batches_in_flight_max: Annotated[int, Meta(ge=1, le=64)] = 4
     # Page sizes are bounded everywhere.
     page_size_max: Annotated[int, Meta(ge=1, le=1000)] = 200
+    # Encrypts integrations' webhook secrets at rest: one or more Fernet keys (`konvert
+    # integrations generate-key`), comma-separated, the first encrypting. Empty stores them as
+    # they are. Never logged.
+    secret_key: str = msgspec.field(default="")
+    # A delivery waiting for its customer to be linked to a member is dropped after this many days.
+    parked_delivery_days: Annotated[int, Meta(ge=1, le=365)] = 30
 
     @property
     def embedded_database(self) -> bool:
@@ -110,9 +117,21 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: object)
         settings = msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigurationError(f"invalid setting: {_name_the_variable(str(exc))}") from None
+    if settings.secret_key:
+        try:
+            secret_keys(settings)
+        except ValueError:
+            raise ConfigurationError(
+                "invalid setting: KONVERT_SECRET_KEY must be Fernet keys (32 url-safe base64 bytes), comma-separated"
+            ) from None
     if settings.db_pool_min > settings.db_pool_max:
         raise ConfigurationError("invalid setting: KONVERT_DB_POOL_MIN is larger than KONVERT_DB_POOL_MAX")
     return settings
+
+
+def secret_keys(settings: Settings) -> list[Fernet]:
+    """The keys of KONVERT_SECRET_KEY, the one that encrypts first; ValueError if one is malformed."""
+    return [Fernet(key.strip()) for key in settings.secret_key.split(",") if key.strip()]
 
 
 def _name_the_variable(message: str) -> str:

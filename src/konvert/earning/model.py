@@ -149,18 +149,26 @@ class RefundLineIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class RefundIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """A refund of some lines (by quantity) or of an amount; exactly one of the two."""
+    """A refund of some lines (by quantity), of an amount, up to a cumulative refunded amount, or
+    of whatever remains; exactly one of the four."""
 
     refund_id: RefundId
     # Needed only when several partners have a purchase with this id.
     partner: PartnerId | None = None
     lines: Annotated[tuple[RefundLineIn, ...], Meta(min_length=1, max_length=500)] | None = None
     amount: Annotated[int, Meta(ge=1, le=10**12)] | None = None
+    # The purchase's refunded amount after this refund, as payment providers report it (Stripe's
+    # cumulative amount_refunded): the difference is refunded, so such reports may arrive in any
+    # order and more than once. 409 already_refunded when the purchase was refunded that far.
+    refunded_amount: Annotated[int, Meta(ge=1, le=PURCHASE_TOTAL_MAX)] | None = None
+    # Refund everything not refunded yet (a cancelled order). 409 already_refunded when nothing is left.
+    remaining: Literal[True] | None = None
     reason: Annotated[str, Meta(max_length=500, pattern=NO_NUL)] | None = None
 
     def __post_init__(self) -> None:
-        if (self.lines is None) == (self.amount is None):
-            raise ValueError("give either lines or amount, not both and not neither")
+        given = [self.lines, self.amount, self.refunded_amount, self.remaining]
+        if sum(part is not None for part in given) != 1:
+            raise ValueError("give exactly one of lines, amount, refunded_amount and remaining")
 
 
 class RefundLinePoints(msgspec.Struct, frozen=True):

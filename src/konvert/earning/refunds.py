@@ -13,7 +13,7 @@ from konvert.earning.privacy import REFUND_REASON
 from konvert.idempotency import Outcome, replay, request_hash
 from konvert.ledger import store as ledger_store
 from konvert.ledger.accounts import issued
-from konvert.ledger.book import Clawback, writing
+from konvert.ledger.book import Book, Clawback, InTransaction, writing
 from konvert.ledger.model import Cause
 from konvert.tiers.service import reevaluate
 
@@ -24,71 +24,92 @@ _encode = msgspec.json.Encoder(decimal_format="number").encode
 _decode_state = msgspec.json.Decoder(rules.PurchaseRefundState).decode
 
 
-async def refund_purchase(services: Services, purchase_id: str, refund: RefundIn) -> Outcome:
+async def refund_purchase(
+    services: Services, purchase_id: str, refund: RefundIn, also: InTransaction | None = None
+) -> Outcome:
     """Claw back the points the refunded lines (or amount) earned, once per refund_id: from the
-    purchase's own lot first (pending or available), then the member's other available lots."""
+    purchase's own lot first (pending or available), then the member's other available lots.
+    ``also`` runs in the same transaction, after the refund (or its replay)."""
     async with writing(services) as book:
-        partner = refund.partner or await _partner_of(book.conn, purchase_id)
-        # The member first, then the purchase (which serialises refunds of one purchase): the
-        # order of every writer that takes both, so that none of them deadlock.
-        member_uid = await store.select_purchase_member(book.conn, partner, purchase_id)
-        if member_uid is None:
-            raise errors.PurchaseNotFound(f"no purchase {purchase_id!r} from partner {partner!r}")
-        member = await book.member_by_uid(member_uid)
-        purchase = await store.lock_purchase(book.conn, partner, purchase_id)
-        digest = request_hash(partner, purchase_id, msgspec.structs.replace(refund, partner=partner))
-        existing = await store.select_refund_replay(book.conn, purchase["purchase_pk"], refund.refund_id)
-        if existing is not None:
-            return replay(existing, digest)
+        outcome = await _refund(services, book, purchase_id, refund)
+        if also is not None:
+            await also(book, outcome)
+    return outcome
 
-        state = _decode_state(purchase["refund_state"])
-        if refund.lines is not None:
-            plan = rules.plan_refund_by_lines(state, refund.lines)
-        else:
-            assert refund.amount is not None
-            plan = rules.plan_refund_by_amount(state, refund.amount)
-        # What the purchase's lot lost to expiry was taken from the member once already.
-        already_expired = 0
-        if purchase["lot_id"] is not None:
-            expired = await ledger_store.select_expired_from_lot(book.conn, purchase["lot_id"])
-            counted = await store.select_expiry_refunded(book.conn, purchase["purchase_pk"])
-            already_expired = min(plan.points, expired - counted)
-        clawback = await book.claw_back(
-            member,
-            plan.points - already_expired,
-            own_lot_id=purchase["lot_id"],
-            to=issued(partner),
-            code="refund",
-            cause=Cause("refund", f"{partner}/{purchase_id}/{refund.refund_id}"),
-            reverses_transfer_id=purchase["transfer_id"],
-            reason=refund.reason or REFUND_REASON,
-            allow_negative=services.program.points.allow_negative_balance,
-            lifetime=True,
-        )
-        new_state = rules.apply_refund(state, plan)
-        response = _response(
-            refund, purchase_id, partner, purchase["member_id"], plan, clawback, already_expired, new_state
-        )
-        await store.update_refund_state(book.conn, purchase["purchase_pk"], _encode(new_state))
-        await store.insert_refund(
-            book.conn,
-            store.RefundRow(
-                purchase_pk=purchase["purchase_pk"],
-                refund_id=refund.refund_id,
-                member_uid=member_uid,
-                amount=plan.amount,
-                points=clawback.points,
-                shortfall=clawback.shortfall,
-                already_expired=already_expired,
-                detail=_encode(plan),
-                request_hash=digest,
-                response=response,
-            ),
-        )
-        if clawback.transfer_ids:
-            # After the refund row exists: the refund lowers the qualifying points.
-            await reevaluate(services, book, member, services.clock())  # (a clawback leaves tiers as they were)
+
+async def _refund(services: Services, book: Book, purchase_id: str, refund: RefundIn) -> Outcome:
+    partner = refund.partner or await _partner_of(book.conn, purchase_id)
+    # The member first, then the purchase (which serialises refunds of one purchase): the
+    # order of every writer that takes both, so that none of them deadlock.
+    member_uid = await store.select_purchase_member(book.conn, partner, purchase_id)
+    if member_uid is None:
+        raise errors.PurchaseNotFound(f"no purchase {purchase_id!r} from partner {partner!r}")
+    member = await book.member_by_uid(member_uid)
+    purchase = await store.lock_purchase(book.conn, partner, purchase_id)
+    digest = request_hash(partner, purchase_id, msgspec.structs.replace(refund, partner=partner))
+    existing = await store.select_refund_replay(book.conn, purchase["purchase_pk"], refund.refund_id)
+    if existing is not None:
+        return replay(existing, digest)
+
+    state = _decode_state(purchase["refund_state"])
+    plan = _plan(state, refund)
+    # What the purchase's lot lost to expiry was taken from the member once already.
+    already_expired = 0
+    if purchase["lot_id"] is not None:
+        expired = await ledger_store.select_expired_from_lot(book.conn, purchase["lot_id"])
+        counted = await store.select_expiry_refunded(book.conn, purchase["purchase_pk"])
+        already_expired = min(plan.points, expired - counted)
+    clawback = await book.claw_back(
+        member,
+        plan.points - already_expired,
+        own_lot_id=purchase["lot_id"],
+        to=issued(partner),
+        code="refund",
+        cause=Cause("refund", f"{partner}/{purchase_id}/{refund.refund_id}"),
+        reverses_transfer_id=purchase["transfer_id"],
+        reason=refund.reason or REFUND_REASON,
+        allow_negative=services.program.points.allow_negative_balance,
+        lifetime=True,
+    )
+    new_state = rules.apply_refund(state, plan)
+    response = _response(
+        refund, purchase_id, partner, purchase["member_id"], plan, clawback, already_expired, new_state
+    )
+    await store.update_refund_state(book.conn, purchase["purchase_pk"], _encode(new_state))
+    await store.insert_refund(
+        book.conn,
+        store.RefundRow(
+            purchase_pk=purchase["purchase_pk"],
+            refund_id=refund.refund_id,
+            member_uid=member_uid,
+            amount=plan.amount,
+            points=clawback.points,
+            shortfall=clawback.shortfall,
+            already_expired=already_expired,
+            detail=_encode(plan),
+            request_hash=digest,
+            response=response,
+        ),
+    )
+    if clawback.transfer_ids:
+        # After the refund row exists: the refund lowers the qualifying points.
+        await reevaluate(services, book, member, services.clock())  # (a clawback leaves tiers as they were)
     return Outcome(response)
+
+
+def _plan(state: rules.PurchaseRefundState, refund: RefundIn) -> rules.RefundPlan:
+    if refund.lines is not None:
+        return rules.plan_refund_by_lines(state, refund.lines)
+    if refund.amount is not None:
+        return rules.plan_refund_by_amount(state, refund.amount)
+    target = state.total_amount if refund.remaining else refund.refunded_amount
+    assert target is not None
+    if target <= state.refunded_amount:
+        raise errors.AlreadyRefunded(
+            f"the purchase was refunded {state.refunded_amount} minor units already",
+            refunded_amount=state.refunded_amount,
+        )
+    return rules.plan_refund_by_amount(state, target - state.refunded_amount)
 
 
 def _response(

@@ -21,7 +21,7 @@ from konvert.earning.model import EarningResult, PurchaseIn, PurchaseOut
 from konvert.idempotency import Outcome, replay, request_hash
 from konvert.ledger.accounts import issued
 from konvert.ledger.batches import Earn
-from konvert.ledger.book import Book, Member, writing
+from konvert.ledger.book import Book, InTransaction, Member, writing
 from konvert.ledger.rules import expiry_for
 from konvert.ledger.store import TierStanding
 from konvert.tiers import rules as tier_rules
@@ -57,28 +57,29 @@ class Purchases:
     def __init__(self, services: Services) -> None:
         settings = services.settings
 
-        async def write(postings: list[PurchaseIn]) -> list[Outcome | errors.KonvertError]:
-            return await write_purchases(services, postings)
+        async def write(postings: list[tuple[PurchaseIn, InTransaction | None]]) -> list[Outcome | errors.KonvertError]:
+            return await write_purchases(services, [p for p, _ in postings], [also for _, also in postings])
 
-        self._batches: GroupCommit[PurchaseIn, Outcome] = GroupCommit(
+        self._batches: GroupCommit[tuple[PurchaseIn, InTransaction | None], Outcome] = GroupCommit(
             write,
-            sort_key=lambda p: (p.member_id, p.partner, p.purchase_id),
+            sort_key=lambda posting: (posting[0].member_id, posting[0].partner, posting[0].purchase_id),
             batch_size_max=settings.write_batch_size_max,
             batches_in_flight_max=settings.write_batches_in_flight_max,
             overlap_after_seconds=settings.write_batch_overlap_after_seconds,
         )
 
-    async def post(self, purchase: PurchaseIn) -> Outcome:
-        return await self._batches.submit(purchase)
+    async def post(self, purchase: PurchaseIn, also: InTransaction | None = None) -> Outcome:
+        return await self._batches.submit((purchase, also))
 
     async def aclose(self) -> None:
         await self._batches.aclose()
 
 
-async def post_purchase(services: Services, purchase: PurchaseIn) -> Outcome:
-    """Record a purchase and credit its points, once per (partner, purchase_id)."""
+async def post_purchase(services: Services, purchase: PurchaseIn, also: InTransaction | None = None) -> Outcome:
+    """Record a purchase and credit its points, once per (partner, purchase_id). ``also`` runs in
+    the same transaction, with the purchase's outcome (or its refusal as a replay)."""
     check_purchase(services, purchase)
-    return await services.shared(Purchases).post(purchase)
+    return await services.shared(Purchases).post(purchase, also)
 
 
 class _New(NamedTuple):
@@ -89,10 +90,13 @@ class _New(NamedTuple):
     digest: bytes
 
 
-async def write_purchases(services: Services, postings: Sequence[PurchaseIn]) -> list[Outcome | errors.KonvertError]:
+async def write_purchases(
+    services: Services, postings: Sequence[PurchaseIn], hooks: Sequence[InTransaction | None] = ()
+) -> list[Outcome | errors.KonvertError]:
     """Write checked postings (sorted by member) in one transaction; return each one's outcome,
     in order: recorded, a replay of what was recorded for its purchase id, or its refusal.
-    A refused posting changes nothing: its member is not even created.
+    A refused posting changes nothing: its member is not even created. Each posting's hook (by
+    position in ``hooks``) runs in the transaction with its outcome.
 
     Raises ConcurrentWrite (nothing is committed) when a purchase id this batch found free was
     taken meanwhile by a concurrent request for another member: the tier carried through that
@@ -127,14 +131,18 @@ async def write_purchases(services: Services, postings: Sequence[PurchaseIn]) ->
             members |= {m.id: m for m in await book.lock(ids=unknown, create=True)}
         for index, body in (await _record(services, book, new, members, qualifying, now)).items():
             outcomes[index] = Outcome(body)
-    # Repeats of a posting within the batch answer as its replay would.
-    for index, (purchase, digest) in enumerate(zip(postings, digests, strict=True)):
-        if outcomes[index] is None:
-            earlier = first[(purchase.partner, purchase.purchase_id)]
-            recorded_outcome = outcomes[earlier]
-            assert isinstance(recorded_outcome, Outcome)
-            outcomes[index] = _replay(recorded_outcome.body, digests[earlier], digest)
-    return [outcome for outcome in outcomes if outcome is not None]
+        # Repeats of a posting within the batch answer as its replay would.
+        for index, (purchase, digest) in enumerate(zip(postings, digests, strict=True)):
+            if outcomes[index] is None:
+                earlier = first[(purchase.partner, purchase.purchase_id)]
+                recorded_outcome = outcomes[earlier]
+                assert isinstance(recorded_outcome, Outcome)
+                outcomes[index] = _replay(recorded_outcome.body, digests[earlier], digest)
+        done = [outcome for outcome in outcomes if outcome is not None]
+        for hook, outcome in zip(hooks, done, strict=False):
+            if hook is not None:
+                await hook(book, outcome)
+    return done
 
 
 def _replay(response: bytes, recorded_digest: bytes, digest: bytes) -> Outcome | errors.KonvertError:

@@ -17,7 +17,7 @@ Lock order, for every writer: members first (several in member_uid order), then 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
@@ -25,6 +25,7 @@ import asyncpg
 
 from konvert import errors
 from konvert.db import Connection
+from konvert.idempotency import Outcome
 from konvert.ledger import batches, store
 from konvert.ledger.accounts import EXPIRED, SystemAccount, SystemAccounts
 from konvert.ledger.model import Cause
@@ -515,6 +516,12 @@ class Book:
     async def committed(self) -> None:
         """After the commit: no reader may serve a member's balance older than what committed."""
         await self._services.cache.invalidate_many(self._versions.items())
+
+
+# A caller's own step in a use case's transaction (an integration recording the delivery that
+# asked for the write), run once the write is done or found to be a replay, with its outcome or
+# its refusal. Whatever it raises rolls the whole transaction back.
+InTransaction = Callable[["Book", "Outcome | errors.KonvertError"], Awaitable[None]]
 
 
 @contextlib.asynccontextmanager

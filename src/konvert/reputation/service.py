@@ -64,7 +64,7 @@ import msgspec
 from konvert import errors
 from konvert.db import Connection
 from konvert.idempotency import Outcome, request_hash
-from konvert.ledger.book import Book, Member, writing
+from konvert.ledger.book import Book, InTransaction, Member, writing
 from konvert.ledger.store import select_member_uid
 from konvert.reputation import leaderboard, rules, store
 from konvert.reputation.credits import Credits, bridge_award, bridge_clawback
@@ -104,8 +104,9 @@ def _normalized(kudos: KudosIn) -> KudosIn:
     return msgspec.structs.replace(kudos, occurred_at=kudos.occurred_at.astimezone(UTC))
 
 
-async def give_kudos(services: Services, kudos: KudosIn) -> Outcome:
-    """Record a kudos and credit what it is worth, once per kudos_id."""
+async def give_kudos(services: Services, kudos: KudosIn, also: InTransaction | None = None) -> Outcome:
+    """Record a kudos and credit what it is worth, once per kudos_id. ``also`` runs in the same
+    transaction, after the kudos (or its replay)."""
     kudos = _normalized(kudos)
     now = datetime.now(UTC)
     if kudos.kind in rules.CAPPED_KINDS and kudos.author_id == kudos.giver_id:
@@ -116,10 +117,12 @@ async def give_kudos(services: Services, kudos: KudosIn) -> Outcome:
             errors=[{"field": "occurred_at", "message": "must not be later than now"}],
         )
     digest = request_hash(kudos)
-    return await _write(services, lambda book: _give(services, book, kudos, digest, now))
+    return await _write(services, lambda book: _give(services, book, kudos, digest, now), also)
 
 
-async def _write(services: Services, work: Callable[[Book], Awaitable[_Written]]) -> Outcome:
+async def _write(
+    services: Services, work: Callable[[Book], Awaitable[_Written]], also: InTransaction | None = None
+) -> Outcome:
     """Run a write in one transaction (starting over on the conflicts above); after it commits,
     the ledger core has refreshed the balance cache, and this adds the changes to the leaderboards."""
     async with services.pool.acquire() as conn, leaderboard.writing(conn):
@@ -127,6 +130,8 @@ async def _write(services: Services, work: Callable[[Book], Awaitable[_Written]]
             try:
                 async with writing(services, conn) as book:
                     written = await work(book)
+                    if also is not None:
+                        await also(book, Outcome(written.body, replayed=written.replayed))
                 break
             except _StartOver:
                 pass
