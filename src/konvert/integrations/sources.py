@@ -58,6 +58,7 @@ class _ShopifyLine(msgspec.Struct):
     id: int
     quantity: int
     price: str
+    admin_graphql_api_id: str | None = None
     sku: str | None = None
     product_type: str | None = None
     variant_id: int | None = None
@@ -73,6 +74,7 @@ class _ShippingLine(msgspec.Struct):
 
 class _Customer(msgspec.Struct):
     id: int
+    admin_graphql_api_id: str | None = None
 
 
 class _ShopifyOrder(msgspec.Struct):
@@ -139,7 +141,7 @@ def _shopify_purchase(order: _ShopifyOrder, options: Options, now: datetime) -> 
         total = _minor_units(item.price, currency) * item.quantity - discount
         lines.append(
             PurchaseLine(
-                line_id=str(item.id),
+                line_id=_exact_id(item.id, item.admin_graphql_api_id, "line item"),
                 sku=_line_sku(item),
                 category=(item.product_type or options.category)[:_ID_MAX],
                 quantity=item.quantity,
@@ -175,7 +177,8 @@ def read_shopify(options: Options, headers: Mapping[str, str], body: bytes, now:
         if order.customer is None:
             return _ignored(key, topic, "no_customer", "a guest order names no customer")
         action: Action = _shopify_purchase(order, options, now)
-        return Delivery(key=key, topic=topic, action=action, external_id=str(order.customer.id))
+        customer = _exact_id(order.customer.id, order.customer.admin_graphql_api_id, "customer")
+        return Delivery(key=key, topic=topic, action=action, external_id=customer)
     if topic == "refunds/create":
         refund = msgspec.json.decode(body, type=_ShopifyRefund)
         refund_id, purchase_id = str(refund.id), str(refund.order_id)
