@@ -67,5 +67,8 @@ create table deliveries (
 create index deliveries_status_idx on deliveries (integration_id, status, delivery_pk);
 -- Parked deliveries of an external id: applied when it is linked.
 create index deliveries_parked_idx on deliveries (integration_id, external_id) where status = 'parked';
+-- Refunds that came before their purchase, retried when it is applied.
+create index deliveries_waiting_refunds_idx on deliveries (integration_id, (action->>'purchase_id'))
+    where status = 'failed' and error_code = 'purchase_not_found';
 -- A member's deliveries: the export and erasure.
 create index deliveries_member_idx on deliveries (member_uid) where member_uid is not null;

@@ -473,3 +473,23 @@ async def test_a_partner_bound_key_writes_purchases_only_for_its_partners(client
     assert own.status_code == 201
     # Bound to one partner, the key need not name it.
     assert refund.status_code == 201, refund.text
+
+
+async def test_a_refund_that_came_before_its_parked_order_applies_with_the_link(
+    client, admin_headers, connect, new_id, unique
+) -> None:
+    name, path = await connect("shopify")
+    member, customer, order_id = new_id("m"), unique(), unique()
+    paid = order(order_id, customer, prices=("40.00", "60.00"))
+    refund = sample("shopify-refunds-create.json") | {"id": unique(), "order_id": order_id}
+    refund["refund_line_items"] = [{"line_item_id": order_id * 10 + 1, "quantity": 1}]
+
+    parked = await deliver(client, path, paid, lambda raw: shopify_signed(raw, "orders/paid", f"o-{order_id}"))
+    failed = await deliver(client, path, refund, lambda raw: shopify_signed(raw, "refunds/create", f"r-{order_id}"))
+    linked = await link(client, admin_headers, member, name, customer)
+    refund_now = (await client.get(f"/v1/integrations/{name}/deliveries", headers=admin_headers)).json()["items"][0]
+
+    assert (parked.json()["status"], failed.json()["error_code"]) == ("parked", "purchase_not_found")
+    assert linked["applied_deliveries"] == 1
+    assert (refund_now["topic"], refund_now["status"], refund_now["attempts"]) == ("refunds/create", "applied", 2)
+    assert await points(client, admin_headers, member) == 40

@@ -129,7 +129,7 @@ async def link(services: Services, member_id: str, name: str, external_id: str) 
         row = await store.insert_link(book.conn, integration.integration_id, external_id, member.uid)
     if row["member_uid"] != member.uid:
         raise errors.Conflict(f"{name} id {external_id!r} is linked to another member")
-    applied = await service.retry(services, integration, ("parked",), external_id)
+    applied = await service.apply_parked(services, integration, external_id)
     out = IdentityOut(
         integration=name,
         external_id=external_id,

@@ -365,6 +365,19 @@ async def retry(
         after = pks[-1]
 
 
+async def apply_parked(services: Services, integration: Integration, external_id: str) -> list[DeliveryOut]:
+    """Apply what was parked for a newly linked customer, then the refunds of those purchases
+    that failed because they came first."""
+    applied = await retry(services, integration, ("parked",), external_id)
+    purchases = [str(d.results["purchase_id"]) for d in applied if d.status == "applied" and "purchase_id" in d.results]
+    if purchases:
+        async with services.pool.acquire() as conn:
+            waiting = await store.select_failed_refunds_of(conn, integration.integration_id, purchases)
+        for pk in waiting:
+            await _retry_one(services, integration, pk)
+    return applied
+
+
 async def _retry_one(services: Services, integration: Integration, delivery_pk: int) -> DeliveryOut:
     async with services.pool.acquire() as conn:
         row = await store.select_delivery_by_pk(conn, delivery_pk)

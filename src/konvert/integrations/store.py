@@ -235,6 +235,21 @@ async def select_to_retry(
     return [row["delivery_pk"] for row in rows]
 
 
+async def select_failed_refunds_of(conn: Connection, integration_id: int, purchase_ids: Sequence[str]) -> list[int]:
+    """Refunds that failed because their purchase was not recorded yet, of these purchases."""
+    rows = await conn.fetch(
+        """
+        select delivery_pk from deliveries
+        where integration_id = $1 and status = 'failed' and error_code = 'purchase_not_found'
+          and action->>'purchase_id' = any($2::text[])
+        order by delivery_pk
+        """,
+        integration_id,
+        list(purchase_ids),
+    )
+    return [row["delivery_pk"] for row in rows]
+
+
 async def delete_expired_parked(conn: Connection, older_than: datetime, limit: int) -> int:
     status = await conn.execute(
         """
