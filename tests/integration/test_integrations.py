@@ -493,3 +493,52 @@ async def test_a_refund_that_came_before_its_parked_order_applies_with_the_link(
     assert linked["applied_deliveries"] == 1
     assert (refund_now["topic"], refund_now["status"], refund_now["attempts"]) == ("refunds/create", "applied", 2)
     assert await points(client, admin_headers, member) == 40
+
+
+async def test_a_delivery_that_cannot_apply_leaves_no_trace_but_its_entry(
+    client, admin_headers, connect, new_id, unique
+) -> None:
+    name, path = await connect("shopify")
+    member, customer, order_id = new_id("m"), unique(), unique()
+    await link(client, admin_headers, member, name, customer)
+    pounds = order(unique(), customer, currency="GBP")
+    paid = order(order_id, customer, prices=("30.00",))
+    await deliver(client, path, paid, lambda raw: shopify_signed(raw, "orders/paid", f"o-{order_id}"))
+    too_much = sample("shopify-refunds-create.json") | {"id": unique(), "order_id": order_id}
+    too_much["refund_line_items"] = [{"line_item_id": order_id * 10, "quantity": 2}]
+    pool = client.app.state.services.pool
+    purchases_before = await pool.fetchval(
+        "select count(*) from purchases p join members m using (member_uid) where m.member_id = $1", member
+    )
+
+    unpriced = await deliver(client, path, pounds, lambda raw: shopify_signed(raw, "orders/paid", f"gbp-{order_id}"))
+    refused = await deliver(client, path, too_much, lambda raw: shopify_signed(raw, "refunds/create", f"r-{order_id}"))
+    purchases_after = await pool.fetchval(
+        "select count(*) from purchases p join members m using (member_uid) where m.member_id = $1", member
+    )
+
+    assert (unpriced.json()["status"], unpriced.json()["error_code"]) == ("failed", "unsupported_currency")
+    assert (refused.json()["status"], refused.json()["error_code"]) == ("failed", "refund_exceeds_purchase")
+    assert purchases_before == purchases_after == 1
+    assert await points(client, admin_headers, member) == 30
+
+
+async def test_parked_deliveries_are_dropped_after_the_configured_days(
+    client, admin_headers, connect, services, clock, unique
+) -> None:
+    from konvert.integrations.service import drop_expired_parked
+
+    name, path = await connect("shopify")
+    customer = unique()
+    await deliver(
+        client, path, order(unique(), customer), lambda raw: shopify_signed(raw, "orders/paid", f"d-{customer}")
+    )
+
+    clock.advance(days=services.settings.parked_delivery_days - 1)
+    kept = await drop_expired_parked(services)
+    clock.advance(days=2)
+    dropped = await drop_expired_parked(services)
+    left = (await client.get(f"/v1/integrations/{name}/deliveries?status=parked", headers=admin_headers)).json()
+
+    assert (kept, left["items"]) == (0, [])
+    assert dropped >= 1

@@ -806,7 +806,13 @@ async def test_jobs_run_command_vests_due_points(client, post, balance, database
 
     assert result.returncode == 0, result.stderr
     counts = dict(line.split(": ") for line in result.stdout.splitlines())
-    assert set(counts) == {"vested_lots", "released_holds", "expired_lots", "tiers_reevaluated"}
+    assert set(counts) == {
+        "vested_lots",
+        "released_holds",
+        "expired_lots",
+        "tiers_reevaluated",
+        "parked_deliveries_dropped",
+    }
     assert int(counts["vested_lots"]) >= 1
     after = await balance(member)
     assert (after["available"], after["pending"]) == (100, 0)

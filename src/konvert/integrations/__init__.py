@@ -1,0 +1,1 @@
+"""Webhooks in: Shopify, Stripe and Discourse deliveries applied through the features (README.md)."""
