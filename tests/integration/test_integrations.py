@@ -542,3 +542,24 @@ async def test_parked_deliveries_are_dropped_after_the_configured_days(
 
     assert (kept, left["items"]) == (0, [])
     assert dropped >= 1
+
+
+async def test_accepting_another_answer_of_the_topic_moves_the_reputation(
+    client, admin_headers, connect, unique
+) -> None:
+    _name, path = await connect("discourse")
+    topic, first_author, second_author = unique(), unique() % 10**9, unique() % 10**9
+
+    async def accept(post: int, author: int) -> None:
+        solved = sample("discourse-accepted-solution.json")
+        solved["solved"] |= {"id": post, "user_id": author, "topic_id": topic}
+        answer = await deliver(client, path, solved, lambda raw: discourse_signed(raw, "accepted_solution"))
+        assert answer.json()["status"] == "applied", answer.text
+
+    await accept(unique(), first_author)
+    first_before = await reputation(client, admin_headers, f"discourse:forum.example.org:{first_author}")
+    await accept(unique(), second_author)
+
+    assert first_before > 0
+    assert await reputation(client, admin_headers, f"discourse:forum.example.org:{first_author}") == 0
+    assert await reputation(client, admin_headers, f"discourse:forum.example.org:{second_author}") == first_before
