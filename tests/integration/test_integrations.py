@@ -563,3 +563,24 @@ async def test_accepting_another_answer_of_the_topic_moves_the_reputation(
     assert first_before > 0
     assert await reputation(client, admin_headers, f"discourse:forum.example.org:{first_author}") == 0
     assert await reputation(client, admin_headers, f"discourse:forum.example.org:{second_author}") == first_before
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("PUT", "/v1/integrations/Not%20A%20Name"),
+        ("PUT", "/v1/integrations/" + "a" * 65),
+        ("POST", "/v1/integrations/shop%0A/webhooks"),
+        ("PUT", "/v1/members/m1/identities/shop/" + "1" * 129),
+        ("PUT", "/v1/members/m1/identities/shop/12%0A"),
+        ("DELETE", "/v1/members/m%0A1/identities/shop/12"),
+    ],
+)
+async def test_bad_path_parameters_are_refused_with_422(client, admin_headers, method, path) -> None:
+    body = (
+        {"kind": "discourse", "secrets": [SECRET]} if path.startswith("/v1/integrations/") and method == "PUT" else None
+    )
+
+    response = await client.request(method, path, json=body, headers=admin_headers)
+
+    assert (response.status_code, response.json()["code"]) == (422, "validation_failed"), response.text

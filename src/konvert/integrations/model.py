@@ -30,10 +30,13 @@ from konvert.ledger.model import NO_CONTROL_CHARACTERS, MemberId
 from konvert.reputation.model import ExternalId as PostId
 from konvert.reputation.model import KudosId, KudosIn, Source
 
+# "(?!\n)": a "$" alone would let a trailing newline through.
+INTEGRATION_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$(?!\n)"
+EXTERNAL_ID_PATTERN = r"^[^\x00-\x1f\x7f/]+$(?!\n)"
 IntegrationName = Annotated[
     str,
     Meta(
-        pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$",
+        pattern=INTEGRATION_NAME_PATTERN,
         description="Lower-case letters, digits, `-` and `_`; at most 64 characters.",
     ),
 ]
@@ -41,7 +44,7 @@ Kind = Literal["shopify", "stripe", "discourse"]
 Secret = Annotated[str, Meta(min_length=8, max_length=256, pattern=NO_CONTROL_CHARACTERS)]
 # A customer or user id at the source (Shopify customer id, Stripe cus_ id, Discourse user id).
 ExternalId = Annotated[
-    str, Meta(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f/]+$", description="The id at the source.")
+    str, Meta(min_length=1, max_length=128, pattern=EXTERNAL_ID_PATTERN, description="The id at the source.")
 ]
 DeliveryStatus = Literal["applied", "ignored", "parked", "failed"]
 SHOP_KINDS = ("shopify", "stripe")
