@@ -195,6 +195,7 @@ async def test_concurrent_copies_of_a_delivery_apply_once(client, admin_headers,
 async def test_a_bad_signature_is_refused_and_nothing_is_recorded(client, admin_headers, connect, unique) -> None:
     name, path = await connect("shopify")
     raw = json.dumps(order(unique(), unique())).encode()
+    refused_before = await invalid_signatures(client)
 
     wrong = await deliver(client, path, raw, shopify_signed(raw, "orders/paid", "wh-bad", secret="not-the-secret"))
     missing = await deliver(client, path, raw, {"X-Shopify-Topic": "orders/paid", "X-Shopify-Webhook-Id": "wh-x"})
@@ -204,6 +205,14 @@ async def test_a_bad_signature_is_refused_and_nothing_is_recorded(client, admin_
     assert wrong.headers["content-type"].startswith("application/problem+json")
     assert (missing.status_code, missing.json()["code"]) == (401, "invalid_signature")
     assert deliveries["items"] == []
+    assert await invalid_signatures(client) == refused_before + 2
+
+
+async def invalid_signatures(client: AppClient) -> float:
+    """The invalid_signature count of Shopify deliveries in /metrics."""
+    metrics = (await client.get("/metrics")).text
+    wanted = 'konvert_webhook_deliveries_total{kind="shopify",outcome="invalid_signature"}'
+    return sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(wanted))
 
 
 async def test_an_unknown_integration_is_404(client) -> None:
