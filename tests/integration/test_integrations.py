@@ -17,6 +17,7 @@ import pytest
 
 from konvert.integrations.vault import Vault
 from tests.conftest import AppClient, make_settings
+from tests.integration.test_foundation import konvert_env, run_konvert
 
 SAMPLES = Path(__file__).parents[1] / "fixtures" / "webhooks"
 SECRET = "shpss_integration_test_secret"
@@ -593,3 +594,53 @@ async def test_bad_path_parameters_are_refused_with_422(client, admin_headers, m
     response = await client.request(method, path, json=body, headers=admin_headers)
 
     assert (response.status_code, response.json()["code"]) == (422, "validation_failed"), response.text
+
+
+@pytest.fixture
+def cli_env(database_url: str, redis_url: str) -> dict[str, str]:
+    return konvert_env(KONVERT_DATABASE_URL=database_url, KONVERT_REDIS_URL=redis_url)
+
+
+def test_the_cli_connects_and_lists_sources(cli_env, new_id) -> None:
+    name = new_id("cli")
+    added = run_konvert(
+        "integrations",
+        "add",
+        "--kind",
+        "shopify",
+        "--name",
+        name,
+        "--partner",
+        "webshop",
+        "--secret",
+        SECRET,
+        env=cli_env,
+    )
+    listed = run_konvert("integrations", "list", env=cli_env)
+    refused = run_konvert(
+        "integrations", "add", "--kind", "shopify", "--name", new_id("cli"), "--secret", SECRET, env=cli_env
+    )
+    key = run_konvert("integrations", "generate-key", env=cli_env)
+
+    assert added.returncode == 0, added.stderr
+    assert f"/v1/integrations/{name}/webhooks" in added.stderr and SECRET not in added.stderr + added.stdout
+    assert f"{name}\tshopify\twebshop\t1 secret(s), NOT encrypted" in listed.stdout
+    assert refused.returncode == 2 and "partner" in refused.stderr
+    assert len(key.stdout.strip()) == 44
+
+
+async def test_the_cli_shows_and_retries_parked_deliveries(cli_env, client, connect, unique) -> None:
+    name, path = await connect("shopify")
+    customer = unique()
+    await deliver(
+        client, path, order(unique(), customer), lambda raw: shopify_signed(raw, "orders/paid", f"cli-{customer}")
+    )
+
+    shown = await asyncio.to_thread(run_konvert, "integrations", "deliveries", name, "--status", "parked", env=cli_env)
+    retried = await asyncio.to_thread(run_konvert, "integrations", "retry", name, env=cli_env)
+
+    assert "\torders/paid\tparked\t" in shown.stdout, shown.stderr
+    assert (retried.returncode, json.loads(retried.stdout)) == (
+        0,
+        {"tried": 1, "applied": 0, "still_failed": 0, "still_parked": 1},
+    )
