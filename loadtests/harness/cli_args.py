@@ -21,6 +21,7 @@ SCENARIOS = (
     "balance_warm",
     "balance_half",
     "purchases",
+    "webhooks",
     "redemptions",
     "mixed",
     "purchases_jobs",
@@ -40,13 +41,15 @@ HTTP_SCRIPTS = {
     "balance_warm": "balance",
     "balance_half": "balance",
     "purchases": "purchases",
+    # Signed Shopify orders/paid deliveries: the same purchases, arriving as webhooks.
+    "webhooks": "webhooks",
     "redemptions": "redemptions",
     "mixed": "mixed",
     # Purchases while `konvert jobs run` vests a backlog beside them.
     "purchases_jobs": "purchases",
 }
-WRITE_SCENARIOS = ("purchases", "redemptions", "mixed", "purchases_jobs")
-PROFILED_SCENARIOS = ("purchases", "balance_uniform", "balance_hot", "balance_warm")
+WRITE_SCENARIOS = ("purchases", "webhooks", "redemptions", "mixed", "purchases_jobs")
+PROFILED_SCENARIOS = ("purchases", "webhooks", "balance_uniform", "balance_hot", "balance_warm")
 
 
 def parse_args(argv: list[str] | None = None, description: str = "") -> argparse.Namespace:
@@ -157,7 +160,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="py-spy a worker during purchases and the balance reads (needs py-spy; slows them)",
+        help="py-spy a worker during purchases, webhooks and the balance reads (needs py-spy; slows them)",
     )
     parser.add_argument("--profile-native", action="store_true", help="with --profile: include C frames")
     parser.add_argument(

@@ -29,8 +29,8 @@ WRK_TIMEOUT = "30s"
 OVERRUN_SECONDS = 60
 RESULT_MARKER = "KONVERT_BENCH_RESULT "
 
-KIND_NAMES = {"n": "noop", "b": "balance", "p": "purchase", "r": "redemption", "k": "kudos"}
-WRITE_KINDS = ("p", "r", "k")
+KIND_NAMES = {"n": "noop", "b": "balance", "p": "purchase", "r": "redemption", "k": "kudos", "w": "webhook"}
+WRITE_KINDS = ("p", "r", "k", "w")
 
 
 def tool_path(name: str) -> str | None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import asyncpg
 
-from harness import checks, load, profile, stats
+from harness import checks, load, profile, stats, webhooks
 from harness.cli_args import HTTP_SCRIPTS, PROFILED_SCENARIOS, WRITE_SCENARIOS
 from harness.jobs import parse_counts, per_second
 from harness.seed import ProgramFacts
@@ -72,7 +72,8 @@ class Measurer:
 
     def wrk_env(self, side: Side, scenario: str, members: int, tag: str, delay_ms: float = 0) -> dict[str, str]:
         hot = scenario == "balance_hot"
-        return {
+        shop = webhooks.wrk_env(side.shop, tag, self.currency) if scenario == "webhooks" and side.shop else {}
+        return shop | {
             "KONVERT_BENCH_MEMBERS": str(members),
             "KONVERT_BENCH_TAG": tag,
             "KONVERT_BENCH_API_KEY": side.api_key,

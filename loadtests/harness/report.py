@@ -21,6 +21,9 @@ MEMBERS_SCALING_TOLERANCE = 0.15
 # konvert's own, beyond the issue's: one process's vesting and expiry settle lots at least as
 # fast as the service posts purchases (each makes a lot), so they never fall behind.
 JOBS_VS_PURCHASES_MIN = 1.0
+# Signed Shopify orders/paid deliveries per second (verified, recorded in the inbox, posted as
+# purchases) against plain POST /v1/purchases in the same run (issue 20).
+WEBHOOKS_VS_PURCHASES_MIN = 0.8
 # Memory stays bounded: no service process above this, and the service's RSS at the end of the
 # last scenario no more than this factor above its RSS at the end of the first one.
 PEAK_RSS_PER_PROCESS_MAX_MIB = 512
@@ -73,6 +76,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def config_ratios(config: dict) -> dict[str, float | None]:
     ratios = {
         "purchases_vs_pgbench": _ratio(_rps(config, "purchases"), _rps(config, "pgbench")),
+        "webhooks_vs_purchases": _ratio(_rps(config, "webhooks"), _rps(config, "purchases")),
         "balance_uniform_vs_noop": _ratio(_rps(config, "balance_uniform"), _rps(config, "noop")),
         "balance_hot_vs_noop": _ratio(_rps(config, "balance_hot"), _rps(config, "noop")),
         "balance_warm_vs_noop": _ratio(_rps(config, "balance_warm"), _rps(config, "noop")),
@@ -185,6 +189,12 @@ def _ratio_targets(config: dict, label: str) -> list[Target]:
     ratios = config["ratios"]
     wanted = [
         (f"purchases / pgbench ({label})", "purchases_vs_pgbench", PURCHASES_VS_PGBENCH_MIN, ""),
+        (
+            f"signed Shopify deliveries / purchases ({label})",
+            "webhooks_vs_purchases",
+            WEBHOOKS_VS_PURCHASES_MIN,
+            "orders/paid deliveries posted as purchases, against POST /v1/purchases",
+        ),
         (f"balance reads, uniform / no-op ({label})", "balance_uniform_vs_noop", BALANCE_VS_NOOP_MIN, ""),
         (f"balance reads, hot skew / no-op ({label})", "balance_hot_vs_noop", BALANCE_VS_NOOP_MIN, ""),
     ] + [

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from harness import seed, stats
+from harness import seed, stats, webhooks
 from harness.service import CLI_TIMEOUT_SECONDS, THIS_KONVERT, Server, http_json, konvert_env, run_cli
 
 # Redemption contention: these members get a balance large enough for every redemption of a run.
@@ -90,6 +90,8 @@ class Side:
         self.database_url = stats.database_url(args.pg_url, self.database_name)
         self.api_key = ""
         self.server: Server | None = None
+        # The Shopify integration the webhooks scenario delivers to, once connected.
+        self.shop: webhooks.Shop | None = None
         self.seeded_members = 0
         self.seed_seconds: dict[str, float] = {}
         self.audit_output = ""
@@ -180,6 +182,16 @@ class Side:
         if "redemptions" in self.args.scenario_names:
             self._fund_contention_members(server, fund_reason)
         return server
+
+    def connect_shop(self, partner: str) -> None:
+        """Connect the Shopify integration and link a customer to every seeded member."""
+        assert self.server is not None
+        self.shop = webhooks.connect_shop(self.server.base_url, self.api_key, partner)
+        if self.shop is None:
+            self.say("this install has no integrations: it runs no webhooks scenario")
+            return
+        linked = asyncio.run(webhooks.link_customers(self.database_url, self.seeded_members))
+        self.say(f"connected a Shopify integration for {partner}; linked {linked:,} more customers")
 
     def stop_server(self) -> None:
         if self.server is not None:

@@ -9,8 +9,9 @@
 -- (kind, thread, per-thread counter), which konvert echoes on every response, 404s included.
 -- response() writes "<request id> <status>" to a per-thread log file; run.py reads the logs to
 -- count statuses per kind and to know exactly which writes were accepted. The ids of written
--- things (purchase_id, redemption_id, kudos_id) are "<tag>-<thread>-<counter>", so run.py can
--- compare the accepted ones with the rows in the database one by one.
+-- things (purchase_id, redemption_id, kudos_id) are "<tag>-<thread>-<counter>" (Shopify orders:
+-- digits, see shopify.lua), so run.py can compare the accepted ones with the rows in the
+-- database one by one.
 
 local M = {}
 
@@ -38,7 +39,7 @@ local delay_ms = tonumber(env("KONVERT_BENCH_DELAY_MS", "0"))
 local log_dir = env("KONVERT_BENCH_LOG_DIR", "")
 local seed = tonumber(env("KONVERT_BENCH_SEED", "1"))
 
-local KINDS = { "n", "b", "p", "r", "k" }
+local KINDS = { "n", "b", "p", "r", "k", "w" }
 local json_headers = { ["Content-Type"] = "application/json", ["Authorization"] = auth }
 local read_headers = { ["Authorization"] = auth }
 
@@ -133,6 +134,20 @@ end
 -- Many tills, few members: every redemption locks one of a handful of member rows.
 function builders.contention()
   return redemption(math.random(1, contention_members))
+end
+
+-- A shop's checkout arriving as a signed Shopify orders/paid delivery (shopify.lua), for a
+-- customer linked to a uniformly picked member. Loaded only by scenarios that send one.
+local shopify = nil
+
+function builders.webhook()
+  if shopify == nil then
+    shopify = require("shopify")
+    shopify.self_test()
+  end
+  local n = next_number("w")
+  local path, headers, body = shopify.delivery(thread_id, n, member(true))
+  return wrk.format("POST", path, with_id(headers, "w", n), body)
 end
 
 local KUDOS_KINDS = { "like", "like", "like", "like", "like", "like", "like", "like", "helpful", "helpful",
