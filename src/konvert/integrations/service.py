@@ -154,16 +154,23 @@ def _fallback_key(kind: str, headers: Mapping[str, str], body: bytes) -> str:
 
 
 async def _receive(services: Services, integration: Integration, delivery: Delivery, now: datetime) -> DeliveryOut:
-    existing = await store.select_delivery(services.pool, integration.integration_id, delivery.key)
+    action = delivery.action
+    # A shop's purchase names its customer: the link is read with the duplicate check, in one
+    # round trip, since nearly every delivery is new and needs both.
+    customer = _customer_to_link(action, delivery.external_id)
+    async with services.pool.acquire() as conn:
+        existing, linked = await store.select_delivery_and_link(
+            conn, integration.integration_id, delivery.key, customer
+        )
     if existing is not None:
         return delivery_out(existing, duplicate=True)
-    if delivery.action is None:
+    if action is None:
         assert delivery.status is not None
         return await _record_alone(
             services, integration, delivery, delivery.status, delivery.error_code, delivery.error, now
         )
-    member_id = await _member_for(services, integration, delivery.action, delivery.external_id)
-    if isinstance(delivery.action, EarnPurchase) and member_id is None:
+    member_id = linked if customer is not None else _member_named(action)
+    if isinstance(action, EarnPurchase) and member_id is None:
         why = f"customer {delivery.external_id} is not linked to a member yet"
         return await _record_alone(services, integration, delivery, "parked", "not_linked", why, now)
     return await _apply(services, integration, _Target(delivery=delivery), member_id, now)
@@ -180,19 +187,27 @@ class _Duplicate(Exception):
     """The delivery was recorded meanwhile by a concurrent copy of it."""
 
 
+def _customer_to_link(action: Action | None, external_id: str | None) -> str | None:
+    """The shop customer whose link names a purchase's member; None where the delivery names the
+    member itself (Stripe's client_reference_id) or is no purchase."""
+    if not isinstance(action, EarnPurchase) or action.member_id is not None:
+        return None
+    return external_id
+
+
+def _member_named(action: Action | None) -> str | None:
+    return action.member_id if isinstance(action, EarnPurchase) else None
+
+
 async def _member_for(
     services: Services, integration: Integration, action: Action, external_id: str | None
 ) -> str | None:
     """The member a purchase is for (None: not linked yet). Kudos resolve their own members."""
-    if not isinstance(action, EarnPurchase):
-        return None
-    if action.member_id is not None:
-        return action.member_id
-    if external_id is None:
-        return None
+    if (customer := _customer_to_link(action, external_id)) is None:
+        return _member_named(action)
     async with services.pool.acquire() as conn:
-        linked = await store.select_linked_members(conn, integration.integration_id, [external_id])
-    return linked.get(external_id)
+        linked = await store.select_linked_members(conn, integration.integration_id, [customer])
+    return linked.get(customer)
 
 
 async def _apply(

@@ -124,6 +124,27 @@ async def select_delivery(conn: Connection | asyncpg.Pool, integration_id: int, 
     )
 
 
+async def select_delivery_and_link(
+    conn: Connection, integration_id: int, key: str, external_id: str | None
+) -> tuple[asyncpg.Record | None, str | None]:
+    """The delivery recorded under this key (None: a new one), and the live member linked to
+    this external id (None: no link, or no external id asked for)."""
+    row = await conn.fetchrow(
+        f"""
+        select (select member_id from identity_links l join members m using (member_uid)
+                where l.integration_id = $1 and l.external_id = $3) as linked_member_id,
+               d.delivery_pk is not null as recorded, d.*
+        from (select) one
+        left join (select {_DELIVERY} from deliveries where integration_id = $1 and delivery_key = $2) d on true
+        """,
+        integration_id,
+        key,
+        external_id,
+    )
+    assert row is not None
+    return (row if row["recorded"] else None), row["linked_member_id"]
+
+
 async def insert_delivery(
     conn: Connection,
     integration_id: int,
