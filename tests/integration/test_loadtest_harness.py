@@ -135,12 +135,12 @@ def test_harness_loses_nothing_and_the_audit_passes(tmp_path: Path, harness_redi
         "--duration",
         "2",
         "--scenarios",
-        "noop,balance_warm,purchases,redemptions,mixed,purchases_jobs,jobs",
+        "noop,balance_warm,purchases,webhooks,redemptions,mixed,purchases_jobs,jobs",
     )
     result = _result(output, completed)
     config = result["configs"][0]
     writes = {name: scenario["writes"] for name, scenario in config["scenarios"].items() if "writes" in scenario}
-    assert set(writes) == {"purchases", "redemptions", "mixed", "purchases_jobs"}, list(config["scenarios"])
+    assert set(writes) == {"purchases", "webhooks", "redemptions", "mixed", "purchases_jobs"}, list(config["scenarios"])
     assert result["nothing_lost"] is True, json.dumps(writes, indent=2)
     assert result["audit_passed"] is True, completed.stdout
     assert completed.returncode == 0, completed.stdout + completed.stderr
@@ -151,6 +151,13 @@ def test_harness_loses_nothing_and_the_audit_passes(tmp_path: Path, harness_redi
         # What each write cost the WAL, read from the server's counters around the measurement.
         wal = config["scenarios"][name]["wal_per_request"]
         assert wal["records"] >= 1 and wal["bytes"] > 0, (name, wal)
+    # Signed Shopify deliveries: every accepted one is one purchase of the integration's partner
+    # under its exact order id, with one earn transfer and one applied inbox row.
+    webhook = writes["webhooks"]["webhook"]
+    assert webhook["accepted"] > 0 and webhook["recorded_rows"] >= webhook["accepted"], webhook
+    assert webhook["transfers_match_rows"] and webhook["inbox_matches_rows"], webhook
+    assert webhook["inbox"]["by_status"] == {"applied": webhook["recorded_rows"]}, webhook
+    assert config["ratios"]["webhooks_vs_purchases"] > 0, config["ratios"]
     assert result["machine"]["postgres_settings"]["max_wal_size"], result["machine"]
     # konvert's own view of the same requests: every one wrk counted was timed by the server,
     # and the mixed day's balance reads are split by where they were served from.

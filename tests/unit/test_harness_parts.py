@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
 from contextlib import redirect_stdout
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -15,7 +20,7 @@ import pytest
 LOADTESTS = Path(__file__).resolve().parents[2] / "loadtests"
 sys.path.insert(0, str(LOADTESTS))
 
-from harness import baseline, cli_args, report  # noqa: E402
+from harness import baseline, checks, cli_args, report, webhooks  # noqa: E402
 from harness.jobs import JOBS, parse_counts, per_second  # noqa: E402
 from harness.load import pgbench_connection_args  # noqa: E402
 from harness.measure import median_run  # noqa: E402
@@ -23,6 +28,8 @@ from harness.runner import memory_summary  # noqa: E402
 from harness.service import run_cli  # noqa: E402
 from harness.side import Install  # noqa: E402
 from harness.stats import wal_per_request  # noqa: E402
+from konvert.integrations.model import EarnPurchase, Options  # noqa: E402
+from konvert.integrations.sources import read_shopify  # noqa: E402
 
 
 def test_pgbench_connects_where_the_url_points_over_tcp() -> None:
@@ -290,3 +297,91 @@ def test_a_finished_baseline_build_is_reused_by_its_commit_id(repository: Path, 
     assert found == baseline.Baseline(commit, built.resolve()) and found.python.endswith(f"{commit}/.venv/bin/python")
     assert said == [f"baseline {commit[:12]}: reusing {built.resolve()}"]
     assert not baseline.is_ready(built, commit, "2.7.18")  # another Python: built again
+
+
+# --- the webhooks scenario ----------------------------------------------------------------------
+
+WRK_DIR = LOADTESTS / "wrk"
+SHOPIFY_SECRET = "shpss_harness_test"
+
+
+def _shopify_delivery(tmp_path: Path, tag: str, thread: int, n: int, member: int) -> tuple[str, dict[str, str], bytes]:
+    """One delivery as loadtests/wrk/shopify.lua builds and signs it, in wrk's own LuaJIT."""
+    script = tmp_path / "one-delivery.lua"
+    script.write_text(
+        f"package.path = {json.dumps(str(WRK_DIR) + '/?.lua;')} .. package.path\n"
+        'local shopify = require("shopify")\n'
+        "shopify.self_test()\n"
+        f"local path, headers, body = shopify.delivery({thread}, {n}, {member})\n"
+        'local out = assert(io.open(os.getenv("DELIVERY_OUT"), "w"))\n'
+        'out:write(path, "\\n", headers["X-Shopify-Hmac-Sha256"], "\\n", headers["X-Shopify-Webhook-Id"], "\\n",'
+        ' headers["X-Shopify-Topic"], "\\n", body)\n'
+        "out:close()\n"
+        "os.exit(0)\n"
+    )
+    out = tmp_path / "delivery.txt"
+    env = os.environ | {
+        "DELIVERY_OUT": str(out),
+        "KONVERT_BENCH_TAG": tag,
+        **webhooks.wrk_env(webhooks.Shop("/v1/integrations/shop/webhooks", SHOPIFY_SECRET), tag, "EUR"),
+    }
+    done = subprocess.run(
+        ["wrk", "-t1", "-c1", "-d1s", "-s", str(script), "http://127.0.0.1:9/"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert out.exists(), done.stdout + done.stderr
+    path, signature, webhook_id, topic, body = out.read_bytes().split(b"\n", 4)
+    headers = {
+        "x-shopify-hmac-sha256": signature.decode(),
+        "x-shopify-webhook-id": webhook_id.decode(),
+        "x-shopify-topic": topic.decode(),
+    }
+    return path.decode(), headers, body
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="needs wrk (Debian: apt-get install wrk)")
+def test_wrk_signs_each_order_as_shopify_does_with_ids_beyond_2_to_the_53(tmp_path: Path) -> None:
+    tag = "t0badcafe"
+    path, headers, body = _shopify_delivery(tmp_path, tag, thread=2, n=42, member=7)
+    assert path == "/v1/integrations/shop/webhooks"
+    expected = base64.b64encode(hmac.new(SHOPIFY_SECRET.encode(), body, hashlib.sha256).digest()).decode()
+    assert headers["x-shopify-hmac-sha256"] == expected
+    assert headers["x-shopify-webhook-id"] == f"{tag}-002000000042"
+    # konvert's own reader takes it as a paid order of the member's linked customer, every id exact.
+    delivery = read_shopify(Options(), headers, body, datetime.now(UTC))
+    assert isinstance(delivery.action, EarnPurchase), delivery
+    order_id = delivery.action.purchase_id
+    assert int(order_id) > 2**53 and webhooks.parse_order_id(order_id, webhooks.order_prefix(tag)) == (2, 42)
+    assert delivery.external_id == str(webhooks.customer_id(7)) and int(delivery.external_id) > 2**53
+    assert [line.line_id for line in delivery.action.lines] == [f"8{order_id[1:]}{k}" for k in (1, 2, 3)]
+    assert delivery.action.currency == "EUR" and all(line.unit_price > 0 for line in delivery.action.lines)
+    # Shaped like Shopify's sample order: its other fields are there too.
+    sample = json.loads(webhooks.SAMPLE_ORDER.read_text())
+    assert set(json.loads(body)) == set(sample)
+
+
+def test_the_webhook_check_tells_this_run_s_orders_from_any_other() -> None:
+    prefix = webhooks.order_prefix("t0000002a")
+    assert prefix == "900042"
+    ids = [f"{prefix}003000000017", f"{prefix}001000000001", "900043003000000017", "t0000002a-3-17", "42"]
+    parsed, foreign = checks._parse_ids(ids, prefix, "w")
+    assert parsed == {(3, 17), (1, 1)}
+    assert foreign == ids[2:]
+
+
+def test_webhooks_are_measured_against_purchases_in_the_same_run() -> None:
+    config = {
+        "members": 2000,
+        "workers": 2,
+        "scenarios": {"purchases": {"throughput_rps": 500.0}, "webhooks": {"throughput_rps": 450.0}},
+    }
+    config["ratios"] = report.config_ratios(config)
+    assert config["ratios"]["webhooks_vs_purchases"] == 0.9
+    found = {t.name.split(" (")[0]: t for t in report.targets([config])}
+    target = found["signed Shopify deliveries / purchases"]
+    assert (target.value, target.goal, target.met) == (0.9, ">= 0.8x", True)
+    assert "webhooks" in cli_args.expand_scenarios("all") and "webhooks" in cli_args.WRITE_SCENARIOS
