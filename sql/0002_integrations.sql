@@ -41,7 +41,10 @@ create index identity_links_member_idx on identity_links (member_uid);
 -- the delivery's body, names, e-mail or postal addresses or IP addresses.
 create table deliveries (
     delivery_pk    bigint generated always as identity primary key,
-    integration_id bigint not null references integrations on delete cascade,
+    -- No foreign key: checking one share-locks the integration's row on every insert, and
+    -- overlapping purchase batches then turn those locks into a multixact per delivery. Deleting
+    -- an integration deletes its deliveries in the same transaction.
+    integration_id bigint not null,
     -- The sender's id for the delivery (X-Shopify-Webhook-Id, Stripe's evt_ id) or, for senders
     -- whose retries carry new ids (Discourse), what the delivery is about: the duplicate key.
     delivery_key   text not null check (length(delivery_key) between 1 and 300),
@@ -50,8 +53,8 @@ create table deliveries (
     status         text not null check (status in ('applied', 'ignored', 'parked', 'failed')),
     -- The customer/user at the source; kept while the delivery waits for a link.
     external_id    text,
-    -- The member it was applied to, once it was.
-    member_uid     bigint references members,
+    -- The member it was applied to, once it was (no foreign key, like the ledger's rows).
+    member_uid     bigint,
     -- konvert.integrations.model.Action as JSON; null when the delivery could not be read.
     action         jsonb,
     -- What it made in konvert (purchase, refund or kudos ids).

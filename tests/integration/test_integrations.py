@@ -644,3 +644,29 @@ async def test_the_cli_shows_and_retries_parked_deliveries(cli_env, client, conn
         0,
         {"tried": 1, "applied": 0, "still_failed": 0, "still_parked": 1},
     )
+
+
+async def test_deleting_an_integration_takes_its_links_and_deliveries(
+    client, admin_headers, connect, new_id, unique
+) -> None:
+    name, path = await connect("shopify")
+    member, customer = new_id("m"), unique()
+    await link(client, admin_headers, member, name, customer)
+    await deliver(
+        client, path, order(unique(), customer), lambda raw: shopify_signed(raw, "orders/paid", f"x-{customer}")
+    )
+    pool = client.app.state.services.pool
+    integration_id = await pool.fetchval("select integration_id from integrations where name = $1", name)
+
+    deleted = await client.delete(f"/v1/integrations/{name}", headers=admin_headers)
+    again = await client.delete(f"/v1/integrations/{name}", headers=admin_headers)
+    webhook = await deliver(client, path, b"{}", {})
+    left = await pool.fetchval(
+        "select (select count(*) from deliveries where integration_id = $1)"
+        " + (select count(*) from identity_links where integration_id = $1)",
+        integration_id,
+    )
+
+    assert (deleted.status_code, again.status_code, webhook.status_code) == (204, 404, 404)
+    assert left == 0
+    assert await points(client, admin_headers, member) == 10  # what it applied stays

@@ -52,8 +52,12 @@ async def update_secrets(conn: Connection, integration_id: int, secrets: list[st
 
 
 async def delete_integration(conn: Connection, name: str) -> bool:
-    status = await conn.execute("delete from integrations where name = $1", name)
-    return status == "DELETE 1"
+    """The integration, its deliveries and (by cascade) its identity links."""
+    async with conn.transaction():
+        integration_id = await conn.fetchval("delete from integrations where name = $1 returning integration_id", name)
+        if integration_id is not None:
+            await conn.execute("delete from deliveries where integration_id = $1", integration_id)
+    return integration_id is not None
 
 
 # --- identity links ---------------------------------------------------------------------------
