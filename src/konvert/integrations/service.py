@@ -26,7 +26,7 @@ import hashlib
 import time
 from collections.abc import Mapping
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import asyncpg
 import msgspec
@@ -47,7 +47,7 @@ from konvert.integrations.model import (
 )
 from konvert.integrations.signatures import VERIFY
 from konvert.integrations.vault import Vault
-from konvert.ledger.book import Book
+from konvert.ledger.book import Book, writing
 from konvert.observability import WEBHOOK_DELIVERIES
 from konvert.reputation import service as reputation
 
@@ -167,12 +167,12 @@ async def _receive(services: Services, integration: Integration, delivery: Deliv
     if action is None:
         assert delivery.status is not None
         return await _record_alone(
-            services, integration, delivery, delivery.status, delivery.error_code, delivery.error, now
+            services, integration, _Target(delivery), delivery.status, delivery.error_code, delivery.error, now
         )
     member_id = linked if customer is not None else _member_named(action)
     if isinstance(action, EarnPurchase) and member_id is None:
         why = f"customer {delivery.external_id} is not linked to a member yet"
-        return await _record_alone(services, integration, delivery, "parked", "not_linked", why, now)
+        return await _record_alone(services, integration, _Target(delivery), "parked", "not_linked", why, now)
     return await _apply(services, integration, _Target(delivery=delivery), member_id, now)
 
 
@@ -221,7 +221,7 @@ async def _apply(
             status, code, why, results = _refused(outcome), outcome.code, outcome.detail, b"{}"
         else:
             status, code, why, results = "applied", None, None, _results(outcome.body)
-        recorded.append(await _write(book.conn, integration, target, status, code, why, results, now))
+        book.gathered(_Inbox).add(_Entry(integration, target, status, code, why, results, now, recorded))
 
     action = target.delivery.action
     try:
@@ -235,15 +235,13 @@ async def _apply(
             author, giver = await _forum_members(services, integration, action)
             await reputation.give_kudos(services, action.kudos(author, giver), also=record)
     except _Duplicate:
-        existing = await store.select_delivery(services.pool, integration.integration_id, target.delivery.key)
-        assert existing is not None
-        return delivery_out(existing, duplicate=True)
+        return await _recorded_before(services, integration, target.delivery)
     except errors.KonvertError as refused:
         if refused.status >= 500:
             raise
         if recorded:  # a purchase's refusal, recorded in its batch's transaction
             return recorded[-1]
-        return await _record_refusal(services, integration, target, refused, now)
+        return await _record_alone(services, integration, target, _refused(refused), refused.code, refused.detail, now)
     return recorded[-1]
 
 
@@ -256,74 +254,103 @@ def _results(body: bytes) -> bytes:
     return _encode({name: response[name] for name in _RESULT_FIELDS if response.get(name) is not None})
 
 
-async def _write(
-    conn: Any,
-    integration: Integration,
-    target: _Target,
-    status: str,
-    code: str | None,
-    why: str | None,
-    results: bytes,
-    now: datetime,
-) -> DeliveryOut:
-    """Record the delivery's state: insert it (new) or update it (a retry); _Duplicate if a
-    concurrent copy got there first."""
-    delivery = target.delivery
+class _Entry(NamedTuple):
+    """A delivery's state to record, and where its inbox entry goes once recorded."""
+
+    integration: Integration
+    target: _Target
+    status: str
+    code: str | None
+    why: str | None
+    results: bytes
+    now: datetime
+    out: list[DeliveryOut]
+
+
+class _Inbox:
+    """A transaction's inbox entries, written just before it commits: a purchase batch's new
+    deliveries in one statement. _Duplicate (rolling everything back) if a concurrent copy of a
+    delivery was recorded first."""
+
+    def __init__(self) -> None:
+        self._entries: list[_Entry] = []
+
+    def add(self, entry: _Entry) -> None:
+        self._entries.append(entry)
+
+    async def flush(self, book: Book) -> None:
+        entries, self._entries = self._entries, []
+        new = [entry for entry in entries if entry.target.delivery_pk is None]
+        if new:
+            rows = await store.insert_deliveries(book.conn, [_new_delivery(entry) for entry in new])
+            if len(rows) != len(new):
+                raise _Duplicate
+            by_key = {(row["integration_id"], row["delivery_key"]): row for row in rows}
+            for entry in new:
+                entry.out.append(delivery_out(by_key[entry.integration.integration_id, entry.target.delivery.key]))
+        for entry in entries:
+            if (delivery_pk := entry.target.delivery_pk) is not None:
+                row = await store.update_delivery(
+                    book.conn,
+                    delivery_pk,
+                    entry.status,
+                    entry.now,
+                    member_id=_member_of(entry.results),
+                    results=entry.results,
+                    error_code=entry.code,
+                    error=entry.why,
+                )
+                if row is None:
+                    raise _Duplicate
+                entry.out.append(delivery_out(row))
+
+
+def _new_delivery(entry: _Entry) -> store.NewDelivery:
+    delivery = entry.target.delivery
+    return store.NewDelivery(
+        integration_id=entry.integration.integration_id,
+        key=delivery.key,
+        topic=delivery.topic,
+        received_at=entry.now,
+        status=entry.status,
+        external_id=delivery.external_id if entry.status == "parked" else None,
+        member_id=_member_of(entry.results),
+        action=None if delivery.action is None else _encode(delivery.action),
+        results=entry.results,
+        error_code=entry.code,
+        error=entry.why,
+    )
+
+
+def _member_of(results: bytes) -> str | None:
     decoded = msgspec.json.decode(results)
-    member_id = decoded.get("member_id") or decoded.get("author_id")
-    if target.delivery_pk is None:
-        row = await store.insert_delivery(
-            conn,
-            integration.integration_id,
-            delivery.key,
-            delivery.topic,
-            now,
-            status,
-            external_id=delivery.external_id if status == "parked" else None,
-            member_id=member_id,
-            action=None if delivery.action is None else _encode(delivery.action),
-            results=results,
-            error_code=code,
-            error=why,
-        )
-    else:
-        row = await store.update_delivery(
-            conn, target.delivery_pk, status, now, member_id=member_id, results=results, error_code=code, error=why
-        )
-    if row is None:
-        raise _Duplicate
-    return delivery_out(row)
+    member: str | None = decoded.get("member_id") or decoded.get("author_id")
+    return member
 
 
 async def _record_alone(
     services: Services,
     integration: Integration,
-    delivery: Delivery,
+    target: _Target,
     status: str,
     code: str | None,
     why: str | None,
     now: datetime,
 ) -> DeliveryOut:
     """Record a delivery that applies nothing (ignored, parked, failed) in a transaction of its own."""
-    target = _Target(delivery=delivery)
-    async with services.pool.acquire() as conn, conn.transaction():
-        try:
-            return await _write(conn, integration, target, status, code, why, b"{}", now)
-        except _Duplicate:
-            pass
+    out: list[DeliveryOut] = []
+    try:
+        async with writing(services) as book:
+            book.gathered(_Inbox).add(_Entry(integration, target, status, code, why, b"{}", now, out))
+    except _Duplicate:
+        return await _recorded_before(services, integration, target.delivery)
+    return out[-1]
+
+
+async def _recorded_before(services: Services, integration: Integration, delivery: Delivery) -> DeliveryOut:
     existing = await store.select_delivery(services.pool, integration.integration_id, delivery.key)
     assert existing is not None
     return delivery_out(existing, duplicate=True)
-
-
-async def _record_refusal(
-    services: Services, integration: Integration, target: _Target, refused: errors.KonvertError, now: datetime
-) -> DeliveryOut:
-    status = _refused(refused)
-    if target.delivery_pk is None:
-        return await _record_alone(services, integration, target.delivery, status, refused.code, refused.detail, now)
-    async with services.pool.acquire() as conn, conn.transaction():
-        return await _write(conn, integration, target, status, refused.code, refused.detail, b"{}", now)
 
 
 async def _forum_members(services: Services, integration: Integration, action: GiveKudos) -> tuple[str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from typing import NamedTuple
 
 import asyncpg
 
@@ -149,42 +150,45 @@ async def select_delivery_and_link(
     return (row if row["recorded"] else None), row["linked_member_id"]
 
 
-async def insert_delivery(
-    conn: Connection,
-    integration_id: int,
-    key: str,
-    topic: str,
-    received_at: datetime,
-    status: str,
-    *,
-    external_id: str | None,
-    member_id: str | None,
-    action: bytes | None,
-    results: bytes,
-    error_code: str | None,
-    error: str | None,
-) -> asyncpg.Record | None:
-    """Record a delivery; None when its key was recorded before (a duplicate)."""
-    return await conn.fetchrow(
+class NewDelivery(NamedTuple):
+    integration_id: int
+    key: str
+    topic: str
+    received_at: datetime
+    status: str
+    external_id: str | None
+    # The member it was applied to, by id.
+    member_id: str | None
+    action: bytes | None
+    results: bytes
+    error_code: str | None
+    error: str | None
+
+
+async def insert_deliveries(conn: Connection, deliveries: Sequence[NewDelivery]) -> list[asyncpg.Record]:
+    """Record deliveries in one statement, in key order (so that concurrent batches meet on the
+    unique key in the same order); those whose key was recorded before (duplicates) are left out
+    of what it returns."""
+    columns = list(zip(*deliveries, strict=True))
+    return await conn.fetch(
         f"""
         insert into deliveries (integration_id, delivery_key, topic, received_at, status, external_id, member_uid,
                                 action, results, error_code, error, updated_at)
-        values ($1, $2, $3, $4, $5, $6, (select member_uid from members where member_id = $7), $8::jsonb, $9::jsonb,
-                $10, $11, $4)
+        select d.integration_id, d.delivery_key, d.topic, d.received_at, d.status, d.external_id, m.member_uid,
+               d.action, d.results, d.error_code, d.error, d.received_at
+        from unnest($1::bigint[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[], $7::text[],
+                    $8::jsonb[], $9::jsonb[], $10::text[], $11::text[])
+             as d(integration_id, delivery_key, topic, received_at, status, external_id, member_id, action, results,
+                  error_code, error)
+        left join members m on m.member_id = d.member_id
+        order by d.integration_id, d.delivery_key
         on conflict (integration_id, delivery_key) do nothing
-        returning {_DELIVERY}
+        returning integration_id, {_DELIVERY}
         """,
-        integration_id,
-        key,
-        topic,
-        received_at,
-        status,
-        external_id,
-        member_id,
-        None if action is None else action.decode(),
-        results.decode(),
-        error_code,
-        error,
+        *columns[:7],
+        [None if action is None else action.decode() for action in columns[7]],
+        [results.decode() for results in columns[8]],
+        *columns[9:],
     )
 
 

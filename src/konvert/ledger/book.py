@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, TypeVar
 
 import asyncpg
 
@@ -115,6 +115,7 @@ class Book:
         self._members: dict[int, Member] = {}
         # The newest version this transaction gave each member it changed, by member id.
         self._versions: dict[str, int] = {}
+        self._gathered: dict[type[Gathered], Gathered] = {}
 
     # --- members --------------------------------------------------------------------------
 
@@ -506,6 +507,21 @@ class Book:
     async def reset_transfer_reasons(self, member: Member, cause_type: str, reason: str) -> None:
         await store.reset_transfer_reasons(self.conn, member.uid, cause_type, reason)
 
+    # --- before commit --------------------------------------------------------------------
+
+    def gathered(self, kind: type[G]) -> G:
+        """This transaction's one ``kind()``, made on first use, flushed just before the commit:
+        for a caller's rows that a batch's writes gather and store in one statement."""
+        found = self._gathered.get(kind)
+        if found is None:
+            found = self._gathered[kind] = kind()
+        assert isinstance(found, kind)
+        return found
+
+    async def flush_gathered(self) -> None:
+        for gathered in self._gathered.values():
+            await gathered.flush(self)
+
     # --- after commit ---------------------------------------------------------------------
 
     @property
@@ -516,6 +532,15 @@ class Book:
     async def committed(self) -> None:
         """After the commit: no reader may serve a member's balance older than what committed."""
         await self._services.cache.invalidate_many(self._versions.items())
+
+
+class Gathered(Protocol):
+    """Rows a transaction gathers (see Book.gathered), written by ``flush`` before it commits."""
+
+    async def flush(self, book: Book) -> None: ...
+
+
+G = TypeVar("G", bound=Gathered)
 
 
 # A caller's own step in a use case's transaction (an integration recording the delivery that
@@ -535,4 +560,5 @@ async def writing(services: Services, conn: Connection | None = None) -> AsyncIt
     book = Book(services, conn)
     async with conn.transaction():
         yield book
+        await book.flush_gathered()
     await book.committed()
