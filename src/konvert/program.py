@@ -19,7 +19,7 @@ from msgspec import Meta
 
 from konvert.errors import ConfigurationError
 
-Identifier = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")]
+Identifier = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$(?!\n)")]
 CurrencyCode = Annotated[str, Meta(pattern=r"^[A-Z]{3}$")]
 # msgspec cannot bound Decimals, so the rules below check their own with _non_negative().
 NonNegativeDecimal = Decimal

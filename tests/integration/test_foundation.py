@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
 import httpx
@@ -869,3 +869,34 @@ async def test_json_nested_deeper_than_the_decoder_goes_is_400(
         assert await conn.fetchval("SELECT count(*) FROM members WHERE member_id = $1", member_id) == 0
     finally:
         await conn.close()
+
+
+# Values no path parameter may take: too long for any id, a line break (header and log
+# injection), and a right-to-left override (an id that displays as another).
+BAD_PATH_VALUES = {"too long": "a" * 300, "CR/LF": "a\r\nb", "RTL override": "abc\u202egpj"}
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_PATH_VALUES))
+async def test_every_path_parameter_is_validated_like_a_body(
+    client: AppClient, app: Litestar, admin_headers: dict[str, str], bad: str
+) -> None:
+    answers = {}
+    walked = 0
+    for route, handler in handlers(app):
+        names = [name for name, p in route.path_parameters.items() if p.type is str]
+        if not route.path.startswith("/v1/") or not names:
+            continue
+        for name in names:
+            values = {other: "placeholder" for other in route.path_parameters}
+            values[name] = quote(BAD_PATH_VALUES[bad], safe="")
+            for method in sorted(handler.http_methods):
+                walked += 1
+                response = await client.request(
+                    method, route.path_format.format(**values), json={}, headers=admin_headers
+                )
+                problem = response.json() if response.content else {}  # (a 204 has no body)
+                fields = [e["field"] for e in problem.get("errors") or ()]
+                answers[f"{method} {route.path} {name}"] = (response.status_code, problem.get("code"), name in fields)
+
+    assert walked >= 20, "too few routes with path parameters: the walk would prove nothing"
+    assert answers == {where: (422, "validation_failed", True) for where in answers}

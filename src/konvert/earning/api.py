@@ -6,12 +6,13 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, Response, post
-from litestar.params import JSONBody, PathParameter
+from litestar.params import JSONBody
 
 from konvert.auth import principal_of
 from konvert.earning import refunds, service
 from konvert.earning.model import EarningResult, PurchaseId, PurchaseIn, PurchaseOut, RefundIn, RefundOut
 from konvert.idempotency import written
+from konvert.paths import path_parameter
 from konvert.services import Svc
 
 
@@ -47,7 +48,7 @@ class PurchaseController(Controller):
     async def refund(
         self,
         request: Request[Any, Any, Any],
-        purchase_id: Annotated[PurchaseId, PathParameter(description="The purchase's id at its partner.")],
+        purchase_id: Annotated[PurchaseId, path_parameter(PurchaseId, "The purchase's id at its partner.")],
         data: JSONBody[RefundIn],
         services: Svc,
     ) -> Response[RefundOut]:

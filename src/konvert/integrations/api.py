@@ -6,12 +6,10 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from litestar import Controller, Request, Response, delete, get, post, put
-from litestar.params import JSONBody, PathParameter, QueryParameter
+from litestar.params import JSONBody, QueryParameter
 
 from konvert.integrations import admin, service
 from konvert.integrations.model import (
-    EXTERNAL_ID_PATTERN,
-    INTEGRATION_NAME_PATTERN,
     DeliveryOut,
     DeliveryPage,
     ExternalId,
@@ -23,33 +21,13 @@ from konvert.integrations.model import (
     IntegrationOut,
     RetryResult,
 )
-from konvert.ledger.model import NO_CONTROL_CHARACTERS, MemberId
+from konvert.ledger.model import MemberId
+from konvert.paths import path_parameter
 from konvert.services import Svc
 
-# Litestar enforces a path parameter's bounds only when its PathParameter states them, so they
-# are repeated here from the msgspec aliases (which give the OpenAPI its types).
-NamePath = Annotated[
-    IntegrationName,
-    PathParameter(description="The integration's name.", pattern=INTEGRATION_NAME_PATTERN, max_length=64),
-]
-MemberPath = Annotated[
-    MemberId,
-    PathParameter(
-        description="The member's id, as the caller knows it.",
-        pattern=NO_CONTROL_CHARACTERS,
-        min_length=1,
-        max_length=128,
-    ),
-]
-ExternalPath = Annotated[
-    ExternalId,
-    PathParameter(
-        description="The customer's or user's id at the source.",
-        pattern=EXTERNAL_ID_PATTERN,
-        min_length=1,
-        max_length=128,
-    ),
-]
+NamePath = Annotated[IntegrationName, path_parameter(IntegrationName, "The integration's name.")]
+MemberPath = Annotated[MemberId, path_parameter(MemberId, "The member's id, as the caller knows it.")]
+ExternalPath = Annotated[ExternalId, path_parameter(ExternalId, "The customer's or user's id at the source.")]
 
 
 class IntegrationController(Controller):

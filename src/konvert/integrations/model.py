@@ -26,13 +26,13 @@ from konvert.earning.model import (
     RefundIn,
     RefundLineIn,
 )
-from konvert.ledger.model import NO_CONTROL_CHARACTERS, MemberId
+from konvert.ledger.model import NO_CONTROL_CHARACTERS, UNPRINTABLE, MemberId
 from konvert.reputation.model import ExternalId as PostId
 from konvert.reputation.model import KudosId, KudosIn, Source
 
 # "(?!\n)": a "$" alone would let a trailing newline through.
 INTEGRATION_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$(?!\n)"
-EXTERNAL_ID_PATTERN = r"^[^\x00-\x1f\x7f/]+$(?!\n)"
+EXTERNAL_ID_PATTERN = rf"^[^{UNPRINTABLE}/]+$(?!\n)"
 IntegrationName = Annotated[
     str,
     Meta(

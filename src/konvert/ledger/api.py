@@ -5,15 +5,16 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, get, post
-from litestar.params import JSONBody, PathParameter, QueryParameter
+from litestar.params import JSONBody, QueryParameter
 
 from konvert.auth import principal_of
 from konvert.idempotency import written
 from konvert.ledger import adjustments, balances
 from konvert.ledger.model import ActivityPage, AdjustmentIn, AdjustmentOut, Balance, MemberId
+from konvert.paths import path_parameter
 from konvert.services import Svc
 
-MemberPath = Annotated[MemberId, PathParameter(description="The member's id, as the caller knows it.")]
+MemberPath = Annotated[MemberId, path_parameter(MemberId, "The member's id, as the caller knows it.")]
 
 
 class BalanceController(Controller):

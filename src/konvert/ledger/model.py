@@ -12,7 +12,10 @@ from msgspec import Meta
 # even store NUL). Free text may hold line breaks and tabs, never NUL.
 # `$` alone would also match before a final newline in Python (msgspec searches with `re`);
 # `(?!\n)` refuses that and means nothing to the JSON Schema (ECMAScript) reading of the pattern.
-NO_CONTROL_CHARACTERS = r"^[^\x00-\x1f\x7f]+$(?!\n)"
+# Characters no id may hold (a regex class's body): controls, and the bidirectional formatting
+# characters that make an id display as another one (Trojan Source).
+UNPRINTABLE = r"\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069"
+NO_CONTROL_CHARACTERS = rf"^[^{UNPRINTABLE}]+$(?!\n)"
 NO_NUL = r"^[^\x00]*$"
 MemberId = Annotated[str, Meta(min_length=1, max_length=128, pattern=NO_CONTROL_CHARACTERS)]
 # Free text a client attaches to a change (a redemption's or an adjustment's note).

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from litestar import Controller, Request, delete, get, put
-from litestar.params import JSONBody, PathParameter, QueryParameter
+from litestar.params import JSONBody, QueryParameter
 
 from konvert.auth import principal_of
 from konvert.ledger.api import MemberPath
+from konvert.paths import path_parameter
 from konvert.preferences import service
 from konvert.preferences.model import (
     Catalog,
@@ -23,7 +24,7 @@ from konvert.preferences.model import (
 )
 from konvert.services import Svc
 
-KeyPath = Annotated[PreferenceKey, PathParameter(description="A key of the program's preference catalog.")]
+KeyPath = Annotated[PreferenceKey, path_parameter(PreferenceKey, "A key of the program's preference catalog.")]
 
 
 class CatalogController(Controller):

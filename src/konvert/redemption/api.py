@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from litestar import Controller, Response, get, post, put
-from litestar.params import JSONBody, PathParameter, QueryParameter
+from litestar.params import JSONBody, QueryParameter
 
 from konvert.idempotency import written
 from konvert.ledger.api import MemberPath
+from konvert.paths import path_parameter
 from konvert.redemption import service
 from konvert.redemption.model import (
     RedemptionId,
@@ -22,7 +23,8 @@ from konvert.redemption.model import (
 )
 from konvert.services import Svc
 
-RedemptionPath = Annotated[RedemptionId, PathParameter(description="The redemption's id, as its client chose it.")]
+RedemptionPath = Annotated[RedemptionId, path_parameter(RedemptionId, "The redemption's id, as its client chose it.")]
+RewardPath = Annotated[RewardId, path_parameter(RewardId, "The reward's id in the catalog.")]
 
 
 class RewardController(Controller):
@@ -35,9 +37,7 @@ class RewardController(Controller):
         return await service.available_rewards(services)
 
     @put("/{reward_id:str}", opt={"scope": "admin", "body": True, "idempotency_key": "reward_id"})
-    async def put_reward(
-        self, reward_id: Annotated[RewardId, PathParameter()], data: JSONBody[RewardIn], services: Svc
-    ) -> RewardOut:
+    async def put_reward(self, reward_id: RewardPath, data: JSONBody[RewardIn], services: Svc) -> RewardOut:
         """Create or replace a reward in the catalog (operators; PUT is naturally idempotent)."""
         return await service.put_reward(services, reward_id, data)
 

@@ -10,7 +10,7 @@ from msgspec import Meta
 
 from konvert.ledger.model import NO_CONTROL_CHARACTERS, NO_NUL, Note
 
-RewardId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")]
+RewardId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$(?!\n)")]
 RedemptionId = Annotated[str, Meta(min_length=1, max_length=128, pattern=NO_CONTROL_CHARACTERS)]
 PositivePoints = Annotated[int, Meta(ge=1, le=1_000_000_000)]
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from litestar import Controller, Response, delete, get, post
-from litestar.params import JSONBody, PathParameter, QueryParameter
+from litestar.params import JSONBody, QueryParameter
 
 from konvert.idempotency import written
 from konvert.ledger.model import MemberId
+from konvert.paths import path_parameter
 from konvert.reputation import leaderboard, service
 from konvert.reputation.model import (
     KudosId,
@@ -22,7 +23,7 @@ from konvert.reputation.model import (
 )
 from konvert.services import Svc
 
-MemberPath = Annotated[MemberId, PathParameter(description="The member's id, as the caller knows it.")]
+MemberPath = Annotated[MemberId, path_parameter(MemberId, "The member's id, as the caller knows it.")]
 PeriodQuery = Annotated[Period, QueryParameter(description="all time, or the current ISO week / calendar month (UTC)")]
 SourceQuery = Annotated[
     str | None,
@@ -59,7 +60,7 @@ class KudosController(Controller):
     @delete("/{kudos_id:str}", opt={"idempotency_key": "kudos_id"}, status_code=200)
     async def retract(
         self,
-        kudos_id: Annotated[KudosId, PathParameter(description="The kudos' id, as given when it was posted.")],
+        kudos_id: Annotated[KudosId, path_parameter(KudosId, "The kudos' id, as given when it was posted.")],
         services: Svc,
     ) -> Response[KudosOut]:
         """Retract a kudos: reverse exactly what it credits, as new transfers linked to its award.

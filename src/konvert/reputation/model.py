@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from konvert.ledger.model import NO_CONTROL_CHARACTERS, MemberId
+from konvert.ledger.model import NO_CONTROL_CHARACTERS, UNPRINTABLE, MemberId
 
 KudosId = Annotated[
     str,
@@ -21,7 +21,7 @@ KudosId = Annotated[
         min_length=1,
         max_length=128,
         # No "/": every kudos can be named in the URL that retracts it.
-        pattern=r"^[^\x00-\x1f\x7f/]+$",
+        pattern=rf"^[^{UNPRINTABLE}/]+$(?!\n)",
         description="The caller's id for this kudos (no `/`); unique across sources, its idempotency key.",
     ),
 ]
