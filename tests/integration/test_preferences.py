@@ -31,7 +31,7 @@ from konvert.ledger.book import Book
 from konvert.ledger.book import Member as LockedMember
 from konvert.program import parse_program
 from konvert.services import Erasure, Services
-from tests.conftest import TEST_PROGRAM, cached_entry, make_settings
+from tests.conftest import TEST_PROGRAM, cached_entry, make_settings, purchase_body
 from tests.integration.test_purchases import RECENT, line, purchase
 
 ALL = ("personalisation", "marketing", "support")
@@ -1096,3 +1096,59 @@ async def test_a_repeated_erasure_keeps_the_old_balance_out_of_the_cache(
     assert await services.cache.get(member) is None
     response = await api.client.get(f"/v1/members/{member}/balance", headers=api.member_headers)
     assert response.status_code == 404
+
+
+async def _waiting_on(conn: asyncpg.Connection, table: str) -> None:
+    """Until some transaction waits for a lock on the table."""
+    query = "select count(*) from pg_locks where relation = $1::regclass and not granted"
+    async with asyncio.timeout(10):
+        while not await conn.fetchval(query, table):  # noqa: ASYNC110 (PostgreSQL signals nothing)
+            await asyncio.sleep(0.01)
+
+
+async def test_an_open_export_does_not_hold_back_the_members_purchases(
+    api, client, admin_headers, database_url, new_id
+):
+    member = new_id("m")
+    first = await client.post("/v1/purchases", json=purchase_body(member), headers=admin_headers)
+    assert first.status_code == 201, first.text
+    locker = await asyncpg.connect(database_url)
+    try:
+        # The export reads adjustments last: locked away, they keep its transaction open.
+        holding = locker.transaction()
+        await holding.start()
+        await locker.execute("lock table adjustments in access exclusive mode")
+        export = asyncio.create_task(api.export(member))
+        await _waiting_on(locker, "adjustments")
+
+        async with asyncio.timeout(10):  # an export that locked the member would hold these back
+            during = await asyncio.gather(
+                *(client.post("/v1/purchases", json=purchase_body(member), headers=admin_headers) for _ in range(5))
+            )
+        assert [r.status_code for r in during] == [201] * 5
+        await holding.rollback()
+        exported = await export
+    finally:
+        await locker.close()
+
+    assert exported.status_code == 200, exported.text
+    # Its snapshot was taken before those purchases; its log entry was written after.
+    assert len(exported.json()["purchases"]) == 1
+    assert [e["kind"] for e in exported.json()["privacy_log"]] == ["exported"]
+    assert (await api.balance(member))["lifetime_earned"] == 6 * first.json()["points"]
+
+
+async def test_exports_beside_the_members_purchases_never_fail(api, client, admin_headers, new_id):
+    member = new_id("m")
+    assert (await client.post("/v1/purchases", json=purchase_body(member), headers=admin_headers)).status_code == 201
+
+    answers = await asyncio.gather(
+        *(client.post("/v1/purchases", json=purchase_body(member), headers=admin_headers) for _ in range(40)),
+        *(api.export(member) for _ in range(20)),
+    )
+
+    assert sorted(r.status_code for r in answers) == [200] * 20 + [201] * 40, [
+        r.text for r in answers if r.status_code >= 300
+    ]
+    log = (await api.export(member)).json()["privacy_log"]
+    assert [e["kind"] for e in log] == ["exported"] * 21

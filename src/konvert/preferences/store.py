@@ -170,11 +170,13 @@ async def insert_log(
     points: int,
     client: str,
     now: datetime,
-) -> None:
-    await conn.execute(
+) -> int:
+    """The entry's log id."""
+    log_id: int = await conn.fetchval(
         """
         insert into privacy_log (member_uid, kind, subject, old_value, new_value, points, client, created_at)
         values ($1, $2, $3, $4::jsonb, $5::jsonb, $6, $7, $8)
+        returning log_id
         """,
         member_uid,
         kind,
@@ -185,6 +187,7 @@ async def insert_log(
         client,
         now,
     )
+    return log_id
 
 
 async def select_log(conn: Conn, member_uid: int, limit: int) -> list[asyncpg.Record]:

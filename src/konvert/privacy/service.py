@@ -48,14 +48,31 @@ _decode = msgspec.json.decode
 
 
 async def export(services: Services, member_id: str, principal: Principal) -> Export:
-    """Everything konvert holds on the member, read in one snapshot; the export itself is logged."""
+    """Everything konvert holds on the member, read in one snapshot; the export itself is logged.
+
+    The snapshot is read only and takes no row lock, so the member's purchases go on beside it
+    and cannot make it fail. The export is logged afterwards, in a transaction of its own, and
+    that entry ends the privacy log it returns."""
     now = services.clock()
-    async with services.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
-        member_uid = await reads.select_live_member_uid(conn, member_id)
-        if member_uid is None:
-            raise errors.MemberNotFound(f"no member {member_id!r}")
-        await _log(conn, member_uid, "exported", principal, now)
-        sections = await _sections(services, conn, member_uid)
+    async with services.pool.acquire() as conn:
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            member_uid = await reads.select_live_member_uid(conn, member_id)
+            if member_uid is None:
+                raise errors.MemberNotFound(f"no member {member_id!r}")
+            sections = await _sections(services, conn, member_uid)
+        log_id = await _log(conn, member_uid, "exported", principal, now)
+    sections["privacy_log"].append(
+        PrivacyLogEntry(
+            log_id=log_id,
+            kind="exported",
+            subject=None,
+            old_value=None,
+            new_value=None,
+            points=0,
+            client=principal.name,
+            created_at=now,
+        )
+    )
     return Export(format=EXPORT_FORMAT, exported_at=now, **sections)
 
 
@@ -120,9 +137,9 @@ async def _sections(services: Services, conn: Connection, member_uid: int) -> di
     }
 
 
-async def _log(conn: Connection, member_uid: int, kind: str, principal: Principal, now: datetime) -> None:
+async def _log(conn: Connection, member_uid: int, kind: str, principal: Principal, now: datetime) -> int:
     """The export or erasure in the member's privacy log, with the client that asked for it."""
-    await preferences_store.insert_log(
+    return await preferences_store.insert_log(
         conn,
         member_uid=member_uid,
         kind=kind,
