@@ -31,9 +31,10 @@ from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Generic, TypeVar
 
 from konvert import errors
-from konvert.observability import BATCHED_WRITES
+from konvert.observability import BATCHED_WRITES, ThrottledLog
 
 log = logging.getLogger("konvert.batching")
+failed_log = ThrottledLog(log)
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -119,8 +120,10 @@ class GroupCommit(Generic[Item, Result]):
                 outcomes = list(await self._write(items))
                 BATCHED_WRITES.labels("together").inc(len(items))
             except Exception as exc:  # noqa: BLE001 - the batch is rolled back; each item goes alone
-                log.warning(
-                    "batch failed; writing its items one by one", extra={"size": len(batch), "error": repr(exc)}
+                # (At most a line per kind of failure every few seconds: with the database down,
+                # every batch fails alike.)
+                failed_log.warning(
+                    "batch failed; writing its items one by one", type(exc).__name__, size=len(batch), error=repr(exc)
                 )
                 outcomes = [await self._write_alone(item) for item in items]
                 BATCHED_WRITES.labels("alone").inc(len(items))

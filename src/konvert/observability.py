@@ -98,6 +98,37 @@ def configure_logging(settings: Settings) -> None:
     root.setLevel(settings.log_level.upper())
     # The embedded PostgreSQL narrates every command it runs; its warnings and errors still show.
     logging.getLogger("pgserver").setLevel(logging.WARNING)
+    # asyncpg's pool says when it cannot reconnect (backing off up to a minute): a line, not a traceback.
+    logging.getLogger("asyncpg.pool").addFilter(_without_traceback)
+
+
+def _without_traceback(record: logging.LogRecord) -> bool:
+    if record.exc_info and record.exc_info[1] is not None:
+        record.error = repr(record.exc_info[1])
+        record.exc_info = record.exc_text = None
+    return True
+
+
+class ThrottledLog:
+    """A warning per kind of failure at most every ``seconds``, counting the ones it left out: a
+    dependency that is down fails every request the same way, and a line (or a traceback) per
+    request would bury everything else in the log."""
+
+    def __init__(self, logger: logging.Logger, seconds: float = 5.0) -> None:
+        self._log = logger
+        self._seconds = seconds
+        self._last: dict[str, float] = {}
+        self._left_out: dict[str, int] = {}
+
+    def warning(self, message: str, kind: str, **extra: Any) -> None:
+        now = time.monotonic()
+        last = self._last.get(kind)
+        if last is not None and now - last < self._seconds:
+            self._left_out[kind] = self._left_out.get(kind, 0) + 1
+            return
+        self._last[kind] = now
+        left_out = self._left_out.pop(kind, 0)
+        self._log.warning(message, extra={"kind": kind, "left_out": left_out, **extra})
 
 
 def new_request_id(headers: Any) -> str:

@@ -12,7 +12,9 @@ import logging
 from typing import Any
 
 import asyncpg
+import asyncpg.exceptions
 import msgspec
+import redis.exceptions
 from litestar import Request, Response
 from litestar.exceptions import (
     HTTPException,
@@ -25,9 +27,27 @@ from litestar.exceptions import (
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 
 from konvert import errors
-from konvert.observability import REQUEST_ID_HEADER, observe_unmatched, request_id_var
+from konvert.observability import REQUEST_ID_HEADER, ThrottledLog, observe_unmatched, request_id_var
 
 log = logging.getLogger("konvert.errors")
+unavailable_log = ThrottledLog(log)
+
+# What a client is told to wait before it tries a 503 again.
+RETRY_AFTER_SECONDS = 1
+# Errors that mean PostgreSQL or Redis cannot be reached right now (refused, reset, timed out, a
+# connection lost mid-query or left in a broken state): 503, and no traceback, for nothing in
+# konvert is wrong. The pool replaces broken connections, so the service recovers by itself.
+UNREACHABLE: tuple[type[Exception], ...] = (
+    OSError,  # refused, reset, unreachable; TimeoutError too (a pool or connect timeout)
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+)
+# PostgreSQL errors (by SQLSTATE class) that say the server cannot serve right now: 08 connection
+# exceptions, 53 insufficient resources (too many connections), 57 operator intervention
+# (shutting down, starting up, a backend terminated).
+UNAVAILABLE_SQLSTATE_CLASSES = ("08", "53", "57")
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 
@@ -77,6 +97,8 @@ def problem_response(
     headers = {}
     if "allow" in exc.extra:
         headers["allow"] = exc.extra["allow"]
+    if "retry_after" in exc.extra or exc.status == 503:
+        headers["retry-after"] = str(exc.extra.get("retry_after", RETRY_AFTER_SECONDS))
     if request_id:  # a request no middleware saw: its id goes on the response here
         headers[REQUEST_ID_HEADER.decode()] = request_id
     return Response(problem, status_code=exc.status, media_type=PROBLEM_MEDIA_TYPE, headers=headers or None)
@@ -150,8 +172,18 @@ def handle_database_error(request: Request[Any, Any, Any], exc: asyncpg.Postgres
         return problem_response(request, errors.ValidationFailed("a value is out of range or cannot be stored"))
     if isinstance(exc, asyncpg.QueryCanceledError):
         return problem_response(request, errors.ServiceUnavailable("the database took too long to answer"))
+    if (exc.sqlstate or "")[:2] in UNAVAILABLE_SQLSTATE_CLASSES:
+        return handle_unreachable(request, exc)
     log.exception("database error")
     return problem_response(request, errors.ServiceUnavailable("the database could not complete the request"))
+
+
+def handle_unreachable(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]:
+    """PostgreSQL or Redis cannot be reached: 503, and a warning per kind of failure now and then."""
+    where = "redis" if isinstance(exc, redis.exceptions.RedisError) else "database"
+    kind = f"{where}:{type(exc).__name__}"
+    unavailable_log.warning(f"{where} unavailable", kind, error=str(exc)[:200])
+    return problem_response(request, errors.ServiceUnavailable(f"the {where} cannot be reached; retry shortly"))
 
 
 def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]:
@@ -166,5 +198,6 @@ EXCEPTION_HANDLERS: dict[Any, Any] = {
     ValidationException: handle_validation_error,
     HTTPException: handle_http_exception,
     asyncpg.PostgresError: handle_database_error,
+    **dict.fromkeys(UNREACHABLE, handle_unreachable),
     Exception: handle_unexpected,
 }

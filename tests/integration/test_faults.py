@@ -1,0 +1,95 @@
+"""Faults under the app: PostgreSQL stopped and its backends terminated, Redis frozen, clients
+that go away mid-request. Each against a server of the test's own (tests/servers.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+import asyncpg
+import httpx
+import pytest
+
+from konvert import auth, db
+from konvert.app import create_app
+from konvert.program import Program
+from tests.conftest import AppClient, make_settings, purchase_body, serve
+from tests.servers import own_postgres
+
+
+def assert_unavailable(response: httpx.Response) -> None:
+    assert response.status_code == 503, response.text
+    assert response.json()["code"] == "service_unavailable"
+    assert int(response.headers["retry-after"]) >= 1
+
+
+async def _admin_key(database_url: str) -> dict[str, str]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        key = (await auth.insert_key(conn, "operator", ["admin"]))[0]
+    finally:
+        await conn.close()
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def _until_answered(client: AppClient, path: str, headers: dict[str, str]) -> httpx.Response:
+    """Until the request is answered with anything but a 503 (30 s at most)."""
+    async with asyncio.timeout(30):
+        while (response := await client.get(path, headers=headers)).status_code == 503:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+    return response
+
+
+async def test_a_lost_database_answers_503_with_retry_after_and_recovers(
+    redis_url: str, program: Program, caplog: pytest.LogCaptureFixture
+) -> None:
+    with own_postgres() as postgres:
+        await db.migrate_url(postgres.url)
+        admin = await _admin_key(postgres.url)
+        # Keys are trusted for a while: the requests below reach their routes' database work.
+        settings = make_settings(postgres.url, redis_url, auth_cache_seconds=300)
+        member = f"m-{uuid.uuid4().hex[:8]}"
+        async with serve(create_app(settings, program)) as client:
+            assert (await client.post("/v1/purchases", json=purchase_body(member), headers=admin)).status_code == 201
+            activity = f"/v1/members/{member}/activity"
+            assert (await client.get(activity, headers=admin)).status_code == 200
+
+            # Backends terminated under the pool's connections: 503 or a fresh connection, never 500.
+            killer = await asyncpg.connect(postgres.url)
+            await killer.execute(
+                "select pg_terminate_backend(pid) from pg_stat_activity where pid <> pg_backend_pid() and backend_type = 'client backend'"
+            )
+            await killer.close()
+            after_kill = [await client.get(activity, headers=admin) for _ in range(5)]
+            assert {r.status_code for r in after_kill} <= {200, 503}
+            for response in after_kill:
+                if response.status_code == 503:
+                    assert_unavailable(response)
+
+            caplog.clear()
+            with caplog.at_level(logging.WARNING):
+                await asyncio.to_thread(postgres.stop)
+                down = []
+                for _ in range(10):
+                    down.append(await client.get(activity, headers=admin))
+                    down.append(await client.post("/v1/purchases", json=purchase_body(member), headers=admin))
+                    down.append(
+                        await client.get(
+                            "/v1/members/unknown/balance", headers={"Authorization": "Bearer kvt_" + "x" * 43}
+                        )
+                    )
+            for response in down:
+                assert_unavailable(response)
+            unavailable = [r for r in caplog.records if r.name == "konvert.errors"]
+            assert unavailable, "the outage was not logged"
+            # konvert's: no tracebacks, and one line per kind of failure (and logger), not one per
+            # request. (asyncpg's pool retries its connections with a backoff, and says so.)
+            ours = [r for r in caplog.records if r.name.startswith("konvert")]
+            assert [r.getMessage() for r in ours if r.exc_info or r.levelno > logging.WARNING] == []
+            kinds = {(r.name, r.__dict__.get("kind")) for r in ours}
+            assert len(ours) == len(kinds) < len(down) / 2
+
+            await asyncio.to_thread(postgres.start)
+            assert (await _until_answered(client, activity, admin)).status_code == 200
+            assert (await client.post("/v1/purchases", json=purchase_body(member), headers=admin)).status_code == 201

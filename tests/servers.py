@@ -1,0 +1,139 @@
+"""PostgreSQL and Redis servers of a test's own, to stop, freeze and start again under the app.
+
+Both come from the machine's binaries (PostgreSQL's ``initdb``/``pg_ctl``, ``redis-server``) and
+listen on a free loopback port; a test that cannot find them is skipped. A PostgreSQL server
+refuses to run as root, so under root it runs as the ``postgres`` user.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _postgres_bin() -> Path | None:
+    for candidate in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
+        if Path(candidate, "pg_ctl").exists():
+            return Path(candidate)
+    found = shutil.which("pg_ctl")
+    return Path(found).parent if found else None
+
+
+def _wait_for_port(port: int, up: bool, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                reached = True
+        except OSError:
+            reached = False
+        if reached == up:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"port {port} did not come {'up' if up else 'down'}")
+
+
+class OwnPostgres:
+    """A PostgreSQL server in a temporary directory: ``url``, ``stop()``, ``start()``."""
+
+    def __init__(self, bin_dir: Path, root: Path) -> None:
+        self.port = free_port()
+        self._bin = bin_dir
+        self._data = root / "data"
+        self._root = root
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *command: str) -> None:
+        as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        subprocess.run([*as_user, *command], check=True, capture_output=True, timeout=60)
+
+    def init(self) -> None:
+        self._run(str(self._bin / "initdb"), "-D", str(self._data), "-A", "trust", "-U", "postgres", "--no-sync")
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self._root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run(
+            str(self._bin / "pg_ctl"),
+            "-D",
+            str(self._data),
+            "-o",
+            options,
+            "-w",
+            "-l",
+            str(self._root / "log"),
+            "start",
+        )
+        _wait_for_port(self.port, up=True)
+
+    def stop(self) -> None:
+        self._run(str(self._bin / "pg_ctl"), "-D", str(self._data), "-m", "immediate", "-w", "stop")
+        _wait_for_port(self.port, up=False)
+
+
+@contextlib.contextmanager
+def own_postgres() -> Iterator[OwnPostgres]:
+    bin_dir = _postgres_bin()
+    if bin_dir is None:
+        pytest.skip("no PostgreSQL binaries (pg_ctl) on this machine")
+    root = Path(tempfile.mkdtemp(prefix="konvert-pg-"))
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+    server = OwnPostgres(bin_dir, root)
+    try:
+        server.init()
+        server.start()
+        yield server
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+class OwnRedis:
+    """A redis-server of its own: ``url``, ``freeze()`` (SIGSTOP), ``thaw()`` (SIGCONT)."""
+
+    def __init__(self, process: subprocess.Popen[bytes], port: int) -> None:
+        self.process = process
+        self.url = f"redis://127.0.0.1:{port}/0"
+
+    def freeze(self) -> None:
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self.process.send_signal(signal.SIGCONT)
+
+
+@contextlib.contextmanager
+def own_redis() -> Iterator[OwnRedis]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("no redis-server on this machine")
+    port = free_port()
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = OwnRedis(process, port)
+    try:
+        _wait_for_port(port, up=True)
+        yield server
+    finally:
+        server.thaw()
+        process.terminate()
+        process.wait(timeout=10)
