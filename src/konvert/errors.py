@@ -125,6 +125,12 @@ class IntegrationNotFound(NotFound):
     code, title = "integration_not_found", "Integration not found"
 
 
+class ClientClosedRequest(KonvertError):
+    """The client went away before its request was read (never seen by it; counted as 499)."""
+
+    status, code, title = 499, "client_closed_request", "Client closed the request"
+
+
 class ServiceUnavailable(KonvertError):
     status, code, title = 503, "service_unavailable", "Service unavailable"
 

@@ -14,12 +14,18 @@ from typing import Any, TypeVar
 import msgspec
 from litestar.enums import ScopeType
 from litestar.middleware import ASGIMiddleware
-from litestar.types import ASGIApp, HTTPScope, Message, Receive, Scope, Send
+from litestar.types import ASGIApp, HTTPScope, Message, Receive, ReceiveMessage, Scope, Send
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 
 from konvert.settings import Settings
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+
+# Whether the client of the request being served went away before it was answered (a list: set
+# by the request's receive, read by its exception handler and the access log).
+_client_gone_var: contextvars.ContextVar[list[bool]] = contextvars.ContextVar("client_gone")
+# The status counted and logged for a request whose client went away first (nginx's choice).
+CLIENT_CLOSED_REQUEST = 499
 
 REQUEST_ID_HEADER = b"x-request-id"
 # A client may send its own request id (to correlate with its logs) if it looks like one.
@@ -153,9 +159,17 @@ class RequestObserver(ASGIMiddleware):
             return
         request_id = new_request_id(scope["headers"])
         token = request_id_var.set(request_id)
+        gone = [False]
+        gone_token = _client_gone_var.set(gone)
         started = time.perf_counter()
         status = 500
         header = (REQUEST_ID_HEADER, request_id.encode())
+
+        async def receive_noting_disconnects() -> ReceiveMessage:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                gone[0] = True
+            return message
 
         async def send_with_request_id(message: Message) -> None:
             nonlocal status
@@ -165,15 +179,24 @@ class RequestObserver(ASGIMiddleware):
             await send(message)
 
         try:
-            await next_app(scope, receive, send_with_request_id)
+            await next_app(scope, receive_noting_disconnects, send_with_request_id)
         finally:
+            if gone[0] and status >= 500:  # the client left mid-request: nothing failed here
+                status = CLIENT_CLOSED_REQUEST
             elapsed = time.perf_counter() - started
             # Route templates (/v1/members/{member_id}/balance) keep member ids out of metric
             # labels and, unless configured otherwise, out of the access log.
             route = scope["path_template"]
             _child(_TIMED, REQUEST_SECONDS, (scope["method"], route)).observe(elapsed)
             _served(scope, route, status, scope["path"] if self._log_paths else route, elapsed)
+            _client_gone_var.reset(gone_token)
             request_id_var.reset(token)
+
+
+def client_gone() -> bool:
+    """Whether the client of the request being served disconnected before its answer."""
+    gone = _client_gone_var.get(None)
+    return gone is not None and gone[0]
 
 
 def observe_unmatched(scope: HTTPScope, status: int) -> str:

@@ -27,7 +27,7 @@ from litestar.exceptions import (
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 
 from konvert import errors
-from konvert.observability import REQUEST_ID_HEADER, ThrottledLog, observe_unmatched, request_id_var
+from konvert.observability import REQUEST_ID_HEADER, ThrottledLog, client_gone, observe_unmatched, request_id_var
 
 log = logging.getLogger("konvert.errors")
 unavailable_log = ThrottledLog(log)
@@ -156,6 +156,9 @@ def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -
         mapped = errors.UnsupportedMediaType(exc.detail)
     elif 400 <= exc.status_code < 500:  # a body that is not JSON, among others
         mapped = errors.MalformedRequest(exc.detail)
+    elif client_gone():  # Litestar's 500 for a body cut short: the client's doing, not a failure
+        log.info("client disconnected before its request was read", extra={"path": request.url.path})
+        mapped = errors.ClientClosedRequest("the client disconnected before its request was read")
     else:
         log.error("http error", extra={"status": exc.status_code, "detail": exc.detail})
         mapped = errors.ServiceUnavailable("the service cannot answer right now")

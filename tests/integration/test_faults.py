@@ -10,6 +10,7 @@ import uuid
 import asyncpg
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from konvert import auth, db
 from konvert.app import create_app
@@ -93,3 +94,45 @@ async def test_a_lost_database_answers_503_with_retry_after_and_recovers(
             await asyncio.to_thread(postgres.start)
             assert (await _until_answered(client, activity, admin)).status_code == 200
             assert (await client.post("/v1/purchases", json=purchase_body(member), headers=admin)).status_code == 201
+
+
+def _requests_by_status(metrics_text: str, route: str) -> dict[str, float]:
+    return {
+        sample.labels["status"]: sample.value
+        for family in text_string_to_metric_families(metrics_text)
+        for sample in family.samples
+        if sample.name == "konvert_http_requests_total" and sample.labels["route"] == route
+    }
+
+
+async def test_a_client_that_leaves_mid_body_is_a_client_abort_not_a_failure(
+    client: AppClient, admin_headers: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    before = _requests_by_status((await client.get("/metrics")).text, "/v1/purchases")
+    host, port = client.base_url.host, client.base_url.port
+    assert port is not None
+    head = (
+        f"POST /v1/purchases HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Authorization: {admin_headers['Authorization']}\r\nContent-Length: 1000\r\n\r\n"
+    )
+
+    with caplog.at_level(logging.INFO):
+        _, writer = await asyncio.open_connection(host, port)
+        writer.write(head.encode() + b'{"purchase_id": "half-')  # half a body, and gone
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        async with asyncio.timeout(10):  # until the server has seen the client go
+            while True:
+                after = _requests_by_status((await client.get("/metrics")).text, "/v1/purchases")
+                if after.get("499", 0) > before.get("499", 0):
+                    break
+                await asyncio.sleep(0.02)
+
+    assert after.get("499", 0) == before.get("499", 0) + 1
+    assert {status: n for status, n in after.items() if status.startswith("5")} == {
+        status: n for status, n in before.items() if status.startswith("5")
+    }
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    logged = [r for r in caplog.records if r.name == "konvert.access" and r.__dict__.get("path") == "/v1/purchases"]
+    assert [r.__dict__["status"] for r in logged][-1:] == [499]
