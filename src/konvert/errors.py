@@ -125,6 +125,12 @@ class IntegrationNotFound(NotFound):
     code, title = "integration_not_found", "Integration not found"
 
 
+class RequestTimeout(KonvertError):
+    """The request's body did not arrive in time (KONVERT_BODY_READ_TIMEOUT_SECONDS)."""
+
+    status, code, title = 408, "request_timeout", "Request timeout"
+
+
 class ClientClosedRequest(KonvertError):
     """The client went away before its request was read (never seen by it; counted as 499)."""
 

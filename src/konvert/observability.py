@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import os
@@ -17,6 +18,7 @@ from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, HTTPScope, Message, Receive, ReceiveMessage, Scope, Send
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 
+from konvert import errors
 from konvert.settings import Settings
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
@@ -152,6 +154,7 @@ class RequestObserver(ASGIMiddleware):
 
     def __init__(self, settings: Settings) -> None:
         self._log_paths = settings.log_member_ids
+        self._body_seconds = settings.body_read_timeout_seconds
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
         if scope["type"] != ScopeType.HTTP:  # never: scopes names HTTP only
@@ -163,18 +166,28 @@ class RequestObserver(ASGIMiddleware):
         gone_token = _client_gone_var.set(gone)
         started = time.perf_counter()
         status = 500
+        answering = False
         header = (REQUEST_ID_HEADER, request_id.encode())
 
+        body_deadline = asyncio.get_running_loop().time() + self._body_seconds
+
         async def receive_noting_disconnects() -> ReceiveMessage:
-            message = await receive()
+            # The body must arrive by its deadline: a client dripping it holds no worker for long.
+            try:
+                async with asyncio.timeout_at(None if answering else body_deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise errors.RequestTimeout(
+                    f"the request body did not arrive within {self._body_seconds:g} s"
+                ) from None
             if message["type"] == "http.disconnect":
                 gone[0] = True
             return message
 
         async def send_with_request_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, answering
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, answering = message["status"], True
                 message["headers"] = [*message.get("headers", ()), header]
             await send(message)
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from granian import Granian
 from granian.constants import Interfaces, Loops
+from granian.http import HTTP1Settings
 from granian.log import LogLevels
 
 from konvert.errors import ConfigurationError
@@ -94,6 +95,11 @@ def serve(settings: Settings) -> None:
         workers=settings.workers,
         loop=Loops.uvloop,
         websockets=False,
+        # A client that drips its headers is cut off (konvert's request observer times the body).
+        http1_settings=HTTP1Settings(header_read_timeout=round(settings.header_read_timeout_seconds * 1000)),
+        # Granian holds a permit per connection it serves: a flood of idle connections waits in
+        # the backlog instead of taking a file descriptor each.
+        backpressure=settings.connections_max_per_worker,
         log_enabled=True,
         log_level=LogLevels(settings.log_level),
         log_dictconfig=log_config(settings),

@@ -53,6 +53,12 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     log_member_ids: bool = False
 
     request_max_body_bytes: Annotated[int, Meta(ge=1024, le=16 * 1024 * 1024)] = 256 * 1024
+    # A client must send a request's headers within this time, and its body within this time
+    # after them, or its connection is closed (headers) or its request answered 408 (body).
+    header_read_timeout_seconds: Annotated[float, Meta(ge=0.1, le=300)] = 10.0
+    body_read_timeout_seconds: Annotated[float, Meta(ge=0.1, le=300)] = 30.0
+    # Connections each worker serves at once; more wait in the listen backlog until one closes.
+    connections_max_per_worker: Annotated[int, Meta(ge=1, le=100_000)] = 1000
     db_pool_min: Annotated[int, Meta(ge=1, le=200)] = 2
     db_pool_max: Annotated[int, Meta(ge=1, le=200)] = 20
     db_statement_timeout_seconds: Seconds = 10.0

@@ -436,3 +436,38 @@ def test_stopping_the_embedded_default_stops_its_servers_after_the_workers(tmp_p
         # terminal's signal while they might still write.
         redis_log = (data_dir / "redis" / "redis.log").read_text()
         assert "Received SIGTERM" in redis_log and "Received SIGINT" not in redis_log, redis_log
+
+
+def test_a_client_dripping_its_headers_is_cut_off(tmp_path: Path, database_url: str, redis_url: str) -> None:
+    env = konvert_env(
+        KONVERT_DATABASE_URL=database_url, KONVERT_REDIS_URL=redis_url, KONVERT_HEADER_READ_TIMEOUT_SECONDS="1"
+    )
+    with konvert_serve(tmp_path, env) as server:
+        server.wait_ready(READY_TIMEOUT_SECONDS)
+        port = int(server.base_url.rsplit(":", 1)[1])
+        header = b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200  # 20 s at 10 bytes a second
+        started = time.monotonic()
+        cut_off_after = None
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            for byte in header:
+                try:
+                    sock.sendall(bytes([byte]))
+                    time.sleep(0.1)
+                    sock.setblocking(False)
+                    try:
+                        closed = sock.recv(4096) == b""
+                    except BlockingIOError:
+                        closed = False
+                    finally:
+                        sock.setblocking(True)
+                except OSError:  # reset by the server
+                    closed = True
+                if closed:
+                    cut_off_after = time.monotonic() - started
+                    break
+
+        assert cut_off_after is not None, "the server waited for the whole header"
+        assert cut_off_after < 5
+        # Whoever sends headers in time is still served.
+        assert get(server, "/health/live").status_code == 200
+        assert server.stop() == 0

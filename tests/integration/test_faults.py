@@ -136,3 +136,28 @@ async def test_a_client_that_leaves_mid_body_is_a_client_abort_not_a_failure(
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     logged = [r for r in caplog.records if r.name == "konvert.access" and r.__dict__.get("path") == "/v1/purchases"]
     assert [r.__dict__["status"] for r in logged][-1:] == [499]
+
+
+async def test_a_body_that_does_not_arrive_in_time_is_408(
+    database_url: str, redis_url: str, program: Program, admin_headers: dict[str, str]
+) -> None:
+    settings = make_settings(database_url, redis_url, body_read_timeout_seconds=0.5)
+    async with serve(create_app(settings, program)) as client:
+        host, port = client.base_url.host, client.base_url.port
+        assert port is not None
+        head = (
+            f"POST /v1/purchases HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Authorization: {admin_headers['Authorization']}\r\nContent-Length: 1000\r\n\r\n"
+        )
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(head.encode() + b'{"purchase_id": "slow-')  # and the rest never comes
+            await writer.drain()
+            async with asyncio.timeout(10):
+                answer = await reader.readuntil(b"\r\n\r\n")
+        finally:
+            writer.close()
+
+    status_line = answer.split(b"\r\n", 1)[0]
+    assert status_line.split()[1] == b"408", answer
+    assert b"application/problem+json" in answer.lower()
