@@ -2,7 +2,22 @@
 
 Every Redis call here is best-effort: when Redis is down or slow the caller falls back to
 PostgreSQL, and a short circuit breaker keeps a dead Redis from adding its timeout to every
-request. Nothing here ever authorises a spend. The concurrent reads of one turn of the event loop
+request. Nothing here ever authorises a spend.
+
+The breaker: after a failed Redis call, reads and fills skip Redis for a second (doubling, up to
+``_BREAKER_OPEN_MAX_SECONDS``, while the failures go on). Invalidations skip Redis only after an
+invalidation failed: the first one after another call's failure is still sent, so that a hiccup
+alone does not leave a member's older balance in Redis for other processes to serve.
+
+Why it serves nothing stale: an invalidation that could not be delivered (skipped, or failed) is
+remembered (member id, latest version), and this process serves no cached balance and fills none
+until every remembered one has reached Redis: they are sent with the next invalidation, or by the
+next read once the breaker allows a try. Should more be missed than are remembered
+(``_MISSED_MAX``), every entry cached before the last miss may be stale, and none is read or
+filled until the longest they live (``balance_cache_ttl_seconds``) has passed. Another process
+that did not miss them may read such an entry from the moment Redis answers it until this
+process's replay lands (normally the breaker's second); on a Redis that stays unreachable for
+this process alone, until the entry expires. The concurrent reads of one turn of the event loop
 share one command (MGET); the invalidations of a batch of writes share one round trip (a redis-py
 pipeline).
 
@@ -25,10 +40,11 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
 from konvert.batching import BatchedLookups
-from konvert.observability import BALANCE_READS
+from konvert.observability import BALANCE_READS, ThrottledLog
 from konvert.settings import Settings
 
 log = logging.getLogger("konvert.cache")
+unavailable_log = ThrottledLog(log)
 
 # Sets the cached balance only if its version is newer than what is cached. A write that has
 # committed version N but not computed the full balance stores a tombstone (version N, no body),
@@ -50,6 +66,9 @@ _PUT_IF_NEWER_SHA = hashlib.sha1(_PUT_IF_NEWER.encode(), usedforsecurity=False).
 # exact in the Lua script's numbers, which are doubles).
 ABOVE_ANY_VERSION = 2**62
 _BREAKER_OPEN_SECONDS = 1.0
+_BREAKER_OPEN_MAX_SECONDS = 8.0
+# Invalidations remembered while Redis could not take them (see the module's doc).
+_MISSED_MAX = 100_000
 
 # A cache entry to put: (key, version, body, seconds to live); an empty body is a tombstone.
 _Entry = tuple[str, int, bytes, int]
@@ -71,6 +90,13 @@ class BalanceCache:
         self._ttl_seconds = ttl_seconds
         self._prefix = prefix
         self._skip_until = 0.0
+        self._invalidations_skip_until = 0.0
+        self._open_seconds = _BREAKER_OPEN_SECONDS
+        # Invalidations Redis has not taken yet: member id -> latest version (see the module's doc).
+        self._missed: dict[str, int] = {}
+        # After more misses than remembered: no cached balance is trusted before this time.
+        self._cold_until = 0.0
+        self._replaying: asyncio.Task[None] | None = None
         self._filling: set[asyncio.Task[bool]] = set()
         # Concurrent reads share one MGET: one command, one round trip, one pooled connection.
         self._reads: BatchedLookups[str, bytes] = BatchedLookups(
@@ -88,13 +114,38 @@ class BalanceCache:
     def _available(self) -> bool:
         return time.monotonic() >= self._skip_until
 
-    def _failed(self, action: str, exc: Exception) -> None:
-        self._skip_until = time.monotonic() + _BREAKER_OPEN_SECONDS
-        log.warning("redis unavailable", extra={"action": action, "error": repr(exc)})
+    def _trusted(self) -> bool:
+        """Whether cached balances may be read and filled: Redis is not skipped, and it took
+        every invalidation (so that nothing in it is older than PostgreSQL says)."""
+        return self._available() and not self._missed and time.monotonic() >= self._cold_until
+
+    def _failed(self, action: str, exc: Exception, *, invalidating: bool = False) -> None:
+        now = time.monotonic()
+        self._skip_until = now + self._open_seconds
+        if invalidating:
+            self._invalidations_skip_until = self._skip_until
+        self._open_seconds = min(self._open_seconds * 2, _BREAKER_OPEN_MAX_SECONDS)
+        unavailable_log.warning("redis unavailable", action, action=action, error=repr(exc))
+
+    def _miss(self, latest: dict[str, int]) -> None:
+        for member_id, version in latest.items():
+            if version > self._missed.get(member_id, -1):
+                self._missed[member_id] = version
+        if len(self._missed) > _MISSED_MAX:
+            self._missed.clear()
+            self._cold_until = time.monotonic() + self._ttl_seconds
+
+    def _replay_soon(self) -> None:
+        """Send the missed invalidations once the breaker allows a try (one replay at a time)."""
+        if not self._missed or time.monotonic() < self._invalidations_skip_until:
+            return
+        if self._replaying is None or self._replaying.done():
+            self._replaying = asyncio.get_running_loop().create_task(self.invalidate_many(()))
 
     async def get(self, member_id: str) -> bytes | None:
         """The cached balance body, or None (not cached, a tombstone, or Redis unavailable)."""
-        if not self._available():
+        if not self._trusted():
+            self._replay_soon()
             return None
         try:
             body = await self._reads.get(member_id)
@@ -117,11 +168,13 @@ class BalanceCache:
 
     async def put_many(self, balances: list[tuple[str, int, bytes]]) -> bool:
         """Cache many (member id, version, body) in one round trip, each unless a newer one is.
-        False (and the breaker opened) when Redis could not be asked.
+        False when Redis could not be asked (or may hold balances older than PostgreSQL's).
 
         Balances cached together would expire together, and their reads would all go to
         PostgreSQL at once again: each lives a random time between half the TTL and the TTL."""
         ttl = self._ttl_seconds
+        if not self._trusted():
+            return False
         return await self._put_many(
             [(self.key(m), v, b, random.randint(max(1, ttl // 2), ttl)) for m, v, b in balances]
         )
@@ -130,6 +183,8 @@ class BalanceCache:
         """Cache a balance without waiting for it: a read that missed answers first and fills the
         cache after. Safe in any order: the fill only lands if nothing newer is cached meanwhile.
         A fill that cannot reach Redis is dropped (the breaker logs it)."""
+        if not self._trusted():
+            return
         entry = (self.key(member_id), version, body, self._ttl_seconds)
         task = asyncio.get_running_loop().create_task(self._put_many([entry]))
         self._filling.add(task)  # the loop keeps only weak references to tasks
@@ -140,23 +195,29 @@ class BalanceCache:
         balance. One round trip for all of them (a member's latest version only).
 
         The tombstone (version, no body) is what keeps a slower reader from caching an older
-        balance; a plain DEL would not. When Redis cannot be reached at all, entries expire
-        after ``balance_cache_ttl_seconds``, which bounds how long an older balance can live.
+        balance; a plain DEL would not. While the breaker is open they are not sent but
+        remembered, and sent with the next ones (see the module's doc for why that is safe).
         """
-        latest: dict[str, int] = {}
+        latest: dict[str, int] = dict(self._missed)
         for member_id, version in changes:
             if version > latest.get(member_id, -1):
                 latest[member_id] = version
         if not latest:
             return
-        # Unlike reads, invalidations do not skip Redis while the breaker is open: a missed
-        # tombstone would let an older balance be served. A silent Redis costs the batch one timeout.
+        if time.monotonic() < self._invalidations_skip_until:
+            self._miss(latest)
+            return
         ttl = self._ttl_seconds
         entries = [(self.key(member_id), version, b"", ttl) for member_id, version in latest.items()]
-        await self._put_many(entries, even_if_breaker_open=True)
+        if not await self._put_many(entries, invalidating=True):
+            self._miss(latest)
+            return
+        for member_id, version in latest.items():  # (others may have been missed meanwhile)
+            if self._missed.get(member_id, -1) <= version:
+                self._missed.pop(member_id, None)
 
-    async def _put_many(self, entries: list[_Entry], *, even_if_breaker_open: bool = False) -> bool:
-        if not (even_if_breaker_open or self._available()):
+    async def _put_many(self, entries: list[_Entry], *, invalidating: bool = False) -> bool:
+        if not (invalidating or self._available()):
             return False
         try:
             replies = await self._eval(entries)
@@ -167,10 +228,11 @@ class BalanceCache:
                 await self._redis.script_load(_PUT_IF_NEWER)
                 replies += await self._eval(forgotten)
             _raise_first(reply for reply in replies if not isinstance(reply, NoScriptError))
-            return True
         except (RedisError, OSError) as exc:
-            self._failed("put", exc)
+            self._failed("invalidate" if invalidating else "put", exc, invalidating=invalidating)
             return False
+        self._open_seconds = _BREAKER_OPEN_SECONDS
+        return True
 
     async def _eval(self, entries: list[_Entry]) -> list[Any]:
         """The script for every entry in one pipeline, by its digest (no script body on the wire,
@@ -187,9 +249,11 @@ class BalanceCache:
             await asyncio.gather(*self._filling, return_exceptions=True)
 
     async def aclose(self) -> None:
-        """Until the reads and fills started so far have been answered, landed or dropped."""
+        """Until the reads, fills and replays started so far have been answered, landed or dropped."""
         await self._reads.aclose()
         await self.wait_filled()
+        if self._replaying is not None:
+            await asyncio.gather(self._replaying, return_exceptions=True)
 
 
 def _raise_first(replies: Iterable[Any]) -> None:

@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 
 import asyncpg
 import httpx
 import pytest
+import redis.asyncio as redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from konvert import auth, db
 from konvert.app import create_app
 from konvert.program import Program
-from tests.conftest import AppClient, make_settings, purchase_body, serve
-from tests.servers import own_postgres
+from tests.conftest import AppClient, cached_entry, make_settings, purchase_body, serve
+from tests.servers import own_postgres, own_redis
 
 
 def assert_unavailable(response: httpx.Response) -> None:
@@ -161,3 +163,54 @@ async def test_a_body_that_does_not_arrive_in_time_is_408(
     status_line = answer.split(b"\r\n", 1)[0]
     assert status_line.split()[1] == b"408", answer
     assert b"application/problem+json" in answer.lower()
+
+
+async def test_a_frozen_redis_does_not_slow_every_purchase_and_serves_nothing_stale_after(
+    database_url: str, program: Program, admin_headers: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    timeout = 0.5
+    with own_redis() as redis_server:
+        settings = make_settings(database_url, redis_server.url, redis_timeout_seconds=timeout)
+        member = f"m-{uuid.uuid4().hex[:8]}"
+        balance_path = f"/v1/members/{member}/balance"
+        async with serve(create_app(settings, program)) as client:
+            cache = client.app.state.services.cache
+            watcher = redis.Redis.from_url(redis_server.url)
+            try:
+                first = await client.post("/v1/purchases", json=purchase_body(member), headers=admin_headers)
+                assert first.status_code == 201, first.text
+                points = first.json()["points"]
+                assert (await client.get(balance_path, headers=admin_headers)).status_code == 200
+                await cache.wait_filled()
+                assert await cached_entry(watcher, member, cache.key(member)) is not None  # an older balance to come
+
+                redis_server.freeze()
+                caplog.clear()
+                with caplog.at_level(logging.WARNING):
+                    started = time.monotonic()
+                    for _ in range(10):  # one after another: each its own batch and invalidation
+                        posted = await client.post("/v1/purchases", json=purchase_body(member), headers=admin_headers)
+                        assert posted.status_code == 201, posted.text
+                    elapsed = time.monotonic() - started
+                    during = await client.get(balance_path, headers=admin_headers)
+                # Without the breaker each purchase would wait for Redis's timeout.
+                assert elapsed < 10 * timeout / 2, f"10 purchases took {elapsed:.1f}s with Redis frozen"
+                assert during.json()["lifetime_earned"] == 11 * points
+                warned = [r for r in caplog.records if r.getMessage() == "redis unavailable"]
+                assert 1 <= len(warned) <= 3
+
+                redis_server.thaw()
+                # Redis still holds the balance from before: it is never served again.
+                for _ in range(20):
+                    after = await client.get(balance_path, headers=admin_headers)
+                    assert after.json()["lifetime_earned"] == 11 * points
+                version = after.json()["version"]
+                async with asyncio.timeout(15):  # until the missed invalidations and a fill landed
+                    while (await cached_entry(watcher, member, cache.key(member))) != (version, after.content):
+                        await client.get(balance_path, headers=admin_headers)
+                        await cache.wait_filled()
+                        await asyncio.sleep(0.05)
+                assert (await client.get(balance_path, headers=admin_headers)).json() == after.json()
+            finally:
+                redis_server.thaw()
+                await watcher.aclose()
