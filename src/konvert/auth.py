@@ -2,16 +2,20 @@
 
 A key looks like ``kvt_<43 url-safe characters>`` (256 random bits). Only its SHA-256 is stored.
 Verified keys are remembered in-process for ``auth_cache_seconds`` so a request does not pay a
-database round trip; revocation therefore takes effect within that time in every process.
+database round trip; revocation therefore takes effect within that time in every process. Keys
+found unknown are remembered as long (apart, so that a flood of them cannot push the valid ones
+out), and a client whose keys keep failing is refused with 429 before any lookup.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import secrets
 import time
+from collections import OrderedDict
 from datetime import datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import asyncpg
 import msgspec
@@ -33,6 +37,8 @@ SCOPES = (
 # `admin` may do everything; the others only what they name.
 ADMIN_SCOPE = "admin"
 _CACHE_ENTRIES_MAX = 10_000
+# Failed authentications are counted per client address over this window.
+FAILURES_WINDOW_SECONDS = 60.0
 OPENAPI_PATH = "/schema"
 
 
@@ -132,17 +138,52 @@ async def count_active_admin_keys(conn: Connection) -> int:
     return count
 
 
-class KeyVerifier:
-    """Turns an ``Authorization`` header into a Principal, or raises Unauthenticated."""
+K = TypeVar("K")
+V = TypeVar("V")
 
-    def __init__(self, pool: asyncpg.Pool, cache_seconds: float) -> None:
+
+class Recent(Generic[K, V]):
+    """At most ``size`` entries, each for ``seconds``; when full, the least recently used goes."""
+
+    def __init__(self, size: int, seconds: float) -> None:
+        self._size = size
+        self._seconds = seconds
+        self._entries: OrderedDict[K, tuple[float, V]] = OrderedDict()
+
+    def get(self, key: K, now: float) -> V | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry[0] <= now:
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return entry[1]
+
+    def put(self, key: K, value: V, now: float) -> None:
+        if self._seconds <= 0:
+            return
+        self._entries[key] = (now + self._seconds, value)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+
+class KeyVerifier:
+    """Turns an ``Authorization`` header into a Principal, or raises Unauthenticated (or
+    RateLimited, for a client whose keys failed too often)."""
+
+    def __init__(self, pool: asyncpg.Pool, cache_seconds: float, failures_per_minute: int = 60) -> None:
         self._pool = pool
-        self._cache_seconds = cache_seconds
         # By the key as presented: a request whose key was verified lately costs a dict lookup,
         # not a SHA-256. (The key is in this process's memory for the request anyway.)
-        self._cache: dict[str, tuple[float, Principal | None]] = {}
+        self._known: Recent[str, Principal] = Recent(_CACHE_ENTRIES_MAX, cache_seconds)
+        self._unknown: Recent[str, bool] = Recent(_CACHE_ENTRIES_MAX, cache_seconds)
+        # Per client address: (when its window ends, failures in it).
+        self._failures: Recent[str, list[float]] = Recent(_CACHE_ENTRIES_MAX, FAILURES_WINDOW_SECONDS)
+        self._failures_max = failures_per_minute
 
-    async def authenticate(self, authorization: str | None) -> Principal:
+    async def authenticate(self, authorization: str | None, client: str = "") -> Principal:
         if not authorization:
             raise errors.Unauthenticated("send an API key as 'Authorization: Bearer <key>'")
         scheme, _, key = authorization.partition(" ")
@@ -150,18 +191,33 @@ class KeyVerifier:
         if scheme.lower() != "bearer" or not key.startswith(KEY_PREFIX) or len(key) > 100:
             raise errors.Unauthenticated("send an API key as 'Authorization: Bearer <key>'")
         now = time.monotonic()
-        cached = self._cache.get(key)
-        if cached is not None and cached[0] > now:
-            principal = cached[1]
-        else:
+        principal = self._known.get(key, now)
+        if principal is not None:
+            return principal
+        self._check_failures(client, now)
+        if self._unknown.get(key, now) is None:
             principal = await self._lookup(hash_key(key))
-            if self._cache_seconds > 0:
-                if len(self._cache) >= _CACHE_ENTRIES_MAX:
-                    self._cache.clear()
-                self._cache[key] = (now + self._cache_seconds, principal)
-        if principal is None:
-            raise errors.Unauthenticated("the API key is not valid or was revoked")
-        return principal
+            if principal is not None:
+                self._known.put(key, principal, now)
+                return principal
+            self._unknown.put(key, True, now)
+        self._failed(client, now)
+        raise errors.Unauthenticated("the API key is not valid or was revoked")
+
+    def _check_failures(self, client: str, now: float) -> None:
+        window = self._failures.get(client, now)
+        if window is not None and window[1] >= self._failures_max:
+            wait = max(1, math.ceil(window[0] - now))
+            raise errors.RateLimited(
+                f"too many failed authentications from this client; retry in {wait} s", retry_after=wait
+            )
+
+    def _failed(self, client: str, now: float) -> None:
+        window = self._failures.get(client, now)
+        if window is None:
+            self._failures.put(client, [now + FAILURES_WINDOW_SECONDS, 1.0], now)
+        else:
+            window[1] += 1
 
     async def _lookup(self, digest: bytes) -> Principal | None:
         row = await self._pool.fetchrow(
@@ -192,7 +248,8 @@ async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: Bas
         raise errors.Forbidden("this route declares no scope")
     verifier: KeyVerifier = connection.app.state.services.keys
     headers = connection.headers
-    principal = await verifier.authenticate(headers.get("authorization"))
+    client = connection.client.host if connection.client else ""
+    principal = await verifier.authenticate(headers.get("authorization"), client)
     if not principal.allows(required):
         raise errors.Forbidden(f"this API key lacks the scope {required}")
     connection.scope["state"]["principal"] = principal

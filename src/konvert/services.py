@@ -74,7 +74,7 @@ class Services:
             pool=pool,
             redis=client,
             cache=BalanceCache.for_settings(client, settings),
-            keys=KeyVerifier(pool, settings.auth_cache_seconds),
+            keys=KeyVerifier(pool, settings.auth_cache_seconds, settings.auth_failures_per_minute),
             erasure=erasure,
         )
 

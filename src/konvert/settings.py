@@ -68,6 +68,9 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     # How long a verified API key is trusted before it is looked up again (so revocation by
     # another process takes effect within this time). 0 looks every key up on every request.
     auth_cache_seconds: Annotated[float, Meta(ge=0, le=300)] = 5.0
+    # A client (by address) whose API keys failed this many times within a minute is answered
+    # 429 until the minute is over, without a database lookup (each worker counts its own).
+    auth_failures_per_minute: Annotated[int, Meta(ge=1, le=1_000_000)] = 60
     balance_cache_ttl_seconds: Annotated[int, Meta(ge=1, le=30 * 86400)] = 3600
     # Background jobs (vesting, hold timeouts, expiry) run every this many seconds in each
     # service process; 0 turns them off (run `konvert jobs run` from cron instead).

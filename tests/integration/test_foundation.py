@@ -26,12 +26,12 @@ from litestar.routes import HTTPRoute
 from litestar.testing import AsyncTestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from konvert import auth, db
+from konvert import auth, db, errors
 from konvert.app import create_app
 from konvert.errors import ConfigurationError
 from konvert.program import Program
 from konvert.settings import Settings
-from tests.conftest import AppClient, make_settings, purchase_body
+from tests.conftest import AppClient, make_settings, purchase_body, serve
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -104,6 +104,67 @@ async def test_an_unknown_key_is_401(client: AppClient) -> None:
     response = await client.get("/v1/members/x/balance", headers=bearer(auth.generate_key()))
 
     assert_problem(response, 401, "unauthenticated")
+
+
+async def test_an_unknown_key_is_remembered_and_not_looked_up_again(
+    database_url: str, redis_url: str, program: Program, make_key: MakeKey
+) -> None:
+    settings = make_settings(database_url, redis_url, auth_cache_seconds=60)
+    key = auth.generate_key()
+    async with serve(create_app(settings, program)) as client:
+        assert_problem(await client.get("/v1/rewards", headers=bearer(key)), 401, "unauthenticated")
+        # The key becomes valid in the database behind the process's back...
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute(
+                "insert into api_keys (name, prefix, secret_hash, scopes) values ('late', $1, $2, $3)",
+                key[:12],
+                auth.hash_key(key),
+                ["members:read"],
+            )
+        finally:
+            await conn.close()
+        # ...and the process, which remembers it as unknown, does not look it up again.
+        assert_problem(await client.get("/v1/rewards", headers=bearer(key)), 401, "unauthenticated")
+    async with serve(create_app(settings, program)) as fresh:  # (a process that never saw it)
+        assert (await fresh.get("/v1/rewards", headers=bearer(key))).status_code == 200
+
+
+async def test_a_flood_of_unknown_keys_does_not_push_out_the_valid_ones(
+    database_url: str, make_key: MakeKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(auth, "_CACHE_ENTRIES_MAX", 50)  # (small, so that the flood is cheap)
+    key = await make_key("members:read", name="busy")
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    try:
+        verifier = auth.KeyVerifier(pool, 60, failures_per_minute=1000)
+        assert (await verifier.authenticate(f"Bearer {key}", "shop")).name == "busy"
+        async with pool.acquire() as conn:  # revoked: only a remembered key still passes now
+            assert await auth.revoke_key(conn, await key_id_of(conn, key))
+        for _ in range(200):
+            with pytest.raises(errors.Unauthenticated):
+                await verifier.authenticate(f"Bearer {auth.generate_key()}", "attacker")
+
+        assert (await verifier.authenticate(f"Bearer {key}", "shop")).name == "busy"
+    finally:
+        await pool.close()
+
+
+async def test_a_client_whose_keys_keep_failing_is_429_with_retry_after(
+    database_url: str, redis_url: str, program: Program, make_key: MakeKey
+) -> None:
+    settings = make_settings(database_url, redis_url, auth_cache_seconds=60, auth_failures_per_minute=5)
+    valid = await make_key("members:read")
+    async with serve(create_app(settings, program)) as client:
+        assert (await client.get("/v1/rewards", headers=bearer(valid))).status_code == 200
+        for _ in range(5):
+            assert_problem(await client.get("/v1/rewards", headers=bearer(auth.generate_key())), 401, "unauthenticated")
+
+        refused = await client.get("/v1/rewards", headers=bearer(auth.generate_key()))
+        assert_problem(refused, 429, "rate_limited")
+        assert 1 <= int(refused.headers["retry-after"]) <= 60
+        # A key the client used successfully lately still works.
+        assert (await client.get("/v1/rewards", headers=bearer(valid))).status_code == 200
 
 
 async def test_a_revoked_key_is_401(
