@@ -50,6 +50,8 @@ class Principal(msgspec.Struct, frozen=True):
     scopes: frozenset[str]
     # The partners a bound key may post and refund purchases for; None: any.
     partners: frozenset[str] | None = None
+    # The consent purposes a bound key reads preferences for; None: any (and the whole export).
+    purposes: frozenset[str] | None = None
 
     def allows(self, scope: str) -> bool:
         return scope in self.scopes or ADMIN_SCOPE in self.scopes
@@ -67,6 +69,22 @@ class Principal(msgspec.Struct, frozen=True):
             )
         return partner
 
+    def check_purposes(self, purpose: str | None) -> frozenset[str] | None:
+        """The purposes a preference read is for: the one asked for, else a bound key's own (None:
+        unfiltered); PurposeForbidden for a purpose a bound key is not bound to."""
+        if purpose is not None:
+            if self.purposes is not None and purpose not in self.purposes:
+                raise errors.PurposeForbidden(
+                    f"this API key may read preferences only for {', '.join(sorted(self.purposes))}"
+                )
+            return frozenset({purpose})
+        return self.purposes
+
+    def check_unbound_by_purpose(self) -> None:
+        """For reads of everything on a member (the export): a purpose-bound key may not."""
+        if self.purposes is not None:
+            raise errors.PurposeForbidden("this API key is bound to purposes; it may not read a whole member")
+
 
 class ApiKeyInfo(msgspec.Struct, frozen=True):
     key_id: int
@@ -76,6 +94,7 @@ class ApiKeyInfo(msgspec.Struct, frozen=True):
     created_at: datetime
     revoked_at: datetime | None
     partners: list[str] | None = None
+    purposes: list[str] | None = None
 
 
 def generate_key() -> str:
@@ -96,22 +115,27 @@ def validate_scopes(scopes: list[str]) -> list[str]:
 
 
 async def insert_key(
-    conn: Connection, name: str, scopes: list[str], partners: list[str] | None = None
+    conn: Connection,
+    name: str,
+    scopes: list[str],
+    partners: list[str] | None = None,
+    purposes: list[str] | None = None,
 ) -> tuple[str, ApiKeyInfo]:
-    """Create a key (bound to ``partners`` if given); return the key itself (to show once) and
-    what is stored about it."""
+    """Create a key (bound to ``partners`` and ``purposes`` if given); return the key itself (to
+    show once) and what is stored about it."""
     key = generate_key()
     row = await conn.fetchrow(
         """
-        insert into api_keys (name, prefix, secret_hash, scopes, partners)
-        values ($1, $2, $3, $4, $5)
-        returning key_id, name, prefix, scopes, created_at, revoked_at, partners
+        insert into api_keys (name, prefix, secret_hash, scopes, partners, purposes)
+        values ($1, $2, $3, $4, $5, $6)
+        returning key_id, name, prefix, scopes, created_at, revoked_at, partners, purposes
         """,
         name,
         key[: len(KEY_PREFIX) + 8],
         hash_key(key),
         validate_scopes(scopes),
         sorted(set(partners)) if partners else None,
+        sorted(set(purposes)) if purposes else None,
     )
     assert row is not None
     return key, ApiKeyInfo(**dict(row))
@@ -119,7 +143,7 @@ async def insert_key(
 
 async def select_keys(conn: Connection) -> list[ApiKeyInfo]:
     rows = await conn.fetch(
-        "select key_id, name, prefix, scopes, created_at, revoked_at, partners from api_keys order by key_id"
+        "select key_id, name, prefix, scopes, created_at, revoked_at, partners, purposes from api_keys order by key_id"
     )
     return [ApiKeyInfo(**dict(r)) for r in rows]
 
@@ -221,12 +245,17 @@ class KeyVerifier:
 
     async def _lookup(self, digest: bytes) -> Principal | None:
         row = await self._pool.fetchrow(
-            "select key_id, name, scopes, partners from api_keys where secret_hash = $1 and revoked_at is null", digest
+            """
+            select key_id, name, scopes, partners, purposes from api_keys
+            where secret_hash = $1 and revoked_at is null
+            """,
+            digest,
         )
         if row is None:
             return None
         partners = None if row["partners"] is None else frozenset(row["partners"])
-        return Principal(row["key_id"], row["name"], frozenset(row["scopes"]), partners)
+        purposes = None if row["purposes"] is None else frozenset(row["purposes"])
+        return Principal(row["key_id"], row["name"], frozenset(row["scopes"]), partners, purposes)
 
 
 async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:

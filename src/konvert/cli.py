@@ -135,15 +135,18 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
     conn = await _connect(settings)
     try:
         if args.keys_command == "create":
-            key, info = await auth.insert_key(conn, args.name, args.scope, args.partner)
+            key, info = await auth.insert_key(conn, args.name, args.scope, args.partner, args.purpose)
             print(key)
             bound = f", for partners {' '.join(info.partners)}" if info.partners else ""
+            bound += f", for purposes {' '.join(info.purposes)}" if info.purposes else ""
             _say(f"created key {info.key_id} ({info.name}) with scopes {' '.join(info.scopes)}{bound}; not shown again")
         elif args.keys_command == "list":
             for info in await auth.select_keys(conn):
                 state = f"revoked {info.revoked_at:%Y-%m-%d %H:%M}" if info.revoked_at else "active"
                 partners = " ".join(info.partners) if info.partners else "any partner"
-                print(f"{info.key_id}\t{info.prefix}…\t{info.name}\t{' '.join(info.scopes)}\t{partners}\t{state}")
+                purposes = " ".join(info.purposes) if info.purposes else "any purpose"
+                columns = (info.key_id, f"{info.prefix}…", info.name, " ".join(info.scopes), partners, purposes, state)
+                print("\t".join(map(str, columns)))
         elif args.keys_command == "revoke":
             if not await auth.revoke_key(conn, args.key_id):
                 _say(f"no active key {args.key_id}")
@@ -304,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         action="extend",
         help="bind the key to these partners: it may post and refund purchases only for them",
+    )
+    create.add_argument(
+        "--purpose",
+        nargs="+",
+        action="extend",
+        help="bind the key to these consent purposes: it reads members' preferences only as far as they may",
     )
     key_commands.add_parser("list", help="list keys (never the keys themselves)")
     revoke = key_commands.add_parser("revoke", help="revoke a key by id")

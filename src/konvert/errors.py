@@ -109,6 +109,12 @@ class RateLimited(KonvertError):
     status, code, title = 429, "rate_limited", "Too many requests"
 
 
+class PurposeForbidden(Forbidden):
+    """The API key is bound to other consent purposes."""
+
+    code, title = "purpose_forbidden", "Not allowed for this purpose"
+
+
 class PartnerForbidden(Forbidden):
     """The API key is bound to other partners."""
 

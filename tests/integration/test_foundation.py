@@ -807,10 +807,16 @@ def test_keys_list_shows_the_prefix_but_never_the_key(cli_env: dict[str, str], n
     listing = list_keys(cli_env)
 
     assert key not in listing
-    _, prefix, listed_name, scopes, partners, state = listed_key(listing, name)
+    _, prefix, listed_name, scopes, partners, purposes, state = listed_key(listing, name)
     assert key.startswith(prefix.rstrip("…"))
     assert len(prefix.rstrip("…")) < len(key)
-    assert (listed_name, scopes, partners, state) == (name, "members:read", "any partner", "active")
+    assert (listed_name, scopes, partners, purposes, state) == (
+        name,
+        "members:read",
+        "any partner",
+        "any purpose",
+        "active",
+    )
 
 
 def test_keys_create_binds_a_key_to_partners(cli_env: dict[str, str], new_id: NewId) -> None:
@@ -821,6 +827,16 @@ def test_keys_create_binds_a_key_to_partners(cli_env: dict[str, str], new_id: Ne
 
     assert created.returncode == 0, created.stderr
     assert listed_key(list_keys(cli_env), name)[4] == "webshop"
+
+
+def test_keys_create_binds_a_key_to_purposes(cli_env: dict[str, str], new_id: NewId) -> None:
+    name = new_id("ci")
+    created = run_konvert(
+        "keys", "create", "--name", name, "--scope", "members:read", "--purpose", "marketing", "support", env=cli_env
+    )
+
+    assert created.returncode == 0, created.stderr
+    assert listed_key(list_keys(cli_env), name)[5] == "marketing support"
 
 
 def test_keys_create_refuses_an_unknown_scope(cli_env: dict[str, str]) -> None:

@@ -1152,3 +1152,32 @@ async def test_exports_beside_the_members_purchases_never_fail(api, client, admi
     ]
     log = (await api.export(member)).json()["privacy_log"]
     assert [e["kind"] for e in log] == ["exported"] * 21
+
+
+async def test_a_key_bound_to_purposes_reads_only_what_they_may(api, client, database_url, new_id):
+    member = new_id("m")
+    await api.shared(member, "newsletter", True, ["marketing"])
+    await api.shared(member, "clothing_size", "M", ["support"])
+    await api.shared(member, "birthday", "05-17", ["personalisation", "marketing"])
+    await api.set_consents(member, **dict.fromkeys(ALL, True))
+    conn = await asyncpg.connect(database_url)
+    try:
+        key = (await auth.insert_key(conn, "mailer", ["members:read"], purposes=["marketing"]))[0]
+    finally:
+        await conn.close()
+    mailer = bearer(key)
+    path = f"/v1/members/{member}/preferences"
+
+    unasked = await client.get(path, headers=mailer)
+    asked = await client.get(path, params={"purpose": "marketing"}, headers=mailer)
+    outside = await client.get(path, params={"purpose": "support"}, headers=mailer)
+    export = await client.get(f"/v1/members/{member}/export", headers=mailer)
+    everything = await client.get(path, headers=api.member_headers)
+
+    assert unasked.status_code == 200, unasked.text
+    assert sorted(i["key"] for i in unasked.json()["items"]) == ["birthday", "newsletter"]
+    assert unasked.json()["purposes"] == ["marketing"]
+    assert asked.json()["items"] == unasked.json()["items"]
+    assert (outside.status_code, outside.json()["code"]) == (403, "purpose_forbidden")
+    assert (export.status_code, export.json()["code"]) == (403, "purpose_forbidden")
+    assert sorted(i["key"] for i in everything.json()["items"]) == ["birthday", "clothing_size", "newsletter"]

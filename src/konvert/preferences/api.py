@@ -45,6 +45,7 @@ class MemberPreferenceController(Controller):
     @get("/preferences", opt={"scope": "members:read"})
     async def list_preferences(
         self,
+        request: Request[Any, Any, Any],
         member_id: MemberPath,
         services: Svc,
         purpose: Annotated[
@@ -58,8 +59,12 @@ class MemberPreferenceController(Controller):
             ),
         ] = None,
     ) -> PreferenceList:
-        """The member's shared preferences; with `?purpose=`, only what that purpose may read."""
-        return await service.list_preferences(services, member_id, purpose)
+        """The member's shared preferences; with `?purpose=`, only what that purpose may read.
+
+        A key bound to purposes (`konvert keys create --purpose`) reads only what those may: without
+        `?purpose=`, what any of them may read; a purpose outside them answers 403
+        `purpose_forbidden`."""
+        return await service.list_preferences(services, member_id, purpose, principal_of(request))
 
     @put(
         "/preferences/{key:str}",

@@ -54,6 +54,9 @@ class PreferenceList(msgspec.Struct, frozen=True, kw_only=True):
     # The purpose the list was filtered for, or null for the member's own view of everything.
     purpose: str | None
     items: list[PreferenceItem]
+    # Every purpose the list was filtered for (a purpose-bound key's own when it names none);
+    # null: not filtered.
+    purposes: list[str] | None = None
 
 
 class PreferenceDeleted(msgspec.Struct, frozen=True, kw_only=True):

@@ -236,18 +236,32 @@ def preference_item(services: Services, row: asyncpg.Record) -> PreferenceItem:
     )
 
 
-async def list_preferences(services: Services, member_id: str, purpose: str | None) -> PreferenceList:
-    """The member's preferences; with ``purpose``, only those readable for it (rules.visible_for)."""
+async def list_preferences(
+    services: Services, member_id: str, purpose: str | None, principal: Principal | None = None
+) -> PreferenceList:
+    """The member's preferences; with ``purpose``, only those readable for it (rules.visible_for).
+    A key bound to purposes reads only what they may: ``purpose`` must be one of them, and without
+    it the preferences readable for any of them."""
     prefs = services.program.preferences
     if purpose is not None:
         rules.check_purpose(prefs, purpose)
+    purposes = principal.check_purposes(purpose) if principal is not None else None
+    if purposes is None and purpose is not None:
+        purposes = frozenset({purpose})
     async with services.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         member_uid = await _live_member_uid(conn, member_id)
         rows = await store.select_preferences(conn, member_uid, PREFERENCES_MAX)
         granted = {r["purpose"] for r in await store.select_consents(conn, member_uid) if r["granted"]}
-    if purpose is not None:
-        rows = [r for r in rows if rules.visible_for(purpose, prefs.find(r["key"]), r["consent"], granted)]
-    return PreferenceList(member_id=member_id, purpose=purpose, items=[preference_item(services, r) for r in rows])
+    if purposes is not None:
+        rows = [
+            r for r in rows if any(rules.visible_for(p, prefs.find(r["key"]), r["consent"], granted) for p in purposes)
+        ]
+    return PreferenceList(
+        member_id=member_id,
+        purpose=purpose,
+        purposes=sorted(purposes) if purposes is not None else None,
+        items=[preference_item(services, r) for r in rows],
+    )
 
 
 # --- consents ------------------------------------------------------------------------------

@@ -21,8 +21,11 @@ class PrivacyController(Controller):
     async def export(self, request: Request[Any, Any, Any], member_id: MemberPath, services: Svc) -> Export:
         """Everything konvert holds on the member as one JSON document (right of access and
         portability): balances, preferences, consents and their history, transfers, lots,
-        purchases, redemptions, adjustments and kudos. The export is recorded in the privacy log."""
-        return await service.export(services, member_id, principal_of(request))
+        purchases, redemptions, adjustments and kudos. The export is recorded in the privacy log.
+        A key bound to purposes may not read it (403 `purpose_forbidden`)."""
+        principal = principal_of(request)
+        principal.check_unbound_by_purpose()
+        return await service.export(services, member_id, principal)
 
     @delete("/", status_code=204, opt={"scope": "admin", "idempotency_key": "member_id"})
     async def erase(self, request: Request[Any, Any, Any], member_id: MemberPath, services: Svc) -> None:
