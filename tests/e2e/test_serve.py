@@ -471,3 +471,26 @@ def test_a_client_dripping_its_headers_is_cut_off(tmp_path: Path, database_url: 
         # Whoever sends headers in time is still served.
         assert get(server, "/health/live").status_code == 200
         assert server.stop() == 0
+
+
+def test_a_worker_serves_at_most_its_connection_limit(tmp_path: Path, database_url: str, redis_url: str) -> None:
+    env = konvert_env(
+        KONVERT_DATABASE_URL=database_url, KONVERT_REDIS_URL=redis_url, KONVERT_CONNECTIONS_MAX_PER_WORKER="2"
+    )
+    with konvert_serve(tmp_path, env) as server:
+        server.wait_ready(READY_TIMEOUT_SECONDS)  # (its connections are closed by now)
+        port = int(server.base_url.rsplit(":", 1)[1])
+        held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
+        try:
+            for sock in held:  # two kept-alive connections: the worker's two permits
+                sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+            with pytest.raises(httpx.ReadTimeout):  # a third waits in the backlog...
+                httpx.get(f"{server.base_url}/health/live", timeout=2)
+            held.pop().close()
+            # ...until one of them closes.
+            assert get(server, "/health/live").status_code == 200
+        finally:
+            for sock in held:
+                sock.close()
+        assert server.stop() == 0
