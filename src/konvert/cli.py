@@ -132,6 +132,11 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _keys(args: argparse.Namespace, settings: Settings) -> int:
+    if getattr(args, "purpose", None):
+        allowed = load_program(settings.program_file).preferences.purposes
+        unknown = sorted(set(args.purpose) - set(allowed))
+        if unknown:
+            raise ConfigurationError(f"unknown purpose {', '.join(unknown)}; the program's are {', '.join(allowed)}")
     conn = await _connect(settings)
     try:
         if args.keys_command == "create":

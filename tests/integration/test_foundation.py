@@ -839,6 +839,15 @@ def test_keys_create_binds_a_key_to_purposes(cli_env: dict[str, str], new_id: Ne
     assert listed_key(list_keys(cli_env), name)[5] == "marketing support"
 
 
+def test_keys_create_refuses_a_purpose_the_program_does_not_have(cli_env: dict[str, str], new_id: NewId) -> None:
+    name = new_id("ci")
+    result = run_konvert("keys", "create", "--name", name, "--scope", "members:read", "--purpose", "spam", env=cli_env)
+
+    assert result.returncode == 2
+    assert "spam" in result.stderr
+    assert name not in list_keys(cli_env)
+
+
 def test_keys_create_refuses_an_unknown_scope(cli_env: dict[str, str]) -> None:
     result = run_konvert("keys", "create", "--name", "ci", "--scope", "everything", env=cli_env)
 
