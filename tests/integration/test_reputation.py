@@ -831,26 +831,25 @@ async def test_taking_back_spent_bridge_points_leaves_a_debt(app_with, services:
 # --- ranks ----------------------------------------------------------------------------------
 
 
-async def test_rank_changes_are_recorded_as_events(api, new_id):
+async def test_rank_changes_are_announced_as_events(api, new_id):
     author = new_id("author")
     likes = await give_likes(api, author, range(5))
     await api.retract(likes[0]["kudos_id"])
 
     events = await api.fetch(
         """
-        select e.type, e.payload::text, e.published_at from events e join members m using (member_uid)
-        where m.member_id = $1 order by e.event_id
+        select e.type, e.data::text from outbox_events e join members m using (member_uid)
+        where m.member_id = $1 and e.type = 'reputation.rank_changed' order by e.sequence
         """,
         author,
     )
 
-    payloads = [msgspec.json.decode(e["payload"]) for e in events]
-    assert [e["type"] for e in events] == ["rank_changed", "rank_changed"]
+    payloads = [msgspec.json.decode(e["data"]) for e in events]
     assert [(p["from"], p["to"], p["reputation"]) for p in payloads] == [
         ("Newcomer", "Contributor", 50),
         ("Contributor", "Newcomer", 40),
     ]
-    assert payloads[1]["kudos_id"] == likes[0]["kudos_id"] and events[0]["published_at"] is None
+    assert payloads[1]["kudos_id"] == likes[0]["kudos_id"]
     reputation = await api.reputation(author)
     assert (reputation["rank"], reputation["next_rank"], reputation["needed_for_next_rank"]) == (
         "Newcomer",

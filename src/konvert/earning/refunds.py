@@ -11,6 +11,7 @@ from konvert.earning import rules, store
 from konvert.earning.model import RefundIn, RefundLinePoints, RefundOut
 from konvert.earning.privacy import REFUND_REASON
 from konvert.idempotency import Outcome, replay, request_hash
+from konvert.ledger import events
 from konvert.ledger import store as ledger_store
 from konvert.ledger.accounts import issued
 from konvert.ledger.book import Book, Clawback, InTransaction, writing
@@ -91,6 +92,16 @@ async def _refund(services: Services, book: Book, purchase_id: str, refund: Refu
             response=response,
         ),
     )
+    refunded = events.PointsRefunded(
+        partner=partner,
+        purchase_id=purchase_id,
+        refund_id=refund.refund_id,
+        points=clawback.points,
+        shortfall=clawback.shortfall,
+        debt=clawback.debt,
+        balance=book.balance(member),
+    )
+    book.announce(member, "points.refunded", refunded)
     if clawback.transfer_ids:
         # After the refund row exists: the refund lowers the qualifying points.
         await reevaluate(services, book, member, services.clock())  # (a clawback leaves tiers as they were)

@@ -19,8 +19,9 @@ from konvert.batching import GroupCommit
 from konvert.earning import rules, store
 from konvert.earning.model import EarningResult, PurchaseIn, PurchaseOut
 from konvert.idempotency import Outcome, replay, request_hash
+from konvert.ledger import events
 from konvert.ledger.accounts import issued
-from konvert.ledger.batches import Earn
+from konvert.ledger.batches import Earn, Earned
 from konvert.ledger.book import Book, InTransaction, Member, writing
 from konvert.ledger.rules import expiry_for
 from konvert.ledger.store import TierStanding
@@ -191,7 +192,46 @@ async def _record(
     ]
     if await store.insert_purchases(book.conn, rows) != len(rows):
         raise errors.ConcurrentWrite("a purchase id of this batch was posted concurrently for another member")
+    _announce(book, new, members, earns, earned)
     return {p.position: row.response for p, row in zip(new, rows, strict=True)}
+
+
+def _announce(book: Book, new: list[_New], members: dict[str, Member], earns: list[Earn], earned: list[Earned]) -> None:
+    """purchase.recorded and points.earned for each new posting, with the member's balance after
+    each earn (carried through the member's postings in the batch, in their order)."""
+    balances = {m.uid: events.Balance(available=m.available, pending=m.pending, held=m.held) for m in members.values()}
+    for posting, earn, lot in zip(new, earns, earned, strict=True):
+        purchase = posting.purchase
+        member = members[purchase.member_id]
+        recorded = events.PurchaseRecorded(
+            partner=purchase.partner,
+            purchase_id=purchase.purchase_id,
+            currency=purchase.currency,
+            occurred_at=purchase.occurred_at,
+            points=earn.points,
+        )
+        book.announce(member, "purchase.recorded", recorded)
+        if lot.lot_id is None or lot.transfer_id is None:
+            continue
+        before = balances[member.uid]
+        after = msgspec.structs.replace(
+            before,
+            available=before.available + (earn.points if earn.state == "available" else 0),
+            pending=before.pending + (earn.points if earn.state == "pending" else 0),
+        )
+        balances[member.uid] = after
+        points = events.PointsEarned(
+            points=earn.points,
+            state="pending" if earn.state == "pending" else "available",
+            cause_type=earn.cause_type,
+            cause_ref=earn.cause_ref,
+            lot_id=lot.lot_id,
+            transfer_id=lot.transfer_id,
+            vests_at=earn.vests_at,
+            expires_at=earn.expires_at,
+            balance=after,
+        )
+        book.announce(member, "points.earned", points)
 
 
 def _earn(

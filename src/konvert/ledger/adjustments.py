@@ -10,7 +10,7 @@ import msgspec
 from konvert import errors
 from konvert.auth import Principal
 from konvert.idempotency import ERASED_REQUEST_HASH, Outcome, replay, request_hash
-from konvert.ledger import store
+from konvert.ledger import events, store
 from konvert.ledger.accounts import ADJUSTMENTS
 from konvert.ledger.book import Book, Member, writing
 from konvert.ledger.model import AdjustmentIn, AdjustmentOut, Cause
@@ -63,6 +63,14 @@ async def adjust(services: Services, member_id: str, adjustment: AdjustmentIn, p
         else:
             spend = await book.spend(member, points, to=ADJUSTMENTS, code="adjust", cause=cause, reason=reason)
             transfer_id = spend.transfer_id
+        adjusted = events.PointsAdjusted(
+            adjustment_id=adjustment.adjustment_id,
+            points=adjustment.points,
+            reason_code=adjustment.reason_code,
+            transfer_id=transfer_id,
+            balance=book.balance(member),
+        )
+        book.announce(member, "points.adjusted", adjusted)
         response = _encode(
             AdjustmentOut(
                 adjustment_id=adjustment.adjustment_id,

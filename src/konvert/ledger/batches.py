@@ -155,7 +155,8 @@ for update of m skip locked
 
 async def vest_locked_lots(conn: Connection, lot_ids: Sequence[int], now: datetime) -> list[asyncpg.Record]:
     """Vest these due lots (of members without a refund debt, locked by this transaction);
-    return (member_uid, member_id, version, lots) per member whose balances moved."""
+    return (member_uid, member_id, version, lots, points, lot_ids, and the balances after) per
+    member whose balances moved."""
     rows: list[asyncpg.Record] = await conn.fetch(_VEST_LOTS, list(lot_ids), now)
     return rows
 
@@ -179,14 +180,17 @@ with vested as (
                                 and available.name = 'available'
     where v.remaining > 0
 ), per_member as (
-    select member_uid, sum(remaining)::bigint as points, count(*) as lots from vested group by member_uid
+    select member_uid, sum(remaining)::bigint as points, count(*) as lots,
+           array_agg(lot_id order by lot_id) as lot_ids
+    from vested group by member_uid
 )
 update members m
 set points_available = points_available + p.points, points_pending = points_pending - p.points,
     version = version + 1
 from per_member p
 where m.member_uid = p.member_uid
-returning m.member_uid, m.member_id, m.version, p.lots
+returning m.member_uid, m.member_id, m.version, p.lots, p.points, p.lot_ids,
+          m.points_available, m.points_pending, m.points_held
 """
 
 
@@ -215,7 +219,8 @@ async def expire_locked_lots(
     conn: Connection, lot_ids: Sequence[int], now: datetime, expired_account_id: int
 ) -> list[asyncpg.Record]:
     """Expire these due lots (of members locked by this transaction); return (member_uid,
-    member_id, version, lots) per member whose balances moved."""
+    member_id, version, lots, points, lot_ids, and the balances after) per member whose balances
+    moved."""
     rows: list[asyncpg.Record] = await conn.fetch(_EXPIRE_LOTS, list(lot_ids), now, expired_account_id)
     return rows
 
@@ -247,7 +252,8 @@ with due as (
 ), per_member as (
     select member_uid, count(*) as lots,
            coalesce(sum(remaining) filter (where state = 'available'), 0)::bigint as available,
-           coalesce(sum(remaining) filter (where state = 'pending'), 0)::bigint as pending
+           coalesce(sum(remaining) filter (where state = 'pending'), 0)::bigint as pending,
+           array_agg(lot_id order by lot_id) as lot_ids
     from due group by member_uid
 )
 update members m
@@ -255,5 +261,6 @@ set points_available = points_available - p.available, points_pending = points_p
     version = version + 1
 from per_member p
 where m.member_uid = p.member_uid
-returning m.member_uid, m.member_id, m.version, p.lots
+returning m.member_uid, m.member_id, m.version, p.lots, p.available + p.pending as points, p.lot_ids,
+          m.points_available, m.points_pending, m.points_held
 """

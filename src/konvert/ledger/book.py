@@ -17,16 +17,17 @@ Lock order, for every writer: members first (several in member_uid order), then 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, TypeVar
 
 import asyncpg
+import msgspec
 
 from konvert import errors
 from konvert.db import Connection
 from konvert.idempotency import Outcome
-from konvert.ledger import batches, store
+from konvert.ledger import batches, events, store
 from konvert.ledger.accounts import EXPIRED, SystemAccount, SystemAccounts
 from konvert.ledger.model import Cause
 from konvert.ledger.rules import OpenLot, Take, plan_clawback, plan_takes
@@ -116,6 +117,9 @@ class Book:
         # The newest version this transaction gave each member it changed, by member id.
         self._versions: dict[str, int] = {}
         self._gathered: dict[type[Gathered], Gathered] = {}
+        # The events this transaction announces, written to the outbox just before it commits.
+        self._announced: list[events.Announcement] = []
+        self._announced_last: list[events.Announcement] = []
 
     # --- members --------------------------------------------------------------------------
 
@@ -406,7 +410,12 @@ class Book:
         ]
         points = sum(lot.remaining for lot in vested)
         _, row = await store.post(self.conn, member.uid, legs, [], Deltas(available=points, pending=-points))
-        await self.repay_debt(self._changed(row))
+        member = self._changed(row)
+        lot_ids = sorted(lot.lot_id for lot in vested)
+        self.announce(
+            member, "points.vested", events.PointsVested(points=points, lot_ids=lot_ids, balance=self.balance(member))
+        )
+        await self.repay_debt(member)
         return len(vested)
 
     async def expire(self, member: Member, now: datetime) -> int:
@@ -438,7 +447,12 @@ class Book:
         )
         await store.mark_lots(self.conn, [lot.lot_id for lot in lots], "expired")
         _, row = await store.post(self.conn, member.uid, legs, takes, deltas)
-        self._changed(row)
+        member = self._changed(row)
+        points = sum(lot.remaining for lot in live)
+        lot_ids = sorted(lot.lot_id for lot in lots)
+        self.announce(
+            member, "points.expired", events.PointsExpired(points=points, lot_ids=lot_ids, balance=self.balance(member))
+        )
         return len(lots)
 
     # --- reputation -----------------------------------------------------------------------
@@ -474,6 +488,7 @@ class Book:
     ) -> list[batches.Earned]:
         """``credit`` for many locked members in one statement (see konvert.ledger.batches), with
         the tier standings the earns left them in; then refund debts are repaid."""
+        self._announce_tiers(standings)
         earned, rows = await batches.post_earns(self.conn, earns, standings)
         for row in rows:
             self._note_version(row["member_id"], row["version"])
@@ -484,13 +499,37 @@ class Book:
             await self.repay_debt(member)
         return earned
 
-    async def store_tier_standings(self, standings: Sequence[TierStanding], evaluated_at: datetime) -> None:
+    async def store_tier_standings(
+        self,
+        standings: Sequence[TierStanding],
+        evaluated_at: datetime,
+        tiers_before: Mapping[int, str | None] | None = None,
+    ) -> None:
         """Store the tier standings of locked members (see konvert.ledger.store); the version moves
-        where the standing changed."""
+        where the standing changed. ``tiers_before`` names the tiers of members locked outside
+        this book (by member_uid), for their tier.changed events."""
+        self._announce_tiers(standings, tiers_before)
         changed = {standing.member_uid for standing in standings if standing.changed}
         for row in await store.store_tier_standings(self.conn, standings, evaluated_at):
             if row["member_uid"] in changed:
                 self._note_version(row["member_id"], row["version"])
+
+    def _announce_tiers(
+        self, standings: Sequence[TierStanding], before: Mapping[int, str | None] | None = None
+    ) -> None:
+        """tier.changed for each member whose standing names another tier than ``before`` (by
+        member_uid; by default the tier of the member's row as this book holds it)."""
+        for standing in standings:
+            member = self._members.get(standing.member_uid)
+            was = member.tier if before is None and member is not None else (before or {}).get(standing.member_uid)
+            if standing.tier == was:
+                continue
+            data = events.TierChanged(
+                from_tier=was, to_tier=standing.tier, qualifying_points=standing.qualifying_points
+            )
+            self._announce_uid(standing.member_uid, "tier.changed", data, last=True)
+            if member is not None:
+                self._members[member.uid] = member._replace(tier=standing.tier)
 
     # --- erasure --------------------------------------------------------------------------
 
@@ -521,6 +560,34 @@ class Book:
     async def flush_gathered(self) -> None:
         for gathered in self._gathered.values():
             await gathered.flush(self)
+
+    # --- events ---------------------------------------------------------------------------
+
+    def announce(self, member: Member | None, event_type: str, data: msgspec.Struct, *, last: bool = False) -> None:
+        """Announce an event about ``member`` (None: about konvert itself); it is written to the
+        outbox with everything else of this transaction, or not at all. With ``last`` it follows
+        every other event of the transaction (a consequence of them all: a new tier or rank)."""
+        self._announce_uid(member.uid if member else None, event_type, data, last)
+
+    def _announce_uid(self, member_uid: int | None, event_type: str, data: msgspec.Struct, last: bool = False) -> None:
+        announcement = events.Announcement(member_uid, event_type, data, self._services.clock())
+        # A tier change follows from everything else the transaction did, so it comes after it.
+        (self._announced_last if last else self._announced).append(announcement)
+
+    def current(self, member: Member) -> Member:
+        """The member's row as this transaction has left it so far."""
+        return self._members[member.uid]
+
+    def balance(self, member: Member) -> events.Balance:
+        """The member's points as this transaction has left them so far."""
+        now = self._members[member.uid]
+        return events.Balance(available=now.available, pending=now.pending, held=now.held)
+
+    async def write_announced(self) -> None:
+        """Write the announced events to the outbox, in one statement (before the commit)."""
+        announced = self._announced + self._announced_last
+        self._announced, self._announced_last = [], []
+        await events.insert_events(self.conn, announced)
 
     # --- after commit ---------------------------------------------------------------------
 
@@ -561,4 +628,5 @@ async def writing(services: Services, conn: Connection | None = None) -> AsyncIt
     async with conn.transaction():
         yield book
         await book.flush_gathered()
+        await book.write_announced()
     await book.committed()

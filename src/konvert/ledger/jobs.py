@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import asyncpg
 
 from konvert.db import Connection
-from konvert.ledger import batches
+from konvert.ledger import batches, events
 from konvert.ledger.accounts import EXPIRED, SystemAccounts
 from konvert.ledger.book import writing
 
@@ -65,11 +65,16 @@ async def vest_due_lots(services: Services, now: datetime | None = None) -> int:
         async with writing(services) as book:
             return await book.vest(await book.member_by_uid(member_uid), lot_ids, moment)
 
+    async def settle(conn: Connection, lot_ids: list[int]) -> list[asyncpg.Record]:
+        rows = await batches.vest_locked_lots(conn, lot_ids, moment)
+        await events.insert_events(conn, [_settled(row, "points.vested", moment) for row in rows])
+        return rows
+
     return await work_due_lots(
         services,
         "vesting",
         lock=lambda conn, passed_over: batches.lock_due_pending_lots(conn, moment, batch_size, passed_over),
-        settle=lambda conn, lot_ids: batches.vest_locked_lots(conn, lot_ids, moment),
+        settle=settle,
         alone=alone,
         by_itself=lambda row: row["points_debt"] > 0,
     )
@@ -82,7 +87,9 @@ async def expire_due_lots(services: Services, now: datetime | None = None) -> in
 
     async def settle(conn: Connection, lot_ids: list[int]) -> list[asyncpg.Record]:
         expired_account = await services.shared(SystemAccounts).id(conn, EXPIRED)
-        return await batches.expire_locked_lots(conn, lot_ids, moment, expired_account)
+        rows = await batches.expire_locked_lots(conn, lot_ids, moment, expired_account)
+        await events.insert_events(conn, [_settled(row, "points.expired", moment) for row in rows])
+        return rows
 
     async def alone(member_uid: int, _: list[int]) -> int:
         async with writing(services) as book:
@@ -95,6 +102,14 @@ async def expire_due_lots(services: Services, now: datetime | None = None) -> in
         settle=settle,
         alone=alone,
     )
+
+
+def _settled(row: asyncpg.Record, event_type: str, moment: datetime) -> events.Announcement:
+    """The event of a member's lots settled by a batch (a row of konvert.ledger.batches)."""
+    balance = events.Balance(available=row["points_available"], pending=row["points_pending"], held=row["points_held"])
+    kind = events.PointsVested if event_type == "points.vested" else events.PointsExpired
+    data = kind(points=row["points"], lot_ids=list(row["lot_ids"]), balance=balance)
+    return events.Announcement(row["member_uid"], event_type, data, moment)
 
 
 async def work_due_lots(

@@ -13,6 +13,7 @@ import msgspec
 
 from konvert import errors
 from konvert.auth import Principal
+from konvert.ledger import events
 from konvert.ledger.accounts import SystemAccount
 from konvert.ledger.book import Book, Member, writing
 from konvert.ledger.model import Cause
@@ -133,6 +134,8 @@ async def share(
         if award.points:
             await _award(services, book, member, key, award.points, now)
         if changed or award.points:
+            shared = events.PreferenceShared(key=key, first_shared=award.first_share, points=award.points)
+            book.announce(member, "preference.shared", shared)
             await store.insert_log(
                 conn,
                 member_uid=member_uid,
@@ -187,6 +190,8 @@ async def withdraw(services: Services, member_id: str, key: str, principal: Prin
             held = recorded["points_awarded"] - recorded["points_clawed_back"] if recorded else 0
             if held > 0 and recorded is not None:
                 clawed, shortfall = await _claw_back(services, book, member, recorded, held)
+        withdrawn = events.PreferenceWithdrawn(key=key, points_clawed_back=clawed, shortfall=shortfall)
+        book.announce(member, "preference.withdrawn", withdrawn)
         await store.insert_log(
             conn,
             member_uid=member_uid,
@@ -302,6 +307,9 @@ async def change_consents(services: Services, member_id: str, body: ConsentsIn, 
         current = {r["purpose"]: r["granted"] for r in await store.select_consents(conn, member_uid)}
         for change in rules.consent_changes(prefs, current, body.purposes):
             await store.upsert_consent(conn, member_uid, change.purpose, change.granted, now, principal.name)
+            book.announce(
+                member, "consent.changed", events.ConsentChanged(purpose=change.purpose, granted=change.granted)
+            )
             await store.insert_log(
                 conn,
                 member_uid=member_uid,

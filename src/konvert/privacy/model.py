@@ -94,7 +94,7 @@ class Export(msgspec.Struct, frozen=True, kw_only=True):
     # Kudos the member received (as author) and gave, when reputation is installed.
     kudos_received: list[dict[str, Any]]
     kudos_given: list[dict[str, Any]]
-    # Other member-scoped records of optional features (reputation entries, member events).
+    # Other member-scoped records of optional features (reputation entries).
     other: dict[str, list[dict[str, Any]]]
     # Sections cut at the export's bound (EXPORT_ROWS_MAX rows each); empty when complete.
     truncated: list[str]

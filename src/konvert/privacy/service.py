@@ -15,7 +15,7 @@ from konvert.cache import ABOVE_ANY_VERSION
 from konvert.db import Connection
 from konvert.earning import store as earning_store
 from konvert.integrations import privacy as integrations_privacy
-from konvert.ledger import reads
+from konvert.ledger import events, reads
 from konvert.ledger.balances import activity_item
 from konvert.ledger.book import writing
 from konvert.preferences import store as preferences_store
@@ -175,6 +175,7 @@ async def erase(services: Services, member_id: str, principal: Principal) -> str
             for step in services.erasure.steps:
                 await step(book, member, pseudonym)
             await book.rename(member, pseudonym, now)
+            book.announce(member, "member.erased", events.MemberErased())
             await _log(book.conn, member.uid, "erased", principal, now)
     if pseudonym is None:
         # A repeated erasure leaves a tombstone above any version (the first one's may have failed

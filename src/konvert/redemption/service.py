@@ -12,6 +12,7 @@ import msgspec
 
 from konvert import errors
 from konvert.idempotency import Outcome, replay, request_hash
+from konvert.ledger import events
 from konvert.ledger.accounts import REDEEMED, SystemAccount
 from konvert.ledger.book import Book, Member, writing
 from konvert.ledger.model import Cause
@@ -89,6 +90,11 @@ async def redeem(services: Services, member_id: str, redemption: RedemptionIn) -
             reason=_reason(redemption),
         )
         hold_expires_at = now + timedelta(seconds=services.program.points.hold_ttl_seconds) if held else None
+        status = "held" if held else "captured"
+        changed = _changed(
+            book, member, redemption.redemption_id, redemption.reward_id, points, status, spend.transfer_id
+        )
+        book.announce(member, "redemption.held" if held else "points.redeemed", changed)
         response = _encode(
             RedemptionOut(
                 redemption_id=redemption.redemption_id,
@@ -136,6 +142,20 @@ async def _price(book: Book, redemption: RedemptionIn, now: datetime) -> int:
     return reward.cost_points
 
 
+def _changed(
+    book: Book, member: Member, redemption_id: str, reward_id: str | None, points: int, status: str, transfer_id: int
+) -> events.RedemptionChanged:
+    """A redemption event's data, with the member's balance as the book holds it now."""
+    return events.RedemptionChanged(
+        redemption_id=redemption_id,
+        reward_id=reward_id,
+        points=points,
+        status=status,
+        transfer_id=transfer_id,
+        balance=book.balance(member),
+    )
+
+
 def _reason(redemption: RedemptionIn) -> str:
     what = f"reward {redemption.reward_id}" if redemption.reward_id else "points payment"
     return f"{what}: {redemption.note}" if redemption.note else what
@@ -164,6 +184,9 @@ async def capture(services: Services, redemption_id: str) -> RedemptionOut:
             member, row["points"], to=REDEEMED, cause=Cause("redemption", redemption_id), reason="hold captured"
         )
         updated = await store.close_redemption(book.conn, row["redemption_pk"], "captured", transfer_id, now)
+        changed = _changed(book, member, redemption_id, row["reward_id"], row["points"], "captured", transfer_id)
+        book.announce(member, "redemption.captured", changed)
+        book.announce(member, "points.redeemed", changed)
     return _closed(row, "captured", transfer_id, updated["updated_at"])
 
 
@@ -198,6 +221,8 @@ async def release(
         reason = "hold timed out" if timed_out else "hold released"
         transfer_id = await _give_back(book, member, row, source="held", code="release", reason=reason)
         updated = await store.close_redemption(book.conn, row["redemption_pk"], final_status, transfer_id, now)
+        changed = _changed(book, member, redemption_id, row["reward_id"], row["points"], final_status, transfer_id)
+        book.announce(member, f"redemption.{final_status}", changed)
     return _closed(row, final_status, transfer_id, updated["updated_at"])
 
 
@@ -214,6 +239,8 @@ async def cancel(services: Services, redemption_id: str) -> RedemptionOut:
             )
         transfer_id = await _give_back(book, member, row, source=REDEEMED, code="cancel", reason="redemption cancelled")
         updated = await store.close_redemption(book.conn, row["redemption_pk"], "cancelled", transfer_id, now)
+        changed = _changed(book, member, redemption_id, row["reward_id"], row["points"], "cancelled", transfer_id)
+        book.announce(member, "redemption.cancelled", changed)
     return _closed(row, "cancelled", transfer_id, updated["updated_at"])
 
 

@@ -8,13 +8,13 @@ Reputation itself never converts into points.
 
 from __future__ import annotations
 
-import json
 from datetime import date, datetime
 from typing import TYPE_CHECKING, NamedTuple
 
 import asyncpg
 
 from konvert.db import Row
+from konvert.ledger import events
 from konvert.ledger.accounts import SystemAccount
 from konvert.ledger.book import Book, Member, ReputationMove
 from konvert.ledger.model import Cause
@@ -149,14 +149,8 @@ class Credits:
         ranks = self.services.program.reputation.ranks
         old, new = rules.rank_for(ranks, before).rank, rules.rank_for(ranks, after).rank
         if old != new:
-            payload = {
-                "member_id": member.id,
-                "from": old,
-                "to": new,
-                "reputation": after,
-                "kudos_id": self.cause["kudos_id"],
-            }
-            await store.insert_event(self.conn, member.uid, "rank_changed", json.dumps(payload))
+            data = events.RankChanged(from_rank=old, to_rank=new, reputation=after, kudos_id=self.cause["kudos_id"])
+            self.book.announce(member, "reputation.rank_changed", data, last=True)
 
 
 # --- the points bridge ---------------------------------------------------------------------

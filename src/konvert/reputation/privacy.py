@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 
 async def export(conn: Connection, member_uid: int, limit: int) -> dict[str, list[Any]]:
-    """The member's kudos (received and given), reputation entries and events, ``limit`` rows of
+    """The member's kudos (received and given), and reputation entries, ``limit`` rows of
     each at most, by name in the export."""
     return {
         name: [
@@ -29,7 +29,7 @@ async def export(conn: Connection, member_uid: int, limit: int) -> dict[str, lis
 
 
 async def forget(book: Book, member: Member, pseudonym: str) -> None:
-    await store.rename_in_kudos_and_events(book.conn, member.uid, member.id, pseudonym, ERASED_REQUEST_HASH)
+    await store.rename_in_kudos(book.conn, member.uid, member.id, pseudonym, ERASED_REQUEST_HASH)
 
 
 async def rebuild_leaderboards(services: Services, old_member_id: str, pseudonym: str | None) -> None:

@@ -47,8 +47,9 @@ Decisions, in the order a kudos meets them:
   system account points/bridge:accepted_answer; lifetime earned is not changed). Retraction or
   supersession claws them back like a refund does (the bridge lot first, then other lots, then
   a negative balance or a recorded shortfall). Reputation itself never converts into points.
-* **Ranks.** When a write moves a member to another rank, an ``events`` row ``rank_changed`` is
-  written in the same transaction, for integrations to publish.
+* **Events.** A kudos given or retracted is announced to its author (``kudos.received``,
+  ``kudos.retracted``), and a write that moves a member to another rank announces
+  ``reputation.rank_changed``, in the write's transaction (konvert.ledger.events).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ import msgspec
 from konvert import errors
 from konvert.db import Connection
 from konvert.idempotency import Outcome, request_hash
+from konvert.ledger import events
 from konvert.ledger.book import Book, InTransaction, Member, writing
 from konvert.ledger.store import select_member_uid
 from konvert.reputation import leaderboard, rules, store
@@ -226,7 +228,19 @@ async def _give(services: Services, book: Book, kudos: KudosIn, digest: bytes, n
             if services.program.reputation.accepted_answer_points and worth.value:
                 await bridge_award(credits, record, now)
     changes, deltas = await credits.post()
-    body = _encode(_kudos_out(await store.select_kudos_by_pk(conn, kudos_pk), changes))
+    out = _kudos_out(await store.select_kudos_by_pk(conn, kudos_pk), changes)
+    author = book.current(members[author_uid])
+    received = events.KudosReceived(
+        kudos_id=out.kudos_id,
+        kind=out.kind,
+        source=out.source,
+        post_id=out.post_id,
+        counted=out.counted,
+        reputation_delta=_delta_of(changes, author.id),
+        reputation=author.reputation,
+    )
+    book.announce(author, "kudos.received", received)
+    body = _encode(out)
     await store.set_kudos_response(conn, kudos_pk, body)
     return _Written(body, deltas=deltas)
 
@@ -334,9 +348,25 @@ async def _retract(
             await _share_day(credits, kudos["author_uid"], kudos["day"])
     # A superseded kudos credits nothing any more: its retraction only records that it is gone.
     changes, deltas = await credits.post()
-    body = _encode(_kudos_out(await store.select_kudos_by_pk(conn, kudos["kudos_pk"]), changes))
+    out = _kudos_out(await store.select_kudos_by_pk(conn, kudos["kudos_pk"]), changes)
+    author = book.current(members[kudos["author_uid"]])
+    retracted = events.KudosRetracted(
+        kudos_id=out.kudos_id,
+        kind=out.kind,
+        source=out.source,
+        post_id=out.post_id,
+        reputation_delta=_delta_of(changes, author.id),
+        reputation=author.reputation,
+    )
+    book.announce(author, "kudos.retracted", retracted)
+    body = _encode(out)
     await store.set_retraction_response(conn, kudos["kudos_pk"], body)
     return _Written(body, deltas=deltas)
+
+
+def _delta_of(changes: list[ReputationChange], member_id: str) -> int:
+    """How much a member's reputation moved by these changes."""
+    return sum(change.reputation_delta for change in changes if change.member_id == member_id)
 
 
 def _kudos_out(kudos: asyncpg.Record, changes: list[ReputationChange]) -> KudosOut:

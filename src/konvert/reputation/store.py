@@ -1,4 +1,4 @@
-"""Reputation SQL: kudos, reputation entries, the floor, events. Plain async functions, connection first.
+"""Reputation SQL: kudos, reputation entries, the floor. Plain async functions, connection first.
 
 None of these commit: the use case owns the transaction. Every write here happens after the
 use case has locked the rows of the members it touches (konvert.ledger.store.lock_member, in
@@ -275,15 +275,6 @@ async def set_floor_kept(conn: Connection, member_uid: int, floor_kept: int) -> 
     )
 
 
-async def insert_event(conn: Connection, member_uid: int, event_type: str, payload: str) -> None:
-    await conn.execute(
-        "insert into events (member_uid, type, payload) values ($1, $2, $3::jsonb)",
-        member_uid,
-        event_type,
-        payload,
-    )
-
-
 # --- the points bridge ----------------------------------------------------------------------
 
 
@@ -395,7 +386,6 @@ EXPORTED: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("kudos_received", "kudos", "author_uid", ("giver_uid",)),
     ("kudos_given", "kudos", "giver_uid", ("author_uid",)),
     ("reputation_entries", "reputation_entries", "member_uid", ()),
-    ("events", "events", "member_uid", ()),
 )
 _NEVER_EXPORTED = ("member_uid", "request_hash", "response", "retraction_response")
 
@@ -420,14 +410,13 @@ _RENAMED_BYTEA = (
     "convert_to(replace(convert_from({column}, 'UTF8')::jsonb::text, to_jsonb($2::text)::text, "
     "to_jsonb($3::text)::text), 'UTF8')"
 )
-_RENAMED_JSONB = "replace({column}::text, to_jsonb($2::text)::text, to_jsonb($3::text)::text)::jsonb"
 
 
-async def rename_in_kudos_and_events(
+async def rename_in_kudos(
     conn: Connection, member_uid: int, old_member_id: str, pseudonym: str, erased_hash: bytes
 ) -> None:
-    """Kudos keep their stored responses (which name author and giver) and events their payloads,
-    with the pseudonym instead of the member id; the member's kudos requests cannot be replayed."""
+    """Kudos keep their stored responses (which name author and giver), with the pseudonym
+    instead of the member id; the member's kudos requests cannot be replayed."""
     await conn.execute(
         f"""
         update kudos set response = {_RENAMED_BYTEA.format(column="response")},
@@ -439,10 +428,4 @@ async def rename_in_kudos_and_events(
         old_member_id,
         pseudonym,
         erased_hash,
-    )
-    await conn.execute(
-        f"update events set payload = {_RENAMED_JSONB.format(column='payload')} where member_uid = $1",
-        member_uid,
-        old_member_id,
-        pseudonym,
     )

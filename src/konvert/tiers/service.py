@@ -61,5 +61,5 @@ async def reevaluate_due(services: Services, now: datetime | None = None) -> int
         since = moment - timedelta(days=tiers.window_days)
         points = await store.select_qualifying_points(book.conn, [row["member_uid"] for row in due], since)
         standings = [_standing(tiers, _stored(row), points[row["member_uid"]], moment) for row in due]
-        await book.store_tier_standings(standings, moment)
+        await book.store_tier_standings(standings, moment, {row["member_uid"]: row["tier"] for row in due})
     return len(due)
