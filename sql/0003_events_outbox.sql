@@ -85,8 +85,8 @@ create table webhook_messages (
     created_at      timestamptz not null default now(),
     unique (endpoint_id, event_id)
 );
--- What is due, soonest first.
-create index webhook_messages_due_idx on webhook_messages (next_attempt_at) where status = 'pending';
+-- An endpoint's messages due, soonest first.
+create index webhook_messages_due_idx on webhook_messages (endpoint_id, next_attempt_at) where status = 'pending';
 -- A member's earlier messages to the same endpoint go first (per-member order).
 create index webhook_messages_member_order_idx on webhook_messages (endpoint_id, member_uid, sequence)
     where status = 'pending';

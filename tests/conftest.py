@@ -285,6 +285,8 @@ def make_settings(database_url: str, redis_url: str, **overrides: object) -> Set
         # the same member ids.
         "redis_key_prefix": f"{REDIS_PREFIX}-{urlsplit(database_url).path.lstrip('/')}",
         "jobs_interval_seconds": 0,
+        # Tests that publish events run a publisher of their own (tests/integration/test_events.py).
+        "events_publish": False,
         "auth_cache_seconds": 0,
         # Every test's requests come from 127.0.0.1: the tests of failed keys must not lock the
         # rest of the run out (the limit has tests of its own).

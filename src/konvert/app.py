@@ -46,11 +46,15 @@ def create_app(settings: Settings, program: Program | None = None) -> Litestar:
         services = await composition.open_services(settings, program)
         app.state.services = services
         await composition.prepare(services)
-        runner = asyncio.create_task(jobs.run_forever(services)) if settings.jobs_interval_seconds > 0 else None
+        runners = []
+        if settings.jobs_interval_seconds > 0:
+            runners.append(asyncio.create_task(jobs.run_forever(services)))
+        if settings.events_publish:
+            runners.append(asyncio.create_task(composition.publish_events(services)))
         try:
             yield
         finally:
-            if runner is not None:
+            for runner in runners:
                 runner.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await runner

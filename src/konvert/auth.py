@@ -32,6 +32,7 @@ SCOPES = (
     "kudos:write",
     "members:read",
     "members:write",
+    "events:read",
     "admin",
 )
 # `admin` may do everything; the others only what they name.

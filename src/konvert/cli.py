@@ -1,4 +1,4 @@
-"""``konvert serve | migrate | keys | integrations | jobs | audit | leaderboards | cache``.
+"""``konvert serve | migrate | keys | integrations | jobs | events | audit | leaderboards | cache``.
 
 Every command builds its settings from ``KONVERT_*`` once. Without KONVERT_DATABASE_URL /
 KONVERT_REDIS_URL it starts the embedded PostgreSQL / Redis under the data directory. A bad
@@ -233,6 +233,14 @@ def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_events(args: argparse.Namespace, settings: Settings) -> int:
+    from konvert.events import publisher
+
+    done = asyncio.run(_with_services(with_servers(settings), publisher.publish_all))
+    _say(f"events published: {done} (stream entries, webhook messages and attempts)")
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     from konvert.composition import AUDIT_CHECKS
     from konvert.ledger import audit
@@ -349,6 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = commands.add_parser("jobs", help="run background jobs")
     jobs.add_subparsers(dest="jobs_command", required=True).add_parser("run", help="run every due job once")
     jobs.set_defaults(run=cmd_jobs)
+
+    events = commands.add_parser("events", help="publish events (for deployments with KONVERT_EVENTS_PUBLISH=false)")
+    events.add_subparsers(dest="events_command", required=True).add_parser(
+        "publish", help="publish every event and due webhook message, then stop"
+    )
+    events.set_defaults(run=cmd_events)
 
     commands.add_parser("audit", help="check the ledger's invariants; exit 1 on any violation").set_defaults(
         run=cmd_audit

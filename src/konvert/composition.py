@@ -15,6 +15,8 @@ from konvert import health
 from konvert.earning import api as earning_api
 from konvert.earning import audit as earning_audit
 from konvert.earning import privacy as earning_privacy
+from konvert.events import api as events_api
+from konvert.events import publisher as events_publisher
 from konvert.integrations import api as integrations_api
 from konvert.integrations import privacy as integrations_privacy
 from konvert.integrations import service as integrations
@@ -50,6 +52,7 @@ ROUTES: list[Any] = [
     *preferences_api.ROUTES,
     *privacy_api.ROUTES,
     *integrations_api.ROUTES,
+    *events_api.ROUTES,
 ]
 
 # Run in this order by every service process and by `konvert jobs run`, each in bounded batches;
@@ -60,6 +63,8 @@ JOBS: dict[str, Callable[[Services], Awaitable[int]]] = {
     "expired_lots": ledger_jobs.expire_due_lots,
     "tiers_reevaluated": tiers.reevaluate_due,
     "parked_deliveries_dropped": integrations.drop_expired_parked,
+    "expiring_soon_announced": ledger_jobs.announce_expiring_lots,
+    "events_pruned": events_publisher.prune,
 }
 
 AUDIT_CHECKS = (
@@ -97,6 +102,11 @@ def system_accounts(program: Program) -> list[SystemAccount]:
 async def open_services(settings: Settings, program: Program) -> Services:
     """A process's Services, with every feature wired in."""
     return await Services.open(settings, program, ERASURE)
+
+
+async def publish_events(services: Services) -> None:
+    """A service process's event publisher (konvert.events), until cancelled."""
+    await events_publisher.run_forever(services)
 
 
 async def prepare(services: Services) -> None:

@@ -226,3 +226,20 @@ class PurposeNotAllowed(Unprocessable):
 
 class UnknownPurpose(Unprocessable):
     code, title = "unknown_purpose", "Purpose not in the program"
+
+
+# --- events out ------------------------------------------------------------------------------
+
+
+class WebhookEndpointNotFound(NotFound):
+    code, title = "webhook_endpoint_not_found", "Webhook endpoint not found"
+
+
+class WebhookMessageNotFound(NotFound):
+    code, title = "webhook_message_not_found", "Webhook message not found"
+
+
+class WebhookMessageNotFailed(Conflict):
+    """Only a dead-lettered message can be sent again; a pending one is still being retried."""
+
+    code, title = "webhook_message_not_failed", "Webhook message not failed"

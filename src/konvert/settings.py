@@ -95,6 +95,33 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     # A delivery waiting for its customer to be linked to a member is dropped after this many days.
     parked_delivery_days: Annotated[int, Meta(ge=1, le=365)] = 30
 
+    # Events out (konvert.events). The Redis Stream's key; empty means "<redis_key_prefix>:events".
+    events_stream: Annotated[str, Meta(max_length=200)] = ""
+    # The stream keeps about this many entries (XADD MAXLEN ~).
+    events_stream_maxlen: Annotated[int, Meta(ge=1000, le=100_000_000)] = 1_000_000
+    # Each service process publishes (stream, webhooks); off, `konvert events publish` does it.
+    events_publish: bool = True
+    # How often an idle publisher looks for new events and due webhook messages.
+    events_poll_interval_seconds: Annotated[float, Meta(gt=0, le=60)] = 0.25
+    # Events per publishing statement (stream entries, webhook fan-out, pruning).
+    events_batch_size: Annotated[int, Meta(ge=1, le=10_000)] = 1000
+    # Delivered events are pruned after this many days.
+    events_retention_days: Annotated[float, Meta(gt=0, le=3650)] = 7.0
+    # points.expiring_soon is announced this many days before a lot expires; 0 announces none.
+    events_expiring_soon_days: Annotated[int, Meta(ge=0, le=3650)] = 14
+    # Webhook delivery: one attempt's timeout, and attempts in flight per endpoint per process.
+    webhook_timeout_seconds: Annotated[float, Meta(gt=0, le=120)] = 10.0
+    webhook_concurrency_per_endpoint: Annotated[int, Meta(ge=1, le=256)] = 16
+    # A message is retried (exponential back-off from base to max, with jitter) until this long
+    # after its first attempt; then it is dead-lettered.
+    webhook_retry_seconds: Annotated[float, Meta(gt=0, le=30 * 86400)] = 86400.0
+    webhook_backoff_base_seconds: Annotated[float, Meta(gt=0, le=86400)] = 5.0
+    webhook_backoff_max_seconds: Annotated[float, Meta(gt=0, le=86400)] = 4 * 3600.0
+    # An endpoint whose every attempt failed for this long is disabled.
+    webhook_disable_after_seconds: Annotated[float, Meta(gt=0, le=365 * 86400)] = 5 * 86400.0
+    # After a secret rotation the previous secret signs too, for this long.
+    webhook_secret_grace_seconds: Annotated[float, Meta(ge=0, le=30 * 86400)] = 86400.0
+
     @property
     def embedded_database(self) -> bool:
         return not self.database_url
@@ -102,6 +129,10 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     @property
     def embedded_redis(self) -> bool:
         return not self.redis_url
+
+    @property
+    def events_stream_key(self) -> str:
+        return self.events_stream or f"{self.redis_key_prefix}:events"
 
     def replace(self, **changes: object) -> Settings:
         return msgspec.structs.replace(self, **changes)

@@ -812,6 +812,8 @@ async def test_jobs_run_command_vests_due_points(client, post, balance, database
         "expired_lots",
         "tiers_reevaluated",
         "parked_deliveries_dropped",
+        "expiring_soon_announced",
+        "events_pruned",
     }
     assert int(counts["vested_lots"]) >= 1
     after = await balance(member)

@@ -264,3 +264,36 @@ where m.member_uid = p.member_uid
 returning m.member_uid, m.member_id, m.version, p.lots, p.available + p.pending as points, p.lot_ids,
           m.points_available, m.points_pending, m.points_held
 """
+
+
+# --- expiring soon -----------------------------------------------------------------------------
+
+
+async def notice_expiring_lots(conn: Connection, now: datetime, until: datetime, limit: int) -> list[asyncpg.Record]:
+    """Record up to ``limit`` lots with points left that expire after ``now`` and by ``until`` as
+    announced (once per lot), soonest first; returns each one's lot_id, member_uid, expires_at
+    and points."""
+    rows: list[asyncpg.Record] = await conn.fetch(_NOTICE_EXPIRING_LOTS, now, until, limit)
+    return rows
+
+
+# Lots come up in expiry order, so the search starts at the latest expiry already announced
+# instead of reading every lot of the window on every run.
+_NOTICE_EXPIRING_LOTS = """
+with due as (
+    select l.lot_id, l.member_uid, l.remaining, l.expires_at from lots l
+    where l.state <> 'expired' and l.remaining > 0 and l.expires_at > $1 and l.expires_at <= $2
+      and l.expires_at >= coalesce((select max(expires_at) from lot_expiry_notices), '-infinity'::timestamptz)
+      and not exists (select 1 from lot_expiry_notices n where n.lot_id = l.lot_id)
+    order by l.expires_at, l.lot_id
+    limit $3
+), noticed as (
+    insert into lot_expiry_notices (lot_id, member_uid, expires_at, noticed_at)
+    select lot_id, member_uid, expires_at, $1 from due
+    on conflict (lot_id) do nothing
+    returning lot_id
+)
+select d.lot_id, d.member_uid, d.expires_at, d.remaining as points
+from due d join noticed n using (lot_id)
+order by d.member_uid, d.expires_at, d.lot_id
+"""

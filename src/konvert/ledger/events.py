@@ -225,7 +225,7 @@ with input as (
     select member_uid, count(*) as n from input where member_uid is not null group by member_uid
 ), numbered as (
     insert into event_sequences as s (member_uid, last_sequence)
-    select member_uid, n from counted
+    select member_uid, n from counted order by member_uid
     on conflict (member_uid) do update set last_sequence = s.last_sequence + excluded.last_sequence
     returning member_uid, last_sequence
 )

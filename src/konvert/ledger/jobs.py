@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 import asyncpg
@@ -102,6 +102,29 @@ async def expire_due_lots(services: Services, now: datetime | None = None) -> in
         settle=settle,
         alone=alone,
     )
+
+
+async def announce_expiring_lots(services: Services, now: datetime | None = None) -> int:
+    """Announce points.expiring_soon for lots expiring within ``events_expiring_soon_days``, once
+    per lot; returns how many lots."""
+    days = services.settings.events_expiring_soon_days
+    if days == 0:
+        return 0
+    moment = now or services.clock()
+    until = moment + timedelta(days=days)
+    async with services.pool.acquire() as conn, conn.transaction():
+        rows = await batches.notice_expiring_lots(conn, moment, until, services.settings.jobs_batch_size)
+        announced = [
+            events.Announcement(
+                row["member_uid"],
+                "points.expiring_soon",
+                events.PointsExpiringSoon(lot_id=row["lot_id"], points=row["points"], expires_at=row["expires_at"]),
+                moment,
+            )
+            for row in rows
+        ]
+        await events.insert_events(conn, announced)
+    return len(rows)
 
 
 def _settled(row: asyncpg.Record, event_type: str, moment: datetime) -> events.Announcement:

@@ -1,0 +1,271 @@
+"""Publishing the outbox: to the Redis Stream, and to webhook endpoints, signed.
+
+Three independent steps, each in bounded batches, so that one cannot hold up another:
+
+* **stream**: the next events after the 'stream' cursor are added to the Redis Stream (``XADD
+  MAXLEN ~``, one pipeline) and the cursor moves past them in the same transaction; if Redis
+  fails, the cursor stays and the batch is sent again (at least once).
+* **fan-out**: the next events after the 'webhooks' cursor become one message per enabled
+  endpoint that wants their type, in one statement.
+* **delivery**: due messages are leased (``for update skip locked``, per member only the earliest
+  pending one) and posted, each in a task of its own, at most ``webhook_concurrency_per_endpoint``
+  per endpoint and process: a slow or dead endpoint fills its own slots, never another's. The
+  outcomes are written in one statement per round.
+
+A publishing step holds its cursor's row lock while it works, so processes running it at once
+take turns (the others pass it over) and never send a batch twice at the same time. Nothing here
+runs in a request's transaction: publishing never delays the ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+import asyncpg
+import httpx
+import msgspec
+
+from konvert.events import rules, store
+from konvert.events.model import EncodedEnvelope
+from konvert.ledger import events
+from konvert.ledger.book import writing
+
+if TYPE_CHECKING:
+    from konvert.services import Services
+
+log = logging.getLogger("konvert.events")
+
+_encode = msgspec.json.Encoder().encode
+# An attempt's lease lasts its timeout and this much more before another process may retry it.
+_LEASE_MARGIN_SECONDS = 30.0
+# The longest error text kept with a message.
+_ERROR_CHARS_MAX = 500
+
+
+def envelope_json(row: asyncpg.Record) -> bytes:
+    """An outbox row (konvert.events.store) as the JSON it is sent as."""
+    return _encode(
+        EncodedEnvelope(
+            id=rules.event_id_text(row["event_id"]),
+            type=row["type"],
+            occurred_at=row["occurred_at"],
+            member_id=row["member_id"],
+            sequence=row["sequence"],
+            data=msgspec.Raw(row["data"].encode()),
+        )
+    )
+
+
+async def publish_stream(services: Services) -> int:
+    """Add the next batch of events to the Redis Stream; returns how many (0: none, or another
+    process is at it)."""
+    settings = services.settings
+    async with services.pool.acquire() as conn, conn.transaction():
+        after = await store.lock_cursor(conn, "stream")
+        if after is None:
+            return 0
+        rows = await store.select_events_after(conn, after, settings.events_batch_size)
+        if not rows:
+            return 0
+        async with services.redis.pipeline(transaction=False) as pipe:
+            for row in rows:
+                fields = {"id": rules.event_id_text(row["event_id"]), "type": row["type"], "event": envelope_json(row)}
+                pipe.xadd(settings.events_stream_key, fields, maxlen=settings.events_stream_maxlen, approximate=True)  # type: ignore[arg-type]
+            await pipe.execute()
+        await store.move_cursor(conn, "stream", store.position_of(rows[-1]))
+    return len(rows)
+
+
+async def fan_out(services: Services) -> int:
+    """Turn the next batch of events into webhook messages; returns how many events."""
+    async with services.pool.acquire() as conn, conn.transaction():
+        after = await store.lock_cursor(conn, "webhooks")
+        if after is None:
+            return 0
+        done = await store.fan_out(conn, after, services.settings.events_batch_size, services.clock())
+    return done.events
+
+
+class Publisher:
+    """This process's webhook deliveries in flight, and the outcomes not yet written."""
+
+    def __init__(self, services: Services) -> None:
+        self._services = services
+        settings = services.settings
+        self._client = httpx.AsyncClient(
+            timeout=settings.webhook_timeout_seconds,
+            follow_redirects=False,
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+        )
+        self._in_flight: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._outcomes: list[tuple[str, store.Outcome]] = []
+        self.woken = asyncio.Event()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    async def round(self) -> int:
+        """One round of every step; returns how much it did (0: nothing was due)."""
+        worked = 0
+        for step in (publish_stream, fan_out, lambda _: self.deliver(), lambda _: self.flush()):
+            try:
+                worked += await step(self._services)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # one step's failure (Redis down) must not stop the others
+                log.exception("publishing events failed; retrying")
+        return worked
+
+    async def deliver(self) -> int:
+        """Lease due messages for endpoints with free slots and start their attempts."""
+        services = self._services
+        limit = services.settings.webhook_concurrency_per_endpoint
+        now = services.clock()
+        busy = [endpoint for endpoint, count in self._in_flight.items() if count >= limit]
+        lease_until = now + timedelta(seconds=services.settings.webhook_timeout_seconds + _LEASE_MARGIN_SECONDS)
+        started = 0
+        for endpoint in await store.select_due_endpoints(services.pool, now, busy):
+            free = limit - self._in_flight.get(endpoint["endpoint_id"], 0)
+            messages = await store.claim_messages(services.pool, endpoint["endpoint_id"], now, free, lease_until)
+            rows = await store.select_events(services.pool, [m["event_id"] for m in messages])
+            for message in messages:
+                self._start(endpoint, message, rows[message["event_id"]])
+            started += len(messages)
+        return started
+
+    def _start(self, endpoint: asyncpg.Record, message: asyncpg.Record, event: asyncpg.Record) -> None:
+        endpoint_id = endpoint["endpoint_id"]
+        self._in_flight[endpoint_id] = self._in_flight.get(endpoint_id, 0) + 1
+        task = asyncio.create_task(self._attempt(endpoint, message, event))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _attempt(self, endpoint: asyncpg.Record, message: asyncpg.Record, event: asyncpg.Record) -> None:
+        services = self._services
+        # The signature's time is the wall clock's: receivers refuse timestamps far from theirs.
+        signed_at = datetime.now(UTC)
+        secrets = rules.signing_secrets(
+            endpoint["secret"], endpoint["previous_secret"], endpoint["previous_secret_expires_at"], services.clock()
+        )
+        body = envelope_json(event)
+        headers = rules.signed_headers(rules.event_id_text(event["event_id"]), body, secrets, signed_at)
+        status: int | None = None
+        error: str | None = None
+        try:
+            async with self._client.stream("POST", endpoint["url"], content=body, headers=headers) as response:
+                status = response.status_code
+        except httpx.HTTPError as exc:
+            error = f"{type(exc).__name__}: {exc}"[:_ERROR_CHARS_MAX]
+        finally:
+            self._in_flight[endpoint["endpoint_id"]] -= 1
+        now = services.clock()
+        if status is not None and 200 <= status < 300:
+            outcome = store.Outcome(message["message_id"], "delivered", None, status, None, now)
+        else:
+            error = error or f"HTTP {status}"
+            after = rules.after_failure(services.settings, message["attempts"], message["first_attempt_at"], now)
+            state = "pending" if after.next_attempt_at is not None else "failed"
+            outcome = store.Outcome(message["message_id"], state, after.next_attempt_at, status, error, now)
+        self._outcomes.append((endpoint["endpoint_id"], outcome))
+        self.woken.set()
+
+    async def flush(self) -> int:
+        """Write the outcomes of finished attempts, and what they say of their endpoints."""
+        if not self._outcomes:
+            return 0
+        done, self._outcomes = self._outcomes, []
+        services = self._services
+        now = services.clock()
+        try:
+            await store.record_outcomes(services.pool, [outcome for _, outcome in done])
+        except BaseException:
+            self._outcomes[:0] = done  # written with the next round's
+            raise
+        succeeded = {endpoint for endpoint, o in done if o.status == "delivered"}
+        failed = {endpoint for endpoint, _ in done} - succeeded
+        await store.mark_endpoints(services.pool, sorted(succeeded), sorted(failed), now)
+        if failed:
+            await disable_failing_endpoints(services)
+        return len(done)
+
+    async def drain(self) -> None:
+        """Wait for the attempts in flight and write their outcomes."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.flush()
+
+    async def aclose(self) -> None:
+        try:
+            await self.drain()
+        finally:
+            await self._client.aclose()
+
+
+async def disable_failing_endpoints(services: Services) -> list[str]:
+    """Disable endpoints every attempt to which failed for ``webhook_disable_after_seconds``,
+    announcing each (webhook_endpoint.disabled) in the same transaction."""
+    now = services.clock()
+    failing_before = now - timedelta(seconds=services.settings.webhook_disable_after_seconds)
+    async with writing(services) as book:
+        disabled = await store.disable_failing_endpoints(book.conn, failing_before)
+        for row in disabled:
+            data = events.EndpointDisabled(
+                endpoint_id=row["endpoint_id"], failing_since=row["failing_since"], last_error=row["last_error"]
+            )
+            book.announce(None, "webhook_endpoint.disabled", data)
+    for row in disabled:
+        log.warning(
+            "webhook endpoint disabled: every attempt failed for too long", extra={"endpoint": row["endpoint_id"]}
+        )
+    return [row["endpoint_id"] for row in disabled]
+
+
+async def run_forever(services: Services) -> None:
+    """A service process's publisher: a round whenever there is work, else every poll interval
+    (or as soon as an attempt finishes)."""
+    publisher = services.shared(Publisher)
+    interval = services.settings.events_poll_interval_seconds
+    while True:
+        if await publisher.round():
+            continue
+        publisher.woken.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(publisher.woken.wait(), interval)
+
+
+async def publish_all(services: Services, wait_seconds: float = 30.0) -> int:
+    """Publish every event committed before the call, then every message due, until nothing more
+    is due and no attempt is in flight (``konvert events publish``, and tests); returns how much
+    was done. Events that other transactions still hold back (see konvert.events.store) are
+    waited for, ``wait_seconds`` at most."""
+    publisher = services.shared(Publisher)
+    newest = await store.select_newest_event_id(services.pool)
+    deadline = asyncio.get_running_loop().time() + wait_seconds
+    total = 0
+    while True:
+        worked = await publisher.round()
+        total += worked
+        if worked:
+            continue
+        if publisher.in_flight:
+            await publisher.drain()
+        elif await store.unpublished_up_to(services.pool, newest) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(services.settings.events_poll_interval_seconds)
+        else:
+            return total
+
+
+async def prune(services: Services, now: datetime | None = None) -> int:
+    """The job that prunes delivered events older than ``events_retention_days`` (one batch)."""
+    moment = now or services.clock()
+    before = moment - timedelta(days=services.settings.events_retention_days)
+    batch = services.settings.jobs_batch_size
+    pruned = await store.prune_events(services.pool, before, batch)
+    await store.prune_lot_notices(services.pool, before, batch)
+    return pruned

@@ -1,0 +1,431 @@
+"""Events SQL: reading the outbox in order, the publishers' cursors, webhook endpoints and
+messages, pruning. Plain async functions, connection first.
+
+The outbox is read in (xid, event_id) order, and only events of transactions older than every
+transaction still running (``xid < pg_snapshot_xmin(pg_current_snapshot())``): an event that
+commits later always comes after every position a reader has passed, so no reader skips one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import NamedTuple
+
+import asyncpg
+
+from konvert.db import Connection, Queryable
+from konvert.events.rules import Position
+
+# An event as it is sent: the member's id is read from their row (the pseudonym once erased).
+_ENVELOPE = """
+select e.event_id, e.xid::text as xid, e.type, e.occurred_at, m.member_id, e.sequence, e.data::text as data
+from outbox_events e left join members m on m.member_uid = e.member_uid
+"""
+_VISIBLE = "(e.xid, e.event_id) > ($1::text::xid8, $2) and e.xid < pg_snapshot_xmin(pg_current_snapshot())"
+
+
+def position_of(row: asyncpg.Record) -> Position:
+    return Position(int(row["xid"]), row["event_id"])
+
+
+async def select_events_after(
+    conn: Queryable, after: Position, limit: int, types: Sequence[str] = ()
+) -> list[asyncpg.Record]:
+    """Up to ``limit`` events after ``after`` in the outbox's order (of ``types`` only, if any)."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        f"""
+        {_ENVELOPE}
+        where {_VISIBLE} and (cardinality($4::text[]) = 0 or e.type = any($4::text[]))
+        order by e.xid, e.event_id
+        limit $3
+        """,
+        str(after.xid),
+        after.event_id,
+        limit,
+        list(types),
+    )
+    return rows
+
+
+async def select_events(conn: Queryable, event_ids: Sequence[int]) -> dict[int, asyncpg.Record]:
+    rows = await conn.fetch(f"{_ENVELOPE} where e.event_id = any($1::bigint[])", list(event_ids))
+    return {row["event_id"]: row for row in rows}
+
+
+async def select_newest_event_id(conn: Queryable) -> int:
+    newest: int = await conn.fetchval("select coalesce(max(event_id), 0) from outbox_events")
+    return newest
+
+
+async def unpublished_up_to(conn: Queryable, event_id: int) -> bool:
+    """Whether a publisher's cursor has yet to pass an event up to ``event_id``."""
+    behind: bool = await conn.fetchval(
+        """
+        select exists (
+            select 1 from outbox_events e join event_cursors c on (e.xid, e.event_id) > (c.xid, c.event_id)
+            where e.event_id <= $1
+        )
+        """,
+        event_id,
+    )
+    return behind
+
+
+# --- the publishers' cursors ------------------------------------------------------------------
+
+
+async def lock_cursor(conn: Connection, name: str) -> Position | None:
+    """The cursor, locked for this transaction; None while another publisher holds it."""
+    row = await conn.fetchrow(
+        "select xid::text as xid, event_id from event_cursors where name = $1 for update skip locked", name
+    )
+    return position_of(row) if row is not None else None
+
+
+async def move_cursor(conn: Connection, name: str, to: Position) -> None:
+    await conn.execute(
+        "update event_cursors set xid = $2::text::xid8, event_id = $3, updated_at = now() where name = $1",
+        name,
+        str(to.xid),
+        to.event_id,
+    )
+
+
+class FanOut(NamedTuple):
+    events: int
+    messages: int
+
+
+async def fan_out(conn: Connection, after: Position, limit: int, now: datetime) -> FanOut:
+    """One webhook message per (enabled endpoint that wants it, event) for the next ``limit``
+    events after ``after``, due at once; the 'webhooks' cursor moves past them. One statement."""
+    row = await conn.fetchrow(_FAN_OUT, str(after.xid), after.event_id, limit, now)
+    assert row is not None
+    return FanOut(row["events"], row["messages"])
+
+
+_FAN_OUT = f"""
+with batch as (
+    select e.event_id, e.xid, e.type, e.member_uid, e.sequence from outbox_events e
+    where {_VISIBLE}
+    order by e.xid, e.event_id
+    limit $3
+), fanned as (
+    insert into webhook_messages (endpoint_id, event_id, member_uid, sequence, next_attempt_at)
+    select w.endpoint_id, b.event_id, b.member_uid, b.sequence, $4
+    from batch b
+    join webhook_endpoints w on w.enabled and (cardinality(w.event_types) = 0 or b.type = any(w.event_types))
+    order by b.xid, b.event_id, w.endpoint_id
+    on conflict (endpoint_id, event_id) do nothing
+    returning 1
+), last as (
+    select xid, event_id from batch order by xid desc, event_id desc limit 1
+), moved as (
+    update event_cursors c set xid = l.xid, event_id = l.event_id, updated_at = now()
+    from last l where c.name = 'webhooks'
+    returning 1
+)
+select (select count(*) from batch) as events, (select count(*) from fanned) as messages,
+       (select count(*) from moved) as moved
+"""
+
+
+# --- endpoints --------------------------------------------------------------------------------
+
+_ENDPOINT_COLUMNS = """endpoint_id, url, description, event_types, enabled, secret, previous_secret,
+    previous_secret_expires_at, failing_since, disabled_reason, created_at, updated_at"""
+
+
+async def upsert_endpoint(
+    conn: Connection,
+    endpoint_id: str,
+    *,
+    url: str,
+    description: str,
+    event_types: Sequence[str],
+    enabled: bool,
+    secret: str,
+    now: datetime,
+) -> tuple[asyncpg.Record, bool]:
+    """Create the endpoint (with ``secret``) or change it (keeping its secret); returns its row
+    and whether it was created. Enabling it again forgets its failures."""
+    row = await conn.fetchrow(
+        f"""
+        insert into webhook_endpoints (endpoint_id, url, description, event_types, enabled, secret,
+                                       created_at, updated_at)
+        values ($1, $2, $3, $4, $5, $6, $7, $7)
+        on conflict (endpoint_id) do update
+        set url = excluded.url, description = excluded.description, event_types = excluded.event_types,
+            enabled = excluded.enabled, updated_at = excluded.updated_at,
+            failing_since = case when excluded.enabled then null else webhook_endpoints.failing_since end,
+            disabled_reason = case when excluded.enabled then null else webhook_endpoints.disabled_reason end
+        returning {_ENDPOINT_COLUMNS}, (xmax = 0) as created
+        """,
+        endpoint_id,
+        url,
+        description,
+        list(event_types),
+        enabled,
+        secret,
+        now,
+    )
+    assert row is not None
+    return row, row["created"]
+
+
+async def select_endpoint(conn: Queryable, endpoint_id: str) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await conn.fetchrow(
+        f"select {_ENDPOINT_COLUMNS} from webhook_endpoints where endpoint_id = $1", endpoint_id
+    )
+    return row
+
+
+async def select_endpoints(conn: Queryable, limit: int) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await conn.fetch(
+        f"select {_ENDPOINT_COLUMNS} from webhook_endpoints order by endpoint_id limit $1", limit
+    )
+    return rows
+
+
+async def delete_endpoint(conn: Queryable, endpoint_id: str) -> bool:
+    """Delete the endpoint and its messages; False if there was none."""
+    deleted = await conn.fetchval("delete from webhook_endpoints where endpoint_id = $1 returning 1", endpoint_id)
+    return deleted is not None
+
+
+async def rotate_secret(
+    conn: Queryable, endpoint_id: str, secret: str, grace_until: datetime, now: datetime
+) -> asyncpg.Record | None:
+    """The new secret signs from now on; the current one also signs until ``grace_until``."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        f"""
+        update webhook_endpoints
+        set previous_secret = secret, previous_secret_expires_at = $3, secret = $2, updated_at = $4
+        where endpoint_id = $1
+        returning {_ENDPOINT_COLUMNS}
+        """,
+        endpoint_id,
+        secret,
+        grace_until,
+        now,
+    )
+    return row
+
+
+async def select_due_endpoints(conn: Queryable, now: datetime, passed_over: Sequence[str]) -> list[asyncpg.Record]:
+    """Enabled endpoints with messages due, but for ``passed_over`` (busy in this process)."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        f"""
+        select {_ENDPOINT_COLUMNS} from webhook_endpoints w
+        where w.enabled and w.endpoint_id <> all($2::text[]) and exists (
+            select 1 from webhook_messages m
+            where m.endpoint_id = w.endpoint_id and m.status = 'pending' and m.next_attempt_at <= $1
+        )
+        """,
+        now,
+        list(passed_over),
+    )
+    return rows
+
+
+async def mark_endpoints(conn: Queryable, succeeded: Sequence[str], failed: Sequence[str], now: datetime) -> None:
+    """After attempts: an endpoint that took one is healthy; one that took none fails since now,
+    unless it already did."""
+    await conn.execute(
+        """
+        update webhook_endpoints
+        set failing_since = case when endpoint_id = any($1::text[]) then null else coalesce(failing_since, $3) end
+        where endpoint_id = any($1::text[]) or (endpoint_id = any($2::text[]) and failing_since is null)
+        """,
+        list(succeeded),
+        list(failed),
+        now,
+    )
+
+
+async def disable_failing_endpoints(conn: Connection, failing_before: datetime) -> list[asyncpg.Record]:
+    """Disable the enabled endpoints failing since before ``failing_before``; returns them."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        """
+        update webhook_endpoints
+        set enabled = false, disabled_reason = 'every attempt failed since ' || failing_since::text
+        where enabled and failing_since <= $1
+        returning endpoint_id, failing_since,
+                  (select last_error from webhook_messages m where m.endpoint_id = webhook_endpoints.endpoint_id
+                   and m.last_error is not null order by m.last_attempt_at desc nulls last limit 1) as last_error
+        """,
+        failing_before,
+    )
+    return rows
+
+
+# --- messages ---------------------------------------------------------------------------------
+
+
+async def claim_messages(
+    conn: Queryable, endpoint_id: str, now: datetime, limit: int, lease_until: datetime
+) -> list[asyncpg.Record]:
+    """Lease up to ``limit`` due messages of the endpoint for an attempt (until ``lease_until``):
+    per member only the earliest pending one, so a member's events arrive in order. Messages other
+    processes hold are passed over."""
+    rows: list[asyncpg.Record] = await conn.fetch(_CLAIM, endpoint_id, now, limit, lease_until)
+    return rows
+
+
+_CLAIM = """
+with due as (
+    select m.message_id from webhook_messages m
+    where m.endpoint_id = $1 and m.status = 'pending' and m.next_attempt_at <= $2
+      and not exists (
+          select 1 from webhook_messages p
+          where p.endpoint_id = m.endpoint_id and p.member_uid = m.member_uid and p.status = 'pending'
+            and p.sequence < m.sequence
+      )
+    order by m.next_attempt_at, m.message_id
+    limit $3
+    for update skip locked
+)
+update webhook_messages m
+set next_attempt_at = $4, attempts = m.attempts + 1, first_attempt_at = coalesce(m.first_attempt_at, $2),
+    last_attempt_at = $2
+from due where m.message_id = due.message_id
+returning m.message_id, m.endpoint_id, m.event_id, m.attempts, m.first_attempt_at
+"""
+
+
+class Outcome(NamedTuple):
+    """What an attempt came to: pending again (with its next attempt), delivered or failed."""
+
+    message_id: int
+    status: str
+    next_attempt_at: datetime | None
+    last_status: int | None
+    last_error: str | None
+    at: datetime
+
+
+async def record_outcomes(conn: Queryable, outcomes: Sequence[Outcome]) -> None:
+    if not outcomes:
+        return
+    await conn.execute(
+        """
+        update webhook_messages m
+        set status = o.status, next_attempt_at = coalesce(o.next_attempt_at, m.next_attempt_at),
+            last_status = o.last_status, last_error = o.last_error,
+            finished_at = case when o.status = 'pending' then null else o.at end
+        from unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::integer[], $5::text[], $6::timestamptz[])
+             as o (message_id, status, next_attempt_at, last_status, last_error, at)
+        where m.message_id = o.message_id
+        """,
+        [o.message_id for o in outcomes],
+        [o.status for o in outcomes],
+        [o.next_attempt_at for o in outcomes],
+        [o.last_status for o in outcomes],
+        [o.last_error for o in outcomes],
+        [o.at for o in outcomes],
+    )
+
+
+_MESSAGE_COLUMNS = """m.message_id, m.endpoint_id, m.event_id, e.type, m.status, m.attempts, m.next_attempt_at,
+    m.first_attempt_at, m.last_attempt_at, m.last_status, m.last_error, m.finished_at, m.created_at"""
+
+
+async def select_messages(
+    conn: Queryable, endpoint_id: str, status: str | None, before: int | None, limit: int
+) -> list[asyncpg.Record]:
+    """The endpoint's messages (of ``status``, if given), newest first, before message ``before``."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        f"""
+        select {_MESSAGE_COLUMNS}
+        from webhook_messages m join outbox_events e using (event_id)
+        where m.endpoint_id = $1 and ($2::text is null or m.status = $2) and ($3::bigint is null or m.message_id < $3)
+        order by m.message_id desc
+        limit $4
+        """,
+        endpoint_id,
+        status,
+        before,
+        limit,
+    )
+    return rows
+
+
+async def resend_message(conn: Queryable, endpoint_id: str, message_id: int, now: datetime) -> asyncpg.Record | None:
+    """A dead-lettered message pending again, due now, with a full retry schedule ahead of it."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        f"""
+        with resent as (
+            update webhook_messages
+            set status = 'pending', next_attempt_at = $3, first_attempt_at = null, finished_at = null
+            where endpoint_id = $1 and message_id = $2 and status = 'failed'
+            returning *
+        )
+        select {_MESSAGE_COLUMNS} from resent m join outbox_events e using (event_id)
+        """,
+        endpoint_id,
+        message_id,
+        now,
+    )
+    return row
+
+
+async def select_message(conn: Queryable, endpoint_id: str, message_id: int) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await conn.fetchrow(
+        f"""
+        select {_MESSAGE_COLUMNS} from webhook_messages m join outbox_events e using (event_id)
+        where m.endpoint_id = $1 and m.message_id = $2
+        """,
+        endpoint_id,
+        message_id,
+    )
+    return row
+
+
+# --- pruning ----------------------------------------------------------------------------------
+
+
+async def prune_events(conn: Queryable, written_before: datetime, limit: int) -> int:
+    """Delete up to ``limit`` events written before ``written_before`` that every publisher has
+    passed and no endpoint still waits for (their finished messages go with them). A short
+    statement of its own: it holds its row locks only while it runs."""
+    count: int = await conn.fetchval(_PRUNE, written_before, limit)
+    return count
+
+
+_PRUNE = """
+with passed as (
+    select s.xid as stream_xid, s.event_id as stream_event_id, w.xid as webhooks_xid, w.event_id as webhooks_event_id
+    from event_cursors s, event_cursors w
+    where s.name = 'stream' and w.name = 'webhooks'
+), doomed as (
+    select e.event_id from outbox_events e, passed c
+    where e.created_at < $1
+      and (e.xid, e.event_id) <= (c.stream_xid, c.stream_event_id)
+      and (e.xid, e.event_id) <= (c.webhooks_xid, c.webhooks_event_id)
+      and not exists (select 1 from webhook_messages m where m.event_id = e.event_id and m.status = 'pending')
+    order by e.xid, e.event_id
+    limit $2
+    for update of e skip locked
+), deleted as (
+    delete from outbox_events e using doomed d where e.event_id = d.event_id returning 1
+)
+select count(*) from deleted
+"""
+
+
+async def prune_lot_notices(conn: Queryable, expired_before: datetime, limit: int) -> int:
+    """Forget that lots expired before ``expired_before`` were announced as expiring soon."""
+    count: int = await conn.fetchval(
+        """
+        with doomed as (
+            select lot_id from lot_expiry_notices where expires_at < $1 order by expires_at limit $2
+        ), deleted as (
+            delete from lot_expiry_notices n using doomed d where n.lot_id = d.lot_id returning 1
+        )
+        select count(*) from deleted
+        """,
+        expired_before,
+        limit,
+    )
+    return count

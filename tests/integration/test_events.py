@@ -1,0 +1,628 @@
+"""Events out, against a real local HTTP receiver started by each test, real PostgreSQL and Redis.
+
+Each test has a database of its own and drives its publishers itself (``publish_all``), with
+the time of konvert's clock moved where retries, dead letters, grace periods and pruning need it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import json
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import msgspec
+import pytest
+import redis.asyncio as redis
+import uvicorn
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from konvert import auth, composition
+from konvert.app import create_app
+from konvert.events import publisher, store
+from konvert.ledger import events
+from konvert.ledger.book import writing
+from konvert.program import Program
+from konvert.services import Services
+from konvert.settings import Settings
+from tests.conftest import AppClient, make_settings, purchase_body, serve
+
+# --- a real webhook receiver ------------------------------------------------------------------
+
+
+class Receiver:
+    """An ASGI app that records every request and answers with ``status`` (a list of statuses is
+    used up one per request first)."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[dict[str, str], bytes]] = []
+        self.status = 204
+        self.script: list[int] = []
+        self.arrived = asyncio.Event()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        status = self.script.pop(0) if self.script else self.status
+        if 200 <= status < 300:
+            self.received.append((headers, body))
+            self.arrived.set()
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(body) for _, body in self.received]
+
+    def verify(self, secret: str) -> list[dict[str, Any]]:
+        """Every received message, verified with ``secret`` the way a receiver would."""
+        return [Webhook(secret).verify(body, headers) for headers, body in self.received]
+
+
+@contextlib.asynccontextmanager
+async def running(receiver: Receiver) -> AsyncIterator[str]:
+    """Serve the receiver on a loopback port; yields its URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(receiver, lifespan="on", log_config=None, access_log=False)
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/hooks"
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+# --- a konvert of the test's own ----------------------------------------------------------------
+
+
+class Konvert:
+    """A test's konvert: its app (served), its services for the publisher, a movable clock."""
+
+    def __init__(self, client: AppClient, services: Services, headers: dict[str, str]) -> None:
+        self.client = client
+        self.services = services
+        self.headers = headers
+        self.offset = datetime.timedelta()
+
+    def advance(self, **delta: float) -> None:
+        self.offset += datetime.timedelta(**delta)
+
+    def now(self) -> datetime.datetime:
+        return datetime.datetime.now(datetime.UTC) + self.offset
+
+    async def call(self, method: str, path: str, body: Any = None, expect: int | None = None) -> Any:
+        response = await self.client.request(method, path, json=body, headers=self.headers)
+        if expect is not None:
+            assert response.status_code == expect, response.text
+        return response.json() if response.content else None
+
+    async def endpoint(self, url: str, endpoint_id: str = "crm", **fields: Any) -> dict[str, Any]:
+        return await self.call("PUT", f"/v1/webhook-endpoints/{endpoint_id}", {"url": url, **fields}, expect=201)
+
+    async def purchase(self, member_id: str, **changes: Any) -> dict[str, Any]:
+        return await self.call("POST", "/v1/purchases", purchase_body(member_id, **changes), expect=201)
+
+    async def publish(self) -> int:
+        return await publisher.publish_all(self.services)
+
+    async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        return await self.services.pool.fetch(sql, *args)
+
+
+@pytest.fixture
+def events_settings(fresh_database_url: str, redis_url: str) -> Settings:
+    return make_settings(
+        fresh_database_url,
+        redis_url,
+        webhook_retry_seconds=3600.0,
+        webhook_backoff_base_seconds=1.0,
+        webhook_backoff_max_seconds=600.0,
+        webhook_disable_after_seconds=3 * 86400.0,
+        webhook_timeout_seconds=5.0,
+    )
+
+
+StartKonvert = Callable[..., Awaitable[Konvert]]
+
+
+@pytest.fixture
+async def start_konvert(
+    events_settings: Settings, program: Program, redis_client: redis.Redis
+) -> AsyncIterator[StartKonvert]:
+    """Start konverts on the test's database (a later one is konvert after a restart)."""
+    stack = contextlib.AsyncExitStack()
+    key: list[str] = []
+
+    async def start(**overrides: Any) -> Konvert:
+        settings = events_settings.replace(**overrides)
+        client = await stack.enter_async_context(serve(create_app(settings, program)))
+        services = await composition.open_services(settings, program)
+        stack.push_async_callback(services.close)
+        if not key:
+            conn = await asyncpg.connect(settings.database_url)
+            try:
+                key.append((await auth.insert_key(conn, "test", ["admin"]))[0])
+            finally:
+                await conn.close()
+        konvert = Konvert(client, services, {"Authorization": f"Bearer {key[0]}"})
+        clock = services.clock
+        services.clock = lambda: clock() + konvert.offset
+        app_services = client.app.state.services
+        app_clock = app_services.clock
+        app_services.clock = lambda: app_clock() + konvert.offset
+        return konvert
+
+    async with stack:
+        yield start
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
+    hooks = Receiver()
+    async with running(hooks) as url:
+        yield hooks, url
+
+
+# --- tests --------------------------------------------------------------------------------------
+
+
+async def test_a_purchase_is_announced_to_an_endpoint_signed_per_standard_webhooks(start_konvert, receiver, new_id):
+    hooks, url = receiver
+    konvert = await start_konvert()
+    endpoint = await konvert.endpoint(url, description="CRM")
+    member = new_id("m")
+
+    purchase = await konvert.purchase(member)
+    await konvert.publish()
+
+    assert endpoint["secret"].startswith("whsec_")
+    verified = hooks.verify(endpoint["secret"])
+    assert [e["type"] for e in verified] == ["purchase.recorded", "points.earned"]
+    recorded, earned = verified
+    assert {recorded["member_id"], earned["member_id"]} == {member}
+    assert (recorded["sequence"], earned["sequence"]) == (1, 2)
+    assert recorded["data"]["purchase_id"] == purchase["purchase_id"]
+    assert earned["data"]["points"] == purchase["points"] == 20
+    assert earned["data"]["balance"] == {"available": 20, "pending": 0, "held": 0}
+    assert earned["data"]["lot_id"] == purchase["lot_id"]
+    headers = hooks.received[0][0]
+    assert headers["webhook-id"] == recorded["id"] and headers["webhook-signature"].startswith("v1,")
+    with pytest.raises(WebhookVerificationError):
+        Webhook("whsec_" + "A" * 43 + "=").verify(hooks.received[0][1], headers)
+    # The secret is shown once.
+    again = await konvert.call("GET", "/v1/webhook-endpoints/crm", expect=200)
+    assert again["secret"] is None and again["url"] == url
+
+
+async def test_delivery_is_at_least_once_across_an_outage_and_a_restart(start_konvert, receiver, new_id):
+    hooks, url = receiver
+    konvert = await start_konvert()
+    await konvert.endpoint(url, event_types=["points.earned"])
+    member = new_id("m")
+    await konvert.purchase(member)
+
+    hooks.status = 503
+    await konvert.publish()
+    (message,) = (await konvert.call("GET", "/v1/webhook-endpoints/crm/messages", expect=200))["items"]
+    assert (message["status"], message["attempts"], message["last_status"]) == ("pending", 1, 503)
+    assert hooks.received == []
+
+    # A second attempt is leased, and konvert stops before it is made: the lease runs out and
+    # the konvert started afterwards makes it.
+    konvert.advance(seconds=601)
+    leased = await store.claim_messages(
+        konvert.services.pool, "crm", konvert.now(), 10, konvert.now() + datetime.timedelta(seconds=60)
+    )
+    assert len(leased) == 1
+    hooks.status = 200
+    restarted = await start_konvert()
+    restarted.advance(seconds=601)
+    assert await restarted.publish() == 0  # still leased
+    restarted.advance(seconds=61)
+    await restarted.publish()
+
+    assert [e["type"] for e in hooks.events()] == ["points.earned"]
+    (message,) = (await restarted.call("GET", "/v1/webhook-endpoints/crm/messages", expect=200))["items"]
+    assert (message["status"], message["attempts"], message["last_status"]) == ("delivered", 3, 200)
+
+
+async def test_a_members_events_arrive_in_order_and_other_members_are_not_held_up(start_konvert, receiver, new_id):
+    hooks, url = receiver
+    konvert = await start_konvert()
+    endpoint = await konvert.endpoint(url, event_types=["purchase.recorded"])
+    first, second = new_id("a"), new_id("b")
+    for n in range(3):
+        await konvert.purchase(first, purchase_id=f"{first}-{n}")
+    await konvert.purchase(second)
+
+    hooks.script = [500]  # the first attempt fails: the first member's first purchase
+    await konvert.publish()
+    assert [(e["member_id"], e["sequence"]) for e in hooks.verify(endpoint["secret"])] == [(second, 1)]
+
+    konvert.advance(seconds=601)
+    await konvert.publish()
+    ordered = [(e["member_id"], e["data"]["purchase_id"]) for e in hooks.events() if e["member_id"] == first]
+    assert ordered == [(first, f"{first}-{n}") for n in range(3)]
+
+
+async def test_a_rolled_back_change_announces_nothing(start_konvert, receiver, new_id):
+    hooks, url = receiver
+    konvert = await start_konvert()
+    await konvert.endpoint(url)
+    member = new_id("m")
+    await konvert.purchase(member)
+    before = await konvert.fetch("select count(*) from outbox_events")
+
+    refused = await konvert.client.post(
+        f"/v1/members/{member}/redemptions",
+        json={"redemption_id": new_id("r"), "points": 10_000},
+        headers=konvert.headers,
+    )
+    with pytest.raises(RuntimeError):
+        async with writing(konvert.services) as book:
+            (locked,) = await book.lock(ids=[member])
+            book.announce(locked, "member.erased", events.MemberErased())
+            raise RuntimeError("the use case fails after announcing")
+    await konvert.publish()
+
+    assert refused.status_code == 409
+    assert await konvert.fetch("select count(*) from outbox_events") == before
+    assert [e["type"] for e in hooks.events()] == ["purchase.recorded", "points.earned"]
+
+
+async def test_a_message_failing_past_its_retries_is_dead_lettered_and_can_be_resent(start_konvert, receiver, new_id):
+    hooks, url = receiver
+    konvert = await start_konvert()
+    endpoint = await konvert.endpoint(url, event_types=["points.earned"])
+    await konvert.purchase(new_id("m"))
+    hooks.status = 500
+
+    attempts = 0
+    while not (await konvert.call("GET", "/v1/webhook-endpoints/crm/messages?status=failed"))["items"]:
+        await konvert.publish()
+        attempts += 1
+        assert attempts < 50, "never dead-lettered"
+        konvert.advance(seconds=600)  # the back-off's maximum
+    (failed,) = (await konvert.call("GET", "/v1/webhook-endpoints/crm/messages?status=failed"))["items"]
+    assert failed["attempts"] > 3 and failed["last_status"] == 500 and failed["finished_at"] is not None
+    first, last = (datetime.datetime.fromisoformat(failed[k]) for k in ("first_attempt_at", "last_attempt_at"))
+    assert last - first >= datetime.timedelta(seconds=3600)  # retried for the whole retry period
+
+    hooks.status = 200
+    resent = await konvert.call("POST", f"/v1/webhook-endpoints/crm/messages/{failed['message_id']}/retry", expect=200)
+    assert resent["status"] == "pending"
+    await konvert.publish()
+    assert [e["type"] for e in hooks.verify(endpoint["secret"])] == ["points.earned"]
+    again = await konvert.client.post(
+        f"/v1/webhook-endpoints/crm/messages/{failed['message_id']}/retry", headers=konvert.headers
+    )
+    assert again.status_code == 409 and again.json()["code"] == "webhook_message_not_failed"
+    missing = await konvert.client.post("/v1/webhook-endpoints/crm/messages/999999/retry", headers=konvert.headers)
+    assert missing.status_code == 404 and missing.json()["code"] == "webhook_message_not_found"
+
+
+async def test_after_a_rotation_both_secrets_sign_until_the_grace_period_ends(start_konvert, receiver, new_id):
+    hooks, url = receiver
+    konvert = await start_konvert(webhook_secret_grace_seconds=3600.0)
+    old = (await konvert.endpoint(url, event_types=["purchase.recorded"]))["secret"]
+
+    rotated = await konvert.call("POST", "/v1/webhook-endpoints/crm/rotate-secret", expect=200)
+    new = rotated["secret"]
+    await konvert.purchase(new_id("m"))
+    await konvert.publish()
+    konvert.advance(seconds=3601)
+    await konvert.purchase(new_id("m"))
+    await konvert.publish()
+
+    assert new.startswith("whsec_") and new != old
+    during, after = hooks.received
+    assert len(during[0]["webhook-signature"].split(" ")) == 2
+    Webhook(old).verify(during[1], during[0])
+    Webhook(new).verify(during[1], during[0])
+    Webhook(new).verify(after[1], after[0])
+    with pytest.raises(WebhookVerificationError):
+        Webhook(old).verify(after[1], after[0])
+    assert (await konvert.call("GET", "/v1/webhook-endpoints/crm"))["secret"] is None
+
+
+async def test_delivered_events_are_pruned_after_the_retention_period_and_undelivered_ones_kept(
+    start_konvert, receiver, new_id
+):
+    hooks, url = receiver
+    konvert = await start_konvert(events_retention_days=7.0)
+    await konvert.endpoint(url, event_types=["points.earned"])
+    await konvert.purchase(new_id("m"))
+    await konvert.publish()
+    await konvert.endpoint(url, "down", event_types=["purchase.recorded"])
+    hooks.status = 503
+    undelivered = await konvert.purchase(new_id("m"))
+    await konvert.publish()
+
+    assert await publisher.prune(konvert.services, konvert.now() + datetime.timedelta(days=6)) == 0
+    pruned = await publisher.prune(konvert.services, konvert.now() + datetime.timedelta(days=8))
+
+    left = await konvert.fetch("select type, data->>'purchase_id' as purchase_id from outbox_events order by event_id")
+    assert pruned == 2  # the first purchase's events; the second's are still being retried
+    assert [r["type"] for r in left] == ["purchase.recorded", "points.earned"]
+    assert left[0]["purchase_id"] == undelivered["purchase_id"]
+    assert await konvert.fetch("select 1 from webhook_messages where status <> 'pending'") == []
+
+
+async def test_the_redis_stream_holds_every_event_in_order_for_consumer_groups(start_konvert, redis_client, new_id):
+    konvert = await start_konvert()
+    member = new_id("m")
+    key = konvert.services.settings.events_stream_key
+    await redis_client.xgroup_create(key, "crm", id="0", mkstream=True)
+    await konvert.purchase(member)
+    await konvert.call(
+        "POST",
+        f"/v1/members/{member}/adjustments",
+        {"adjustment_id": new_id("adj"), "points": 5, "reason_code": "goodwill"},
+        expect=201,
+    )
+
+    await konvert.publish()
+    ((_, entries),) = await redis_client.xreadgroup("crm", "worker-1", {key: ">"}, count=10)
+
+    events = [json.loads(fields[b"event"]) for _, fields in entries]
+    assert [e["type"] for e in events] == ["purchase.recorded", "points.earned", "points.adjusted"]
+    assert [fields[b"type"].decode() for _, fields in entries] == [e["type"] for e in events]
+    assert [e["sequence"] for e in events] == [1, 2, 3] and {e["member_id"] for e in events} == {member}
+    assert events[2]["data"]["balance"]["available"] == 20 + 5
+    await redis_client.delete(key)
+
+
+async def test_the_feed_pages_through_events_in_commit_order(start_konvert, new_id):
+    konvert = await start_konvert()
+    members = [new_id("m") for _ in range(3)]
+    for member in members:
+        await konvert.purchase(member)
+
+    first = await konvert.call("GET", "/v1/events?limit=4", expect=200)
+    rest = await konvert.call("GET", f"/v1/events?after={first['next_cursor']}&limit=4", expect=200)
+    empty = await konvert.call("GET", f"/v1/events?after={rest['next_cursor']}", expect=200)
+    await konvert.purchase(members[0])
+    later = await konvert.call("GET", f"/v1/events?after={rest['next_cursor']}", expect=200)
+    earned = await konvert.call("GET", "/v1/events?types=points.earned", expect=200)
+
+    seen = first["items"] + rest["items"]
+    assert [(e["member_id"], e["type"]) for e in seen] == [
+        (m, t) for m in members for t in ("purchase.recorded", "points.earned")
+    ]
+    assert len({e["id"] for e in seen}) == 6
+    assert empty["items"] == [] and empty["next_cursor"] == rest["next_cursor"]
+    assert [(e["member_id"], e["sequence"]) for e in later["items"]] == [(members[0], 3), (members[0], 4)]
+    assert [e["type"] for e in earned["items"]] == ["points.earned"] * 4
+    bad = await konvert.client.get("/v1/events?after=nonsense", headers=konvert.headers)
+    assert bad.status_code == 422 and bad.json()["code"] == "validation_failed"
+
+
+async def test_the_feed_takes_an_events_read_key_only(start_konvert):
+    konvert = await start_konvert()
+    conn = await asyncpg.connect(konvert.services.settings.database_url)
+    try:
+        reader, _ = await auth.insert_key(conn, "feed", ["events:read"])
+        other, _ = await auth.insert_key(conn, "members", ["members:read"])
+    finally:
+        await conn.close()
+
+    allowed = await konvert.client.get("/v1/events", headers={"Authorization": f"Bearer {reader}"})
+    refused = await konvert.client.get("/v1/events", headers={"Authorization": f"Bearer {other}"})
+    endpoints = await konvert.client.get("/v1/webhook-endpoints", headers={"Authorization": f"Bearer {reader}"})
+
+    assert (allowed.status_code, refused.status_code, endpoints.status_code) == (200, 403, 403)
+
+
+async def test_an_erased_members_undelivered_events_carry_the_pseudonym(start_konvert, receiver, new_id):
+    hooks, url = receiver
+    konvert = await start_konvert()
+    await konvert.endpoint(url)
+    member = new_id("m")
+    await konvert.purchase(member)
+    hooks.status = 503
+    await konvert.publish()
+
+    await konvert.call("DELETE", f"/v1/members/{member}", expect=204)
+    hooks.status = 200
+    konvert.advance(seconds=601)
+    await konvert.publish()
+
+    received = hooks.events()
+    assert [e["type"] for e in received] == ["purchase.recorded", "points.earned", "member.erased"]
+    pseudonyms = {e["member_id"] for e in received}
+    assert len(pseudonyms) == 1 and member not in pseudonyms
+    assert member not in json.dumps(received)
+
+
+async def test_an_endpoint_failing_for_days_is_disabled_with_an_event(start_konvert, receiver, new_id):
+    hooks, url = receiver
+    konvert = await start_konvert()
+    await konvert.endpoint(url, "dead", event_types=["points.earned"])
+    await konvert.endpoint(url, "alive", event_types=["webhook_endpoint.disabled"])
+    hooks.script = [500] * 1000
+    await konvert.purchase(new_id("m"))
+    await konvert.publish()
+    failing = await konvert.call("GET", "/v1/webhook-endpoints/dead")
+
+    hooks.script = [500] * 1000
+    for _ in range(3):
+        konvert.advance(days=1)
+        await konvert.purchase(new_id("m"))
+        await konvert.publish()
+    disabled = await konvert.call("GET", "/v1/webhook-endpoints/dead")
+    hooks.script = []
+    konvert.advance(seconds=601)
+    await konvert.publish()
+
+    assert failing["enabled"] and failing["failing_since"] is not None
+    assert not disabled["enabled"] and "failed" in disabled["disabled_reason"]
+    (announced,) = hooks.events()
+    assert announced["type"] == "webhook_endpoint.disabled" and announced["member_id"] is None
+    assert announced["data"]["endpoint_id"] == "dead"
+    enabled = await konvert.call("PUT", "/v1/webhook-endpoints/dead", {"url": url}, expect=200)
+    assert enabled["enabled"] and enabled["failing_since"] is None and enabled["secret"] is None
+
+
+async def test_publishers_in_several_processes_send_each_event_once(start_konvert, receiver, new_id):
+    hooks, url = receiver
+    konvert = await start_konvert()
+    other = await start_konvert()
+    await konvert.endpoint(url)
+    for _ in range(20):
+        await konvert.purchase(new_id("m"))
+
+    await asyncio.gather(konvert.publish(), other.publish(), konvert.publish())
+
+    ids = [e["id"] for e in hooks.events()]
+    assert len(ids) == 40 and len(set(ids)) == 40
+
+
+async def test_the_service_process_publishes_by_itself(start_konvert, receiver, new_id):
+    hooks, url = receiver
+    konvert = await start_konvert(events_publish=True, events_poll_interval_seconds=0.05)
+    await konvert.endpoint(url, event_types=["points.earned"])
+    await konvert.purchase(new_id("m"))
+
+    await asyncio.wait_for(hooks.arrived.wait(), 10)
+
+    assert [e["type"] for e in hooks.events()] == ["points.earned"]
+
+
+async def test_endpoints_are_managed_by_an_admin(start_konvert, receiver):
+    _, url = receiver
+    konvert = await start_konvert()
+    created = await konvert.endpoint(url, event_types=["points.earned", "tier.changed"])
+    changed = await konvert.call("PUT", "/v1/webhook-endpoints/crm", {"url": url + "/v2", "enabled": False}, expect=200)
+    listed = await konvert.call("GET", "/v1/webhook-endpoints", expect=200)
+    bad = await konvert.client.put(
+        "/v1/webhook-endpoints/x", json={"url": "ftp://nope", "event_types": ["nope"]}, headers=konvert.headers
+    )
+    await konvert.call("DELETE", "/v1/webhook-endpoints/crm", expect=204)
+    await konvert.call("DELETE", "/v1/webhook-endpoints/crm", expect=204)
+    gone = await konvert.client.get("/v1/webhook-endpoints/crm", headers=konvert.headers)
+
+    assert created["event_types"] == ["points.earned", "tier.changed"]
+    assert (changed["url"], changed["enabled"], changed["event_types"], changed["secret"]) == (
+        url + "/v2",
+        False,
+        [],
+        None,
+    )
+    assert [e["endpoint_id"] for e in listed["items"]] == ["crm"]
+    assert (
+        bad.status_code == 422 and await konvert.fetch("select 1 from webhook_endpoints where endpoint_id = 'x'") == []
+    )
+    assert gone.status_code == 404 and gone.json()["code"] == "webhook_endpoint_not_found"
+
+
+# --- the catalogue ------------------------------------------------------------------------------
+
+
+async def test_every_kind_of_change_is_announced(start_konvert, new_id):
+    konvert = await start_konvert()
+    member, fan = new_id("m"), new_id("fan")
+    purchase = await konvert.purchase(member, occurred_at=konvert.now().isoformat())
+    await konvert.purchase(
+        member, lines=[{"line_id": "1", "sku": "B", "category": "books", "quantity": 1, "unit_price": 100_000}]
+    )
+    await konvert.call(
+        "POST",
+        f"/v1/purchases/{purchase['purchase_id']}/refunds",
+        {"refund_id": "r1", "partner": "webshop", "amount": 500},
+        expect=201,
+    )
+    await konvert.call(
+        "POST",
+        f"/v1/members/{member}/adjustments",
+        {"adjustment_id": new_id("a"), "points": 100, "reason_code": "goodwill"},
+        expect=201,
+    )
+    for n, hold in enumerate((False, True, True, True)):
+        await konvert.call(
+            "POST",
+            f"/v1/members/{member}/redemptions",
+            {"redemption_id": f"{member}-{n}", "points": 10, "hold": hold},
+            expect=201,
+        )
+    await konvert.call("POST", f"/v1/redemptions/{member}-1/capture", expect=200)
+    await konvert.call("POST", f"/v1/redemptions/{member}-2/release", expect=200)
+    await konvert.call(
+        "PUT", f"/v1/members/{member}/preferences/clothing_size", {"value": "M", "consent": ["support"]}, expect=200
+    )
+    await konvert.call("PUT", f"/v1/members/{member}/consents", {"purposes": {"marketing": True}}, expect=200)
+    kudos = await konvert.call(
+        "POST",
+        "/v1/kudos",
+        {
+            "kudos_id": new_id("k"),
+            "source": "forum",
+            "kind": "like",
+            "post_id": "p1",
+            "thread_id": "t1",
+            "author_id": member,
+            "giver_id": fan,
+            "occurred_at": konvert.now().isoformat(),
+        },
+        expect=201,
+    )
+    await konvert.call("DELETE", f"/v1/kudos/{kudos['kudos_id']}", expect=200)
+    konvert.advance(days=200)  # the held redemption times out, and the first purchase vests
+    await composition.JOBS["released_holds"](konvert.services)
+    await composition.JOBS["vested_lots"](konvert.services)
+    konvert.advance(days=160)
+    await composition.JOBS["expiring_soon_announced"](konvert.services)
+    konvert.advance(days=10)
+    await composition.JOBS["expired_lots"](konvert.services)
+
+    rows = await konvert.fetch(
+        "select e.type, e.sequence, e.data::text as data from outbox_events e join members m using (member_uid) "
+        "where m.member_id = $1 order by e.sequence",
+        member,
+    )
+    types = [r["type"] for r in rows]
+    assert [r["sequence"] for r in rows] == list(range(1, len(rows) + 1))
+    for expected in (
+        "purchase.recorded",
+        "points.earned",
+        "points.refunded",
+        "points.adjusted",
+        "points.redeemed",
+        "redemption.held",
+        "redemption.captured",
+        "redemption.released",
+        "redemption.expired",
+        "preference.shared",
+        "consent.changed",
+        "kudos.received",
+        "kudos.retracted",
+        "points.vested",
+        "points.expiring_soon",
+        "points.expired",
+    ):
+        assert expected in types, expected
+    for row in rows:  # every event's data is what the catalogue says it is
+        msgspec.json.decode(row["data"], type=events.CATALOGUE[row["type"]])
+    await composition.JOBS["expiring_soon_announced"](konvert.services)
+    again = await konvert.fetch("select count(*) from outbox_events where type = 'points.expiring_soon'")
+    assert again[0][0] == types.count("points.expiring_soon")  # once per lot
