@@ -83,6 +83,7 @@ def create_app(settings: Settings, program: Program | None = None) -> Litestar:
             components=Components(
                 security_schemes={"apiKey": SecurityScheme(type="http", scheme="bearer", description="kvt_... API key")}
             ),
+            webhooks=composition.OPENAPI_WEBHOOKS,
             security=[{"apiKey": []}],
         ),
         debug=False,

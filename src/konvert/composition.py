@@ -16,6 +16,7 @@ from konvert.earning import api as earning_api
 from konvert.earning import audit as earning_audit
 from konvert.earning import privacy as earning_privacy
 from konvert.events import api as events_api
+from konvert.events import openapi as events_openapi
 from konvert.events import publisher as events_publisher
 from konvert.integrations import api as integrations_api
 from konvert.integrations import privacy as integrations_privacy
@@ -54,6 +55,9 @@ ROUTES: list[Any] = [
     *integrations_api.ROUTES,
     *events_api.ROUTES,
 ]
+
+# The events konvert sends, as OpenAPI webhooks.
+OPENAPI_WEBHOOKS = events_openapi.WEBHOOKS
 
 # Run in this order by every service process and by `konvert jobs run`, each in bounded batches;
 # each result counts the rows worked.

@@ -10,7 +10,9 @@ import asyncio
 import contextlib
 import datetime
 import json
+import os
 import socket
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -507,6 +509,32 @@ async def test_the_service_process_publishes_by_itself(start_konvert, receiver, 
     await asyncio.wait_for(hooks.arrived.wait(), 10)
 
     assert [e["type"] for e in hooks.events()] == ["points.earned"]
+
+
+async def test_konvert_events_publish_publishes_everything_due_and_stops(start_konvert, receiver, new_id):
+    hooks, url = receiver
+    konvert = await start_konvert()
+    endpoint = await konvert.endpoint(url, event_types=["points.earned"])
+    await konvert.purchase(new_id("m"))
+    settings = konvert.services.settings
+    env = {name: value for name, value in os.environ.items() if not name.startswith("KONVERT_")} | {
+        "KONVERT_DATABASE_URL": settings.database_url,
+        "KONVERT_REDIS_URL": settings.redis_url,
+        "KONVERT_REDIS_KEY_PREFIX": settings.redis_key_prefix,
+        "KONVERT_LOG_LEVEL": "warning",
+    }
+
+    # Not subprocess.run: the receiver answers on this test's event loop meanwhile.
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "konvert", "events", "publish", env=env, stderr=asyncio.subprocess.PIPE
+    )
+    _, stderr = await asyncio.wait_for(process.communicate(), 120)
+
+    assert process.returncode == 0 and b"events published" in stderr
+    assert [e["type"] for e in hooks.verify(endpoint["secret"])] == ["points.earned"]
+    stream = await konvert.services.redis.xlen(settings.events_stream_key)
+    assert stream == 2
+    await konvert.services.redis.delete(settings.events_stream_key)
 
 
 async def test_endpoints_are_managed_by_an_admin(start_konvert, receiver):

@@ -58,6 +58,7 @@ async def adjust(services: Services, member_id: str, adjustment: AdjustmentIn, p
                 expires_at=expires_at,
                 vests_at=now,
                 lifetime=False,
+                announce=False,  # announced as points.adjusted
             )
             transfer_id, lot_id = credit.transfer_id, credit.lot_id
         else:

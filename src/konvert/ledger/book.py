@@ -186,9 +186,11 @@ class Book:
         vests_at: datetime,
         state: Literal["available", "pending"] = "available",
         lifetime: bool = True,
+        announce: bool = True,
     ) -> Credit:
         """Points into a new lot (pending until ``vests_at``, or available), from ``source``; with
-        ``lifetime`` they count as earned. A credit to available points repays a refund debt."""
+        ``lifetime`` they count as earned. A credit to available points repays a refund debt.
+        Announced as points.earned, unless the use case announces it otherwise."""
         row = await store.credit_lot(
             self.conn,
             member.uid,
@@ -204,6 +206,19 @@ class Book:
             lifetime=lifetime,
         )
         member = self._changed(row)
+        if announce:
+            earned = events.PointsEarned(
+                points=points,
+                state=state,
+                cause_type=cause.type,
+                cause_ref=cause.ref,
+                lot_id=row["lot_id"],
+                transfer_id=row["transfer_id"],
+                vests_at=vests_at,
+                expires_at=expires_at,
+                balance=self.balance(member),
+            )
+            self.announce(member, "points.earned", earned)
         if state == "available":
             await self.repay_debt(member)
         return Credit(row["lot_id"], row["transfer_id"])

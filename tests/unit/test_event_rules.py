@@ -1,0 +1,85 @@
+"""The pure rules of event delivery, and the event catalogue as the README documents it."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from konvert import errors
+from konvert.events import rules
+from konvert.events.openapi import EXAMPLES, WEBHOOKS
+from konvert.ledger import events
+from konvert.settings import load_settings
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+SETTINGS = load_settings({})
+NOW = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
+
+
+def test_retries_back_off_exponentially_with_jitter_up_to_the_maximum() -> None:
+    rng = random.Random(7)
+    delays = [rules.retry_delay_seconds(SETTINGS, attempt, rng) for attempt in range(1, 12)]
+
+    bases = [min(5.0 * 4**n, 4 * 3600.0) for n in range(11)]
+    assert all(base / 2 <= delay <= base for delay, base in zip(delays, bases, strict=True))
+    assert len({round(d / b, 6) for d, b in zip(delays, bases, strict=True)}) > 1  # jittered
+
+
+@given(st.randoms(use_true_random=False))
+def test_a_message_is_retried_for_at_least_a_day_before_it_is_dead_lettered(rng: random.Random) -> None:
+    first = now = NOW
+    attempts = 1
+    while (after := rules.after_failure(SETTINGS, attempts, first, now)).next_attempt_at is not None:
+        assert after.next_attempt_at > now
+        now = after.next_attempt_at
+        attempts += 1
+
+    assert now - first >= timedelta(days=1)
+    assert now - first <= timedelta(days=1, hours=4)
+    assert attempts < 20
+
+
+def test_both_secrets_sign_during_the_grace_period_only() -> None:
+    old, new = rules.new_secret(), rules.new_secret()
+    during = rules.signed_headers(
+        "evt_1", b"{}", rules.signing_secrets(new, old, NOW + timedelta(seconds=1), NOW), datetime.now(UTC)
+    )
+    after = rules.signed_headers("evt_1", b"{}", rules.signing_secrets(new, old, NOW, NOW), datetime.now(UTC))
+
+    assert Webhook(old).verify(b"{}", during) == {} and Webhook(new).verify(b"{}", during) == {}
+    assert Webhook(new).verify(b"{}", after) == {}
+    with pytest.raises(WebhookVerificationError):
+        Webhook(old).verify(b"{}", after)
+
+
+@given(st.integers(0, 2**63), st.integers(0, 2**63 - 1))
+def test_a_feed_cursor_comes_back_as_the_position_it_was_made_from(xid: int, event_id: int) -> None:
+    position = rules.Position(xid, event_id)
+
+    assert rules.decode_cursor(rules.encode_cursor(position)) == position
+
+
+@pytest.mark.parametrize("cursor", ["", "x", "ZTEuLTI", "ZTEu", "ZS0xLjI", "e1.2"])
+def test_a_cursor_konvert_did_not_make_is_refused(cursor: str) -> None:
+    with pytest.raises(errors.ValidationFailed):
+        rules.decode_cursor(cursor)
+
+
+def test_every_event_type_has_an_example_a_webhook_and_a_line_in_the_readme() -> None:
+    readme = README.read_text("utf-8")
+    encode = msgspec.json.Encoder().encode
+
+    assert set(EXAMPLES) == set(events.CATALOGUE) == set(WEBHOOKS)
+    for event_type, example in EXAMPLES.items():
+        assert isinstance(example, events.CATALOGUE[event_type])
+        line = f"| `{event_type}` |"
+        assert line in readme, event_type
+        documented = readme.split(line, 1)[1].split("\n", 1)[0]
+        assert f"`{encode(example).decode().replace('|', chr(92) + '|')}`" in documented, event_type
