@@ -25,7 +25,9 @@ SCENARIOS = (
     "redemptions",
     "mixed",
     "purchases_jobs",
+    "purchases_webhook",
     "jobs",
+    "publish",
 )
 GROUPS = {
     "all": SCENARIOS,
@@ -47,8 +49,10 @@ HTTP_SCRIPTS = {
     "mixed": "mixed",
     # Purchases while `konvert jobs run` vests a backlog beside them.
     "purchases_jobs": "purchases",
+    # Purchases while the service delivers their events to a webhook endpoint (a local receiver).
+    "purchases_webhook": "purchases",
 }
-WRITE_SCENARIOS = ("purchases", "webhooks", "redemptions", "mixed", "purchases_jobs")
+WRITE_SCENARIOS = ("purchases", "webhooks", "redemptions", "mixed", "purchases_jobs", "purchases_webhook")
 PROFILED_SCENARIOS = ("purchases", "webhooks", "balance_uniform", "balance_hot", "balance_warm")
 
 

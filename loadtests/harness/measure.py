@@ -16,7 +16,7 @@ from pathlib import Path
 
 import asyncpg
 
-from harness import checks, load, profile, stats, webhooks
+from harness import checks, events, load, profile, stats, webhooks
 from harness.cli_args import HTTP_SCRIPTS, PROFILED_SCENARIOS, WRITE_SCENARIOS
 from harness.jobs import parse_counts, per_second
 from harness.seed import ProgramFacts
@@ -67,6 +67,17 @@ class Measurer:
         self.artifacts = artifacts
         self.say = say
         self.pgbench_members = 0
+        self._receiver: events.Receiver | None = None
+
+    def receiver(self) -> events.Receiver:
+        """The run's webhook receiver, started on first use."""
+        if self._receiver is None:
+            self._receiver = events.Receiver()
+        return self._receiver
+
+    def close(self) -> None:
+        if self._receiver is not None:
+            self._receiver.stop()
 
     # -- wrk --------------------------------------------------------------------------------------
 
@@ -123,10 +134,13 @@ class Measurer:
         time.sleep(METRICS_LAG_S)  # the warm-up's requests reach /metrics before "before" is taken
         before = self._before(side, scenario, members, workers, profiled=delay_ms == 0 and first)
         jobs = None
+        webhook = self._attach_webhook(side) if scenario == "purchases_webhook" else None
         try:
             with Sampler(side.server, side.database_name) as sampler:
                 for pid in idle:
                     sampler.label(pid, "idle_service")
+                if webhook is not None:
+                    sampler.label(self.receiver().process.pid, "receiver")
                 started = time.monotonic()
                 if before.backlog is not None:
                     jobs = BackgroundCli(side.konvert, side.env(), "jobs", "run")
@@ -137,7 +151,13 @@ class Measurer:
             if jobs is not None:  # the load failed: the jobs must not go on under what follows
                 jobs.process.kill()
             raise
+        finally:
+            if webhook is not None and webhook["endpoint"]:
+                webhook |= events.webhook_beside(side, self.receiver(), webhook.pop("received_before"))
+                events.detach_endpoint(side)
         result = run.as_dict()
+        if webhook is not None:
+            result["webhook"] = webhook
         if jobs is not None:
             result["jobs_beside"] = self._jobs_beside(side, jobs, started, load_seconds, before.backlog or 0)
         result |= self._after(side, run, before, sampler)
@@ -148,6 +168,15 @@ class Measurer:
             result["profile"] = self._profile_result(before.spy)
         _note_kudos_404(result)
         return result
+
+    def _attach_webhook(self, side: Side) -> dict:
+        """purchases_webhook: the receiver registered as an endpoint; what it received and what
+        is left pending are filled in (the dict) once the load ends."""
+        receiver = self.receiver()
+        if not events.attach_endpoint(side, receiver):
+            side.say("  this install has no webhooks: purchases without an endpoint")
+            return {"endpoint": False}
+        return {"endpoint": True, "received_before": receiver.received()}
 
     def _before(self, side: Side, scenario: str, members: int, workers: int, profiled: bool) -> _Before:
         assert side.server is not None

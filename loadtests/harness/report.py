@@ -24,6 +24,12 @@ JOBS_VS_PURCHASES_MIN = 1.0
 # Signed Shopify orders/paid deliveries per second (verified, recorded in the inbox, posted as
 # purchases) against plain POST /v1/purchases in the same run (issue 20).
 WEBHOOKS_VS_PURCHASES_MIN = 0.8
+# Events out (konvert.events): purchases while the service delivers their events to a webhook
+# endpoint, against purchases without one, in the same run ...
+PURCHASES_WEBHOOK_VS_PURCHASES_MIN = 0.9
+# ... and the events one `konvert events publish` publishes per second (to the stream, fanned out
+# and delivered to one endpoint) against the purchases the service posts per second.
+PUBLISH_VS_PURCHASES_MIN = 2.0
 # Memory stays bounded: no service process above this, and the service's RSS at the end of the
 # last scenario no more than this factor above its RSS at the end of the first one.
 PEAK_RSS_PER_PROCESS_MAX_MIB = 512
@@ -88,6 +94,10 @@ def config_ratios(config: dict) -> dict[str, float | None]:
         # second: at 1.0x one process's jobs keep up with purchases at full load.
         "vesting_vs_purchases": _ratio(_job_rate(config, "vesting"), _rps(config, "purchases")),
         "expiry_vs_purchases": _ratio(_job_rate(config, "expiry"), _rps(config, "purchases")),
+        # Purchases with the service delivering their events to an endpoint, against without one.
+        "purchases_webhook_vs_purchases": _ratio(_rps(config, "purchases_webhook"), _rps(config, "purchases")),
+        # Events one publisher process publishes per second against purchases posted per second.
+        "publish_vs_purchases": _ratio(_publish_rate(config), _rps(config, "purchases")),
     }
     if config.get("baseline"):
         ratios |= baseline_ratios(config, config["baseline"])
@@ -105,6 +115,11 @@ def baseline_ratios(config: dict, baseline: dict) -> dict[str, float | None]:
     for job in config.get("jobs") or {}:
         ratios[f"{job}_vs_baseline"] = _ratio(_job_rate(config, job), _job_rate(baseline, job))
     return ratios
+
+
+def _publish_rate(config: dict) -> float | None:
+    publish = config.get("publish")
+    return publish["events_per_second"] if publish and publish.get("events") else None
 
 
 def _job_rate(config: dict, job: str) -> float | None:
@@ -205,6 +220,20 @@ def _ratio_targets(config: dict, label: str) -> list[Target]:
             "konvert's own target: the jobs keep up with purchases",
         )
         for job in ("vesting", "expiry")
+    ]
+    wanted += [
+        (
+            f"purchases delivering events to a webhook / without one ({label})",
+            "purchases_webhook_vs_purchases",
+            PURCHASES_WEBHOOK_VS_PURCHASES_MIN,
+            "events out: announcing every change costs the ledger little",
+        ),
+        (
+            f"events published / purchases per second ({label})",
+            "publish_vs_purchases",
+            PUBLISH_VS_PURCHASES_MIN,
+            "events out: one `konvert events publish` keeps up with purchases",
+        ),
     ]
     return [
         _at_least(name, ratios[key], minimum, note)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from harness import report, seed, stats
 from harness.cli_args import HTTP_SCRIPTS, LOADTESTS
+from harness.events import run_publish
 from harness.jobs import run_jobs
 from harness.measure import Measurer
 from harness.side import Install, Side
@@ -94,6 +95,7 @@ class Run:
                     measured[scenario] = self._measure_http(side, scenario, members, workers, measured)
                     order.append(f"{side.name}:{scenario}")
         finally:
+            self.measurer.close()
             for side in self.sides:
                 side.stop_server()
         for side in self.sides:
@@ -120,11 +122,13 @@ class Run:
         return result
 
     def _finish(self, side: Side, config: dict, scenarios: list[str]) -> None:
-        """After the services stopped: the jobs (they leave every lot expired, so after the write
-        checks), then the audit."""
+        """After the services stopped: publishing every event the run announced, the jobs (they
+        leave every lot expired, so after the write checks), then the audit."""
         write_checks = [
             s.get("writes_all_repetitions_ok", s["writes"]["ok"]) for s in config["scenarios"].values() if "writes" in s
         ]
+        if "publish" in scenarios:
+            config["publish"] = run_publish(side, self.measurer.receiver())
         if "jobs" in scenarios:
             if self.baseline is not None:
                 stats.flush_redis(self.args.redis_url)

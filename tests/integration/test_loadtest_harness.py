@@ -187,6 +187,32 @@ def test_harness_loses_nothing_and_the_audit_passes(tmp_path: Path, harness_redi
     assert set(sources) <= {"redis", "database"} and abs(sum(sources.values()) - 1) < 0.01, sources
 
 
+def test_harness_measures_what_announcing_events_costs(tmp_path: Path, harness_redis_url: str) -> None:
+    """purchases with the service delivering their events to a real local receiver, against
+    purchases without an endpoint; then one `konvert events publish` over every event of the run."""
+    output = tmp_path / "result.json"
+    completed = _run_harness(
+        output, harness_redis_url, "--duration", "2", "--scenarios", "purchases,purchases_webhook,publish"
+    )
+    result = _result(output, completed)
+    config = result["configs"][0]
+
+    assert completed.returncode == 0 and result["nothing_lost"] is True, completed.stdout + completed.stderr
+    webhook = config["scenarios"]["purchases_webhook"]["webhook"]
+    assert webhook["endpoint"] is True and webhook["received"] > 0, webhook
+    assert config["scenarios"]["purchases_webhook"]["usage"]["cpu_percent_by_group"].get("receiver", 0) > 0
+    publish = config["publish"]
+    # Every event of the run went out again: to the stream, and to the receiver.
+    assert publish["events"] > 2 * config["scenarios"]["purchases"]["writes"]["purchase"]["accepted"], publish
+    assert publish["delivered"] == publish["events"] == publish["messages"]["delivered"], publish
+    assert config["ratios"]["purchases_webhook_vs_purchases"] > 0 and config["ratios"]["publish_vs_purchases"] > 0
+    targets = {t["name"].split(" (")[0] for t in result["targets"]}
+    assert {
+        "purchases delivering events to a webhook / without one",
+        "events published / purchases per second",
+    } <= targets
+
+
 def _assert_jobs_ran_through_the_cli(config: dict, purchased_last: int, vested_beside: int) -> None:
     """The jobs scenario: each job's work made due in SQL, then settled by `konvert jobs run`
     alone (nothing else was due), every due row by the CLI's count and by SQL's, after the writes

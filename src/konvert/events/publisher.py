@@ -232,9 +232,9 @@ async def run_forever(services: Services) -> None:
     publisher = services.shared(Publisher)
     interval = services.settings.events_poll_interval_seconds
     while True:
+        publisher.woken.clear()
         if await publisher.round():
             continue
-        publisher.woken.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(publisher.woken.wait(), interval)
 
@@ -249,12 +249,15 @@ async def publish_all(services: Services, wait_seconds: float = 30.0) -> int:
     deadline = asyncio.get_running_loop().time() + wait_seconds
     total = 0
     while True:
+        publisher.woken.clear()
         worked = await publisher.round()
         total += worked
         if worked:
             continue
         if publisher.in_flight:
-            await publisher.drain()
+            # Until an attempt finishes: its slot and its outcome are the next round's work.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(publisher.woken.wait(), services.settings.webhook_timeout_seconds)
         elif await store.unpublished_up_to(services.pool, newest) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(services.settings.events_poll_interval_seconds)
         else:
