@@ -42,6 +42,8 @@ log = logging.getLogger("konvert.events")
 _encode = msgspec.json.Encoder().encode
 # An attempt's lease lasts its timeout and this much more before another process may retry it.
 _LEASE_MARGIN_SECONDS = 30.0
+# How long a stopping process waits for its attempts in flight.
+_CLOSE_WAIT_SECONDS = 3.0
 # The longest error text kept with a message.
 _ERROR_CHARS_MAX = 500
 
@@ -64,6 +66,8 @@ async def publish_stream(services: Services) -> int:
     """Add the next batch of events to the Redis Stream; returns how many (0: none, or another
     process is at it)."""
     settings = services.settings
+    if not await store.has_events_after_cursor(services.pool, "stream"):
+        return 0
     async with services.pool.acquire() as conn, conn.transaction():
         after = await store.lock_cursor(conn, "stream")
         if after is None:
@@ -82,6 +86,8 @@ async def publish_stream(services: Services) -> int:
 
 async def fan_out(services: Services) -> int:
     """Turn the next batch of events into webhook messages; returns how many events."""
+    if not await store.has_events_after_cursor(services.pool, "webhooks"):
+        return 0
     async with services.pool.acquire() as conn, conn.transaction():
         after = await store.lock_cursor(conn, "webhooks")
         if after is None:
@@ -194,15 +200,16 @@ class Publisher:
             await disable_failing_endpoints(services)
         return len(done)
 
-    async def drain(self) -> None:
-        """Wait for the attempts in flight and write their outcomes."""
-        while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.flush()
-
     async def aclose(self) -> None:
+        """Let the attempts in flight finish for a moment and write their outcomes; an attempt cut
+        short is made again once its lease runs out."""
         try:
-            await self.drain()
+            if self._tasks:
+                _, unfinished = await asyncio.wait(self._tasks, timeout=_CLOSE_WAIT_SECONDS)
+                for task in unfinished:
+                    task.cancel()
+                await asyncio.gather(*unfinished, return_exceptions=True)
+            await self.flush()
         finally:
             await self._client.aclose()
 

@@ -75,6 +75,21 @@ async def unpublished_up_to(conn: Queryable, event_id: int) -> bool:
 # --- the publishers' cursors ------------------------------------------------------------------
 
 
+async def has_events_after_cursor(conn: Queryable, name: str) -> bool:
+    """Whether the cursor has an event to read: a look without a lock (an idle publisher's poll
+    then writes nothing, not even a transaction id)."""
+    found: bool = await conn.fetchval(
+        f"""
+        select exists (
+            select 1 from outbox_events e, event_cursors c
+            where c.name = $1 and {_VISIBLE.replace("$1::text::xid8, $2", "c.xid, c.event_id")}
+        )
+        """,
+        name,
+    )
+    return found
+
+
 async def lock_cursor(conn: Connection, name: str) -> Position | None:
     """The cursor, locked for this transaction; None while another publisher holds it."""
     row = await conn.fetchrow(
