@@ -30,8 +30,9 @@ _HARNESS = Path(__file__).resolve().parent
 class Receiver:
     """The webhook receiver process: started once, counts what it received (GET /)."""
 
-    def __init__(self) -> None:
+    def __init__(self, log_path: Path) -> None:
         self.port = free_port()
+        self._log = log_path.open("ab")
         self.url = f"http://127.0.0.1:{self.port}/hooks"
         self.process = subprocess.Popen(
             [
@@ -51,21 +52,23 @@ class Receiver:
                 "--log-level",
                 "warning",
             ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=self._log,
         )
         deadline = time.monotonic() + 30
         while True:
             try:
                 self.received()
                 return
-            except OSError:
+            except (OSError, RuntimeError):
                 if time.monotonic() > deadline or self.process.poll() is not None:
                     self.process.kill()
                     raise RuntimeError("the webhook receiver did not start") from None
                 time.sleep(0.1)
 
     def received(self) -> int:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"the webhook receiver exited with {self.process.returncode}")
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/", timeout=5) as response:
             return int(response.read())
 
@@ -75,6 +78,7 @@ class Receiver:
             self.process.wait(10)
         except subprocess.TimeoutExpired:
             self.process.kill()
+        self._log.close()
 
 
 def has_events(side: Side) -> bool:

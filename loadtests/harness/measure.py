@@ -72,12 +72,13 @@ class Measurer:
     def receiver(self) -> events.Receiver:
         """The run's webhook receiver, started on first use."""
         if self._receiver is None:
-            self._receiver = events.Receiver()
+            self._receiver = events.Receiver(self.artifacts / "webhook-receiver.log")
         return self._receiver
 
     def close(self) -> None:
         if self._receiver is not None:
             self._receiver.stop()
+            self._receiver = None
 
     # -- wrk --------------------------------------------------------------------------------------
 

@@ -95,7 +95,6 @@ class Run:
                     measured[scenario] = self._measure_http(side, scenario, members, workers, measured)
                     order.append(f"{side.name}:{scenario}")
         finally:
-            self.measurer.close()
             for side in self.sides:
                 side.stop_server()
         for side in self.sides:
@@ -160,6 +159,7 @@ class Run:
                 for workers in self.args.worker_counts:
                     self.configs.append(self.run_config(members, workers, self.args.scenario_names))
         finally:
+            self.measurer.close()
             for side in self.sides:
                 side.stop_server()
             for side in created:

@@ -42,8 +42,14 @@ log = logging.getLogger("konvert.events")
 _encode = msgspec.json.Encoder().encode
 # An attempt's lease lasts its timeout and this much more before another process may retry it.
 _LEASE_MARGIN_SECONDS = 30.0
+# A process leases up to this many times an endpoint's concurrency at once: the messages beyond
+# it wait for a slot in the process (leased longer for it), so that a round of leasing serves
+# many attempts rather than the one whose slot just came free.
+_LEASED_PER_SLOT = 4
 # How long a stopping process waits for its attempts in flight.
 _CLOSE_WAIT_SECONDS = 3.0
+# What an endpoint's answer may hold before konvert stops reading it.
+_ANSWER_BYTES_MAX = 64 * 1024
 # The longest error text kept with a message.
 _ERROR_CHARS_MAX = 500
 
@@ -107,7 +113,10 @@ class Publisher:
             follow_redirects=False,
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
         )
+        # Messages leased by this process per endpoint (sending or waiting for a slot), and the
+        # endpoint's slots.
         self._in_flight: dict[str, int] = {}
+        self._slots: dict[str, asyncio.Semaphore] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._outcomes: list[tuple[str, store.Outcome]] = []
         self.woken = asyncio.Event()
@@ -131,10 +140,12 @@ class Publisher:
     async def deliver(self) -> int:
         """Lease due messages for endpoints with free slots and start their attempts."""
         services = self._services
-        limit = services.settings.webhook_concurrency_per_endpoint
+        limit = services.settings.webhook_concurrency_per_endpoint * _LEASED_PER_SLOT
         now = services.clock()
         busy = [endpoint for endpoint, count in self._in_flight.items() if count >= limit]
-        lease_until = now + timedelta(seconds=services.settings.webhook_timeout_seconds + _LEASE_MARGIN_SECONDS)
+        # Long enough for the attempts waiting for a slot, each up to its timeout.
+        lease_seconds = services.settings.webhook_timeout_seconds * (_LEASED_PER_SLOT + 1) + _LEASE_MARGIN_SECONDS
+        lease_until = now + timedelta(seconds=lease_seconds)
         started = 0
         for endpoint in await store.select_due_endpoints(services.pool, now, busy):
             free = limit - self._in_flight.get(endpoint["endpoint_id"], 0)
@@ -148,24 +159,35 @@ class Publisher:
     def _start(self, endpoint: asyncpg.Record, message: asyncpg.Record, event: asyncpg.Record) -> None:
         endpoint_id = endpoint["endpoint_id"]
         self._in_flight[endpoint_id] = self._in_flight.get(endpoint_id, 0) + 1
+        if endpoint_id not in self._slots:
+            self._slots[endpoint_id] = asyncio.Semaphore(self._services.settings.webhook_concurrency_per_endpoint)
         task = asyncio.create_task(self._attempt(endpoint, message, event))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _attempt(self, endpoint: asyncpg.Record, message: asyncpg.Record, event: asyncpg.Record) -> None:
         services = self._services
-        # The signature's time is the wall clock's: receivers refuse timestamps far from theirs.
-        signed_at = datetime.now(UTC)
         secrets = rules.signing_secrets(
             endpoint["secret"], endpoint["previous_secret"], endpoint["previous_secret_expires_at"], services.clock()
         )
         body = envelope_json(event)
-        headers = rules.signed_headers(rules.event_id_text(event["event_id"]), body, secrets, signed_at)
         status: int | None = None
         error: str | None = None
         try:
-            async with self._client.stream("POST", endpoint["url"], content=body, headers=headers) as response:
-                status = response.status_code
+            async with self._slots[endpoint["endpoint_id"]]:
+                # Signed once its turn came, with the wall clock's time: receivers refuse timestamps
+                # far from theirs.
+                signed_at = datetime.now(UTC)
+                headers = rules.signed_headers(rules.event_id_text(event["event_id"]), body, secrets, signed_at)
+                async with self._client.stream("POST", endpoint["url"], content=body, headers=headers) as response:
+                    status = response.status_code
+                    # Read to its end (a short answer, as receivers give), so that the connection
+                    # is kept for the next message; a long one is cut off with its connection.
+                    read = 0
+                    async for chunk in response.aiter_raw():
+                        read += len(chunk)
+                        if read > _ANSWER_BYTES_MAX:
+                            break
         except httpx.HTTPError as exc:
             error = f"{type(exc).__name__}: {exc}"[:_ERROR_CHARS_MAX]
         finally:

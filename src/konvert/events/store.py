@@ -288,14 +288,18 @@ async def claim_messages(
     return rows
 
 
+# The member's earliest pending message is found per candidate by one probe of
+# webhook_messages_member_order_idx (a correlated subquery with a limit is always run that way,
+# whatever the table's statistics say; events about konvert itself have no member and no order).
 _CLAIM = """
 with due as (
     select m.message_id from webhook_messages m
     where m.endpoint_id = $1 and m.status = 'pending' and m.next_attempt_at <= $2
-      and not exists (
-          select 1 from webhook_messages p
+      and m.sequence is not distinct from (
+          select p.sequence from webhook_messages p
           where p.endpoint_id = m.endpoint_id and p.member_uid = m.member_uid and p.status = 'pending'
-            and p.sequence < m.sequence
+          order by p.sequence
+          limit 1
       )
     order by m.next_attempt_at, m.message_id
     limit $3
