@@ -48,6 +48,9 @@ _LEASE_MARGIN_SECONDS = 30.0
 _LEASED_PER_SLOT = 4
 # How long a stopping process waits for its attempts in flight.
 _CLOSE_WAIT_SECONDS = 3.0
+# Outcomes that wake the publisher for a round (fewer wait for the poll interval or for leases to
+# run low, whichever comes first).
+_OUTCOMES_PER_ROUND = 32
 # What an endpoint's answer may hold before konvert stops reading it.
 _ANSWER_BYTES_MAX = 64 * 1024
 # The longest error text kept with a message.
@@ -142,7 +145,9 @@ class Publisher:
         services = self._services
         limit = services.settings.webhook_concurrency_per_endpoint * _LEASED_PER_SLOT
         now = services.clock()
-        busy = [endpoint for endpoint, count in self._in_flight.items() if count >= limit]
+        # An endpoint with more than half of its leases out waits for the rest: leasing a few at a
+        # time would cost a round of statements per message.
+        busy = [endpoint for endpoint, count in self._in_flight.items() if count > limit // 2]
         # Long enough for the attempts waiting for a slot, each up to its timeout.
         lease_seconds = services.settings.webhook_timeout_seconds * (_LEASED_PER_SLOT + 1) + _LEASE_MARGIN_SECONDS
         lease_until = now + timedelta(seconds=lease_seconds)
@@ -201,7 +206,10 @@ class Publisher:
             state = "pending" if after.next_attempt_at is not None else "failed"
             outcome = store.Outcome(message["message_id"], state, after.next_attempt_at, status, error, now)
         self._outcomes.append((endpoint["endpoint_id"], outcome))
-        self.woken.set()
+        # The next round, once it has enough to do: outcomes to write together, or leases to take.
+        limit = services.settings.webhook_concurrency_per_endpoint * _LEASED_PER_SLOT
+        if len(self._outcomes) >= _OUTCOMES_PER_ROUND or self._in_flight[endpoint["endpoint_id"]] <= limit // 2:
+            self.woken.set()
 
     async def flush(self) -> int:
         """Write the outcomes of finished attempts, and what they say of their endpoints."""
