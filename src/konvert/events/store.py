@@ -78,14 +78,12 @@ async def unpublished_up_to(conn: Queryable, event_id: int) -> bool:
 async def has_events_after_cursor(conn: Queryable, name: str) -> bool:
     """Whether the cursor has an event to read: a look without a lock (an idle publisher's poll
     then writes nothing, not even a transaction id)."""
+    cursor = await conn.fetchrow("select xid::text as xid, event_id from event_cursors where name = $1", name)
+    if cursor is None:
+        return False
+    # The cursor as parameters, not joined: the row comparison then walks outbox_events_order_idx.
     found: bool = await conn.fetchval(
-        f"""
-        select exists (
-            select 1 from outbox_events e, event_cursors c
-            where c.name = $1 and {_VISIBLE.replace("$1::text::xid8, $2", "c.xid, c.event_id")}
-        )
-        """,
-        name,
+        f"select exists (select 1 from outbox_events e where {_VISIBLE})", cursor["xid"], cursor["event_id"]
     )
     return found
 
