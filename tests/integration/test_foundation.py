@@ -973,7 +973,8 @@ async def test_every_path_parameter_is_validated_like_a_body(
         if not route.path.startswith("/v1/") or not names:
             continue
         for name in names:
-            values = {other: "placeholder" for other in route.path_parameters}
+            # Other parameters get a valid value of their type (an int where a route takes one).
+            values = {other: "1" if p.type is int else "placeholder" for other, p in route.path_parameters.items()}
             values[name] = quote(BAD_PATH_VALUES[bad], safe="")
             for method in sorted(handler.http_methods):
                 walked += 1

@@ -19,9 +19,10 @@ from konvert.events.model import (
     MessagePage,
     MessageStatus,
 )
+from konvert.paths import path_parameter
 from konvert.services import Svc
 
-EndpointPath = Annotated[EndpointId, PathParameter(description="The endpoint's id, as the operator chose it.")]
+EndpointPath = Annotated[EndpointId, path_parameter(EndpointId, "The endpoint's id, as the operator chose it.")]
 
 
 class WebhookEndpointController(Controller):
