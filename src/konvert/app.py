@@ -40,12 +40,14 @@ class KonvertRequest(Request[Any, Any, Any]):
 def create_app(settings: Settings, program: Program | None = None) -> Litestar:
     """Build the ASGI app. Needs reachable PostgreSQL and Redis at start-up (the lifespan)."""
     program = program or load_program(settings.program_file)
+    pages = composition.pages(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         services = await composition.open_services(settings, program)
         app.state.services = services
         await composition.prepare(services)
+        await pages.prepare(app, services)
         runners = []
         if settings.jobs_interval_seconds > 0:
             runners.append(asyncio.create_task(jobs.run_forever(services)))
@@ -61,7 +63,8 @@ def create_app(settings: Settings, program: Program | None = None) -> Litestar:
             await services.close()
 
     return Litestar(
-        route_handlers=composition.ROUTES,
+        route_handlers=[*composition.ROUTES, pages.router],
+        template_config=composition.PAGE_TEMPLATES,
         lifespan=[lifespan],
         middleware=[RequestObserver(settings)],
         guards=[authorize],

@@ -26,6 +26,8 @@ from konvert.ledger import api as ledger_api
 from konvert.ledger import audit as ledger_audit
 from konvert.ledger import jobs as ledger_jobs
 from konvert.ledger.accounts import ADJUSTMENTS, EXPIRED, REDEEMED, SystemAccount, SystemAccounts, issued
+from konvert.portal import api as portal_api
+from konvert.portal.pages import TEMPLATES, PortalPages
 from konvert.preferences import api as preferences_api
 from konvert.preferences import audit as preferences_audit
 from konvert.preferences import privacy as preferences_privacy
@@ -54,10 +56,19 @@ ROUTES: list[Any] = [
     *privacy_api.ROUTES,
     *integrations_api.ROUTES,
     *events_api.ROUTES,
+    *portal_api.ROUTES,
 ]
 
 # The events konvert sends, as OpenAPI webhooks.
 OPENAPI_WEBHOOKS = events_openapi.WEBHOOKS
+
+# The member portal's pages, their templates and static files (under /portal).
+PAGE_TEMPLATES = TEMPLATES
+
+
+def pages(settings: Settings) -> PortalPages:
+    return PortalPages(settings)
+
 
 # Run in this order by every service process and by `konvert jobs run`, each in bounded batches;
 # each result counts the rows worked.

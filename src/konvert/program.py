@@ -322,6 +322,20 @@ class Preferences(_Rule, frozen=True):
         return next((d for d in self.catalog if d.key == key), None)
 
 
+# A web origin as browsers compare them: scheme, host and an optional port, nothing after.
+Origin = Annotated[str, Meta(max_length=253, pattern=r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?$")]
+
+
+class Portal(_Rule, frozen=True):
+    """The member portal: where it may send members back to, and who may embed its card."""
+
+    # Origins a portal link's return_url may point at (the shop's or forum's own pages).
+    return_origins: Annotated[tuple[Origin, ...], Meta(max_length=50)] = ()
+    # Origins whose pages may show the card (/portal/card) in a frame; every other page is
+    # refused (Content-Security-Policy frame-ancestors). Empty: no one may embed it.
+    frame_ancestors: Annotated[tuple[Origin, ...], Meta(max_length=50)] = ()
+
+
 class Program(_Rule, frozen=True):
     name: Annotated[str, Meta(min_length=1, max_length=200)]
     partners: tuple[Partner, ...] = ()
@@ -332,6 +346,7 @@ class Program(_Rule, frozen=True):
     adjustments: Adjustments = Adjustments()
     reputation: Reputation = Reputation()
     preferences: Preferences = Preferences()
+    portal: Portal = Portal()
 
     def __post_init__(self) -> None:
         partner_ids = [p.id for p in self.partners]

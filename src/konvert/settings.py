@@ -121,6 +121,18 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     webhook_disable_after_seconds: Annotated[float, Meta(gt=0, le=365 * 86400)] = 5 * 86400.0
     # After a secret rotation the previous secret signs too, for this long.
     webhook_secret_grace_seconds: Annotated[float, Meta(ge=0, le=30 * 86400)] = 86400.0
+    # The member portal. Links point at this base URL (how members reach konvert, e.g.
+    # https://loyalty.example.com); empty: the URL the API request came in on.
+    public_url: Annotated[str, Meta(max_length=2000, pattern=r"^(https?://[^\s/?#]+(/[^\s?#]*)?)?$")] = ""
+    # How long a portal link can be opened (once).
+    portal_link_ttl_seconds: Annotated[int, Meta(ge=10, le=3600)] = 300
+    # A member's portal session ends after this long without a request, and this long after it
+    # started whatever happens.
+    portal_session_idle_seconds: Annotated[int, Meta(ge=60, le=86400)] = 1800
+    portal_session_absolute_seconds: Annotated[int, Meta(ge=60, le=7 * 86400)] = 8 * 3600
+    # The Secure attribute of the portal's cookies: keep it unless konvert is reached over plain
+    # HTTP (a local trial).
+    portal_cookie_secure: bool = True
 
     @property
     def embedded_database(self) -> bool:

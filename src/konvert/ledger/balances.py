@@ -12,7 +12,15 @@ import msgspec
 from konvert import errors
 from konvert.batching import BatchedLookups
 from konvert.ledger import reads, store
-from konvert.ledger.model import ActivityItem, ActivityPage, Balance, Cause, ExpiringPoints, TierStatus
+from konvert.ledger.model import (
+    ActivityItem,
+    ActivityPage,
+    Balance,
+    Cause,
+    ExpiringPoints,
+    TierStatus,
+    VestingPoints,
+)
 from konvert.observability import BALANCE_READS
 from konvert.pagination import decode_cursor, encode_cursor
 
@@ -21,6 +29,7 @@ if TYPE_CHECKING:
 
 _encode = msgspec.json.Encoder().encode
 _expiring = msgspec.json.Decoder(list[ExpiringPoints]).decode
+_balance = msgspec.json.Decoder(Balance).decode
 
 # With ?expiring_within_days the balance lists every expiry date in the window, up to this many.
 EXPIRING_DATES_MAX = 100
@@ -77,6 +86,11 @@ async def read_balance(services: Services, member_id: str, expiring_within_days:
     if row is None:
         raise errors.MemberNotFound(f"no member {member_id!r}")
     return _balance_of(services, row)
+
+
+def decode_balance(body: bytes) -> Balance:
+    """A balance from its JSON (as ``balance_body`` gives it)."""
+    return _balance(body)
 
 
 def _balance_of(services: Services, row: asyncpg.Record) -> Balance:
@@ -142,6 +156,12 @@ async def warm_balances(
         warmed += len(rows)
         after = rows[-1]["member_uid"]
     return Warmed(warmed)
+
+
+async def vesting(services: Services, member_id: str, dates_max: int) -> list[VestingPoints]:
+    """The member's pending points by the moment they become available, soonest first."""
+    rows = await reads.select_vesting(services.pool, member_id, dates_max)
+    return [VestingPoints(row["points"], row["vests_at"]) for row in rows]
 
 
 async def activity(services: Services, member_id: str, cursor: str | None, limit: int) -> ActivityPage:

@@ -29,6 +29,11 @@ class ExpiringPoints(msgspec.Struct, frozen=True):
     expires_at: datetime
 
 
+class VestingPoints(msgspec.Struct, frozen=True):
+    points: int
+    vests_at: datetime
+
+
 class TierStatus(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     # Points earned (net of refunds) in the trailing window that qualify the tier.

@@ -66,6 +66,21 @@ async def select_balances_after(
     return rows
 
 
+async def select_vesting(conn: Conn, member_id: str, limit: int) -> list[asyncpg.Record]:
+    """A member's pending points grouped by the moment they vest, soonest first."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        """
+        select l.vests_at, sum(l.remaining)::bigint as points
+        from members m join lots l on l.member_uid = m.member_uid
+        where m.member_id = $1 and l.remaining > 0 and l.state = 'pending'
+        group by l.vests_at order by l.vests_at limit $2
+        """,
+        member_id,
+        limit,
+    )
+    return rows
+
+
 async def select_activity(
     conn: Conn, member_uid: int, before_transfer_id: int | None, limit: int
 ) -> list[asyncpg.Record]:

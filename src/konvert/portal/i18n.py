@@ -1,0 +1,111 @@
+"""The portal's languages: English and German messages (gettext catalogs, read with Babel), and
+numbers and dates formatted per locale (Babel's CLDR data).
+
+The catalogs are the .po files under ``locales/``; they are compiled in memory at start-up, so
+the package ships no build artefacts.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from datetime import date, datetime
+from importlib import resources
+from typing import Any
+
+from babel import Locale as BabelLocale
+from babel import dates, numbers
+from babel.core import negotiate_locale
+from babel.messages.mofile import write_mo
+from babel.messages.pofile import read_po
+from babel.support import NullTranslations, Translations
+from jinja2 import pass_context
+
+from konvert.portal.model import LOCALES, Locale
+
+DEFAULT_LOCALE: Locale = "en"
+_ACCEPT_LANGUAGE_ENTRIES_MAX = 20
+
+
+def _load(locale: str) -> NullTranslations:
+    po = resources.files("konvert.portal").joinpath("locales", locale, "LC_MESSAGES", "messages.po")
+    if not po.is_file():
+        return NullTranslations()
+    with po.open("rb") as source:
+        catalog = read_po(source, locale=locale)
+    compiled = io.BytesIO()
+    write_mo(compiled, catalog)
+    compiled.seek(0)
+    return Translations(compiled)
+
+
+TRANSLATIONS: dict[str, NullTranslations] = {locale: _load(locale) for locale in LOCALES}
+_BABEL_LOCALES: dict[str, BabelLocale] = {locale: BabelLocale.parse(locale) for locale in LOCALES}
+
+
+def from_accept_language(header: str | None) -> Locale:
+    """The best of the portal's locales for an Accept-Language header (English if none fits)."""
+    preferred: list[tuple[float, str]] = []
+    for entry in (header or "").split(",")[:_ACCEPT_LANGUAGE_ENTRIES_MAX]:
+        tag, _, params = entry.strip().partition(";")
+        quality = 1.0
+        if params.strip().startswith("q="):
+            try:
+                quality = float(params.strip()[2:])
+            except ValueError:
+                quality = 0.0
+        if tag and quality > 0:
+            preferred.append((quality, tag.strip()))
+    preferred.sort(key=lambda item: -item[0])  # stable: equal qualities keep the header's order
+    # Babel matches "de-AT" to "de" and "en-GB" to "en"; the tags alone, most wanted first.
+    tags = [tag.split("-")[0].lower() for _, tag in preferred]
+    chosen = negotiate_locale(tags, list(LOCALES))
+    return "de" if chosen == "de" else DEFAULT_LOCALE
+
+
+def _locale(context: Mapping[str, Any]) -> str:
+    value = context.get("locale")
+    return value if value in TRANSLATIONS else DEFAULT_LOCALE
+
+
+@pass_context
+def gettext(context: Mapping[str, Any], message: str) -> str:
+    return TRANSLATIONS[_locale(context)].gettext(message)
+
+
+@pass_context
+def ngettext(context: Mapping[str, Any], singular: str, plural: str, n: int) -> str:
+    return TRANSLATIONS[_locale(context)].ngettext(singular, plural, n)
+
+
+@pass_context
+def number(context: Mapping[str, Any], value: int) -> str:
+    return numbers.format_decimal(value, locale=_BABEL_LOCALES[_locale(context)])
+
+
+@pass_context
+def signed(context: Mapping[str, Any], value: int) -> str:
+    """A change of points: +151, or a real minus sign (U+2212) before what was taken."""
+    text = numbers.format_decimal(abs(value), locale=_BABEL_LOCALES[_locale(context)])
+    return f"+{text}" if value > 0 else f"\u2212{text}" if value < 0 else text
+
+
+@pass_context
+def day(context: Mapping[str, Any], value: date | datetime) -> str:
+    """A date in the locale's medium format (7 Dec 2026, 07.12.2026), in UTC."""
+    return dates.format_date(value, format="medium", locale=_BABEL_LOCALES[_locale(context)])
+
+
+@pass_context
+def moment(context: Mapping[str, Any], value: datetime) -> str:
+    return dates.format_datetime(value, format="medium", tzinfo=dates.UTC, locale=_BABEL_LOCALES[_locale(context)])
+
+
+@pass_context
+def language_name(context: Mapping[str, Any], locale: str) -> str:
+    """A language's name in its own language (Deutsch, English), as language pickers show it."""
+    name: str = _BABEL_LOCALES[locale].get_display_name(locale) or locale
+    return name[:1].upper() + name[1:]
+
+
+FILTERS = {"number": number, "signed": signed, "day": day, "moment": moment, "language_name": language_name}
