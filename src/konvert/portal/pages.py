@@ -220,10 +220,11 @@ class EntryController(Controller):
         services: Svc,
         token: Annotated[str, PathParameter(max_length=200)],
         next_view: Annotated[
-            Literal["overview", "card", "rewards", "privacy"], QueryParameter(query="next")
+            Literal["overview", "card", "rewards", "privacy"], QueryParameter(name="next")
         ] = "overview",
-    ) -> Response[Any]:
-        """Open a portal link: start the member's session (once per link) and go to the portal."""
+    ) -> Response[Any] | Template:
+        """Open a portal link: start the member's session (once per link) and go to the portal
+        (with `?next=card`: show the card, for a frame)."""
         grant = await links.redeem(services, token)
         if grant is None:
             raise LinkNotValid("this link was used already or has expired; open the portal again from the shop")
@@ -235,6 +236,10 @@ class EntryController(Controller):
                 "started_at": services.clock().timestamp(),
             }
         )
+        if next_view == "card":
+            # Rendered here rather than after a redirect: a page of another site that frames the
+            # card gets no SameSite=Lax cookie back, so the link itself must show it.
+            return await card_page(request, services, grant.member_id)
         return Redirect(_VIEWS[next_view], status_code=303)
 
 
@@ -354,12 +359,15 @@ class PortalController(Controller):
     @get("/card")
     async def card(self, request: Request[Any, Any, Any], services: Svc) -> Template:
         """A compact balance, tier and rank card to embed in the program's allowed origins."""
-        member = session_of(request)
-        current = await views.balance(services, member.member_id)
-        ancestors = " ".join(services.program.portal.frame_ancestors) or "'none'"
-        context = {"balance": current, **views.standing(services, current)}
-        csp = {"content-security-policy": _CSP.format(ancestors=ancestors)}
-        return page(request, "card.html", context, headers=csp)
+        return await card_page(request, services, session_of(request).member_id)
+
+
+async def card_page(request: Request[Any, Any, Any], services: Services, member_id: str) -> Template:
+    """The card, which only pages of the program's portal.frame_ancestors may frame."""
+    current = await views.balance(services, member_id)
+    ancestors = " ".join(services.program.portal.frame_ancestors) or "'none'"
+    context = {"balance": current, **views.standing(services, current)}
+    return page(request, "card.html", context, headers={"content-security-policy": _CSP.format(ancestors=ancestors)})
 
 
 # --- wiring ---------------------------------------------------------------------------------------
