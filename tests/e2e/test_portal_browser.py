@@ -481,15 +481,15 @@ async def test_the_card_refuses_to_show_in_a_page_of_another_origin(
 ) -> None:
     member_id = await a_member(portal, euros=1151)
     answers: list[Any] = []
-    context.on("response", lambda r: answers.append(r) if r.url.startswith(portal.url("/portal/")) else None)
+    context.on("response", lambda r: answers.append(r) if r.url.startswith(portal.url("/portal/start/")) else None)
 
     page = await _embedding(context, sites[1], await portal.link(member_id))
 
     assert [a.status for a in answers] == [200]  # konvert answered; the browser would not show it
-    assert f"frame-ancestors {sites[0].origin}" in (await answers[0].all_headers())["content-security-policy"]
     assert await page.frame_locator("iframe").locator("[data-figure=available]").count() == 0
     shown = [await frame.content() for frame in page.frames[1:]]
     assert shown and not any("data-figure" in content for content in shown)
+    assert f"frame-ancestors {sites[0].origin}" in (await answers[0].all_headers())["content-security-policy"]
 
 
 # --- accessibility -------------------------------------------------------------------------------
