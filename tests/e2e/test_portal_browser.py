@@ -55,6 +55,7 @@ pytestmark = pytest.mark.skipif(
 class Portal:
     client: AppClient
     headers: dict[str, str]
+    redis_url: str
 
     async def api(self, method: str, path: str, body: dict[str, Any] | None = None, expect: int = 200) -> Any:
         response = await self.client.request(method, path, json=body, headers=self.headers)
@@ -131,23 +132,26 @@ async def sites() -> AsyncIterator[tuple[Site, Site]]:
 
 
 @pytest.fixture(scope="module")
-async def portal(
-    server_database_url: str, template_database: str, redis_url: str, redis_client: Any, sites: tuple[Site, Site]
-):
+async def database_for_portal(server_database_url: str, template_database: str) -> AsyncIterator[str]:
+    """A database of the module's own: the portal's program seeds rewards no other test expects."""
     name = f"konvert_portal_{RUN_ID}_{uuid.uuid4().hex[:6]}"
-    url = await _create_database(server_database_url, name, template_database)
+    yield await _create_database(server_database_url, name, template_database)
+    await _drop_database(server_database_url, name)
+
+
+@pytest.fixture(scope="module")
+async def portal(
+    database_for_portal: str, redis_url: str, redis_client: Any, sites: tuple[Site, Site]
+) -> AsyncIterator[Portal]:
+    conn = await asyncpg.connect(database_for_portal)
     try:
-        conn = await asyncpg.connect(url)
-        try:
-            key, _ = await auth.insert_key(conn, "shop backend", ["admin"])
-        finally:
-            await conn.close()
-        settings = make_settings(url, redis_url, portal_cookie_secure=False)
-        program = parse_program(portal_program_text(sites[0].origin), "portal test program")
-        async with serve(create_app(settings, program)) as client:
-            yield Portal(client, {"Authorization": f"Bearer {key}"})
+        key, _ = await auth.insert_key(conn, "shop backend", ["admin"])
     finally:
-        await _drop_database(server_database_url, name)
+        await conn.close()
+    settings = make_settings(database_for_portal, redis_url, portal_cookie_secure=False)
+    program = parse_program(portal_program_text(sites[0].origin), "portal test program")
+    async with serve(create_app(settings, program)) as client:
+        yield Portal(client, {"Authorization": f"Bearer {key}"}, redis_url)
 
 
 @pytest.fixture(scope="module")
@@ -567,3 +571,49 @@ async def test_the_session_cookie_is_http_only_and_same_site_lax(portal: Portal)
     for name in ("konvert_portal", "konvert_csrf"):
         attributes = cookies[name].lower()
         assert "httponly" in attributes and "samesite=lax" in attributes and "path=/portal" in attributes
+
+
+async def test_the_session_cookie_is_secure_unless_configured_otherwise(
+    portal: Portal, database_for_portal: str
+) -> None:
+    member_id = await a_member(portal)
+    settings = make_settings(database_for_portal, portal.redis_url)  # portal_cookie_secure: the default
+    program = parse_program(portal_program_text(), "portal test program")
+    async with serve(create_app(settings, program)) as secure_app:
+        made = await secure_app.post(f"/v1/members/{member_id}/portal-sessions", json={}, headers=portal.headers)
+        response = await secure_app.get(made.json()["url"])
+
+    cookies = [c.lower() for c in response.headers.get_list("set-cookie")]
+    assert len(cookies) == 2 and all("; secure" in c for c in cookies)
+
+
+async def test_the_session_ends_after_the_absolute_timeout(portal: Portal) -> None:
+    member_id = await a_member(portal)
+    services = portal.client.app.state.services
+    async with httpx.AsyncClient(base_url=portal.url(""), cookies=httpx.Cookies()) as member:
+        assert (await member.get(await portal.link(member_id))).status_code == 303
+        assert (await member.get("/portal")).status_code == 200
+        original = services.clock
+        absolute = services.settings.portal_session_absolute_seconds
+        services.clock = lambda: original() + timedelta(seconds=absolute + 1)
+        try:
+            ended = await member.get("/portal")
+        finally:
+            services.clock = original
+        after = await member.get("/portal")
+
+    assert ended.status_code == 401 and "portal_session_ended" in ended.text
+    assert after.status_code == 401  # the session was cleared, not only refused once
+
+
+async def test_redis_forgets_a_session_after_the_idle_timeout(portal: Portal, redis_client: Any) -> None:
+    member_id = await a_member(portal)
+    settings = portal.client.app.state.services.settings
+    async with httpx.AsyncClient(base_url=portal.url("")) as member:
+        await member.get(await portal.link(member_id))
+        session_id = member.cookies["konvert_portal"]
+        await member.get("/portal")
+
+    ttl = await redis_client.ttl(f"{settings.redis_key_prefix}:portal:session:{session_id}")
+
+    assert settings.portal_session_idle_seconds - 5 <= ttl <= settings.portal_session_idle_seconds
