@@ -20,6 +20,7 @@ SCENARIOS = (
     "balance_hot",
     "balance_warm",
     "balance_half",
+    "portal_overview",
     "purchases",
     "webhooks",
     "redemptions",
@@ -42,6 +43,8 @@ HTTP_SCRIPTS = {
     "balance_hot": "balance",
     "balance_warm": "balance",
     "balance_half": "balance",
+    # The member portal's overview page, in sessions opened before the run.
+    "portal_overview": "portal",
     "purchases": "purchases",
     # Signed Shopify orders/paid deliveries: the same purchases, arriving as webhooks.
     "webhooks": "webhooks",

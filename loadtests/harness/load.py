@@ -29,7 +29,15 @@ WRK_TIMEOUT = "30s"
 OVERRUN_SECONDS = 60
 RESULT_MARKER = "KONVERT_BENCH_RESULT "
 
-KIND_NAMES = {"n": "noop", "b": "balance", "p": "purchase", "r": "redemption", "k": "kudos", "w": "webhook"}
+KIND_NAMES = {
+    "n": "noop",
+    "b": "balance",
+    "p": "purchase",
+    "r": "redemption",
+    "k": "kudos",
+    "w": "webhook",
+    "o": "portal",
+}
 WRITE_KINDS = ("p", "r", "k", "w")
 
 

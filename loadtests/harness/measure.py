@@ -68,6 +68,8 @@ class Measurer:
         self.say = say
         self.pgbench_members = 0
         self._receiver: events.Receiver | None = None
+        # Per side: the file of portal session cookies portal_overview's requests use.
+        self.portal_sessions: dict[str, Path] = {}
 
     def receiver(self) -> events.Receiver:
         """The run's webhook receiver, started on first use."""
@@ -100,6 +102,7 @@ class Measurer:
             "KONVERT_BENCH_CONTENTION_MEMBERS": str(self.args.contention_members),
             "KONVERT_BENCH_DELAY_MS": f"{delay_ms:.3f}",
             "KONVERT_BENCH_SEED": str(secrets.randbelow(1_000_000)),
+            "KONVERT_BENCH_PORTAL_SESSIONS": str(self.portal_sessions.get(side.name, "")),
         }
 
     def wrk(
@@ -371,6 +374,12 @@ class Measurer:
                 # the previous one left off: each starts from an empty cache and its own warm-up.
                 stats.flush_redis(self.args.redis_url)
                 runs.append(self.run_http(side, scenario, members, workers, delay_ms=delay_ms, first=first, idle=idle))
+            elif scenario == "portal_overview":
+                if first:
+                    # After any flush of Redis (which holds the sessions), right before the load.
+                    into = self.artifacts / f"{side.name}-portal-sessions.txt"
+                    self.portal_sessions[side.name] = side.open_portal_sessions(members, into)
+                runs.append(self.run_http(side, scenario, members, workers, warmup=first, first=first, idle=idle))
             elif scenario == "balance_warm":
                 # Uniform reads once every balance is cached (`konvert cache warm` into the flushed
                 # cache, beside the running service): what a read costs at any number of members

@@ -42,6 +42,9 @@ PURCHASES_VS_BASELINE_MIN = 0.9
 # ... and uniform balance reads with every balance cached (balance_warm) at least this share of
 # the no-op, both of the current install.
 BALANCE_WARM_VS_NOOP_MIN = 0.7
+# The member portal's overview page (a session read from Redis, the balance, the pending lots,
+# a template rendered) at least this share of cached balance reads, in the same run.
+PORTAL_OVERVIEW_VS_BALANCE_WARM_MIN = 0.3
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,8 @@ def config_ratios(config: dict) -> dict[str, float | None]:
         "balance_hot_vs_noop": _ratio(_rps(config, "balance_hot"), _rps(config, "noop")),
         "balance_warm_vs_noop": _ratio(_rps(config, "balance_warm"), _rps(config, "noop")),
         "mixed_vs_noop": _ratio(_rps(config, "mixed"), _rps(config, "noop")),
+        # Member portal overview pages against cached balance reads: rendering stays cheap.
+        "portal_overview_vs_balance_warm": _ratio(_rps(config, "portal_overview"), _rps(config, "balance_warm")),
         "redemptions_vs_pgbench": _ratio(_rps(config, "redemptions"), _rps(config, "pgbench")),
         # Purchases while `konvert jobs run` vests a backlog beside them, against purchases alone.
         "purchases_jobs_vs_purchases": _ratio(_rps(config, "purchases_jobs"), _rps(config, "purchases")),
@@ -212,6 +217,12 @@ def _ratio_targets(config: dict, label: str) -> list[Target]:
         ),
         (f"balance reads, uniform / no-op ({label})", "balance_uniform_vs_noop", BALANCE_VS_NOOP_MIN, ""),
         (f"balance reads, hot skew / no-op ({label})", "balance_hot_vs_noop", BALANCE_VS_NOOP_MIN, ""),
+        (
+            f"portal overview pages / cached balance reads ({label})",
+            "portal_overview_vs_balance_warm",
+            PORTAL_OVERVIEW_VS_BALANCE_WARM_MIN,
+            "the member portal stays cheap to render",
+        ),
     ] + [
         (
             f"{job} lots / purchases per second ({label})",

@@ -91,6 +91,26 @@ def http_json(
         return exc.code, json.loads(exc.read() or b"null")
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
+def portal_cookie(link: str, timeout: float = 10.0) -> str:
+    """Open a portal link (once, as a member's browser would) and return its session cookie."""
+    opener = urllib.request.build_opener(_NoRedirect)
+    try:
+        response = opener.open(link, timeout=timeout)
+        headers, status = response.headers, response.status
+    except urllib.error.HTTPError as exc:  # the 303 to /portal, with the cookies
+        headers, status = exc.headers, exc.code
+    for cookie in headers.get_all("Set-Cookie") or []:
+        name, _, rest = cookie.partition("=")
+        if name.strip() == "konvert_portal":
+            return rest.split(";", 1)[0]
+    raise RuntimeError(f"opening a portal link answered {status} without a session cookie")
+
+
 class Server:
     """``konvert serve --workers N`` of the given install, in its own session; stderr goes to a file."""
 

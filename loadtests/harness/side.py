@@ -21,10 +21,25 @@ from datetime import datetime
 from pathlib import Path
 
 from harness import seed, stats, webhooks
-from harness.service import CLI_TIMEOUT_SECONDS, THIS_KONVERT, Server, http_json, konvert_env, run_cli
+from harness.service import (
+    CLI_TIMEOUT_SECONDS,
+    THIS_KONVERT,
+    Server,
+    http_json,
+    konvert_env,
+    portal_cookie,
+    run_cli,
+)
 
 # Redemption contention: these members get a balance large enough for every redemption of a run.
 CONTENTION_BALANCE_POINTS = 10_000_000
+# portal_overview: members m1.. get a portal session each, and the load picks among them.
+PORTAL_SESSIONS_MAX = 500
+
+
+class PortalMissing(Exception):
+    """The install has no member portal (a baseline from before it)."""
+
 
 # Run by the install's interpreter: where its konvert lies and its version (konvert/__init__.py only).
 _DESCRIBE = (
@@ -217,6 +232,23 @@ class Side:
             )
             if status not in (200, 201):
                 raise RuntimeError(f"funding contention member m{member} failed: {status} {body}")
+
+    def open_portal_sessions(self, members: int, into: Path) -> Path:
+        """Portal sessions for members m1.. (at most PORTAL_SESSIONS_MAX), each opened the way a
+        member opens one: a link from the API, then the link. Their cookies go to ``into``, one a
+        line, for wrk."""
+        assert self.server is not None
+        cookies = []
+        for member in range(1, min(members, PORTAL_SESSIONS_MAX) + 1):
+            url = f"{self.server.base_url}/v1/members/m{member}/portal-sessions"
+            status, body = http_json("POST", url, self.api_key, {})
+            if status in (404, 405) and member == 1 and (body or {}).get("code") != "member_not_found":
+                raise PortalMissing(f"the {self.name} install has no member portal")
+            if status != 201 or not isinstance(body, dict):
+                raise RuntimeError(f"a portal link for m{member} failed: {status} {body}")
+            cookies.append(portal_cookie(body["url"]))
+        into.write_text("\n".join(cookies) + "\n")
+        return into
 
     # -- CLI steps --------------------------------------------------------------------------------
 

@@ -38,8 +38,10 @@ local contention_members = tonumber(env("KONVERT_BENCH_CONTENTION_MEMBERS", "8")
 local delay_ms = tonumber(env("KONVERT_BENCH_DELAY_MS", "0"))
 local log_dir = env("KONVERT_BENCH_LOG_DIR", "")
 local seed = tonumber(env("KONVERT_BENCH_SEED", "1"))
+-- Portal sessions (a konvert_portal cookie value per line) for portal overview pages.
+local portal_sessions_file = env("KONVERT_BENCH_PORTAL_SESSIONS", "")
 
-local KINDS = { "n", "b", "p", "r", "k", "w" }
+local KINDS = { "n", "b", "p", "r", "k", "w", "o" }
 local json_headers = { ["Content-Type"] = "application/json", ["Authorization"] = auth }
 local read_headers = { ["Authorization"] = auth }
 
@@ -54,9 +56,15 @@ end
 -- Thread state --------------------------------------------------------------------------------
 
 local log_file = nil
+local portal_sessions = {}
 
 function init(args)
   math.randomseed(seed * 1000 + thread_id)
+  if portal_sessions_file ~= "" then
+    for line in io.lines(portal_sessions_file) do
+      table.insert(portal_sessions, line)
+    end
+  end
   for _, kind in ipairs(KINDS) do
     _G["sent_" .. kind] = 0
   end
@@ -100,6 +108,13 @@ end
 function builders.balance()
   local n = next_number("b")
   return wrk.format("GET", string.format("/v1/members/m%d/balance", member(false)), with_id(read_headers, "b", n))
+end
+
+-- A member looks at the portal's overview, in one of the sessions run.py opened.
+function builders.portal()
+  local n = next_number("o")
+  local headers = { ["Cookie"] = "konvert_portal=" .. portal_sessions[math.random(1, #portal_sessions)] }
+  return wrk.format("GET", "/portal", with_id(headers, "o", n))
 end
 
 -- A checkout posts a purchase of three lines: a book (double points in the example program),

@@ -31,11 +31,14 @@ from urllib.parse import parse_qs, quote
 import asyncpg
 import httpx
 import pytest
+import redis.asyncio as redis
 import uvicorn
 from babel.dates import format_date
+from litestar.stores.redis import RedisStore
 
 from konvert import auth
 from konvert.app import create_app
+from konvert.portal.pages import SESSION_STORE
 from konvert.program import parse_program
 from tests.conftest import RUN_ID, AppClient, _create_database, _drop_database, make_settings, serve
 from tests.portal_support import portal_program_text
@@ -617,3 +620,25 @@ async def test_redis_forgets_a_session_after_the_idle_timeout(portal: Portal, re
     ttl = await redis_client.ttl(f"{settings.redis_key_prefix}:portal:session:{session_id}")
 
     assert settings.portal_session_idle_seconds - 5 <= ttl <= settings.portal_session_idle_seconds
+
+
+async def test_without_redis_the_portal_answers_503_with_retry_after(portal: Portal) -> None:
+    member_id = await a_member(portal)
+    link = await portal.link(member_id)
+    app = portal.client.app
+    working = app.stores.get(SESSION_STORE)
+    # A Redis nobody listens on: port 1 on loopback refuses every connection.
+    gone = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+    async with httpx.AsyncClient(base_url=portal.url("")) as member:
+        assert (await member.get(link)).status_code == 303
+        app.stores.register(SESSION_STORE, RedisStore(gone, namespace="gone"), allow_override=True)
+        try:
+            down = await member.get("/portal")
+        finally:
+            app.stores.register(SESSION_STORE, working, allow_override=True)
+            await gone.aclose()
+        back = await member.get("/portal")
+
+    assert down.status_code == 503 and down.headers["retry-after"] == "5"
+    assert "The portal is unavailable for a moment" in down.text
+    assert back.status_code == 200

@@ -34,6 +34,7 @@ from litestar.response import Redirect, Template
 from litestar.static_files import create_static_files_router
 from litestar.stores.redis import RedisStore
 from litestar.template.config import TemplateConfig
+from redis.exceptions import RedisError
 
 from konvert import errors
 from konvert.auth import Principal
@@ -175,6 +176,11 @@ def _handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) 
     else:
         mapped = errors.ServiceUnavailable("the portal cannot answer right now")
     return _error_page(request, mapped)
+
+
+def _handle_redis_down(request: Request[Any, Any, Any], exc: RedisError) -> Template:
+    # Sessions live in Redis: without it no page can know its member.
+    return _error_page(request, errors.ServiceUnavailable("the portal is unavailable while Redis is"))
 
 
 # --- forms ----------------------------------------------------------------------------------------
@@ -415,7 +421,11 @@ class PortalPages:
             route_handlers=[EntryController, PortalController],
             middleware=[sessions.middleware, DefineMiddleware(CSRFMiddleware, config=self.csrf)],
             guards=[member_session],
-            exception_handlers={errors.KonvertError: _handle_konvert_error, HTTPException: _handle_http_exception},
+            exception_handlers={
+                errors.KonvertError: _handle_konvert_error,
+                HTTPException: _handle_http_exception,
+                RedisError: _handle_redis_down,
+            },
             response_headers=[
                 ResponseHeader(name="content-security-policy", value=PAGE_CSP),
                 ResponseHeader(name="cache-control", value="no-store"),
