@@ -56,7 +56,7 @@ HTTP_SCRIPTS = {
     "purchases_webhook": "purchases",
 }
 WRITE_SCENARIOS = ("purchases", "webhooks", "redemptions", "mixed", "purchases_jobs", "purchases_webhook")
-PROFILED_SCENARIOS = ("purchases", "webhooks", "balance_uniform", "balance_hot", "balance_warm")
+PROFILED_SCENARIOS = ("purchases", "webhooks", "balance_uniform", "balance_hot", "balance_warm", "portal_overview")
 
 
 def parse_args(argv: list[str] | None = None, description: str = "") -> argparse.Namespace:

@@ -4,6 +4,7 @@ German catalog covering every message the pages use."""
 from __future__ import annotations
 
 import pytest
+from babel.numbers import format_decimal
 
 from konvert.errors import ConfigurationError
 from konvert.portal import i18n
@@ -53,3 +54,9 @@ def test_every_activity_line_has_a_german_translation() -> None:
     untranslated = [message for message in _WORDS.values() if german.gettext(message) == message]
 
     assert untranslated == []
+
+
+@pytest.mark.parametrize("value", [0, 7, 999, 1000, 1234, -20, 1_000_000, -1_234_567, 10**12])
+@pytest.mark.parametrize("locale", ["en", "de"])
+def test_points_are_written_as_babel_writes_them(value: int, locale: str) -> None:
+    assert i18n.format_points(value, locale) == format_decimal(value, locale=locale)

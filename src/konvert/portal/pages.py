@@ -78,11 +78,10 @@ def environment() -> Environment:
     env = Environment(
         loader=FileSystemLoader(str(PACKAGE.joinpath("templates"))),
         autoescape=select_autoescape(default=True),
-        extensions=["jinja2.ext.i18n"],
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.install_gettext_callables(i18n.gettext, i18n.ngettext, newstyle=True)  # type: ignore[attr-defined]
+    env.globals.update(i18n.GLOBALS)
     env.filters.update(i18n.FILTERS)
     return env
 
