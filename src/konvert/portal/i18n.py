@@ -138,11 +138,17 @@ def moment(context: Mapping[str, Any], value: datetime) -> str:
     return dates.format_datetime(value, format="medium", tzinfo=dates.UTC, locale=_BABEL_LOCALES[_locale(context)])
 
 
-@pass_context
-def language_name(context: Mapping[str, Any], locale: str) -> str:
-    """A language's name in its own language (Deutsch, English), as language pickers show it."""
+def _own_name(locale: str) -> str:
     name: str = _BABEL_LOCALES[locale].get_display_name(locale) or locale
     return name[:1].upper() + name[1:]
+
+
+_OWN_NAMES: dict[str, str] = {locale: _own_name(locale) for locale in LOCALES}
+
+
+def language_name(locale: str) -> str:
+    """A language's name in its own language (Deutsch, English), as language pickers show it."""
+    return _OWN_NAMES.get(locale, locale)
 
 
 FILTERS = {"number": number, "signed": signed, "day": day, "moment": moment, "language_name": language_name}

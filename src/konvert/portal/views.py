@@ -53,7 +53,8 @@ def standing(services: Services, current: Balance) -> dict[str, Any]:
 
 async def overview(services: Services, member_id: str) -> dict[str, Any]:
     current = await balance(services, member_id)
-    vesting = await balances.vesting(services, member_id, VESTING_DATES_SHOWN)
+    # Only pending points vest: without any, there is nothing to look up.
+    vesting = await balances.vesting(services, member_id, VESTING_DATES_SHOWN) if current.pending > 0 else []
     return {"balance": current, "vesting": vesting, **standing(services, current)}
 
 
