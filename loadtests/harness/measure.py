@@ -376,10 +376,15 @@ class Measurer:
                 runs.append(self.run_http(side, scenario, members, workers, delay_ms=delay_ms, first=first, idle=idle))
             elif scenario == "portal_overview":
                 if first:
-                    # After any flush of Redis (which holds the sessions), right before the load.
+                    # Like balance_warm, which it is compared with: every balance cached. Then the
+                    # sessions (Redis holds them too), right before the load.
+                    warmed = side.warm_cache()
                     into = self.artifacts / f"{side.name}-portal-sessions.txt"
                     self.portal_sessions[side.name] = side.open_portal_sessions(members, into)
-                runs.append(self.run_http(side, scenario, members, workers, warmup=first, first=first, idle=idle))
+                runs.append(
+                    self.run_http(side, scenario, members, workers, warmup=first, first=first, idle=idle)
+                    | {"cache_warm": warmed}
+                )
             elif scenario == "balance_warm":
                 # Uniform reads once every balance is cached (`konvert cache warm` into the flushed
                 # cache, beside the running service): what a read costs at any number of members

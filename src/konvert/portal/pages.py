@@ -80,6 +80,8 @@ def environment() -> Environment:
         autoescape=select_autoescape(default=True),
         trim_blocks=True,
         lstrip_blocks=True,
+        # The templates ship with the package and change only with it: no stat() per page.
+        auto_reload=False,
     )
     env.globals.update(i18n.GLOBALS)
     env.filters.update(i18n.FILTERS)
