@@ -642,3 +642,19 @@ async def test_without_redis_the_portal_answers_503_with_retry_after(portal: Por
     assert down.status_code == 503 and down.headers["retry-after"] == "5"
     assert "The portal is unavailable for a moment" in down.text
     assert back.status_code == 200
+
+
+async def test_activity_says_what_happened_in_plain_words(portal: Portal, context: Any) -> None:
+    member_id = f"member-{uuid.uuid4().hex[:10]}"
+    bought = await portal.purchase(member_id, 1000)
+    redemption = {"redemption_id": f"r-{uuid.uuid4().hex[:10]}", "reward_id": "coffee"}
+    await portal.api("POST", f"/v1/members/{member_id}/redemptions", redemption, expect=201)
+    page = await context.new_page()
+    await page.goto(await portal.link(member_id))
+
+    await page.click("text=Activity")
+
+    lines = [" ".join(text.split()) for text in await page.locator("tbody tr").all_text_contents()]
+    assert len(lines) == 2
+    assert "Redeemed: reward coffee" in lines[0] and "\u2212150 points" in lines[0]
+    assert f"Purchase {bought['purchase_id']} at webshop" in lines[1] and "+1,000 points" in lines[1]

@@ -218,7 +218,7 @@ def _back_to(path: str) -> str:
 
 class EntryController(Controller):
     path = "/portal"
-    opt = {"member_session": False, "page": True}
+    opt = {"member_session": False}
 
     @get("/start/{token:str}", opt={"member_session": False})
     async def start(
