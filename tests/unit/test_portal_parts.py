@@ -49,7 +49,7 @@ def test_the_browsers_languages_choose_english_or_german(header: str | None, cho
 
 
 def test_every_activity_line_has_a_german_translation() -> None:
-    german = i18n.TRANSLATIONS["de"]
+    german = i18n.translations("de")
 
     untranslated = [message for message in _WORDS.values() if german.gettext(message) == message]
 

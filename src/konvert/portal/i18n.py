@@ -42,8 +42,16 @@ def _load(locale: str) -> NullTranslations:
     return Translations(compiled)
 
 
-TRANSLATIONS: dict[str, NullTranslations] = {locale: _load(locale) for locale in LOCALES}
-_BABEL_LOCALES: dict[str, BabelLocale] = {locale: BabelLocale.parse(locale) for locale in LOCALES}
+# Loaded on first use, not at import: processes that never show a page (the CLI, the jobs)
+# skip the catalogs and the CLDR data, and a service worker starts sooner.
+@functools.cache
+def translations(locale: str) -> NullTranslations:
+    return _load(locale)
+
+
+@functools.cache
+def babel_locale(locale: str) -> BabelLocale:
+    return BabelLocale.parse(locale)
 
 
 def from_accept_language(header: str | None) -> Locale:
@@ -68,7 +76,7 @@ def from_accept_language(header: str | None) -> Locale:
 
 def _locale(context: Mapping[str, Any] | Context) -> str:
     value = context.get("locale")
-    return value if value in TRANSLATIONS else DEFAULT_LOCALE
+    return value if value in LOCALES else DEFAULT_LOCALE
 
 
 # Jinja's "newstyle" gettext, for the page's locale: the message translated, then its
@@ -76,7 +84,7 @@ def _locale(context: Mapping[str, Any] | Context) -> str:
 # around a gettext function makes a second template call per message; these do it in one.
 @pass_context
 def gettext(context: Context, message: str, **variables: Any) -> str:
-    translated = TRANSLATIONS[_locale(context)].gettext(message)
+    translated = translations(_locale(context)).gettext(message)
     if context.eval_ctx.autoescape:
         return Markup(translated) % variables  # noqa: S704 (our own catalog; the values are escaped)
     return translated % variables
@@ -84,7 +92,7 @@ def gettext(context: Context, message: str, **variables: Any) -> str:
 
 @pass_context
 def ngettext(context: Context, singular: str, plural: str, n: int, **variables: Any) -> str:
-    translated = TRANSLATIONS[_locale(context)].ngettext(singular, plural, n)
+    translated = translations(_locale(context)).ngettext(singular, plural, n)
     variables.setdefault("num", n)
     if context.eval_ctx.autoescape:
         return Markup(translated) % variables  # noqa: S704 (our own catalog; the values are escaped)
@@ -97,14 +105,17 @@ GLOBALS = {"gettext": gettext, "_": gettext, "ngettext": ngettext}
 # Points are whole numbers, and both locales group them by threes (CLDR's "#,##0.###"): the
 # locale's group symbol in Python's own grouping gives Babel's result at a fraction of its cost,
 # which matters with a dozen figures on every page.
-_GROUP_SYMBOLS = {locale: numbers.get_group_symbol(babel) for locale, babel in _BABEL_LOCALES.items()}
-_MINUS_SIGNS = {locale: numbers.get_minus_sign_symbol(babel) for locale, babel in _BABEL_LOCALES.items()}
+@functools.cache
+def _symbols(locale: str) -> tuple[str, str]:
+    """The locale's group symbol and minus sign."""
+    return numbers.get_group_symbol(babel_locale(locale)), numbers.get_minus_sign_symbol(babel_locale(locale))
 
 
 def format_points(value: int, locale: str) -> str:
     """An integer as the locale writes it: 1,234,567 (en) or 1.234.567 (de)."""
-    text = f"{abs(value):,}".replace(",", _GROUP_SYMBOLS[locale])
-    return _MINUS_SIGNS[locale] + text if value < 0 else text
+    group, minus = _symbols(locale)
+    text = f"{abs(value):,}".replace(",", group)
+    return minus + text if value < 0 else text
 
 
 @pass_context
@@ -121,7 +132,7 @@ def signed(context: Mapping[str, Any], value: int) -> str:
 
 @functools.lru_cache(maxsize=4096)
 def _format_day(value: date, locale: str) -> str:
-    return dates.format_date(value, format="medium", locale=_BABEL_LOCALES[locale])
+    return dates.format_date(value, format="medium", locale=babel_locale(locale))
 
 
 @pass_context
@@ -135,20 +146,16 @@ def day(context: Mapping[str, Any], value: date | datetime) -> str:
 
 @pass_context
 def moment(context: Mapping[str, Any], value: datetime) -> str:
-    return dates.format_datetime(value, format="medium", tzinfo=dates.UTC, locale=_BABEL_LOCALES[_locale(context)])
+    return dates.format_datetime(value, format="medium", tzinfo=dates.UTC, locale=babel_locale(_locale(context)))
 
 
-def _own_name(locale: str) -> str:
-    name: str = _BABEL_LOCALES[locale].get_display_name(locale) or locale
-    return name[:1].upper() + name[1:]
-
-
-_OWN_NAMES: dict[str, str] = {locale: _own_name(locale) for locale in LOCALES}
-
-
+@functools.cache
 def language_name(locale: str) -> str:
     """A language's name in its own language (Deutsch, English), as language pickers show it."""
-    return _OWN_NAMES.get(locale, locale)
+    if locale not in LOCALES:
+        return locale
+    name: str = babel_locale(locale).get_display_name(locale) or locale
+    return name[:1].upper() + name[1:]
 
 
 FILTERS = {"number": number, "signed": signed, "day": day, "moment": moment, "language_name": language_name}
