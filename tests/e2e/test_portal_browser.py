@@ -39,6 +39,7 @@ from litestar.stores.redis import RedisStore
 from konvert import auth
 from konvert.app import create_app
 from konvert.portal.pages import SESSION_STORE
+from konvert.problems import RETRY_AFTER_SECONDS
 from konvert.program import parse_program
 from tests.conftest import RUN_ID, AppClient, _create_database, _drop_database, make_settings, serve
 from tests.portal_support import portal_program_text
@@ -639,7 +640,8 @@ async def test_without_redis_the_portal_answers_503_with_retry_after(portal: Por
             await gone.aclose()
         back = await member.get("/portal")
 
-    assert down.status_code == 503 and down.headers["retry-after"] == "5"
+    assert down.status_code == 503 and down.headers["retry-after"] == str(RETRY_AFTER_SECONDS)
+    assert down.headers["content-type"].startswith("text/html")
     assert "The portal is unavailable for a moment" in down.text
     assert back.status_code == 200
 

@@ -44,6 +44,7 @@ from konvert.portal.model import LOCALES, Locale
 from konvert.preferences import service as preferences
 from konvert.preferences.model import ConsentsIn
 from konvert.privacy import service as privacy
+from konvert.problems import RETRY_AFTER_SECONDS, UNREACHABLE
 from konvert.redemption import service as redemption
 from konvert.redemption.model import RedemptionId, RedemptionIn, RedemptionOut, RewardId
 from konvert.services import Services, Svc
@@ -156,7 +157,7 @@ def _error_page(request: Request[Any, Any, Any], exc: errors.KonvertError) -> Te
     }
     headers = {"content-security-policy": PAGE_CSP, "cache-control": "no-store"}
     if exc.status == 503:
-        headers["retry-after"] = "5"
+        headers["retry-after"] = str(RETRY_AFTER_SECONDS)
     return Template(
         template_name="error.html", context=context, status_code=exc.status, media_type=HTML, headers=headers
     )
@@ -179,9 +180,10 @@ def _handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) 
     return _error_page(request, mapped)
 
 
-def _handle_redis_down(request: Request[Any, Any, Any], exc: RedisError) -> Template:
-    # Sessions live in Redis: without it no page can know its member.
-    return _error_page(request, errors.ServiceUnavailable("the portal is unavailable while Redis is"))
+def _handle_unreachable(request: Request[Any, Any, Any], exc: Exception) -> Template:
+    # PostgreSQL or Redis cannot be reached (the sessions live in Redis: without it no page knows
+    # its member). The page says so, like the API's 503, and nothing is logged as a bug.
+    return _error_page(request, errors.ServiceUnavailable("the portal is unavailable for a moment"))
 
 
 # --- forms ----------------------------------------------------------------------------------------
@@ -425,7 +427,9 @@ class PortalPages:
             exception_handlers={
                 errors.KonvertError: _handle_konvert_error,
                 HTTPException: _handle_http_exception,
-                RedisError: _handle_redis_down,
+                RedisError: _handle_unreachable,
+                # As specific as the API's handlers of the same errors, which they override here.
+                **dict.fromkeys(UNREACHABLE, _handle_unreachable),
             },
             response_headers=[
                 ResponseHeader(name="content-security-policy", value=PAGE_CSP),
