@@ -32,6 +32,7 @@ import asyncpg
 import msgspec
 
 from konvert import errors
+from konvert.batching import BatchedLookups
 from konvert.earning import refunds
 from konvert.earning import service as earning
 from konvert.idempotency import Outcome
@@ -101,6 +102,34 @@ class Registry:
         self._entries.pop(name, None)
 
 
+# The delivery recorded under an arrival's key (None: new), and the member its customer is linked to.
+_Arrived = tuple[asyncpg.Record | None, str | None]
+
+
+class Arrivals:
+    """Arriving deliveries' duplicate checks and customer links, batched: concurrent deliveries
+    share one query (as balance reads do), so a burst of webhooks costs a statement per turn of
+    the event loop rather than one each."""
+
+    def __init__(self, services: Services) -> None:
+        pool = services.pool
+
+        async def many(arrivals: list[store.Arrival]) -> dict[store.Arrival, _Arrived]:
+            return await store.select_arrivals(pool, arrivals)
+
+        self.lookups: BatchedLookups[store.Arrival, _Arrived] = BatchedLookups(
+            many,
+            batch_size_max=services.settings.read_batch_size_max,
+            batches_in_flight_max=services.settings.read_batches_in_flight_max,
+        )
+
+    async def get(self, arrival: store.Arrival) -> _Arrived | None:
+        return await self.lookups.get(arrival)
+
+    async def aclose(self) -> None:
+        await self.lookups.aclose()
+
+
 def _integration(services: Services, row: asyncpg.Record) -> Integration:
     return Integration(
         integration_id=row["integration_id"],
@@ -158,10 +187,9 @@ async def _receive(services: Services, integration: Integration, delivery: Deliv
     # A shop's purchase names its customer: the link is read with the duplicate check, in one
     # round trip, since nearly every delivery is new and needs both.
     customer = _customer_to_link(action, delivery.external_id)
-    async with services.pool.acquire() as conn:
-        existing, linked = await store.select_delivery_and_link(
-            conn, integration.integration_id, delivery.key, customer
-        )
+    arrival = await services.shared(Arrivals).get((integration.integration_id, delivery.key, customer))
+    assert arrival is not None  # every arrival looked up has an answer
+    existing, linked = arrival
     if existing is not None:
         return delivery_out(existing, duplicate=True)
     if action is None:

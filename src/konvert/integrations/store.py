@@ -129,25 +129,32 @@ async def select_delivery(conn: Connection | asyncpg.Pool, integration_id: int, 
     )
 
 
-async def select_delivery_and_link(
-    conn: Connection, integration_id: int, key: str, external_id: str | None
-) -> tuple[asyncpg.Record | None, str | None]:
-    """The delivery recorded under this key (None: a new one), and the live member linked to
-    this external id (None: no link, or no external id asked for)."""
-    row = await conn.fetchrow(
+# A delivery as it arrives: its integration, its key, and the customer whose link names its member.
+Arrival = tuple[int, str, str | None]
+
+
+async def select_arrivals(
+    conn: Connection | asyncpg.Pool, arrivals: Sequence[Arrival]
+) -> dict[Arrival, tuple[asyncpg.Record | None, str | None]]:
+    """Per arrival: the delivery recorded under its key (None: a new one), and the live member
+    linked to its customer (None: no link, or no customer asked for). Many arrivals, one query."""
+    rows = await conn.fetch(
         f"""
-        select (select member_id from identity_links l join members m using (member_uid)
-                where l.integration_id = $1 and l.external_id = $3) as linked_member_id,
-               d.delivery_pk is not null as recorded, d.*
-        from (select) one
-        left join (select {_DELIVERY} from deliveries where integration_id = $1 and delivery_key = $2) d on true
+        select a.i, d.delivery_pk is not null as recorded, d.*,
+               (select m.member_id from identity_links l join members m using (member_uid)
+                where l.integration_id = a.integration_id and l.external_id = a.external_id) as linked_member_id
+        from unnest($1::bigint[], $2::text[], $3::text[])
+            with ordinality as a (integration_id, delivery_key, external_id, i)
+        left join lateral (
+            select {_DELIVERY} from deliveries e
+            where e.integration_id = a.integration_id and e.delivery_key = a.delivery_key
+        ) d on true
         """,
-        integration_id,
-        key,
-        external_id,
+        [arrival[0] for arrival in arrivals],
+        [arrival[1] for arrival in arrivals],
+        [arrival[2] for arrival in arrivals],
     )
-    assert row is not None
-    return (row if row["recorded"] else None), row["linked_member_id"]
+    return {arrivals[row["i"] - 1]: (row if row["recorded"] else None, row["linked_member_id"]) for row in rows}
 
 
 class NewDelivery(NamedTuple):
