@@ -320,7 +320,15 @@ async def serve(app: Litestar) -> AsyncIterator[AppClient]:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     config = uvicorn.Config(
-        app, http="httptools", lifespan="on", log_config=None, access_log=False, timeout_graceful_shutdown=5
+        app,
+        http="httptools",
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        # The server keeps idle connections longer than the client does: else a request may go out
+        # on a connection the server is closing just then (a ReadError on a loaded machine).
+        timeout_keep_alive=60,
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
@@ -328,7 +336,7 @@ async def serve(app: Litestar) -> AsyncIterator[AppClient]:
         if task.done():
             task.result()  # start-up failed: raise its error here
         await asyncio.sleep(0.01)
-    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200, keepalive_expiry=30)
     try:
         async with AppClient(base_url=f"http://127.0.0.1:{port}", limits=limits, timeout=30) as client:
             client.app = app
