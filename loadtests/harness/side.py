@@ -42,9 +42,11 @@ class PortalMissing(Exception):
 
 
 # Run by the install's interpreter: where its konvert lies and its version (konvert/__init__.py only).
+# Also the names of its settings, so that the harness sets only those the install knows.
 _DESCRIBE = (
-    "import json, platform, konvert; print(json.dumps({'file': konvert.__file__, "
-    "'version': getattr(konvert, '__version__', None), 'python': platform.python_version()}))"
+    "import json, platform, konvert, konvert.settings as s; print(json.dumps({'file': konvert.__file__, "
+    "'version': getattr(konvert, '__version__', None), 'python': platform.python_version(), "
+    "'settings': list(getattr(s.Settings, '__struct_fields__', ()))}))"
 )
 
 
@@ -79,6 +81,7 @@ class Install:
             "python_version": facts["python"],
             "konvert_version": facts["version"],
             "package": str(package),
+            "settings": facts.get("settings", []),
             **stats.source_digest(package),
         }
 
@@ -111,6 +114,7 @@ class Side:
         self.seed_seconds: dict[str, float] = {}
         self.audit_output = ""
         self.source = install.source() | {"database": self.database_name}
+        self.setting_names = set(self.source.pop("settings"))  # type: ignore[arg-type]
 
     @property
     def konvert(self) -> tuple[str, ...]:
@@ -128,6 +132,9 @@ class Side:
         }
         if self.args.db_pool_max:
             variables["KONVERT_DB_POOL_MAX"] = str(self.args.db_pool_max)
+        if "webhook_allow_private_addresses" in self.setting_names:
+            # The webhook receiver the events scenarios deliver to is on this machine's loopback.
+            variables["KONVERT_WEBHOOK_ALLOW_PRIVATE_ADDRESSES"] = "true"
         if self.args.program_file:
             variables["KONVERT_PROGRAM_FILE"] = str(Path(self.args.program_file).resolve())
         for setting in self.args.settings:

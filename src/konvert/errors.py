@@ -243,3 +243,10 @@ class WebhookMessageNotFailed(Conflict):
     """Only a dead-lettered message can be sent again; a pending one is still being retried."""
 
     code, title = "webhook_message_not_failed", "Webhook message not failed"
+
+
+class WebhookUrlRefused(Unprocessable):
+    """An endpoint URL whose host is (or resolves to) a loopback, private, link-local or otherwise
+    non-public address, unless KONVERT_WEBHOOK_ALLOW_PRIVATE_ADDRESSES allows it."""
+
+    code, title = "webhook_url_refused", "Webhook URL refused"

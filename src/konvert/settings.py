@@ -121,6 +121,10 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     webhook_disable_after_seconds: Annotated[float, Meta(gt=0, le=365 * 86400)] = 5 * 86400.0
     # After a secret rotation the previous secret signs too, for this long.
     webhook_secret_grace_seconds: Annotated[float, Meta(ge=0, le=30 * 86400)] = 86400.0
+    # Endpoints on loopback, private, link-local or other non-public addresses are refused (when
+    # registered, and again at every connection), so that konvert cannot be made to post into the
+    # network it runs in; true allows them (a receiver beside konvert, the tests).
+    webhook_allow_private_addresses: bool = False
     # The member portal. Links point at this base URL (how members reach konvert, e.g.
     # https://loyalty.example.com); empty: the URL the API request came in on.
     public_url: Annotated[str, Meta(max_length=2000, pattern=r"^(https?://[^\s/?#]+(/[^\s?#]*)?)?$")] = ""

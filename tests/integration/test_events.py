@@ -154,6 +154,8 @@ def events_settings(fresh_database_url: str, redis_url: str) -> Settings:
         webhook_backoff_max_seconds=600.0,
         webhook_disable_after_seconds=3 * 86400.0,
         webhook_timeout_seconds=5.0,
+        # The receiver is on this machine's loopback.
+        webhook_allow_private_addresses=True,
     )
 
 
@@ -536,6 +538,7 @@ async def test_konvert_events_publish_publishes_everything_due_and_stops(start_k
         "KONVERT_REDIS_URL": settings.redis_url,
         "KONVERT_REDIS_KEY_PREFIX": settings.redis_key_prefix,
         "KONVERT_LOG_LEVEL": "warning",
+        "KONVERT_WEBHOOK_ALLOW_PRIVATE_ADDRESSES": "true",
     }
 
     # Not subprocess.run: the receiver answers on this test's event loop meanwhile.

@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from konvert.integrations.vault import Vault
+from konvert.vault import Vault
 from tests.conftest import AppClient, make_settings
 from tests.integration.test_foundation import konvert_env, run_konvert
 

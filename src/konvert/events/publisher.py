@@ -25,14 +25,15 @@ import logging
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
+import aiohttp
 import asyncpg
-import httpx
 import msgspec
 
-from konvert.events import rules, store
+from konvert.events import destinations, rules, store
 from konvert.events.model import EncodedEnvelope
 from konvert.ledger import events
 from konvert.ledger.book import writing
+from konvert.vault import Vault
 
 if TYPE_CHECKING:
     from konvert.services import Services
@@ -71,11 +72,11 @@ def envelope_json(row: asyncpg.Record) -> bytes:
     )
 
 
-async def publish_stream(services: Services) -> int:
+async def publish_stream(services: Services, look_first: bool = True) -> int:
     """Add the next batch of events to the Redis Stream; returns how many (0: none, or another
-    process is at it)."""
+    process is at it). ``look_first``: see whether there are any without a lock first."""
     settings = services.settings
-    if not await store.has_events_after_cursor(services.pool, "stream"):
+    if look_first and not await store.has_events_after_cursor(services.pool, "stream"):
         return 0
     async with services.pool.acquire() as conn, conn.transaction():
         after = await store.lock_cursor(conn, "stream")
@@ -93,9 +94,9 @@ async def publish_stream(services: Services) -> int:
     return len(rows)
 
 
-async def fan_out(services: Services) -> int:
+async def fan_out(services: Services, look_first: bool = True) -> int:
     """Turn the next batch of events into webhook messages; returns how many events."""
-    if not await store.has_events_after_cursor(services.pool, "webhooks"):
+    if look_first and not await store.has_events_after_cursor(services.pool, "webhooks"):
         return 0
     async with services.pool.acquire() as conn, conn.transaction():
         after = await store.lock_cursor(conn, "webhooks")
@@ -110,18 +111,17 @@ class Publisher:
 
     def __init__(self, services: Services) -> None:
         self._services = services
-        settings = services.settings
-        self._client = httpx.AsyncClient(
-            timeout=settings.webhook_timeout_seconds,
-            follow_redirects=False,
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
-        )
+        # One HTTP client per process, made on first use (it belongs to the running event loop):
+        # keep-alive connections, no limit of its own (each endpoint's slots limit its attempts).
+        self._client: aiohttp.ClientSession | None = None
         # Messages leased by this process per endpoint (sending or waiting for a slot), and the
         # endpoint's slots.
         self._in_flight: dict[str, int] = {}
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._outcomes: list[tuple[str, store.Outcome]] = []
+        # Whether the last stream / fan-out batch was full: then the next takes its lock at once.
+        self._backlog = {"stream": False, "webhooks": False}
         self.woken = asyncio.Event()
 
     @property
@@ -131,14 +131,24 @@ class Publisher:
     async def round(self) -> int:
         """One round of every step; returns how much it did (0: nothing was due)."""
         worked = 0
-        for step in (publish_stream, fan_out, lambda _: self.deliver(), lambda _: self.flush()):
+        for step in (self._stream, self._fan_out, self.deliver, self.flush):
             try:
-                worked += await step(self._services)
+                worked += await step()
             except asyncio.CancelledError:
                 raise
             except Exception:  # one step's failure (Redis down) must not stop the others
                 log.exception("publishing events failed; retrying")
         return worked
+
+    async def _stream(self) -> int:
+        done = await publish_stream(self._services, look_first=not self._backlog["stream"])
+        self._backlog["stream"] = done >= self._services.settings.events_batch_size
+        return done
+
+    async def _fan_out(self) -> int:
+        done = await fan_out(self._services, look_first=not self._backlog["webhooks"])
+        self._backlog["webhooks"] = done >= self._services.settings.events_batch_size
+        return done
 
     async def deliver(self) -> int:
         """Lease due messages for endpoints with free slots and start their attempts."""
@@ -155,26 +165,66 @@ class Publisher:
         for endpoint in await store.select_due_endpoints(services.pool, now, busy):
             free = limit - self._in_flight.get(endpoint["endpoint_id"], 0)
             messages = await store.claim_messages(services.pool, endpoint["endpoint_id"], now, free, lease_until)
+            if not messages:
+                continue
             rows = await store.select_events(services.pool, [m["event_id"] for m in messages])
+            vault = services.shared(Vault)
+            secrets = rules.signing_secrets(
+                vault.open_one(endpoint["secret"]),
+                vault.open_one(endpoint["previous_secret"]) if endpoint["previous_secret"] else None,
+                endpoint["previous_secret_expires_at"],
+                now,
+            )
             for message in messages:
-                self._start(endpoint, message, rows[message["event_id"]])
+                self._start(endpoint, secrets, message, rows[message["event_id"]])
             started += len(messages)
         return started
 
-    def _start(self, endpoint: asyncpg.Record, message: asyncpg.Record, event: asyncpg.Record) -> None:
+    def _start(
+        self, endpoint: asyncpg.Record, secrets: list[str], message: asyncpg.Record, event: asyncpg.Record
+    ) -> None:
         endpoint_id = endpoint["endpoint_id"]
         self._in_flight[endpoint_id] = self._in_flight.get(endpoint_id, 0) + 1
         if endpoint_id not in self._slots:
             self._slots[endpoint_id] = asyncio.Semaphore(self._services.settings.webhook_concurrency_per_endpoint)
-        task = asyncio.create_task(self._attempt(endpoint, message, event))
+        task = asyncio.create_task(self._attempt(endpoint, secrets, message, event))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _attempt(self, endpoint: asyncpg.Record, message: asyncpg.Record, event: asyncpg.Record) -> None:
+    def _session(self) -> aiohttp.ClientSession:
+        if self._client is None:
+            settings = self._services.settings
+            connector = aiohttp.TCPConnector(
+                limit=0,
+                resolver=None if settings.webhook_allow_private_addresses else destinations.PublicResolver(),
+            )
+            self._client = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=settings.webhook_timeout_seconds),
+                auto_decompress=False,
+            )
+        return self._client
+
+    async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> int:
+        """POST a message; the endpoint's HTTP status."""
+        refused = destinations.literal_refused(self._services.settings, url)
+        if refused is not None:
+            raise destinations.DestinationRefused(refused)
+        async with self._session().post(url, data=body, headers=headers, allow_redirects=False) as response:
+            # Read to its end (a short answer, as receivers give), so that the connection is kept
+            # for the next message; a long one is cut off with its connection.
+            read = 0
+            async for chunk in response.content.iter_any():
+                read += len(chunk)
+                if read > _ANSWER_BYTES_MAX:
+                    response.close()
+                    break
+            return response.status
+
+    async def _attempt(
+        self, endpoint: asyncpg.Record, secrets: list[str], message: asyncpg.Record, event: asyncpg.Record
+    ) -> None:
         services = self._services
-        secrets = rules.signing_secrets(
-            endpoint["secret"], endpoint["previous_secret"], endpoint["previous_secret_expires_at"], services.clock()
-        )
         body = envelope_json(event)
         status: int | None = None
         error: str | None = None
@@ -184,16 +234,8 @@ class Publisher:
                 # far from theirs.
                 signed_at = datetime.now(UTC)
                 headers = rules.signed_headers(rules.event_id_text(event["event_id"]), body, secrets, signed_at)
-                async with self._client.stream("POST", endpoint["url"], content=body, headers=headers) as response:
-                    status = response.status_code
-                    # Read to its end (a short answer, as receivers give), so that the connection
-                    # is kept for the next message; a long one is cut off with its connection.
-                    read = 0
-                    async for chunk in response.aiter_raw():
-                        read += len(chunk)
-                        if read > _ANSWER_BYTES_MAX:
-                            break
-        except httpx.HTTPError as exc:
+                status = await self._post(endpoint["url"], body, headers)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             error = f"{type(exc).__name__}: {exc}"[:_ERROR_CHARS_MAX]
         finally:
             self._in_flight[endpoint["endpoint_id"]] -= 1
@@ -241,7 +283,8 @@ class Publisher:
                 await asyncio.gather(*unfinished, return_exceptions=True)
             await self.flush()
         finally:
-            await self._client.aclose()
+            if self._client is not None:
+                await self._client.close()
 
 
 async def disable_failing_endpoints(services: Services) -> list[str]:

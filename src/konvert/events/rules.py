@@ -4,11 +4,13 @@ headers of a webhook message, the feed's cursor. No I/O."""
 from __future__ import annotations
 
 import base64
+import ipaddress
 import random
 import re
 import secrets
 from datetime import datetime, timedelta
 from typing import NamedTuple
+from urllib.parse import urlsplit
 
 from standardwebhooks.webhooks import Webhook
 
@@ -72,6 +74,47 @@ def signed_headers(message_id: str, body: bytes, keys: list[str], now: datetime)
         "webhook-signature": signatures,
         "content-type": "application/json",
     }
+
+
+def address_refused(address: str) -> str | None:
+    """Why an endpoint may not be reached at this IP address (None: it may): anything but a public
+    unicast address would let whoever registers endpoints make konvert post into its own network."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])  # an IPv6 zone ("fe80::1%eth0") is no part of it
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    for kind, refused in (
+        ("an unspecified", ip.is_unspecified),
+        ("a loopback", ip.is_loopback),
+        ("a link-local", ip.is_link_local),
+        ("a multicast", ip.is_multicast),
+        ("a private", ip.is_private),
+        ("a non-public", not ip.is_global),
+    ):
+        if refused:
+            return f"{address} is {kind} address"
+    return None
+
+
+class Destination(NamedTuple):
+    """Where an endpoint URL points: its host (an IP address or a name to resolve) and port."""
+
+    host: str
+    port: int
+    literal: bool
+
+
+def destination(url: str) -> Destination:
+    """The host and port of an http(s) URL; ValueError for any other URL."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("not an http(s) URL with a host")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        ipaddress.ip_address(parts.hostname.split("%", 1)[0])
+        literal = True
+    except ValueError:
+        literal = False
+    return Destination(parts.hostname, port, literal)
 
 
 def new_secret() -> str:

@@ -249,7 +249,8 @@ async def mark_endpoints(conn: Queryable, succeeded: Sequence[str], failed: Sequ
         """
         update webhook_endpoints
         set failing_since = case when endpoint_id = any($1::text[]) then null else coalesce(failing_since, $3) end
-        where endpoint_id = any($1::text[]) or (endpoint_id = any($2::text[]) and failing_since is null)
+        where (endpoint_id = any($1::text[]) and failing_since is not null)
+           or (endpoint_id = any($2::text[]) and failing_since is null)
         """,
         list(succeeded),
         list(failed),
@@ -289,6 +290,8 @@ async def claim_messages(
 # The member's earliest pending message is found per candidate by one probe of
 # webhook_messages_member_order_idx (a correlated subquery with a limit is always run that way,
 # whatever the table's statistics say; events about konvert itself have no member and no order).
+# Candidates are read in webhook_messages_due_idx's order, so that the scan stops at the limit
+# rather than probing every pending message before a sort, in the generic plan too.
 _CLAIM = """
 with due as (
     select m.message_id from webhook_messages m
@@ -299,7 +302,7 @@ with due as (
           order by p.sequence
           limit 1
       )
-    order by m.next_attempt_at, m.message_id
+    order by m.next_attempt_at
     limit $3
     for update skip locked
 )

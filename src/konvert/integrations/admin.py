@@ -18,9 +18,9 @@ from konvert.integrations.model import (
     Options,
     RetryResult,
 )
-from konvert.integrations.vault import Vault
 from konvert.ledger import reads
 from konvert.ledger.book import writing
+from konvert.vault import Vault
 
 if TYPE_CHECKING:
     from konvert.services import Services

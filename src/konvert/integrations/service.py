@@ -47,10 +47,10 @@ from konvert.integrations.model import (
     RefundPurchase,
 )
 from konvert.integrations.signatures import VERIFY
-from konvert.integrations.vault import Vault
 from konvert.ledger.book import Book, writing
 from konvert.observability import WEBHOOK_DELIVERIES
 from konvert.reputation import service as reputation
+from konvert.vault import Vault
 
 if TYPE_CHECKING:
     from konvert.services import Services
