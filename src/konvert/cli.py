@@ -234,8 +234,12 @@ def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_events(args: argparse.Namespace, settings: Settings) -> int:
-    from konvert.events import publisher
+    from konvert.events import publisher, service
 
+    if args.events_command == "reseal":
+        resealed = asyncio.run(_with_services(with_servers(settings), service.reseal))
+        _say(f"resealed the secrets of {resealed} webhook endpoint(s)")
+        return 0
     done = asyncio.run(_with_services(with_servers(settings), publisher.publish_all))
     _say(f"events published: {done} (stream entries, webhook messages and attempts)")
     return 0
@@ -358,10 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_subparsers(dest="jobs_command", required=True).add_parser("run", help="run every due job once")
     jobs.set_defaults(run=cmd_jobs)
 
-    events = commands.add_parser("events", help="publish events (for deployments with KONVERT_EVENTS_PUBLISH=false)")
-    events.add_subparsers(dest="events_command", required=True).add_parser(
-        "publish", help="publish every event and due webhook message, then stop"
+    events = commands.add_parser(
+        "events", help="publish events (for deployments with KONVERT_EVENTS_PUBLISH=false); reseal endpoint secrets"
     )
+    event_commands = events.add_subparsers(dest="events_command", required=True)
+    event_commands.add_parser("reseal", help="encrypt webhook endpoint secrets with the first KONVERT_SECRET_KEY")
+    event_commands.add_parser("publish", help="publish every event and due webhook message, then stop")
     events.set_defaults(run=cmd_events)
 
     commands.add_parser("audit", help="check the ledger's invariants; exit 1 on any violation").set_defaults(

@@ -21,11 +21,12 @@ import msgspec
 import pytest
 import redis.asyncio as redis
 import uvicorn
+from cryptography.fernet import Fernet
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from konvert import auth, composition
 from konvert.app import create_app
-from konvert.events import publisher, store
+from konvert.events import publisher, service, store
 from konvert.ledger import events
 from konvert.ledger.book import writing
 from konvert.program import Program
@@ -579,6 +580,73 @@ async def test_endpoints_are_managed_by_an_admin(start_konvert, receiver):
         bad.status_code == 422 and await konvert.fetch("select 1 from webhook_endpoints where endpoint_id = 'x'") == []
     )
     assert gone.status_code == 404 and gone.json()["code"] == "webhook_endpoint_not_found"
+
+
+async def test_endpoint_secrets_are_stored_sealed_and_plain_ones_still_sign(start_konvert, receiver, new_id):
+    hooks, url = receiver
+    konvert = await start_konvert(secret_key=Fernet.generate_key().decode(), webhook_secret_grace_seconds=0.0)
+    created = await konvert.endpoint(url, event_types=["purchase.recorded"])
+    rotated = await konvert.call("POST", "/v1/webhook-endpoints/crm/rotate-secret", expect=200)
+    ((stored, previous),) = await konvert.fetch("select secret, previous_secret from webhook_endpoints")
+    await konvert.purchase(new_id("m"))
+    await konvert.publish()
+    # An endpoint whose secret was stored before secrets were sealed: read as it is, then resealed.
+    plain = "whsec_" + "B" * 43 + "="
+    await konvert.endpoint(url, "legacy", event_types=["points.earned"])
+    await konvert.fetch("update webhook_endpoints set secret = $1 where endpoint_id = 'legacy'", plain)
+    await konvert.purchase(new_id("m"))
+    await konvert.publish()
+    resealed = await service.reseal(konvert.services)
+    (legacy,) = await konvert.fetch("select secret from webhook_endpoints where endpoint_id = 'legacy'")
+
+    assert stored.startswith("fernet:") and previous.startswith("fernet:")
+    assert rotated["secret"] not in stored and created["secret"] not in previous
+    by_type = {json.loads(body)["type"]: (headers, body) for headers, body in hooks.received}
+    headers, body = by_type["purchase.recorded"]
+    Webhook(rotated["secret"]).verify(body, headers)
+    headers, body = by_type["points.earned"]
+    Webhook(plain).verify(body, headers)
+    assert resealed == 2 and legacy["secret"].startswith("fernet:") and plain not in legacy["secret"]
+
+
+async def test_endpoints_that_point_into_the_network_are_refused(start_konvert):
+    konvert = await start_konvert(webhook_allow_private_addresses=False)
+    refused = {}
+    for url in (
+        "http://127.0.0.1:9/hooks",
+        "http://localhost/hooks",
+        "http://10.0.0.7/hooks",
+        "https://169.254.169.254/latest",
+        "http://[::1]/hooks",
+        "http://[::ffff:192.168.0.1]/hooks",
+    ):
+        answer = await konvert.client.put("/v1/webhook-endpoints/x", json={"url": url}, headers=konvert.headers)
+        refused[url] = (answer.status_code, answer.json()["code"], answer.headers["content-type"])
+    not_http = await konvert.client.put(
+        "/v1/webhook-endpoints/x", json={"url": "file:///etc/passwd"}, headers=konvert.headers
+    )
+
+    assert set(refused.values()) == {(422, "webhook_url_refused", "application/problem+json")}, refused
+    assert not_http.status_code == 422 and not_http.json()["code"] == "validation_failed"
+    assert await konvert.fetch("select 1 from webhook_endpoints") == []
+
+
+async def test_a_delivery_to_an_address_refused_by_then_is_not_made(start_konvert, receiver, new_id):
+    hooks, url = receiver
+    allowing = await start_konvert()
+    await allowing.endpoint(url, "literal", event_types=["points.earned"])
+    await allowing.endpoint(url.replace("127.0.0.1", "localhost"), "named", event_types=["points.earned"])
+    await allowing.purchase(new_id("m"))
+    refusing = await start_konvert(webhook_allow_private_addresses=False)
+
+    await refusing.publish()
+
+    assert hooks.received == []
+    messages = await refusing.fetch("select endpoint_id, status, last_error from webhook_messages order by 1")
+    assert [(m["endpoint_id"], m["status"]) for m in messages] == [("literal", "pending"), ("named", "pending")]
+    literal, named = (m["last_error"] for m in messages)
+    assert "127.0.0.1 is a loopback address" in literal
+    assert "localhost resolves to" in named and "loopback address" in named
 
 
 # --- the catalogue ------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ to loopback, private or link-local addresses unless KONVERT_WEBHOOK_ALLOW_PRIVAT
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 from typing import Any
 
@@ -23,6 +24,10 @@ _RESOLVE_TIMEOUT_SECONDS = 5.0
 class DestinationRefused(OSError):
     """A delivery's host resolved to an address it may not go to (aiohttp reports it as a DNS
     error of the attempt, which is then retried like any failed attempt)."""
+
+    def __init__(self, reason: str) -> None:
+        # With an errno, aiohttp's error message carries the reason.
+        super().__init__(errno.EACCES, reason)
 
 
 async def check_url(settings: Settings, url: str) -> None:

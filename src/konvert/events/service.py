@@ -9,9 +9,10 @@ import asyncpg
 import msgspec
 
 from konvert import errors
-from konvert.events import rules, store
+from konvert.events import destinations, rules, store
 from konvert.events.model import EndpointIn, EndpointList, EndpointOut, Envelope, EventPage, MessageOut, MessagePage
 from konvert.pagination import decode_cursor, encode_cursor
+from konvert.vault import Vault
 
 if TYPE_CHECKING:
     from konvert.services import Services
@@ -37,7 +38,10 @@ def _endpoint_out(row: asyncpg.Record, *, secret: str | None = None) -> Endpoint
 
 async def put_endpoint(services: Services, endpoint_id: str, body: EndpointIn) -> tuple[EndpointOut, bool]:
     """Create or change an endpoint; returns it and whether it was created. Its secret is in the
-    answer that creates it only (rotate-secret makes a new one)."""
+    answer that creates it only (rotate-secret makes a new one), and stored sealed (konvert.vault).
+    A URL deliveries may not go to is refused (konvert.events.destinations)."""
+    await destinations.check_url(services.settings, body.url)
+    secret = rules.new_secret()
     async with services.pool.acquire() as conn:
         row, created = await store.upsert_endpoint(
             conn,
@@ -46,10 +50,10 @@ async def put_endpoint(services: Services, endpoint_id: str, body: EndpointIn) -
             description=body.description,
             event_types=sorted(set(body.event_types)),
             enabled=body.enabled,
-            secret=rules.new_secret(),
+            secret=services.shared(Vault).seal_one(secret),
             now=services.clock(),
         )
-    return _endpoint_out(row, secret=row["secret"] if created else None), created
+    return _endpoint_out(row, secret=secret if created else None), created
 
 
 async def _endpoint_row(services: Services, endpoint_id: str) -> asyncpg.Record:
@@ -79,10 +83,29 @@ async def rotate_secret(services: Services, endpoint_id: str) -> EndpointOut:
     ``webhook_secret_grace_seconds``, so receivers can switch without losing a message."""
     now = services.clock()
     grace_until = now + timedelta(seconds=services.settings.webhook_secret_grace_seconds)
-    row = await store.rotate_secret(services.pool, endpoint_id, rules.new_secret(), grace_until, now)
+    secret = rules.new_secret()
+    sealed = services.shared(Vault).seal_one(secret)
+    row = await store.rotate_secret(services.pool, endpoint_id, sealed, grace_until, now)
     if row is None:
         raise errors.WebhookEndpointNotFound(f"no webhook endpoint {endpoint_id!r}")
-    return _endpoint_out(row, secret=row["secret"])
+    return _endpoint_out(row, secret=secret)
+
+
+async def reseal(services: Services) -> int:
+    """Store every endpoint's secrets sealed with the first key of KONVERT_SECRET_KEY (also those
+    stored before endpoint secrets were sealed); returns how many endpoints."""
+    vault = services.shared(Vault)
+    async with services.pool.acquire() as conn, conn.transaction():
+        rows = await store.select_endpoints(conn, ENDPOINTS_MAX, for_update=True)
+        for row in rows:
+            previous = row["previous_secret"]
+            await store.update_secrets(
+                conn,
+                row["endpoint_id"],
+                vault.seal_one(vault.open_one(row["secret"])),
+                vault.seal_one(vault.open_one(previous)) if previous is not None else None,
+            )
+    return len(rows)
 
 
 def _message_out(row: asyncpg.Record) -> MessageOut:

@@ -194,11 +194,22 @@ async def select_endpoint(conn: Queryable, endpoint_id: str) -> asyncpg.Record |
     return row
 
 
-async def select_endpoints(conn: Queryable, limit: int) -> list[asyncpg.Record]:
+async def select_endpoints(conn: Queryable, limit: int, *, for_update: bool = False) -> list[asyncpg.Record]:
+    lock = "for update" if for_update else ""
     rows: list[asyncpg.Record] = await conn.fetch(
-        f"select {_ENDPOINT_COLUMNS} from webhook_endpoints order by endpoint_id limit $1", limit
+        f"select {_ENDPOINT_COLUMNS} from webhook_endpoints order by endpoint_id limit $1 {lock}", limit
     )
     return rows
+
+
+async def update_secrets(conn: Connection, endpoint_id: str, secret: str, previous_secret: str | None) -> None:
+    """Store the endpoint's secrets as given (resealed)."""
+    await conn.execute(
+        "update webhook_endpoints set secret = $2, previous_secret = $3 where endpoint_id = $1",
+        endpoint_id,
+        secret,
+        previous_secret,
+    )
 
 
 async def delete_endpoint(conn: Queryable, endpoint_id: str) -> bool:
