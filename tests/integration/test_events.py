@@ -458,7 +458,9 @@ async def test_an_erased_members_undelivered_events_carry_the_pseudonym(start_ko
     konvert = await start_konvert()
     await konvert.endpoint(url)
     member = new_id("m")
-    await konvert.purchase(member)
+    delivered = await konvert.purchase(member)
+    await konvert.publish()
+    undelivered = await konvert.purchase(member)
     hooks.status = 503
     await konvert.publish()
 
@@ -468,10 +470,50 @@ async def test_an_erased_members_undelivered_events_carry_the_pseudonym(start_ko
     await konvert.publish()
 
     received = hooks.events()
-    assert [e["type"] for e in received] == ["purchase.recorded", "points.earned", "member.erased"]
-    pseudonyms = {e["member_id"] for e in received}
+    assert [(e["type"], e["sequence"]) for e in received] == [
+        ("purchase.recorded", 1),
+        ("points.earned", 2),
+        ("purchase.recorded", 3),
+        ("points.earned", 4),
+        ("member.erased", 5),
+    ]
+    # Delivered before the erasure: under the member's id, and not sent again.
+    assert [e["member_id"] for e in received[:2]] == [member, member]
+    assert received[0]["data"]["purchase_id"] == delivered["purchase_id"]
+    # Undelivered then: under the pseudonym, with nothing of the member's in them.
+    pseudonyms = {e["member_id"] for e in received[2:]}
     assert len(pseudonyms) == 1 and member not in pseudonyms
-    assert member not in json.dumps(received)
+    assert received[2]["data"]["purchase_id"] == undelivered["purchase_id"]
+    assert member not in json.dumps(received[2:])
+
+
+async def test_a_members_export_holds_their_kept_events_and_where_each_stands(start_konvert, receiver, new_id):
+    hooks, url = receiver
+    konvert = await start_konvert()
+    await konvert.endpoint(url, "crm", event_types=["points.earned"])
+    member, other = new_id("m"), new_id("o")
+    purchase = await konvert.purchase(member)
+    await konvert.purchase(other)
+    await konvert.publish()
+    await konvert.endpoint(url, "down", event_types=["purchase.recorded"])
+    hooks.status = 503
+    later = await konvert.purchase(member)
+    await konvert.publish()
+
+    export = await konvert.call("GET", f"/v1/members/{member}/export", expect=200)
+
+    kept = export["other"]["events"]
+    assert [(e["type"], e["sequence"]) for e in kept] == [
+        ("purchase.recorded", 1),
+        ("points.earned", 2),
+        ("purchase.recorded", 3),
+        ("points.earned", 4),
+    ]
+    assert kept[0]["data"]["purchase_id"] == purchase["purchase_id"] and kept[0]["id"].startswith("evt_")
+    assert kept[2]["data"]["purchase_id"] == later["purchase_id"]
+    states = [[(d["endpoint_id"], d["status"]) for d in e["webhook_deliveries"]] for e in kept]
+    assert states == [[], [("crm", "delivered")], [("down", "pending")], [("crm", "pending")]]
+    assert kept[3]["webhook_deliveries"][0]["attempts"] == 1
 
 
 async def test_an_endpoint_failing_for_days_is_disabled_with_an_event(start_konvert, receiver, new_id):

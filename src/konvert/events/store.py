@@ -53,6 +53,30 @@ async def select_events(conn: Queryable, event_ids: Sequence[int]) -> dict[int, 
     return {row["event_id"]: row for row in rows}
 
 
+async def select_member_events(conn: Queryable, member_uid: int, limit: int) -> list[asyncpg.Record]:
+    """The member's events in the outbox, in their order, each with its webhook messages' states
+    (JSON: endpoint_id, status, attempts, last_attempt_at, finished_at)."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        """
+        select e.event_id, e.type, e.occurred_at, e.sequence, e.data::text as data,
+               coalesce((
+                   select jsonb_agg(jsonb_build_object(
+                              'endpoint_id', m.endpoint_id, 'status', m.status, 'attempts', m.attempts,
+                              'last_attempt_at', m.last_attempt_at, 'finished_at', m.finished_at)
+                          order by m.endpoint_id)
+                   from webhook_messages m where m.event_id = e.event_id
+               ), '[]')::text as deliveries
+        from outbox_events e
+        where e.member_uid = $1
+        order by e.sequence
+        limit $2
+        """,
+        member_uid,
+        limit,
+    )
+    return rows
+
+
 async def select_newest_event_id(conn: Queryable) -> int:
     newest: int = await conn.fetchval("select coalesce(max(event_id), 0) from outbox_events")
     return newest

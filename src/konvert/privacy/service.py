@@ -14,6 +14,7 @@ from konvert.auth import Principal
 from konvert.cache import ABOVE_ANY_VERSION
 from konvert.db import Connection
 from konvert.earning import store as earning_store
+from konvert.events import privacy as events_privacy
 from konvert.integrations import privacy as integrations_privacy
 from konvert.ledger import events, reads
 from konvert.ledger.balances import activity_item
@@ -91,6 +92,7 @@ async def _sections(services: Services, conn: Connection, member_uid: int) -> di
     transfers = bounded("transfers", await reads.select_activity(conn, member_uid, None, limit))[::-1]
     exported = await reputation_privacy.export(conn, member_uid, limit)
     exported |= await integrations_privacy.export(conn, member_uid, limit)
+    exported |= await events_privacy.export(conn, member_uid, limit)
     optional = {name: bounded(name, rows) for name, rows in exported.items()}
     log_rows = bounded("privacy_log", await preferences_store.select_log(conn, member_uid, limit))
     purchases = bounded("purchases", await earning_store.select_purchases(conn, member_uid, limit))
