@@ -83,3 +83,40 @@ def test_every_event_type_has_an_example_a_webhook_and_a_line_in_the_readme() ->
         assert line in readme, event_type
         documented = readme.split(line, 1)[1].split("\n", 1)[0]
         assert f"`{encode(example).decode().replace('|', chr(92) + '|')}`" in documented, event_type
+
+
+@pytest.mark.parametrize(
+    ("address", "kind"),
+    [
+        ("127.0.0.1", "loopback"),
+        ("::1", "loopback"),
+        ("::ffff:127.0.0.2", "loopback"),
+        ("10.1.2.3", "private"),
+        ("172.16.0.1", "private"),
+        ("192.168.1.1", "private"),
+        ("fc00::1", "private"),
+        ("169.254.169.254", "link-local"),
+        ("fe80::1%eth0", "link-local"),
+        ("0.0.0.0", "unspecified"),
+        ("224.0.0.1", "multicast"),
+        ("100.64.0.1", "non-public"),
+    ],
+)
+def test_webhooks_never_go_to_addresses_inside_the_network(address: str, kind: str) -> None:
+    reason = rules.address_refused(address)
+
+    assert reason is not None and f" {kind} address" in reason
+
+
+@pytest.mark.parametrize("address", ["93.184.216.34", "2606:4700:4700::1111"])
+def test_webhooks_go_to_public_addresses(address: str) -> None:
+    assert rules.address_refused(address) is None
+
+
+def test_an_endpoint_url_names_its_host_and_port() -> None:
+    assert rules.destination("https://crm.example.com/hooks") == ("crm.example.com", 443, False)
+    assert rules.destination("http://[::1]:8080/x") == ("::1", 8080, True)
+    assert rules.destination("http://10.0.0.1/x") == ("10.0.0.1", 80, True)
+    for url in ("ftp://example.com/x", "http:///nohost", "mailto:a@example.com"):
+        with pytest.raises(ValueError):
+            rules.destination(url)
