@@ -691,6 +691,50 @@ async def test_a_delivery_to_an_address_refused_by_then_is_not_made(start_konver
     assert "localhost resolves to" in named and "loopback address" in named
 
 
+def _plan_nodes(plan: dict[str, Any]) -> list[tuple[str, str | None]]:
+    return [
+        (plan["Node Type"], plan.get("Index Name")),
+        *(node for child in plan.get("Plans", ()) for node in _plan_nodes(child)),
+    ]
+
+
+async def test_publishers_walk_their_indexes_however_many_events_are_kept(start_konvert, receiver):
+    # A publisher looks for new events several times a second, and leases messages round after
+    # round: neither may read every kept event or pending message (a scan, or a sort before the
+    # limit), in the generic plan asyncpg's prepared statements come to.
+    _, url = receiver
+    konvert = await start_konvert()
+    await konvert.endpoint(url)
+    await konvert.fetch(
+        "insert into outbox_events (type, data, occurred_at) "
+        "select 'webhook_endpoint.disabled', '{}', now() from generate_series(1, 20000)"
+    )
+    await konvert.fetch(
+        "insert into webhook_messages (endpoint_id, event_id, next_attempt_at) "
+        "select 'crm', event_id, now() from outbox_events"
+    )
+    await konvert.fetch("analyze outbox_events")
+    await konvert.fetch("analyze webhook_messages")
+    (newest,) = await konvert.fetch("select xid::text as xid, max(event_id) as event_id from outbox_events group by 1")
+    now = konvert.now()
+    plans = {}
+    async with konvert.services.pool.acquire() as conn, conn.transaction():
+        await conn.execute("set local plan_cache_mode = force_generic_plan")
+        for name, statement, args in (
+            ("look", store.LOOK_AFTER, (newest["xid"], newest["event_id"])),
+            ("claim", store.CLAIM, ("crm", now, 64, now)),
+        ):
+            explained = await conn.fetchval(f"explain (format json) {statement}", *args)
+            plans[name] = _plan_nodes(json.loads(explained)[0]["Plan"])
+
+    # The look asks for the index's order with a limit: an exists() drops the order, and at other
+    # statistics PostgreSQL then scans the table for a row that is not there.
+    assert plans["look"][:2] == [("Limit", None), ("Index Only Scan", "outbox_events_order_idx")], plans["look"]
+    assert ("Index Scan", "webhook_messages_due_idx") in plans["claim"], plans["claim"]
+    for nodes in plans.values():
+        assert not {"Seq Scan", "Sort", "Incremental Sort"} & {node for node, _ in nodes}, nodes
+
+
 # --- the catalogue ------------------------------------------------------------------------------
 
 

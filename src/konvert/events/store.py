@@ -105,11 +105,14 @@ async def has_events_after_cursor(conn: Queryable, name: str) -> bool:
     cursor = await conn.fetchrow("select xid::text as xid, event_id from event_cursors where name = $1", name)
     if cursor is None:
         return False
-    # The cursor as parameters, not joined: the row comparison then walks outbox_events_order_idx.
-    found: bool = await conn.fetchval(
-        f"select exists (select 1 from outbox_events e where {_VISIBLE})", cursor["xid"], cursor["event_id"]
-    )
-    return found
+    # The cursor as parameters, not joined, and the index's order with a limit rather than exists
+    # (which drops the order and may scan the whole table when nothing is there): the lookup then
+    # walks outbox_events_order_idx from the cursor, however many events are kept.
+    found = await conn.fetchval(LOOK_AFTER, cursor["xid"], cursor["event_id"])
+    return found is not None
+
+
+LOOK_AFTER = f"select e.event_id from outbox_events e where {_VISIBLE} order by e.xid, e.event_id limit 1"
 
 
 async def lock_cursor(conn: Connection, name: str) -> Position | None:
@@ -318,7 +321,7 @@ async def claim_messages(
     """Lease up to ``limit`` due messages of the endpoint for an attempt (until ``lease_until``):
     per member only the earliest pending one, so a member's events arrive in order. Messages other
     processes hold are passed over."""
-    rows: list[asyncpg.Record] = await conn.fetch(_CLAIM, endpoint_id, now, limit, lease_until)
+    rows: list[asyncpg.Record] = await conn.fetch(CLAIM, endpoint_id, now, limit, lease_until)
     return rows
 
 
@@ -327,7 +330,7 @@ async def claim_messages(
 # whatever the table's statistics say; events about konvert itself have no member and no order).
 # Candidates are read in webhook_messages_due_idx's order, so that the scan stops at the limit
 # rather than probing every pending message before a sort, in the generic plan too.
-_CLAIM = """
+CLAIM = """
 with due as (
     select m.message_id from webhook_messages m
     where m.endpoint_id = $1 and m.status = 'pending' and m.next_attempt_at <= $2
