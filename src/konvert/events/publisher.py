@@ -10,7 +10,9 @@ Three independent steps, each in bounded batches, so that one cannot hold up ano
 * **delivery**: due messages are leased (``for update skip locked``, per member only the earliest
   pending one) and posted, each in a task of its own, at most ``webhook_concurrency_per_endpoint``
   per endpoint and process: a slow or dead endpoint fills its own slots, never another's. The
-  outcomes are written in one statement per round.
+  outcomes are written in one statement per round. One aiohttp session per process keeps its
+  connections alive between messages; its resolver refuses non-public addresses
+  (konvert.events.destinations) unless they are allowed.
 
 A publishing step holds its cursor's row lock while it works, so processes running it at once
 take turns (the others pass it over) and never send a batch twice at the same time. Nothing here
@@ -162,19 +164,21 @@ class Publisher:
         lease_seconds = services.settings.webhook_timeout_seconds * (_LEASED_PER_SLOT + 1) + _LEASE_MARGIN_SECONDS
         lease_until = now + timedelta(seconds=lease_seconds)
         started = 0
+        vault = services.shared(Vault)
         for endpoint in await store.select_due_endpoints(services.pool, now, busy):
-            free = limit - self._in_flight.get(endpoint["endpoint_id"], 0)
-            messages = await store.claim_messages(services.pool, endpoint["endpoint_id"], now, free, lease_until)
-            if not messages:
-                continue
-            rows = await store.select_events(services.pool, [m["event_id"] for m in messages])
-            vault = services.shared(Vault)
+            # Opened before leasing: a secret that does not open (KONVERT_SECRET_KEY missing) fails
+            # the round before it holds messages back for a lease's time.
             secrets = rules.signing_secrets(
                 vault.open_one(endpoint["secret"]),
                 vault.open_one(endpoint["previous_secret"]) if endpoint["previous_secret"] else None,
                 endpoint["previous_secret_expires_at"],
                 now,
             )
+            free = limit - self._in_flight.get(endpoint["endpoint_id"], 0)
+            messages = await store.claim_messages(services.pool, endpoint["endpoint_id"], now, free, lease_until)
+            if not messages:
+                continue
+            rows = await store.select_events(services.pool, [m["event_id"] for m in messages])
             for message in messages:
                 self._start(endpoint, secrets, message, rows[message["event_id"]])
             started += len(messages)
