@@ -46,6 +46,10 @@ class Receiver:
         self.status = 204
         self.script: list[int] = []
         self.arrived = asyncio.Event()
+        # While set, requests wait for it to be set before they are answered (``entered`` says
+        # one is waiting).
+        self.gate: asyncio.Event | None = None
+        self.entered = asyncio.Event()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -60,6 +64,9 @@ class Receiver:
             if not message.get("more_body"):
                 break
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        if self.gate is not None:
+            self.entered.set()
+            await self.gate.wait()
         status = self.script.pop(0) if self.script else self.status
         if 200 <= status < 300:
             self.received.append((headers, body))
@@ -262,6 +269,40 @@ async def test_delivery_is_at_least_once_across_an_outage_and_a_restart(start_ko
     assert [e["type"] for e in hooks.events()] == ["points.earned"]
     (message,) = (await restarted.call("GET", "/v1/webhook-endpoints/crm/messages", expect=200))["items"]
     assert (message["status"], message["attempts"], message["last_status"]) == ("delivered", 3, 200)
+
+
+async def test_an_attempt_cut_short_by_a_stop_is_made_again_after_the_restart(start_konvert, receiver, new_id):
+    hooks, url = receiver
+    konvert = await start_konvert()
+    endpoint = await konvert.endpoint(url, event_types=["points.earned"])
+    await konvert.purchase(new_id("m"))
+    hooks.status = 503
+    await konvert.publish()  # the receiver is down: the first attempt fails
+
+    # It is up again, but slow: the second attempt is in flight when konvert stops.
+    hooks.status, hooks.gate = 200, asyncio.Event()
+    konvert.advance(seconds=601)
+    publishing = asyncio.create_task(konvert.publish())
+    await asyncio.wait_for(hooks.entered.wait(), 30)
+    publishing.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await publishing
+    await konvert.services.shared(publisher.Publisher).aclose()  # as a stopping process does
+    hooks.gate.set()
+    (cut_short,) = await konvert.fetch("select status, attempts from webhook_messages")
+
+    restarted = await start_konvert()
+    restarted.advance(seconds=601)
+    assert await restarted.publish() == 0  # still leased by the stopped process
+    restarted.advance(seconds=5 * 5 + 31)  # past the lease: five timeouts and a margin
+    await restarted.publish()
+
+    assert (cut_short["status"], cut_short["attempts"]) == ("pending", 2)
+    (message,) = (await restarted.call("GET", "/v1/webhook-endpoints/crm/messages", expect=200))["items"]
+    assert (message["status"], message["attempts"]) == ("delivered", 3)
+    # At least once: the receiver may have taken the cut-short attempt too, always the same event.
+    verified = hooks.verify(endpoint["secret"])
+    assert len(verified) in (1, 2) and {e["id"] for e in verified} == {message["event_id"]}
 
 
 async def test_a_members_events_arrive_in_order_and_other_members_are_not_held_up(start_konvert, receiver, new_id):
