@@ -4,6 +4,7 @@ headers of a webhook message, the feed's cursor. No I/O."""
 from __future__ import annotations
 
 import base64
+import functools
 import ipaddress
 import random
 import re
@@ -67,13 +68,19 @@ def signing_secrets(
 def signed_headers(message_id: str, body: bytes, keys: list[str], now: datetime) -> dict[str, str]:
     """The Standard Webhooks headers of a message: its id, its time, and a signature per secret
     (space-separated, as the specification has receivers accept)."""
-    signatures = " ".join(Webhook(key).sign(message_id, now, body) for key in keys)
+    signatures = " ".join(_signer(key).sign(message_id, now, body) for key in keys)
     return {
         "webhook-id": message_id,
         "webhook-timestamp": str(int(now.timestamp())),
         "webhook-signature": signatures,
         "content-type": "application/json",
     }
+
+
+@functools.lru_cache(maxsize=256)
+def _signer(key: str) -> Webhook:
+    # Made once per secret: a Webhook decodes its secret when it is made, not per message.
+    return Webhook(key)
 
 
 def address_refused(address: str) -> str | None:
