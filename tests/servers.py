@@ -137,3 +137,111 @@ def own_redis() -> Iterator[OwnRedis]:
         server.thaw()
         process.terminate()
         process.wait(timeout=10)
+
+
+class ClusterNode:
+    """One redis-server of a test cluster; ``stop()`` kills it, ``start()`` brings it back with its
+    node id and slots (its cluster config file survives, its data does not: a cache that lost it)."""
+
+    def __init__(self, binary: str, root: Path) -> None:
+        self.port = free_port()
+        self.bus_port = free_port()
+        self._command = [
+            binary,
+            "--port",
+            str(self.port),
+            "--cluster-port",
+            str(self.bus_port),
+            "--bind",
+            "127.0.0.1",
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            str(root / f"nodes-{self.port}.conf"),
+            # Others mark this node failed this soon after it stops answering (the test's outage).
+            "--cluster-node-timeout",
+            "1000",
+            "--dir",
+            str(root),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self._command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for_port(self.port, up=True)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+            self.process = None
+        _wait_for_port(self.port, up=False)
+
+
+class OwnRedisCluster:
+    """A Redis Cluster of three masters on free loopback ports: ``url``, ``nodes``,
+    ``wait_healthy()``, ``master_of(key)``."""
+
+    def __init__(self, nodes: list[ClusterNode]) -> None:
+        self.nodes = nodes
+        self.url = "redis+cluster://" + ",".join(node.address for node in nodes)
+
+    def _cli(self, *args: str, port: int | None = None) -> str:
+        command = ["redis-cli", "-h", "127.0.0.1", "-p", str(port or self.nodes[0].port), *args]
+        return subprocess.run(command, check=True, capture_output=True, text=True, timeout=60).stdout
+
+    def create(self) -> None:
+        self._cli("--cluster", "create", *(n.address for n in self.nodes), "--cluster-replicas", "0", "--cluster-yes")
+        self.wait_healthy()
+
+    def wait_healthy(self, seconds: float = 30.0) -> None:
+        """Until every node says the cluster is ok and knows every other node as connected."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            infos = [self._cli("cluster", "info", port=n.port) for n in self.nodes]
+            views = [self._cli("cluster", "nodes", port=n.port) for n in self.nodes]
+            if all("cluster_state:ok" in i for i in infos) and all(
+                v.count("connected") == len(self.nodes) and "fail" not in v for v in views
+            ):
+                return
+            time.sleep(0.05)
+        raise TimeoutError("the Redis Cluster did not become healthy")
+
+    def master_of(self, key: str) -> ClusterNode:
+        slot = int(self._cli("cluster", "keyslot", key).strip())
+        for line in self._cli("cluster", "nodes").splitlines():
+            fields = line.split()
+            port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+            for owned in fields[8:]:
+                low, _, high = owned.partition("-")
+                if int(low) <= slot <= int(high or low):
+                    return next(n for n in self.nodes if n.port == port)
+        raise LookupError(f"no master serves the slot of {key!r}")
+
+
+@contextlib.contextmanager
+def own_redis_cluster() -> Iterator[OwnRedisCluster]:
+    """A Redis Cluster (three masters, no replicas) in a temporary directory, removed after."""
+    binary = shutil.which("redis-server")
+    if binary is None or shutil.which("redis-cli") is None:
+        pytest.skip("no redis-server / redis-cli on this machine")
+    root = Path(tempfile.mkdtemp(prefix="konvert-redis-cluster-"))
+    cluster = OwnRedisCluster([ClusterNode(binary, root) for _ in range(3)])
+    try:
+        for node in cluster.nodes:
+            node.start()
+        cluster.create()
+        yield cluster
+    finally:
+        for node in cluster.nodes:
+            with contextlib.suppress(Exception):
+                node.stop()
+        shutil.rmtree(root, ignore_errors=True)
