@@ -215,6 +215,17 @@ class OwnRedisCluster:
             time.sleep(0.05)
         raise TimeoutError("the Redis Cluster did not become healthy")
 
+    def wait_down(self, seconds: float = 30.0) -> None:
+        """Until every running node has marked the cluster failed (a master is missing): then
+        they refuse every key with CLUSTERDOWN."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            running = [n for n in self.nodes if n.process is not None]
+            if all("cluster_state:fail" in self._cli("cluster", "info", port=n.port) for n in running):
+                return
+            time.sleep(0.05)
+        raise TimeoutError("the Redis Cluster did not notice that a master is down")
+
     def master_of(self, key: str) -> ClusterNode:
         slot = int(self._cli("cluster", "keyslot", key).strip())
         for line in self._cli("cluster", "nodes").splitlines():
