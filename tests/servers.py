@@ -256,3 +256,40 @@ def own_redis_cluster() -> Iterator[OwnRedisCluster]:
             with contextlib.suppress(Exception):
                 node.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+class OwnSentinel:
+    """A redis-server and a Sentinel that names it master of ``konvert``: ``url``, ``master_url``."""
+
+    def __init__(self, master_port: int, sentinel_port: int) -> None:
+        self.url = f"redis+sentinel://127.0.0.1:{sentinel_port}/konvert"
+        self.master_url = f"redis://127.0.0.1:{master_port}/0"
+
+
+@contextlib.contextmanager
+def own_redis_sentinel() -> Iterator[OwnSentinel]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("no redis-server on this machine")
+    root = Path(tempfile.mkdtemp(prefix="konvert-redis-sentinel-"))
+    master_port, sentinel_port = free_port(), free_port()
+    config = root / "sentinel.conf"  # a Sentinel rewrites its configuration file: one of its own
+    config.write_text(
+        f"port {sentinel_port}\nbind 127.0.0.1\ndir {root}\n"
+        f"sentinel monitor konvert 127.0.0.1 {master_port} 1\n"
+        "sentinel down-after-milliseconds konvert 1000\n"
+    )
+    master_command = [binary, "--port", str(master_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    processes = [subprocess.Popen(master_command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        _wait_for_port(master_port, up=True)
+        processes.append(
+            subprocess.Popen([binary, str(config), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        )
+        _wait_for_port(sentinel_port, up=True)
+        yield OwnSentinel(master_port, sentinel_port)
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(timeout=10)
+        shutil.rmtree(root, ignore_errors=True)

@@ -5,7 +5,8 @@ The balance cache, the leaderboards, portal links and sessions, the event stream
 warming run against it here; the rest of the suite runs against a cluster too when
 KONVERT_TEST_REDIS_URL names one (``redis+cluster://host:port,...``). The outage test stops a
 master of a cluster of its own: the service answers from PostgreSQL meanwhile, and uses the
-cache again once the cluster is whole.
+cache again once the cluster is whole. A Sentinel URL is tried against a master and a Sentinel
+started alike.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import SentinelConnectionPool
 
 from konvert import auth, composition
 from konvert.app import create_app
@@ -31,7 +33,7 @@ from konvert.reputation import leaderboard
 from konvert.settings import Settings
 from tests.conftest import AppClient, cached_entry, make_settings, purchase_body, serve
 from tests.integration.test_reputation import Api, entries, give_likes, kudos
-from tests.servers import OwnRedisCluster, own_redis_cluster
+from tests.servers import OwnRedisCluster, own_redis_cluster, own_redis_sentinel
 
 
 @pytest.fixture(scope="module")
@@ -299,3 +301,27 @@ async def cached_again(api: Api, cache: Any, cluster: OwnRedisCluster, member: s
             return True
         await asyncio.sleep(0.05)
     return False
+
+
+async def test_a_sentinel_url_reaches_the_master_it_names(
+    database_url: str, program: Program, admin_headers: dict[str, str], new_id: Any
+) -> None:
+    with own_redis_sentinel() as sentinel:
+        settings = make_settings(database_url, sentinel.url)
+        member = new_id("m")
+        async with serve(create_app(settings, program)) as client:
+            api = Api(client, admin_headers, database_url)
+            await api.client.post("/v1/purchases", json=purchase_body(member), headers=api.headers)
+            balance = await api.balance(member)
+            cache = client.app.state.services.cache
+            await cache.wait_filled()
+            pool = client.app.state.services.redis.connection_pool
+            ready = await client.get("/health/ready")
+            master = create_redis(sentinel.master_url, timeout_seconds=5)
+            try:
+                cached = await cached_entry(master, member, cache.key(member))
+            finally:
+                await master.aclose()
+
+    assert isinstance(pool, SentinelConnectionPool) and ready.status_code == 200
+    assert cached is not None and cached[0] == balance["version"] and cached[1] is not None
