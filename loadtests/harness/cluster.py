@@ -9,7 +9,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 MASTERS = 3
@@ -17,9 +17,18 @@ START_TIMEOUT_S = 30.0
 
 
 def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
+    """A free port whose cluster bus port (10000 above it, as every Redis version takes) is free too."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port: int = probe.getsockname()[1]
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
         return port
 
 
@@ -28,7 +37,7 @@ def _cli(port: int, *args: str) -> str:
     return subprocess.run(command, check=True, capture_output=True, text=True, timeout=60).stdout
 
 
-def _until(condition, what: str) -> None:  # type: ignore[no-untyped-def]
+def _until(condition: Callable[[], bool], what: str) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError, subprocess.CalledProcessError):
@@ -43,22 +52,21 @@ def local_cluster() -> Iterator[str]:
     """Start the cluster and yield its ``redis+cluster://`` URL; stop and remove it afterwards."""
     root = Path(tempfile.mkdtemp(prefix="konvert-bench-cluster-"))
     processes: list[subprocess.Popen[bytes]] = []
-    # The cluster bus port is chosen too: the default (port + 10000) may be taken or past 65535.
-    ports = [(_free_port(), _free_port()) for _ in range(MASTERS)]
+    ports = [_free_port() for _ in range(MASTERS)]
     try:
-        for port, bus_port in ports:
+        for port in ports:
             command = [
-                "redis-server", "--port", str(port), "--cluster-port", str(bus_port), "--bind", "127.0.0.1",
+                "redis-server", "--port", str(port), "--bind", "127.0.0.1",
                 "--cluster-enabled", "yes", "--cluster-config-file", str(root / f"nodes-{port}.conf"),
                 "--dir", str(root), "--save", "", "--appendonly", "no",
             ]  # fmt: skip
             processes.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        for port, _ in ports:
+        for port in ports:
             _until(lambda port=port: _cli(port, "ping").strip() == "PONG", f"port {port} did not answer")
-        addresses = [f"127.0.0.1:{port}" for port, _ in ports]
-        _cli(ports[0][0], "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes")
+        addresses = [f"127.0.0.1:{port}" for port in ports]
+        _cli(ports[0], "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes")
         _until(
-            lambda: all("cluster_state:ok" in _cli(port, "cluster", "info") for port, _ in ports),
+            lambda: all("cluster_state:ok" in _cli(port, "cluster", "info") for port in ports),
             "the masters did not agree that the cluster is ok",
         )
         yield "redis+cluster://" + ",".join(addresses)

@@ -24,7 +24,7 @@ from urllib.parse import unquote, urlsplit
 import redis.asyncio as redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
@@ -124,6 +124,15 @@ def create_redis(url: str, timeout_seconds: float) -> RedisClient:
     )
     master: redis.Redis = sentinel.master_for(target.service)
     return master
+
+
+async def close(client: RedisClient) -> None:
+    """Close the client's connections, and those to the Sentinels that named its master."""
+    pool = getattr(client, "connection_pool", None)
+    await client.aclose()
+    if isinstance(pool, SentinelConnectionPool):
+        for sentinel in pool.sentinel_manager.sentinels:
+            await sentinel.aclose()
 
 
 async def get_many(client: RedisClient, keys: Sequence[str]) -> list[Any]:

@@ -22,6 +22,7 @@ from konvert.db import create_pool
 from konvert.ledger.book import Book, Member
 from konvert.program import Program
 from konvert.redis_client import RedisClient, create_redis
+from konvert.redis_client import close as close_redis
 from konvert.settings import Settings
 
 T = TypeVar("T")
@@ -91,7 +92,7 @@ class Services:
             if isinstance(instance, Closing):
                 await instance.aclose()
         await self.cache.aclose()
-        await self.redis.aclose()
+        await close_redis(self.redis)
         await self.pool.close()
 
 
