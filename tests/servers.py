@@ -212,10 +212,12 @@ def _redis_binaries() -> tuple[str, str] | None:
 
 class OwnRedisCluster:
     """A Redis Cluster of three masters on free loopback ports: ``url``, ``nodes``,
-    ``wait_healthy()``, ``wait_down()``, ``master_of(key)``."""
+    ``wait_healthy()``, ``wait_down()``, ``wait_promoted(key)``, ``master_of(key)``; with
+    ``replicas``, each master has that many replicas."""
 
-    def __init__(self, nodes: list[ClusterNode], cli: str) -> None:
+    def __init__(self, nodes: list[ClusterNode], cli: str, replicas: int = 0) -> None:
         self.nodes = nodes
+        self.replicas = replicas
         self.url = "redis+cluster://" + ",".join(node.address for node in nodes)
         self._cli_binary = cli
 
@@ -224,17 +226,24 @@ class OwnRedisCluster:
         return subprocess.run(command, check=True, capture_output=True, text=True, timeout=60).stdout
 
     def create(self) -> None:
-        self._cli("--cluster", "create", *(n.address for n in self.nodes), "--cluster-replicas", "0", "--cluster-yes")
+        replicas = str(self.replicas)
+        self._cli(
+            "--cluster", "create", *(n.address for n in self.nodes), "--cluster-replicas", replicas, "--cluster-yes"
+        )
         self.wait_healthy()
 
     def wait_healthy(self, seconds: float = 30.0) -> None:
-        """Until every node says the cluster is ok and knows every other node as connected."""
+        """Until every node says the cluster is ok and knows every other node as connected, and
+        every replica has synchronised with its master (else none may take over from it)."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             infos = [self._cli("cluster", "info", port=n.port) for n in self.nodes]
             views = [self._cli("cluster", "nodes", port=n.port) for n in self.nodes]
-            if all("cluster_state:ok" in i for i in infos) and all(
-                v.count("connected") == len(self.nodes) and "fail" not in v for v in views
+            replication = [self._cli("info", "replication", port=n.port) for n in self.nodes]
+            if (
+                all("cluster_state:ok" in i for i in infos)
+                and all(v.count("connected") == len(self.nodes) and "fail" not in v for v in views)
+                and all("role:master" in r or "master_link_status:up" in r for r in replication)
             ):
                 return
             time.sleep(0.05)
@@ -251,11 +260,33 @@ class OwnRedisCluster:
             time.sleep(0.05)
         raise TimeoutError("the Redis Cluster did not notice that a master is down")
 
+    def _running(self) -> list[ClusterNode]:
+        return [n for n in self.nodes if n.process is not None]
+
+    def wait_promoted(self, key: str, seconds: float = 30.0) -> ClusterNode:
+        """Until a running node serves the key's slot (a replica took over from its stopped
+        master) and every running node says the cluster is ok; that node."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            with contextlib.suppress(LookupError):
+                master = self.master_of(key)
+                running = self._running()
+                if master in running and all(
+                    "cluster_state:ok" in self._cli("cluster", "info", port=n.port) for n in running
+                ):
+                    return master
+            time.sleep(0.05)
+        raise TimeoutError(f"no replica took over the slot of {key!r}")
+
     def master_of(self, key: str) -> ClusterNode:
-        slot = int(self._cli("cluster", "keyslot", key).strip())
-        for line in self._cli("cluster", "nodes").splitlines():
+        """The node serving the key's slot, as the first running node sees it."""
+        asked = self._running()[0].port
+        slot = int(self._cli("cluster", "keyslot", key, port=asked).strip())
+        for line in self._cli("cluster", "nodes", port=asked).splitlines():
             fields = line.split()
             port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+            if "fail" in fields[2] or "master" not in fields[2]:
+                continue
             for owned in fields[8:]:
                 low, _, high = owned.partition("-")
                 if int(low) <= slot <= int(high or low):
@@ -264,14 +295,15 @@ class OwnRedisCluster:
 
 
 @contextlib.contextmanager
-def own_redis_cluster() -> Iterator[OwnRedisCluster]:
-    """A Redis Cluster (three masters, no replicas) in a temporary directory, removed after."""
+def own_redis_cluster(replicas: int = 0) -> Iterator[OwnRedisCluster]:
+    """A Redis Cluster (three masters, each with ``replicas`` replicas) in a temporary directory,
+    removed after."""
     binaries = _redis_binaries()
     if binaries is None:
         pytest.skip("no redis-server and redis-cli on this machine (nor the embedded ones)")
     server, cli = binaries
     root = Path(tempfile.mkdtemp(prefix="konvert-redis-cluster-"))
-    cluster = OwnRedisCluster([ClusterNode(server, root) for _ in range(3)], cli)
+    cluster = OwnRedisCluster([ClusterNode(server, root) for _ in range(3 * (1 + replicas))], cli, replicas)
     try:
         for node in cluster.nodes:
             node.start()

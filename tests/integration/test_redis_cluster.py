@@ -5,8 +5,8 @@ The balance cache, the leaderboards, portal links and sessions, the event stream
 warming run against it here; the rest of the suite runs against a cluster too when
 KONVERT_TEST_REDIS_URL names one (``redis+cluster://host:port,...``). The outage test stops a
 master of a cluster of its own: the service answers from PostgreSQL meanwhile, and uses the
-cache again once the cluster is whole. A Sentinel URL is tried against a master and a Sentinel
-started alike.
+cache again once the cluster is whole; on a cluster with replicas, it follows the replica that
+takes over. A Sentinel URL is tried against a master and a Sentinel started alike.
 """
 
 from __future__ import annotations
@@ -325,3 +325,43 @@ async def test_a_sentinel_url_reaches_the_master_it_names(
 
     assert isinstance(pool, SentinelConnectionPool) and ready.status_code == 200
     assert cached is not None and cached[0] == balance["version"] and cached[1] is not None
+
+
+async def test_when_a_replica_takes_over_a_stopped_master_the_service_follows_it(
+    database_url: str, program: Program, admin_headers: dict[str, str], new_id: Any
+) -> None:
+    with own_redis_cluster(replicas=1) as own:
+        settings = make_settings(database_url, own.url)
+        async with serve(create_app(settings, program)) as client:
+            api = Api(client, admin_headers, database_url)
+            cache = client.app.state.services.cache
+            members = [new_id("m") for _ in range(8)]
+            for member in members:
+                await api.client.post("/v1/purchases", json=purchase_body(member), headers=api.headers)
+                await api.balance(member)
+            await cache.wait_filled()
+
+            key = cache.key(members[0])
+            old = own.master_of(key)
+            old.stop()
+            during = await during_the_outage(api, members[:4])  # before or while the replica takes over
+            promoted = own.wait_promoted(key)
+            after = await during_the_outage(api, members[4:])
+
+            assert promoted is not old
+            assert [(await api.balance(m))["lifetime_earned"] for m in members] == [40] * len(members)
+            assert await cached_again(api, cache, own, members[0])  # from the promoted replica
+            assert await ready_again(client)
+
+    assert during["purchase"] == after["purchase"] == {201} and during["balance"] == after["balance"] == {200}
+    assert after["leaderboard"] == {200} and after["portal"] == {201}
+
+
+async def ready_again(client: AppClient) -> bool:
+    """Whether, within 15 s, /health/ready says every master answers (the client has followed the
+    promotion)."""
+    for _ in range(300):
+        if (await client.get("/health/ready")).status_code == 200:
+            return True
+        await asyncio.sleep(0.05)
+    return False
