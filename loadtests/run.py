@@ -25,16 +25,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from harness import baseline, report, stats  # noqa: E402
-from harness.cli_args import bad_settings, missing_tools, missing_tools_hint, parse_args  # noqa: E402
+from harness import baseline, cluster, report, stats  # noqa: E402
+from harness.cli_args import LOCAL_CLUSTER, bad_settings, missing_tools, missing_tools_hint, parse_args  # noqa: E402
 from harness.runner import Run  # noqa: E402
 from harness.side import Install, current_install  # noqa: E402
 
@@ -48,13 +49,28 @@ def _servers_problem(pg_url: str, redis_url: str) -> str | None:
     return None
 
 
-def _installs(args: argparse.Namespace, say: Callable[[str], None]) -> list[Install]:
-    """The installs to measure: a baseline commit's first (built or reused), then the current one."""
-    installs = [current_install(args.current_python)]
+def _installs(args: argparse.Namespace, say: Callable[[str], None], cluster_url: str | None) -> list[Install]:
+    """The installs to measure: a baseline commit's first (built or reused), then the current one,
+    then the current one on the Redis Cluster."""
+    current = current_install(args.current_python)
+    installs = [current]
     if args.baseline_ref:
         built = baseline.prepare(args.baseline_ref, args.baseline_cache, say)
         installs.insert(0, Install("baseline", built.python, built.commit))
+    if cluster_url:
+        installs.append(Install("cluster", current.python, redis_url=cluster_url))
     return installs
+
+
+@contextlib.contextmanager
+def _redis_cluster(args: argparse.Namespace) -> Iterator[str | None]:
+    """The Redis Cluster URL of --redis-cluster: the one given, or a local cluster's while it runs."""
+    if args.redis_cluster != LOCAL_CLUSTER:
+        yield args.redis_cluster
+        return
+    with cluster.local_cluster() as url:
+        print(f"loadtests: started a local Redis Cluster: {url}", flush=True)
+        yield url
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,8 +84,16 @@ def main(argv: list[str] | None = None) -> int:
     if problem := _servers_problem(args.pg_url, args.redis_url):
         print(problem, file=sys.stderr)
         return 2
+    with _redis_cluster(args) as cluster_url:
+        if cluster_url and (problem := _servers_problem(args.pg_url, cluster_url)):
+            print(problem, file=sys.stderr)
+            return 2
+        return _run(args, cluster_url)
+
+
+def _run(args: argparse.Namespace, cluster_url: str | None) -> int:
     try:
-        installs = _installs(args, lambda message: print(f"loadtests: {message}", flush=True))
+        installs = _installs(args, lambda message: print(f"loadtests: {message}", flush=True), cluster_url)
         run = Run(args, installs)
     except baseline.BaselineError as exc:
         print(f"loadtests: no baseline: {exc}", file=sys.stderr)
@@ -78,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         f"konvert load test: {', '.join(f'{m:,}' for m in args.sizes)} members, workers {args.worker_counts}, "
         f"{args.connections} connections, {args.duration:g} s per scenario; scenarios {', '.join(args.scenario_names)}"
         + (f"; against baseline {run.baseline.install.commit[:12]}" if run.baseline else "")  # type: ignore[index]
+        + (f"; and on the Redis Cluster {cluster_url}" if cluster_url else "")
     )
     result = run.execute()
     run.output.parent.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,7 @@ from konvert.ledger.accounts import REDEEMED
 from konvert.ledger.book import writing
 from konvert.ledger.model import Cause
 from konvert.program import Program, parse_program
+from konvert.redis_client import create_redis
 from konvert.services import Services
 from konvert.settings import Settings, load_settings
 
@@ -172,8 +173,9 @@ async def fresh_database_url(server_database_url: str, template_database: str) -
 
 @pytest.fixture(scope="session")
 async def redis_client(redis_url: str) -> AsyncIterator[redis.Redis]:
-    """The run's Redis. At the end, every key the run wrote is deleted."""
-    client = redis.Redis.from_url(redis_url)
+    """The run's Redis (a Redis Cluster if KONVERT_TEST_REDIS_URL names one). At the end, every
+    key the run wrote is deleted."""
+    client = create_redis(redis_url, timeout_seconds=10)
     yield client
     async for key in client.scan_iter(match=f"{REDIS_PREFIX}*", count=1000):
         await client.unlink(key)

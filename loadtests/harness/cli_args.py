@@ -9,6 +9,8 @@ from pathlib import Path
 
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"
+# --redis-cluster without a URL: the harness starts a cluster of its own (harness/cluster.py).
+LOCAL_CLUSTER = "local"
 LOADTESTS = Path(__file__).resolve().parent.parent
 # Exported baseline commits and their virtualenvs, one directory per commit id (gitignored).
 DEFAULT_BASELINE_CACHE = LOADTESTS / "results" / "baselines"
@@ -125,7 +127,18 @@ def _add_service_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--redis-url",
         default=os.environ.get("KONVERT_BENCH_REDIS_URL", DEFAULT_REDIS_URL),
-        help="a Redis database the harness may flush (default db 14)",
+        help="a Redis database the harness may flush (default db 14), or a Redis Cluster\n"
+        "(redis+cluster://host:port,...) whose every master it may flush",
+    )
+    parser.add_argument(
+        "--redis-cluster",
+        nargs="?",
+        const=LOCAL_CLUSTER,
+        metavar="URL",
+        help="also run every scenario with the current install on a Redis Cluster, side by side with\n"
+        "--redis-url: the one URL names (redis+cluster://host:port,...; flushed), or without URL three\n"
+        "masters the harness starts on free local ports (redis-server, redis-cli) and removes at\n"
+        "the end; the report adds <scenario>_cluster_vs_single (cluster / --redis-url)",
     )
     parser.add_argument("--db-pool-max", type=int, help="KONVERT_DB_POOL_MAX for the service (default: konvert's)")
     parser.add_argument(
@@ -234,13 +247,22 @@ def missing_tools(args: argparse.Namespace) -> list[str]:
         needed.append("pgbench")
     if args.baseline_ref:
         needed += ["git", "tar"]
+    if args.redis_cluster == LOCAL_CLUSTER:
+        needed += ["redis-server", "redis-cli"]
     return [tool for tool in needed if shutil.which(tool) is None]
 
 
 def missing_tools_hint(missing: list[str]) -> str:
     debian = [
         name
-        for tool, name in (("wrk", "wrk"), ("pgbench", "postgresql-contrib"), ("git", "git"), ("tar", "tar"))
+        for tool, name in (
+            ("wrk", "wrk"),
+            ("pgbench", "postgresql-contrib"),
+            ("git", "git"),
+            ("tar", "tar"),
+            ("redis-server", "redis-server"),
+            ("redis-cli", "redis-tools"),
+        )
         if tool in missing
     ]
     return f"loadtests: needs {' and '.join(missing)} (Debian: apt-get install {' '.join(debian)})"

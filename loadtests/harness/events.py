@@ -153,7 +153,7 @@ def run_publish(side: Side, receiver: Receiver) -> dict | None:
     side.say("publish: `konvert events publish` over every event of the run, to the stream and one endpoint")
     secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
     stats.execute(side.database_url, _REPUBLISH.format(endpoint=ENDPOINT_ID, url=receiver.url, secret=secret))
-    stats.flush_redis(side.args.redis_url)
+    stats.flush_redis(side.redis_url)
     events = int(stats.fetchval(side.database_url, "select count(*) from outbox_events"))
     received_before = receiver.received()
     with Sampler(None, side.database_name) as sampler:

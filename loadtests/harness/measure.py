@@ -187,7 +187,7 @@ class Measurer:
         quiet = self.wait_quiet(side)
         writes = scenario in WRITE_SCENARIOS
         marks = asyncio.run(_marks(side.database_url)) if writes else None
-        redis_hits = stats.redis_stats(self.args.redis_url)
+        redis_hits = stats.redis_stats(side.redis_url)
         log_offset = side.server.log_path.stat().st_size
         spy = None
         if self.args.profile and scenario in PROFILED_SCENARIOS and profiled:
@@ -221,7 +221,7 @@ class Measurer:
         if sources := balance_read_sources(before.metrics, metrics_after):
             result["balance_read_sources"] = sources
         result["usage"] = sampler.usage.as_dict() | before.quiet
-        hits_after = stats.redis_stats(self.args.redis_url)
+        hits_after = stats.redis_stats(side.redis_url)
         hits, misses = hits_after[0] - before.redis_hits[0], hits_after[1] - before.redis_hits[1]
         result["redis_keyspace_hit_ratio"] = round(hits / (hits + misses), 3) if hits + misses else None
         result["server_log"] = _server_log_since(side, before.log_offset)
@@ -372,7 +372,7 @@ class Measurer:
             elif scenario == "balance_uniform":
                 # Uniform reads warm the balance cache as they go, so a repetition would start where
                 # the previous one left off: each starts from an empty cache and its own warm-up.
-                stats.flush_redis(self.args.redis_url)
+                stats.flush_redis(side.redis_url)
                 runs.append(self.run_http(side, scenario, members, workers, delay_ms=delay_ms, first=first, idle=idle))
             elif scenario == "portal_overview":
                 if first:
@@ -390,7 +390,7 @@ class Measurer:
                 # cache, beside the running service): what a read costs at any number of members
                 # when Redis holds them all, where balance_uniform measures the cold cache.
                 if first:
-                    stats.flush_redis(self.args.redis_url)
+                    stats.flush_redis(side.redis_url)
                     warmed = side.warm_cache()
                 runs.append(
                     self.run_http(side, scenario, members, workers, warmup=first, first=first, idle=idle)

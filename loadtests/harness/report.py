@@ -106,7 +106,19 @@ def config_ratios(config: dict) -> dict[str, float | None]:
     }
     if config.get("baseline"):
         ratios |= baseline_ratios(config, config["baseline"])
+    if config.get("cluster"):
+        ratios |= cluster_ratios(config, config["cluster"])
     return ratios
+
+
+def cluster_ratios(config: dict, on_cluster: dict) -> dict[str, float | None]:
+    """The current install on the Redis Cluster against on --redis-url, side by side: throughput
+    of every scenario both ran, cluster / single."""
+    return {
+        f"{scenario}_cluster_vs_single": _ratio(_rps(on_cluster, scenario), _rps(config, scenario))
+        for scenario in config["scenarios"]
+        if scenario in on_cluster["scenarios"] and scenario != "pgbench"
+    }
 
 
 def baseline_ratios(config: dict, baseline: dict) -> dict[str, float | None]:
@@ -359,49 +371,57 @@ def print_report(result: dict) -> None:
 
 
 def table_rows(config: dict) -> list[tuple[str, dict, float | None]]:
-    """(row name, scenario, current / baseline) per row: with a baseline, each scenario's baseline
-    row comes first, as it ran, and the current row carries the ratio."""
-    baseline = config.get("baseline")
+    """(row name, scenario, ratio) per row: with a baseline, each scenario's baseline row comes
+    first, as it ran, and the current row carries current / baseline; with a Redis Cluster, its
+    row comes last and carries cluster / single."""
+    baseline, on_cluster = config.get("baseline"), config.get("cluster")
     ratios = config.get("ratios", {})
     rows = []
     for name, scenario in config["scenarios"].items():
         if baseline and name in baseline["scenarios"]:
             rows.append((f"{name} (baseline)", baseline["scenarios"][name], None))
         rows.append((name, scenario, ratios.get(f"{name}_vs_baseline")))
+        if on_cluster and name in on_cluster["scenarios"]:
+            rows.append((f"{name} (cluster)", on_cluster["scenarios"][name], ratios.get(f"{name}_cluster_vs_single")))
     return rows
 
 
 def _print_config(config: dict, settings: dict) -> None:
-    baseline = config.get("baseline")
+    baseline, on_cluster = config.get("baseline"), config.get("cluster")
     print()
     print(
         f"== {config['members']:,} members · {config['workers']} worker(s) · "
         f"{settings['connections']} connections · {settings['duration_s']} s per scenario"
         + (f" · against baseline {baseline['commit'][:12]}, side by side" if baseline else "")
+        + (" · on a Redis Cluster too, side by side" if on_cluster else "")
     )
     rows = table_rows(config)
     width = max([16, *(len(name) for name, _, _ in rows)])
+    compared = bool(baseline or on_cluster)
     header = (
         f"{'scenario':<{width}} {'req/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'srv p99':>8} "
         f"{'non-2xx':>8} {'5xx':>5} {'sock err':>8} {'peak RSS':>9} "
-        + (f"{'vs base':>8} " if baseline else "")
+        + (f"{'vs base' if not on_cluster else 'ratio':>8} " if compared else "")
         + " CPU % konvert/pg/redis/loadgen/foreign/all"
     )
     print(header)
     print("-" * len(header))
     for name, scenario, vs in rows:
-        vs_column = f"{_fmt_ratio(vs):>8} " if baseline else ""
+        vs_column = f"{_fmt_ratio(vs):>8} " if compared else ""
         print(f"{_row(name, scenario, width)}{vs_column} {_cpu(scenario.get('usage', {}))}")
-    for label, side in (("", config), *((("[baseline] ", baseline),) if baseline else ())):
+    sides = [("", config)]
+    sides += [("[baseline] ", baseline)] if baseline else []
+    sides += [("[cluster] ", on_cluster)] if on_cluster else []
+    for label, side in sides:
         for line in _side_lines(side):
             print(f"  {label}{line}")
-    if baseline:
-        vs = [
-            f"{k.removesuffix('_vs_baseline')} {v:.2f}x"
-            for k, v in config["ratios"].items()
-            if k.endswith("_vs_baseline") and v is not None
-        ]
-        print("  current / baseline: " + (", ".join(vs) or "-"))
+    for suffix, title, shown in (
+        ("_vs_baseline", "current / baseline", baseline),
+        ("_cluster_vs_single", "Redis Cluster / single Redis", on_cluster),
+    ):
+        if shown:
+            vs = [f"{k.removesuffix(suffix)} {v:.2f}x" for k, v in config["ratios"].items() if k.endswith(suffix) and v]
+            print(f"  {title}: " + (", ".join(vs) or "-"))
 
 
 def _row(name: str, scenario: dict, width: int) -> str:
@@ -433,7 +453,11 @@ def _side_lines(config: dict) -> list[str]:
     if line := jobs_beside_line(config):
         lines.append(line)
     lines += jobs_lines(config)
-    ratios = {k: v for k, v in config.get("ratios", {}).items() if v is not None and not k.endswith("_vs_baseline")}
+    ratios = {
+        k: v
+        for k, v in config.get("ratios", {}).items()
+        if v is not None and not k.endswith(("_vs_baseline", "_cluster_vs_single"))
+    }
     if ratios:
         lines.append("ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     correctness = config.get("correctness", {})

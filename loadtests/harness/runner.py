@@ -36,6 +36,7 @@ class Run:
         self.sides = [Side(install, args, self.artifacts, self.say, labelled=len(installs) > 1) for install in installs]
         self.current = next(side for side in self.sides if side.name == "current")
         self.baseline = next((side for side in self.sides if side.name == "baseline"), None)
+        self.cluster = next((side for side in self.sides if side.name == "cluster"), None)
         self.measurer = Measurer(args, self.facts, self._currency(), self.artifacts, self.say)
         self.configs: list[dict] = []
 
@@ -109,7 +110,7 @@ class Run:
     def _measure_http(self, side: Side, scenario: str, members: int, workers: int, measured: dict) -> dict:
         if self.baseline is not None:
             # One Redis for both sides: the other side's cached balances are not this side's.
-            stats.flush_redis(self.args.redis_url)
+            stats.flush_redis(side.redis_url)
         side.say(f"{scenario}: {self.args.connections} connections, {self.args.duration:g} s")
         peak = self.measurer.peak_for_half_load(side, members, measured) if scenario == "balance_half" else None
         idle = tuple(
@@ -136,7 +137,7 @@ class Run:
             config["publish"] = run_publish(side, self.measurer.receiver())
         if "jobs" in scenarios:
             if self.baseline is not None:
-                stats.flush_redis(self.args.redis_url)
+                stats.flush_redis(side.redis_url)
             config["jobs"], config["jobs_cli"], config["jobs_usage"] = run_jobs(side)
         config["correctness"] = {"nothing_lost": all(write_checks), "audit_passed": side.audit()}
 
@@ -149,6 +150,12 @@ class Run:
             baseline["ratios"] = report.config_ratios(baseline | {"scenarios": pgbench | baseline["scenarios"]})
             baseline["commit"] = self.baseline.install.commit
             current["baseline"] = baseline
+        if self.cluster is not None:
+            on_cluster = configs["cluster"]
+            on_cluster["ratios"] = report.config_ratios(on_cluster)
+            on_cluster["redis_url"] = self.cluster.redis_url
+            current["cluster"] = on_cluster
+        if len(self.sides) > 1:
             current["measured_order"] = order
         current["ratios"] = report.config_ratios(current)
         return current
@@ -177,7 +184,7 @@ class Run:
 
     def result(self) -> dict:
         found = report.targets(self.configs)
-        every = [*self.configs, *(c["baseline"] for c in self.configs if "baseline" in c)]
+        every = [*self.configs, *(c[side] for c in self.configs for side in ("baseline", "cluster") if side in c)]
         result = {
             "harness": "konvert loadtests/run.py",
             "started_at": self.started_at.isoformat(timespec="seconds"),
@@ -226,6 +233,8 @@ class Run:
             "quiet_wait_s": args.quiet_wait,
             "quiet_threshold_percent": args.quiet_threshold,
             "baseline_ref": args.baseline_ref,
+            "redis_url": args.redis_url,
+            "redis_cluster": self.cluster.redis_url if self.cluster else None,
             "current_python": self.current.install.python,
         }
 

@@ -3,8 +3,9 @@ migrated and seeded by the harness), its admin key, its ``konvert serve``, and e
 CLI call the harness makes for it (migrate, keys create, cache warm, jobs run, audit), all through
 that install's own interpreter.
 
-A run has one side, the current install; with ``--baseline-ref`` a second, the baseline, with a
-database of its own seeded alike.
+A run has one side, the current install; with ``--baseline-ref`` a second, the baseline, and
+with ``--redis-cluster`` another, the current install on a Redis Cluster, each with a database
+of its own seeded alike.
 """
 
 from __future__ import annotations
@@ -52,12 +53,14 @@ _DESCRIBE = (
 
 @dataclass(frozen=True)
 class Install:
-    """A konvert install: ``name`` is "current" or "baseline"; ``python`` the interpreter whose
-    ``-m konvert`` is run; ``commit`` the git commit a baseline was exported from."""
+    """A konvert install: ``name`` is "current", "baseline" or "cluster"; ``python`` the
+    interpreter whose ``-m konvert`` is run; ``commit`` the git commit a baseline was exported
+    from; ``redis_url`` the Redis its service uses when not --redis-url (the cluster's)."""
 
     name: str
     python: str
     commit: str | None = None
+    redis_url: str | None = None
 
     @property
     def konvert(self) -> tuple[str, ...]:
@@ -106,6 +109,7 @@ class Side:
         self._say = say
         self.database_name = f"konvert_bench_{secrets.token_hex(4)}"
         self.database_url = stats.database_url(args.pg_url, self.database_name)
+        self.redis_url: str = install.redis_url or args.redis_url
         self.api_key = ""
         self.server: Server | None = None
         # The Shopify integration the webhooks scenario delivers to, once connected.
@@ -126,7 +130,7 @@ class Side:
     def env(self) -> dict[str, str]:
         variables = {
             "KONVERT_DATABASE_URL": self.database_url,
-            "KONVERT_REDIS_URL": self.args.redis_url,
+            "KONVERT_REDIS_URL": self.redis_url,
             "KONVERT_LOG_LEVEL": "warning",
             "KONVERT_JOBS_INTERVAL_SECONDS": "0",
         }
@@ -160,7 +164,7 @@ class Side:
 
     def create_database(self) -> None:
         asyncio.run(stats.admin(self.args.pg_url, f"create database {self.database_name}"))
-        stats.flush_redis(self.args.redis_url)
+        stats.flush_redis(self.redis_url)
         self.cli_ok("migrate")
         self.api_key = self.cli_ok("keys", "create", "--name", "loadtests", "--scope", "admin").strip()
         self.say(f"created database {self.database_name} and an admin key")
@@ -168,7 +172,7 @@ class Side:
     def drop_database(self) -> None:
         asyncio.run(stats.admin(self.args.pg_url, f"drop database if exists {self.database_name} with (force)"))
         # The balances it cached (with balance_warm, every member's: ~0.8 KB each) go with it.
-        stats.flush_redis(self.args.redis_url)
+        stats.flush_redis(self.redis_url)
 
     def seed_to(self, members: int, facts: seed.ProgramFacts, now: datetime) -> None:
         """Seed members up to ``members``, as of ``now`` (the same for every side: seeded alike)."""
@@ -262,11 +266,11 @@ class Side:
     def warm_cache(self) -> dict:
         """``konvert cache warm``: how long it took, and what the cached balances take in Redis."""
         self.say("konvert cache warm")
-        keys_before, used_before = stats.redis_memory(self.args.redis_url)
+        keys_before, used_before = stats.redis_memory(self.redis_url)
         started = time.monotonic()
         output = self.cli_ok("cache", "warm").strip()
         seconds = time.monotonic() - started
-        keys, used = stats.redis_memory(self.args.redis_url)
+        keys, used = stats.redis_memory(self.redis_url)
         added, grown = keys - keys_before, used - used_before
         self.say(f"  {output}; Redis grew by {grown / 2**20:,.1f} MiB for {added:,} keys")
         return {

@@ -54,31 +54,57 @@ def execute(url: str, sql: str) -> None:
 
 @contextlib.contextmanager
 def redis_client(redis_url: str) -> Iterator[Any]:
-    """A redis-py client of the harness's Redis database, closed afterwards."""
+    """A redis-py client of the harness's Redis database (or of every master of a Redis Cluster,
+    for a ``redis+cluster://`` URL), closed afterwards."""
     import redis
+    from redis.cluster import ClusterNode, RedisCluster
 
-    client = redis.Redis.from_url(redis_url)
+    from konvert.redis_client import parse_redis_url
+
+    target = parse_redis_url(redis_url)
+    if target.kind == "cluster":
+        nodes = [ClusterNode(host, port) for host, port in target.nodes]
+        client: Any = RedisCluster(startup_nodes=nodes, username=target.username, password=target.password)
+    elif target.kind == "sentinel":
+        raise SystemExit("loadtests: --redis-url takes one Redis server or a Redis Cluster, not a Sentinel")
+    else:
+        client = redis.Redis.from_url(redis_url)
     try:
         yield client
     finally:
         client.close()
 
 
+def _per_server(client: Any, section: str) -> list[dict[str, Any]]:
+    """INFO ``section`` of the server, or of each master of a cluster."""
+    from redis.cluster import RedisCluster
+
+    if isinstance(client, RedisCluster):
+        return list(client.info(section, target_nodes=RedisCluster.PRIMARIES).values())
+    return [client.info(section)]
+
+
 def redis_stats(redis_url: str) -> tuple[int, int]:
     with redis_client(redis_url) as client:
-        stats = client.info("stats")
-        return int(stats["keyspace_hits"]), int(stats["keyspace_misses"])
+        infos = _per_server(client, "stats")
+        return sum(int(i["keyspace_hits"]) for i in infos), sum(int(i["keyspace_misses"]) for i in infos)
 
 
 def redis_memory(redis_url: str) -> tuple[int, int]:
-    """Keys in the harness's database, and the memory Redis uses in all."""
+    """Keys in the harness's database, and the memory Redis (every master) uses in all."""
+    from redis.cluster import RedisCluster
+
     with redis_client(redis_url) as client:
-        return int(client.dbsize()), int(client.info("memory")["used_memory"])
+        # (a cluster client adds up the masters' key counts)
+        keys = (
+            client.dbsize(target_nodes=RedisCluster.PRIMARIES) if isinstance(client, RedisCluster) else client.dbsize()
+        )
+        return int(keys), sum(int(i["used_memory"]) for i in _per_server(client, "memory"))
 
 
 def flush_redis(redis_url: str) -> None:
     with redis_client(redis_url) as client:
-        client.flushdb()
+        client.flushdb()  # on a cluster: every master
 
 
 # --- PostgreSQL's WAL and checkpoints ---------------------------------------------------------------

@@ -18,8 +18,8 @@ filled until the longest they live (``balance_cache_ttl_seconds``) has passed. A
 that did not miss them may read such an entry from the moment Redis answers it until this
 process's replay lands (normally the breaker's second); on a Redis that stays unreachable for
 this process alone, until the entry expires. The concurrent reads of one turn of the event loop
-share one command (MGET); the invalidations of a batch of writes share one round trip (a redis-py
-pipeline).
+share one command (MGET; on a Redis Cluster, one pipeline of GETs per master); the invalidations
+of a batch of writes share one round trip (a redis-py pipeline).
 
 A member's cached balance is one string, ``<version>|<body>``; an empty body is a tombstone.
 """
@@ -27,20 +27,15 @@ A member's cached balance is one string, ``<version>|<body>``; an empty body is 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import random
 import time
 from collections.abc import Iterable
 from typing import Any
 
-import redis.asyncio as redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
-
 from konvert.batching import BatchedLookups
 from konvert.observability import BALANCE_READS, ThrottledLog
+from konvert.redis_client import REDIS_ERRORS, RedisClient, Script, get_many
 from konvert.settings import Settings
 
 log = logging.getLogger("konvert.cache")
@@ -49,7 +44,7 @@ unavailable_log = ThrottledLog(log)
 # Sets the cached balance only if its version is newer than what is cached. A write that has
 # committed version N but not computed the full balance stores a tombstone (version N, no body),
 # so that a slower reader holding version N-1 cannot put an older balance back.
-_PUT_IF_NEWER = """
+_PUT_IF_NEWER = Script("""
 local current = redis.call('GET', KEYS[1])
 local digits = current and string.match(current, '^(%d+)|')
 if digits then  -- (another string there is not a balance konvert wrote: replaced)
@@ -59,8 +54,7 @@ if digits then  -- (another string there is not a balance konvert wrote: replace
 end
 redis.call('SET', KEYS[1], ARGV[1] .. '|' .. ARGV[2], 'EX', ARGV[3])
 return 1
-"""
-_PUT_IF_NEWER_SHA = hashlib.sha1(_PUT_IF_NEWER.encode(), usedforsecurity=False).hexdigest()  # Redis names scripts so
+""")
 
 # A tombstone at this version keeps every balance out of its key until it expires (a power of two:
 # exact in the Lua script's numbers, which are doubles).
@@ -74,18 +68,8 @@ _MISSED_MAX = 100_000
 _Entry = tuple[str, int, bytes, int]
 
 
-def create_redis(settings: Settings) -> redis.Redis:
-    return redis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.redis_timeout_seconds,
-        socket_connect_timeout=settings.redis_timeout_seconds,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=0,
-    )
-
-
 class BalanceCache:
-    def __init__(self, client: redis.Redis, ttl_seconds: int, prefix: str, reads_in_flight_max: int = 4) -> None:
+    def __init__(self, client: RedisClient, ttl_seconds: int, prefix: str, reads_in_flight_max: int = 4) -> None:
         self._redis = client
         self._ttl_seconds = ttl_seconds
         self._prefix = prefix
@@ -104,7 +88,7 @@ class BalanceCache:
         )
 
     @classmethod
-    def for_settings(cls, client: redis.Redis, settings: Settings) -> BalanceCache:
+    def for_settings(cls, client: RedisClient, settings: Settings) -> BalanceCache:
         return cls(client, settings.balance_cache_ttl_seconds, settings.redis_key_prefix)
 
     def key(self, member_id: str) -> str:
@@ -149,7 +133,7 @@ class BalanceCache:
             return None
         try:
             body = await self._reads.get(member_id)
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             self._failed("get", exc)
             return None
         if body is not None:
@@ -157,7 +141,7 @@ class BalanceCache:
         return body
 
     async def _get_many(self, member_ids: list[str]) -> dict[str, bytes]:
-        found = await self._redis.mget([self.key(member_id) for member_id in member_ids])
+        found = await get_many(self._redis, [self.key(member_id) for member_id in member_ids])
         bodies = {}
         for member_id, entry in zip(member_ids, found, strict=True):
             if isinstance(entry, bytes):  # else not cached (or not a string konvert wrote: a miss)
@@ -220,28 +204,13 @@ class BalanceCache:
         if not (invalidating or self._available()):
             return False
         try:
-            replies = await self._eval(entries)
-            forgotten = [
-                entry for entry, reply in zip(entries, replies, strict=True) if isinstance(reply, NoScriptError)
-            ]
-            if forgotten:  # Redis lost its scripts (a restart, SCRIPT FLUSH): load it, try those again
-                await self._redis.script_load(_PUT_IF_NEWER)
-                replies += await self._eval(forgotten)
-            _raise_first(reply for reply in replies if not isinstance(reply, NoScriptError))
-        except (RedisError, OSError) as exc:
+            calls = [((key,), (version, body, ttl)) for key, version, body, ttl in entries]
+            _raise_first(await _PUT_IF_NEWER.run_each(self._redis, calls))
+        except REDIS_ERRORS as exc:
             self._failed("invalidate" if invalidating else "put", exc, invalidating=invalidating)
             return False
         self._open_seconds = _BREAKER_OPEN_SECONDS
         return True
-
-    async def _eval(self, entries: list[_Entry]) -> list[Any]:
-        """The script for every entry in one pipeline, by its digest (no script body on the wire,
-        no SCRIPT EXISTS first); each reply or the error it got."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for key, version, body, ttl in entries:
-                pipe.evalsha(_PUT_IF_NEWER_SHA, 1, key, version, body, ttl)
-            replies: list[Any] = await pipe.execute(raise_on_error=False)
-        return replies
 
     async def wait_filled(self) -> None:
         """Until the fills started so far have landed or been dropped."""

@@ -7,6 +7,7 @@ import asyncio
 import msgspec
 from litestar import Response, get
 
+from konvert import redis_client
 from konvert.observability import render_metrics
 from konvert.services import Svc
 
@@ -49,14 +50,15 @@ async def _check(probe: object, timeout_seconds: float) -> Check:
 
 @get("/health/ready", opt=PUBLIC, tags=["operations"])
 async def ready(services: Svc) -> Response[Readiness]:
-    """PostgreSQL and Redis both answer within the health timeout. 503 otherwise.
+    """PostgreSQL and Redis (every master of a Redis Cluster) answer within the health timeout.
+    503 otherwise.
 
     The service still serves reads and writes without Redis (from PostgreSQL), but reports
     not-ready so that operators notice.
     """
     timeout = services.settings.health_timeout_seconds
     postgres, redis = await asyncio.gather(
-        _check(services.pool.fetchval("select 1"), timeout), _check(services.redis.ping(), timeout)
+        _check(services.pool.fetchval("select 1"), timeout), _check(redis_client.ping(services.redis), timeout)
     )
     ok = postgres.ok and redis.ok
     return Response(Readiness("ok" if ok else "unavailable", postgres, redis), status_code=200 if ok else 503)

@@ -43,6 +43,9 @@ UNREACHABLE: tuple[type[Exception], ...] = (
     asyncpg.exceptions.InternalClientError,
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
+    # A Redis Cluster with a master down: slots refused, or not covered by any master.
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.RedisClusterException,
 )
 # PostgreSQL errors (by SQLSTATE class) that say the server cannot serve right now: 08 connection
 # exceptions, 53 insufficient resources (too many connections), 57 operator intervention
@@ -183,7 +186,8 @@ def handle_database_error(request: Request[Any, Any, Any], exc: asyncpg.Postgres
 
 def handle_unreachable(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]:
     """PostgreSQL or Redis cannot be reached: 503, and a warning per kind of failure now and then."""
-    where = "redis" if isinstance(exc, redis.exceptions.RedisError) else "database"
+    from_redis = isinstance(exc, redis.exceptions.RedisError | redis.exceptions.RedisClusterException)
+    where = "redis" if from_redis else "database"
     kind = f"{where}:{type(exc).__name__}"
     unavailable_log.warning(f"{where} unavailable", kind, error=str(exc)[:200])
     return problem_response(request, errors.ServiceUnavailable(f"the {where} cannot be reached; retry shortly"))

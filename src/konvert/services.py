@@ -14,14 +14,15 @@ from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import asyncpg
-import redis.asyncio as redis
 from litestar.di import NamedDependency
 
 from konvert.auth import KeyVerifier
-from konvert.cache import BalanceCache, create_redis
+from konvert.cache import BalanceCache
 from konvert.db import create_pool
 from konvert.ledger.book import Book, Member
 from konvert.program import Program
+from konvert.redis_client import RedisClient, create_redis
+from konvert.redis_client import close as close_redis
 from konvert.settings import Settings
 
 T = TypeVar("T")
@@ -56,7 +57,7 @@ class Services:
     settings: Settings
     program: Program
     pool: asyncpg.Pool
-    redis: redis.Redis
+    redis: RedisClient
     cache: BalanceCache
     keys: KeyVerifier
     erasure: Erasure = Erasure()
@@ -67,7 +68,7 @@ class Services:
     @classmethod
     async def open(cls, settings: Settings, program: Program, erasure: Erasure = Erasure()) -> Services:
         pool = await create_pool(settings)
-        client = create_redis(settings)
+        client = create_redis(settings.redis_url, settings.redis_timeout_seconds)
         return cls(
             settings=settings,
             program=program,
@@ -91,7 +92,7 @@ class Services:
             if isinstance(instance, Closing):
                 await instance.aclose()
         await self.cache.aclose()
-        await self.redis.aclose()
+        await close_redis(self.redis)
         await self.pool.close()
 
 

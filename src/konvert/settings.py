@@ -16,6 +16,7 @@ from cryptography.fernet import Fernet
 from msgspec import Meta
 
 from konvert.errors import ConfigurationError
+from konvert.redis_client import parse_redis_url
 
 ENV_PREFIX = "KONVERT_"
 # Variables under this prefix belong to the test suite and loadtests, not to the service.
@@ -180,6 +181,11 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: object)
             raise ConfigurationError(
                 "invalid setting: KONVERT_SECRET_KEY must be Fernet keys (32 url-safe base64 bytes), comma-separated"
             ) from None
+    if settings.redis_url:
+        try:
+            parse_redis_url(settings.redis_url)
+        except ValueError as exc:
+            raise ConfigurationError(f"invalid setting: KONVERT_REDIS_URL {exc}") from None
     if settings.db_pool_min > settings.db_pool_max:
         raise ConfigurationError("invalid setting: KONVERT_DB_POOL_MIN is larger than KONVERT_DB_POOL_MAX")
     return settings

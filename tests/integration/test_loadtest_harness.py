@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -326,3 +327,38 @@ def test_the_harness_sees_a_checkpoint_start(database_url: str) -> None:
     assert checkpoint_note(purchases).endswith("started during it (0.15 full-page images per request)")
     quiet = {"checkpoints": {"started": 0, "running_at_start": False, "running_at_end": False}}
     assert checkpoint_note(quiet | {"wal_per_request": {}}) == ""
+
+
+def test_harness_compares_a_redis_cluster_it_starts_with_a_single_redis(tmp_path: Path, harness_redis_url: str) -> None:
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.skip("--redis-cluster needs redis-server and redis-cli")
+    clusters_before = set(Path(tempfile.gettempdir()).glob("konvert-bench-cluster-*"))
+    output = tmp_path / "result.json"
+    completed = _run_harness(
+        output, harness_redis_url, "--duration", "1", "--scenarios", "balance_warm,purchases", "--redis-cluster"
+    )
+    result = _result(output, completed)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    config = result["configs"][0]
+    on_cluster = config["cluster"]
+    assert on_cluster["redis_url"].startswith("redis+cluster://") and on_cluster["redis_url"] != harness_redis_url
+    assert config["measured_order"] == [
+        "current:balance_warm",
+        "cluster:balance_warm",
+        "current:purchases",
+        "cluster:purchases",
+    ]
+    # On the cluster too, every warmed balance was read from Redis, and nothing was lost.
+    warm = on_cluster["scenarios"]["balance_warm"]
+    assert warm["cache_warm"]["output"].startswith("balances cached: 200 members"), warm["cache_warm"]
+    assert warm["balance_read_sources"]["redis"] == 1.0, warm["balance_read_sources"]
+    purchase = on_cluster["scenarios"]["purchases"]["writes"]["purchase"]
+    assert purchase["accepted"] > 0 and purchase["recorded_rows"] >= purchase["accepted"], purchase
+    assert on_cluster["correctness"] == {"nothing_lost": True, "audit_passed": True}, on_cluster["correctness"]
+    for name in ("balance_warm", "purchases"):
+        assert config["ratios"][f"{name}_cluster_vs_single"] > 0, config["ratios"]
+    assert "Redis Cluster / single Redis: balance_warm " in completed.stdout
+    # The cluster it started is gone: its servers and its directory.
+    assert set(Path(tempfile.gettempdir()).glob("konvert-bench-cluster-*")) == clusters_before
+    for address in on_cluster["redis_url"].removeprefix("redis+cluster://").split(","):
+        assert not _port_open("127.0.0.1", int(address.rsplit(":", 1)[1])), address

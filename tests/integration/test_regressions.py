@@ -20,7 +20,7 @@ from litestar.testing import AsyncTestClient
 
 from konvert import auth, composition
 from konvert.app import create_app
-from konvert.cache import BalanceCache, create_redis
+from konvert.cache import BalanceCache
 from konvert.earning import service as earning
 from konvert.earning.model import PurchaseIn, RefundIn
 from konvert.earning.refunds import refund_purchase
@@ -29,6 +29,7 @@ from konvert.idempotency import Outcome
 from konvert.ledger.book import writing
 from konvert.ledger.jobs import expire_due_lots
 from konvert.program import parse_program
+from konvert.redis_client import create_redis
 from konvert.services import Services
 from tests.conftest import TEST_PROGRAM, cached_entry, make_settings
 from tests.integration.test_purchases import (
@@ -489,7 +490,7 @@ async def test_concurrent_cached_reads_share_one_connection_on_the_urls_database
     async with FakeRedis(auth_delay=0.2) as fake:
         url = f"redis://user:secret@127.0.0.1:{fake.port}/5"
         settings = make_settings(database_url, url, redis_timeout_seconds=2.0)
-        client = create_redis(settings)
+        client = create_redis(settings.redis_url, settings.redis_timeout_seconds)
         cache = BalanceCache.for_settings(client, settings)
         try:
             found = await asyncio.gather(*(cache.get(f"m{i}") for i in range(10)))

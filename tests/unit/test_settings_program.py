@@ -10,6 +10,7 @@ import pytest
 
 from konvert.errors import ConfigurationError
 from konvert.program import Program, example_program_text, load_program, parse_program
+from konvert.redis_client import RedisTarget, parse_redis_url
 from konvert.settings import Settings, load_settings
 
 # Settings: every test passes its own environ, so the real environment never leaks in.
@@ -67,6 +68,31 @@ def test_an_unknown_variable_is_refused_naming_it() -> None:
 def test_pool_minimum_above_maximum_is_refused() -> None:
     with pytest.raises(ConfigurationError, match="KONVERT_DB_POOL_MIN"):
         load_settings({"KONVERT_DB_POOL_MIN": "50", "KONVERT_DB_POOL_MAX": "10"})
+
+
+def test_redis_urls_name_a_server_a_cluster_or_a_sentinel() -> None:
+    assert parse_redis_url("unix:///run/redis.sock?db=2") == RedisTarget("server")
+    assert parse_redis_url("redis+cluster://a:7000,[::1]:7001,b") == RedisTarget(
+        "cluster", (("a", 7000), ("::1", 7001), ("b", 6379))
+    )
+    assert parse_redis_url("rediss+sentinel://u:p%40ss@s1:26380,s2/mymaster/3") == RedisTarget(
+        "sentinel", (("s1", 26380), ("s2", 26379)), "u", "p@ss", True, "mymaster", 3
+    )
+    assert load_settings({"KONVERT_REDIS_URL": "redis+cluster://a:7000,b:7000"}).redis_url.startswith("redis+")
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("http://cache:6379", "must start with redis://"),
+        ("redis+cluster://a:7000/3", "database 0 only"),
+        ("redis+cluster://a:99999", "not host:port"),
+        ("redis+sentinel://s1:26379", "names the service"),
+    ],
+)
+def test_a_redis_url_konvert_cannot_read_stops_start_up_naming_it(url: str, why: str) -> None:
+    with pytest.raises(ConfigurationError, match=f"KONVERT_REDIS_URL .*{why}"):
+        load_settings({"KONVERT_REDIS_URL": url})
 
 
 def test_test_and_bench_variables_are_ignored() -> None:

@@ -23,6 +23,7 @@ from konvert.ledger.model import (
 )
 from konvert.observability import BALANCE_READS
 from konvert.pagination import decode_cursor, encode_cursor
+from konvert.redis_client import memory_use
 
 if TYPE_CHECKING:
     from konvert.services import Services
@@ -146,8 +147,7 @@ async def warm_balances(
     expiring_lots = services.program.points.expiring_lots_shown
     warmed, after = 0, 0
     while rows := await reads.select_balances_after(services.pool, after, batch_size, expiring_lots):
-        memory = await services.redis.info("memory")
-        used, limit = int(memory["used_memory"]), int(memory.get("maxmemory", 0))
+        used, limit = await memory_use(services.redis)
         if limit and used >= limit * memory_share_max:
             return Warmed(warmed, (used, limit))
         balances = [(row["member_id"], row["version"], _encode(_balance_of(services, row))) for row in rows]

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import msgspec
-from redis.exceptions import RedisError
 
 from konvert import errors
 from konvert.ledger import reads
 from konvert.portal.model import Grant, PortalSessionIn, PortalSessionOut
+from konvert.redis_client import REDIS_ERRORS
 
 if TYPE_CHECKING:
     from konvert.services import Services
@@ -53,7 +53,7 @@ async def issue(services: Services, member_id: str, request: PortalSessionIn, ba
     grant = Grant(member_id=member_id, locale=request.locale, return_url=request.return_url)
     try:
         await services.redis.set(_key(services, token), _encode(grant), ex=ttl_seconds)
-    except (RedisError, OSError) as exc:
+    except REDIS_ERRORS as exc:
         raise errors.ServiceUnavailable("portal links cannot be made while Redis is unavailable") from exc
     base = (services.settings.public_url or base_url).rstrip("/")
     return PortalSessionOut(
@@ -68,6 +68,6 @@ async def redeem(services: Services, token: str) -> Grant | None:
         return None
     try:
         stored = await services.redis.getdel(_key(services, token))
-    except (RedisError, OSError) as exc:
+    except REDIS_ERRORS as exc:
         raise errors.ServiceUnavailable("the portal is unavailable while Redis is") from exc
     return _grant(stored) if stored is not None else None

@@ -14,7 +14,7 @@ import secrets
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import msgspec
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -34,6 +34,7 @@ from litestar.response import Redirect, Template
 from litestar.static_files import create_static_files_router
 from litestar.stores.redis import RedisStore
 from litestar.template.config import TemplateConfig
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from konvert import errors
@@ -443,7 +444,10 @@ class PortalPages:
 
     async def prepare(self, app: Litestar, services: Services) -> None:
         """Sessions in this deployment's Redis; the CSRF secret every process shares."""
-        store = RedisStore(services.redis, namespace=f"{services.settings.redis_key_prefix}:portal:session")
+        # A session is one key, read with a one-key script: a Redis Cluster client serves the store
+        # as well as the single-server one it is typed for.
+        client = cast(Redis, services.redis)
+        store = RedisStore(client, namespace=f"{services.settings.redis_key_prefix}:portal:session")
         app.stores.register(SESSION_STORE, store, allow_override=True)
         self.csrf.secret = await shared_secret(services.pool, "csrf")
 

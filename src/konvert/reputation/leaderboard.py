@@ -51,12 +51,11 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 import msgspec
-import redis.asyncio as redis
-from redis.exceptions import RedisError
 
 from konvert import errors
 from konvert.db import Connection, Queryable
 from konvert.ledger.store import select_member_uid
+from konvert.redis_client import REDIS_ERRORS, RedisClient, Script
 from konvert.reputation import rules, store
 from konvert.reputation.model import Leaderboard, LeaderboardEntry, LeaderboardPosition
 
@@ -72,10 +71,12 @@ LOCK_KEY = 0x6B6F6E76_6C620001
 PERIOD_RETENTION = timedelta(days=40)
 _BREAKER_OPEN_SECONDS = 1.0
 _REBUILD_BATCH_ROWS = 1000
+# What adding changes can fail with: Redis, or PostgreSQL naming the key space.
+_ADD_ERRORS: tuple[type[Exception], ...] = (*REDIS_ERRORS, asyncpg.PostgresError)
 
 # Adds ARGV[3] to member ARGV[2] of the board, keeping the distinct scores and their counts, if
 # the marker still names generation ARGV[1] (else a rebuild will include the change).
-_INCREMENT = """
+_INCREMENT = Script("""
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 local old = redis.call('ZSCORE', KEYS[2], ARGV[2])
 local new = redis.call('ZINCRBY', KEYS[2], ARGV[3], ARGV[2])
@@ -97,7 +98,7 @@ if ttl > 0 then
   for i = 2, 4 do redis.call('EXPIRE', KEYS[i], ttl) end
 end
 return 1
-"""
+""")
 
 
 class Delta(msgspec.Struct, frozen=True):
@@ -198,9 +199,8 @@ class Leaderboards:
     change was lost."""
 
     def __init__(self, services: Services) -> None:
-        self.redis: redis.Redis = services.redis
+        self.redis: RedisClient = services.redis
         self._prefix = services.settings.redis_key_prefix
-        self._increment = self.redis.register_script(_INCREMENT)
         self._keys: KeySpace | None = None
         self._skip_until = 0.0
         # A change committed in PostgreSQL could not be added here: the boards are missing it.
@@ -249,22 +249,20 @@ class Leaderboards:
             if generation is None or not changes:
                 return  # nothing built: the rebuild that the next read makes includes this change
             generation = _text(generation)
-            pipe = self.redis.pipeline(transaction=False)
+            calls = []
             for (board, source, member_uid), amount in changes:
                 board_keys = keys.board(generation, board, source)
-                await self._increment(
-                    keys=[
-                        keys.marker,
-                        board_keys.members,
-                        board_keys.scores,
-                        board_keys.counts,
-                        keys.registry(generation),
-                    ],
-                    args=[generation, member_uid, amount, board_ttl_seconds(board, now)],
-                    client=pipe,
+                board_key_names = (board_keys.members, board_keys.scores, board_keys.counts)
+                calls.append(
+                    (
+                        (keys.marker, *board_key_names, keys.registry(generation)),
+                        (generation, member_uid, amount, board_ttl_seconds(board, now)),
+                    )
                 )
-            await pipe.execute()
-        except (RedisError, OSError, asyncpg.PostgresError) as exc:
+            for reply in await _INCREMENT.run_each(self.redis, calls):
+                if isinstance(reply, Exception):
+                    raise reply
+        except _ADD_ERRORS as exc:
             self.missed_change = True
             self.failed("add", exc)
 
@@ -318,7 +316,7 @@ async def rebuild(services: Services, *, only_if_missing: bool = False) -> Rebui
                 raise
 
 
-async def _build(conn: Connection, client: redis.Redis, keys: KeySpace) -> RebuildReport:
+async def _build(conn: Connection, client: RedisClient, keys: KeySpace) -> RebuildReport:
     now = datetime.now(UTC)
     today = now.date()
     generation = int(await client.incr(keys.generation_counter))
@@ -363,8 +361,8 @@ async def _build(conn: Connection, client: redis.Redis, keys: KeySpace) -> Rebui
     return RebuildReport(generation, len(counts), entries)
 
 
-async def _drop_generation(client: redis.Redis, registry: str) -> None:
-    with contextlib.suppress(RedisError, OSError):
+async def _drop_generation(client: RedisClient, registry: str) -> None:
+    with contextlib.suppress(*REDIS_ERRORS):
         keys = list(await client.smembers(registry))
         for start in range(0, len(keys), 500):
             await client.unlink(*keys[start : start + 500])
@@ -386,7 +384,7 @@ async def _generation(services: Services) -> tuple[KeySpace, str]:
         if generation is None:
             await rebuild(services, only_if_missing=True)
             generation = await services.redis.get(keys.marker)
-    except (RedisError, OSError) as exc:
+    except REDIS_ERRORS as exc:
         boards.failed("read", exc)
         raise errors.LeaderboardUnavailable("leaderboards are unavailable while Redis does not answer") from None
     if generation is None:  # pragma: no cover - flushed again during the rebuild
@@ -404,7 +402,7 @@ async def top(
     board_keys = keys.board(generation, board, source or ALL_SOURCES)
     try:
         rows = await services.redis.zrevrange(board_keys.members, 0, limit - 1, withscores=True)
-    except (RedisError, OSError) as exc:
+    except REDIS_ERRORS as exc:
         services.shared(Leaderboards).failed("read", exc)
         raise errors.LeaderboardUnavailable("leaderboards are unavailable while Redis does not answer") from None
     uids = [int(row[0]) for row in rows]
@@ -436,7 +434,7 @@ async def position(
     try:
         score = await services.redis.zscore(board_keys.members, str(member_uid))
         above = None if score is None else await services.redis.zcount(board_keys.scores, f"({score}", "+inf")
-    except (RedisError, OSError) as exc:
+    except REDIS_ERRORS as exc:
         services.shared(Leaderboards).failed("read", exc)
         raise errors.LeaderboardUnavailable("leaderboards are unavailable while Redis does not answer") from None
     return LeaderboardPosition(
