@@ -37,6 +37,15 @@ def _postgres_bin() -> Path | None:
     return Path(found).parent if found else None
 
 
+def descendants(pid: int) -> list[int]:
+    found = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                found += [int(child), *descendants(int(child))]
+    return found
+
+
 def _wait_for_port(port: int, up: bool, seconds: float = 30.0) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -87,6 +96,22 @@ class OwnPostgres:
         self._run(str(self._bin / "pg_ctl"), "-D", str(self._data), "-m", "immediate", "-w", "stop")
         _wait_for_port(self.port, up=False)
 
+    def _pids(self) -> list[int]:
+        """The postmaster and every process it started (backends, background workers)."""
+        postmaster = int((self._data / "postmaster.pid").read_text().split()[0])
+        return [postmaster, *descendants(postmaster)]
+
+    def freeze(self) -> None:
+        """SIGSTOP the whole server: connections stay open, and nothing answers."""
+        for pid in self._pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        for pid in self._pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
 
 @contextlib.contextmanager
 def own_postgres() -> Iterator[OwnPostgres]:
@@ -108,17 +133,35 @@ def own_postgres() -> Iterator[OwnPostgres]:
 
 
 class OwnRedis:
-    """A redis-server of its own: ``url``, ``freeze()`` (SIGSTOP), ``thaw()`` (SIGCONT)."""
+    """A redis-server of its own, without persistence: ``url``, ``freeze()`` (SIGSTOP), ``thaw()``
+    (SIGCONT), ``stop()`` and ``start()`` (on the same port, empty, as after a crash)."""
 
-    def __init__(self, process: subprocess.Popen[bytes], port: int) -> None:
-        self.process = process
-        self.url = f"redis://127.0.0.1:{port}/0"
+    def __init__(self, binary: str) -> None:
+        self._binary = binary
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        command = [self._binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for_port(self.port, up=True)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.thaw()
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+            _wait_for_port(self.port, up=False)
 
     def freeze(self) -> None:
-        self.process.send_signal(signal.SIGSTOP)
+        if self.process is not None:
+            self.process.send_signal(signal.SIGSTOP)
 
     def thaw(self) -> None:
-        self.process.send_signal(signal.SIGCONT)
+        if self.process is not None:
+            self.process.send_signal(signal.SIGCONT)
 
 
 @contextlib.contextmanager
@@ -126,14 +169,9 @@ def own_redis() -> Iterator[OwnRedis]:
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.skip("no redis-server on this machine")
-    port = free_port()
-    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    server = OwnRedis(process, port)
+    server = OwnRedis(binary)
     try:
-        _wait_for_port(port, up=True)
+        server.start()
         yield server
     finally:
-        server.thaw()
-        process.terminate()
-        process.wait(timeout=10)
+        server.stop()

@@ -16,9 +16,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from konvert import auth, db
 from konvert.app import create_app
+from konvert.cache import BalanceCache, create_redis
 from konvert.program import Program
 from tests.conftest import AppClient, cached_entry, make_settings, purchase_body, serve
 from tests.servers import own_postgres, own_redis
+
+pytestmark = pytest.mark.faults
 
 
 def assert_unavailable(response: httpx.Response) -> None:
@@ -214,3 +217,25 @@ async def test_a_frozen_redis_does_not_slow_every_purchase_and_serves_nothing_st
             finally:
                 redis_server.thaw()
                 await watcher.aclose()
+
+
+async def test_a_process_that_missed_invalidations_sends_them_once_redis_returns_without_traffic() -> None:
+    """Another process (here: another cache) that missed nothing may serve what Redis holds as soon
+    as it answers again; the process that missed the invalidations sends them by itself, without
+    waiting for a request of its own."""
+    with own_redis() as redis_server:
+        settings = make_settings("postgresql://unused", redis_server.url, redis_timeout_seconds=0.2)
+        missing, other = (BalanceCache.for_settings(create_redis(settings), settings) for _ in range(2))
+        try:
+            await asyncio.to_thread(redis_server.stop)
+            await missing.invalidate_many([("m-1", 2)])  # version 2 committed; Redis is away
+            await asyncio.to_thread(redis_server.start)
+            # A reader of the other process that read version 1 before the write fills it now.
+            assert await other.put_many([("m-1", 1, b'{"available": 1}')])
+            async with asyncio.timeout(5):
+                while await other.get("m-1") is not None:  # noqa: ASYNC110 - Redis's state, polled
+                    await asyncio.sleep(0.02)
+            assert await other.get("m-1") is None
+        finally:
+            await missing.aclose()
+            await other.aclose()
