@@ -14,10 +14,12 @@ import pytest
 import redis.asyncio as redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from konvert import auth, db
+from konvert import auth, composition, db
 from konvert.app import create_app
 from konvert.cache import BalanceCache, create_redis
+from konvert.events import publisher
 from konvert.program import Program
+from konvert.reputation import leaderboard
 from tests.conftest import AppClient, cached_entry, make_settings, purchase_body, serve
 from tests.servers import own_postgres, own_redis
 
@@ -239,3 +241,45 @@ async def test_a_process_that_missed_invalidations_sends_them_once_redis_returns
         finally:
             await missing.aclose()
             await other.aclose()
+
+
+async def test_publishing_without_redis_logs_a_line_now_and_then_not_a_traceback_per_round(
+    fresh_database_url: str, program: Program, admin_headers: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    with own_redis() as redis_server:
+        settings = make_settings(fresh_database_url, redis_server.url)
+        admin = await _admin_key(fresh_database_url)
+        async with serve(create_app(settings, program)) as client:  # a purchase: events to publish
+            posted = await client.post("/v1/purchases", json=purchase_body("m-events"), headers=admin)
+            assert posted.status_code == 201, posted.text
+        services = await composition.open_services(settings, program)
+        rounds = publisher.Publisher(services)
+        try:
+            await asyncio.to_thread(redis_server.stop)
+            with caplog.at_level(logging.WARNING, logger="konvert"):
+                for _ in range(20):  # a round every poll interval while Redis is away
+                    await rounds.round()
+        finally:
+            await rounds.aclose()
+            await services.close()
+
+    said = [r for r in caplog.records if r.name == "konvert.events"]
+    assert said, "the outage was not logged"
+    assert [r.getMessage() for r in said if r.exc_info or r.levelno > logging.WARNING] == []
+    assert len(said) == len({r.__dict__.get("kind") for r in said})  # one line per kind of failure
+
+
+async def test_a_kudos_stands_when_its_connection_is_lost_after_the_commit(database_url: str, redis_url: str) -> None:
+    """The leaderboards' shared lock is released after the use case; a lost connection holds no
+    lock any more, so failing to release it fails nothing (a 503 there answered a committed kudos)."""
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+    try:
+        async with pool.acquire() as conn, leaderboard.writing(conn):
+            pid = await conn.fetchval("select pg_backend_pid()")
+            killer = await asyncpg.connect(database_url)
+            await killer.execute("select pg_terminate_backend($1)", pid)
+            await killer.close()
+            # Left without raising; the pool replaces the connection.
+        assert await pool.fetchval("select 1") == 1
+    finally:
+        await pool.close()
