@@ -29,7 +29,7 @@ def free_port() -> int:
         return port
 
 
-def _postgres_bin() -> Path | None:
+def postgres_bin_dir() -> Path | None:
     for candidate in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
         if Path(candidate, "pg_ctl").exists():
             return Path(candidate)
@@ -69,6 +69,21 @@ class OwnPostgres:
         self._data = root / "data"
         self._root = root
         self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    @classmethod
+    def create(cls, bin_dir: Path) -> OwnPostgres:
+        """In a new temporary directory (the ``postgres`` user's under root); ``remove()`` ends it."""
+        root = Path(tempfile.mkdtemp(prefix="konvert-pg-"))
+        if os.geteuid() == 0:
+            shutil.chown(root, "postgres")
+        return cls(bin_dir, root)
+
+    def remove(self) -> None:
+        """Stop the server if it runs, and delete its directory."""
+        with contextlib.suppress(subprocess.CalledProcessError):
+            if (self._data / "postmaster.pid").exists():
+                self.stop()
+        shutil.rmtree(self._root, ignore_errors=True)
 
     def _run(self, *command: str) -> None:
         as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
@@ -115,21 +130,16 @@ class OwnPostgres:
 
 @contextlib.contextmanager
 def own_postgres() -> Iterator[OwnPostgres]:
-    bin_dir = _postgres_bin()
+    bin_dir = postgres_bin_dir()
     if bin_dir is None:
         pytest.skip("no PostgreSQL binaries (pg_ctl) on this machine")
-    root = Path(tempfile.mkdtemp(prefix="konvert-pg-"))
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres")
-    server = OwnPostgres(bin_dir, root)
+    server = OwnPostgres.create(bin_dir)
     try:
         server.init()
         server.start()
         yield server
     finally:
-        with contextlib.suppress(subprocess.CalledProcessError):
-            server.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        server.remove()
 
 
 class OwnRedis:
@@ -164,9 +174,13 @@ class OwnRedis:
             self.process.send_signal(signal.SIGCONT)
 
 
+def redis_binary() -> str | None:
+    return shutil.which("redis-server")
+
+
 @contextlib.contextmanager
 def own_redis() -> Iterator[OwnRedis]:
-    binary = shutil.which("redis-server")
+    binary = redis_binary()
     if binary is None:
         pytest.skip("no redis-server on this machine")
     server = OwnRedis(binary)

@@ -161,9 +161,22 @@ class Fault(NamedTuple):
 
 
 def kill_a_worker(server: Server) -> None:
-    workers = descendants(server.process.pid)
-    assert workers, "konvert serve --workers 2 has no worker processes"
+    workers = live_workers(server)
+    assert len(workers) == 2, f"konvert serve --workers 2 has workers {workers}"
     os.kill(workers[0], signal.SIGKILL)
+
+
+def live_workers(server: Server) -> list[int]:
+    """The worker processes (not multiprocessing's resource tracker, nor a killed one not yet reaped)."""
+    workers = []
+    for pid in descendants(server.process.pid):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if cmdline and b"resource_tracker" not in cmdline:  # a zombie's is empty
+            workers.append(pid)
+    return workers
 
 
 @contextlib.contextmanager
@@ -248,6 +261,7 @@ async def test_every_accepted_purchase_survives_frozen_stopped_and_restarted_ser
                     m: (await client.get(f"/v1/members/{m}/balance", headers=load.headers)).json() for m in members
                 }
             assert server.process.poll() is None, "konvert serve stopped"
+            assert len(live_workers(server)) == 2, "the killed worker was not replaced"
 
         rows, earns = await recorded(postgres.url, "fl-")
         audit = konvert_audit(postgres.url, redis_server.url)
