@@ -141,6 +141,8 @@ def main(args: argparse.Namespace) -> int:
     if bin_dir is None or redis_path is None:
         print("loadtests: --soak needs PostgreSQL's pg_ctl and redis-server on this machine", file=sys.stderr)
         return 2
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    args.output = args.output or ROOT / "loadtests" / "results" / f"soak-{stamp}.json"  # and its -artifacts/
     postgres, redis_server = OwnPostgres.create(bin_dir), OwnRedis(redis_path)
     try:
         postgres.init()
@@ -151,11 +153,12 @@ def main(args: argparse.Namespace) -> int:
     finally:
         redis_server.stop()
         postgres.remove()
-    output = args.output or ROOT / "loadtests" / "results" / f"soak-{result['started_at'].replace(':', '')}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2) + "\n")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
     _print(result)
-    print(f"\nresults: {output}")
+    print(
+        f"\nresults: {args.output}\nartifacts (the server's log): {args.output.with_name(args.output.stem + '-artifacts')}"
+    )
     return 0 if result["nothing_lost"] and result["audit_passed"] and not result["answers_5xx_but_503"] else 1
 
 
