@@ -1,6 +1,6 @@
 """The ledger through the API against a model of it: hypothesis drives random purchases, refunds,
 redemptions (at once and held; captured, released, cancelled), adjustments, kudos and their
-retractions, and time moving on (holds time out, lots expire), against a small in-test model of
+retractions, and time moving on (pending points vest, holds time out, lots expire), against a small in-test model of
 each member's lots, debt, held points, lifetime earnings and reputation. After every step the
 members' balances equal the model's; after every example ``konvert audit``'s checks pass.
 
@@ -51,6 +51,7 @@ settings.register_profile("dev", max_examples=200, stateful_step_count=40, deadl
 PROFILE = settings.get_profile(os.environ.get("KONVERT_HYPOTHESIS_PROFILE", "ci"))
 
 EXPIRE_AFTER_DAYS = 365  # the tests' program
+RETURN_WINDOW_DAYS = 14
 DAILY_CAP = 200  # reputation from likes and helpful marks per member and UTC day (the default)
 KUDOS_VALUE = 10  # a like or a helpful mark (the default)
 MEMBERS = 2
@@ -61,6 +62,8 @@ class Lot:
     remaining: int
     # The model day (days the clock was moved on) it expires on.
     expires_day: int
+    # Inside the return window until this model day (None: available from the start).
+    vests_day: int | None = None
     expired: bool = False
     # What it held when it expired: a later refund of its purchase has lost that much already.
     expired_points: int = 0
@@ -78,7 +81,11 @@ class Member:
 
     @property
     def available(self) -> int:
-        return sum(lot.remaining for lot in self.lots if not lot.expired) - self.debt
+        return sum(lot.remaining for lot in self.lots if not lot.expired and lot.vests_day is None) - self.debt
+
+    @property
+    def pending(self) -> int:
+        return sum(lot.remaining for lot in self.lots if not lot.expired and lot.vests_day is not None)
 
     @property
     def reputation(self) -> int:
@@ -93,7 +100,7 @@ class Member:
         for lot in self.lots:
             if missing == 0:
                 break
-            if lot is exclude or lot.expired or lot.remaining == 0:
+            if lot is exclude or lot.expired or lot.vests_day is not None or lot.remaining == 0:
                 continue
             amount = min(missing, lot.remaining)
             lot.remaining -= amount
@@ -105,10 +112,11 @@ class Member:
         _, missing = self.take(self.debt)
         self.debt = missing
 
-    def credit(self, points: int, day: int) -> Lot:
-        lot = Lot(points, day + EXPIRE_AFTER_DAYS)
+    def credit(self, points: int, day: int, vests_day: int | None = None) -> Lot:
+        lot = Lot(points, day + EXPIRE_AFTER_DAYS, vests_day)
         self.lots.append(lot)
-        self.repay_debt()
+        if vests_day is None:  # pending points repay no debt until they vest
+            self.repay_debt()
         return lot
 
     def give_back(self, takes: list[tuple[Lot, int]]) -> None:
@@ -201,16 +209,16 @@ class LedgerMachine(RuleBasedStateMachine):
     @initialize()
     def first_purchases(self) -> None:
         for member in self.members:  # every member exists from the start
-            self.purchase(member, units=1, euros=10)
+            self.purchase(member, units=1, euros=10, pending=False)
 
-    @rule(n=st.integers(0, MEMBERS - 1), units=st.integers(1, 5), euros=st.integers(1, 60))
-    def purchase_something(self, n: int, units: int, euros: int) -> None:
-        self.purchase(self.members[n], units, euros)
+    @rule(n=st.integers(0, MEMBERS - 1), units=st.integers(1, 5), euros=st.integers(1, 60), pending=st.booleans())
+    def purchase_something(self, n: int, units: int, euros: int, pending: bool) -> None:
+        self.purchase(self.members[n], units, euros, pending)
 
-    def purchase(self, member: Member, units: int, euros: int) -> None:
+    def purchase(self, member: Member, units: int, euros: int, pending: bool) -> None:
         purchase_id = _id("p")
-        # Older than the return window: available at once (vesting has tests of its own).
-        occurred_at = self.now() - timedelta(days=30)
+        # A minute ago: pending for the return window; a month ago: available at once.
+        occurred_at = self.now() - (timedelta(minutes=1) if pending else timedelta(days=30))
         line = {"line_id": "1", "sku": "S", "category": "toys", "quantity": units, "unit_price": euros * 100}
         body = {
             "purchase_id": purchase_id,
@@ -223,7 +231,8 @@ class LedgerMachine(RuleBasedStateMachine):
         self.expect(self.post("/v1/purchases", body), 201)
         points = units * euros
         member.lifetime_earned += points
-        self.purchases[purchase_id] = Purchase(member, member.credit(points, self.day), euros, units)
+        lot = member.credit(points, self.day, self.day + RETURN_WINDOW_DAYS if pending else None)
+        self.purchases[purchase_id] = Purchase(member, lot, euros, units)
 
     @rule(n=st.integers(0, MEMBERS - 1), points=st.integers(-150, 150).filter(bool))
     def adjust(self, n: int, points: int) -> None:
@@ -337,12 +346,18 @@ class LedgerMachine(RuleBasedStateMachine):
 
     # --- time -------------------------------------------------------------------------------
 
-    @rule(days=st.sampled_from([1, 30, 200, 364, 365, 400]))
+    @rule(days=st.sampled_from([1, 13, 14, 30, 200, 364, 365, 400]))
     def time_passes(self, days: int) -> None:
-        """The clock moves on and the jobs run: every hold times out, lots reach their expiry."""
+        """The clock moves on and the jobs run, in their order: pending lots vest, every hold
+        times out, lots reach their expiry."""
         self.day += days
         self.world.move_clock(days)
         self.world.on_loop(jobs.run_once(self.world.services))
+        for member in self.members:
+            for lot in member.lots:
+                if lot.vests_day is not None and lot.vests_day <= self.day and not lot.expired:
+                    lot.vests_day = None
+            member.repay_debt()
         for redemption in self.redemptions.values():
             if redemption.status == "held":
                 redemption.member.held -= redemption.points
@@ -364,10 +379,11 @@ class LedgerMachine(RuleBasedStateMachine):
             balance = self.expect(response, 200)
             model = {
                 "available": member.available,
-                "pending": 0,
+                "pending": member.pending,
                 "held": member.held,
                 "lifetime_earned": member.lifetime_earned,
                 "reputation": member.reputation,
+                # Pending points expire too.
                 "expiring": sum(lot.remaining for lot in member.lots if not lot.expired),
             }
             seen = {name: balance[name] for name in model if name != "expiring"}
