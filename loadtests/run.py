@@ -7,6 +7,7 @@ measured in the same run. See loadtests/README.md.
     python loadtests/run.py --members-scaling           # purchases and balance reads at 10k and 1M members
     python loadtests/run.py --quick --workers 1,2,3 --scenarios baselines,purchases,balance_uniform
     python loadtests/run.py --quick --baseline-ref 89afc5e --scenarios noop,balance_warm,purchases
+    python loadtests/run.py --soak 3                    # mixed load with a fault every minute
 
 It creates its own database on the local PostgreSQL server (dropped at the end unless --keep),
 uses Redis logical database 14 (flushed), seeds members with a purchase history in SQL, starts
@@ -34,7 +35,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from harness import baseline, cluster, report, stats  # noqa: E402
+from harness import baseline, cluster, report, soak, stats  # noqa: E402
 from harness.cli_args import LOCAL_CLUSTER, bad_settings, missing_tools, missing_tools_hint, parse_args  # noqa: E402
 from harness.runner import Run  # noqa: E402
 from harness.side import Install, current_install  # noqa: E402
@@ -81,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     if missing := missing_tools(args):
         print(missing_tools_hint(missing), file=sys.stderr)
         return 2
+    if args.soak is not None:  # on servers of its own
+        return soak.main(args)
     if problem := _servers_problem(args.pg_url, args.redis_url):
         print(problem, file=sys.stderr)
         return 2

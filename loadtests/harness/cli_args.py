@@ -195,11 +195,19 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", action="store_true", help="keep the benchmark database(s) afterwards")
     parser.add_argument("--output", type=Path, help="the JSON result (default loadtests/results/<timestamp>.json)")
     parser.add_argument("--fail-on-targets", action="store_true", help="exit 1 when a target is not met")
+    parser.add_argument(
+        "--soak",
+        type=float,
+        metavar="MINUTES",
+        help="instead of the scenarios: the mixed load for MINUTES on a PostgreSQL and a Redis of the\n"
+        "soak's own, with a fault every --fault-every seconds (default members 2,000)",
+    )
+    parser.add_argument("--fault-every", type=float, default=60.0, help="--soak: seconds between faults (60)")
 
 
 def _resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Defaults that depend on --quick, the scenario names in canonical order, the sizes."""
-    args.members = args.members or (2_000 if args.quick else 100_000)
+    args.members = args.members or (2_000 if args.quick or args.soak else 100_000)
     args.duration = args.duration or (3.0 if args.quick else 20.0)
     args.warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 3.0)
     args.quiet_wait = args.quiet_wait if args.quiet_wait is not None else (0.0 if args.quick else 60.0)
@@ -214,6 +222,10 @@ def _resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     else:
         args.sizes = [args.members]
     args.scenario_names = [n for n in SCENARIOS if n in names]  # always in the canonical order
+    if args.soak is not None:
+        if args.soak <= 0 or args.fault_every <= 0:
+            parser.error("--soak and --fault-every must be positive")
+        args.scenario_names = ["mixed"]
     if args.history < 2:
         parser.error("--history must be at least 2")
     if args.history_every_days < 1:

@@ -11,13 +11,15 @@ alone does not leave a member's older balance in Redis for other processes to se
 
 Why it serves nothing stale: an invalidation that could not be delivered (skipped, or failed) is
 remembered (member id, latest version), and this process serves no cached balance and fills none
-until every remembered one has reached Redis: they are sent with the next invalidation, or by the
-next read once the breaker allows a try. Should more be missed than are remembered
-(``_MISSED_MAX``), every entry cached before the last miss may be stale, and none is read or
-filled until the longest they live (``balance_cache_ttl_seconds``) has passed. Another process
-that did not miss them may read such an entry from the moment Redis answers it until this
-process's replay lands (normally the breaker's second); on a Redis that stays unreachable for
-this process alone, until the entry expires. The concurrent reads of one turn of the event loop
+until every remembered one has reached Redis: they are sent with the next invalidation, by the
+next read once the breaker allows a try, and by a background replay every
+``_REPLAY_INTERVAL_SECONDS`` whatever the breaker says (it waits in no request), which closes the
+breaker once it lands. Should more be missed than are remembered (``_MISSED_MAX``), every entry
+cached before the last miss may be stale, and none is read or filled until the longest they live
+(``balance_cache_ttl_seconds``) has passed. Another process that did not miss them may read such
+an entry from the moment Redis answers it until this process's replay lands (up to
+``_REPLAY_INTERVAL_SECONDS`` and a round trip); on a Redis that stays unreachable for this
+process alone, until the entry expires. The concurrent reads of one turn of the event loop
 share one command (MGET; on a Redis Cluster, one pipeline of GETs per master); the invalidations
 of a batch of writes share one round trip (a redis-py pipeline).
 
@@ -63,6 +65,9 @@ _BREAKER_OPEN_SECONDS = 1.0
 _BREAKER_OPEN_MAX_SECONDS = 8.0
 # Invalidations remembered while Redis could not take them (see the module's doc).
 _MISSED_MAX = 100_000
+# How often missed invalidations are sent again in the background: after Redis returns, other
+# processes may serve the balances they leave stale for about this long.
+_REPLAY_INTERVAL_SECONDS = 0.1
 
 # A cache entry to put: (key, version, body, seconds to live); an empty body is a tombstone.
 _Entry = tuple[str, int, bytes, int]
@@ -81,6 +86,8 @@ class BalanceCache:
         # After more misses than remembered: no cached balance is trusted before this time.
         self._cold_until = 0.0
         self._replaying: asyncio.Task[None] | None = None
+        self._replay_timer: asyncio.TimerHandle | None = None
+        self._closing = False
         self._filling: set[asyncio.Task[bool]] = set()
         # Concurrent reads share one MGET: one command, one round trip, one pooled connection.
         self._reads: BatchedLookups[str, bytes] = BatchedLookups(
@@ -118,6 +125,22 @@ class BalanceCache:
         if len(self._missed) > _MISSED_MAX:
             self._missed.clear()
             self._cold_until = time.monotonic() + self._ttl_seconds
+        if self._missed and self._replay_timer is None and not self._closing:
+            self._replay_timer = asyncio.get_running_loop().call_later(_REPLAY_INTERVAL_SECONDS, self._replay_missed)
+
+    def _replay_missed(self) -> None:
+        """Send the missed invalidations in the background, breaker or not (see the module's doc)."""
+        self._replay_timer = None
+        if self._missed and (self._replaying is None or self._replaying.done()):
+            self._replaying = asyncio.get_running_loop().create_task(self._send_missed())
+
+    async def _send_missed(self) -> None:
+        latest = dict(self._missed)
+        entries = [(self.key(member_id), version, b"", self._ttl_seconds) for member_id, version in latest.items()]
+        if await self._put_many(entries, invalidating=True):
+            self._skip_until = self._invalidations_skip_until = 0.0  # Redis answers again
+            self._delivered(latest)
+        self._miss({})  # what is still missed (failed, or missed meanwhile) is tried again
 
     def _replay_soon(self) -> None:
         """Send the missed invalidations once the breaker allows a try (one replay at a time)."""
@@ -196,6 +219,9 @@ class BalanceCache:
         if not await self._put_many(entries, invalidating=True):
             self._miss(latest)
             return
+        self._delivered(latest)
+
+    def _delivered(self, latest: dict[str, int]) -> None:
         for member_id, version in latest.items():  # (others may have been missed meanwhile)
             if self._missed.get(member_id, -1) <= version:
                 self._missed.pop(member_id, None)
@@ -221,6 +247,10 @@ class BalanceCache:
         """Until the reads, fills and replays started so far have been answered, landed or dropped."""
         await self._reads.aclose()
         await self.wait_filled()
+        self._closing = True
+        if self._replay_timer is not None:
+            self._replay_timer.cancel()
+            self._replay_timer = None
         if self._replaying is not None:
             await asyncio.gather(self._replaying, return_exceptions=True)
 

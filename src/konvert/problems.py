@@ -184,11 +184,22 @@ def handle_database_error(request: Request[Any, Any, Any], exc: asyncpg.Postgres
     return problem_response(request, errors.ServiceUnavailable("the database could not complete the request"))
 
 
+def unreachable_kind(exc: BaseException) -> str | None:
+    """``<where>:<error type>`` when ``exc`` means PostgreSQL or Redis cannot be reached right now
+    (see UNREACHABLE), else None: for work outside requests that logs such failures alike."""
+    if isinstance(exc, asyncpg.PostgresError):
+        if (exc.sqlstate or "")[:2] not in UNAVAILABLE_SQLSTATE_CLASSES:
+            return None
+    elif not isinstance(exc, UNREACHABLE):
+        return None
+    from_redis = isinstance(exc, redis.exceptions.RedisError | redis.exceptions.RedisClusterException)
+    return f"{'redis' if from_redis else 'database'}:{type(exc).__name__}"
+
+
 def handle_unreachable(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]:
     """PostgreSQL or Redis cannot be reached: 503, and a warning per kind of failure now and then."""
-    from_redis = isinstance(exc, redis.exceptions.RedisError | redis.exceptions.RedisClusterException)
-    where = "redis" if from_redis else "database"
-    kind = f"{where}:{type(exc).__name__}"
+    kind = unreachable_kind(exc) or f"database:{type(exc).__name__}"
+    where = kind.partition(":")[0]
     unavailable_log.warning(f"{where} unavailable", kind, error=str(exc)[:200])
     return problem_response(request, errors.ServiceUnavailable(f"the {where} cannot be reached; retry shortly"))
 

@@ -14,11 +14,16 @@ import pytest
 import redis.asyncio as redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from konvert import auth, db
+from konvert import auth, composition, db
 from konvert.app import create_app
+from konvert.cache import BalanceCache, create_redis
+from konvert.events import publisher
 from konvert.program import Program
+from konvert.reputation import leaderboard
 from tests.conftest import AppClient, cached_entry, make_settings, purchase_body, serve
 from tests.servers import own_postgres, own_redis
+
+pytestmark = pytest.mark.faults
 
 
 def assert_unavailable(response: httpx.Response) -> None:
@@ -214,3 +219,70 @@ async def test_a_frozen_redis_does_not_slow_every_purchase_and_serves_nothing_st
             finally:
                 redis_server.thaw()
                 await watcher.aclose()
+
+
+async def test_a_process_that_missed_invalidations_sends_them_once_redis_returns_without_traffic() -> None:
+    """Another process (here: another cache) that missed nothing may serve what Redis holds as soon
+    as it answers again; the process that missed the invalidations sends them by itself, without
+    waiting for a request of its own."""
+    with own_redis() as redis_server:
+        settings = make_settings("postgresql://unused", redis_server.url, redis_timeout_seconds=0.2)
+        missing, other = (BalanceCache.for_settings(create_redis(settings), settings) for _ in range(2))
+        try:
+            await asyncio.to_thread(redis_server.stop)
+            await missing.invalidate_many([("m-1", 2)])  # version 2 committed; Redis is away
+            await asyncio.to_thread(redis_server.start)
+            # A reader of the other process that read version 1 before the write fills it now.
+            assert await other.put_many([("m-1", 1, b'{"available": 1}')])
+            async with asyncio.timeout(5):
+                while await other.get("m-1") is not None:  # noqa: ASYNC110 - Redis's state, polled
+                    await asyncio.sleep(0.02)
+            assert await other.get("m-1") is None
+        finally:
+            await missing.aclose()
+            await other.aclose()
+
+
+async def test_publishing_without_redis_logs_a_line_now_and_then_not_a_traceback_per_round(
+    program: Program, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A PostgreSQL of its own: publishers wait for every older transaction on the server, and
+    # the shared one's (other tests') could keep the events out of this test's rounds.
+    with own_postgres() as postgres, own_redis() as redis_server:
+        await db.migrate_url(postgres.url)
+        settings = make_settings(postgres.url, redis_server.url)
+        admin = await _admin_key(postgres.url)
+        async with serve(create_app(settings, program)) as client:  # a purchase: events to publish
+            posted = await client.post("/v1/purchases", json=purchase_body("m-events"), headers=admin)
+            assert posted.status_code == 201, posted.text
+        services = await composition.open_services(settings, program)
+        rounds = publisher.Publisher(services)
+        try:
+            await asyncio.to_thread(redis_server.stop)
+            with caplog.at_level(logging.WARNING, logger="konvert"):
+                for _ in range(20):  # a round every poll interval while Redis is away
+                    await rounds.round()
+        finally:
+            await rounds.aclose()
+            await services.close()
+
+    said = [r for r in caplog.records if r.name == "konvert.events"]
+    assert said, "the outage was not logged"
+    assert [r.getMessage() for r in said if r.exc_info or r.levelno > logging.WARNING] == []
+    assert len(said) == len({r.__dict__.get("kind") for r in said})  # one line per kind of failure
+
+
+async def test_a_kudos_stands_when_its_connection_is_lost_after_the_commit(database_url: str, redis_url: str) -> None:
+    """The leaderboards' shared lock is released after the use case; a lost connection holds no
+    lock any more, so failing to release it fails nothing (a 503 there answered a committed kudos)."""
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+    try:
+        async with pool.acquire() as conn, leaderboard.writing(conn):
+            pid = await conn.fetchval("select pg_backend_pid()")
+            killer = await asyncpg.connect(database_url)
+            await killer.execute("select pg_terminate_backend($1)", pid)
+            await killer.close()
+            # Left without raising; the pool replaces the connection.
+        assert await pool.fetchval("select 1") == 1
+    finally:
+        await pool.close()

@@ -295,6 +295,20 @@ async def test_a_kudos_from_the_future_is_refused(api, new_id):
     assert response.json()["errors"][0]["field"] == "occurred_at"
 
 
+async def test_now_is_the_service_clock_s_for_kudos_as_for_purchases_and_jobs(api, clock, new_id):
+    clock.advance(days=2)
+    # In the real clock's future, and in the past (today) of the service's clock.
+    today = (datetime.now(UTC) + timedelta(days=2) - timedelta(minutes=10)).isoformat()
+    author = new_id("a")
+
+    await api.give(kudos(author, new_id("g"), occurred_at=today))
+
+    assert (await api.reputation(author))["today_before_cap"] == 10
+    later = (datetime.now(UTC) + timedelta(days=3)).isoformat()
+    response = await api.give(kudos(author, new_id("g"), occurred_at=later), expect=422)
+    assert response.json()["errors"][0]["field"] == "occurred_at"
+
+
 async def test_a_kudos_needs_the_kudos_write_scope(client, make_key, new_id):
     headers = {"Authorization": f"Bearer {await make_key('members:read')}"}
     response = await client.post("/v1/kudos", json=kudos(new_id("a"), new_id("g")), headers=headers)

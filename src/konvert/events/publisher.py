@@ -35,12 +35,15 @@ from konvert.events import destinations, rules, store
 from konvert.events.model import EncodedEnvelope
 from konvert.ledger import events
 from konvert.ledger.book import writing
+from konvert.observability import ThrottledLog
+from konvert.problems import unreachable_kind
 from konvert.vault import Vault
 
 if TYPE_CHECKING:
     from konvert.services import Services
 
 log = logging.getLogger("konvert.events")
+unavailable_log = ThrottledLog(log)
 
 _encode = msgspec.json.Encoder().encode
 # An attempt's lease lasts its timeout and this much more before another process may retry it.
@@ -138,8 +141,11 @@ class Publisher:
                 worked += await step()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # one step's failure (Redis down) must not stop the others
-                log.exception("publishing events failed; retrying")
+            except Exception as exc:  # one step's failure (Redis down) must not stop the others
+                if (kind := unreachable_kind(exc)) is None:
+                    log.exception("publishing events failed; retrying")
+                else:  # a round every poll interval: a line now and then, no traceback
+                    unavailable_log.warning("publishing events waits; retrying", kind, error=str(exc)[:200])
         return worked
 
     async def _stream(self) -> int:

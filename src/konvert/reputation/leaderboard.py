@@ -40,6 +40,7 @@ read would move the load of a Redis outage onto the database that decides balanc
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -55,6 +56,7 @@ import msgspec
 from konvert import errors
 from konvert.db import Connection, Queryable
 from konvert.ledger.store import select_member_uid
+from konvert.observability import ThrottledLog
 from konvert.redis_client import REDIS_ERRORS, RedisClient, Script
 from konvert.reputation import rules, store
 from konvert.reputation.model import Leaderboard, LeaderboardEntry, LeaderboardPosition
@@ -63,6 +65,7 @@ if TYPE_CHECKING:
     from konvert.services import Services
 
 log = logging.getLogger("konvert.reputation.leaderboard")
+unavailable_log = ThrottledLog(log)
 
 ALL_SOURCES = "*"
 # pg_advisory_lock key of the leaderboards: writers share it, a rebuild takes it alone.
@@ -216,7 +219,7 @@ class Leaderboards:
 
     def failed(self, action: str, exc: Exception) -> None:
         self._skip_until = time.monotonic() + _BREAKER_OPEN_SECONDS
-        log.warning("redis unavailable for leaderboards", extra={"action": action, "error": repr(exc)})
+        unavailable_log.warning("redis unavailable for leaderboards", action, action=action, error=repr(exc))
 
     async def forget_missed_changes(self, keys: KeySpace) -> None:
         """After a change could not be added: drop the marker so the next read rebuilds."""
@@ -276,10 +279,21 @@ async def writing(conn: Connection) -> AsyncIterator[None]:
     finally:
         try:
             await conn.execute("select pg_advisory_unlock_shared($1)", LOCK_KEY)
-        except BaseException:  # also on cancellation: the session must not keep the lock
-            log.warning("could not release the leaderboard lock; closing the connection")
-            conn.terminate()
+        except asyncio.CancelledError:  # the session must not keep the lock: end it
+            _end_session(conn)
             raise
+        except Exception as exc:  # noqa: BLE001 - the use case's outcome stands: what it committed did
+            # Ending the session releases the lock; a lost connection holds none any more.
+            unavailable_log.warning(
+                "could not release the leaderboard lock; closing the connection", "unlock", error=repr(exc)[:200]
+            )
+            _end_session(conn)
+
+
+def _end_session(conn: Connection) -> None:
+    # A connection PostgreSQL closed went back to the pool by itself: nothing is left to end.
+    with contextlib.suppress(asyncpg.InterfaceError):
+        conn.terminate()
 
 
 # --- rebuild --------------------------------------------------------------------------------
@@ -312,7 +326,7 @@ async def rebuild(services: Services, *, only_if_missing: bool = False) -> Rebui
             try:
                 await conn.execute("select pg_advisory_unlock($1)", LOCK_KEY)
             except BaseException:  # the session must not keep the lock: end it
-                conn.terminate()
+                _end_session(conn)
                 raise
 
 
@@ -396,7 +410,7 @@ async def top(
     services: Services, period: str, source: str | None, limit: int, today: date | None = None
 ) -> Leaderboard:
     """The members who gained the most reputation in the current period, with dense ranks."""
-    today = today or datetime.now(UTC).date()
+    today = today or services.clock().astimezone(UTC).date()
     board = board_name(period, today)
     keys, generation = await _generation(services)
     board_keys = keys.board(generation, board, source or ALL_SOURCES)
@@ -425,7 +439,7 @@ async def position(
     services: Services, member_id: str, period: str, source: str | None, today: date | None = None
 ) -> LeaderboardPosition:
     """A member's dense rank and reputation gained on one board (rank None: nothing gained)."""
-    today = today or datetime.now(UTC).date()
+    today = today or services.clock().astimezone(UTC).date()
     member_uid = await select_member_uid(services.pool, member_id)
     if member_uid is None:
         raise errors.MemberNotFound(f"no member {member_id!r}")

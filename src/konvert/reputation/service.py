@@ -110,7 +110,7 @@ async def give_kudos(services: Services, kudos: KudosIn, also: InTransaction | N
     """Record a kudos and credit what it is worth, once per kudos_id. ``also`` runs in the same
     transaction, after the kudos (or its replay)."""
     kudos = _normalized(kudos)
-    now = datetime.now(UTC)
+    now = services.clock()
     if kudos.kind in rules.CAPPED_KINDS and kudos.author_id == kudos.giver_id:
         raise errors.SelfKudos(f"{kudos.giver_id!r} cannot give a {kudos.kind} to their own post")
     if kudos.occurred_at > now + _FUTURE_SKEW:
@@ -401,7 +401,7 @@ async def member_reputation(services: Services, member_id: str, now: datetime | 
     row = await store.select_member_reputation(services.pool, member_id)
     if row is None:
         raise errors.MemberNotFound(f"no member {member_id!r}")
-    today = rules.utc_day(now or datetime.now(UTC))
+    today = rules.utc_day(now or services.clock())
     breakdown = await store.select_breakdown(services.pool, row["member_uid"])
     totals = await store.select_day_totals(services.pool, row["member_uid"], today)
     standing = rules.rank_for(program.ranks, row["reputation"])
