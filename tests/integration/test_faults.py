@@ -16,9 +16,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from konvert import auth, composition, db
 from konvert.app import create_app
-from konvert.cache import BalanceCache, create_redis
+from konvert.cache import BalanceCache
 from konvert.events import publisher
 from konvert.program import Program
+from konvert.redis_client import create_redis
 from konvert.reputation import leaderboard
 from tests.conftest import AppClient, cached_entry, make_settings, purchase_body, serve
 from tests.servers import own_postgres, own_redis
@@ -227,7 +228,10 @@ async def test_a_process_that_missed_invalidations_sends_them_once_redis_returns
     waiting for a request of its own."""
     with own_redis() as redis_server:
         settings = make_settings("postgresql://unused", redis_server.url, redis_timeout_seconds=0.2)
-        missing, other = (BalanceCache.for_settings(create_redis(settings), settings) for _ in range(2))
+        missing, other = (
+            BalanceCache.for_settings(create_redis(settings.redis_url, settings.redis_timeout_seconds), settings)
+            for _ in range(2)
+        )
         try:
             await asyncio.to_thread(redis_server.stop)
             await missing.invalidate_many([("m-1", 2)])  # version 2 committed; Redis is away
