@@ -7,22 +7,45 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from litestar import Litestar, Request
 from litestar.di import Provide
 from litestar.exceptions import SerializationException
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
+from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
+from litestar.static_files import create_static_files_router
+from swagger_ui_bundle import swagger_ui_path
 
 from konvert import __version__, composition, jobs
 from konvert.auth import authorize
+from konvert.contract import SECURITY_SCHEME, ProblemResponses, SequenceSchemas
 from konvert.observability import RequestObserver
 from konvert.problems import EXCEPTION_HANDLERS
 from konvert.program import Program, load_program
 from konvert.services import Services
 from konvert.settings import Settings
+
+# The API docs' Swagger UI comes from the swagger-ui-bundle-v2 wheel and is served by konvert itself,
+# so the docs work without reaching any CDN (an air-gapped installation, a strict CSP).
+DOCS_ASSETS_PATH = "/schema/assets"
+
+
+def _api_docs() -> tuple[SwaggerRenderPlugin, Any]:
+    """Swagger UI at /schema and /schema/swagger, and the static files it loads."""
+    plugin = SwaggerRenderPlugin(
+        path="/swagger",
+        js_url=f"{DOCS_ASSETS_PATH}/swagger-ui-bundle.js",
+        css_url=f"{DOCS_ASSETS_PATH}/swagger-ui.css",
+        standalone_preset_js_url=f"{DOCS_ASSETS_PATH}/swagger-ui-standalone-preset.js",
+        favicon=f"<link rel='icon' type='image/png' href='{DOCS_ASSETS_PATH}/favicon-32x32.png'>",
+    )
+    assets = create_static_files_router(
+        path=DOCS_ASSETS_PATH, directories=[Path(str(swagger_ui_path))], include_in_schema=False, name="docs-assets"
+    )
+    return plugin, assets
 
 
 class KonvertRequest(Request[Any, Any, Any]):
@@ -41,6 +64,7 @@ def create_app(settings: Settings, program: Program | None = None) -> Litestar:
     """Build the ASGI app. Needs reachable PostgreSQL and Redis at start-up (the lifespan)."""
     program = program or load_program(settings.program_file)
     pages = composition.pages(settings)
+    docs, docs_assets = _api_docs()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -63,7 +87,7 @@ def create_app(settings: Settings, program: Program | None = None) -> Litestar:
             await services.close()
 
     return Litestar(
-        route_handlers=[*composition.ROUTES, pages.router],
+        route_handlers=[*composition.ROUTES, pages.router, docs_assets],
         template_config=composition.PAGE_TEMPLATES,
         lifespan=[lifespan],
         middleware=[RequestObserver(settings)],
@@ -82,13 +106,15 @@ def create_app(settings: Settings, program: Program | None = None) -> Litestar:
                 "RFC 9457 problem+json with a stable `code`."
             ),
             path="/schema",
-            render_plugins=[ScalarRenderPlugin(), SwaggerRenderPlugin(path="/swagger")],
+            render_plugins=[docs],
             components=Components(
-                security_schemes={"apiKey": SecurityScheme(type="http", scheme="bearer", description="kvt_... API key")}
+                security_schemes={
+                    SECURITY_SCHEME: SecurityScheme(type="http", scheme="bearer", description="kvt_... API key")
+                }
             ),
             webhooks=composition.OPENAPI_WEBHOOKS,
-            security=[{"apiKey": []}],
         ),
+        plugins=[ProblemResponses(), SequenceSchemas()],
         debug=False,
         # konvert configures logging itself (JSON lines with request ids); Litestar must not.
         logging_config=None,

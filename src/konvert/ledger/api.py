@@ -20,7 +20,7 @@ MemberPath = Annotated[MemberId, path_parameter(MemberId, "The member's id, as t
 class BalanceController(Controller):
     path = "/v1/members/{member_id:str}"
     tags = ["balances"]
-    opt = {"scope": "members:read"}
+    opt = {"scope": "members:read", "problems": ("member_not_found",)}
 
     @get("/balance")
     async def balance(
@@ -59,7 +59,14 @@ class AdjustmentController(Controller):
     tags = ["adjustments"]
     opt = {"scope": "admin"}
 
-    @post("/", opt={"body": True, "idempotency_key": "adjustment_id"})
+    @post(
+        "/",
+        opt={
+            "body": True,
+            "idempotency_key": "adjustment_id",
+            "problems": ("member_not_found", "insufficient_points", "idempotency_conflict"),
+        },
+    )
     async def adjust(
         self, request: Request[Any, Any, Any], member_id: MemberPath, data: JSONBody[AdjustmentIn], services: Svc
     ) -> Response[AdjustmentOut]:

@@ -1,0 +1,153 @@
+"""The OpenAPI document tells the truth: every response a route really sends, and who may call it.
+
+A route declares what it may refuse beyond the common cases as ``opt={"problems": (...codes)}``;
+:class:`ProblemResponses` adds the cases every route of its kind shares (a key: 401, 403, 429; a
+body: 400, 408, 413, 415; parameters: 422; PostgreSQL or Redis away: 503) and documents each
+status as ``application/problem+json`` with one example per ``code``. The status of a code is
+the one its error class in :mod:`konvert.errors` answers, so the table cannot drift from the
+responses. Routes with a key carry the ``apiKey`` security requirement; public ones none.
+
+:class:`SequenceSchemas` keeps what a bounded variadic tuple says in the document.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import Example, OpenAPIType, Schema
+from litestar.params import KwargDefinition
+from litestar.plugins import OpenAPISchemaPlugin, ReceiveRoutePlugin
+from litestar.routes import BaseRoute, HTTPRoute
+from litestar.typing import FieldDefinition
+
+from konvert import errors
+from konvert.problems import PROBLEM_MEDIA_TYPE, Problem
+
+SECURITY_SCHEME = "apiKey"
+API_KEY: list[dict[str, list[str]]] = [{SECURITY_SCHEME: []}]
+
+
+def _error_classes(base: type[errors.KonvertError]) -> Iterator[type[errors.KonvertError]]:
+    for sub in base.__subclasses__():
+        yield sub
+        yield from _error_classes(sub)
+
+
+# Every problem konvert answers, by code: its status and title come from its error class.
+PROBLEMS: dict[str, type[errors.KonvertError]] = {cls.code: cls for cls in _error_classes(errors.KonvertError)}
+# Never documented: a bug (500), and a client that left before its answer (499, only in metrics).
+UNDOCUMENTED = frozenset({"internal_error", "client_closed_request"})
+
+KEYED = ("unauthenticated", "forbidden", "rate_limited")
+BODY = ("malformed_request", "request_timeout", "payload_too_large", "unsupported_media_type", "validation_failed")
+PARAMETERS = ("malformed_request", "validation_failed")
+PATH = ("not_found",)  # a path parameter holding "/" matches no route
+ALWAYS = ("service_unavailable",)
+
+_RETRY_AFTER = {503: " Carries `Retry-After` (seconds).", 429: " Carries `Retry-After` (seconds)."}
+_NOT_PARAMETERS = frozenset({"self", "request", "services", "data"})
+
+
+def route_problems(route: HTTPRoute, opt: Mapping[str, Any], parameters: set[str]) -> list[str]:
+    """The codes a handler of ``route`` may answer: its kind's, then its own ``opt["problems"]``."""
+    codes: list[str] = []
+    if opt.get("scope"):
+        codes += KEYED
+    if opt.get("body"):
+        codes += BODY
+    if parameters - _NOT_PARAMETERS or route.path_parameters:
+        codes += PARAMETERS
+    if route.path_parameters:
+        codes += PATH
+    if not opt.get("no_backend"):
+        codes += ALWAYS
+    codes += opt.get("problems", ())
+    unknown = [code for code in codes if code not in PROBLEMS or code in UNDOCUMENTED]
+    if unknown:
+        raise ValueError(f"{route.path}: unknown problem codes {unknown}")
+    return list(dict.fromkeys(codes))
+
+
+def problem_responses(codes: list[str]) -> dict[int, ResponseSpec]:
+    """One problem+json response per status, with an example per code."""
+    by_status: dict[int, list[type[errors.KonvertError]]] = {}
+    for code in codes:
+        by_status.setdefault(PROBLEMS[code].status, []).append(PROBLEMS[code])
+    responses = {}
+    for status, kinds in sorted(by_status.items()):
+        listed = ", ".join(f"`{kind.code}`" for kind in kinds)
+        responses[status] = ResponseSpec(
+            data_container=Problem,
+            generate_examples=False,
+            description=f"{kinds[0].title if len(kinds) == 1 else 'Problem'}: {listed}.{_RETRY_AFTER.get(status, '')}",
+            media_type=PROBLEM_MEDIA_TYPE,
+            examples=[
+                Example(
+                    summary=f"{kind.code}: {kind.title}",
+                    value={
+                        "type": f"urn:konvert:problem:{kind.code}",
+                        "title": kind.title,
+                        "status": status,
+                        "code": kind.code,
+                        "detail": "",
+                        "request_id": "",
+                    },
+                )
+                for kind in kinds
+            ],
+        )
+    return responses
+
+
+class ProblemResponses(ReceiveRoutePlugin):
+    """Documents each route's problem responses and security as Litestar registers it."""
+
+    def receive_route(self, route: BaseRoute) -> None:
+        if not isinstance(route, HTTPRoute):
+            return
+        for handler in route.route_handlers:
+            if handler.fn.__module__.startswith("litestar."):
+                continue  # Litestar's own: OPTIONS, the OpenAPI documents
+            opt = handler.opt
+            parameters = set(handler.parsed_fn_signature.parameters)
+            codes = route_problems(route, opt, parameters)
+            handler.responses = {**problem_responses(codes), **(handler.responses or {})}
+            if opt.get("scope"):
+                handler.security = API_KEY
+
+
+def documented_codes(operation: Mapping[str, Any]) -> dict[int, set[str]]:
+    """The problem codes an OpenAPI operation documents, by status (for tests and clients)."""
+    found: dict[int, set[str]] = {}
+    for status, response in operation.get("responses", {}).items():
+        media = response.get("content", {}).get(PROBLEM_MEDIA_TYPE)
+        if media:
+            found[int(status)] = {example["value"]["code"] for example in media.get("examples", {}).values()}
+    return found
+
+
+class SequenceSchemas(OpenAPISchemaPlugin):
+    """Bounded variadic tuples (``Annotated[tuple[X, ...], Meta(max_length=...)]``) as arrays of
+    their item type: Litestar's generic path made their items ``oneOf[X, {}]``, which admits anything."""
+
+    def is_plugin_supported_field(self, field_definition: FieldDefinition) -> bool:
+        return _variadic_tuple(field_definition) is not None
+
+    def to_openapi_schema(self, field_definition: FieldDefinition, schema_creator: Any) -> Schema:
+        item = _variadic_tuple(field_definition)
+        assert item is not None
+        schema = Schema(type=OpenAPIType.ARRAY, items=schema_creator.for_field_definition(item))
+        bounds = field_definition.kwarg_definition
+        if isinstance(bounds, KwargDefinition):
+            schema.min_items = bounds.min_items
+            schema.max_items = bounds.max_items
+        return schema
+
+
+def _variadic_tuple(field_definition: FieldDefinition) -> FieldDefinition | None:
+    inner = field_definition.inner_types
+    if field_definition.origin is tuple and len(inner) == 2 and inner[1].annotation is Ellipsis:
+        return inner[0]
+    return None
