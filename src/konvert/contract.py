@@ -7,16 +7,17 @@ status as ``application/problem+json`` with one example per ``code``. The status
 the one its error class in :mod:`konvert.errors` answers, so the table cannot drift from the
 responses. Routes with a key carry the ``apiKey`` security requirement; public ones none.
 
-:class:`SequenceSchemas` keeps what a bounded variadic tuple says in the document.
+:class:`SequenceSchemas` keeps what bounded tuples and dicts say in the document.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+import msgspec
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.openapi.spec import Example, OpenAPIType, Schema
+from litestar.openapi.spec import Example, OpenAPI, OpenAPIType, Schema
 from litestar.params import KwargDefinition
 from litestar.plugins import OpenAPISchemaPlugin, ReceiveRoutePlugin
 from litestar.routes import BaseRoute, HTTPRoute
@@ -128,22 +129,70 @@ def documented_codes(operation: Mapping[str, Any]) -> dict[int, set[str]]:
     return found
 
 
+def refuse_unknown_fields(openapi: OpenAPI) -> None:
+    """Objects whose Struct refuses unknown fields (the request bodies) say so in the document,
+    with ``additionalProperties: false``; Litestar leaves it out."""
+    forbidding: dict[str, set[bool]] = {}
+    for struct in _subclasses(msgspec.Struct):
+        forbidding.setdefault(struct.__name__, set()).add(bool(struct.__struct_config__.forbid_unknown_fields))
+    components = openapi.components.schemas if openapi.components else None
+    for name, schema in (components or {}).items():
+        if forbidding.get(name) == {True} and isinstance(schema, Schema):
+            schema.additional_properties = False
+
+
+def _subclasses(base: type[msgspec.Struct]) -> Iterator[type[msgspec.Struct]]:
+    for sub in base.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
+
 class SequenceSchemas(OpenAPISchemaPlugin):
-    """Bounded variadic tuples (``Annotated[tuple[X, ...], Meta(max_length=...)]``) as arrays of
-    their item type: Litestar's generic path made their items ``oneOf[X, {}]``, which admits anything."""
+    """Bounded collections as their msgspec types say: a variadic tuple
+    (``Annotated[tuple[X, ...], Meta(max_length=...)]``) as an array of X with X's own bounds, a
+    bounded dict as an object with its bounds and its keys' pattern. Litestar's generic path made
+    such a tuple's items ``oneOf[X, {}]``, which admits anything, and dropped the rest."""
 
     def is_plugin_supported_field(self, field_definition: FieldDefinition) -> bool:
-        return _variadic_tuple(field_definition) is not None
+        return _variadic_tuple(field_definition) is not None or _bounded_dict(field_definition)
 
     def to_openapi_schema(self, field_definition: FieldDefinition, schema_creator: Any) -> Schema:
+        bounds = _meta_bounds(field_definition.metadata)
         item = _variadic_tuple(field_definition)
-        assert item is not None
-        schema = Schema(type=OpenAPIType.ARRAY, items=schema_creator.for_field_definition(item))
-        bounds = field_definition.kwarg_definition
-        if isinstance(bounds, KwargDefinition):
-            schema.min_items = bounds.min_items
-            schema.max_items = bounds.max_items
-        return schema
+        if item is not None:
+            return Schema(
+                type=OpenAPIType.ARRAY,
+                items=schema_creator.for_field_definition(_bounded(item)),
+                min_items=bounds.get("min_length"),
+                max_items=bounds.get("max_length"),
+            )
+        key, value = field_definition.inner_types
+        return Schema(
+            type=OpenAPIType.OBJECT,
+            additional_properties=schema_creator.for_field_definition(_bounded(value)),
+            property_names=schema_creator.for_field_definition(_bounded(key)),
+            min_properties=bounds.get("min_length"),
+            max_properties=bounds.get("max_length"),
+        )
+
+
+def _meta_bounds(metadata: Iterable[Any]) -> dict[str, Any]:
+    """The bounds the msgspec Meta among ``metadata`` states, by name."""
+    bounds: dict[str, Any] = {}
+    for meta in metadata:
+        if isinstance(meta, msgspec.Meta):
+            for name in ("pattern", "min_length", "max_length", "ge", "gt", "le", "lt", "description"):
+                if getattr(meta, name) is not None:
+                    bounds[name] = getattr(meta, name)
+    return bounds
+
+
+def _bounded(field_definition: FieldDefinition) -> FieldDefinition:
+    """An item's field definition carrying its own Meta bounds (Litestar reads them only off fields)."""
+    bounds = _meta_bounds(field_definition.metadata)
+    if not bounds or field_definition.annotation not in (str, int):
+        return field_definition
+    return FieldDefinition.from_annotation(field_definition.annotation, kwarg_definition=KwargDefinition(**bounds))
 
 
 def _variadic_tuple(field_definition: FieldDefinition) -> FieldDefinition | None:
@@ -151,3 +200,11 @@ def _variadic_tuple(field_definition: FieldDefinition) -> FieldDefinition | None
     if field_definition.origin is tuple and len(inner) == 2 and inner[1].annotation is Ellipsis:
         return inner[0]
     return None
+
+
+def _bounded_dict(field_definition: FieldDefinition) -> bool:
+    return (
+        field_definition.origin is dict
+        and len(field_definition.inner_types) == 2
+        and bool(_meta_bounds(field_definition.metadata))
+    )

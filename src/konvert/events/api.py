@@ -100,7 +100,8 @@ class WebhookEndpointController(Controller):
     async def retry(
         self,
         endpoint_id: EndpointPath,
-        message_id: Annotated[int, PathParameter(ge=1, le=2**63 - 1)],
+        # At most 2**53 - 1: the document states bounds as JSON numbers, exact only up to there.
+        message_id: Annotated[int, PathParameter(ge=1, le=2**53 - 1)],
         services: Svc,
     ) -> MessageOut:
         """Send a dead-lettered (failed) message again, with a fresh retry schedule. A pending

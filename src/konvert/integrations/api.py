@@ -76,7 +76,9 @@ class IntegrationController(Controller):
         status: Annotated[
             Literal["applied", "ignored", "parked", "failed"] | None, QueryParameter(description="only these")
         ] = None,
-        before: Annotated[int | None, QueryParameter(ge=1, description="next_before of the previous page")] = None,
+        before: Annotated[
+            int | None, QueryParameter(ge=1, le=2**53 - 1, description="next_before of the previous page")
+        ] = None,
         limit: Annotated[int, QueryParameter(ge=1, le=200, description="page size")] = 50,
     ) -> DeliveryPage:
         """The source's deliveries, newest first: what each applied, or why it did not."""

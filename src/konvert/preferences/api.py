@@ -42,7 +42,10 @@ class MemberPreferenceController(Controller):
     path = "/v1/members/{member_id:str}"
     tags = ["preferences"]
 
-    @get("/preferences", opt={"scope": "members:read", "problems": ("member_not_found", "purpose_forbidden")})
+    @get(
+        "/preferences",
+        opt={"scope": "members:read", "problems": ("member_not_found", "purpose_forbidden", "unknown_purpose")},
+    )
     async def list_preferences(
         self,
         request: Request[Any, Any, Any],
