@@ -22,7 +22,8 @@ from swagger_ui_bundle import swagger_ui_path
 
 from konvert import __version__, composition, errors, jobs
 from konvert.auth import authorize
-from konvert.contract import SECURITY_SCHEME, ProblemResponses, SequenceSchemas, refuse_unknown_fields
+from konvert.contract import SECURITY_SCHEME, ProblemResponses, SequenceSchemas
+from konvert.contract import finish as finish_document
 from konvert.observability import RequestObserver
 from konvert.problems import EXCEPTION_HANDLERS
 from konvert.program import Program, load_program
@@ -162,7 +163,7 @@ def create_app(settings: Settings, program: Program | None = None) -> Litestar:
         logging_config=None,
     )
     # Built now (every route is registered), and finished where Litestar leaves things out.
-    refuse_unknown_fields(app.openapi_schema)
+    finish_document(app.openapi_schema)
     return app
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.openapi.spec import Example, OpenAPI, OpenAPIType, Schema
+from litestar.openapi.spec import Example, Link, OpenAPI, OpenAPIResponse, OpenAPIType, Schema
 from litestar.params import KwargDefinition
 from litestar.plugins import OpenAPISchemaPlugin, ReceiveRoutePlugin
 from litestar.routes import BaseRoute, HTTPRoute
@@ -127,6 +127,78 @@ def documented_codes(operation: Mapping[str, Any]) -> dict[int, set[str]]:
         if media:
             found[int(status)] = {example["value"]["code"] for example in media.get("examples", {}).values()}
     return found
+
+
+# Links from a write's answer to the operations that use what it made: documentation for clients,
+# and the paths schemathesis' stateful tests walk. (from, to, to's parameters as runtime expressions)
+LINKS: tuple[tuple[tuple[str, str], tuple[str, str], dict[str, str]], ...] = (
+    (
+        ("post", "/v1/purchases"),
+        ("post", "/v1/purchases/{purchase_id}/refunds"),
+        {"purchase_id": "$response.body#/purchase_id"},
+    ),
+    (("post", "/v1/purchases"), ("get", "/v1/members/{member_id}/balance"), {"member_id": "$response.body#/member_id"}),
+    *(
+        (
+            ("post", "/v1/members/{member_id}/redemptions"),
+            ("post", f"/v1/redemptions/{{redemption_id}}/{action}"),
+            {"redemption_id": "$response.body#/redemption_id"},
+        )
+        for action in ("capture", "release", "cancel")
+    ),
+    (("post", "/v1/kudos"), ("delete", "/v1/kudos/{kudos_id}"), {"kudos_id": "$response.body#/kudos_id"}),
+    *(
+        (("put", "/v1/integrations/{name}"), target, {"name": "$request.path.name"})
+        for target in (
+            ("get", "/v1/integrations/{name}"),
+            ("get", "/v1/integrations/{name}/deliveries"),
+            ("post", "/v1/integrations/{name}/deliveries/retry"),
+            ("delete", "/v1/integrations/{name}"),
+        )
+    ),
+    *(
+        (("put", "/v1/webhook-endpoints/{endpoint_id}"), target, {"endpoint_id": "$request.path.endpoint_id"})
+        for target in (
+            ("get", "/v1/webhook-endpoints/{endpoint_id}"),
+            ("get", "/v1/webhook-endpoints/{endpoint_id}/messages"),
+            ("post", "/v1/webhook-endpoints/{endpoint_id}/rotate-secret"),
+            ("delete", "/v1/webhook-endpoints/{endpoint_id}"),
+        )
+    ),
+    (
+        ("put", "/v1/members/{member_id}/preferences/{key}"),
+        ("delete", "/v1/members/{member_id}/preferences/{key}"),
+        {"member_id": "$request.path.member_id", "key": "$request.path.key"},
+    ),
+    (
+        ("put", "/v1/members/{member_id}/identities/{integration}/{external_id}"),
+        ("delete", "/v1/members/{member_id}/identities/{integration}/{external_id}"),
+        {
+            "member_id": "$request.path.member_id",
+            "integration": "$request.path.integration",
+            "external_id": "$request.path.external_id",
+        },
+    ),
+)
+
+
+def finish(openapi: OpenAPI) -> None:
+    """What Litestar's document leaves out: closed request objects, and links."""
+    refuse_unknown_fields(openapi)
+    add_links(openapi)
+
+
+def add_links(openapi: OpenAPI) -> None:
+    """The :data:`LINKS` on every 2xx answer of their source operations."""
+    for (from_method, from_path), (to_method, to_path), parameters in LINKS:
+        source = getattr(openapi.paths[from_path], from_method) if openapi.paths else None
+        target = getattr(openapi.paths[to_path], to_method) if openapi.paths else None
+        if source is None or target is None or target.operation_id is None:
+            raise ValueError(f"link {from_method} {from_path} -> {to_method} {to_path}: no such operation")
+        for status, response in (source.responses or {}).items():
+            if status.startswith("2") and isinstance(response, OpenAPIResponse):
+                link = Link(operation_id=target.operation_id, parameters=dict(parameters))
+                response.links = {**(response.links or {}), target.operation_id: link}
 
 
 def refuse_unknown_fields(openapi: OpenAPI) -> None:

@@ -29,7 +29,13 @@ class BalanceController(Controller):
         services: Svc,
         expiring_within_days: Annotated[
             int | None,
-            QueryParameter(ge=0, le=3650, description="list all points expiring within this many days"),
+            QueryParameter(
+                ge=0,
+                le=3650,
+                description="list all points expiring within this many days",
+                # Stated again for the document: Litestar drops a bound of 0 on an optional number.
+                schema_extra={"minimum": 0},
+            ),
         ] = None,
     ) -> Response[Balance]:
         """The member's points (available, pending, held, expiring soon), lifetime earned and reputation.

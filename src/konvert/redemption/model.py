@@ -31,7 +31,8 @@ class RewardIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     name: Annotated[str, Meta(min_length=1, max_length=200, pattern=NO_NUL)]
     cost_points: PositivePoints
     description: Annotated[str, Meta(max_length=2000, pattern=NO_NUL)] = ""
-    stock: Annotated[int, Meta(ge=0, le=1_000_000_000)] | None = None
+    # The bound 0 stated again for the document: Litestar drops a bound of 0 on an optional number.
+    stock: Annotated[int, Meta(ge=0, le=1_000_000_000, extra_json_schema={"extra": {"minimum": 0}})] | None = None
     available_from: AvailabilityTime | None = None
     available_until: AvailabilityTime | None = None
     active: bool = True
