@@ -7,7 +7,9 @@ status as ``application/problem+json`` with one example per ``code``. The status
 the one its error class in :mod:`konvert.errors` answers, so the table cannot drift from the
 responses. Routes with a key carry the ``apiKey`` security requirement; public ones none.
 
-:class:`SequenceSchemas` keeps what bounded tuples and dicts say in the document.
+:class:`SequenceSchemas` keeps what bounded tuples and dicts say in the document; :func:`finish`
+adds what Litestar leaves out of it: ``additionalProperties: false`` on bodies that refuse unknown
+fields, and links from writes to the operations that use what they made.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ PARAMETERS = ("malformed_request", "validation_failed")
 PATH = ("not_found",)  # a path parameter holding "/" matches no route
 ALWAYS = ("service_unavailable",)
 
-_RETRY_AFTER = {503: " Carries `Retry-After` (seconds).", 429: " Carries `Retry-After` (seconds)."}
+# The codes whose answers carry Retry-After (every 503 does).
+_RETRY_AFTER_CODES = frozenset({"rate_limited"})
 _NOT_PARAMETERS = frozenset({"self", "request", "services", "data"})
 
 
@@ -79,10 +82,12 @@ def problem_responses(codes: list[str]) -> dict[int, ResponseSpec]:
     responses = {}
     for status, kinds in sorted(by_status.items()):
         listed = ", ".join(f"`{kind.code}`" for kind in kinds)
+        waits = [f"`{kind.code}`" for kind in kinds if status == 503 or kind.code in _RETRY_AFTER_CODES]
+        retry = f" {', '.join(waits)} carry `Retry-After` (seconds)." if waits else ""
         responses[status] = ResponseSpec(
             data_container=Problem,
             generate_examples=False,
-            description=f"{kinds[0].title if len(kinds) == 1 else 'Problem'}: {listed}.{_RETRY_AFTER.get(status, '')}",
+            description=f"{kinds[0].title if len(kinds) == 1 else 'Problem'}: {listed}.{retry}",
             media_type=PROBLEM_MEDIA_TYPE,
             examples=[
                 Example(
