@@ -45,6 +45,8 @@ class ProblemCodes:
     async def __call__(self, response: httpx.Response) -> None:
         if not response.headers.get("content-type", "").startswith(PROBLEM_MEDIA_TYPE):
             return
+        if response.status_code == 500:
+            return  # a bug is in no document; the tests that inject one check its answer themselves
         request = response.request
         matches = [
             (literal, codes)

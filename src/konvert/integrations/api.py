@@ -150,7 +150,7 @@ class IdentityController(Controller):
         opt={
             "scope": "members:write",
             "idempotency_key": "external_id",
-            "problems": ("integration_not_found", "conflict"),
+            "problems": ("integration_not_found", "member_not_found", "conflict"),
         },
         responses={201: ResponseSpec(IdentityOut, description="Linked", generate_examples=False)},
     )

@@ -77,6 +77,7 @@ class MemberPreferenceController(Controller):
             "body": True,
             "idempotency_key": "key",
             "problems": (
+                "member_not_found",
                 "unknown_preference",
                 "invalid_preference_value",
                 "purpose_not_allowed",
@@ -132,7 +133,7 @@ class MemberPreferenceController(Controller):
             "scope": "members:write",
             "body": True,
             "idempotency_key": "member_id",
-            "problems": ("unknown_purpose", "conflict"),
+            "problems": ("member_not_found", "unknown_purpose", "conflict"),
         },
     )
     async def change_consents(
