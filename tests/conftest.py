@@ -44,6 +44,7 @@ from konvert.program import Program, parse_program
 from konvert.redis_client import create_redis
 from konvert.services import Services
 from konvert.settings import Settings, load_settings
+from tests.contract_check import ProblemCodes
 
 RUN_ID = uuid.uuid4().hex[:8]
 LOCAL_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -340,7 +341,11 @@ async def serve(app: Litestar) -> AsyncIterator[AppClient]:
         await asyncio.sleep(0.01)
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=200, keepalive_expiry=30)
     try:
-        async with AppClient(base_url=f"http://127.0.0.1:{port}", limits=limits, timeout=30) as client:
+        # Every problem a test meets must be one the OpenAPI document lists (tests/contract_check.py).
+        hooks = {"response": [ProblemCodes(app)]}
+        async with AppClient(
+            base_url=f"http://127.0.0.1:{port}", limits=limits, timeout=30, event_hooks=hooks
+        ) as client:
             client.app = app
             yield client
     finally:

@@ -6,12 +6,15 @@ import asyncio
 
 import msgspec
 from litestar import Response, get
+from litestar.openapi.datastructures import ResponseSpec
 
 from konvert import redis_client
 from konvert.observability import render_metrics
 from konvert.services import Svc
 
 PUBLIC = {"public": True}
+# Answered without PostgreSQL or Redis: never 503.
+IN_PROCESS = {**PUBLIC, "no_backend": True}
 
 
 class Liveness(msgspec.Struct, frozen=True):
@@ -32,7 +35,7 @@ class Readiness(msgspec.Struct, frozen=True):
 _LIVE = Liveness("ok")
 
 
-@get("/health/live", opt=PUBLIC, tags=["operations"])
+@get("/health/live", opt=IN_PROCESS, tags=["operations"])
 async def live() -> Liveness:
     """The process is up and serving requests (the cheapest request konvert serves)."""
     return _LIVE
@@ -48,7 +51,14 @@ async def _check(probe: object, timeout_seconds: float) -> Check:
         return Check(ok=False, error=type(exc).__name__)
 
 
-@get("/health/ready", opt=PUBLIC, tags=["operations"])
+@get(
+    "/health/ready",
+    opt=PUBLIC,
+    tags=["operations"],
+    responses={
+        503: ResponseSpec(Readiness, description="PostgreSQL or Redis does not answer", generate_examples=False)
+    },
+)
 async def ready(services: Svc) -> Response[Readiness]:
     """PostgreSQL and Redis (every master of a Redis Cluster) answer within the health timeout.
     503 otherwise.
@@ -64,7 +74,7 @@ async def ready(services: Svc) -> Response[Readiness]:
     return Response(Readiness("ok" if ok else "unavailable", postgres, redis), status_code=200 if ok else 503)
 
 
-@get("/metrics", opt=PUBLIC, tags=["operations"], media_type="text/plain; version=0.0.4")
+@get("/metrics", opt=IN_PROCESS, tags=["operations"], media_type="text/plain; version=0.0.4")
 async def metrics() -> bytes:
     """Prometheus metrics: request counts and latencies by route and status."""
     return render_metrics()

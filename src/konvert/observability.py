@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import msgspec
 from litestar.enums import ScopeType
 from litestar.middleware import ASGIMiddleware
+from litestar.routes import HTTPRoute
 from litestar.types import ASGIApp, HTTPScope, Message, Receive, ReceiveMessage, Scope, Send
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 
@@ -189,6 +190,8 @@ class RequestObserver(ASGIMiddleware):
             if message["type"] == "http.response.start":
                 status, answering = message["status"], True
                 message["headers"] = [*message.get("headers", ()), header]
+                if scope["method"] == "OPTIONS" and status == 204:
+                    message["headers"] = _allowing(scope, message["headers"])
             await send(message)
 
         try:
@@ -204,6 +207,22 @@ class RequestObserver(ASGIMiddleware):
             _served(scope, route, status, scope["path"] if self._log_paths else route, elapsed)
             _client_gone_var.reset(gone_token)
             request_id_var.reset(token)
+
+
+def _allowing(scope: Scope, headers: Any) -> list[tuple[bytes, bytes]]:
+    """The headers of an answer to OPTIONS with every method of the route in ``Allow``.
+
+    Litestar's automatic OPTIONS handler of a path whose methods were registered one by one
+    (every controller's are) lists only the methods registered before it was made.
+    """
+    allowed = {
+        route.path_format: ", ".join(sorted(route.methods))
+        for route in scope["litestar_app"].routes
+        if isinstance(route, HTTPRoute)
+    }.get(scope["path_template"])
+    if allowed is None:
+        return list(headers)
+    return [(name, value) for name, value in headers if name.lower() != b"allow"] + [(b"allow", allowed.encode())]
 
 
 def client_gone() -> bool:

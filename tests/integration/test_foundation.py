@@ -276,6 +276,22 @@ async def test_an_invalid_body_is_422_naming_the_field(
     assert any(named in error["message"] for error in problem["errors"] if error["field"] == field), problem
 
 
+async def test_json_types_are_not_coerced(client: AppClient, admin_headers: dict[str, str], new_id: NewId) -> None:
+    # "1" for an integer, 0 for a boolean: refused as the OpenAPI document says, not converted.
+    line = {"line_id": "1", "sku": "A", "category": "books", "quantity": "1", "unit_price": 1000}
+    purchase = await client.post(
+        "/v1/purchases", json=purchase_body(new_id("coerce"), lines=[line]), headers=admin_headers
+    )
+    endpoint = await client.put(
+        f"/v1/webhook-endpoints/{new_id('coerce')}",
+        json={"url": "https://crm.example.com/konvert", "enabled": 0},
+        headers=admin_headers,
+    )
+
+    assert assert_problem(purchase, 422, "validation_failed")["errors"][0]["field"] == "lines[0].quantity"
+    assert assert_problem(endpoint, 422, "validation_failed")["errors"][0]["field"] == "enabled"
+
+
 @pytest.mark.parametrize("body", [[1, 2], None, "purchase"])
 async def test_a_body_that_is_not_an_object_is_422(
     client: AppClient, admin_headers: dict[str, str], body: object

@@ -15,13 +15,32 @@ from konvert.idempotency import written
 from konvert.paths import path_parameter
 from konvert.services import Svc
 
+# What a purchase may be refused for beyond its shape, and a refund.
+EARNING = ("partner_forbidden", "unknown_partner", "unsupported_currency")
+REFUNDS = (
+    "partner_forbidden",
+    "purchase_not_found",
+    "already_refunded",
+    "refund_exceeds_purchase",
+    "unprocessable",
+    "idempotency_conflict",
+    "concurrent_write",
+)
+
 
 class PurchaseController(Controller):
     path = "/v1/purchases"
     tags = ["purchases"]
     opt = {"scope": "purchases:write"}
 
-    @post("/", opt={"body": True, "idempotency_key": "purchase_id"})
+    @post(
+        "/",
+        opt={
+            "body": True,
+            "idempotency_key": "purchase_id",
+            "problems": (*EARNING, "idempotency_conflict", "concurrent_write"),
+        },
+    )
     async def post_purchase(
         self, request: Request[Any, Any, Any], data: JSONBody[PurchaseIn], services: Svc
     ) -> Response[PurchaseOut]:
@@ -36,7 +55,7 @@ class PurchaseController(Controller):
         principal_of(request).check_partner(data.partner)
         return written(await service.post_purchase(services, data))
 
-    @post("/preview", opt={"body": True, "writes": False}, status_code=200)
+    @post("/preview", opt={"body": True, "writes": False, "problems": EARNING}, status_code=200)
     async def preview(
         self, request: Request[Any, Any, Any], data: JSONBody[PurchaseIn], services: Svc
     ) -> EarningResult:
@@ -44,7 +63,7 @@ class PurchaseController(Controller):
         principal_of(request).check_partner(data.partner)
         return service.preview(services, data)
 
-    @post("/{purchase_id:str}/refunds", opt={"body": True, "idempotency_key": "refund_id"})
+    @post("/{purchase_id:str}/refunds", opt={"body": True, "idempotency_key": "refund_id", "problems": REFUNDS})
     async def refund(
         self,
         request: Request[Any, Any, Any],

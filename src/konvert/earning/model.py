@@ -161,11 +161,15 @@ class RefundIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     # cumulative amount_refunded): the difference is refunded, so such reports may arrive in any
     # order and more than once. 409 already_refunded when the purchase was refunded that far.
     refunded_amount: Annotated[int, Meta(ge=1, le=PURCHASE_TOTAL_MAX)] | None = None
-    # Refund everything not refunded yet (a cancelled order). 409 already_refunded when nothing is left.
-    remaining: Literal[True] | None = None
+    # Refund everything not refunded yet (a cancelled order); only `true` means anything. 409
+    # already_refunded when nothing is left. (A boolean, not the literal true: generated clients
+    # cannot express a boolean enum.)
+    remaining: bool | None = None
     reason: Annotated[str, Meta(max_length=500, pattern=NO_NUL)] | None = None
 
     def __post_init__(self) -> None:
+        if self.remaining is False:
+            raise ValueError("remaining: leave it out, or send true")
         given = [self.lines, self.amount, self.refunded_amount, self.remaining]
         if sum(part is not None for part in given) != 1:
             raise ValueError("give exactly one of lines, amount, refunded_amount and remaining")

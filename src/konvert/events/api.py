@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from litestar import Controller, Response, delete, get, post, put
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import JSONBody, PathParameter, QueryParameter
 
 from konvert.events import service
@@ -35,7 +36,11 @@ class WebhookEndpointController(Controller):
         """Every webhook endpoint (without secrets)."""
         return await service.list_endpoints(services)
 
-    @put("/{endpoint_id:str}", opt={"body": True, "idempotency_key": "endpoint_id"})
+    @put(
+        "/{endpoint_id:str}",
+        opt={"body": True, "idempotency_key": "endpoint_id"},
+        responses={201: ResponseSpec(EndpointOut, description="Created", generate_examples=False)},
+    )
     async def put_endpoint(
         self, endpoint_id: EndpointPath, data: JSONBody[EndpointIn], services: Svc
     ) -> Response[EndpointOut]:
@@ -49,7 +54,7 @@ class WebhookEndpointController(Controller):
         endpoint, created = await service.put_endpoint(services, endpoint_id, data)
         return Response(endpoint, status_code=201 if created else 200)
 
-    @get("/{endpoint_id:str}")
+    @get("/{endpoint_id:str}", opt={"problems": ("webhook_endpoint_not_found",)})
     async def get_endpoint(self, endpoint_id: EndpointPath, services: Svc) -> EndpointOut:
         """The endpoint (without its secret)."""
         return await service.get_endpoint(services, endpoint_id)
@@ -59,14 +64,18 @@ class WebhookEndpointController(Controller):
         """Delete the endpoint and its messages; nothing more is sent to it. Idempotent."""
         await service.delete_endpoint(services, endpoint_id)
 
-    @post("/{endpoint_id:str}/rotate-secret", status_code=200, opt={"idempotency_key": "endpoint_id"})
+    @post(
+        "/{endpoint_id:str}/rotate-secret",
+        status_code=200,
+        opt={"idempotency_key": "endpoint_id", "problems": ("webhook_endpoint_not_found",)},
+    )
     async def rotate_secret(self, endpoint_id: EndpointPath, services: Svc) -> EndpointOut:
         """Replace the signing secret: the answer holds the new one (shown once). Messages are
         signed with both the new and the old secret for `KONVERT_WEBHOOK_SECRET_GRACE_SECONDS`,
         so a receiver can switch secrets without refusing a message. Each call rotates again."""
         return await service.rotate_secret(services, endpoint_id)
 
-    @get("/{endpoint_id:str}/messages")
+    @get("/{endpoint_id:str}/messages", opt={"problems": ("webhook_endpoint_not_found",)})
     async def messages(
         self,
         endpoint_id: EndpointPath,
@@ -83,12 +92,16 @@ class WebhookEndpointController(Controller):
     @post(
         "/{endpoint_id:str}/messages/{message_id:int}/retry",
         status_code=200,
-        opt={"idempotency_key": "message_id"},
+        opt={
+            "idempotency_key": "message_id",
+            "problems": ("webhook_endpoint_not_found", "webhook_message_not_found", "webhook_message_not_failed"),
+        },
     )
     async def retry(
         self,
         endpoint_id: EndpointPath,
-        message_id: Annotated[int, PathParameter(ge=1, le=2**63 - 1)],
+        # At most 2**53 - 1: the document states bounds as JSON numbers, exact only up to there.
+        message_id: Annotated[int, PathParameter(ge=1, le=2**53 - 1)],
         services: Svc,
     ) -> MessageOut:
         """Send a dead-lettered (failed) message again, with a fresh retry schedule. A pending

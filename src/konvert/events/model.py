@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 from msgspec import Meta
@@ -58,6 +59,17 @@ class EndpointIn(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     event_types: list[EventType] = msgspec.field(default_factory=list)
     description: Description = ""
     enabled: bool = True
+
+    def __post_init__(self) -> None:
+        # The pattern lets through what no request can be sent to ("http://[x": a broken IPv6 host),
+        # which would fail every delivery for days instead of being refused now.
+        try:
+            parts = urlsplit(self.url)
+            parts.port  # noqa: B018 - parsing the port is what refuses "host:notaport"
+        except ValueError as exc:
+            raise ValueError(f"url: not a URL ({exc})") from None
+        if not parts.hostname:
+            raise ValueError("url: needs a host")
 
 
 class EndpointOut(msgspec.Struct, frozen=True, kw_only=True):

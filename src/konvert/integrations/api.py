@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from litestar import Controller, Request, Response, delete, get, post, put
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import JSONBody, QueryParameter
 
 from konvert.integrations import admin, service
@@ -40,8 +41,14 @@ class IntegrationController(Controller):
         """The connected sources (never their secrets)."""
         return IntegrationList(await admin.list_integrations(services))
 
-    @put("/{name:str}", opt={"body": True, "idempotency_key": "name"})
-    async def put_integration(self, name: NamePath, data: JSONBody[IntegrationIn], services: Svc) -> Response[Any]:
+    @put(
+        "/{name:str}",
+        opt={"body": True, "idempotency_key": "name", "problems": ("unknown_partner", "conflict")},
+        responses={201: ResponseSpec(IntegrationOut, description="Connected", generate_examples=False)},
+    )
+    async def put_integration(
+        self, name: NamePath, data: JSONBody[IntegrationIn], services: Svc
+    ) -> Response[IntegrationOut]:
         """Connect a Shopify shop, a Stripe account or a Discourse forum, or change its settings.
 
         `secrets` replaces the stored list: to rotate a secret, send the old and the new one, then
@@ -51,17 +58,17 @@ class IntegrationController(Controller):
         out, created = await admin.put_integration(services, name, data)
         return Response(out, status_code=201 if created else 200)
 
-    @get("/{name:str}")
+    @get("/{name:str}", opt={"problems": ("integration_not_found",)})
     async def get_integration(self, name: NamePath, services: Svc) -> IntegrationOut:
         """One connected source (never its secrets)."""
         return await admin.get_integration(services, name)
 
-    @delete("/{name:str}", status_code=204, opt={"idempotency_key": "name"})
+    @delete("/{name:str}", status_code=204, opt={"idempotency_key": "name", "problems": ("integration_not_found",)})
     async def delete_integration(self, name: NamePath, services: Svc) -> None:
         """Disconnect a source: its identity links and deliveries go; what it applied stays."""
         await admin.delete_integration(services, name)
 
-    @get("/{name:str}/deliveries")
+    @get("/{name:str}/deliveries", opt={"problems": ("integration_not_found",)})
     async def deliveries(
         self,
         name: NamePath,
@@ -69,13 +76,19 @@ class IntegrationController(Controller):
         status: Annotated[
             Literal["applied", "ignored", "parked", "failed"] | None, QueryParameter(description="only these")
         ] = None,
-        before: Annotated[int | None, QueryParameter(ge=1, description="next_before of the previous page")] = None,
+        before: Annotated[
+            int | None, QueryParameter(ge=1, le=2**53 - 1, description="next_before of the previous page")
+        ] = None,
         limit: Annotated[int, QueryParameter(ge=1, le=200, description="page size")] = 50,
     ) -> DeliveryPage:
         """The source's deliveries, newest first: what each applied, or why it did not."""
         return await admin.deliveries(services, name, status, before, limit)
 
-    @post("/{name:str}/deliveries/retry", status_code=200, opt={"idempotency_key": "name"})
+    @post(
+        "/{name:str}/deliveries/retry",
+        status_code=200,
+        opt={"idempotency_key": "name", "problems": ("integration_not_found",)},
+    )
     async def retry(
         self,
         name: NamePath,
@@ -93,7 +106,20 @@ class WebhookController(Controller):
     path = "/v1/integrations/{name:str}/webhooks"
     tags = ["integrations"]
 
-    @post("/", status_code=200, opt={"public": True})
+    @post(
+        "/",
+        status_code=200,
+        opt={
+            "public": True,
+            "problems": (
+                "invalid_signature",
+                "integration_not_found",
+                "payload_too_large",
+                "request_timeout",
+                "malformed_request",
+            ),
+        },
+    )
     async def receive(self, name: NamePath, request: Request[Any, Any, Any], services: Svc) -> DeliveryOut:
         """Where a source sends its webhooks. No API key: the signature is the authentication
         (Shopify `X-Shopify-Hmac-Sha256`, Stripe `Stripe-Signature`, Discourse
@@ -114,12 +140,20 @@ class IdentityController(Controller):
     path = "/v1/members/{member_id:str}/identities"
     tags = ["integrations"]
 
-    @get("/", opt={"scope": "members:read"})
+    @get("/", opt={"scope": "members:read", "problems": ("member_not_found",)})
     async def list_identities(self, member_id: MemberPath, services: Svc) -> IdentityList:
         """The member's ids at connected sources."""
         return IdentityList(await admin.links(services, member_id))
 
-    @put("/{integration:str}/{external_id:str}", opt={"scope": "members:write", "idempotency_key": "external_id"})
+    @put(
+        "/{integration:str}/{external_id:str}",
+        opt={
+            "scope": "members:write",
+            "idempotency_key": "external_id",
+            "problems": ("integration_not_found", "member_not_found", "conflict"),
+        },
+        responses={201: ResponseSpec(IdentityOut, description="Linked", generate_examples=False)},
+    )
     async def link(
         self, member_id: MemberPath, integration: NamePath, external_id: ExternalPath, services: Svc
     ) -> Response[IdentityOut]:
@@ -132,7 +166,11 @@ class IdentityController(Controller):
     @delete(
         "/{integration:str}/{external_id:str}",
         status_code=204,
-        opt={"scope": "members:write", "idempotency_key": "external_id"},
+        opt={
+            "scope": "members:write",
+            "idempotency_key": "external_id",
+            "problems": ("integration_not_found", "member_not_found"),
+        },
     )
     async def unlink(
         self, member_id: MemberPath, integration: NamePath, external_id: ExternalPath, services: Svc

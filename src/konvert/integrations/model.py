@@ -133,7 +133,7 @@ class RefundPurchase(msgspec.Struct, frozen=True, tag="refund", kw_only=True):
     lines: tuple[RefundLineIn, ...] | None = None
     amount: int | None = None
     refunded_amount: int | None = None
-    remaining: Literal[True] | None = None
+    remaining: bool | None = None
 
     def refund(self, partner: str) -> RefundIn:
         return RefundIn(

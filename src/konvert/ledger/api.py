@@ -20,7 +20,7 @@ MemberPath = Annotated[MemberId, path_parameter(MemberId, "The member's id, as t
 class BalanceController(Controller):
     path = "/v1/members/{member_id:str}"
     tags = ["balances"]
-    opt = {"scope": "members:read"}
+    opt = {"scope": "members:read", "problems": ("member_not_found",)}
 
     @get("/balance")
     async def balance(
@@ -29,7 +29,13 @@ class BalanceController(Controller):
         services: Svc,
         expiring_within_days: Annotated[
             int | None,
-            QueryParameter(ge=0, le=3650, description="list all points expiring within this many days"),
+            QueryParameter(
+                ge=0,
+                le=3650,
+                description="list all points expiring within this many days",
+                # Stated again for the document: Litestar drops a bound of 0 on an optional number.
+                schema_extra={"minimum": 0},
+            ),
         ] = None,
     ) -> Response[Balance]:
         """The member's points (available, pending, held, expiring soon), lifetime earned and reputation.
@@ -59,7 +65,14 @@ class AdjustmentController(Controller):
     tags = ["adjustments"]
     opt = {"scope": "admin"}
 
-    @post("/", opt={"body": True, "idempotency_key": "adjustment_id"})
+    @post(
+        "/",
+        opt={
+            "body": True,
+            "idempotency_key": "adjustment_id",
+            "problems": ("member_not_found", "insufficient_points", "idempotency_conflict"),
+        },
+    )
     async def adjust(
         self, request: Request[Any, Any, Any], member_id: MemberPath, data: JSONBody[AdjustmentIn], services: Svc
     ) -> Response[AdjustmentOut]:

@@ -19,7 +19,7 @@ class PortalSessionController(Controller):
 
     # Each call makes a new single-use link and writes nothing a retry could double, so it has no
     # idempotency key: a retried request gets a link of its own, and the unused one expires.
-    @post("/", opt={"scope": "members:write", "body": True, "writes": False})
+    @post("/", opt={"scope": "members:write", "body": True, "writes": False, "problems": ("member_not_found",)})
     async def create(
         self,
         request: Request[Any, Any, Any],

@@ -42,7 +42,10 @@ class MemberPreferenceController(Controller):
     path = "/v1/members/{member_id:str}"
     tags = ["preferences"]
 
-    @get("/preferences", opt={"scope": "members:read"})
+    @get(
+        "/preferences",
+        opt={"scope": "members:read", "problems": ("member_not_found", "purpose_forbidden", "unknown_purpose")},
+    )
     async def list_preferences(
         self,
         request: Request[Any, Any, Any],
@@ -69,7 +72,19 @@ class MemberPreferenceController(Controller):
     @put(
         "/preferences/{key:str}",
         status_code=200,
-        opt={"scope": "members:write", "body": True, "idempotency_key": "key"},
+        opt={
+            "scope": "members:write",
+            "body": True,
+            "idempotency_key": "key",
+            "problems": (
+                "member_not_found",
+                "unknown_preference",
+                "invalid_preference_value",
+                "purpose_not_allowed",
+                "unknown_purpose",
+                "conflict",
+            ),
+        },
     )
     async def share(
         self,
@@ -92,7 +107,11 @@ class MemberPreferenceController(Controller):
     @delete(
         "/preferences/{key:str}",
         status_code=200,
-        opt={"scope": "members:write", "idempotency_key": "key"},
+        opt={
+            "scope": "members:write",
+            "idempotency_key": "key",
+            "problems": ("member_not_found", "unknown_preference"),
+        },
     )
     async def withdraw(
         self, request: Request[Any, Any, Any], member_id: MemberPath, key: KeyPath, services: Svc
@@ -101,13 +120,22 @@ class MemberPreferenceController(Controller):
         `claw_back_on_withdrawal`. Deleting what is not shared changes nothing."""
         return await service.withdraw(services, member_id, key, principal_of(request))
 
-    @get("/consents", opt={"scope": "members:read"})
+    @get("/consents", opt={"scope": "members:read", "problems": ("member_not_found",)})
     async def consents(self, member_id: MemberPath, services: Svc) -> ConsentsOut:
         """The member's consent per purpose: granted or not, when it last changed and through
         which client. A purpose the member never granted is not granted."""
         return await service.consents(services, member_id)
 
-    @put("/consents", status_code=200, opt={"scope": "members:write", "body": True, "idempotency_key": "member_id"})
+    @put(
+        "/consents",
+        status_code=200,
+        opt={
+            "scope": "members:write",
+            "body": True,
+            "idempotency_key": "member_id",
+            "problems": ("member_not_found", "unknown_purpose", "conflict"),
+        },
+    )
     async def change_consents(
         self, request: Request[Any, Any, Any], member_id: MemberPath, data: JSONBody[ConsentsIn], services: Svc
     ) -> ConsentsOut:

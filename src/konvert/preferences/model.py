@@ -22,7 +22,15 @@ class PreferenceIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     # A string (choice, text, month_day as "MM-DD"), a boolean (boolean) or a list of strings
     # (multi_choice), as the catalog entry's type says. Checked against the catalog, so that a
     # wrong value is refused naming the key and what it allows.
-    value: Any
+    value: Annotated[
+        Any,
+        Meta(
+            description=(
+                "A string (choice, text, month_day as MM-DD), a boolean (boolean) or a list of strings "
+                "(multi_choice), as the key's catalog entry says (GET /v1/preferences)."
+            )
+        ),
+    ]
     # A subset of the catalog entry's purposes; empty shares the value for no purpose at all.
     consent: Annotated[tuple[Purpose, ...], Meta(max_length=50)]
 

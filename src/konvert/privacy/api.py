@@ -17,7 +17,7 @@ class PrivacyController(Controller):
     path = "/v1/members/{member_id:str}"
     tags = ["privacy"]
 
-    @get("/export", opt={"scope": "members:read"})
+    @get("/export", opt={"scope": "members:read", "problems": ("member_not_found", "purpose_forbidden")})
     async def export(self, request: Request[Any, Any, Any], member_id: MemberPath, services: Svc) -> Export:
         """Everything konvert holds on the member as one JSON document (right of access and
         portability): balances, preferences, consents and their history, transfers, lots,

@@ -48,7 +48,19 @@ class MemberRedemptionController(Controller):
 
     @post(
         "/redemptions",
-        opt={"scope": "redemptions:write", "body": True, "idempotency_key": "redemption_id"},
+        opt={
+            "scope": "redemptions:write",
+            "body": True,
+            "idempotency_key": "redemption_id",
+            "problems": (
+                "member_not_found",
+                "reward_not_found",
+                "reward_unavailable",
+                "out_of_stock",
+                "insufficient_points",
+                "idempotency_conflict",
+            ),
+        },
     )
     async def redeem(
         self, member_id: MemberPath, data: JSONBody[RedemptionIn], services: Svc
@@ -62,7 +74,7 @@ class MemberRedemptionController(Controller):
         """
         return written(await service.redeem(services, member_id, data))
 
-    @get("/redemptions", opt={"scope": "members:read"})
+    @get("/redemptions", opt={"scope": "members:read", "problems": ("member_not_found",)})
     async def list_redemptions(
         self,
         member_id: MemberPath,
@@ -77,7 +89,11 @@ class MemberRedemptionController(Controller):
 class RedemptionController(Controller):
     path = "/v1/redemptions/{redemption_id:str}"
     tags = ["redemptions"]
-    opt = {"scope": "redemptions:write", "idempotency_key": "redemption_id"}
+    opt = {
+        "scope": "redemptions:write",
+        "idempotency_key": "redemption_id",
+        "problems": ("redemption_not_found", "hold_not_active", "conflict"),
+    }
 
     @post("/capture", status_code=200)
     async def capture(self, redemption_id: RedemptionPath, services: Svc) -> RedemptionOut:

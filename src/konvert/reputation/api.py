@@ -41,7 +41,20 @@ class KudosController(Controller):
     tags = ["reputation"]
     opt = {"scope": "kudos:write"}
 
-    @post("/", opt={"body": True, "idempotency_key": "kudos_id"})
+    @post(
+        "/",
+        opt={
+            "body": True,
+            "idempotency_key": "kudos_id",
+            "problems": (
+                "self_kudos",
+                "duplicate_kudos",
+                "idempotency_conflict",
+                "giver_limit_reached",
+                "conflict",
+            ),
+        },
+    )
     async def give(self, data: JSONBody[KudosIn], services: Svc) -> Response[KudosOut]:
         """Record a kudos (like, helpful, accepted answer) and credit the reputation it is worth.
 
@@ -57,7 +70,7 @@ class KudosController(Controller):
         """
         return written(await service.give_kudos(services, data))
 
-    @delete("/{kudos_id:str}", opt={"idempotency_key": "kudos_id"}, status_code=200)
+    @delete("/{kudos_id:str}", opt={"idempotency_key": "kudos_id", "problems": ("kudos_not_found",)}, status_code=200)
     async def retract(
         self,
         kudos_id: Annotated[KudosId, path_parameter(KudosId, "The kudos' id, as given when it was posted.")],
@@ -71,7 +84,11 @@ class KudosController(Controller):
         """
         return written(await service.retract_kudos(services, kudos_id), status_code=200)
 
-    @post("/retractions", opt={"body": True, "idempotency_key": "post_id"}, status_code=200)
+    @post(
+        "/retractions",
+        opt={"body": True, "idempotency_key": "post_id", "problems": ("kudos_not_found",)},
+        status_code=200,
+    )
     async def retract_by_key(self, data: JSONBody[RetractionIn], services: Svc) -> Response[KudosOut]:
         """Retract the kudos a giver gave to a post, named by source, post, giver and kind.
 
@@ -84,7 +101,7 @@ class KudosController(Controller):
 class ReputationController(Controller):
     path = "/v1/members/{member_id:str}"
     tags = ["reputation"]
-    opt = {"scope": "members:read"}
+    opt = {"scope": "members:read", "problems": ("member_not_found",)}
 
     @get("/reputation")
     async def reputation(self, member_id: MemberPath, services: Svc) -> MemberReputation:
@@ -96,7 +113,7 @@ class ReputationController(Controller):
 class LeaderboardController(Controller):
     path = "/v1/leaderboards/reputation"
     tags = ["reputation"]
-    opt = {"scope": "members:read"}
+    opt = {"scope": "members:read", "problems": ("leaderboard_unavailable",)}
 
     @get("/")
     async def board(
@@ -114,7 +131,7 @@ class LeaderboardController(Controller):
         """
         return await leaderboard.top(services, period, source, limit)
 
-    @get("/members/{member_id:str}")
+    @get("/members/{member_id:str}", opt={"problems": ("member_not_found", "leaderboard_unavailable")})
     async def member_position(
         self, member_id: MemberPath, services: Svc, period: PeriodQuery = "all", source: SourceQuery = None
     ) -> LeaderboardPosition:
