@@ -120,3 +120,11 @@ def test_an_endpoint_url_names_its_host_and_port() -> None:
     for url in ("ftp://example.com/x", "http:///nohost", "mailto:a@example.com"):
         with pytest.raises(ValueError):
             rules.destination(url)
+
+
+@pytest.mark.parametrize("host", ["0" * 300, f"a.{'b' * 64}.com"])
+def test_an_endpoint_url_whose_host_dns_cannot_carry_is_refused(host: str) -> None:
+    # Found by schemathesis: such a host reached the resolver, whose UnicodeError answered 500.
+    with pytest.raises(ValueError, match="DNS"):
+        rules.destination(f"https://{host}/hooks")
+    assert rules.destination("https://bücher.example/hooks").host == "bücher.example"

@@ -38,7 +38,7 @@ class WebhookEndpointController(Controller):
 
     @put(
         "/{endpoint_id:str}",
-        opt={"body": True, "idempotency_key": "endpoint_id"},
+        opt={"body": True, "idempotency_key": "endpoint_id", "problems": ("webhook_url_refused",)},
         responses={201: ResponseSpec(EndpointOut, description="Created", generate_examples=False)},
     )
     async def put_endpoint(

@@ -121,6 +121,10 @@ def destination(url: str) -> Destination:
         literal = True
     except ValueError:
         literal = False
+        try:  # a name DNS can carry: labels of at most 63 octets, IDNA-encodable
+            parts.hostname.encode("idna")
+        except UnicodeError:
+            raise ValueError("not an http(s) URL with a host DNS can resolve") from None
     return Destination(parts.hostname, port, literal)
 
 
