@@ -39,7 +39,7 @@ from redis.exceptions import RedisError
 from konvert import errors
 from konvert.auth import Principal
 from konvert.db import Queryable
-from konvert.portal import i18n, links, views
+from konvert.portal import i18n, links, sessions, views
 from konvert.portal.model import LOCALES, Locale
 from konvert.preferences import service as preferences
 from konvert.preferences.model import ConsentsIn
@@ -130,8 +130,9 @@ def page(
     context: dict[str, Any],
     status_code: int = 200,
     headers: dict[str, str] | None = None,
+    session: MemberSession | None = None,
 ) -> Template:
-    session = session_of(request)
+    session = session or session_of(request)
     base = {
         "locale": session.locale,
         "locales": LOCALES,
@@ -237,18 +238,20 @@ class EntryController(Controller):
         grant = await links.redeem(services, token)
         if grant is None:
             raise LinkNotValid("this link was used already or has expired; open the portal again from the shop")
-        request.set_session(
-            {
-                "member_id": grant.member_id,
-                "locale": grant.locale,
-                "return_url": grant.return_url,
-                "started_at": services.clock().timestamp(),
-            }
-        )
         if next_view == "card":
-            # Rendered here rather than after a redirect: a page of another site that frames the
-            # card gets no SameSite=Lax cookie back, so the link itself must show it.
-            return await card_page(request, services, grant.member_id)
+            # The card is for a frame in the shop's or forum's page, where the browser keeps no
+            # SameSite=Lax cookie (another site): it is shown from the link itself and starts no
+            # session. Its way into the portal is a link of its own, opened as a page of its own.
+            locale = grant.locale or i18n.from_accept_language(request.headers.get("accept-language"))
+            member = MemberSession(grant.member_id, locale, grant.return_url)
+            return await card_page(request, services, member, await links.reissue(services, grant))
+        data = {
+            "member_id": grant.member_id,
+            "locale": grant.locale,
+            "return_url": grant.return_url,
+            "started_at": services.clock().timestamp(),
+        }
+        await sessions.begin(request, request.app.stores.get(SESSION_STORE), data)
         return Redirect(_VIEWS[next_view], status_code=303)
 
 
@@ -368,15 +371,19 @@ class PortalController(Controller):
     @get("/card")
     async def card(self, request: Request[Any, Any, Any], services: Svc) -> Template:
         """A compact balance, tier and rank card to embed in the program's allowed origins."""
-        return await card_page(request, services, session_of(request).member_id)
+        return await card_page(request, services, session_of(request), "/portal")
 
 
-async def card_page(request: Request[Any, Any, Any], services: Services, member_id: str) -> Template:
-    """The card, which only pages of the program's portal.frame_ancestors may frame."""
-    current = await views.balance(services, member_id)
+async def card_page(
+    request: Request[Any, Any, Any], services: Services, member: MemberSession, onward: str
+) -> Template:
+    """The card, which only pages of the program's portal.frame_ancestors may frame; ``onward``
+    is where its link to the portal leads."""
+    current = await views.balance(services, member.member_id)
     ancestors = " ".join(services.program.portal.frame_ancestors) or "'none'"
-    context = {"balance": current, **views.standing(services, current)}
-    return page(request, "card.html", context, headers={"content-security-policy": _CSP.format(ancestors=ancestors)})
+    context = {"balance": current, "onward": onward, **views.standing(services, current)}
+    headers = {"content-security-policy": _CSP.format(ancestors=ancestors)}
+    return page(request, "card.html", context, headers=headers, session=member)
 
 
 # --- wiring ---------------------------------------------------------------------------------------
@@ -402,11 +409,12 @@ class PortalPages:
             cookie_httponly=True,
             cookie_samesite="lax",
         )
-        sessions = ServerSideSessionConfig(
+        session_config = ServerSideSessionConfig(
             store=SESSION_STORE,
-            key="konvert_portal",
+            key=sessions.COOKIE,
             path="/portal",
-            max_age=settings.portal_session_idle_seconds,
+            # The cookie's lifetime; Redis keeps a session for the idle timeout after its last use.
+            max_age=settings.portal_session_absolute_seconds,
             renew_on_access=True,
             secure=settings.portal_cookie_secure,
             httponly=True,
@@ -422,7 +430,10 @@ class PortalPages:
         pages = Router(
             path="/",
             route_handlers=[EntryController, PortalController],
-            middleware=[sessions.middleware, DefineMiddleware(CSRFMiddleware, config=self.csrf)],
+            middleware=[
+                sessions.middleware(session_config, settings.portal_session_idle_seconds),
+                DefineMiddleware(CSRFMiddleware, config=self.csrf),
+            ],
             guards=[member_session],
             exception_handlers={
                 errors.KonvertError: _handle_konvert_error,
