@@ -243,6 +243,10 @@ async def test_the_overview_shows_every_figure_the_api_gives(portal: Portal, con
     assert digits(vesting[0]) == 151 and vesting[1] == format_date(
         purchase_vests + timedelta(days=14), "medium", locale="en"
     )
+    assert [
+        (lot["points"], format_date(datetime.fromisoformat(lot["vests_at"]), "medium", locale="en"))
+        for lot in balance["vesting"]
+    ] == [(151, vesting[1])]
     expiring = await page.locator("[data-expiring] td").all_text_contents()
     shown = [(digits(expiring[i]), expiring[i + 1]) for i in range(0, len(expiring), 2)]
     assert shown == [

@@ -32,7 +32,8 @@ class BalanceController(Controller):
             QueryParameter(ge=0, le=3650, description="list all points expiring within this many days"),
         ] = None,
     ) -> Response[Balance]:
-        """The member's points (available, pending, held, expiring soon), lifetime earned and reputation.
+        """The member's points (available, pending with the dates they vest, held, expiring soon),
+        lifetime earned and reputation.
 
         Served from the balance cache when it holds the current version, else from PostgreSQL.
         A client that got a response for a write reads that write's effect here.
