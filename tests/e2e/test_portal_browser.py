@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import html
 import os
 import re
@@ -673,6 +674,22 @@ async def test_the_session_ends_after_the_absolute_timeout(portal: Portal) -> No
 
     assert ended.status_code == 401 and "portal_session_ended" in ended.text
     assert after.status_code == 401  # the session was cleared, not only refused once
+
+
+async def test_the_stylesheet_is_linked_by_its_digest_and_kept_for_a_year(portal: Portal) -> None:
+    member_id = await a_member(portal)
+    async with httpx.AsyncClient(base_url=portal.url("")) as member:
+        await member.get(await portal.link(member_id))
+        shown = await member.get("/portal")
+        linked = re.search(r'<link rel="stylesheet" href="([^"]+)"', shown.text)
+        assert linked is not None
+        sheet = await member.get(html.unescape(linked.group(1)))
+
+    digest = hashlib.sha256(sheet.content).hexdigest()[:12]
+    assert linked.group(1) == f"/portal/static/portal.css?v={digest}"
+    assert sheet.status_code == 200 and sheet.headers["content-type"].startswith("text/css")
+    directives = {d.strip() for d in sheet.headers["cache-control"].split(",")}
+    assert {"public", "immutable", "max-age=31536000"} <= directives
 
 
 async def test_redis_forgets_a_session_after_the_idle_timeout(portal: Portal, redis_client: Any) -> None:

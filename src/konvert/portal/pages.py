@@ -10,6 +10,8 @@ every process shares).
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import secrets
 from dataclasses import dataclass, field
 from importlib import resources
@@ -75,6 +77,14 @@ class LinkNotValid(errors.Unauthenticated):
     code, title = "portal_link_not_valid", "This link cannot be used"
 
 
+@functools.cache
+def asset(name: str) -> str:
+    """The URL of a static file, with a digest of its content: browsers may keep it for a year,
+    and a new konvert with another file links to another URL."""
+    digest = hashlib.sha256(PACKAGE.joinpath("static", name).read_bytes()).hexdigest()[:12]
+    return f"/portal/static/{name}?v={digest}"
+
+
 def environment() -> Environment:
     env = Environment(
         loader=FileSystemLoader(str(PACKAGE.joinpath("templates"))),
@@ -84,7 +94,7 @@ def environment() -> Environment:
         # The templates ship with the package and change only with it: no stat() per page.
         auto_reload=False,
     )
-    env.globals.update(i18n.GLOBALS)
+    env.globals.update(i18n.GLOBALS, asset=asset)
     env.filters.update(i18n.FILTERS)
     return env
 
@@ -424,7 +434,8 @@ class PortalPages:
             path="/portal/static",
             directories=[Path(str(PACKAGE.joinpath("static")))],
             opt={"public": True},
-            cache_control=CacheControlHeader(max_age=3600, public=True),
+            # Pages link them with a digest of their content (``asset``).
+            cache_control=CacheControlHeader(max_age=365 * 24 * 3600, public=True, immutable=True),
             include_in_schema=False,
         )
         pages = Router(
