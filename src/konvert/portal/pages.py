@@ -3,7 +3,8 @@ a session belongs to.
 
 Every page reads the member from the session, never from the URL or a form, so no request can
 reach another member's data. The session lives in Redis (Litestar's server-side sessions,
-HttpOnly and SameSite=Lax cookie, idle and absolute timeouts); every form that changes something
+HttpOnly and SameSite=Lax cookie, idle and absolute timeouts, a new id at every entry: see
+``sessions``); the card opened from a link shows without one. Every form that changes something
 carries a CSRF token (Litestar's CSRF middleware, double-submit cookie signed with a secret
 every process shares).
 """
