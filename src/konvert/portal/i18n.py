@@ -102,6 +102,29 @@ def ngettext(context: Context, singular: str, plural: str, n: int, **variables: 
 GLOBALS = {"gettext": gettext, "_": gettext, "ngettext": ngettext}
 
 
+@functools.cache
+def messages(locale: str) -> dict[str, Any]:
+    """gettext and ngettext bound to one locale, for a page's context (where they take the place
+    of the globals above). Jinja calls a function that takes the template's context with extra
+    work on each of a page's thirty-odd messages; these take none, and keep each translated
+    message as markup. For the portal's templates, which all autoescape."""
+    catalog = translations(locale)
+
+    @functools.lru_cache(maxsize=1024)
+    def translated(message: str) -> Markup:
+        return Markup(catalog.gettext(message))  # noqa: S704 (our own catalog)
+
+    def bound_gettext(message: str, **variables: Any) -> str:
+        text = translated(message)
+        return text % variables if variables else text  # the values are escaped
+
+    def bound_ngettext(singular: str, plural: str, n: int, **variables: Any) -> str:
+        variables.setdefault("num", n)
+        return Markup(catalog.ngettext(singular, plural, n)) % variables  # noqa: S704 (our own catalog)
+
+    return {"gettext": bound_gettext, "_": bound_gettext, "ngettext": bound_ngettext}
+
+
 # Points are whole numbers, and both locales group them by threes (CLDR's "#,##0.###"): the
 # locale's group symbol in Python's own grouping gives Babel's result at a fraction of its cost,
 # which matters with a dozen figures on every page.

@@ -145,6 +145,7 @@ def page(
 ) -> Template:
     session = session or session_of(request)
     base = {
+        **i18n.messages(session.locale),
         "locale": session.locale,
         "locales": LOCALES,
         "return_url": session.return_url,
@@ -158,9 +159,12 @@ def page(
 
 def _error_page(request: Request[Any, Any, Any], exc: errors.KonvertError) -> Template:
     data = request.scope.get("session") or {}
-    locale = data.get("locale") if isinstance(data, dict) else None
+    locale = (data.get("locale") if isinstance(data, dict) else None) or i18n.from_accept_language(
+        request.headers.get("accept-language")
+    )
     context = {
-        "locale": locale or i18n.from_accept_language(request.headers.get("accept-language")),
+        **i18n.messages(locale),
+        "locale": locale,
         "locales": LOCALES,
         "return_url": data.get("return_url") if isinstance(data, dict) else None,
         "program": request.app.state.services.program.name,
