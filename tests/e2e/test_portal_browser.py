@@ -285,14 +285,18 @@ async def test_opening_a_link_starts_a_new_session_whatever_cookie_the_browser_b
     portal: Portal, context: Any, redis_client: Any
 ) -> None:
     victim, attacker = await a_member(portal, euros=300), await a_member(portal, euros=700)
-    # The attacker's own live session, and an id no session ever had, planted in the victim's browser.
+    # The attacker's own live session (and CSRF token), and an id no session ever had, planted in
+    # the victim's browser.
     async with httpx.AsyncClient() as theirs:
         await theirs.get(await portal.link(attacker))
-        planted = theirs.cookies["konvert_portal"]
+        planted, planted_csrf = theirs.cookies["konvert_portal"], theirs.cookies["konvert_csrf"]
     for brought in (planted, "f" * 64):
         await context.clear_cookies()
         await context.add_cookies(
-            [{"name": "konvert_portal", "value": brought, "domain": "127.0.0.1", "path": "/portal"}]
+            [
+                {"name": name, "value": value, "domain": "127.0.0.1", "path": "/portal"}
+                for name, value in (("konvert_portal", brought), ("konvert_csrf", planted_csrf))
+            ]
         )
         page = await context.new_page()
 
@@ -301,6 +305,7 @@ async def test_opening_a_link_starts_a_new_session_whatever_cookie_the_browser_b
         assert digits(await figure(page, "available")) == 300
         cookies = {c["name"]: c["value"] for c in await context.cookies(portal.url("/portal"))}
         assert cookies["konvert_portal"] != brought
+        assert cookies["konvert_csrf"] != planted_csrf
         async with httpx.AsyncClient(base_url=portal.url(""), cookies={"konvert_portal": brought}) as planter:
             seen = await planter.get("/portal")
         assert seen.status_code == 401 and "portal_session_ended" in seen.text

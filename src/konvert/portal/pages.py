@@ -24,7 +24,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from litestar import Controller, Litestar, Request, Response, Router, get, post
 from litestar.config.csrf import CSRFConfig
 from litestar.connection import ASGIConnection
-from litestar.datastructures import CacheControlHeader, ResponseHeader
+from litestar.datastructures import CacheControlHeader, Cookie, ResponseHeader
 from litestar.enums import RequestEncodingType
 from litestar.exceptions import HTTPException, NotAuthorizedException, PermissionDeniedException
 from litestar.handlers.base import BaseRouteHandler
@@ -55,6 +55,7 @@ from konvert.settings import Settings
 
 PACKAGE = resources.files("konvert.portal")
 SESSION_STORE = "konvert-portal-sessions"
+CSRF_COOKIE = "konvert_csrf"
 # Changes made in the portal are recorded as made by this client (consents, exports, erasure).
 PORTAL = Principal(key_id=0, name="member portal", scopes=frozenset())
 HTML = "text/html; charset=utf-8"
@@ -267,7 +268,10 @@ class EntryController(Controller):
             "started_at": services.clock().timestamp(),
         }
         await sessions.begin(request, request.app.stores.get(SESSION_STORE), data)
-        return Redirect(_VIEWS[next_view], status_code=303)
+        # A CSRF token the browser brought along goes too: the next page sets a new one.
+        brought = request.cookies.get(CSRF_COOKIE)
+        dropped = [Cookie(key=CSRF_COOKIE, value="", path="/portal", max_age=0)] if brought else None
+        return Redirect(_VIEWS[next_view], status_code=303, cookies=dropped)
 
 
 class PortalController(Controller):
@@ -418,7 +422,7 @@ class PortalPages:
         settings = self.settings
         self.csrf = CSRFConfig(
             secret=secrets.token_hex(32),
-            cookie_name="konvert_csrf",
+            cookie_name=CSRF_COOKIE,
             cookie_path="/portal",
             cookie_secure=settings.portal_cookie_secure,
             cookie_httponly=True,
