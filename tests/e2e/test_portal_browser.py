@@ -569,6 +569,7 @@ async def test_the_card_refuses_to_show_in_a_page_of_another_origin(
     shown = [await frame.content() for frame in page.frames[1:]]
     assert shown and not any("data-figure" in content for content in shown)
     assert f"frame-ancestors {sites[0].origin}" in (await answers[0].all_headers())["content-security-policy"]
+    assert "konvert_portal" not in {c["name"] for c in await context.cookies(portal.url("/portal"))}
 
 
 # --- accessibility -------------------------------------------------------------------------------
