@@ -28,6 +28,7 @@ from konvert.portal.model import LOCALES, Locale
 
 DEFAULT_LOCALE: Locale = "en"
 _ACCEPT_LANGUAGE_ENTRIES_MAX = 20
+_ACCEPT_LANGUAGE_CACHED_LENGTH_MAX = 200
 
 
 def _load(locale: str) -> NullTranslations:
@@ -56,6 +57,19 @@ def babel_locale(locale: str) -> BabelLocale:
 
 def from_accept_language(header: str | None) -> Locale:
     """The best of the portal's locales for an Accept-Language header (English if none fits)."""
+    # A browser sends the same header with every page: each is negotiated once (if not too long
+    # to keep).
+    if header is None or len(header) <= _ACCEPT_LANGUAGE_CACHED_LENGTH_MAX:
+        return _negotiated(header)
+    return _negotiate(header)
+
+
+@functools.lru_cache(maxsize=256)
+def _negotiated(header: str | None) -> Locale:
+    return _negotiate(header)
+
+
+def _negotiate(header: str | None) -> Locale:
     preferred: list[tuple[float, str]] = []
     for entry in (header or "").split(",")[:_ACCEPT_LANGUAGE_ENTRIES_MAX]:
         tag, _, params = entry.strip().partition(";")
