@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import io
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import date, datetime
 from importlib import resources
 from typing import Any
@@ -21,6 +21,8 @@ from babel.messages.mofile import write_mo
 from babel.messages.pofile import read_po
 from babel.support import NullTranslations, Translations
 from jinja2 import pass_context
+from jinja2.ext import Extension
+from jinja2.lexer import Token, TokenStream
 from jinja2.runtime import Context
 from markupsafe import Markup
 
@@ -196,3 +198,37 @@ def language_name(locale: str) -> str:
 
 
 FILTERS = {"number": number, "signed": signed, "day": day, "moment": moment, "language_name": language_name}
+
+
+class CompiledMessages(Extension):
+    """Translates each message without placeholders (``_("Overview")``) when a template is
+    compiled, for the locale its name starts with ("de/overview.html"): the page writes it as
+    text instead of calling gettext on every render. Messages with placeholders are still
+    translated while rendering (``messages``)."""
+
+    def filter_stream(self, stream: TokenStream) -> Iterable[Token]:
+        locale = (stream.name or "").partition("/")[0]
+        tokens = list(stream)
+        if locale not in LOCALES:
+            return tokens
+        catalog = translations(locale)
+        compiled: list[Token] = []
+        i = 0
+        while i < len(tokens):
+            if _is_plain_message(tokens, i):
+                compiled.append(Token(tokens[i].lineno, "string", catalog.gettext(tokens[i + 2].value)))
+                i += 4
+            else:
+                compiled.append(tokens[i])
+                i += 1
+        return compiled
+
+
+def _is_plain_message(tokens: list[Token], i: int) -> bool:
+    """Whether tokens[i:i+4] are ``_("...")`` or ``gettext("...")`` (and not an attribute's)."""
+    return (
+        tokens[i].type == "name"
+        and tokens[i].value in ("_", "gettext")
+        and (i == 0 or tokens[i - 1].type != "dot")
+        and [t.type for t in tokens[i + 1 : i + 4]] == ["lparen", "string", "rparen"]
+    )

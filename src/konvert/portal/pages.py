@@ -14,13 +14,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
-from jinja2 import Environment, FileSystemLoader, select_autoescape
+from jinja2 import BaseLoader, Environment, FileSystemLoader, TemplateNotFound, select_autoescape
 from litestar import Controller, Litestar, Request, Response, Router, get, post
 from litestar.config.csrf import CSRFConfig
 from litestar.connection import ASGIConnection
@@ -87,9 +88,32 @@ def asset(name: str) -> str:
     return f"/portal/static/{name}?v={digest}"
 
 
+class LocaleLoader(BaseLoader):
+    """Loads "de/overview.html" from overview.html (compiled under its own name, with its locale)."""
+
+    def __init__(self, templates: FileSystemLoader) -> None:
+        self.templates = templates
+
+    def get_source(self, environment: Environment, template: str) -> tuple[str, str | None, Callable[[], bool] | None]:
+        locale, _, name = template.partition("/")
+        if locale not in LOCALES:
+            raise TemplateNotFound(template)
+        return self.templates.get_source(environment, name)
+
+
+class PortalEnvironment(Environment):
+    """Templates by locale: "de/overview.html" is overview.html with its messages in German
+    (``i18n.CompiledMessages``), and the templates it extends or includes are its locale's too."""
+
+    def join_path(self, template: str, parent: str) -> str:
+        locale = parent.partition("/")[0]
+        return f"{locale}/{template}" if locale in LOCALES else template
+
+
 def environment() -> Environment:
-    env = Environment(
-        loader=FileSystemLoader(str(PACKAGE.joinpath("templates"))),
+    env = PortalEnvironment(
+        loader=LocaleLoader(FileSystemLoader(str(PACKAGE.joinpath("templates")))),
+        extensions=[i18n.CompiledMessages],
         autoescape=select_autoescape(default=True),
         trim_blocks=True,
         lstrip_blocks=True,
@@ -154,7 +178,11 @@ def page(
         "path": request.url.path,
     }
     return Template(
-        template_name=name, context=base | context, status_code=status_code, media_type=HTML, headers=headers
+        template_name=f"{session.locale}/{name}",
+        context=base | context,
+        status_code=status_code,
+        media_type=HTML,
+        headers=headers,
     )
 
 
@@ -176,7 +204,7 @@ def _error_page(request: Request[Any, Any, Any], exc: errors.KonvertError) -> Te
     if exc.status == 503:
         headers["retry-after"] = str(RETRY_AFTER_SECONDS)
     return Template(
-        template_name="error.html", context=context, status_code=exc.status, media_type=HTML, headers=headers
+        template_name=f"{locale}/error.html", context=context, status_code=exc.status, media_type=HTML, headers=headers
     )
 
 
