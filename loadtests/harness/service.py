@@ -97,18 +97,21 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 def portal_cookie(link: str, timeout: float = 10.0) -> str:
-    """Open a portal link (once, as a member's browser would) and return its session cookie."""
+    """Open a portal link (once, as a member's browser would) and return the Cookie header its
+    browser would send from then on: the session's cookie and the CSRF cookie."""
     opener = urllib.request.build_opener(_NoRedirect)
     try:
         response = opener.open(link, timeout=timeout)
         headers, status = response.headers, response.status
     except urllib.error.HTTPError as exc:  # the 303 to /portal, with the cookies
         headers, status = exc.headers, exc.code
+    cookies = {}
     for cookie in headers.get_all("Set-Cookie") or []:
         name, _, rest = cookie.partition("=")
-        if name.strip() == "konvert_portal":
-            return rest.split(";", 1)[0]
-    raise RuntimeError(f"opening a portal link answered {status} without a session cookie")
+        cookies[name.strip()] = rest.split(";", 1)[0]
+    if "konvert_portal" not in cookies:
+        raise RuntimeError(f"opening a portal link answered {status} without a session cookie")
+    return "; ".join(f"{name}={value}" for name, value in cookies.items())
 
 
 class Server:

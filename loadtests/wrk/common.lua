@@ -38,7 +38,7 @@ local contention_members = tonumber(env("KONVERT_BENCH_CONTENTION_MEMBERS", "8")
 local delay_ms = tonumber(env("KONVERT_BENCH_DELAY_MS", "0"))
 local log_dir = env("KONVERT_BENCH_LOG_DIR", "")
 local seed = tonumber(env("KONVERT_BENCH_SEED", "1"))
--- Portal sessions (a konvert_portal cookie value per line) for portal overview pages.
+-- Portal sessions (a Cookie header per line: the session's and the CSRF cookie) for portal overview pages.
 local portal_sessions_file = env("KONVERT_BENCH_PORTAL_SESSIONS", "")
 
 local KINDS = { "n", "b", "p", "r", "k", "w", "o" }
@@ -113,7 +113,7 @@ end
 -- A member looks at the portal's overview, in one of the sessions run.py opened.
 function builders.portal()
   local n = next_number("o")
-  local headers = { ["Cookie"] = "konvert_portal=" .. portal_sessions[math.random(1, #portal_sessions)] }
+  local headers = { ["Cookie"] = portal_sessions[math.random(1, #portal_sessions)] }
   return wrk.format("GET", "/portal", with_id(headers, "o", n))
 end
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import html
 import os
 import re
@@ -243,6 +244,10 @@ async def test_the_overview_shows_every_figure_the_api_gives(portal: Portal, con
     assert digits(vesting[0]) == 151 and vesting[1] == format_date(
         purchase_vests + timedelta(days=14), "medium", locale="en"
     )
+    assert [
+        (lot["points"], format_date(datetime.fromisoformat(lot["vests_at"]), "medium", locale="en"))
+        for lot in balance["vesting"]
+    ] == [(151, vesting[1])]
     expiring = await page.locator("[data-expiring] td").all_text_contents()
     shown = [(digits(expiring[i]), expiring[i + 1]) for i in range(0, len(expiring), 2)]
     assert shown == [
@@ -274,6 +279,63 @@ async def test_a_used_or_expired_link_shows_a_friendly_401_page(portal: Portal, 
     assert again_text == made_up_text
     assert "This link cannot be used" in again_text
     assert "Traceback" not in again_text
+
+
+async def test_opening_a_link_starts_a_new_session_whatever_cookie_the_browser_brought(
+    portal: Portal, context: Any, redis_client: Any
+) -> None:
+    victim, attacker = await a_member(portal, euros=300), await a_member(portal, euros=700)
+    # The attacker's own live session (and CSRF token), and an id no session ever had, planted in
+    # the victim's browser.
+    async with httpx.AsyncClient() as theirs:
+        await theirs.get(await portal.link(attacker))
+        planted, planted_csrf = theirs.cookies["konvert_portal"], theirs.cookies["konvert_csrf"]
+    for brought in (planted, "f" * 64):
+        await context.clear_cookies()
+        await context.add_cookies(
+            [
+                {"name": name, "value": value, "domain": "127.0.0.1", "path": "/portal"}
+                for name, value in (("konvert_portal", brought), ("konvert_csrf", planted_csrf))
+            ]
+        )
+        page = await context.new_page()
+
+        await page.goto(await portal.link(victim))
+
+        assert digits(await figure(page, "available")) == 300
+        cookies = {c["name"]: c["value"] for c in await context.cookies(portal.url("/portal"))}
+        assert cookies["konvert_portal"] != brought
+        assert cookies["konvert_csrf"] != planted_csrf
+        async with httpx.AsyncClient(base_url=portal.url(""), cookies={"konvert_portal": brought}) as planter:
+            seen = await planter.get("/portal")
+        assert seen.status_code == 401 and "portal_session_ended" in seen.text
+        prefix = portal.client.app.state.services.settings.redis_key_prefix
+        assert await redis_client.exists(f"{prefix}:portal:session:{brought}") == 0
+        await page.close()
+
+
+async def test_a_page_renews_the_session_without_storing_it_again(portal: Portal, redis_client: Any) -> None:
+    member_id = await a_member(portal)
+    settings = portal.client.app.state.services.settings
+    async with httpx.AsyncClient(base_url=portal.url("")) as member:
+        await member.get(await portal.link(member_id))
+        key = f"{settings.redis_key_prefix}:portal:session:{member.cookies['konvert_portal']}"
+        await redis_client.expire(key, 60)
+
+        shown = await member.get("/portal")
+        renewed_ttl = await redis_client.ttl(key)
+        token = re.search(r'name="_csrf_token" value="([^"]+)"', shown.text)
+        assert token is not None
+        switched = await member.post(
+            "/portal/language", data={"_csrf_token": token.group(1), "locale": "de", "back": "/portal"}
+        )
+        german = await member.get("/portal")
+
+    assert shown.status_code == 200 and "konvert_portal" not in shown.headers.get("set-cookie", "")
+    assert settings.portal_session_idle_seconds - 5 <= renewed_ttl <= settings.portal_session_idle_seconds
+    # A change is stored, under the same id.
+    assert switched.status_code == 303 and "konvert_portal=" in switched.headers["set-cookie"]
+    assert german.status_code == 200 and "Ihre Punkte" in german.text
 
 
 async def test_a_session_sees_only_its_own_member(portal: Portal, context: Any) -> None:
@@ -482,6 +544,15 @@ async def test_the_card_shows_in_a_page_of_an_allowed_origin(
     assert digits(await card.locator("[data-figure=available]").text_content()) == 1151
     assert await card.locator("[data-figure=tier]").text_content() == "Silver"
     await page.locator("iframe").screenshot(path=screenshots / "portal-card.png")
+    # The card started no session: a frame of another site would get no SameSite=Lax cookie back.
+    assert "konvert_portal" not in {c["name"] for c in await context.cookies(portal.url("/portal"))}
+    # Its link into the portal is a link of its own, opened as a page of its own.
+    async with context.expect_page() as opening:
+        await card.locator("text=Open your portal").click()
+    portal_page = await opening.value
+    await portal_page.wait_for_load_state()
+    assert portal_page.url == portal.url("/portal")
+    assert digits(await figure(portal_page, "available")) == 1151
 
 
 async def test_the_card_refuses_to_show_in_a_page_of_another_origin(
@@ -498,6 +569,7 @@ async def test_the_card_refuses_to_show_in_a_page_of_another_origin(
     shown = [await frame.content() for frame in page.frames[1:]]
     assert shown and not any("data-figure" in content for content in shown)
     assert f"frame-ancestors {sites[0].origin}" in (await answers[0].all_headers())["content-security-policy"]
+    assert "konvert_portal" not in {c["name"] for c in await context.cookies(portal.url("/portal"))}
 
 
 # --- accessibility -------------------------------------------------------------------------------
@@ -608,6 +680,22 @@ async def test_the_session_ends_after_the_absolute_timeout(portal: Portal) -> No
 
     assert ended.status_code == 401 and "portal_session_ended" in ended.text
     assert after.status_code == 401  # the session was cleared, not only refused once
+
+
+async def test_the_stylesheet_is_linked_by_its_digest_and_kept_for_a_year(portal: Portal) -> None:
+    member_id = await a_member(portal)
+    async with httpx.AsyncClient(base_url=portal.url("")) as member:
+        await member.get(await portal.link(member_id))
+        shown = await member.get("/portal")
+        linked = re.search(r'<link rel="stylesheet" href="([^"]+)"', shown.text)
+        assert linked is not None
+        sheet = await member.get(html.unescape(linked.group(1)))
+
+    digest = hashlib.sha256(sheet.content).hexdigest()[:12]
+    assert linked.group(1) == f"/portal/static/portal.css?v={digest}"
+    assert sheet.status_code == 200 and sheet.headers["content-type"].startswith("text/css")
+    directives = {d.strip() for d in sheet.headers["cache-control"].split(",")}
+    assert {"public", "immutable", "max-age=31536000"} <= directives
 
 
 async def test_redis_forgets_a_session_after_the_idle_timeout(portal: Portal, redis_client: Any) -> None:

@@ -38,7 +38,8 @@ class BalanceController(Controller):
             ),
         ] = None,
     ) -> Response[Balance]:
-        """The member's points (available, pending, held, expiring soon), lifetime earned and reputation.
+        """The member's points (available, pending with the dates they vest, held, expiring soon),
+        lifetime earned and reputation.
 
         Served from the balance cache when it holds the current version, else from PostgreSQL.
         A client that got a response for a write reads that write's effect here.

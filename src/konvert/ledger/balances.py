@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 _encode = msgspec.json.Encoder().encode
 _expiring = msgspec.json.Decoder(list[ExpiringPoints]).decode
+_vesting = msgspec.json.Decoder(list[VestingPoints]).decode
 _balance = msgspec.json.Decoder(Balance).decode
 
 # With ?expiring_within_days the balance lists every expiry date in the window, up to this many.
@@ -105,6 +106,7 @@ def _balance_of(services: Services, row: asyncpg.Record) -> Balance:
         expiring=_expiring(row["expiring"]),
         tier=_tier_status(services, row),
         version=row["version"],
+        vesting=_vesting(row["vesting"]),
     )
 
 

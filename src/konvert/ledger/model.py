@@ -60,6 +60,9 @@ class Balance(msgspec.Struct, frozen=True, kw_only=True):
     # points expiring within N days).
     expiring: list[ExpiringPoints]
     tier: TierStatus | None
+    # When pending points become available, grouped by date, soonest first (10 dates at most).
+    # (Empty in a balance cached by a konvert from before the field.)
+    vesting: list[VestingPoints] = []
     # Increases with every change; a client can tell which of two reads is newer.
     version: int
 

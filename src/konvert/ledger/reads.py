@@ -12,10 +12,14 @@ from konvert.db import Queryable, one
 Conn = Queryable
 
 
+# A balance lists when its pending points vest, grouped by date: the soonest this many dates.
+VESTING_DATES_MAX = 10
+
+
 def _balances_sql(members: str) -> str:
-    """Stored balances, tier and the soonest-expiring points grouped by date (at most $2 dates,
-    only those before $3 unless it is null) of the members that ``members`` selects (the query's
-    tail, over ``members m``)."""
+    """Stored balances, tier, the soonest-expiring points grouped by date (at most $2 dates, only
+    those before $3 unless it is null) and the soonest-vesting pending points grouped by date, of
+    the members that ``members`` selects (the query's tail, over ``members m``)."""
     return f"""
         select m.member_uid, m.member_id, m.points_available, m.points_pending, m.points_held, m.points_debt,
                m.points_lifetime_earned, m.reputation, m.version,
@@ -29,7 +33,16 @@ def _balances_sql(members: str) -> str:
                          and expires_at is not null and ($3::timestamptz is null or expires_at < $3)
                        group by expires_at order by expires_at limit $2
                    ) e
-               ), '[]') as expiring
+               ), '[]') as expiring,
+               case when m.points_pending > 0 then coalesce((
+                   select json_agg(json_build_object('points', v.points, 'vests_at', v.vests_at)
+                                   order by v.vests_at)
+                   from (
+                       select vests_at, sum(remaining) as points from lots
+                       where member_uid = m.member_uid and remaining > 0 and state = 'pending'
+                       group by vests_at order by vests_at limit {VESTING_DATES_MAX}
+                   ) v
+               ), '[]') else '[]' end as vesting
         {members}
     """
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import io
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import date, datetime
 from importlib import resources
 from typing import Any
@@ -21,6 +21,8 @@ from babel.messages.mofile import write_mo
 from babel.messages.pofile import read_po
 from babel.support import NullTranslations, Translations
 from jinja2 import pass_context
+from jinja2.ext import Extension
+from jinja2.lexer import Token, TokenStream
 from jinja2.runtime import Context
 from markupsafe import Markup
 
@@ -28,6 +30,7 @@ from konvert.portal.model import LOCALES, Locale
 
 DEFAULT_LOCALE: Locale = "en"
 _ACCEPT_LANGUAGE_ENTRIES_MAX = 20
+_ACCEPT_LANGUAGE_CACHED_LENGTH_MAX = 200
 
 
 def _load(locale: str) -> NullTranslations:
@@ -56,6 +59,19 @@ def babel_locale(locale: str) -> BabelLocale:
 
 def from_accept_language(header: str | None) -> Locale:
     """The best of the portal's locales for an Accept-Language header (English if none fits)."""
+    # A browser sends the same header with every page: each is negotiated once (if not too long
+    # to keep).
+    if header is None or len(header) <= _ACCEPT_LANGUAGE_CACHED_LENGTH_MAX:
+        return _negotiated(header)
+    return _negotiate(header)
+
+
+@functools.lru_cache(maxsize=256)
+def _negotiated(header: str | None) -> Locale:
+    return _negotiate(header)
+
+
+def _negotiate(header: str | None) -> Locale:
     preferred: list[tuple[float, str]] = []
     for entry in (header or "").split(",")[:_ACCEPT_LANGUAGE_ENTRIES_MAX]:
         tag, _, params = entry.strip().partition(";")
@@ -100,6 +116,29 @@ def ngettext(context: Context, singular: str, plural: str, n: int, **variables: 
 
 
 GLOBALS = {"gettext": gettext, "_": gettext, "ngettext": ngettext}
+
+
+@functools.cache
+def messages(locale: str) -> dict[str, Any]:
+    """gettext and ngettext bound to one locale, for a page's context (where they take the place
+    of the globals above). Jinja calls a function that takes the template's context with extra
+    work on each of a page's thirty-odd messages; these take none, and keep each translated
+    message as markup. For the portal's templates, which all autoescape."""
+    catalog = translations(locale)
+
+    @functools.lru_cache(maxsize=1024)
+    def translated(message: str) -> Markup:
+        return Markup(catalog.gettext(message))  # noqa: S704 (our own catalog)
+
+    def bound_gettext(message: str, **variables: Any) -> str:
+        text = translated(message)
+        return text % variables if variables else text  # the values are escaped
+
+    def bound_ngettext(singular: str, plural: str, n: int, **variables: Any) -> str:
+        variables.setdefault("num", n)
+        return Markup(catalog.ngettext(singular, plural, n)) % variables  # noqa: S704 (our own catalog)
+
+    return {"gettext": bound_gettext, "_": bound_gettext, "ngettext": bound_ngettext}
 
 
 # Points are whole numbers, and both locales group them by threes (CLDR's "#,##0.###"): the
@@ -159,3 +198,37 @@ def language_name(locale: str) -> str:
 
 
 FILTERS = {"number": number, "signed": signed, "day": day, "moment": moment, "language_name": language_name}
+
+
+class CompiledMessages(Extension):
+    """Translates each message without placeholders (``_("Overview")``) when a template is
+    compiled, for the locale its name starts with ("de/overview.html"): the page writes it as
+    text instead of calling gettext on every render. Messages with placeholders are still
+    translated while rendering (``messages``)."""
+
+    def filter_stream(self, stream: TokenStream) -> Iterable[Token]:
+        locale = (stream.name or "").partition("/")[0]
+        tokens = list(stream)
+        if locale not in LOCALES:
+            return tokens
+        catalog = translations(locale)
+        compiled: list[Token] = []
+        i = 0
+        while i < len(tokens):
+            if _is_plain_message(tokens, i):
+                compiled.append(Token(tokens[i].lineno, "string", catalog.gettext(tokens[i + 2].value)))
+                i += 4
+            else:
+                compiled.append(tokens[i])
+                i += 1
+        return compiled
+
+
+def _is_plain_message(tokens: list[Token], i: int) -> bool:
+    """Whether tokens[i:i+4] are ``_("...")`` or ``gettext("...")`` (and not an attribute's)."""
+    return (
+        tokens[i].type == "name"
+        and tokens[i].value in ("_", "gettext")
+        and (i == 0 or tokens[i - 1].type != "dot")
+        and [t.type for t in tokens[i + 1 : i + 4]] == ["lparen", "string", "rparen"]
+    )

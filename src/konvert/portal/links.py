@@ -48,17 +48,28 @@ async def issue(services: Services, member_id: str, request: PortalSessionIn, ba
         )
     if await reads.select_live_member_uid(services.pool, member_id) is None:
         raise errors.MemberNotFound(f"no member {member_id!r}")
-    token = secrets.token_urlsafe(32)
-    ttl_seconds = services.settings.portal_link_ttl_seconds
     grant = Grant(member_id=member_id, locale=request.locale, return_url=request.return_url)
-    try:
-        await services.redis.set(_key(services, token), _encode(grant), ex=ttl_seconds)
-    except REDIS_ERRORS as exc:
-        raise errors.ServiceUnavailable("portal links cannot be made while Redis is unavailable") from exc
+    token = await _store(services, grant)
     base = (services.settings.public_url or base_url).rstrip("/")
+    ttl_seconds = services.settings.portal_link_ttl_seconds
     return PortalSessionOut(
         url=f"{base}{START_PATH}{token}", expires_at=services.clock() + timedelta(seconds=ttl_seconds)
     )
+
+
+async def reissue(services: Services, grant: Grant) -> str:
+    """A new link (its path) granting what a link just used granted: the card's way into the
+    portal, which it opens as a page of its own."""
+    return START_PATH + await _store(services, grant)
+
+
+async def _store(services: Services, grant: Grant) -> str:
+    token = secrets.token_urlsafe(32)
+    try:
+        await services.redis.set(_key(services, token), _encode(grant), ex=services.settings.portal_link_ttl_seconds)
+    except REDIS_ERRORS as exc:
+        raise errors.ServiceUnavailable("portal links cannot be made while Redis is unavailable") from exc
+    return token
 
 
 async def redeem(services: Services, token: str) -> Grant | None:

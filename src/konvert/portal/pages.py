@@ -3,25 +3,29 @@ a session belongs to.
 
 Every page reads the member from the session, never from the URL or a form, so no request can
 reach another member's data. The session lives in Redis (Litestar's server-side sessions,
-HttpOnly and SameSite=Lax cookie, idle and absolute timeouts); every form that changes something
+HttpOnly and SameSite=Lax cookie, idle and absolute timeouts, a new id at every entry: see
+``sessions``); the card opened from a link shows without one. Every form that changes something
 carries a CSRF token (Litestar's CSRF middleware, double-submit cookie signed with a secret
 every process shares).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, cast
 
 import msgspec
-from jinja2 import Environment, FileSystemLoader, select_autoescape
+from jinja2 import BaseLoader, Environment, FileSystemLoader, TemplateNotFound, select_autoescape
 from litestar import Controller, Litestar, Request, Response, Router, get, post
 from litestar.config.csrf import CSRFConfig
 from litestar.connection import ASGIConnection
-from litestar.datastructures import CacheControlHeader, ResponseHeader
+from litestar.datastructures import CacheControlHeader, Cookie, ResponseHeader
 from litestar.enums import RequestEncodingType
 from litestar.exceptions import HTTPException, NotAuthorizedException, PermissionDeniedException
 from litestar.handlers.base import BaseRouteHandler
@@ -40,7 +44,7 @@ from redis.exceptions import RedisError
 from konvert import errors
 from konvert.auth import Principal
 from konvert.db import Queryable
-from konvert.portal import i18n, links, views
+from konvert.portal import i18n, links, sessions, views
 from konvert.portal.model import LOCALES, Locale
 from konvert.preferences import service as preferences
 from konvert.preferences.model import ConsentsIn
@@ -53,6 +57,7 @@ from konvert.settings import Settings
 
 PACKAGE = resources.files("konvert.portal")
 SESSION_STORE = "konvert-portal-sessions"
+CSRF_COOKIE = "konvert_csrf"
 # Changes made in the portal are recorded as made by this client (consents, exports, erasure).
 PORTAL = Principal(key_id=0, name="member portal", scopes=frozenset())
 HTML = "text/html; charset=utf-8"
@@ -76,16 +81,47 @@ class LinkNotValid(errors.Unauthenticated):
     code, title = "portal_link_not_valid", "This link cannot be used"
 
 
+@functools.cache
+def asset(name: str) -> str:
+    """The URL of a static file, with a digest of its content: browsers may keep it for a year,
+    and a new konvert with another file links to another URL."""
+    digest = hashlib.sha256(PACKAGE.joinpath("static", name).read_bytes()).hexdigest()[:12]
+    return f"/portal/static/{name}?v={digest}"
+
+
+class LocaleLoader(BaseLoader):
+    """Loads "de/overview.html" from overview.html (compiled under its own name, with its locale)."""
+
+    def __init__(self, templates: FileSystemLoader) -> None:
+        self.templates = templates
+
+    def get_source(self, environment: Environment, template: str) -> tuple[str, str | None, Callable[[], bool] | None]:
+        locale, _, name = template.partition("/")
+        if locale not in LOCALES:
+            raise TemplateNotFound(template)
+        return self.templates.get_source(environment, name)
+
+
+class PortalEnvironment(Environment):
+    """Templates by locale: "de/overview.html" is overview.html with its messages in German
+    (``i18n.CompiledMessages``), and the templates it extends or includes are its locale's too."""
+
+    def join_path(self, template: str, parent: str) -> str:
+        locale = parent.partition("/")[0]
+        return f"{locale}/{template}" if locale in LOCALES else template
+
+
 def environment() -> Environment:
-    env = Environment(
-        loader=FileSystemLoader(str(PACKAGE.joinpath("templates"))),
+    env = PortalEnvironment(
+        loader=LocaleLoader(FileSystemLoader(str(PACKAGE.joinpath("templates")))),
+        extensions=[i18n.CompiledMessages],
         autoescape=select_autoescape(default=True),
         trim_blocks=True,
         lstrip_blocks=True,
         # The templates ship with the package and change only with it: no stat() per page.
         auto_reload=False,
     )
-    env.globals.update(i18n.GLOBALS)
+    env.globals.update(i18n.GLOBALS, asset=asset)
     env.filters.update(i18n.FILTERS)
     return env
 
@@ -131,9 +167,11 @@ def page(
     context: dict[str, Any],
     status_code: int = 200,
     headers: dict[str, str] | None = None,
+    session: MemberSession | None = None,
 ) -> Template:
-    session = session_of(request)
+    session = session or session_of(request)
     base = {
+        **i18n.messages(session.locale),
         "locale": session.locale,
         "locales": LOCALES,
         "return_url": session.return_url,
@@ -141,15 +179,22 @@ def page(
         "path": request.url.path,
     }
     return Template(
-        template_name=name, context=base | context, status_code=status_code, media_type=HTML, headers=headers
+        template_name=f"{session.locale}/{name}",
+        context=base | context,
+        status_code=status_code,
+        media_type=HTML,
+        headers=headers,
     )
 
 
 def _error_page(request: Request[Any, Any, Any], exc: errors.KonvertError) -> Template:
     data = request.scope.get("session") or {}
-    locale = data.get("locale") if isinstance(data, dict) else None
+    locale = (data.get("locale") if isinstance(data, dict) else None) or i18n.from_accept_language(
+        request.headers.get("accept-language")
+    )
     context = {
-        "locale": locale or i18n.from_accept_language(request.headers.get("accept-language")),
+        **i18n.messages(locale),
+        "locale": locale,
         "locales": LOCALES,
         "return_url": data.get("return_url") if isinstance(data, dict) else None,
         "program": request.app.state.services.program.name,
@@ -160,7 +205,7 @@ def _error_page(request: Request[Any, Any, Any], exc: errors.KonvertError) -> Te
     if exc.status == 503:
         headers["retry-after"] = str(RETRY_AFTER_SECONDS)
     return Template(
-        template_name="error.html", context=context, status_code=exc.status, media_type=HTML, headers=headers
+        template_name=f"{locale}/error.html", context=context, status_code=exc.status, media_type=HTML, headers=headers
     )
 
 
@@ -238,19 +283,24 @@ class EntryController(Controller):
         grant = await links.redeem(services, token)
         if grant is None:
             raise LinkNotValid("this link was used already or has expired; open the portal again from the shop")
-        request.set_session(
-            {
-                "member_id": grant.member_id,
-                "locale": grant.locale,
-                "return_url": grant.return_url,
-                "started_at": services.clock().timestamp(),
-            }
-        )
         if next_view == "card":
-            # Rendered here rather than after a redirect: a page of another site that frames the
-            # card gets no SameSite=Lax cookie back, so the link itself must show it.
-            return await card_page(request, services, grant.member_id)
-        return Redirect(_VIEWS[next_view], status_code=303)
+            # The card is for a frame in the shop's or forum's page, where the browser keeps no
+            # SameSite=Lax cookie (another site): it is shown from the link itself and starts no
+            # session. Its way into the portal is a link of its own, opened as a page of its own.
+            locale = grant.locale or i18n.from_accept_language(request.headers.get("accept-language"))
+            member = MemberSession(grant.member_id, locale, grant.return_url)
+            return await card_page(request, services, member, await links.reissue(services, grant))
+        data = {
+            "member_id": grant.member_id,
+            "locale": grant.locale,
+            "return_url": grant.return_url,
+            "started_at": services.clock().timestamp(),
+        }
+        await sessions.begin(request, request.app.stores.get(SESSION_STORE), data)
+        # A CSRF token the browser brought along goes too: the next page sets a new one.
+        brought = request.cookies.get(CSRF_COOKIE)
+        dropped = [Cookie(key=CSRF_COOKIE, value="", path="/portal", max_age=0)] if brought else None
+        return Redirect(_VIEWS[next_view], status_code=303, cookies=dropped)
 
 
 class PortalController(Controller):
@@ -369,15 +419,19 @@ class PortalController(Controller):
     @get("/card")
     async def card(self, request: Request[Any, Any, Any], services: Svc) -> Template:
         """A compact balance, tier and rank card to embed in the program's allowed origins."""
-        return await card_page(request, services, session_of(request).member_id)
+        return await card_page(request, services, session_of(request), "/portal")
 
 
-async def card_page(request: Request[Any, Any, Any], services: Services, member_id: str) -> Template:
-    """The card, which only pages of the program's portal.frame_ancestors may frame."""
-    current = await views.balance(services, member_id)
+async def card_page(
+    request: Request[Any, Any, Any], services: Services, member: MemberSession, onward: str
+) -> Template:
+    """The card, which only pages of the program's portal.frame_ancestors may frame; ``onward``
+    is where its link to the portal leads."""
+    current = await views.balance(services, member.member_id)
     ancestors = " ".join(services.program.portal.frame_ancestors) or "'none'"
-    context = {"balance": current, **views.standing(services, current)}
-    return page(request, "card.html", context, headers={"content-security-policy": _CSP.format(ancestors=ancestors)})
+    context = {"balance": current, "onward": onward, **views.standing(services, current)}
+    headers = {"content-security-policy": _CSP.format(ancestors=ancestors)}
+    return page(request, "card.html", context, headers=headers, session=member)
 
 
 # --- wiring ---------------------------------------------------------------------------------------
@@ -397,17 +451,18 @@ class PortalPages:
         settings = self.settings
         self.csrf = CSRFConfig(
             secret=secrets.token_hex(32),
-            cookie_name="konvert_csrf",
+            cookie_name=CSRF_COOKIE,
             cookie_path="/portal",
             cookie_secure=settings.portal_cookie_secure,
             cookie_httponly=True,
             cookie_samesite="lax",
         )
-        sessions = ServerSideSessionConfig(
+        session_config = ServerSideSessionConfig(
             store=SESSION_STORE,
-            key="konvert_portal",
+            key=sessions.COOKIE,
             path="/portal",
-            max_age=settings.portal_session_idle_seconds,
+            # The cookie's lifetime; Redis keeps a session for the idle timeout after its last use.
+            max_age=settings.portal_session_absolute_seconds,
             renew_on_access=True,
             secure=settings.portal_cookie_secure,
             httponly=True,
@@ -417,13 +472,17 @@ class PortalPages:
             path="/portal/static",
             directories=[Path(str(PACKAGE.joinpath("static")))],
             opt={"public": True},
-            cache_control=CacheControlHeader(max_age=3600, public=True),
+            # Pages link them with a digest of their content (``asset``).
+            cache_control=CacheControlHeader(max_age=365 * 24 * 3600, public=True, immutable=True),
             include_in_schema=False,
         )
         pages = Router(
             path="/",
             route_handlers=[EntryController, PortalController],
-            middleware=[sessions.middleware, DefineMiddleware(CSRFMiddleware, config=self.csrf)],
+            middleware=[
+                sessions.middleware(session_config, settings.portal_session_idle_seconds),
+                DefineMiddleware(CSRFMiddleware, config=self.csrf),
+            ],
             guards=[member_session],
             exception_handlers={
                 errors.KonvertError: _handle_konvert_error,

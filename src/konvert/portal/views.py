@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from konvert.ledger import balances
+from konvert.ledger import balances, reads
 from konvert.ledger.model import ActivityItem, Balance
 from konvert.preferences import service as preferences
 from konvert.redemption import service as redemption
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from konvert.services import Services
 
 ACTIVITY_PAGE_SIZE = 20
-VESTING_DATES_SHOWN = 10
+VESTING_DATES_SHOWN = reads.VESTING_DATES_MAX
 LEADERBOARD_SIZE = 10
 PERIODS = ("week", "month", "all")
 
@@ -53,8 +53,10 @@ def standing(services: Services, current: Balance) -> dict[str, Any]:
 
 async def overview(services: Services, member_id: str) -> dict[str, Any]:
     current = await balance(services, member_id)
-    # Only pending points vest: without any, there is nothing to look up.
-    vesting = await balances.vesting(services, member_id, VESTING_DATES_SHOWN) if current.pending > 0 else []
+    vesting = current.vesting
+    if current.pending > 0 and not vesting:
+        # A balance cached by a konvert from before balances listed their vesting dates.
+        vesting = await balances.vesting(services, member_id, VESTING_DATES_SHOWN)
     return {"balance": current, "vesting": vesting, **standing(services, current)}
 
 
