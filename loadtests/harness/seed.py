@@ -154,6 +154,15 @@ select 'seed-r-' || u, u, null, redeemed, 'captured', null, jsonb_build_array(js
 from ({_PURCHASE_ROWS}) s where redeemed > 0
 """
 
+# Where the schema has them (konvert.ledger.keys), the seeded purchase and redemption ids'
+# claims; a baseline from before them has none.
+_NATURAL_KEYS = """
+insert into natural_keys (key, kind, scope, member_uid)
+select purchase_id, 'purchase', partner, member_uid from purchases where member_uid between $1 and $2
+union all
+select redemption_id, 'redemption', '', member_uid from redemptions where member_uid between $1 and $2
+"""
+
 _SEQUENCES = (("members", "member_uid"), ("accounts", "account_id"), ("lots", "lot_id"), ("transfers", "transfer_id"))
 
 
@@ -277,6 +286,8 @@ async def seed_members(
                 f"select setval(pg_get_serial_sequence('{table}', '{column}'), "
                 f"(select greatest(coalesce(max({column}), 0), 1) from {table}))"
             )
+        if await conn.fetchval("select to_regclass('natural_keys') is not null"):
+            await conn.execute(_NATURAL_KEYS, lo, hi)
         # Fresh statistics and visibility map, as a long-running database would have.
         await conn.execute("vacuum analyze")
     finally:

@@ -80,6 +80,8 @@ CONSTRAINT_ERRORS: dict[str, type[errors.KonvertError]] = {
     "refunds_purchase_refund_id_key": errors.IdempotencyConflict,
     "redemptions_redemption_id_key": errors.IdempotencyConflict,
     "adjustments_adjustment_id_key": errors.IdempotencyConflict,
+    # A purchase, redemption or adjustment id another member's write claimed (konvert.ledger.keys).
+    "natural_keys_pkey": errors.IdempotencyConflict,
     "rewards_stock_check": errors.OutOfStock,
 }
 

@@ -110,7 +110,7 @@ async def write_purchases(
     window_start = now - timedelta(days=tiers.window_days) if tiers.levels else None
     async with writing(services) as book:
         members = {m.id: m for m in await book.lock(ids={p.member_id for p in postings})}
-        keys = [(p.partner, p.purchase_id) for p in postings]
+        keys = [(p.partner, p.purchase_id, m.uid if (m := members.get(p.member_id)) else None) for p in postings]
         recorded, qualifying = await store.read_for_batch(
             book.conn, keys, [m.uid for m in members.values()], window_start
         )

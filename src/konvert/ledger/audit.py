@@ -90,8 +90,8 @@ CHECKS: tuple[Check, ...] = (
         """
         select l.lot_id::text, 'remaining ' || l.remaining || ' <> amount ' || l.amount || ' - entries '
                || coalesce(sum(e.amount), 0)
-        from lots l left join lot_entries e using (lot_id)
-        group by l.lot_id having l.remaining <> l.amount - coalesce(sum(e.amount), 0)
+        from lots l left join lot_entries e using (member_uid, lot_id)
+        group by l.member_uid, l.lot_id having l.remaining <> l.amount - coalesce(sum(e.amount), 0)
         """,
     ),
     (

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import asyncpg
 
 from konvert.db import Connection, Queryable, one
+from konvert.ledger import keys
 from konvert.ledger.rules import OpenLot
 
 # Every member has these accounts, created with the member.
@@ -124,9 +125,11 @@ class LockedLot(NamedTuple):
     expires_at: datetime | None
 
 
-async def lock_lot(conn: Connection, lot_id: int) -> LockedLot | None:
+async def lock_lot(conn: Connection, member_uid: int, lot_id: int) -> LockedLot | None:
     row = await conn.fetchrow(
-        "select lot_id, remaining, state, expires_at from lots where lot_id = $1 for update", lot_id
+        "select lot_id, remaining, state, expires_at from lots where member_uid = $1 and lot_id = $2 for update",
+        member_uid,
+        lot_id,
     )
     return LockedLot(*row) if row is not None else None
 
@@ -146,9 +149,14 @@ async def lock_available_lots(conn: Connection, member_uid: int, exclude_lot_id:
     return [OpenLot(row["lot_id"], row["remaining"]) for row in rows]
 
 
-async def lock_lot_states(conn: Connection, lot_ids: Sequence[int]) -> dict[int, str]:
+async def lock_lot_states(conn: Connection, member_uid: int, lot_ids: Sequence[int]) -> dict[int, str]:
     rows = await conn.fetch(
-        "select lot_id, state from lots where lot_id = any($1::bigint[]) order by lot_id for update", list(lot_ids)
+        """
+        select lot_id, state from lots where member_uid = $1 and lot_id = any($2::bigint[])
+        order by lot_id for update
+        """,
+        member_uid,
+        list(lot_ids),
     )
     return {row["lot_id"]: row["state"] for row in rows}
 
@@ -167,10 +175,12 @@ async def lock_due_lots(conn: Connection, member_uid: int, now: datetime) -> lis
     return [LockedLot(*row) for row in rows]
 
 
-async def select_expired_from_lot(conn: Connection, lot_id: int) -> int:
-    """Points the lot lost to expiry."""
+async def select_expired_from_lot(conn: Connection, member_uid: int, lot_id: int) -> int:
+    """Points the member's lot lost to expiry."""
     expired: int = await conn.fetchval(
-        "select coalesce(sum(amount), 0) from lot_entries where lot_id = $1 and kind = 'expire'", lot_id
+        "select coalesce(sum(amount), 0) from lot_entries where member_uid = $1 and lot_id = $2 and kind = 'expire'",
+        member_uid,
+        lot_id,
     )
     return expired
 
@@ -191,10 +201,15 @@ async def vest_lots(conn: Connection, member_uid: int, lot_ids: Sequence[int], n
     return [OpenLot(row["lot_id"], row["remaining"]) for row in rows]
 
 
-async def mark_lots(conn: Connection, lot_ids: Sequence[int], state: str) -> None:
-    """Move lots to ``state`` (available when they vest, expired when they expire); what they hold
-    is moved by transfers and lot entries (``post``)."""
-    await conn.execute("update lots set state = $2 where lot_id = any($1::bigint[])", list(lot_ids), state)
+async def mark_lots(conn: Connection, member_uid: int, lot_ids: Sequence[int], state: str) -> None:
+    """Move the member's lots to ``state`` (available when they vest, expired when they expire);
+    what they hold is moved by transfers and lot entries (``post``)."""
+    await conn.execute(
+        "update lots set state = $3 where member_uid = $1 and lot_id = any($2::bigint[])",
+        member_uid,
+        list(lot_ids),
+        state,
+    )
 
 
 async def credit_lot(
@@ -353,7 +368,7 @@ with leg as materialized (
 ), taken as (
     update lots set remaining = lots.remaining - t.points
     from (select lot_id, sum(points) as points from take group by lot_id) t
-    where lots.lot_id = t.lot_id
+    where lots.member_uid = $1 and lots.lot_id = t.lot_id
 ), entry as (
     insert into lot_entries (lot_id, member_uid, transfer_id, amount, kind)
     select t.lot_id, $1, l.transfer_id, t.points, t.kind from take t left join leg l on l.ord = t.leg
@@ -441,8 +456,14 @@ async def store_tier_standings(
 
 
 async def select_adjustment_replay(conn: Queryable, adjustment_id: str) -> asyncpg.Record | None:
+    """The recorded adjustment under this id (its member found by the key first), or None."""
+    member_uid = await keys.select_key_member(conn, keys.ADJUSTMENT, adjustment_id)
+    if member_uid is None:
+        return None
     row: asyncpg.Record | None = await conn.fetchrow(
-        "select request_hash, response from adjustments where adjustment_id = $1", adjustment_id
+        "select request_hash, response from adjustments where member_uid = $1 and adjustment_id = $2",
+        member_uid,
+        adjustment_id,
     )
     return row
 
@@ -461,13 +482,18 @@ async def insert_adjustment(
     request_hash: bytes,
     response: bytes,
 ) -> None:
+    """Record an adjustment and claim its id (another member's adjustment under the id fails the
+    statement on natural_keys_pkey)."""
     await conn.execute(
-        """
+        f"""
+        with {keys.CLAIM_CTE}
         insert into adjustments (adjustment_id, member_uid, points, reason_code, note, key_id, key_name, transfer_id,
                                  request_hash, response)
-        values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+        select $1, member_uid, $5, $6, $7, $8, $9, $10, $11, $12 from claimed
         """,
         adjustment_id,
+        keys.ADJUSTMENT,
+        "",
         member_uid,
         points,
         reason_code,
