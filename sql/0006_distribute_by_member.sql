@@ -9,7 +9,7 @@
 -- every key's index.
 --
 -- Natural keys that are not per member move to natural_keys, a table distributed by the key:
--- (purchase_id, 'purchase', partner), (redemption_id, 'redemption', ''), (adjustment_id,
+-- (member_id, 'member', ''), (purchase_id, 'purchase', partner), (redemption_id, 'redemption', ''), (adjustment_id,
 -- 'adjustment', ''). Claiming a key there is what makes it unique (concurrent duplicates meet on
 -- its primary key), and it says which member the key belongs to, so a request that names only
 -- the key (a refund, a capture) finds the member with one lookup on one shard.
@@ -19,16 +19,52 @@
 
 create table natural_keys (
     key        text not null,
-    kind       text not null check (kind in ('purchase', 'redemption', 'adjustment')),
+    kind       text not null check (kind in ('member', 'purchase', 'redemption', 'adjustment')),
     -- The partner of a purchase id; '' for kinds unique on their own.
     scope      text not null default '',
     member_uid bigint not null,
     primary key (key, kind, scope)
 );
 insert into natural_keys (key, kind, scope, member_uid)
-select purchase_id, 'purchase', partner, member_uid from purchases
+select member_id, 'member', '', member_uid from members
+union all select purchase_id, 'purchase', partner, member_uid from purchases
 union all select redemption_id, 'redemption', '', member_uid from redemptions
 union all select adjustment_id, 'adjustment', '', member_uid from adjustments;
+
+
+-- System accounts ---------------------------------------------------------------------------
+--
+-- The program's accounts (issued:<partner>, redeemed, expired, ...) have no member, and a
+-- distributed table has no row without its distribution column: they move to a table of their
+-- own, a reference table on Citus. Their ids stay as they were (one sequence for both tables), so
+-- transfers keep naming them.
+
+create table system_accounts (
+    account_id bigint primary key default nextval('accounts_account_id_seq'),
+    asset      text not null check (asset in ('points', 'reputation')),
+    name       text not null check (length(name) between 1 and 100),
+    created_at timestamptz not null default now(),
+    constraint system_accounts_name_key unique (asset, name)
+);
+insert into system_accounts (account_id, asset, name, created_at)
+select account_id, asset, name, created_at from accounts where member_uid is null;
+alter table accounts disable trigger accounts_never_deleted;
+delete from accounts where member_uid is null;
+alter table accounts enable trigger accounts_never_deleted;
+alter table accounts alter column member_uid set not null,
+    drop constraint accounts_pkey, add constraint accounts_pkey primary key (member_uid, account_id),
+    drop constraint accounts_owner_key, add constraint accounts_owner_key unique (member_uid, asset, name);
+create trigger system_accounts_never_deleted before delete or truncate on system_accounts
+    for each statement execute function konvert_never_deleted();
+-- Both kinds, for `konvert audit`, which checks transfers against whatever account they name.
+create view every_account as
+select account_id, member_uid, asset, name from accounts
+union all
+select account_id, null, asset, name from system_accounts;
+
+
+-- A member id is unique in natural_keys.
+alter table members drop constraint members_member_id_key;
 
 
 -- Foreign keys to lots, transfers and purchases name the member ------------------------------

@@ -271,3 +271,13 @@ async def test_the_explain_check_finds_a_scan_that_is_not_by_member(database_url
         await conn.close()
 
     assert len(unrouted) == 1 and "on lots" in unrouted[0]
+
+
+def test_konvert_citus_setup_prints_the_calls(capsys: pytest.CaptureFixture[str]) -> None:
+    from konvert.cli import main
+
+    assert main(["citus-setup", "--print"]) == 0
+
+    printed = capsys.readouterr().out
+    assert printed == distribution.citus_setup_sql()
+    assert "select create_distributed_table('members', 'member_uid', colocate_with => 'none');" in printed

@@ -1,4 +1,5 @@
-"""Natural keys that are not per member: a partner's purchase ids, redemption and adjustment ids.
+"""Natural keys that are not per member: member ids, a partner's purchase ids, redemption and
+adjustment ids.
 
 Each is unique in ``natural_keys``, a table distributed by the key (konvert.distribution), which
 also says which member the key belongs to. A write claims its key in the statement that records
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from konvert.db import Queryable
 
+MEMBER = "member"
 PURCHASE = "purchase"
 REDEMPTION = "redemption"
 ADJUSTMENT = "adjustment"

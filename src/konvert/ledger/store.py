@@ -30,22 +30,38 @@ MEMBER_COLUMNS = """member_uid, member_id, points_available, points_pending, poi
 
 
 async def select_member_uid(conn: Queryable, member_id: str) -> int | None:
-    uid: int | None = await conn.fetchval("select member_uid from members where member_id = $1", member_id)
-    return uid
+    """The uid of the member with this id (an erased member's: its pseudonym), or None."""
+    return await keys.select_key_member(conn, keys.MEMBER, member_id)
+
+
+async def select_member_uids(conn: Queryable, member_ids: Sequence[str]) -> dict[str, int]:
+    """The uids of the members with these ids (those that exist), by id: the statement on the ids'
+    shards that comes before the statements on the members' own."""
+    rows = await conn.fetch(
+        "select key, member_uid from natural_keys where key = any($1::text[]) and kind = 'member' and scope = ''",
+        list(member_ids),
+    )
+    return {row["key"]: row["member_uid"] for row in rows}
 
 
 async def insert_members(conn: Connection, member_ids: Sequence[str]) -> None:
-    """Create the members that do not exist yet, each with its accounts.
+    """Create the members that do not exist yet, each with its accounts, and claim their ids.
 
     In member id order, so that two transactions creating the same members never wait on each
-    other's inserts in a circle. A member created meanwhile by another transaction is left as it is.
+    other's claims in a circle. A member created meanwhile by another transaction is left as it is.
     """
     await conn.execute(
         """
-        with member as (
-            insert into members (member_id)
-            select member_id from unnest($1::text[]) as m (member_id) order by member_id
-            on conflict (member_id) do nothing
+        with claimed as (
+            insert into natural_keys (key, kind, scope, member_uid)
+            select member_id, 'member', '', nextval('members_member_uid_seq')
+            from unnest($1::text[]) as m (member_id) order by member_id
+            on conflict do nothing
+            returning key, member_uid
+        ), member as (
+            insert into members (member_uid, member_id)
+            overriding system value
+            select member_uid, key from claimed
             returning member_uid
         )
         insert into accounts (member_uid, asset, name)
@@ -61,25 +77,32 @@ async def insert_members(conn: Connection, member_ids: Sequence[str]) -> None:
 async def lock_members(conn: Connection, *, uids: Sequence[int] = (), ids: Sequence[str] = ()) -> list[asyncpg.Record]:
     """Lock the members' rows (those that exist, named by uid or by id) until the transaction
     ends, in member_uid order: the order of every writer that locks several members, so that two
-    of them never wait for each other in a circle."""
+    of them never wait for each other in a circle. Ids are resolved first (``select_member_uids``);
+    a member renamed by an erasure meanwhile is not the one its old id named, and is left out."""
+    by_id = await select_member_uids(conn, ids) if ids else {}
     rows: list[asyncpg.Record] = await conn.fetch(
-        f"""
-        select {MEMBER_COLUMNS} from members
-        where member_uid = any($1::bigint[]) or member_id = any($2::text[])
-        order by member_uid
-        for update
-        """,
-        list(uids),
-        list(ids),
+        f"select {MEMBER_COLUMNS} from members where member_uid = any($1::bigint[]) order by member_uid for update",
+        sorted({*uids, *by_id.values()}),
     )
-    return rows
+    named = {uid: member_id for member_id, uid in by_id.items()}
+    wanted = set(uids)
+    return [row for row in rows if row["member_uid"] in wanted or named.get(row["member_uid"]) == row["member_id"]]
 
 
 async def rename_member(conn: Connection, member_uid: int, pseudonym: str, now: datetime) -> asyncpg.Record:
-    """An erasure: the member id becomes ``pseudonym``; the balances stay, under a new version."""
+    """An erasure: the member id becomes ``pseudonym`` (the old id is free again, the pseudonym
+    claimed); the balances stay, under a new version. The member is locked by the caller."""
     row = one(
         await conn.fetchrow(
             f"""
+        with old as (
+            select member_id from members where member_uid = $1
+        ), released as (
+            delete from natural_keys k using old
+            where k.key = old.member_id and k.kind = 'member' and k.scope = '' and k.member_uid = $1
+        ), claimed as (
+            insert into natural_keys (key, kind, scope, member_uid) values ($2, 'member', '', $1)
+        )
         update members set member_id = $2, erased_at = $3, version = version + 1
         where member_uid = $1 returning {MEMBER_COLUMNS}
         """,
@@ -96,7 +119,7 @@ async def rename_member(conn: Connection, member_uid: int, pseudonym: str, now: 
 
 async def select_system_account(conn: Connection, asset: str, name: str) -> int | None:
     account_id: int | None = await conn.fetchval(
-        "select account_id from accounts where member_uid is null and asset = $1 and name = $2", asset, name
+        "select account_id from system_accounts where asset = $1 and name = $2", asset, name
     )
     return account_id
 
@@ -105,8 +128,8 @@ async def insert_system_account(conn: Connection, asset: str, name: str) -> int 
     """Create a system account; None when it exists already (or a concurrent transaction made it)."""
     account_id: int | None = await conn.fetchval(
         """
-        insert into accounts (member_uid, asset, name) values (null, $1, $2)
-        on conflict (member_uid, asset, name) do nothing
+        insert into system_accounts (asset, name) values ($1, $2)
+        on conflict (asset, name) do nothing
         returning account_id
         """,
         asset,
