@@ -9,17 +9,17 @@ member_uid, member_id and new version of every member whose balances moved.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import asyncpg
 
-from konvert.db import Connection
+from konvert.db import Connection, Row
 from konvert.ledger.store import TierStanding
 
 # A due lot as the jobs' lock statements return it: its member_uid and lot_id (and more).
-LotOf = Mapping[str, Any]
+LotOf = Row
 
 
 class Earn(NamedTuple):
