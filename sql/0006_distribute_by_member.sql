@@ -54,6 +54,8 @@ alter table accounts enable trigger accounts_never_deleted;
 alter table accounts alter column member_uid set not null,
     drop constraint accounts_pkey, add constraint accounts_pkey primary key (member_uid, account_id),
     drop constraint accounts_owner_key, add constraint accounts_owner_key unique (member_uid, asset, name);
+-- `konvert audit` finds the account a transfer names by its id alone.
+create index accounts_account_id_idx on accounts (account_id);
 create trigger system_accounts_never_deleted before delete or truncate on system_accounts
     for each statement execute function konvert_never_deleted();
 -- Both kinds, for `konvert audit`, which checks transfers against whatever account they name.

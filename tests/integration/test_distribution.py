@@ -192,10 +192,12 @@ def _scans(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield from _scans(child)
 
 
-async def _unrouted(conn: asyncpg.Connection, statements: list[tuple[str, tuple[Any, ...]]]) -> list[str]:
+async def _unrouted(
+    conn: asyncpg.Connection, statements: list[tuple[str, tuple[Any, ...]]]
+) -> tuple[list[str], set[str]]:
     """The scans of distributed tables (outside the gaps) that do not filter by the table's
-    distribution column, in every statement captured."""
-    found = []
+    distribution column, in every statement captured; and the tables checked."""
+    found, checked = [], set()
     for sql, args in statements:
         if not re.match(r"\s*(with|select|insert|update|delete)\b", sql, re.IGNORECASE):
             continue
@@ -204,10 +206,11 @@ async def _unrouted(conn: asyncpg.Connection, statements: list[tuple[str, tuple[
             table = DISTRIBUTED.get(node.get("Relation Name", ""))
             if table is None or table.table in distribution.GAPS or node.get("Node Type") == "ModifyTable":
                 continue
+            checked.add(table.table)
             conditions = " ".join(str(node.get(k, "")) for k in ("Index Cond", "Recheck Cond", "Filter"))
             if not re.search(rf"\b{table.column}\b", conditions):
                 found.append(f"{node['Node Type']} on {table.table} ({conditions.strip() or 'no condition'}): {sql}")
-    return found
+    return found, checked
 
 
 def _purchase(member_id: str) -> PurchaseIn:
@@ -256,17 +259,18 @@ async def test_the_hot_requests_read_and_write_by_member(one_connection: Any, da
 
     conn = await asyncpg.connect(database_url)
     try:
-        unrouted = await _unrouted(conn, captured.statements)
+        unrouted, checked = await _unrouted(conn, captured.statements)
     finally:
         await conn.close()
 
     assert unrouted == []
+    assert {"members", "natural_keys", "accounts", "lots", "purchases", "refunds", "redemptions"} <= checked
 
 
 async def test_the_explain_check_finds_a_scan_that_is_not_by_member(database_url: str) -> None:
     conn = await asyncpg.connect(database_url)
     try:
-        unrouted = await _unrouted(conn, [("select count(*) from lots where state = $1", ("pending",))])
+        unrouted, _ = await _unrouted(conn, [("select count(*) from lots where state = $1", ("pending",))])
     finally:
         await conn.close()
 
