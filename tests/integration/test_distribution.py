@@ -27,6 +27,7 @@ from konvert import composition, distribution
 from konvert.earning.model import PurchaseIn, RefundIn
 from konvert.earning.refunds import refund_purchase
 from konvert.earning.service import post_purchase
+from konvert.errors import IdempotencyConflict
 from konvert.ledger.accounts import ADJUSTMENTS
 from konvert.ledger.balances import read_balance
 from konvert.ledger.book import writing
@@ -285,3 +286,44 @@ def test_konvert_citus_setup_prints_the_calls(capsys: pytest.CaptureFixture[str]
     printed = capsys.readouterr().out
     assert printed == distribution.citus_setup_sql()
     assert "select create_distributed_table('members', 'member_uid', colocate_with => 'none');" in printed
+
+
+# --- ids unique across members ------------------------------------------------------------------
+
+
+async def test_an_id_another_member_claimed_is_a_conflict_that_changes_nothing(
+    services: Any, client: Any, admin_headers: dict[str, str]
+) -> None:
+    """Purchase and redemption ids are unique across members through their claims in
+    natural_keys, not a unique constraint of the member's table."""
+    owner, other = f"dist-{uuid.uuid4().hex[:10]}", f"dist-{uuid.uuid4().hex[:10]}"
+    purchase = _purchase(owner)
+    await post_purchase(services, purchase)
+    await post_purchase(services, _purchase(other))
+    async with writing(services) as book:
+        for member_id in (owner, other):
+            member = await book.member(member_id)
+            assert member is not None
+            await book.credit(
+                member, 50, source=ADJUSTMENTS, code="adjust", cause=Cause("test", member_id), reason="test",
+                expires_at=None, vests_at=datetime.now(UTC),
+            )  # fmt: skip
+    redemption_id = f"r-{owner}"
+    await redeem(services, owner, RedemptionIn(redemption_id=redemption_id, points=10))
+    before = await read_balance(services, other)
+
+    with pytest.raises(IdempotencyConflict):
+        await post_purchase(services, msgspec.structs.replace(purchase, member_id=other))
+    refused = await client.post(
+        f"/v1/members/{other}/redemptions", json={"redemption_id": redemption_id, "points": 10}, headers=admin_headers
+    )
+
+    assert (refused.status_code, refused.json()["code"]) == (409, "idempotency_conflict")
+
+    assert await read_balance(services, other) == before
+    claims = await services.pool.fetch(
+        "select kind, member_uid from natural_keys where key = any($1::text[]) order by kind",
+        [purchase.purchase_id, redemption_id],
+    )
+    owner_uid = await services.pool.fetchval("select member_uid from natural_keys where key = $1", owner)
+    assert [tuple(c) for c in claims] == [("purchase", owner_uid), ("redemption", owner_uid)]

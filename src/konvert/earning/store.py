@@ -27,28 +27,52 @@ class Recorded(NamedTuple):
     response: bytes
 
 
+class Claims(NamedTuple):
+    """Who the ids of a batch belong to (konvert.ledger.keys): member id -> member_uid, and
+    (partner, purchase_id) -> the member_uid of the purchase recorded under it."""
+
+    members: dict[str, int]
+    purchases: dict[tuple[str, str], int]
+
+
+async def select_claims(conn: Connection, member_ids: Sequence[str], keys: Sequence[tuple[str, str]]) -> Claims:
+    """The members of a batch's member ids and of its (partner, purchase_id) keys already claimed,
+    in one statement on the ids' shards, before the members are locked: a purchase id another
+    member claims after this is found by the claim that records the batch (``insert_purchases``)."""
+    rows = await conn.fetch(
+        """
+        select kind, scope, key, member_uid from natural_keys
+        where key = any($1::text[]) and kind = 'member' and scope = ''
+        union all
+        select n.kind, n.scope, n.key, n.member_uid
+        from unnest($2::text[], $3::text[]) as k (partner, purchase_id)
+        join natural_keys n on n.key = k.purchase_id and n.kind = 'purchase' and n.scope = k.partner
+        """,
+        list(member_ids),
+        [partner for partner, _ in keys],
+        [purchase_id for _, purchase_id in keys],
+    )
+    return Claims(
+        {row["key"]: row["member_uid"] for row in rows if row["kind"] == "member"},
+        {(row["scope"], row["key"]): row["member_uid"] for row in rows if row["kind"] == "purchase"},
+    )
+
+
 async def read_for_batch(
     conn: Connection,
-    keys: Sequence[tuple[str, str, int | None]],
+    keys: Sequence[tuple[str, str, int]],
     member_uids: Sequence[int],
     tier_window_start: datetime | None,
 ) -> tuple[dict[tuple[str, str], Recorded], dict[int, int]]:
     """What a batch of postings needs to know, in one statement: the purchases among (partner,
-    purchase_id, member_uid of the posting's member, None for a new one) keys that are recorded
-    already, and each member's points qualifying for tiers since ``tier_window_start`` (none when
-    it is None). Read after the members are locked, so the sums include every purchase committed
-    before. A purchase id recorded for another member comes back with an empty request hash: no
-    posting of this member can replay it."""
+    purchase_id, member_uid) keys that are recorded already for that member, and each member's
+    points qualifying for tiers since ``tier_window_start`` (none when it is None). Read after the
+    members are locked, so the sums include every purchase committed before."""
     rows = await conn.fetch(
         f"""
         select p.partner, p.purchase_id, p.member_uid, p.request_hash, p.response, null::bigint as points
         from unnest($1::text[], $2::text[], $5::bigint[]) as k (partner, purchase_id, member_uid)
         join purchases p on p.member_uid = k.member_uid and p.partner = k.partner and p.purchase_id = k.purchase_id
-        union all
-        select n.scope, n.key, n.member_uid, ''::bytea, ''::bytea, null
-        from unnest($1::text[], $2::text[], $5::bigint[]) as k (partner, purchase_id, member_uid)
-        join natural_keys n on n.key = k.purchase_id and n.kind = 'purchase' and n.scope = k.partner
-        where n.member_uid is distinct from k.member_uid
         union all
         select null, null, u.member_uid, null, null, {qualifying_points_sql("u.member_uid", "$4")}
         from unnest($3::bigint[]) as u (member_uid)
