@@ -109,6 +109,7 @@ alter table redemptions drop constraint redemptions_pkey,
     add constraint redemptions_pkey primary key (member_uid, redemption_pk),
     drop constraint redemptions_redemption_id_key,
     add constraint redemptions_redemption_id_key unique (member_uid, redemption_id);
+drop index redemptions_member_idx;
 alter table reputation_entries drop constraint reputation_entries_pkey,
     add constraint reputation_entries_pkey primary key (member_uid, entry_id);
 drop index reputation_entries_member_idx;

@@ -258,7 +258,8 @@ async def test_the_hot_requests_read_and_write_by_member(one_connection: Any, da
     await _hot_requests(services)
     assert len(captured.statements) > 10  # the logger saw the requests' statements
 
-    conn = await asyncpg.connect(database_url)
+    # Planned as konvert plans them: once per connection, for any values (konvert.db).
+    conn = await asyncpg.connect(database_url, server_settings={"plan_cache_mode": "force_generic_plan"})
     try:
         unrouted, checked = await _unrouted(conn, captured.statements)
     finally:

@@ -73,6 +73,8 @@ async def read_for_batch(
         select p.partner, p.purchase_id, p.member_uid, p.request_hash, p.response, null::bigint as points
         from unnest($1::text[], $2::text[], $5::bigint[]) as k (partner, purchase_id, member_uid)
         join purchases p on p.member_uid = k.member_uid and p.partner = k.partner and p.purchase_id = k.purchase_id
+        -- Named as a set too, so that a distributed database reads only these members' shards.
+        where p.member_uid = any($3::bigint[])
         union all
         select null, null, u.member_uid, null, null, {qualifying_points_sql("u.member_uid", "$4")}
         from unnest($3::bigint[]) as u (member_uid)
