@@ -154,6 +154,17 @@ select 'seed-r-' || u, u, null, redeemed, 'captured', null, jsonb_build_array(js
 from ({_PURCHASE_ROWS}) s where redeemed > 0
 """
 
+# Where the schema has them (konvert.ledger.keys), the seeded member, purchase and redemption ids'
+# claims; a baseline from before them has none.
+_NATURAL_KEYS = """
+insert into natural_keys (key, kind, scope, member_uid)
+select member_id, 'member', '', member_uid from members where member_uid between $1 and $2
+union all
+select purchase_id, 'purchase', partner, member_uid from purchases where member_uid between $1 and $2
+union all
+select redemption_id, 'redemption', '', member_uid from redemptions where member_uid between $1 and $2
+"""
+
 _SEQUENCES = (("members", "member_uid"), ("accounts", "account_id"), ("lots", "lot_id"), ("transfers", "transfer_id"))
 
 
@@ -170,6 +181,12 @@ class ProgramFacts:
 
 
 async def _system_account(conn: asyncpg.Connection, name: str) -> int:
+    if await conn.fetchval("select to_regclass('system_accounts') is not null"):
+        await conn.execute(
+            "insert into system_accounts (asset, name) values ('points', $1) on conflict (asset, name) do nothing", name
+        )
+        return await conn.fetchval("select account_id from system_accounts where asset = 'points' and name = $1", name)
+    # A baseline from before system accounts had a table of their own.
     await conn.execute(
         "insert into accounts (member_uid, asset, name) values (null, 'points', $1) "
         "on conflict (member_uid, asset, name) do nothing",
@@ -234,7 +251,11 @@ async def seed_members(
             raise RuntimeError(f"members from uid {lo} on exist already; seed into an empty range")
         issued = await _system_account(conn, f"issued:{facts.partner}")
         redeemed = await _system_account(conn, "redeemed")
-        account_base = await conn.fetchval("select coalesce(max(account_id), 0) + 1 from accounts")
+        # Past every account id the sequence gave, system accounts' too (one sequence for both).
+        account_base = await conn.fetchval(
+            "select greatest(coalesce(max(account_id), 0), (select last_value from accounts_account_id_seq)) + 1 "
+            "from accounts"
+        )
         lot_base = await conn.fetchval("select coalesce(max(lot_id), 0) + 1 from lots")
         transfer_base = await conn.fetchval("select coalesce(max(transfer_id), 0) + 1 from transfers")
     finally:
@@ -277,6 +298,8 @@ async def seed_members(
                 f"select setval(pg_get_serial_sequence('{table}', '{column}'), "
                 f"(select greatest(coalesce(max({column}), 0), 1) from {table}))"
             )
+        if await conn.fetchval("select to_regclass('natural_keys') is not null"):
+            await conn.execute(_NATURAL_KEYS, lo, hi)
         # Fresh statistics and visibility map, as a long-running database would have.
         await conn.execute("vacuum analyze")
     finally:

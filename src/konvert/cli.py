@@ -1,4 +1,4 @@
-"""``konvert serve | migrate | keys | integrations | jobs | events | audit | leaderboards | cache``.
+"""``konvert serve | migrate | keys | integrations | jobs | events | audit | leaderboards | cache | citus-setup``.
 
 Every command builds its settings from ``KONVERT_*`` once. Without KONVERT_DATABASE_URL /
 KONVERT_REDIS_URL it starts the embedded PostgreSQL / Redis under the data directory. A bad
@@ -293,6 +293,13 @@ def cmd_cache(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_citus_setup(args: argparse.Namespace, settings: Settings) -> int:
+    from konvert.distribution import citus_setup_sql
+
+    print(citus_setup_sql(), end="")
+    return 0
+
+
 def _batch_size(text: str) -> int:
     if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 10_000:
         raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 10000, not {text!r}")
@@ -391,6 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="members per query and per round trip to Redis (1-10000, default 1000)",
     )
     cache.set_defaults(run=cmd_cache)
+
+    citus = commands.add_parser(
+        "citus-setup", help="the SQL that distributes konvert's tables on Citus (docs/SCALING.md)"
+    )
+    citus.add_argument("--print", action="store_true", required=True, help="print it (to run with psql)")
+    citus.set_defaults(run=cmd_citus_setup)
     return parser
 
 

@@ -75,11 +75,13 @@ class Problem(msgspec.Struct, omit_defaults=True):
 
 # Constraint name -> the error a violation of it means for the client.
 CONSTRAINT_ERRORS: dict[str, type[errors.KonvertError]] = {
-    "members_member_id_key": errors.Conflict,
     "purchases_partner_purchase_id_key": errors.IdempotencyConflict,
     "refunds_purchase_refund_id_key": errors.IdempotencyConflict,
     "redemptions_redemption_id_key": errors.IdempotencyConflict,
     "adjustments_adjustment_id_key": errors.IdempotencyConflict,
+    # A purchase, redemption or adjustment id another member's write claimed (konvert.ledger.keys).
+    # (A member id is claimed with `on conflict do nothing`: a concurrent creation is no error.)
+    "natural_keys_pkey": errors.IdempotencyConflict,
     "rewards_stock_check": errors.OutOfStock,
 }
 

@@ -147,7 +147,7 @@ CORRUPTIONS = {
     "5 reputation is never spent": (
         "insert into transfers (member_uid, asset, debit_account_id, credit_account_id, amount, code, cause_type, cause_ref)"
         " select m.member_uid, 'reputation', a.account_id,"
-        " (select account_id from accounts where member_uid is null and asset = 'points' limit 1), 5, 'redeem', 'test', 'x'"
+        " (select account_id from system_accounts where asset = 'points' limit 1), 5, 'redeem', 'test', 'x'"
         " from members m join accounts a on a.member_uid = m.member_uid and a.asset = 'reputation' where m.member_id = 'cem'"
     ),
 }
@@ -188,7 +188,9 @@ DANGLING = {
         "no transfer -5",
     ),
     "lot member": (
-        "update lots set member_uid = -2 where lot_id = (select min(lot_id) from lots)",
+        # A lot without entries: the entries' foreign key (member_uid, lot_id) keeps the others.
+        "update lots set member_uid = -2 where lot_id = (select min(lot_id) from lots l"
+        " where not exists (select 1 from lot_entries e where e.lot_id = l.lot_id))",
         "lot ",
         "no member -2",
     ),
@@ -198,7 +200,9 @@ DANGLING = {
         "no transfer -3",
     ),
     "purchase member": (
-        "update purchases set member_uid = -6 where purchase_pk = (select min(purchase_pk) from purchases)",
+        # A purchase without refunds: the refunds' foreign key (member_uid, purchase_pk) keeps the others.
+        "update purchases set member_uid = -6 where purchase_pk = (select min(purchase_pk) from purchases p"
+        " where not exists (select 1 from refunds r where r.purchase_pk = p.purchase_pk))",
         "purchase ",
         "no member -6",
     ),

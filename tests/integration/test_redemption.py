@@ -448,7 +448,8 @@ async def _expiry_rows(services: Services, member_id: str) -> dict[str, Any]:
     """What expiry wrote for a member, without ids: its transfers, lot entries, lots, balances."""
     transfers = await services.pool.fetch(
         """select t.amount, d.name as debit, c.name as credit, t.cause_type, t.reason from transfers t
-           join accounts d on d.account_id = t.debit_account_id join accounts c on c.account_id = t.credit_account_id
+           join every_account d on d.account_id = t.debit_account_id
+           join every_account c on c.account_id = t.credit_account_id
            join members m on m.member_uid = t.member_uid
            where m.member_id = $1 and t.code = 'expire' order by t.amount""",
         member_id,

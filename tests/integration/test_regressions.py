@@ -415,10 +415,11 @@ async def test_a_purchase_locks_no_account(tier_services, new_id):
         held = holder.transaction()
         await held.start()
         locked = await holder.fetch(
-            "select a.account_id from accounts a left join members m using (member_uid)"
-            " where m.member_id = $1 or (a.member_uid is null and a.name = 'issued:webshop') for update of a",
+            "select a.account_id from accounts a join members m using (member_uid) where m.member_id = $1"
+            " for update of a",
             member,
         )
+        locked += await holder.fetch("select account_id from system_accounts where name = 'issued:webshop' for update")
         assert len(locked) == 5  # the member's four and the partner's
         posted = asyncio.create_task(earning.post_purchase(services, _purchase_in(member, new_id("p"), 10)))
         try:

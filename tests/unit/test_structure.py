@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "src" / "konvert"
 LEDGER = PACKAGE / "ledger"
 
-LEDGER_TABLES = ("members", "accounts", "lots", "lot_entries", "transfers", "adjustments")
+LEDGER_TABLES = ("members", "accounts", "system_accounts", "lots", "lot_entries", "transfers", "adjustments")
 # A statement that writes one of the ledger's tables, or moves a balance version.
 _WRITES = re.compile(
     rf"\b(?:insert\s+into|update|delete\s+from|truncate(?:\s+table)?)\s+({'|'.join(LEDGER_TABLES)})\b"

@@ -8,7 +8,7 @@ CHECKS: tuple[tuple[str, str], ...] = (
                || ' earn transfer(s) of ' || coalesce(sum(t.amount), 0)
         from purchases p left join transfers t
           on t.cause_type = 'purchase' and t.cause_ref = p.partner || '/' || p.purchase_id and t.code = 'earn'
-        group by p.purchase_pk
+        group by p.member_uid, p.purchase_pk
         having count(t.transfer_id) <> (case when p.points > 0 then 1 else 0 end)
             or coalesce(sum(t.amount), 0) <> p.points
         """,
@@ -18,8 +18,8 @@ CHECKS: tuple[tuple[str, str], ...] = (
         """
         select p.partner || '/' || p.purchase_id, 'refunded ' || sum(r.amount) || ' of ' || p.total_amount
                || ', clawed ' || sum(r.points) || ' of ' || p.points || ' points'
-        from purchases p join refunds r using (purchase_pk)
-        group by p.purchase_pk having sum(r.amount) > p.total_amount or sum(r.points) > p.points
+        from purchases p join refunds r using (member_uid, purchase_pk)
+        group by p.member_uid, p.purchase_pk having sum(r.amount) > p.total_amount or sum(r.points) > p.points
         """,
     ),
     (

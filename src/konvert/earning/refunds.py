@@ -46,9 +46,9 @@ async def _refund(services: Services, book: Book, purchase_id: str, refund: Refu
     if member_uid is None:
         raise errors.PurchaseNotFound(f"no purchase {purchase_id!r} from partner {partner!r}")
     member = await book.member_by_uid(member_uid)
-    purchase = await store.lock_purchase(book.conn, partner, purchase_id)
+    purchase = await store.lock_purchase(book.conn, member_uid, partner, purchase_id)
     digest = request_hash(partner, purchase_id, msgspec.structs.replace(refund, partner=partner))
-    existing = await store.select_refund_replay(book.conn, purchase["purchase_pk"], refund.refund_id)
+    existing = await store.select_refund_replay(book.conn, member_uid, purchase["purchase_pk"], refund.refund_id)
     if existing is not None:
         return replay(existing, digest)
 
@@ -57,8 +57,8 @@ async def _refund(services: Services, book: Book, purchase_id: str, refund: Refu
     # What the purchase's lot lost to expiry was taken from the member once already.
     already_expired = 0
     if purchase["lot_id"] is not None:
-        expired = await ledger_store.select_expired_from_lot(book.conn, purchase["lot_id"])
-        counted = await store.select_expiry_refunded(book.conn, purchase["purchase_pk"])
+        expired = await ledger_store.select_expired_from_lot(book.conn, member_uid, purchase["lot_id"])
+        counted = await store.select_expiry_refunded(book.conn, member_uid, purchase["purchase_pk"])
         already_expired = min(plan.points, expired - counted)
     clawback = await book.claw_back(
         member,
@@ -76,7 +76,7 @@ async def _refund(services: Services, book: Book, purchase_id: str, refund: Refu
     response = _response(
         refund, purchase_id, partner, purchase["member_id"], plan, clawback, already_expired, new_state
     )
-    await store.update_refund_state(book.conn, purchase["purchase_pk"], _encode(new_state))
+    await store.update_refund_state(book.conn, member_uid, purchase["purchase_pk"], _encode(new_state))
     await store.insert_refund(
         book.conn,
         store.RefundRow(

@@ -109,11 +109,7 @@ async def write_purchases(
     now = services.clock()
     window_start = now - timedelta(days=tiers.window_days) if tiers.levels else None
     async with writing(services) as book:
-        members = {m.id: m for m in await book.lock(ids={p.member_id for p in postings})}
-        keys = [(p.partner, p.purchase_id) for p in postings]
-        recorded, qualifying = await store.read_for_batch(
-            book.conn, keys, [m.uid for m in members.values()], window_start
-        )
+        members, recorded, qualifying = await _read_batch(book, postings, window_start)
         new: list[_New] = []
         first: dict[tuple[str, str], int] = {}
         for index, (purchase, digest) in enumerate(zip(postings, digests, strict=True)):
@@ -144,6 +140,30 @@ async def write_purchases(
             if hook is not None:
                 await hook(book, outcome)
     return done
+
+
+async def _read_batch(
+    book: Book, postings: Sequence[PurchaseIn], window_start: datetime | None
+) -> tuple[dict[str, Member], dict[tuple[str, str], store.Recorded], dict[int, int]]:
+    """Lock the batch's members that exist and read what its postings need, in three statements:
+    the ids' claims, the members' locks, their recorded purchases and points qualifying for tiers.
+    A purchase id claimed by another member comes back with an empty request hash, which no
+    posting can replay."""
+    claims = await store.select_claims(
+        book.conn, sorted({p.member_id for p in postings}), [(p.partner, p.purchase_id) for p in postings]
+    )
+    # A member erased since its id was read is locked under its pseudonym, and left out.
+    locked = await book.lock(uids=claims.members.values())
+    members = {m.id: m for m in locked if claims.members.get(m.id) == m.uid}
+    keys = [(p.partner, p.purchase_id, members[p.member_id].uid) for p in postings if p.member_id in members]
+    recorded, qualifying = await store.read_for_batch(book.conn, keys, [m.uid for m in members.values()], window_start)
+    for posting in postings:
+        key = (posting.partner, posting.purchase_id)
+        owner = claims.purchases.get(key)
+        member = members.get(posting.member_id)
+        if owner is not None and (member is None or member.uid != owner):
+            recorded.setdefault(key, store.Recorded(owner, b"", b""))
+    return members, recorded, qualifying
 
 
 def _replay(response: bytes, recorded_digest: bytes, digest: bytes) -> Outcome | errors.KonvertError:

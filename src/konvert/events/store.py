@@ -477,9 +477,10 @@ async def prune_lot_notices(conn: Queryable, expired_before: datetime, limit: in
     count: int = await conn.fetchval(
         """
         with doomed as (
-            select lot_id from lot_expiry_notices where expires_at < $1 order by expires_at limit $2
+            select member_uid, lot_id from lot_expiry_notices where expires_at < $1 order by expires_at limit $2
         ), deleted as (
-            delete from lot_expiry_notices n using doomed d where n.lot_id = d.lot_id returning 1
+            delete from lot_expiry_notices n using doomed d
+            where n.member_uid = d.member_uid and n.lot_id = d.lot_id returning 1
         )
         select count(*) from deleted
         """,

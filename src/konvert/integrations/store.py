@@ -187,7 +187,7 @@ async def insert_deliveries(conn: Connection, deliveries: Sequence[NewDelivery])
                     $8::jsonb[], $9::jsonb[], $10::text[], $11::text[])
              as d(integration_id, delivery_key, topic, received_at, status, external_id, member_id, action, results,
                   error_code, error)
-        left join members m on m.member_id = d.member_id
+        left join natural_keys m on m.key = d.member_id and m.kind = 'member' and m.scope = ''
         order by d.integration_id, d.delivery_key
         on conflict (integration_id, delivery_key) do nothing
         returning integration_id, {_DELIVERY}
@@ -219,7 +219,9 @@ async def update_delivery(
     return await conn.fetchrow(
         f"""
         update deliveries set status = $2, updated_at = $3, attempts = attempts + 1,
-            member_uid = coalesce((select member_uid from members where member_id = $4), member_uid),
+            member_uid = coalesce(
+                (select member_uid from natural_keys where key = $4 and kind = 'member' and scope = ''), member_uid
+            ),
             results = $5::jsonb, error_code = $6, error = $7,
             external_id = case when $2 = 'parked' then external_id end
         where delivery_pk = $1 and status in ('failed', 'parked')

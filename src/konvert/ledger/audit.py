@@ -30,8 +30,8 @@ CHECKS: tuple[Check, ...] = (
         """
         select t.transfer_id::text, 'asset ' || t.asset || ' moves between accounts of '
                || d.asset || ' and ' || c.asset
-        from transfers t join accounts d on d.account_id = t.debit_account_id
-                         join accounts c on c.account_id = t.credit_account_id
+        from transfers t join every_account d on d.account_id = t.debit_account_id
+                         join every_account c on c.account_id = t.credit_account_id
         where d.asset <> t.asset or c.asset <> t.asset
            or (d.member_uid is not null and d.member_uid <> t.member_uid)
            or (c.member_uid is not null and c.member_uid <> t.member_uid)
@@ -44,7 +44,7 @@ CHECKS: tuple[Check, ...] = (
         from (
             select asset, amount as debits, 0::numeric as credits from transfers
             union all
-            select a.asset, 0, t.amount from transfers t join accounts a on a.account_id = t.credit_account_id
+            select a.asset, 0, t.amount from transfers t join every_account a on a.account_id = t.credit_account_id
         ) x group by asset having sum(debits) <> sum(credits)
         """,
     ),
@@ -90,8 +90,8 @@ CHECKS: tuple[Check, ...] = (
         """
         select l.lot_id::text, 'remaining ' || l.remaining || ' <> amount ' || l.amount || ' - entries '
                || coalesce(sum(e.amount), 0)
-        from lots l left join lot_entries e using (lot_id)
-        group by l.lot_id having l.remaining <> l.amount - coalesce(sum(e.amount), 0)
+        from lots l left join lot_entries e using (member_uid, lot_id)
+        group by l.member_uid, l.lot_id having l.remaining <> l.amount - coalesce(sum(e.amount), 0)
         """,
     ),
     (
@@ -119,7 +119,7 @@ CHECKS: tuple[Check, ...] = (
         "5 reputation is never spent",
         """
         select t.transfer_id::text, 'code ' || t.code || ' takes reputation from a member'
-        from transfers t join accounts d on d.account_id = t.debit_account_id
+        from transfers t join every_account d on d.account_id = t.debit_account_id
         where t.asset = 'reputation' and d.member_uid is not null and t.code not in ('retract')
         """,
     ),
@@ -137,8 +137,8 @@ CHECKS: tuple[Check, ...] = (
                         then 'transfer ' || t.reverses_transfer_id end)
         from transfers t
         left join members m on m.member_uid = t.member_uid
-        left join accounts d on d.account_id = t.debit_account_id
-        left join accounts c on c.account_id = t.credit_account_id
+        left join every_account d on d.account_id = t.debit_account_id
+        left join every_account c on c.account_id = t.credit_account_id
         left join lots l on l.lot_id = t.lot_id
         left join transfers r on r.transfer_id = t.reverses_transfer_id
         where m.member_uid is null or d.account_id is null or c.account_id is null

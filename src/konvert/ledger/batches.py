@@ -15,8 +15,11 @@ from typing import NamedTuple
 
 import asyncpg
 
-from konvert.db import Connection
+from konvert.db import Connection, Row
 from konvert.ledger.store import TierStanding
+
+# A due lot as the jobs' lock statements return it: its member_uid and lot_id (and more).
+LotOf = Row
 
 
 class Earn(NamedTuple):
@@ -153,11 +156,13 @@ for update of m skip locked
 """
 
 
-async def vest_locked_lots(conn: Connection, lot_ids: Sequence[int], now: datetime) -> list[asyncpg.Record]:
+async def vest_locked_lots(conn: Connection, lots: Sequence[LotOf], now: datetime) -> list[asyncpg.Record]:
     """Vest these due lots (of members without a refund debt, locked by this transaction);
     return (member_uid, member_id, version, lots, points, lot_ids, and the balances after) per
     member whose balances moved."""
-    rows: list[asyncpg.Record] = await conn.fetch(_VEST_LOTS, list(lot_ids), now)
+    rows: list[asyncpg.Record] = await conn.fetch(
+        _VEST_LOTS, [lot["member_uid"] for lot in lots], [lot["lot_id"] for lot in lots], now
+    )
     return rows
 
 
@@ -165,9 +170,10 @@ async def vest_locked_lots(conn: Connection, lot_ids: Sequence[int], now: dateti
 # member's pending account to their available one, and each member's balances move by the sum.
 _VEST_LOTS = """
 with vested as (
-    update lots set state = 'available'
-    where lot_id = any($1::bigint[]) and state = 'pending' and vests_at <= $2
-    returning lot_id, member_uid, remaining
+    update lots l set state = 'available'
+    from unnest($1::bigint[], $2::bigint[]) as d (member_uid, lot_id)
+    where l.member_uid = d.member_uid and l.lot_id = d.lot_id and l.state = 'pending' and l.vests_at <= $3
+    returning l.lot_id, l.member_uid, l.remaining
 ), moved as (
     insert into transfers (member_uid, asset, debit_account_id, credit_account_id, amount, code,
                            cause_type, cause_ref, lot_id, reason)
@@ -216,12 +222,14 @@ for update of m skip locked
 
 
 async def expire_locked_lots(
-    conn: Connection, lot_ids: Sequence[int], now: datetime, expired_account_id: int
+    conn: Connection, lots: Sequence[LotOf], now: datetime, expired_account_id: int
 ) -> list[asyncpg.Record]:
     """Expire these due lots (of members locked by this transaction); return (member_uid,
     member_id, version, lots, points, lot_ids, and the balances after) per member whose balances
     moved."""
-    rows: list[asyncpg.Record] = await conn.fetch(_EXPIRE_LOTS, list(lot_ids), now, expired_account_id)
+    rows: list[asyncpg.Record] = await conn.fetch(
+        _EXPIRE_LOTS, [lot["member_uid"] for lot in lots], [lot["lot_id"] for lot in lots], now, expired_account_id
+    )
     return rows
 
 
@@ -231,14 +239,17 @@ async def expire_locked_lots(
 # locked, and every writer of lots locks their member first, so `due` is current.
 _EXPIRE_LOTS = """
 with due as (
-    select lot_id, member_uid, remaining, state, expires_at from lots
-    where lot_id = any($1::bigint[]) and state <> 'expired' and expires_at <= $2
+    select l.lot_id, l.member_uid, l.remaining, l.state, l.expires_at
+    from unnest($1::bigint[], $2::bigint[]) as d (member_uid, lot_id)
+    join lots l on l.member_uid = d.member_uid and l.lot_id = d.lot_id
+    where l.state <> 'expired' and l.expires_at <= $3
 ), marked as (
-    update lots set state = 'expired', remaining = 0 from due where lots.lot_id = due.lot_id
+    update lots set state = 'expired', remaining = 0 from due
+    where lots.member_uid = due.member_uid and lots.lot_id = due.lot_id
 ), moved as (
     insert into transfers (member_uid, asset, debit_account_id, credit_account_id, amount, code,
                            cause_type, cause_ref, lot_id, reason)
-    select d.member_uid, 'points', bucket.account_id, $3, d.remaining, 'expire', 'lot', d.lot_id::text,
+    select d.member_uid, 'points', bucket.account_id, $4, d.remaining, 'expire', 'lot', d.lot_id::text,
            d.lot_id, 'points expired on ' || to_char(d.expires_at at time zone 'UTC', 'YYYY-MM-DD')
     from due d
     left join accounts bucket on bucket.member_uid = d.member_uid and bucket.asset = 'points'
@@ -284,13 +295,13 @@ with due as (
     select l.lot_id, l.member_uid, l.remaining, l.expires_at from lots l
     where l.state <> 'expired' and l.remaining > 0 and l.expires_at > $1 and l.expires_at <= $2
       and l.expires_at >= coalesce((select max(expires_at) from lot_expiry_notices), '-infinity'::timestamptz)
-      and not exists (select 1 from lot_expiry_notices n where n.lot_id = l.lot_id)
+      and not exists (select 1 from lot_expiry_notices n where n.member_uid = l.member_uid and n.lot_id = l.lot_id)
     order by l.expires_at, l.lot_id
     limit $3
 ), noticed as (
     insert into lot_expiry_notices (lot_id, member_uid, expires_at, noticed_at)
     select lot_id, member_uid, expires_at, $1 from due
-    on conflict (lot_id) do nothing
+    on conflict (member_uid, lot_id) do nothing
     returning lot_id
 )
 select d.lot_id, d.member_uid, d.expires_at, d.remaining as points

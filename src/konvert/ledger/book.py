@@ -290,7 +290,7 @@ class Book:
     ) -> int:
         """Return spent or held points to the lots they came from (``takes``); points whose lot
         expired meanwhile expire now instead. Returns the first transfer's id."""
-        states = await store.lock_lot_states(self.conn, [lot for lot, _ in takes])
+        states = await store.lock_lot_states(self.conn, member.uid, [lot for lot, _ in takes])
         alive = [(lot, points) for lot, points in takes if states[lot] != "expired"]
         alive_points = sum(points for _, points in alive)
         dead_points = sum(points for _, points in takes) - alive_points
@@ -347,7 +347,7 @@ class Book:
         longer count as earned."""
         if points == 0:
             return Clawback(0, 0, 0, [])
-        own = await store.lock_lot(self.conn, own_lot_id) if own_lot_id is not None else None
+        own = await store.lock_lot(self.conn, member.uid, own_lot_id) if own_lot_id is not None else None
         own_open = OpenLot(own.lot_id, own.remaining) if own is not None and own.state != "expired" else None
         others = await store.lock_available_lots(self.conn, member.uid, own_lot_id)
         plan = plan_clawback(points, own_open, own is not None and own.state == "pending", others, allow_negative)
@@ -460,7 +460,7 @@ class Book:
             available=-sum(lot.remaining for lot in live if lot.state == "available"),
             pending=-sum(lot.remaining for lot in live if lot.state == "pending"),
         )
-        await store.mark_lots(self.conn, [lot.lot_id for lot in lots], "expired")
+        await store.mark_lots(self.conn, member.uid, [lot.lot_id for lot in lots], "expired")
         _, row = await store.post(self.conn, member.uid, legs, takes, deltas)
         member = self._changed(row)
         points = sum(lot.remaining for lot in live)

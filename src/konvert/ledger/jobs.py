@@ -34,7 +34,7 @@ log = logging.getLogger("konvert.ledger.jobs")
 RETRY_FAILED_MEMBERS_AFTER_SECONDS = 600.0
 
 Lock = Callable[[Connection, Sequence[int]], Awaitable[list[asyncpg.Record]]]
-Settle = Callable[[Connection, list[int]], Awaitable[list[asyncpg.Record]]]
+Settle = Callable[[Connection, list[asyncpg.Record]], Awaitable[list[asyncpg.Record]]]
 Alone = Callable[[int, list[int]], Awaitable[int]]
 
 
@@ -65,8 +65,8 @@ async def vest_due_lots(services: Services, now: datetime | None = None) -> int:
         async with writing(services) as book:
             return await book.vest(await book.member_by_uid(member_uid), lot_ids, moment)
 
-    async def settle(conn: Connection, lot_ids: list[int]) -> list[asyncpg.Record]:
-        rows = await batches.vest_locked_lots(conn, lot_ids, moment)
+    async def settle(conn: Connection, lots: list[asyncpg.Record]) -> list[asyncpg.Record]:
+        rows = await batches.vest_locked_lots(conn, lots, moment)
         await events.insert_events(conn, [_settled(row, "points.vested", moment) for row in rows])
         return rows
 
@@ -85,9 +85,9 @@ async def expire_due_lots(services: Services, now: datetime | None = None) -> in
     moment = now or services.clock()
     batch_size = services.settings.jobs_batch_size
 
-    async def settle(conn: Connection, lot_ids: list[int]) -> list[asyncpg.Record]:
+    async def settle(conn: Connection, lots: list[asyncpg.Record]) -> list[asyncpg.Record]:
         expired_account = await services.shared(SystemAccounts).id(conn, EXPIRED)
-        rows = await batches.expire_locked_lots(conn, lot_ids, moment, expired_account)
+        rows = await batches.expire_locked_lots(conn, lots, moment, expired_account)
         await events.insert_events(conn, [_settled(row, "points.expired", moment) for row in rows])
         return rows
 
@@ -160,7 +160,7 @@ async def work_due_lots(
         try:
             async with conn.transaction():
                 due = await lock(conn, failures.passed_over(job))
-                batch = [row["lot_id"] for row in due if not by_itself(row)]
+                batch = [row for row in due if not by_itself(row)]
                 moved = await settle(conn, batch) if batch else []
             left = [row for row in due if by_itself(row)]
         except asyncpg.PostgresError:

@@ -8,6 +8,7 @@ from datetime import datetime
 import asyncpg
 
 from konvert.db import Queryable, one
+from konvert.ledger.store import select_member_uid, select_member_uids
 
 Conn = Queryable
 
@@ -47,7 +48,7 @@ def _balances_sql(members: str) -> str:
     """
 
 
-_BALANCES_OF = _balances_sql("from members m where m.member_id = any($1::text[])")
+_BALANCES_OF = _balances_sql("from members m where m.member_uid = any($1::bigint[])")
 _BALANCES_AFTER = _balances_sql(
     "from members m where m.member_uid > $1 and m.erased_at is null order by m.member_uid limit $4"
 )
@@ -58,9 +59,13 @@ async def select_balances(
 ) -> list[asyncpg.Record]:
     """The members' stored balances, tier, and soonest-expiring points grouped by date
     (``expiring_lots`` dates at most, or only those expiring before ``expiring_before``); those
-    that exist, in no order."""
-    rows: list[asyncpg.Record] = await conn.fetch(_BALANCES_OF, member_ids, expiring_lots, expiring_before)
-    return rows
+    that exist, in no order. Two statements: the ids' uids (konvert.ledger.keys), then the
+    members' rows by uid (a member erased in between is left out, like one that does not exist)."""
+    uids = await select_member_uids(conn, member_ids)
+    if not uids:
+        return []
+    rows = await conn.fetch(_BALANCES_OF, list(uids.values()), expiring_lots, expiring_before)
+    return [row for row in rows if uids.get(row["member_id"]) == row["member_uid"]]
 
 
 async def select_balance(
@@ -84,11 +89,11 @@ async def select_vesting(conn: Conn, member_id: str, limit: int) -> list[asyncpg
     rows: list[asyncpg.Record] = await conn.fetch(
         """
         select l.vests_at, sum(l.remaining)::bigint as points
-        from members m join lots l on l.member_uid = m.member_uid
-        where m.member_id = $1 and l.remaining > 0 and l.state = 'pending'
+        from lots l
+        where l.member_uid = $1 and l.remaining > 0 and l.state = 'pending'
         group by l.vests_at order by l.vests_at limit $2
         """,
-        member_id,
+        await select_member_uid(conn, member_id),
         limit,
     )
     return rows
@@ -102,11 +107,13 @@ async def select_activity(
         """
         select t.transfer_id, t.code, t.asset, t.amount, t.cause_type, t.cause_ref, t.lot_id,
                t.reverses_transfer_id, t.reason, t.created_at,
-               d.member_uid is not null as debit_is_member, d.name as debit_name,
-               c.member_uid is not null as credit_is_member, c.name as credit_name
+               d.account_id is not null as debit_is_member, coalesce(d.name, sd.name) as debit_name,
+               c.account_id is not null as credit_is_member, coalesce(c.name, sc.name) as credit_name
         from transfers t
-        join accounts d on d.account_id = t.debit_account_id
-        join accounts c on c.account_id = t.credit_account_id
+        left join accounts d on d.member_uid = t.member_uid and d.account_id = t.debit_account_id
+        left join system_accounts sd on sd.account_id = t.debit_account_id
+        left join accounts c on c.member_uid = t.member_uid and c.account_id = t.credit_account_id
+        left join system_accounts sc on sc.account_id = t.credit_account_id
         where t.member_uid = $1 and ($2::bigint is null or t.transfer_id < $2)
         order by t.transfer_id desc
         limit $3
@@ -147,10 +154,13 @@ async def select_member_for_export(conn: Conn, member_uid: int) -> asyncpg.Recor
 
 async def select_live_member_uid(conn: Conn, member_id: str) -> int | None:
     """The member's uid, unless there is no such member or it is an erased member's pseudonym."""
-    uid: int | None = await conn.fetchval(
-        "select member_uid from members where member_id = $1 and erased_at is null", member_id
+    uid = await select_member_uid(conn, member_id)
+    if uid is None:
+        return None
+    live: int | None = await conn.fetchval(
+        "select member_uid from members where member_uid = $1 and erased_at is null", uid
     )
-    return uid
+    return live
 
 
 async def select_adjustments(conn: Conn, member_uid: int, limit: int) -> list[asyncpg.Record]:

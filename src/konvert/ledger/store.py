@@ -18,6 +18,7 @@ from typing import NamedTuple
 import asyncpg
 
 from konvert.db import Connection, Queryable, one
+from konvert.ledger import keys
 from konvert.ledger.rules import OpenLot
 
 # Every member has these accounts, created with the member.
@@ -29,22 +30,38 @@ MEMBER_COLUMNS = """member_uid, member_id, points_available, points_pending, poi
 
 
 async def select_member_uid(conn: Queryable, member_id: str) -> int | None:
-    uid: int | None = await conn.fetchval("select member_uid from members where member_id = $1", member_id)
-    return uid
+    """The uid of the member with this id (an erased member's: its pseudonym), or None."""
+    return await keys.select_key_member(conn, keys.MEMBER, member_id)
+
+
+async def select_member_uids(conn: Queryable, member_ids: Sequence[str]) -> dict[str, int]:
+    """The uids of the members with these ids (those that exist), by id: the statement on the ids'
+    shards that comes before the statements on the members' own."""
+    rows = await conn.fetch(
+        "select key, member_uid from natural_keys where key = any($1::text[]) and kind = 'member' and scope = ''",
+        list(member_ids),
+    )
+    return {row["key"]: row["member_uid"] for row in rows}
 
 
 async def insert_members(conn: Connection, member_ids: Sequence[str]) -> None:
-    """Create the members that do not exist yet, each with its accounts.
+    """Create the members that do not exist yet, each with its accounts, and claim their ids.
 
     In member id order, so that two transactions creating the same members never wait on each
-    other's inserts in a circle. A member created meanwhile by another transaction is left as it is.
+    other's claims in a circle. A member created meanwhile by another transaction is left as it is.
     """
     await conn.execute(
         """
-        with member as (
-            insert into members (member_id)
-            select member_id from unnest($1::text[]) as m (member_id) order by member_id
-            on conflict (member_id) do nothing
+        with claimed as (
+            insert into natural_keys (key, kind, scope, member_uid)
+            select member_id, 'member', '', nextval('members_member_uid_seq')
+            from unnest($1::text[]) as m (member_id) order by member_id
+            on conflict do nothing
+            returning key, member_uid
+        ), member as (
+            insert into members (member_uid, member_id)
+            overriding system value
+            select member_uid, key from claimed
             returning member_uid
         )
         insert into accounts (member_uid, asset, name)
@@ -60,25 +77,32 @@ async def insert_members(conn: Connection, member_ids: Sequence[str]) -> None:
 async def lock_members(conn: Connection, *, uids: Sequence[int] = (), ids: Sequence[str] = ()) -> list[asyncpg.Record]:
     """Lock the members' rows (those that exist, named by uid or by id) until the transaction
     ends, in member_uid order: the order of every writer that locks several members, so that two
-    of them never wait for each other in a circle."""
+    of them never wait for each other in a circle. Ids are resolved first (``select_member_uids``);
+    a member renamed by an erasure meanwhile is not the one its old id named, and is left out."""
+    by_id = await select_member_uids(conn, ids) if ids else {}
     rows: list[asyncpg.Record] = await conn.fetch(
-        f"""
-        select {MEMBER_COLUMNS} from members
-        where member_uid = any($1::bigint[]) or member_id = any($2::text[])
-        order by member_uid
-        for update
-        """,
-        list(uids),
-        list(ids),
+        f"select {MEMBER_COLUMNS} from members where member_uid = any($1::bigint[]) order by member_uid for update",
+        sorted({*uids, *by_id.values()}),
     )
-    return rows
+    named = {uid: member_id for member_id, uid in by_id.items()}
+    wanted = set(uids)
+    return [row for row in rows if row["member_uid"] in wanted or named.get(row["member_uid"]) == row["member_id"]]
 
 
 async def rename_member(conn: Connection, member_uid: int, pseudonym: str, now: datetime) -> asyncpg.Record:
-    """An erasure: the member id becomes ``pseudonym``; the balances stay, under a new version."""
+    """An erasure: the member id becomes ``pseudonym`` (the old id is free again, the pseudonym
+    claimed); the balances stay, under a new version. The member is locked by the caller."""
     row = one(
         await conn.fetchrow(
             f"""
+        with old as (
+            select member_id from members where member_uid = $1
+        ), released as (
+            delete from natural_keys k using old
+            where k.key = old.member_id and k.kind = 'member' and k.scope = '' and k.member_uid = $1
+        ), claimed as (
+            insert into natural_keys (key, kind, scope, member_uid) values ($2, 'member', '', $1)
+        )
         update members set member_id = $2, erased_at = $3, version = version + 1
         where member_uid = $1 returning {MEMBER_COLUMNS}
         """,
@@ -95,7 +119,7 @@ async def rename_member(conn: Connection, member_uid: int, pseudonym: str, now: 
 
 async def select_system_account(conn: Connection, asset: str, name: str) -> int | None:
     account_id: int | None = await conn.fetchval(
-        "select account_id from accounts where member_uid is null and asset = $1 and name = $2", asset, name
+        "select account_id from system_accounts where asset = $1 and name = $2", asset, name
     )
     return account_id
 
@@ -104,8 +128,8 @@ async def insert_system_account(conn: Connection, asset: str, name: str) -> int 
     """Create a system account; None when it exists already (or a concurrent transaction made it)."""
     account_id: int | None = await conn.fetchval(
         """
-        insert into accounts (member_uid, asset, name) values (null, $1, $2)
-        on conflict (member_uid, asset, name) do nothing
+        insert into system_accounts (asset, name) values ($1, $2)
+        on conflict (asset, name) do nothing
         returning account_id
         """,
         asset,
@@ -124,9 +148,11 @@ class LockedLot(NamedTuple):
     expires_at: datetime | None
 
 
-async def lock_lot(conn: Connection, lot_id: int) -> LockedLot | None:
+async def lock_lot(conn: Connection, member_uid: int, lot_id: int) -> LockedLot | None:
     row = await conn.fetchrow(
-        "select lot_id, remaining, state, expires_at from lots where lot_id = $1 for update", lot_id
+        "select lot_id, remaining, state, expires_at from lots where member_uid = $1 and lot_id = $2 for update",
+        member_uid,
+        lot_id,
     )
     return LockedLot(*row) if row is not None else None
 
@@ -146,9 +172,14 @@ async def lock_available_lots(conn: Connection, member_uid: int, exclude_lot_id:
     return [OpenLot(row["lot_id"], row["remaining"]) for row in rows]
 
 
-async def lock_lot_states(conn: Connection, lot_ids: Sequence[int]) -> dict[int, str]:
+async def lock_lot_states(conn: Connection, member_uid: int, lot_ids: Sequence[int]) -> dict[int, str]:
     rows = await conn.fetch(
-        "select lot_id, state from lots where lot_id = any($1::bigint[]) order by lot_id for update", list(lot_ids)
+        """
+        select lot_id, state from lots where member_uid = $1 and lot_id = any($2::bigint[])
+        order by lot_id for update
+        """,
+        member_uid,
+        list(lot_ids),
     )
     return {row["lot_id"]: row["state"] for row in rows}
 
@@ -167,10 +198,12 @@ async def lock_due_lots(conn: Connection, member_uid: int, now: datetime) -> lis
     return [LockedLot(*row) for row in rows]
 
 
-async def select_expired_from_lot(conn: Connection, lot_id: int) -> int:
-    """Points the lot lost to expiry."""
+async def select_expired_from_lot(conn: Connection, member_uid: int, lot_id: int) -> int:
+    """Points the member's lot lost to expiry."""
     expired: int = await conn.fetchval(
-        "select coalesce(sum(amount), 0) from lot_entries where lot_id = $1 and kind = 'expire'", lot_id
+        "select coalesce(sum(amount), 0) from lot_entries where member_uid = $1 and lot_id = $2 and kind = 'expire'",
+        member_uid,
+        lot_id,
     )
     return expired
 
@@ -191,10 +224,15 @@ async def vest_lots(conn: Connection, member_uid: int, lot_ids: Sequence[int], n
     return [OpenLot(row["lot_id"], row["remaining"]) for row in rows]
 
 
-async def mark_lots(conn: Connection, lot_ids: Sequence[int], state: str) -> None:
-    """Move lots to ``state`` (available when they vest, expired when they expire); what they hold
-    is moved by transfers and lot entries (``post``)."""
-    await conn.execute("update lots set state = $2 where lot_id = any($1::bigint[])", list(lot_ids), state)
+async def mark_lots(conn: Connection, member_uid: int, lot_ids: Sequence[int], state: str) -> None:
+    """Move the member's lots to ``state`` (available when they vest, expired when they expire);
+    what they hold is moved by transfers and lot entries (``post``)."""
+    await conn.execute(
+        "update lots set state = $3 where member_uid = $1 and lot_id = any($2::bigint[])",
+        member_uid,
+        list(lot_ids),
+        state,
+    )
 
 
 async def credit_lot(
@@ -353,7 +391,7 @@ with leg as materialized (
 ), taken as (
     update lots set remaining = lots.remaining - t.points
     from (select lot_id, sum(points) as points from take group by lot_id) t
-    where lots.lot_id = t.lot_id
+    where lots.member_uid = $1 and lots.lot_id = t.lot_id
 ), entry as (
     insert into lot_entries (lot_id, member_uid, transfer_id, amount, kind)
     select t.lot_id, $1, l.transfer_id, t.points, t.kind from take t left join leg l on l.ord = t.leg
@@ -441,8 +479,14 @@ async def store_tier_standings(
 
 
 async def select_adjustment_replay(conn: Queryable, adjustment_id: str) -> asyncpg.Record | None:
+    """The recorded adjustment under this id (its member found by the key first), or None."""
+    member_uid = await keys.select_key_member(conn, keys.ADJUSTMENT, adjustment_id)
+    if member_uid is None:
+        return None
     row: asyncpg.Record | None = await conn.fetchrow(
-        "select request_hash, response from adjustments where adjustment_id = $1", adjustment_id
+        "select request_hash, response from adjustments where member_uid = $1 and adjustment_id = $2",
+        member_uid,
+        adjustment_id,
     )
     return row
 
@@ -461,13 +505,18 @@ async def insert_adjustment(
     request_hash: bytes,
     response: bytes,
 ) -> None:
+    """Record an adjustment and claim its id (another member's adjustment under the id fails the
+    statement on natural_keys_pkey)."""
     await conn.execute(
-        """
+        f"""
+        with {keys.CLAIM_CTE}
         insert into adjustments (adjustment_id, member_uid, points, reason_code, note, key_id, key_name, transfer_id,
                                  request_hash, response)
-        values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+        select $1, member_uid, $5, $6, $7, $8, $9, $10, $11, $12 from claimed
         """,
         adjustment_id,
+        keys.ADJUSTMENT,
+        "",
         member_uid,
         points,
         reason_code,

@@ -20,7 +20,7 @@ CHECKS: tuple[tuple[str, str], ...] = (
             (select jsonb_agg(jsonb_build_object('lot_id', e->0, 'points', e->1))
              from jsonb_array_elements(r.allocations) e)
         ) as a (lot_id bigint, points bigint) on true
-        group by r.redemption_pk having r.points <> coalesce(sum(a.points), 0)
+        group by r.member_uid, r.redemption_pk having r.points <> coalesce(sum(a.points), 0)
         """,
     ),
 )

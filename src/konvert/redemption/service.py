@@ -12,7 +12,7 @@ import msgspec
 
 from konvert import errors
 from konvert.idempotency import Outcome, replay, request_hash
-from konvert.ledger import events
+from konvert.ledger import events, keys
 from konvert.ledger.accounts import REDEEMED, SystemAccount
 from konvert.ledger.book import Book, Member, writing
 from konvert.ledger.model import Cause
@@ -76,7 +76,7 @@ async def redeem(services: Services, member_id: str, redemption: RedemptionIn) -
             raise errors.MemberNotFound(f"no member {member_id!r}")
         # After the lock, in a statement of its own: a concurrent duplicate that committed while
         # this one waited for the lock is seen here (the lock's statement saw the older snapshot).
-        existing = await store.select_redemption_replay(book.conn, redemption.redemption_id)
+        existing = await store.select_redemption_replay(book.conn, member.uid, redemption.redemption_id)
         if existing is not None:
             return replay(existing, digest)
         points = await _price(book, redemption, now)
@@ -163,11 +163,11 @@ def _reason(redemption: RedemptionIn) -> str:
 
 async def _locked_redemption(book: Book, redemption_id: str) -> tuple[asyncpg.Record, Member]:
     """The redemption under lock, after its member's row (the project-wide lock order)."""
-    found = await store.select_redemption(book.conn, redemption_id)
-    if found is None:
+    member_uid = await keys.select_key_member(book.conn, keys.REDEMPTION, redemption_id)
+    if member_uid is None:
         raise errors.RedemptionNotFound(f"no redemption {redemption_id!r}")
-    member = await book.member_by_uid(found["member_uid"])
-    locked = await store.select_redemption(book.conn, redemption_id, lock=True)
+    member = await book.member_by_uid(member_uid)
+    locked = await store.select_redemption(book.conn, member_uid, redemption_id, lock=True)
     assert locked is not None  # redemptions are never deleted
     return locked, member
 
@@ -183,7 +183,9 @@ async def capture(services: Services, redemption_id: str) -> RedemptionOut:
         transfer_id = await book.capture(
             member, row["points"], to=REDEEMED, cause=Cause("redemption", redemption_id), reason="hold captured"
         )
-        updated = await store.close_redemption(book.conn, row["redemption_pk"], "captured", transfer_id, now)
+        updated = await store.close_redemption(
+            book.conn, member.uid, row["redemption_pk"], "captured", transfer_id, now
+        )
         changed = _changed(book, member, redemption_id, row["reward_id"], row["points"], "captured", transfer_id)
         book.announce(member, "redemption.captured", changed)
         book.announce(member, "points.redeemed", changed)
@@ -220,7 +222,9 @@ async def release(
             raise errors.HoldNotActive(f"redemption {redemption_id!r} is {row['status']}, not held")
         reason = "hold timed out" if timed_out else "hold released"
         transfer_id = await _give_back(book, member, row, source="held", code="release", reason=reason)
-        updated = await store.close_redemption(book.conn, row["redemption_pk"], final_status, transfer_id, now)
+        updated = await store.close_redemption(
+            book.conn, member.uid, row["redemption_pk"], final_status, transfer_id, now
+        )
         changed = _changed(book, member, redemption_id, row["reward_id"], row["points"], final_status, transfer_id)
         book.announce(member, f"redemption.{final_status}", changed)
     return _closed(row, final_status, transfer_id, updated["updated_at"])
@@ -238,7 +242,9 @@ async def cancel(services: Services, redemption_id: str) -> RedemptionOut:
                 f"redemption {redemption_id!r} is {row['status']}; only captured ones can be cancelled"
             )
         transfer_id = await _give_back(book, member, row, source=REDEEMED, code="cancel", reason="redemption cancelled")
-        updated = await store.close_redemption(book.conn, row["redemption_pk"], "cancelled", transfer_id, now)
+        updated = await store.close_redemption(
+            book.conn, member.uid, row["redemption_pk"], "cancelled", transfer_id, now
+        )
         changed = _changed(book, member, redemption_id, row["reward_id"], row["points"], "cancelled", transfer_id)
         book.announce(member, "redemption.cancelled", changed)
     return _closed(row, "cancelled", transfer_id, updated["updated_at"])

@@ -7,6 +7,7 @@ from datetime import datetime
 import asyncpg
 
 from konvert.db import Connection, Queryable, one
+from konvert.ledger import keys
 from konvert.program import Reward
 
 _REWARD_COLUMNS = "reward_id, name, description, cost_points, stock, available_from, available_until, active"
@@ -97,8 +98,14 @@ async def change_stock(conn: Connection, reward_id: str, delta: int) -> None:
     )
 
 
-async def select_redemption_replay(conn: Connection, redemption_id: str) -> asyncpg.Record | None:
-    return await conn.fetchrow("select request_hash, response from redemptions where redemption_id = $1", redemption_id)
+async def select_redemption_replay(conn: Connection, member_uid: int, redemption_id: str) -> asyncpg.Record | None:
+    """The member's redemption under this id. Another member's is not found here: recording this
+    one then fails on its claim of the id (konvert.ledger.keys), a 409."""
+    return await conn.fetchrow(
+        "select request_hash, response from redemptions where member_uid = $1 and redemption_id = $2",
+        member_uid,
+        redemption_id,
+    )
 
 
 async def insert_redemption(
@@ -118,12 +125,15 @@ async def insert_redemption(
     now: datetime,
 ) -> None:
     await conn.execute(
-        """
+        f"""
+        with {keys.CLAIM_CTE}
         insert into redemptions (redemption_id, member_uid, reward_id, points, status, hold_expires_at, allocations,
                                  transfer_id, note, request_hash, response, created_at, updated_at)
-        values ($1, $2, $3, $4, $5, $6, $7::text::jsonb, $8, $9, $10, $11, $12, $12)
+        select $1, member_uid, $5, $6, $7, $8, $9::text::jsonb, $10, $11, $12, $13, $14, $14 from claimed
         """,
         redemption_id,
+        keys.REDEMPTION,
+        "",
         member_uid,
         reward_id,
         points,
@@ -138,26 +148,30 @@ async def insert_redemption(
     )
 
 
-async def select_redemption(conn: Connection, redemption_id: str, lock: bool = False) -> asyncpg.Record | None:
+async def select_redemption(
+    conn: Connection, member_uid: int, redemption_id: str, lock: bool = False
+) -> asyncpg.Record | None:
     return await conn.fetchrow(
         f"""
         select {_REDEMPTION_COLUMNS} from redemptions r join members m using (member_uid)
-        where r.redemption_id = $1 {"for update of r" if lock else ""}
+        where r.member_uid = $1 and r.redemption_id = $2 {"for update of r" if lock else ""}
         """,
+        member_uid,
         redemption_id,
     )
 
 
 async def close_redemption(
-    conn: Connection, redemption_pk: int, status: str, closing_transfer_id: int | None, now: datetime
+    conn: Connection, member_uid: int, redemption_pk: int, status: str, closing_transfer_id: int | None, now: datetime
 ) -> asyncpg.Record:
     return one(
         await conn.fetchrow(
             """
-        update redemptions set status = $2, closing_transfer_id = $3, updated_at = $4
-        where redemption_pk = $1
+        update redemptions set status = $3, closing_transfer_id = $4, updated_at = $5
+        where member_uid = $1 and redemption_pk = $2
         returning updated_at
         """,
+            member_uid,
             redemption_pk,
             status,
             closing_transfer_id,

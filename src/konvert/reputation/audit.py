@@ -38,9 +38,9 @@ CHECKS: tuple[tuple[str, str], ...] = (
         union all
         select 'transfer ' || t.transfer_id, 'reputation transfer for kudos ' || t.cause_ref || ' has '
                || count(e.entry_id) || ' entries'
-        from transfers t left join reputation_entries e on e.transfer_id = t.transfer_id
+        from transfers t left join reputation_entries e on e.member_uid = t.member_uid and e.transfer_id = t.transfer_id
         where t.asset = 'reputation' and t.cause_type = 'kudos'
-        group by t.transfer_id having count(e.entry_id) <> 1
+        group by t.member_uid, t.transfer_id having count(e.entry_id) <> 1
         """,
     ),
     (

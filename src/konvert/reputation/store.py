@@ -17,6 +17,7 @@ from datetime import date, datetime
 import asyncpg
 
 from konvert.db import Connection, Queryable, one
+from konvert.ledger.store import select_member_uid
 
 _KUDOS_COLUMNS = """
     k.kudos_pk, k.kudos_id, k.source, k.post_id, k.thread_id, k.author_uid, k.giver_uid,
@@ -306,13 +307,16 @@ async def set_kudos_bridge(
 
 
 async def select_member_reputation(conn: Queryable, member_id: str) -> asyncpg.Record | None:
+    member_uid = await select_member_uid(conn, member_id)
+    if member_uid is None:
+        return None
     return await conn.fetchrow(
         """
         select m.member_uid, m.member_id, m.reputation, coalesce(r.floor_kept, 0) as floor_kept
         from members m left join reputation_members r using (member_uid)
-        where m.member_id = $1
+        where m.member_uid = $1
         """,
-        member_id,
+        member_uid,
     )
 
 

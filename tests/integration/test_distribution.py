@@ -1,0 +1,330 @@
+"""The schema can be distributed by member on Citus, checked on plain PostgreSQL.
+
+konvert.distribution lists how every table goes. The catalog must agree with it: each
+distributed table's primary key and unique constraints hold its distribution column, and each
+foreign key between distributed tables joins co-located tables on it (Citus refuses anything
+else). And the hot requests (a purchase batch, a balance read, a redemption hold, a kudos, a
+refund) are run for real with every statement they send captured and EXPLAINed: each scan of a
+distributed table must filter by its distribution column, which is what lets Citus send the
+statement to the member's shard alone.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import msgspec
+import pytest
+import redis.asyncio as redis
+
+from konvert import composition, distribution
+from konvert.earning.model import PurchaseIn, RefundIn
+from konvert.earning.refunds import refund_purchase
+from konvert.earning.service import post_purchase
+from konvert.errors import IdempotencyConflict
+from konvert.ledger.accounts import ADJUSTMENTS
+from konvert.ledger.balances import read_balance
+from konvert.ledger.book import writing
+from konvert.ledger.model import Cause
+from konvert.program import Program
+from konvert.redemption.model import RedemptionIn
+from konvert.redemption.service import redeem
+from konvert.reputation.model import KudosIn
+from konvert.reputation.service import give_kudos
+from konvert.settings import Settings
+from tests.conftest import make_settings, purchase_body
+
+DISTRIBUTED = {t.table: t for t in distribution.distributed_tables()}
+REFERENCE = set(distribution.REFERENCE_TABLES)
+
+_KEYS = """
+select c.conname as name, c.contype::text as kind, rel.relname as table_name,
+       array(select a.attname::text from unnest(c.conkey) with ordinality k (n, i)
+             join pg_attribute a on a.attrelid = c.conrelid and a.attnum = k.n order by k.i) as columns,
+       ref.relname as referenced,
+       array(select a.attname::text from unnest(c.confkey) with ordinality k (n, i)
+             join pg_attribute a on a.attrelid = c.confrelid and a.attnum = k.n order by k.i) as referenced_columns
+from pg_constraint c
+join pg_class rel on rel.oid = c.conrelid
+left join pg_class ref on ref.oid = c.confrelid
+where c.connamespace = 'public'::regnamespace and c.contype in ('p', 'u', 'f')
+union all
+-- Unique indexes that are not constraints (partial ones, say).
+select i.relname, 'u', rel.relname,
+       array(select a.attname::text from unnest(x.indkey) with ordinality k (n, i)
+             join pg_attribute a on a.attrelid = x.indrelid and a.attnum = k.n order by k.i),
+       null, null
+from pg_index x
+join pg_class i on i.oid = x.indexrelid
+join pg_class rel on rel.oid = x.indrelid
+where x.indisunique and rel.relnamespace = 'public'::regnamespace
+  and not exists (select 1 from pg_constraint c where c.conindid = x.indexrelid)
+"""
+
+
+def violations(keys: list[asyncpg.Record], tables: dict[str, distribution.Distributed]) -> dict[str, list[str]]:
+    """What each table does that Citus would refuse, by table (tables keeping the rules: none)."""
+    found: dict[str, list[str]] = {}
+    for key in keys:
+        table = tables.get(key["table_name"])
+        if key["kind"] in ("p", "u"):
+            if table is not None and table.column not in key["columns"]:
+                found.setdefault(table.table, []).append(f"{key['name']} lacks {table.column}")
+            continue
+        referenced = tables.get(key["referenced"])
+        if referenced is None:
+            if table is None and key["referenced"] not in REFERENCE:
+                found.setdefault(key["table_name"], []).append(f"{key['name']}: refers to an unlisted table")
+            continue  # to a reference table: Citus keeps a copy on every node
+        if table is None:
+            found.setdefault(key["table_name"], []).append(f"{key['name']}: a reference table refers to a member's")
+        elif _colocation(table, tables) != _colocation(referenced, tables):
+            found.setdefault(table.table, []).append(f"{key['name']}: refers to a table on other shards")
+        elif (table.column, referenced.column) not in zip(key["columns"], key["referenced_columns"], strict=True):
+            found.setdefault(table.table, []).append(f"{key['name']} does not join on {table.column}")
+    return found
+
+
+def _colocation(table: distribution.Distributed, tables: dict[str, distribution.Distributed]) -> str:
+    while table.colocate_with is not None:
+        table = tables[table.colocate_with]
+    return table.table
+
+
+async def _keys(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    return await conn.fetch(_KEYS)
+
+
+async def test_every_table_is_listed_once(database_url: str) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        tables = {
+            r["relname"]
+            for r in await conn.fetch(
+                "select relname from pg_class where relkind = 'r' and relnamespace = 'public'::regnamespace"
+            )
+        }
+    finally:
+        await conn.close()
+    listed = [*DISTRIBUTED, *distribution.REFERENCE_TABLES, *distribution.LOCAL_TABLES]
+
+    assert sorted(listed) == sorted(set(listed))
+    assert set(listed) == tables
+
+
+async def test_keys_and_foreign_keys_hold_the_distribution_column(database_url: str) -> None:
+    """Every distributed table keeps the rules, except those konvert.distribution.GAPS names,
+    which still break them (a gap that is closed must leave the list)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        found = violations(await _keys(conn), DISTRIBUTED)
+    finally:
+        await conn.close()
+
+    assert {table: why for table, why in found.items() if table not in distribution.GAPS} == {}
+    assert set(distribution.GAPS) <= set(found), "closed gaps: " + ", ".join(set(distribution.GAPS) - set(found))
+
+
+async def test_the_check_finds_a_key_and_a_foreign_key_without_the_member(fresh_database_url: str) -> None:
+    conn = await asyncpg.connect(fresh_database_url)
+    try:
+        await conn.execute(
+            """
+            create table tokens (token text primary key, member_uid bigint not null);
+            create table token_uses (member_uid bigint not null, token text references tokens (token));
+            """
+        )
+        tables = DISTRIBUTED | {
+            "tokens": distribution.Distributed("tokens", "member_uid", "members"),
+            "token_uses": distribution.Distributed("token_uses", "member_uid", "members"),
+        }
+        found = violations(await _keys(conn), tables)
+    finally:
+        await conn.close()
+
+    assert found["tokens"] == ["tokens_pkey lacks member_uid"]
+    assert found["token_uses"] == ["token_uses_token_fkey does not join on member_uid"]
+
+
+def test_citus_setup_distributes_reference_tables_first_then_members_then_the_rest() -> None:
+    sql = distribution.citus_setup_sql()
+    calls = re.findall(r"select (create_\w+)\('(\w+)'(?:, '(\w+)', colocate_with => '(\w+)')?\);", sql)
+
+    assert [table for _, table, _, _ in calls] == [*distribution.REFERENCE_TABLES, *DISTRIBUTED]
+    assert calls[len(REFERENCE)] == ("create_distributed_table", "members", "member_uid", "none")
+    assert ("create_distributed_table", "purchases", "member_uid", "members") in calls
+    assert ("create_distributed_table", "kudos", "author_uid", "members") in calls
+
+
+# --- the hot statements ------------------------------------------------------------------------
+
+
+class Captured:
+    """Every statement a connection sends, with its arguments (asyncpg's query logger)."""
+
+    def __init__(self) -> None:
+        self.statements: list[tuple[str, tuple[Any, ...]]] = []
+
+    def __call__(self, record: Any) -> None:
+        self.statements.append((record.query, tuple(record.args or ())))
+
+
+@pytest.fixture
+async def one_connection(database_url: str, redis_url: str, program: Program, redis_client: redis.Redis) -> Any:
+    """Services on one pooled connection whose statements are captured."""
+    settings: Settings = make_settings(database_url, redis_url, db_pool_min=1, db_pool_max=1)
+    services = await composition.open_services(settings, program)
+    captured = Captured()
+    async with services.pool.acquire() as conn:
+        conn.add_query_logger(captured)
+    yield services, captured
+    await services.close()
+
+
+def _scans(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", ()):
+        yield from _scans(child)
+
+
+async def _unrouted(
+    conn: asyncpg.Connection, statements: list[tuple[str, tuple[Any, ...]]]
+) -> tuple[list[str], set[str]]:
+    """The scans of distributed tables (outside the gaps) that do not filter by the table's
+    distribution column, in every statement captured; and the tables checked."""
+    found, checked = [], set()
+    for sql, args in statements:
+        if not re.match(r"\s*(with|select|insert|update|delete)\b", sql, re.IGNORECASE):
+            continue
+        plan = json.loads(await conn.fetchval(f"explain (format json) {sql}", *args))[0]["Plan"]
+        for node in _scans(plan):
+            table = DISTRIBUTED.get(node.get("Relation Name", ""))
+            if table is None or table.table in distribution.GAPS or node.get("Node Type") == "ModifyTable":
+                continue
+            checked.add(table.table)
+            conditions = " ".join(str(node.get(k, "")) for k in ("Index Cond", "Recheck Cond", "Filter"))
+            if not re.search(rf"\b{table.column}\b", conditions):
+                found.append(f"{node['Node Type']} on {table.table} ({conditions.strip() or 'no condition'}): {sql}")
+    return found, checked
+
+
+def _purchase(member_id: str) -> PurchaseIn:
+    return msgspec.convert(purchase_body(member_id), PurchaseIn)
+
+
+async def _hot_requests(services: Any) -> None:
+    member_id, author_id = f"dist-{uuid.uuid4().hex[:10]}", f"dist-{uuid.uuid4().hex[:10]}"
+    purchase = _purchase(member_id)
+    await post_purchase(services, purchase)
+    await read_balance(services, member_id)
+    async with writing(services) as book:
+        member = await book.member(member_id)
+        assert member is not None
+        await book.credit(
+            member,
+            100,
+            source=ADJUSTMENTS,
+            code="adjust",
+            cause=Cause("test", member_id),
+            reason="test",
+            expires_at=None,
+            vests_at=datetime.now(UTC),
+        )
+    await redeem(services, member_id, RedemptionIn(redemption_id=f"r-{member_id}", points=10, hold=True))
+    kudos = {
+        "kudos_id": f"k-{member_id}",
+        "source": "forum",
+        "post_id": f"post-{member_id}",
+        "thread_id": "t-1",
+        "author_id": author_id,
+        "giver_id": member_id,
+        "kind": "like",
+        "occurred_at": "2026-01-01T10:00:00Z",
+    }
+    await give_kudos(services, msgspec.convert(kudos, KudosIn))
+    await refund_purchase(services, purchase.purchase_id, RefundIn(refund_id="rf-1", remaining=True))
+
+
+async def test_the_hot_requests_read_and_write_by_member(one_connection: Any, database_url: str) -> None:
+    """A purchase (through the group commit), a balance read, a redemption hold, a kudos and a
+    refund: every scan of a member's table in every statement they send filters by member."""
+    services, captured = one_connection
+    await _hot_requests(services)
+    assert len(captured.statements) > 10  # the logger saw the requests' statements
+
+    # Planned as konvert plans them: once per connection, for any values (konvert.db).
+    conn = await asyncpg.connect(database_url, server_settings={"plan_cache_mode": "force_generic_plan"})
+    try:
+        unrouted, checked = await _unrouted(conn, captured.statements)
+    finally:
+        await conn.close()
+
+    assert unrouted == []
+    assert {"members", "natural_keys", "accounts", "lots", "purchases", "refunds", "redemptions"} <= checked
+
+
+async def test_the_explain_check_finds_a_scan_that_is_not_by_member(database_url: str) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        unrouted, _ = await _unrouted(conn, [("select count(*) from lots where state = $1", ("pending",))])
+    finally:
+        await conn.close()
+
+    assert len(unrouted) == 1 and "on lots" in unrouted[0]
+
+
+def test_konvert_citus_setup_prints_the_calls(capsys: pytest.CaptureFixture[str]) -> None:
+    from konvert.cli import main
+
+    assert main(["citus-setup", "--print"]) == 0
+
+    printed = capsys.readouterr().out
+    assert printed == distribution.citus_setup_sql()
+    assert "select create_distributed_table('members', 'member_uid', colocate_with => 'none');" in printed
+
+
+# --- ids unique across members ------------------------------------------------------------------
+
+
+async def test_an_id_another_member_claimed_is_a_conflict_that_changes_nothing(
+    services: Any, client: Any, admin_headers: dict[str, str]
+) -> None:
+    """Purchase and redemption ids are unique across members through their claims in
+    natural_keys, not a unique constraint of the member's table."""
+    owner, other = f"dist-{uuid.uuid4().hex[:10]}", f"dist-{uuid.uuid4().hex[:10]}"
+    purchase = _purchase(owner)
+    await post_purchase(services, purchase)
+    await post_purchase(services, _purchase(other))
+    async with writing(services) as book:
+        for member_id in (owner, other):
+            member = await book.member(member_id)
+            assert member is not None
+            await book.credit(
+                member, 50, source=ADJUSTMENTS, code="adjust", cause=Cause("test", member_id), reason="test",
+                expires_at=None, vests_at=datetime.now(UTC),
+            )  # fmt: skip
+    redemption_id = f"r-{owner}"
+    await redeem(services, owner, RedemptionIn(redemption_id=redemption_id, points=10))
+    before = await read_balance(services, other)
+
+    with pytest.raises(IdempotencyConflict):
+        await post_purchase(services, msgspec.structs.replace(purchase, member_id=other))
+    refused = await client.post(
+        f"/v1/members/{other}/redemptions", json={"redemption_id": redemption_id, "points": 10}, headers=admin_headers
+    )
+
+    assert (refused.status_code, refused.json()["code"]) == (409, "idempotency_conflict")
+
+    assert await read_balance(services, other) == before
+    claims = await services.pool.fetch(
+        "select kind, member_uid from natural_keys where key = any($1::text[]) order by kind",
+        [purchase.purchase_id, redemption_id],
+    )
+    owner_uid = await services.pool.fetchval("select member_uid from natural_keys where key = $1", owner)
+    assert [tuple(c) for c in claims] == [("purchase", owner_uid), ("redemption", owner_uid)]
