@@ -249,6 +249,8 @@ async def test_with_json_logs_every_line_on_stderr_is_a_json_object(
 
     with konvert_serve(tmp_path, env, "--workers", workers) as server:
         server.wait_ready(READY_TIMEOUT_SECONDS)
+        # Ready means one worker answers; on a loaded machine the other may still be starting.
+        server.wait_for_line(re.compile(rf"(?s)(Started worker-.*){{{workers}}}"), READY_TIMEOUT_SECONDS)
         posted = post_purchase(server, key, member_id)
         assert posted.status_code == 201, posted.text
         assert get_balance(server, key, member_id).status_code == 200
