@@ -324,6 +324,56 @@ async def test_a_members_events_arrive_in_order_and_other_members_are_not_held_u
     assert ordered == [(first, f"{first}-{n}") for n in range(3)]
 
 
+async def _finish_while_a_later_message_is_fanned_out(konvert: Konvert, member: str) -> int:
+    """The member's first message finished in a transaction that a fan-out of their next one does
+    not see (and that does not see it): the later message is left waiting. Returns its id."""
+    await konvert.purchase(member, purchase_id=f"{member}-0")
+    await konvert.readable()
+    await publisher.fan_out(konvert.services)
+    await konvert.purchase(member, purchase_id=f"{member}-1")
+    await konvert.readable()
+    ((first,),) = await konvert.fetch("select message_id from webhook_messages")
+    async with konvert.services.pool.acquire() as conn:
+        finishing = conn.transaction()
+        await finishing.start()
+        await store.record_outcomes(conn, [store.Outcome(first, "delivered", None, 200, None, konvert.now())])
+        await publisher.fan_out(konvert.services)
+        await finishing.commit()
+    ((later,),) = await konvert.fetch("select message_id from webhook_messages where status = 'pending'")
+    return int(later)
+
+
+async def test_a_message_fanned_out_while_its_predecessor_finishes_becomes_due(start_konvert, receiver, new_id):
+    hooks, url = receiver
+    konvert = await start_konvert()
+    endpoint = await konvert.endpoint(url, event_types=["purchase.recorded"])
+    member = new_id("m")
+    later = await _finish_while_a_later_message_is_fanned_out(konvert, member)
+    (waiting,) = await konvert.fetch("select message_id from webhook_messages where next_attempt_at = 'infinity'")
+    assert waiting["message_id"] == later  # neither transaction saw the other's row
+
+    # What a publisher does after writing outcomes, once they are committed.
+    finished = await konvert.fetch("select message_id from webhook_messages where status = 'delivered'")
+    assert await store.make_next_due(konvert.services.pool, [r["message_id"] for r in finished], konvert.now()) == 1
+    assert await konvert.fetch("select 1 from webhook_messages where next_attempt_at = 'infinity'") == []
+    await konvert.publish()
+    assert [e["data"]["purchase_id"] for e in hooks.verify(endpoint["secret"])] == [f"{member}-1"]
+
+
+async def test_a_message_left_waiting_by_a_process_that_died_is_swept_up(start_konvert, receiver, new_id):
+    hooks, url = receiver
+    konvert = await start_konvert()
+    endpoint = await konvert.endpoint(url, event_types=["purchase.recorded"])
+    member = new_id("m")
+    # The process that finished the first message died before making the next one due.
+    await _finish_while_a_later_message_is_fanned_out(konvert, member)
+
+    await konvert.publish()  # a publisher's first round sweeps
+
+    assert [e["data"]["purchase_id"] for e in hooks.verify(endpoint["secret"])] == [f"{member}-1"]
+    assert await konvert.fetch("select 1 from webhook_messages where status = 'pending'") == []
+
+
 async def test_a_rolled_back_change_announces_nothing(start_konvert, receiver, new_id):
     hooks, url = receiver
     konvert = await start_konvert()
