@@ -351,6 +351,8 @@ async def test_a_message_fanned_out_while_its_predecessor_finishes_becomes_due(s
     later = await _finish_while_a_later_message_is_fanned_out(konvert, member)
     (waiting,) = await konvert.fetch("select message_id from webhook_messages where next_attempt_at = 'infinity'")
     assert waiting["message_id"] == later  # neither transaction saw the other's row
+    listed = (await konvert.call("GET", "/v1/webhook-endpoints/crm/messages?status=pending", expect=200))["items"]
+    assert [(m["message_id"], m["next_attempt_at"]) for m in listed] == [(later, None)]
 
     # What a publisher does after writing outcomes, once they are committed.
     finished = await konvert.fetch("select message_id from webhook_messages where status = 'delivered'")

@@ -469,8 +469,10 @@ async def make_stranded_due(conn: Queryable, now: datetime) -> int:
     return count
 
 
-_MESSAGE_COLUMNS = """m.message_id, m.endpoint_id, m.event_id, e.type, m.status, m.attempts, m.next_attempt_at,
-    m.first_attempt_at, m.last_attempt_at, m.last_status, m.last_error, m.finished_at, m.created_at"""
+# A message waiting for its member's earlier one (at 'infinity') has no time of its own yet.
+_MESSAGE_COLUMNS = """m.message_id, m.endpoint_id, m.event_id, e.type, m.status, m.attempts,
+    case when isfinite(m.next_attempt_at) then m.next_attempt_at end as next_attempt_at, m.first_attempt_at,
+    m.last_attempt_at, m.last_status, m.last_error, m.finished_at, m.created_at"""
 
 
 async def select_messages(
