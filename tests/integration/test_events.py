@@ -362,6 +362,48 @@ async def test_a_message_fanned_out_while_its_predecessor_finishes_becomes_due(s
     assert [e["data"]["purchase_id"] for e in hooks.verify(endpoint["secret"])] == [f"{member}-1"]
 
 
+async def test_a_message_fanned_out_after_its_predecessor_finished_unseen_becomes_due(start_konvert, new_id):
+    # The other order: the outcome commits (and looks for a waiting message, finding none) while
+    # the fan-out, its snapshot taken before, is still running. The fan-out is held up by a row
+    # the outcome's transaction also inserted (one of the batch's messages, left to it).
+    konvert = await start_konvert()
+    await konvert.endpoint("https://hooks.example.com/konvert", event_types=["purchase.recorded", "points.earned"])
+    member = new_id("m")
+    await konvert.purchase(member, purchase_id=f"{member}-0")
+    await konvert.readable()
+    await publisher.fan_out(konvert.services)
+    await konvert.purchase(member, purchase_id=f"{member}-1")
+    await konvert.readable()
+    ((earned,),) = await konvert.fetch(
+        "select event_id from outbox_events where type = 'points.earned' order by event_id desc limit 1"
+    )
+    pending = await konvert.fetch("select message_id from webhook_messages where status = 'pending'")
+    async with konvert.services.pool.acquire() as conn:
+        finishing = conn.transaction()
+        await finishing.start()
+        await conn.execute(
+            "insert into webhook_messages (endpoint_id, event_id, status, next_attempt_at, finished_at) "
+            "values ('crm', $1, 'delivered', now(), now())",
+            earned,
+        )
+        outcomes = [store.Outcome(r["message_id"], "delivered", None, 200, None, konvert.now()) for r in pending]
+        await store.record_outcomes(conn, outcomes)
+        fanning = asyncio.create_task(publisher.fan_out(konvert.services))
+        for _ in range(600):  # until the fan-out waits for this transaction's row
+            blocked = await konvert.services.pool.fetchval(
+                "select count(*) from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'"
+            )
+            if blocked:
+                break
+            await asyncio.sleep(0.05)
+        await finishing.commit()
+    assert await store.make_next_due(konvert.services.pool, [r["message_id"] for r in pending], konvert.now()) == 0
+    await fanning
+
+    (later,) = await konvert.fetch("select next_attempt_at from webhook_messages where status = 'pending'")
+    assert later["next_attempt_at"] <= konvert.now()
+
+
 async def test_a_message_left_waiting_by_a_process_that_died_is_swept_up(start_konvert, receiver, new_id):
     hooks, url = receiver
     konvert = await start_konvert()
