@@ -324,6 +324,100 @@ async def test_a_members_events_arrive_in_order_and_other_members_are_not_held_u
     assert ordered == [(first, f"{first}-{n}") for n in range(3)]
 
 
+async def _finish_while_a_later_message_is_fanned_out(konvert: Konvert, member: str) -> int:
+    """The member's first message finished in a transaction that a fan-out of their next one does
+    not see (and that does not see it): the later message is left waiting. Returns its id."""
+    await konvert.purchase(member, purchase_id=f"{member}-0")
+    await konvert.readable()
+    await publisher.fan_out(konvert.services)
+    await konvert.purchase(member, purchase_id=f"{member}-1")
+    await konvert.readable()
+    ((first,),) = await konvert.fetch("select message_id from webhook_messages")
+    async with konvert.services.pool.acquire() as conn:
+        finishing = conn.transaction()
+        await finishing.start()
+        await store.record_outcomes(conn, [store.Outcome(first, "delivered", None, 200, None, konvert.now())])
+        await publisher.fan_out(konvert.services)
+        await finishing.commit()
+    ((later,),) = await konvert.fetch("select message_id from webhook_messages where status = 'pending'")
+    return int(later)
+
+
+async def test_a_message_fanned_out_while_its_predecessor_finishes_becomes_due(start_konvert, receiver, new_id):
+    hooks, url = receiver
+    konvert = await start_konvert()
+    endpoint = await konvert.endpoint(url, event_types=["purchase.recorded"])
+    member = new_id("m")
+    later = await _finish_while_a_later_message_is_fanned_out(konvert, member)
+    (waiting,) = await konvert.fetch("select message_id from webhook_messages where next_attempt_at = 'infinity'")
+    assert waiting["message_id"] == later  # neither transaction saw the other's row
+    listed = (await konvert.call("GET", "/v1/webhook-endpoints/crm/messages?status=pending", expect=200))["items"]
+    assert [(m["message_id"], m["next_attempt_at"]) for m in listed] == [(later, None)]
+
+    # What a publisher does after writing outcomes, once they are committed.
+    finished = await konvert.fetch("select message_id from webhook_messages where status = 'delivered'")
+    assert await store.make_next_due(konvert.services.pool, [r["message_id"] for r in finished], konvert.now()) == 1
+    assert await konvert.fetch("select 1 from webhook_messages where next_attempt_at = 'infinity'") == []
+    await konvert.publish()
+    assert [e["data"]["purchase_id"] for e in hooks.verify(endpoint["secret"])] == [f"{member}-1"]
+
+
+async def test_a_message_fanned_out_after_its_predecessor_finished_unseen_becomes_due(start_konvert, new_id):
+    # The other order: the outcome commits (and looks for a waiting message, finding none) while
+    # the fan-out, its snapshot taken before, is still running. The fan-out is held up by a row
+    # the outcome's transaction also inserted (one of the batch's messages, left to it).
+    konvert = await start_konvert()
+    await konvert.endpoint("https://hooks.example.com/konvert", event_types=["purchase.recorded", "points.earned"])
+    member = new_id("m")
+    await konvert.purchase(member, purchase_id=f"{member}-0")
+    await konvert.readable()
+    await publisher.fan_out(konvert.services)
+    await konvert.purchase(member, purchase_id=f"{member}-1")
+    await konvert.readable()
+    ((earned,),) = await konvert.fetch(
+        "select event_id from outbox_events where type = 'points.earned' order by event_id desc limit 1"
+    )
+    pending = await konvert.fetch("select message_id from webhook_messages where status = 'pending'")
+    async with konvert.services.pool.acquire() as conn:
+        finishing = conn.transaction()
+        await finishing.start()
+        await conn.execute(
+            "insert into webhook_messages (endpoint_id, event_id, status, next_attempt_at, finished_at) "
+            "values ('crm', $1, 'delivered', now(), now())",
+            earned,
+        )
+        outcomes = [store.Outcome(r["message_id"], "delivered", None, 200, None, konvert.now()) for r in pending]
+        await store.record_outcomes(conn, outcomes)
+        fanning = asyncio.create_task(publisher.fan_out(konvert.services))
+        for _ in range(600):  # until the fan-out waits for this transaction's row
+            blocked = await konvert.services.pool.fetchval(
+                "select count(*) from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'"
+            )
+            if blocked:
+                break
+            await asyncio.sleep(0.05)
+        await finishing.commit()
+    assert await store.make_next_due(konvert.services.pool, [r["message_id"] for r in pending], konvert.now()) == 0
+    await fanning
+
+    (later,) = await konvert.fetch("select next_attempt_at from webhook_messages where status = 'pending'")
+    assert later["next_attempt_at"] <= konvert.now()
+
+
+async def test_a_message_left_waiting_by_a_process_that_died_is_swept_up(start_konvert, receiver, new_id):
+    hooks, url = receiver
+    konvert = await start_konvert()
+    endpoint = await konvert.endpoint(url, event_types=["purchase.recorded"])
+    member = new_id("m")
+    # The process that finished the first message died before making the next one due.
+    await _finish_while_a_later_message_is_fanned_out(konvert, member)
+
+    await konvert.publish()  # a publisher's first round sweeps
+
+    assert [e["data"]["purchase_id"] for e in hooks.verify(endpoint["secret"])] == [f"{member}-1"]
+    assert await konvert.fetch("select 1 from webhook_messages where status = 'pending'") == []
+
+
 async def test_a_rolled_back_change_announces_nothing(start_konvert, receiver, new_id):
     hooks, url = receiver
     konvert = await start_konvert()

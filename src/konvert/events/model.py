@@ -100,6 +100,7 @@ class MessageOut(msgspec.Struct, frozen=True, kw_only=True):
     event_type: str
     status: MessageStatus
     attempts: int
+    # Null once finished, and while the member's message before it is not.
     next_attempt_at: datetime | None
     first_attempt_at: datetime | None
     last_attempt_at: datetime | None

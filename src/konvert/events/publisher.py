@@ -7,10 +7,11 @@ Three independent steps, each in bounded batches, so that one cannot hold up ano
   fails, the cursor stays and the batch is sent again (at least once).
 * **fan-out**: the next events after the 'webhooks' cursor become one message per enabled
   endpoint that wants their type, in one statement.
-* **delivery**: due messages are leased (``for update skip locked``, per member only the earliest
-  pending one) and posted, each in a task of its own, at most ``webhook_concurrency_per_endpoint``
-  per endpoint and process: a slow or dead endpoint fills its own slots, never another's. The
-  outcomes are written in one statement per round. One aiohttp session per process keeps its
+* **delivery**: due messages are leased (``for update skip locked``; per member only the earliest
+  pending one is due, the later ones wait until it is finished) and posted, each in a task of
+  its own, at most ``webhook_concurrency_per_endpoint`` per endpoint and process: a slow or dead
+  endpoint fills its own slots, never another's. The outcomes are written in one statement per
+  round, then each member's next message is made due. One aiohttp session per process keeps its
   connections alive between messages; its resolver refuses non-public addresses
   (konvert.events.destinations) unless they are allowed.
 
@@ -57,6 +58,9 @@ _CLOSE_WAIT_SECONDS = 3.0
 # Outcomes that wake the publisher for a round (fewer wait for the poll interval or for leases to
 # run low, whichever comes first).
 _OUTCOMES_PER_ROUND = 32
+# How often a process looks for messages left waiting by a process that died (the first round
+# looks at once).
+_SWEEP_SECONDS = 60.0
 # What an endpoint's answer may hold before konvert stops reading it.
 _ANSWER_BYTES_MAX = 64 * 1024
 # The longest error text kept with a message.
@@ -108,6 +112,9 @@ async def fan_out(services: Services, look_first: bool = True) -> int:
         if after is None:
             return 0
         done = await store.fan_out(conn, after, services.settings.events_batch_size, services.clock())
+    # After the commit: an outcome finishing a member's message at the same time may not have
+    # seen the waiting ones (store.make_next_due).
+    await store.make_next_due(services.pool, done.waiting, services.clock())
     return done.events
 
 
@@ -128,6 +135,7 @@ class Publisher:
         # Whether the last stream / fan-out batch was full: then the next takes its lock at once.
         self._backlog = {"stream": False, "webhooks": False}
         self.woken = asyncio.Event()
+        self._swept_at: float | None = None
 
     @property
     def in_flight(self) -> int:
@@ -136,7 +144,7 @@ class Publisher:
     async def round(self) -> int:
         """One round of every step; returns how much it did (0: nothing was due)."""
         worked = 0
-        for step in (self._stream, self._fan_out, self.deliver, self.flush):
+        for step in (self._stream, self._fan_out, self._sweep, self.deliver, self.flush):
             try:
                 worked += await step()
             except asyncio.CancelledError:
@@ -157,6 +165,14 @@ class Publisher:
         done = await fan_out(self._services, look_first=not self._backlog["webhooks"])
         self._backlog["webhooks"] = done >= self._services.settings.events_batch_size
         return done
+
+    async def _sweep(self) -> int:
+        """Now and then, the messages a process that died left waiting (store.make_stranded_due)."""
+        loop = asyncio.get_running_loop()
+        if self._swept_at is not None and loop.time() - self._swept_at < _SWEEP_SECONDS:
+            return 0
+        self._swept_at = loop.time()
+        return await store.make_stranded_due(self._services.pool, self._services.clock())
 
     async def deliver(self) -> int:
         """Lease due messages for endpoints with free slots and start their attempts."""
@@ -275,6 +291,9 @@ class Publisher:
         except BaseException:
             self._outcomes[:0] = done  # written with the next round's
             raise
+        # After the commit, as for a fan-out: each member's next message is due.
+        finished = [o.message_id for _, o in done if o.status != "pending"]
+        await store.make_next_due(services.pool, finished, now)
         succeeded = {endpoint for endpoint, o in done if o.status == "delivered"}
         failed = {endpoint for endpoint, _ in done} - succeeded
         await store.mark_endpoints(services.pool, sorted(succeeded), sorted(failed), now)

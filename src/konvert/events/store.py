@@ -135,14 +135,20 @@ async def move_cursor(conn: Connection, name: str, to: Position) -> None:
 class FanOut(NamedTuple):
     events: int
     messages: int
+    # Messages that wait for a member's earlier one (see make_next_due).
+    waiting: list[int]
 
 
 async def fan_out(conn: Connection, after: Position, limit: int, now: datetime) -> FanOut:
     """One webhook message per (enabled endpoint that wants it, event) for the next ``limit``
-    events after ``after``, due at once; the 'webhooks' cursor moves past them. One statement."""
+    events after ``after``; the 'webhooks' cursor moves past them. One statement.
+
+    A message is due at once if it is its member's first pending one for the endpoint; a later
+    one waits (due at 'infinity') until the one before it is finished (make_next_due), so that
+    leasing never walks past messages it may not send yet."""
     row = await conn.fetchrow(_FAN_OUT, str(after.xid), after.event_id, limit, now)
     assert row is not None
-    return FanOut(row["events"], row["messages"])
+    return FanOut(row["events"], row["messages"], list(row["waiting"]))
 
 
 _FAN_OUT = f"""
@@ -153,12 +159,17 @@ with batch as (
     limit $3
 ), fanned as (
     insert into webhook_messages (endpoint_id, event_id, member_uid, sequence, next_attempt_at)
-    select w.endpoint_id, b.event_id, b.member_uid, b.sequence, $4
+    select w.endpoint_id, b.event_id, b.member_uid, b.sequence,
+           case when b.member_uid is null
+                  or (row_number() over (partition by w.endpoint_id, b.member_uid order by b.sequence) = 1
+                      and not exists (select 1 from webhook_messages p where p.endpoint_id = w.endpoint_id
+                                      and p.member_uid = b.member_uid and p.status = 'pending'))
+                then $4::timestamptz else 'infinity'::timestamptz end
     from batch b
     join webhook_endpoints w on w.enabled and (cardinality(w.event_types) = 0 or b.type = any(w.event_types))
     order by b.xid, b.event_id, w.endpoint_id
     on conflict (endpoint_id, event_id) do nothing
-    returning 1
+    returning message_id, next_attempt_at
 ), last as (
     select xid, event_id from batch order by xid desc, event_id desc limit 1
 ), moved as (
@@ -167,6 +178,7 @@ with batch as (
     returning 1
 )
 select (select count(*) from batch) as events, (select count(*) from fanned) as messages,
+       (select coalesce(array_agg(message_id), '{{}}') from fanned where next_attempt_at = 'infinity') as waiting,
        (select count(*) from moved) as moved
 """
 
@@ -325,11 +337,13 @@ async def claim_messages(
     return rows
 
 
-# The member's earliest pending message is found per candidate by one probe of
-# webhook_messages_member_order_idx (a correlated subquery with a limit is always run that way,
-# whatever the table's statistics say; events about konvert itself have no member and no order).
-# Candidates are read in webhook_messages_due_idx's order, so that the scan stops at the limit
-# rather than probing every pending message before a sort, in the generic plan too.
+# Only a member's first pending message is due (later ones wait at 'infinity', see fan_out), so
+# the candidates are (nearly) all sendable. The member's earliest pending message is still checked
+# per candidate by one probe of webhook_messages_member_order_idx: a re-sent dead letter is due
+# beside its member's next message, and goes first. (A correlated subquery with a limit is always
+# run that way, whatever the table's statistics say; events about konvert itself have no member
+# and no order.) Candidates are read in webhook_messages_due_idx's order, so that the scan stops
+# at the limit rather than probing every pending message before a sort, in the generic plan too.
 CLAIM = """
 with due as (
     select m.message_id from webhook_messages m
@@ -385,8 +399,80 @@ async def record_outcomes(conn: Queryable, outcomes: Sequence[Outcome]) -> None:
     )
 
 
-_MESSAGE_COLUMNS = """m.message_id, m.endpoint_id, m.event_id, e.type, m.status, m.attempts, m.next_attempt_at,
-    m.first_attempt_at, m.last_attempt_at, m.last_status, m.last_error, m.finished_at, m.created_at"""
+async def make_next_due(conn: Queryable, message_ids: Sequence[int], now: datetime) -> int:
+    """For the (endpoint, member) of each of ``message_ids``: if the member's first pending message
+    waits, it is due now. Returns how many became due.
+
+    Run after the commit of what finished a message (an outcome) or added a waiting one (a
+    fan-out): of two such transactions at once neither sees the other's rows before it commits,
+    but whichever commits last runs this after both did, and sees them. A process that dies
+    between its commit and this leaves the sweep (make_stranded_due) to do it."""
+    if not message_ids:
+        return 0
+    count: int = await conn.fetchval(_MAKE_NEXT_DUE, list(message_ids), now)
+    return count
+
+
+# Each member's first pending message by one probe of webhook_messages_member_order_idx (a
+# correlated subquery with a limit is always run that way), then updated by primary key: the
+# waiting messages were often just written, and at the statistics of a table not yet analysed a
+# join may otherwise walk every waiting message once per member. Only a pending message waits
+# (at 'infinity', tested so that no index but the primary key serves the update).
+_MAKE_NEXT_DUE = """
+with heads as materialized (
+    select (
+        select p.message_id from webhook_messages p
+        where p.endpoint_id = f.endpoint_id and p.member_uid = f.member_uid and p.status = 'pending'
+        order by p.sequence
+        limit 1
+    ) as message_id
+    from (
+        select distinct m.endpoint_id, m.member_uid from webhook_messages m
+        where m.message_id = any($1::bigint[]) and m.member_uid is not null
+    ) f
+), made as (
+    update webhook_messages w set next_attempt_at = $2
+    where w.message_id = any(array(select message_id from heads))
+      and not isfinite(w.next_attempt_at)
+    returning 1
+)
+select count(*) from made
+"""
+
+
+async def make_stranded_due(conn: Queryable, now: datetime) -> int:
+    """Waiting messages that are their member's first pending one (their predecessor finished in
+    a process that died before make_next_due) are due now. Walks every waiting message: for a
+    sweep now and then, not for every round."""
+    count: int = await conn.fetchval(
+        """
+        with stranded as materialized (
+            select m.message_id from webhook_endpoints e
+            join webhook_messages m on m.endpoint_id = e.endpoint_id and m.status = 'pending'
+                                   and m.next_attempt_at = 'infinity'
+            where m.message_id = (
+                select p.message_id from webhook_messages p
+                where p.endpoint_id = m.endpoint_id and p.member_uid = m.member_uid and p.status = 'pending'
+                order by p.sequence
+                limit 1
+            )
+        ), made as (
+            update webhook_messages w set next_attempt_at = $1
+            where w.message_id = any(array(select message_id from stranded))
+              and not isfinite(w.next_attempt_at)
+            returning 1
+        )
+        select count(*) from made
+        """,
+        now,
+    )
+    return count
+
+
+# A message waiting for its member's earlier one (at 'infinity') has no time of its own yet.
+_MESSAGE_COLUMNS = """m.message_id, m.endpoint_id, m.event_id, e.type, m.status, m.attempts,
+    case when isfinite(m.next_attempt_at) then m.next_attempt_at end as next_attempt_at, m.first_attempt_at,
+    m.last_attempt_at, m.last_status, m.last_error, m.finished_at, m.created_at"""
 
 
 async def select_messages(
