@@ -46,6 +46,15 @@ async def marks(conn: asyncpg.Connection) -> Marks:
     return Marks(**dict(row), delivery_pk=delivery_pk)
 
 
+async def marks_at(url: str) -> Marks:
+    """``marks`` on a connection of its own, for the harness's synchronous steps."""
+    conn = await asyncpg.connect(url)
+    try:
+        return await marks(conn)
+    finally:
+        await conn.close()
+
+
 async def wait_until_quiet(conn: asyncpg.Connection) -> None:
     """Wait until the service has no statement or transaction open (requests wrk left in flight)."""
     deadline = time.monotonic() + IN_FLIGHT_TIMEOUT_SECONDS

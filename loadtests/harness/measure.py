@@ -186,7 +186,7 @@ class Measurer:
         assert side.server is not None
         quiet = self.wait_quiet(side)
         writes = scenario in WRITE_SCENARIOS
-        marks = asyncio.run(_marks(side.database_url)) if writes else None
+        marks = asyncio.run(checks.marks_at(side.database_url)) if writes else None
         redis_hits = stats.redis_stats(side.redis_url)
         log_offset = side.server.log_path.stat().st_size
         spy = None
@@ -452,14 +452,6 @@ def _server_log_since(side: Side, offset: int) -> dict[str, object]:
     errors = [line for line in lines if '"level":"error"' in line or "Traceback" in line]
     warnings = [line for line in lines if '"level":"warning"' in line]
     return {"lines": len(lines), "errors": len(errors), "warnings": len(warnings), "samples": (errors + warnings)[:3]}
-
-
-async def _marks(url: str) -> checks.Marks:
-    conn = await asyncpg.connect(url)
-    try:
-        return await checks.marks(conn)
-    finally:
-        await conn.close()
 
 
 async def _vesting_backlog(url: str) -> int:

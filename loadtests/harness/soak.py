@@ -176,7 +176,7 @@ def _soak(args: argparse.Namespace, postgres: object, redis_server: object) -> d
         side._fund_contention_members(server, run._adjustment_reason())
         # Unmeasured load first, so that the start's pools and caches are as busy as the end's.
         run.measurer.wrk(side, "mixed", members, WARMUP_SECONDS, f"w{secrets.token_hex(3)}")
-        marks = asyncio.run(_marks(side.database_url))
+        marks = asyncio.run(checks.marks_at(side.database_url))
         start = snapshot(server, args.pg_url, args.redis_url, side.database_name)
         injector = Injector(faults_for(postgres, redis_server, server.worker_pids), args.fault_every, run.say)
         tag = f"s{secrets.token_hex(4)}"
@@ -227,14 +227,6 @@ def nothing_lost_or_doubled(writes: dict) -> bool:
         for name, entry in writes.items()
         if name != "ok"
     )
-
-
-async def _marks(url: str) -> checks.Marks:
-    conn = await asyncpg.connect(url)
-    try:
-        return await checks.marks(conn)
-    finally:
-        await conn.close()
 
 
 async def _check(url: str, wrk: object, tag: str, partner: str, marks: checks.Marks) -> dict:
