@@ -26,7 +26,11 @@ SCENARIOS = (
     "purchases",
     "webhooks",
     "redemptions",
+    "redemptions_uniform",
+    "kudos",
+    "kudos_hot",
     "mixed",
+    "mixed_half",
     "purchases_jobs",
     "purchases_webhook",
     "jobs",
@@ -36,8 +40,19 @@ GROUPS = {
     "all": SCENARIOS,
     "baselines": ("noop", "pgbench"),
     "balance": ("balance_uniform", "balance_hot", "balance_warm", "balance_half"),
+    # The checkout day and its parts alone, for mixed_vs_blend and the CPU per write.
+    "checkout": (
+        "balance_uniform",
+        "purchases",
+        "redemptions",
+        "redemptions_uniform",
+        "kudos",
+        "kudos_hot",
+        "mixed",
+        "mixed_half",
+    ),
 }
-SCALING_SCENARIOS = ("noop", "pgbench", "balance_uniform", "balance_hot", "balance_warm", "purchases")
+SCALING_SCENARIOS = ("noop", "pgbench", "balance_uniform", "balance_hot", "balance_warm", "purchases", "mixed")
 SCALING_SIZES = (10_000, 1_000_000)
 HTTP_SCRIPTS = {
     "noop": "noop",
@@ -50,15 +65,47 @@ HTTP_SCRIPTS = {
     "purchases": "purchases",
     # Signed Shopify orders/paid deliveries: the same purchases, arriving as webhooks.
     "webhooks": "webhooks",
+    # Redemptions of 1 point on --contention-members members (row-lock contention) / on any member.
     "redemptions": "redemptions",
+    "redemptions_uniform": "redemptions_uniform",
+    # Kudos between uniformly picked members / to --contention-members authors from any giver.
+    "kudos": "kudos",
+    "kudos_hot": "kudos_hot",
     "mixed": "mixed",
+    # The checkout day paced to half of mixed's throughput, for the p99 at half load.
+    "mixed_half": "mixed",
     # Purchases while `konvert jobs run` vests a backlog beside them.
     "purchases_jobs": "purchases",
     # Purchases while the service delivers their events to a webhook endpoint (a local receiver).
     "purchases_webhook": "purchases",
 }
-WRITE_SCENARIOS = ("purchases", "webhooks", "redemptions", "mixed", "purchases_jobs", "purchases_webhook")
-PROFILED_SCENARIOS = ("purchases", "webhooks", "balance_uniform", "balance_hot", "balance_warm", "portal_overview")
+WRITE_SCENARIOS = (
+    "purchases",
+    "webhooks",
+    "redemptions",
+    "redemptions_uniform",
+    "kudos",
+    "kudos_hot",
+    "mixed",
+    "mixed_half",
+    "purchases_jobs",
+    "purchases_webhook",
+)
+PROFILED_SCENARIOS = (
+    "purchases",
+    "webhooks",
+    "balance_uniform",
+    "balance_hot",
+    "balance_warm",
+    "portal_overview",
+    "redemptions",
+    "redemptions_uniform",
+    "kudos",
+    "kudos_hot",
+    "mixed",
+)
+# Paced to half of another scenario's throughput in the same run: scenario -> the one at full load.
+HALF_LOAD_SCENARIOS = {"balance_half": "balance_uniform", "mixed_half": "mixed"}
 
 
 def parse_args(argv: list[str] | None = None, description: str = "") -> argparse.Namespace:
@@ -91,7 +138,7 @@ def _add_load_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--scenarios",
         default="all",
-        help=f"comma-separated: all, baselines, balance, {', '.join(SCENARIOS)} (default all)",
+        help=f"comma-separated: all, baselines, balance, checkout, {', '.join(SCENARIOS)} (default all)",
     )
     parser.add_argument(
         "--members-scaling",
@@ -240,7 +287,7 @@ def expand_scenarios(text: str) -> list[str]:
     for item in (s.strip() for s in text.split(",") if s.strip()):
         for name in GROUPS.get(item, (item,)):
             if name not in SCENARIOS:
-                choices = ", ".join(("all", "baselines", "balance", *SCENARIOS))
+                choices = ", ".join((*GROUPS, *SCENARIOS))
                 raise ValueError(f"unknown scenario {name!r}; choose from {choices}")
             if name not in names:
                 names.append(name)

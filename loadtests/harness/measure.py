@@ -17,7 +17,7 @@ from pathlib import Path
 import asyncpg
 
 from harness import checks, events, load, profile, stats, webhooks
-from harness.cli_args import HTTP_SCRIPTS, PROFILED_SCENARIOS, WRITE_SCENARIOS
+from harness.cli_args import HALF_LOAD_SCENARIOS, HTTP_SCRIPTS, PROFILED_SCENARIOS, WRITE_SCENARIOS
 from harness.jobs import parse_counts, per_second
 from harness.seed import ProgramFacts
 from harness.service import (
@@ -35,7 +35,7 @@ from harness.side import Side
 # but older commits measured as a baseline (89afc5e) add them once a second.
 METRICS_LAG_S = 1.5
 
-# balance_half: how close to half of peak the paced run must land before it is measured.
+# balance_half, mixed_half: how close to half of peak the paced run must land before it is measured.
 HALF_LOAD_TOLERANCE = 0.1
 HALF_LOAD_CALIBRATIONS_MAX = 3
 
@@ -325,15 +325,15 @@ class Measurer:
 
     # -- a scenario, repeated ---------------------------------------------------------------------
 
-    def half_load_pause(self, side: Side, members: int, peak_rps: float) -> float:
-        """The pause per request and connection that brings balance reads to half of the peak."""
+    def half_load_pause(self, side: Side, scenario: str, members: int, peak_rps: float) -> float:
+        """The pause per request and connection that brings ``scenario``'s load to half of the peak."""
         target = peak_rps / 2
         period_ms = self.args.connections * 1000 / target
         latency_ms = 1.0
         calibration_s = max(2.0, min(5.0, self.args.duration / 4))
         delay_ms = max(0.0, period_ms - latency_ms)
         for attempt in range(HALF_LOAD_CALIBRATIONS_MAX):
-            run = self.wrk(side, "balance_half", members, calibration_s, f"c{secrets.token_hex(3)}", delay_ms)
+            run = self.wrk(side, scenario, members, calibration_s, f"c{secrets.token_hex(3)}", delay_ms)
             achieved = run.throughput
             if achieved <= 0:
                 break
@@ -343,12 +343,14 @@ class Measurer:
             delay_ms = max(0.0, period_ms - latency_ms)
         return delay_ms
 
-    def peak_for_half_load(self, side: Side, members: int, measured: dict) -> float:
-        """balance_half's peak: balance_uniform's throughput on the same side, or a short run."""
-        peak = measured.get("balance_uniform", {}).get("throughput_rps")
+    def peak_for_half_load(self, side: Side, scenario: str, members: int, measured: dict) -> float:
+        """A half-load scenario's peak: its full-load scenario's throughput on the same side
+        (balance_uniform for balance_half, mixed for mixed_half), or a short run of it."""
+        full = HALF_LOAD_SCENARIOS[scenario]
+        peak = measured.get(full, {}).get("throughput_rps")
         if not peak:
             peak = self.wrk(
-                side, "balance_uniform", members, max(3.0, self.args.duration / 2), f"p{secrets.token_hex(3)}"
+                side, full, members, max(3.0, self.args.duration / 2), f"p{secrets.token_hex(3)}"
             ).throughput
         return peak
 
@@ -362,7 +364,8 @@ class Measurer:
         idle: tuple[int, ...] = (),
     ) -> dict:
         """Run a scenario --repeat times; the median run by throughput is the result."""
-        delay_ms = self.half_load_pause(side, members, peak_rps) if scenario == "balance_half" and peak_rps else 0.0
+        half = scenario in HALF_LOAD_SCENARIOS and peak_rps
+        delay_ms = self.half_load_pause(side, scenario, members, peak_rps) if half and peak_rps else 0.0
         runs = []
         warmed: dict = {}
         for attempt in range(self.args.repeat):
@@ -403,7 +406,7 @@ class Measurer:
                     )
                 )
         result = median_run(runs)
-        if scenario == "balance_half" and peak_rps:
+        if half and peak_rps:
             result["target_rps"] = round(peak_rps / 2, 1)
             result["pause_ms_per_request"] = round(delay_ms, 2)
             result["load_fraction_of_peak"] = round(result["throughput_rps"] / peak_rps, 3)

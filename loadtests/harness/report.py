@@ -30,6 +30,16 @@ PURCHASES_WEBHOOK_VS_PURCHASES_MIN = 0.9
 # ... and the events one `konvert events publish` publishes per second (to the stream, fanned out
 # and delivered to one endpoint) against the purchases the service posts per second.
 PUBLISH_VS_PURCHASES_MIN = 2.0
+# The checkout day (the mixed scenario: loadtests/wrk/mixed.lua's weights, below) at least this
+# share of the blend of its parts measured alone in the same run: 1 / sum(weight / throughput) ...
+MIXED_VS_BLEND_MIN = 0.8
+MIXED_WEIGHTS = {"balance_uniform": 0.70, "purchases": 0.20, "redemptions_uniform": 0.05, "kudos": 0.05}
+# ... with its p99 at full load and at half of its throughput (mixed_half) at most these.
+MIXED_P99_MAX_MS = 25.0
+MIXED_HALF_LOAD_P99_MAX_MS = 5.0
+# A redemption and a kudos cost at most this many times a purchase's CPU (konvert's processes and
+# PostgreSQL's backends, per request), over any member and on a few hot ones.
+WRITE_CPU_VS_PURCHASE_MAX = 1.5
 # Memory stays bounded: no service process above this, and the service's RSS at the end of the
 # last scenario no more than this factor above its RSS at the end of the first one.
 PEAK_RSS_PER_PROCESS_MAX_MIB = 512
@@ -73,6 +83,12 @@ def _at_least(name: str, value: float | None, minimum: float, note: str = "") ->
     return Target(name, value, f">= {minimum}x", met, "x", note)
 
 
+def _at_most(name: str, value: float | None, maximum: float, note: str = "") -> Target:
+    """A ratio target: met when the value is at most the maximum; undecided without a value."""
+    met = None if value is None else value <= maximum
+    return Target(name, value, f"<= {maximum}x", met, "x", note)
+
+
 def _rps(config: dict, scenario: str) -> float | None:
     result = config["scenarios"].get(scenario)
     return result["throughput_rps"] if result and result.get("throughput_rps") else None
@@ -104,11 +120,41 @@ def config_ratios(config: dict) -> dict[str, float | None]:
         # Events one publisher process publishes per second against purchases posted per second.
         "publish_vs_purchases": _ratio(_publish_rate(config), _rps(config, "purchases")),
     }
+    ratios |= checkout_ratios(config)
     if config.get("baseline"):
         ratios |= baseline_ratios(config, config["baseline"])
     if config.get("cluster"):
         ratios |= cluster_ratios(config, config["cluster"])
     return ratios
+
+
+def checkout_ratios(config: dict) -> dict[str, float | None]:
+    """The checkout day against the blend of its parts, and what a redemption and a kudos cost
+    against a purchase: CPU per request of konvert and PostgreSQL, uniform over members and hot."""
+    purchase = _service_cpu(config, "purchases")
+    return {
+        "mixed_vs_blend": _ratio(_rps(config, "mixed"), blend_rps(config)),
+        "redemption_cpu_vs_purchase": _ratio(_service_cpu(config, "redemptions_uniform"), purchase),
+        "redemption_hot_cpu_vs_purchase": _ratio(_service_cpu(config, "redemptions"), purchase),
+        "kudos_cpu_vs_purchase": _ratio(_service_cpu(config, "kudos"), purchase),
+        "kudos_hot_cpu_vs_purchase": _ratio(_service_cpu(config, "kudos_hot"), purchase),
+    }
+
+
+def blend_rps(config: dict) -> float | None:
+    """What the checkout day would do if each request cost what it costs alone: the weighted
+    harmonic mean of its parts' throughputs in this run (None unless every part ran)."""
+    rates = {scenario: _rps(config, scenario) for scenario in MIXED_WEIGHTS}
+    if not all(rates.values()):
+        return None
+    return round(1 / sum(weight / rates[scenario] for scenario, weight in MIXED_WEIGHTS.items()), 1)  # type: ignore[operator]
+
+
+def _service_cpu(config: dict, scenario: str) -> float | None:
+    """konvert's and PostgreSQL's CPU milliseconds per request of a scenario."""
+    result = config["scenarios"].get(scenario)
+    cpu = result.get("cpu_ms_per_request") if result else None
+    return cpu["konvert"] + cpu["postgres"] if cpu and result.get("requests") else None
 
 
 def cluster_ratios(config: dict, on_cluster: dict) -> dict[str, float | None]:
@@ -258,11 +304,59 @@ def _ratio_targets(config: dict, label: str) -> list[Target]:
             "events out: one `konvert events publish` keeps up with purchases",
         ),
     ]
-    return [
+    found = [
         _at_least(name, ratios[key], minimum, note)
         for name, key, minimum, note in wanted
         if ratios.get(key) is not None
     ]
+    return found + _checkout_targets(config, label)
+
+
+def _checkout_targets(config: dict, label: str) -> list[Target]:
+    """The checkout day's targets this configuration measured: against the blend, its p99 at
+    full and at half load, and redemptions' and kudos' CPU against a purchase's."""
+    ratios, scenarios = config["ratios"], config["scenarios"]
+    found = []
+    if ratios.get("mixed_vs_blend") is not None:
+        blend = blend_rps(config)
+        note = f"blend of its parts alone: {blend:,.0f} req/s" if blend else ""
+        found.append(
+            _at_least(
+                f"checkout day / blend of its parts ({label})", ratios["mixed_vs_blend"], MIXED_VS_BLEND_MIN, note
+            )
+        )
+    for scenario, maximum, what in (
+        ("mixed", MIXED_P99_MAX_MS, "at full load"),
+        ("mixed_half", MIXED_HALF_LOAD_P99_MAX_MS, "at half of its peak"),
+    ):
+        if result := scenarios.get(scenario):
+            value = result["latency_ms"]["p99"]
+            found.append(
+                Target(
+                    f"checkout day p99 {what} ({label})",
+                    value,
+                    f"<= {maximum:g} ms",
+                    value <= maximum,
+                    "ms",
+                    f"{result['throughput_rps']:.0f} req/s" + _server_p99(result),
+                )
+            )
+    for key, what in (
+        ("redemption_cpu_vs_purchase", "redemption, any member"),
+        ("redemption_hot_cpu_vs_purchase", "redemption, few members"),
+        ("kudos_cpu_vs_purchase", "kudos, any members"),
+        ("kudos_hot_cpu_vs_purchase", "kudos, few authors"),
+    ):
+        if ratios.get(key) is not None:
+            found.append(
+                _at_most(
+                    f"{what}: CPU / a purchase's ({label})",
+                    ratios[key],
+                    WRITE_CPU_VS_PURCHASE_MAX,
+                    "konvert + PostgreSQL per request",
+                )
+            )
+    return found
 
 
 def _scaling_targets(configs: list[dict]) -> list[Target]:
@@ -275,7 +369,7 @@ def _scaling_targets(configs: list[dict]) -> list[Target]:
         if len(sizes) < 2:
             continue
         small, large = sizes[min(sizes)], sizes[max(sizes)]
-        for scenario in ("purchases", "balance_uniform", "balance_hot", "balance_warm"):
+        for scenario in ("purchases", "mixed", "balance_uniform", "balance_hot", "balance_warm"):
             ratio = _ratio(_rps(large, scenario), _rps(small, scenario))
             if ratio is not None:
                 name = f"{scenario} {large['members']:,} / {small['members']:,} members ({workers} worker(s))"

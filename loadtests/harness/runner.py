@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from harness import report, seed, stats
-from harness.cli_args import HTTP_SCRIPTS, LOADTESTS
+from harness.cli_args import HALF_LOAD_SCENARIOS, HTTP_SCRIPTS, LOADTESTS
 from harness.events import run_publish
 from harness.jobs import run_jobs
 from harness.measure import Measurer
@@ -112,7 +112,8 @@ class Run:
             # One Redis for both sides: the other side's cached balances are not this side's.
             stats.flush_redis(side.redis_url)
         side.say(f"{scenario}: {self.args.connections} connections, {self.args.duration:g} s")
-        peak = self.measurer.peak_for_half_load(side, members, measured) if scenario == "balance_half" else None
+        half = scenario in HALF_LOAD_SCENARIOS
+        peak = self.measurer.peak_for_half_load(side, scenario, members, measured) if half else None
         idle = tuple(
             pid
             for other in self.sides

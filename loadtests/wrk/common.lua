@@ -32,7 +32,7 @@ local occurred_at = env("KONVERT_BENCH_OCCURRED_AT", "2026-01-01T00:00:00Z")
 -- Hot skew: this share of member picks goes to members 1..hot_members (0 turns skew off).
 local hot_members = tonumber(env("KONVERT_BENCH_HOT_MEMBERS", "0"))
 local hot_share = tonumber(env("KONVERT_BENCH_HOT_SHARE", "0.9"))
--- Redemption contention: redemptions go to members 1..contention_members only.
+-- Contention: redemptions (and kudos_hot's kudos) go to members 1..contention_members only.
 local contention_members = tonumber(env("KONVERT_BENCH_CONTENTION_MEMBERS", "8"))
 -- Mean pause (ms) after each response on a connection, to run below peak load. 0: no pause.
 local delay_ms = tonumber(env("KONVERT_BENCH_DELAY_MS", "0"))
@@ -168,9 +168,8 @@ end
 local KUDOS_KINDS = { "like", "like", "like", "like", "like", "like", "like", "like", "helpful", "helpful",
   "helpful", "accepted_answer" }
 
-function builders.kudos()
+local function kudos(author)
   local n = next_number("k")
-  local author = member(true)
   local giver = member(true)
   if giver == author then
     giver = author % members + 1
@@ -182,6 +181,16 @@ function builders.kudos()
     KUDOS_KINDS[math.random(1, #KUDOS_KINDS)], occurred_at
   )
   return wrk.format("POST", "/v1/kudos", with_id(json_headers, "k", n), body)
+end
+
+-- A kudos between two members of the forum.
+function builders.kudos()
+  return kudos(member(true))
+end
+
+-- A few members write the answers everyone likes.
+function builders.kudos_hot()
+  return kudos(math.random(1, contention_members))
 end
 
 -- Defines wrk's request/response/done (and delay, when pacing) for a mix such as
