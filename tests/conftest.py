@@ -29,6 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
+import msgspec
 import pytest
 import redis.asyncio as redis
 import uvicorn
@@ -70,6 +71,15 @@ async def cached_entry(
         return None
     version, _, body = entry.partition(b"|")  # konvert.cache's format
     return int(version), body or None
+
+
+async def cached_available(redis_client: redis.Redis, member_id: str) -> tuple[int, int | None] | None:
+    """The cached balance's version and available points (None: a tombstone), or None."""
+    entry = await cached_entry(redis_client, member_id)
+    if entry is None:
+        return None
+    version, body = entry
+    return version, msgspec.json.decode(body)["available"] if body else None
 
 
 async def spend_points(

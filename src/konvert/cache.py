@@ -23,7 +23,11 @@ process alone, until the entry expires. The concurrent reads of one turn of the 
 share one command (MGET; on a Redis Cluster, one pipeline of GETs per master); the invalidations
 of a batch of writes share one round trip (a redis-py pipeline).
 
-A member's cached balance is one string, ``<version>|<body>``; an empty body is a tombstone.
+A member's cached balance is one string, ``<version>|<body>``; an empty body is a tombstone. A
+write to a member whose balance is cached puts the balance it committed (read in its transaction
+just before the commit), so that a read after a purchase or a redemption hits; other members get
+a tombstone, so that a write-heavy member nobody reads costs no balance query. A write that cannot
+reach Redis leaves a remembered tombstone either way, like an invalidation.
 """
 
 from __future__ import annotations
@@ -163,6 +167,17 @@ class BalanceCache:
             BALANCE_READS.labels("redis").inc()
         return body
 
+    async def cached(self, member_ids: list[str]) -> set[str]:
+        """Which of these members' balances are cached (a tombstone is not): those a write keeps
+        cached with the balance it commits. Empty when Redis is unavailable."""
+        if not member_ids or not self._trusted():
+            return set()
+        try:
+            return set(await self._get_many(member_ids))
+        except REDIS_ERRORS as exc:
+            self._failed("get", exc)
+            return set()
+
     async def _get_many(self, member_ids: list[str]) -> dict[str, bytes]:
         found = await get_many(self._redis, [self.key(member_id) for member_id in member_ids])
         bodies = {}
@@ -199,27 +214,37 @@ class BalanceCache:
 
     async def invalidate_many(self, changes: Iterable[tuple[str, int]]) -> None:
         """After committed writes at these (member id, version): no reader may serve an older
-        balance. One round trip for all of them (a member's latest version only).
+        balance. ``refresh_many`` with tombstones only."""
+        await self.refresh_many((member_id, version, b"") for member_id, version in changes)
 
-        The tombstone (version, no body) is what keeps a slower reader from caching an older
-        balance; a plain DEL would not. While the breaker is open they are not sent but
-        remembered, and sent with the next ones (see the module's doc for why that is safe).
+    async def refresh_many(self, balances: Iterable[tuple[str, int, bytes]]) -> None:
+        """After committed writes: cache each (member id, version, body) that the write read
+        before it committed, so that the next read hits; an empty body is a tombstone. One round
+        trip for all of them (a member's latest version only).
+
+        The version is what keeps a slower reader from caching an older balance; a plain DEL
+        would not. While the breaker is open they are not sent but remembered as tombstones, and
+        sent with the next ones (see the module's doc for why that is safe).
         """
-        latest: dict[str, int] = dict(self._missed)
-        for member_id, version in changes:
-            if version > latest.get(member_id, -1):
-                latest[member_id] = version
+        latest: dict[str, tuple[int, bytes]] = {
+            member_id: (version, b"") for member_id, version in self._missed.items()
+        }
+        for member_id, version, body in balances:
+            known, _ = latest.get(member_id, (-1, b""))
+            if version > known or (version == known and body):
+                latest[member_id] = (version, body)
         if not latest:
             return
+        versions = {member_id: version for member_id, (version, _) in latest.items()}
         if time.monotonic() < self._invalidations_skip_until:
-            self._miss(latest)
+            self._miss(versions)
             return
         ttl = self._ttl_seconds
-        entries = [(self.key(member_id), version, b"", ttl) for member_id, version in latest.items()]
+        entries = [(self.key(member_id), version, body, ttl) for member_id, (version, body) in latest.items()]
         if not await self._put_many(entries, invalidating=True):
-            self._miss(latest)
+            self._miss(versions)
             return
-        self._delivered(latest)
+        self._delivered(versions)
 
     def _delivered(self, latest: dict[str, int]) -> None:
         for member_id, version in latest.items():  # (others may have been missed meanwhile)

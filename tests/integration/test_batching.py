@@ -19,7 +19,7 @@ from konvert.earning.service import post_purchase, write_purchases
 from konvert.errors import ConcurrentWrite, IdempotencyConflict, Unprocessable
 from konvert.idempotency import Outcome
 from konvert.program import parse_program
-from tests.conftest import TEST_PROGRAM, balance_key, cached_entry, make_settings, spend_points
+from tests.conftest import TEST_PROGRAM, balance_key, cached_available, make_settings, spend_points
 from tests.integration.test_purchases import (
     batched_writes,
     held_before_commit,
@@ -483,7 +483,8 @@ async def test_duplicates_within_one_batch_replay_or_conflict_alone(services, ne
 
 async def test_a_batch_commits_in_one_transaction_and_tombstones_each_members_balance(services, redis_client, new_id):
     """Once write_purchases returns, others see every row, written by one transaction; the
-    cached balance of each member is tombstoned at the version that transaction gave it."""
+    cached balance of each member (none was read) is tombstoned at the version that transaction
+    gave it."""
     members = [new_id("m") for _ in range(3)]
 
     outcomes = await write_purchases(services, [_euros(services, m, new_id("p"), 10) for m in sorted(members)])
@@ -503,7 +504,7 @@ async def test_a_batch_commits_in_one_transaction_and_tombstones_each_members_ba
     )
     assert xmins == 1
     for row in rows:
-        assert await cached_entry(redis_client, row["member_id"]) == (row["version"], None)
+        assert await cached_available(redis_client, row["member_id"]) == (row["version"], None)
 
 
 async def test_a_purchase_id_taken_meanwhile_by_another_member_fails_the_batch_and_its_postings_go_alone(
@@ -564,10 +565,10 @@ async def test_a_raced_purchase_id_commits_nothing_and_alone_is_refused_after_on
     assert await services.pool.fetchval("select count(*) from members where member_id = $1", newcomer) == 0
 
 
-async def test_a_replay_tombstones_the_cached_balance_a_lost_answer_may_have_left(services, redis_client, new_id):
-    """A batch committed, but its answer (and its cache invalidation) was lost: a slower reader
-    then cached an older balance. The client's retry replays the purchase and tombstones the
-    member's cached balance at its current version, so the older balance is served no more."""
+async def test_a_replay_caches_over_the_balance_a_lost_answer_may_have_left(services, redis_client, new_id):
+    """A batch committed, but its answer (and its cache refresh) was lost: a slower reader then
+    cached an older balance. The client's retry replays the purchase and caches the member's
+    balance at its current version, so the older balance is served no more."""
     member, purchase_id = new_id("m"), new_id("p")
     (first,) = await write_purchases(services, [_euros(services, member, purchase_id, 10)])
     version = await services.pool.fetchval("select version from members where member_id = $1", member)
@@ -579,8 +580,9 @@ async def test_a_replay_tombstones_the_cached_balance_a_lost_answer_may_have_lef
     (again,) = await write_purchases(services, [_euros(services, member, purchase_id, 10)])
 
     assert (first.replayed, again.replayed, again.body) == (False, True, first.body)
-    assert await cached_entry(redis_client, member) == (version, None)
-    assert await services.cache.get(member) is None
+    assert await cached_available(redis_client, member) == (version, 10)
+    served = await services.cache.get(member)
+    assert served is not None and msgspec.json.decode(served)["available"] == 10
 
 
 async def test_a_purchase_that_repays_a_refund_debt_is_written_together_and_repays_it(services, redis_client, new_id):
@@ -606,4 +608,4 @@ async def test_a_purchase_that_repays_a_refund_debt_is_written_together_and_repa
     )
     # Repaid in the purchase's own transaction: the lots agree with the balance at once.
     assert (row["points_available"], row["points_debt"], row["lots"]) == (20, 0, 20)
-    assert await cached_entry(redis_client, member) == (row["version"], None)
+    assert await cached_available(redis_client, member) == (row["version"], None)

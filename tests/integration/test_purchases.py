@@ -25,10 +25,10 @@ from konvert.earning.model import PurchaseIn
 from konvert.earning.service import check_purchase, write_purchases
 from konvert.errors import KonvertError
 from konvert.idempotency import Outcome
-from konvert.ledger.balances import BalanceReads
+from konvert.ledger.balances import BalanceReads, read_balance
 from konvert.ledger.jobs import vest_due_lots
 from konvert.services import Services
-from tests.conftest import balance_key, cached_entry, spend_points
+from tests.conftest import balance_key, cached_available, cached_entry, spend_points
 
 NOW = datetime.now(UTC)
 # Older than the 14-day return window: the points are available at once.
@@ -659,19 +659,26 @@ async def test_spending_more_than_available_is_refused(post, balance, services, 
 # --- balance cache -------------------------------------------------------------------------
 
 
-async def test_balance_is_cached_and_a_write_is_read_back_at_once(post, balance, redis_client, new_id):
+async def test_a_write_caches_the_balance_it_committed_where_one_is_read(
+    services: Services, post, balance, redis_client, new_id
+):
     member = new_id("m")
     await post("/v1/purchases", purchase(member, new_id("p")))
-    first = await balance(member)
+    # Nobody read the member's balance: the purchase left a tombstone, and read no balance.
+    assert await cached_available(redis_client, member) == (1, None)
+    assert (await balance(member))["available"] == 100
+    await services.cache.wait_filled()
+    assert await cached_available(redis_client, member) == (1, 100)
 
-    version, body = await cached_entry(redis_client, member)
-    assert version == first["version"]
-    assert msgspec.json.decode(body)["available"] == 100
-
+    # Now that it is read, the next purchase caches the balance it committed: the read after it hits.
     await post("/v1/purchases", purchase(member, new_id("p")))
-    # The write left a tombstone at its version, so the cached body cannot be served.
-    assert await cached_entry(redis_client, member) == (first["version"] + 1, None)
-    assert (await balance(member))["available"] == 200
+    version, body = await cached_entry(redis_client, member)
+    assert version == 2
+    # Exactly what a read from PostgreSQL gives, and what the API answers.
+    from_database = msgspec.to_builtins(await read_balance(services, member))
+    assert msgspec.json.decode(body) == from_database
+    assert from_database["available"] == 200
+    assert await balance(member) == from_database
 
 
 async def test_a_slow_reader_cannot_put_an_older_balance_back(services: Services, post, balance, new_id):
@@ -861,5 +868,5 @@ async def test_writes_still_invalidate_after_redis_forgets_its_scripts(post, bal
 
     await post("/v1/purchases", purchase(member, new_id("p")))
 
-    assert await cached_entry(redis_client, member) == (first["version"] + 1, None)
+    assert await cached_available(redis_client, member) == (first["version"] + 1, 200)
     assert (await balance(member))["available"] == 200

@@ -11,6 +11,7 @@ import msgspec
 
 from konvert import errors
 from konvert.batching import BatchedLookups
+from konvert.db import Connection
 from konvert.ledger import reads, store
 from konvert.ledger.model import (
     ActivityItem,
@@ -88,6 +89,19 @@ async def read_balance(services: Services, member_id: str, expiring_within_days:
     if row is None:
         raise errors.MemberNotFound(f"no member {member_id!r}")
     return _balance_of(services, row)
+
+
+async def committed_bodies(
+    services: Services, conn: Connection, versions: dict[str, int], uids: list[int]
+) -> list[tuple[str, int, bytes]]:
+    """A write's members' balances as it leaves them, read in its transaction before it commits:
+    (member id, version, body) for the cache, of the members whose id and version it changed."""
+    rows = await reads.select_balances_by_uid(conn, uids, services.program.points.expiring_lots_shown)
+    return [
+        (row["member_id"], row["version"], _encode(_balance_of(services, row)))
+        for row in rows
+        if versions.get(row["member_id"]) == row["version"]
+    ]
 
 
 def decode_balance(body: bytes) -> Balance:

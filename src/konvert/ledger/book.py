@@ -7,8 +7,10 @@ it changes (``book.lock``), does its own SQL on ``book.conn`` and asks the book 
 the member's balances and its balance ``version``, and keeps the rules no feature may bend: a
 spend never overdraws (it checks the stored available points under the member's lock), a credit
 to available points repays a refund debt first, a clawback takes a lot's own points back before
-anyone else's. When the transaction commits, the book tombstones the cached balance of every
-member it changed, at the version it committed, before the use case answers.
+anyone else's. Just before the transaction commits, the book reads the balance of every member
+it changed whose balance is cached; once it has committed, it caches them at the version it
+committed (a read after a purchase hits) and tombstones the others' at theirs, before the use
+case answers.
 
 Lock order, for every writer: members first (several in member_uid order), then what they own
 (lots, holds, purchases).
@@ -27,7 +29,7 @@ import msgspec
 from konvert import errors
 from konvert.db import Connection
 from konvert.idempotency import Outcome
-from konvert.ledger import batches, events, store
+from konvert.ledger import balances, batches, events, store
 from konvert.ledger.accounts import EXPIRED, SystemAccount, SystemAccounts
 from konvert.ledger.model import Cause
 from konvert.ledger.rules import OpenLot, Take, plan_clawback, plan_takes
@@ -120,6 +122,8 @@ class Book:
         # The events this transaction announces, written to the outbox just before it commits.
         self._announced: list[events.Announcement] = []
         self._announced_last: list[events.Announcement] = []
+        # The balances this transaction leaves, read just before it commits: (member id, version, body).
+        self._balances: list[tuple[str, int, bytes]] = []
 
     # --- members --------------------------------------------------------------------------
 
@@ -611,9 +615,25 @@ class Book:
         """The newest version this transaction gave each member it changed, by member id."""
         return dict(self._versions)
 
+    async def read_balances(self) -> None:
+        """Just before the commit: the balances this transaction leaves, for the cache, of the
+        members it changed whose balance is cached (someone reads it). A member it renamed
+        (erased) keeps a tombstone under the old id."""
+        changed = {
+            m.id: m.uid for m in self._members.values() if self._versions.get(m.id) == m.version and not m.erased
+        }
+        read = await self._services.cache.cached(list(changed))
+        if read:
+            uids = [changed[member_id] for member_id in read]
+            self._balances = await balances.committed_bodies(self._services, self.conn, self._versions, uids)
+
     async def committed(self) -> None:
-        """After the commit: no reader may serve a member's balance older than what committed."""
-        await self._services.cache.invalidate_many(self._versions.items())
+        """After the commit: no reader may serve a member's balance older than what committed;
+        the balances read before the commit are cached, the other members tombstoned."""
+        bodies = {member_id: body for member_id, _, body in self._balances}
+        await self._services.cache.refresh_many(
+            (member_id, version, bodies.get(member_id, b"")) for member_id, version in self._versions.items()
+        )
 
 
 class Gathered(Protocol):
@@ -634,7 +654,7 @@ InTransaction = Callable[["Book", "Outcome | errors.KonvertError"], Awaitable[No
 @contextlib.asynccontextmanager
 async def writing(services: Services, conn: Connection | None = None) -> AsyncIterator[Book]:
     """One use case's transaction, on ``conn`` or a pooled connection; the cached balances of the
-    members it changed are invalidated after it commits."""
+    members it changed are refreshed after it commits."""
     if conn is None:
         async with services.pool.acquire() as pooled, writing(services, pooled) as book:
             yield book
@@ -644,4 +664,5 @@ async def writing(services: Services, conn: Connection | None = None) -> AsyncIt
         yield book
         await book.flush_gathered()
         await book.write_announced()
+        await book.read_balances()
     await book.committed()

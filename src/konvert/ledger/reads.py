@@ -68,6 +68,13 @@ async def select_balances(
     return [row for row in rows if uids.get(row["member_id"]) == row["member_uid"]]
 
 
+async def select_balances_by_uid(conn: Conn, member_uids: list[int], expiring_lots: int) -> list[asyncpg.Record]:
+    """``select_balances`` of members by uid, in one statement (a write's own members, which it
+    holds locked)."""
+    rows: list[asyncpg.Record] = await conn.fetch(_BALANCES_OF, member_uids, expiring_lots, None)
+    return rows
+
+
 async def select_balance(
     conn: Conn, member_id: str, expiring_lots: int, expiring_before: datetime | None = None
 ) -> asyncpg.Record | None:
