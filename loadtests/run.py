@@ -12,8 +12,9 @@ measured in the same run. See loadtests/README.md.
 It creates its own database on the local PostgreSQL server (dropped at the end unless --keep),
 uses Redis logical database 14 (flushed), seeds members with a purchase history in SQL, starts
 ``konvert serve`` with production settings, measures the baselines (pgbench's raw transaction,
-the service's no-op endpoint) and the workloads with wrk, checks that nothing was lost or doubled
-and that ``konvert audit`` passes, prints a table and writes the results as JSON. With
+pgbench replaying konvert's own purchase statements, the service's no-op endpoint) and the
+workloads with wrk, checks that nothing was lost or doubled and that ``konvert audit`` passes,
+prints a table and writes the results as JSON. With
 --baseline-ref it does all of that for an older commit's install too, side by side, scenario by
 scenario, and reports the current install against it.
 

@@ -18,6 +18,7 @@ DEFAULT_BASELINE_CACHE = LOADTESTS / "results" / "baselines"
 SCENARIOS = (
     "noop",
     "pgbench",
+    "pgbench_own_sql",
     "balance_uniform",
     "balance_hot",
     "balance_warm",
@@ -38,7 +39,7 @@ SCENARIOS = (
 )
 GROUPS = {
     "all": SCENARIOS,
-    "baselines": ("noop", "pgbench"),
+    "baselines": ("noop", "pgbench", "pgbench_own_sql"),
     "balance": ("balance_uniform", "balance_hot", "balance_warm", "balance_half"),
     # The checkout day and its parts alone, for mixed_vs_blend and the CPU per write.
     "checkout": (
@@ -52,7 +53,19 @@ GROUPS = {
         "mixed_half",
     ),
 }
-SCALING_SCENARIOS = ("noop", "pgbench", "balance_uniform", "balance_hot", "balance_warm", "purchases", "mixed")
+# Measured with pgbench in the current side's database, before the services start: the raw
+# two-statement transaction, and konvert's own statements for a purchase (one transaction each).
+PGBENCH_SCENARIOS = ("pgbench", "pgbench_own_sql")
+SCALING_SCENARIOS = (
+    "noop",
+    "pgbench",
+    "pgbench_own_sql",
+    "balance_uniform",
+    "balance_hot",
+    "balance_warm",
+    "purchases",
+    "mixed",
+)
 SCALING_SIZES = (10_000, 1_000_000)
 HTTP_SCRIPTS = {
     "noop": "noop",
@@ -302,7 +315,7 @@ def missing_tools(args: argparse.Namespace) -> list[str]:
     needed = []
     if any(s in HTTP_SCRIPTS for s in args.scenario_names):
         needed.append("wrk")
-    if "pgbench" in args.scenario_names:
+    if any(s in PGBENCH_SCENARIOS for s in args.scenario_names):
         needed.append("pgbench")
     if args.baseline_ref:
         needed += ["git", "tar"]

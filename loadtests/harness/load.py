@@ -22,6 +22,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent.parent
 WRK_DIR = HERE / "wrk"
 PGBENCH_SCRIPT = HERE / "pgbench" / "ledger.sql"
+# konvert's own statements for one purchase, one transaction per purchase (pgbench_own_sql).
+PGBENCH_PURCHASE_SCRIPT = HERE / "pgbench" / "purchase.sql"
 
 # Generous so that a slow response is measured as slow instead of being dropped as a timeout.
 WRK_TIMEOUT = "30s"
@@ -259,6 +261,9 @@ class PgbenchRun:
     failed: int
     latency: Latency
     loadgen_cpu_percent: float = 0.0
+    # Clients pgbench stopped on an error (its first message): a script that does not fit the schema.
+    aborted_clients: int = 0
+    abort_sample: str = ""
 
     @property
     def throughput(self) -> float:
@@ -270,7 +275,8 @@ class PgbenchRun:
             "requests": self.transactions,
             "duration_s": round(self.duration_s, 3),
             "latency_ms": self.latency.as_dict(),
-            "errors": {"failed_transactions": self.failed},
+            "errors": {"failed_transactions": self.failed, "aborted_clients": self.aborted_clients}
+            | ({"abort_sample": self.abort_sample} if self.abort_sample else {}),
             "loadgen_cpu_percent": round(self.loadgen_cpu_percent, 1),
         }
 
@@ -292,8 +298,17 @@ def pgbench_connection_args(database_url: str) -> tuple[list[str], dict[str, str
     return [*args, parts.path.lstrip("/")], env
 
 
-def run_pgbench(database_url: str, *, members: int, duration_s: float, clients: int, threads: int) -> PgbenchRun:
-    """The raw two-statement transaction of loadtests/pgbench/ledger.sql, prepared, durable commits."""
+def run_pgbench(
+    database_url: str,
+    *,
+    variables: dict[str, str],
+    duration_s: float,
+    clients: int,
+    threads: int,
+    script: Path = PGBENCH_SCRIPT,
+) -> PgbenchRun:
+    """A pgbench script (by default the raw two-statement transaction of loadtests/pgbench/ledger.sql),
+    prepared, durable commits; ``variables`` are its -D variables."""
     connection, env = pgbench_connection_args(database_url)
     log_dir = Path(tempfile.mkdtemp(prefix="konvert-pgbench-"))
     seconds = max(1, math.ceil(duration_s))
@@ -308,10 +323,9 @@ def run_pgbench(database_url: str, *, members: int, duration_s: float, clients: 
         str(max(1, min(threads, clients))),
         "-T",
         str(seconds),
-        "-D",
-        f"members={members}",
+        *(arg for name, value in variables.items() for arg in ("-D", f"{name}={value}")),
         "-f",
-        str(PGBENCH_SCRIPT),
+        str(script),
         "-l",
         f"--log-prefix={log_dir}/tx",
         *connection,
@@ -341,12 +355,15 @@ def run_pgbench(database_url: str, *, members: int, duration_s: float, clients: 
                 elif fields[2] != "skipped":
                     latencies_us.append(int(fields[2]))
         measured = _pgbench_duration(out.stdout) or float(seconds)
+        aborted = [line for line in out.stderr.splitlines() if " aborted in command " in line]
         return PgbenchRun(
             duration_s=measured,
             transactions=len(latencies_us),
             failed=failed,
             latency=_latency_from_samples(latencies_us),
             loadgen_cpu_percent=100 * (_children_cpu_seconds() - cpu_before) / elapsed if elapsed else 0.0,
+            aborted_clients=len(aborted),
+            abort_sample=aborted[0][:500] if aborted else "",
         )
     finally:
         shutil.rmtree(log_dir, ignore_errors=True)

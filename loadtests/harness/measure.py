@@ -17,7 +17,7 @@ from pathlib import Path
 import asyncpg
 
 from harness import checks, events, load, profile, stats, webhooks
-from harness.cli_args import HALF_LOAD_SCENARIOS, HTTP_SCRIPTS, PROFILED_SCENARIOS, WRITE_SCENARIOS
+from harness.cli_args import HALF_LOAD_SCENARIOS, HTTP_SCRIPTS, PGBENCH_SCENARIOS, PROFILED_SCENARIOS, WRITE_SCENARIOS
 from harness.jobs import parse_counts, per_second
 from harness.seed import ProgramFacts
 from harness.service import (
@@ -301,18 +301,53 @@ class Measurer:
         asyncio.run(create())
         self.pgbench_members = members
 
-    def run_pgbench(self, side: Side, members: int) -> dict:
-        self.prepare_pgbench(side, members)
+    def pgbench_own_sql_variables(self, side: Side, members: int) -> dict[str, str]:
+        """purchase.sql's variables: the seeded members, a tag of its own (its purchase ids are
+        none of a wrk run's) and the program's partner, windows and tiers."""
+
+        async def issued_account() -> int:
+            conn = await asyncpg.connect(side.database_url)
+            try:
+                return await conn.fetchval(
+                    "select account_id from system_accounts where asset = 'points' and name = $1",
+                    f"issued:{self.facts.partner}",
+                )
+            finally:
+                await conn.close()
+
+        facts = self.facts
+        return {
+            "members": str(members),
+            "tag": f"sql{secrets.token_hex(4)}",
+            "n": "0",
+            "partner": facts.partner,
+            "issued": str(asyncio.run(issued_account())),
+            "return_window_days": str(facts.return_window_days),
+            "expire_after_days": str(-1 if facts.expire_after_days is None else facts.expire_after_days),
+            "tier_window_days": str(facts.tier_window_days),
+            "tier_names": "{" + ",".join(_array_element(name) for name in facts.tier_names) + "}",
+            "tier_thresholds": "{" + ",".join(str(points) for points in facts.tier_thresholds) + "}",
+        }
+
+    def run_pgbench(self, side: Side, members: int, scenario: str = "pgbench") -> dict:
+        """pgbench's raw transaction, or (pgbench_own_sql) konvert's own statements for a purchase,
+        in the side's seeded database."""
+        if scenario == "pgbench_own_sql":
+            script, variables = load.PGBENCH_PURCHASE_SCRIPT, self.pgbench_own_sql_variables(side, members)
+        else:
+            self.prepare_pgbench(side, members)
+            script, variables = load.PGBENCH_SCRIPT, {"members": str(members)}
         quiet = self.wait_quiet(side)
         wal_before = stats.wal_stats(side.database_url)
         checkpoints_before = stats.checkpoints(side.database_url)
         with Sampler(None, side.database_name) as sampler:
             run = load.run_pgbench(
                 side.database_url,
-                members=members,
+                variables=variables,
                 duration_s=self.args.duration,
                 clients=self.args.connections,
                 threads=self.args.pgbench_threads,
+                script=script,
             )
         result = run.as_dict() | {"usage": sampler.usage.as_dict() | quiet}
         time.sleep(1)  # pgbench's backends report their WAL counters as they exit
@@ -370,8 +405,8 @@ class Measurer:
         warmed: dict = {}
         for attempt in range(self.args.repeat):
             first = attempt == 0
-            if scenario == "pgbench":
-                runs.append(self.run_pgbench(side, members))
+            if scenario in PGBENCH_SCENARIOS:
+                runs.append(self.run_pgbench(side, members, scenario))
             elif scenario == "balance_uniform":
                 # Uniform reads warm the balance cache as they go, so a repetition would start where
                 # the previous one left off: each starts from an empty cache and its own warm-up.
@@ -411,6 +446,11 @@ class Measurer:
             result["pause_ms_per_request"] = round(delay_ms, 2)
             result["load_fraction_of_peak"] = round(result["throughput_rps"] / peak_rps, 3)
         return result
+
+
+def _array_element(text: str) -> str:
+    """``text`` quoted as an element of a PostgreSQL array literal."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def median_run(runs: list[dict]) -> dict:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Durable purchase postings per second, against pgbench's raw two-statement transaction at the
-# same client count (loadtests/pgbench/ledger.sql).
-PURCHASES_VS_PGBENCH_MIN = 1.0
+# Durable purchase postings per second, against pgbench replaying konvert's own statements for a
+# purchase, one transaction per purchase, at the same client count (loadtests/pgbench/purchase.sql,
+# issue 24): what the service adds over its own database work. Batching purchases into one
+# transaction (group commit) should make the service the faster.
+PURCHASES_VS_PGBENCH_OWN_SQL_MIN = 1.0
 # Balance reads (uniform over all members, cold or hot-skewed) against the service's own no-op
 # endpoint.
 BALANCE_VS_NOOP_MIN = 0.7
@@ -100,7 +102,9 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def config_ratios(config: dict) -> dict[str, float | None]:
     ratios = {
+        # Against pgbench's raw two-statement transaction (loadtests/pgbench/ledger.sql): no target.
         "purchases_vs_pgbench": _ratio(_rps(config, "purchases"), _rps(config, "pgbench")),
+        "purchases_vs_pgbench_own_sql": _ratio(_rps(config, "purchases"), _rps(config, "pgbench_own_sql")),
         "webhooks_vs_purchases": _ratio(_rps(config, "webhooks"), _rps(config, "purchases")),
         "balance_uniform_vs_noop": _ratio(_rps(config, "balance_uniform"), _rps(config, "noop")),
         "balance_hot_vs_noop": _ratio(_rps(config, "balance_hot"), _rps(config, "noop")),
@@ -266,7 +270,12 @@ def _ratio_targets(config: dict, label: str) -> list[Target]:
     """The issue's ratio targets this configuration measured."""
     ratios = config["ratios"]
     wanted = [
-        (f"purchases / pgbench ({label})", "purchases_vs_pgbench", PURCHASES_VS_PGBENCH_MIN, ""),
+        (
+            f"purchases / pgbench replaying their SQL ({label})",
+            "purchases_vs_pgbench_own_sql",
+            PURCHASES_VS_PGBENCH_OWN_SQL_MIN,
+            "the service's group commit against one transaction per purchase",
+        ),
         (
             f"signed Shopify deliveries / purchases ({label})",
             "webhooks_vs_purchases",

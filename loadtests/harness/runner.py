@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from harness import report, seed, stats
-from harness.cli_args import HALF_LOAD_SCENARIOS, HTTP_SCRIPTS, LOADTESTS
+from harness.cli_args import HALF_LOAD_SCENARIOS, HTTP_SCRIPTS, LOADTESTS, PGBENCH_SCENARIOS
 from harness.events import run_publish
 from harness.jobs import run_jobs
 from harness.measure import Measurer
@@ -64,13 +64,11 @@ class Run:
         for side in self.sides:
             side.seed_to(members, self.facts, now)
         configs = {side.name: {"members": members, "workers": workers, "scenarios": {}} for side in self.sides}
-        if "pgbench" in scenarios:
+        for scenario in (s for s in PGBENCH_SCENARIOS if s in scenarios):
             # Before the services start, so their idle pools do not share the machine with pgbench;
             # once, in the current side's database: it measures PostgreSQL, not an install.
-            self.say(f"pgbench: {self.args.connections} clients, {self.args.duration:g} s")
-            configs["current"]["scenarios"]["pgbench"] = self.measurer.measure(
-                self.current, "pgbench", members, workers
-            )
+            self.say(f"{scenario}: {self.args.connections} clients, {self.args.duration:g} s")
+            configs["current"]["scenarios"][scenario] = self.measurer.measure(self.current, scenario, members, workers)
         order: list[str] = []
         http = [s for s in scenarios if s in HTTP_SCRIPTS]
         if http:
@@ -147,7 +145,7 @@ class Run:
         if self.baseline is not None:
             baseline = configs["baseline"]
             # pgbench ran once, in the current side's database: the baseline's ratios use it too.
-            pgbench = {"pgbench": current["scenarios"]["pgbench"]} if "pgbench" in current["scenarios"] else {}
+            pgbench = {s: current["scenarios"][s] for s in PGBENCH_SCENARIOS if s in current["scenarios"]}
             baseline["ratios"] = report.config_ratios(baseline | {"scenarios": pgbench | baseline["scenarios"]})
             baseline["commit"] = self.baseline.install.commit
             current["baseline"] = baseline

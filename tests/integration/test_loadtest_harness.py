@@ -136,7 +136,7 @@ def test_harness_loses_nothing_and_the_audit_passes(tmp_path: Path, harness_redi
         "--duration",
         "2",
         "--scenarios",
-        "noop,balance_warm,purchases,webhooks,redemptions,mixed,purchases_jobs,jobs",
+        "noop,pgbench_own_sql,balance_warm,purchases,webhooks,redemptions,mixed,purchases_jobs,jobs",
     )
     result = _result(output, completed)
     config = result["configs"][0]
@@ -160,6 +160,13 @@ def test_harness_loses_nothing_and_the_audit_passes(tmp_path: Path, harness_redi
     assert webhook["inbox"]["by_status"] == {"applied": webhook["recorded_rows"]}, webhook
     assert config["ratios"]["webhooks_vs_purchases"] > 0, config["ratios"]
     assert result["machine"]["postgres_settings"]["max_wal_size"], result["machine"]
+    # pgbench replayed konvert's own statements for a purchase before the service started: every
+    # transaction committed, and the audit above passed over its rows too (after the jobs vested
+    # and expired their lots), so they are rows a purchase writes.
+    own_sql = config["scenarios"].pop("pgbench_own_sql")
+    assert own_sql["requests"] > 0 and own_sql["errors"] == {"failed_transactions": 0, "aborted_clients": 0}, own_sql
+    assert own_sql["wal_per_request"]["records"] >= 1 and own_sql["cpu_ms_per_request"]["postgres"] > 0, own_sql
+    assert config["ratios"]["purchases_vs_pgbench_own_sql"] > 0, config["ratios"]
     # konvert's own view of the same requests: every one wrk counted was timed by the server,
     # and the mixed day's balance reads are split by where they were served from.
     for name, scenario in config["scenarios"].items():
@@ -183,6 +190,8 @@ def test_harness_loses_nothing_and_the_audit_passes(tmp_path: Path, harness_redi
     # The redesign's acceptance figures are targets; without a baseline the purchases one waits for it.
     targets = {t["name"].split(" (")[0]: t for t in result["targets"]}
     assert targets["balance reads, every balance cached / no-op"]["value"] == config["ratios"]["balance_warm_vs_noop"]
+    own_sql_target = targets["purchases / pgbench replaying their SQL"]
+    assert own_sql_target["value"] == config["ratios"]["purchases_vs_pgbench_own_sql"], own_sql_target
     assert targets["purchases / baseline 89afc5e"]["value"] is None, targets
     sources = config["scenarios"]["mixed"]["balance_read_sources"]
     assert set(sources) <= {"redis", "database"} and abs(sum(sources.values()) - 1) < 0.01, sources
