@@ -3,10 +3,12 @@
 konvert.distribution lists how every table goes. The catalog must agree with it: each
 distributed table's primary key and unique constraints hold its distribution column, and each
 foreign key between distributed tables joins co-located tables on it (Citus refuses anything
-else). And the hot requests (a purchase batch, a balance read, a redemption hold, a kudos, a
-refund) are run for real with every statement they send captured and EXPLAINed: each scan of a
-distributed table must filter by its distribution column, which is what lets Citus send the
-statement to the member's shard alone.
+else). And the hot requests (a purchase batch, a balance read, a redemption hold, kudos and
+acceptances, a retraction, a refund, an integration's arrivals) and the jobs are run for real
+with every statement they send captured and EXPLAINed: each scan of a distributed table must
+compare its distribution column with the statement's values (or join it to a co-located scan
+that does), which is what lets Citus send the statement to those members' shards alone. Only the
+jobs' reads that find due rows go across members.
 """
 
 from __future__ import annotations
