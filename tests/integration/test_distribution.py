@@ -439,3 +439,40 @@ async def test_an_id_another_member_claimed_is_a_conflict_that_changes_nothing(
     )
     owner_uid = await services.pool.fetchval("select member_uid from natural_keys where key = $1", owner)
     assert [tuple(c) for c in claims] == [("purchase", owner_uid), ("redemption", owner_uid)]
+
+
+async def test_a_kudos_id_another_author_holds_is_a_conflict_and_giver_rows_follow_the_kudos(services: Any) -> None:
+    """A kudos id is claimed in natural_keys for the kudos' author, so it stays unique across
+    authors; the giver's row in kudos_given stops standing with the kudos."""
+    author, other, giver = (f"dist-{uuid.uuid4().hex[:10]}" for _ in range(3))
+    kudos = {
+        "kudos_id": f"k-{author}",
+        "source": "forum",
+        "post_id": f"post-{author}",
+        "thread_id": "t-1",
+        "author_id": author,
+        "giver_id": giver,
+        "kind": "like",
+        "occurred_at": "2026-01-01T10:00:00Z",
+    }
+    await give_kudos(services, msgspec.convert(kudos, KudosIn))
+
+    with pytest.raises(IdempotencyConflict):
+        await give_kudos(services, msgspec.convert(kudos | {"author_id": other, "post_id": "elsewhere"}, KudosIn))
+    await retract_kudos_by_key(
+        services, RetractionIn(source="forum", post_id=f"post-{author}", giver_id=giver, kind="like")
+    )
+
+    claims = await services.pool.fetch(
+        "select n.member_uid, m.member_id from natural_keys n join members m using (member_uid) "
+        "where n.key = $1 and n.kind = 'kudos'",
+        f"k-{author}",
+    )
+    assert [tuple(claim)[1] for claim in claims] == [author]
+    given = await services.pool.fetch(
+        "select g.standing, k.status from kudos_given g join kudos k on k.author_uid = g.author_uid "
+        "and k.kudos_pk = g.kudos_pk where g.kudos_id = $1",
+        f"k-{author}",
+    )
+    assert [tuple(row) for row in given] == [(False, "retracted")]
+    assert await services.pool.fetchval("select count(*) from kudos where kudos_id = $1", f"k-{author}") == 1
