@@ -192,38 +192,7 @@ async def _give(services: Services, book: Book, kudos: KudosIn, digest: bytes, n
     day = rules.utc_day(kudos.occurred_at)
     worth = await _worth(services, conn, kudos, day, author_uid, members[giver_uid], now)
 
-    status, superseded_by = "standing", None
-    if current is not None and rules.canonical_key(current["occurred_at"], current["kudos_id"]) > rules.canonical_key(
-        kudos.occurred_at, kudos.kudos_id
-    ):
-        # A later acceptance of the thread already stands: this one arrived late.
-        status, superseded_by = "superseded", current["kudos_pk"]
-    elif current is not None:
-        # This acceptance replaces the standing one: it stops standing before this one is inserted,
-        # so the thread never has two.
-        await store.update_kudos_status(conn, current, "superseded")
-    kudos_pk = await store.insert_kudos(
-        conn,
-        kudos_id=kudos.kudos_id,
-        source=kudos.source,
-        post_id=kudos.post_id,
-        thread_id=kudos.thread_id,
-        author_uid=author_uid,
-        giver_uid=giver_uid,
-        kind=kudos.kind,
-        occurred_at=kudos.occurred_at,
-        day=day,
-        status=status,
-        not_counted_reason=worth.not_counted_reason,
-        value=worth.value,
-        accepter_value=worth.accepter_value,
-        superseded_by_pk=superseded_by,
-        request_hash=digest,
-    )
-    if accepted and status == "standing":
-        await store.set_thread_accepted(
-            conn, kudos.source, kudos.thread_id, store.Thread(author_uid, giver_uid, kudos_pk)
-        )
+    kudos_pk, status = await _record(conn, kudos, digest, day, (author_uid, giver_uid), worth, current)
     record = await store.select_kudos_by_pk(conn, author_uid, kudos_pk)
     credits = Credits(services, book, members, record)
     if status == "standing":
@@ -252,6 +221,54 @@ async def _give(services: Services, book: Book, kudos: KudosIn, digest: bytes, n
     body = _encode(out)
     await store.set_kudos_response(conn, author_uid, kudos_pk, body)
     return _Written(body, deltas=deltas)
+
+
+async def _record(
+    conn: Connection,
+    kudos: KudosIn,
+    digest: bytes,
+    day: date,
+    uids: tuple[int, int],
+    worth: rules.KudosWorth,
+    current: asyncpg.Record | None,
+) -> tuple[int, str]:
+    """Insert the kudos (author and giver ``uids``) crediting nothing yet; return its kudos_pk
+    and status. An acceptance after the thread's standing one (``current``) replaces it, and is
+    the thread's from now on; one before it is superseded at once."""
+    author_uid, giver_uid = uids
+    status, superseded_by = "standing", None
+    if current is not None and rules.canonical_key(current["occurred_at"], current["kudos_id"]) > rules.canonical_key(
+        kudos.occurred_at, kudos.kudos_id
+    ):
+        # A later acceptance of the thread already stands: this one arrived late.
+        status, superseded_by = "superseded", current["kudos_pk"]
+    elif current is not None:
+        # This acceptance replaces the standing one: it stops standing before this one is inserted,
+        # so the thread never has two.
+        await store.update_kudos_status(conn, current, "superseded")
+    kudos_pk = await store.insert_kudos(
+        conn,
+        kudos_id=kudos.kudos_id,
+        source=kudos.source,
+        post_id=kudos.post_id,
+        thread_id=kudos.thread_id,
+        author_uid=author_uid,
+        giver_uid=giver_uid,
+        kind=kudos.kind,
+        occurred_at=kudos.occurred_at,
+        day=day,
+        status=status,
+        not_counted_reason=worth.not_counted_reason,
+        value=worth.value,
+        accepter_value=worth.accepter_value,
+        superseded_by_pk=superseded_by,
+        request_hash=digest,
+    )
+    if kudos.kind == "accepted_answer" and status == "standing":
+        await store.set_thread_accepted(
+            conn, kudos.source, kudos.thread_id, store.Thread(author_uid, giver_uid, kudos_pk)
+        )
+    return kudos_pk, status
 
 
 async def _worth(
