@@ -4,7 +4,7 @@ Tables that grow with members are distributed by the member (``member_uid``) and
 with ``members``, so that everything of one member lives on one shard and every statement that
 names one member runs on one node. Program data (partners' keys, rewards, integrations, webhook
 endpoints) is small and read by every request: reference tables, copied to every node. A
-natural key that is not per member (a partner's purchase id, a redemption or adjustment id, a
+natural key that is not per member (a partner's purchase id, a redemption, adjustment or kudos id, a
 shop's customer id, a delivery id) is made unique in a table distributed by that key instead,
 never by a unique constraint across shards (docs/SCALING.md, "Citus").
 
@@ -43,6 +43,7 @@ MEMBER_TABLES = (
     "refunds",
     "redemptions",
     "kudos",
+    "kudos_given",
     "reputation_entries",
     "reputation_members",
     "event_sequences",
@@ -61,12 +62,15 @@ _MEMBER_COLUMN = {"kudos": "author_uid"}
 # Tables distributed by a natural key that is not per member: each is the one place that key is
 # unique, and says which member it belongs to.
 KEY_TABLES = (
-    # (key, kind, scope) -> member: member ids, a partner's purchase ids, redemption and adjustment ids.
+    # (key, kind, scope) -> member: member ids, a partner's purchase ids, redemption, adjustment and
+    # kudos ids.
     Distributed("natural_keys", "key", None),
     # A source's customer or user id -> member.
     Distributed("identity_links", "external_id", None),
     # A source's delivery id: its inbox row (the member, once it is known, is a column).
     Distributed("deliveries", "delivery_key", None),
+    # A thread's standing accepted answer (its author and kudos).
+    Distributed("kudos_threads", "thread_id", None),
 )
 
 # Program data: small, read by every request, written by operators.
@@ -85,16 +89,7 @@ LOCAL_TABLES = ("schema_migrations",)
 
 # Rules of the list that the schema does not meet yet: table -> why. The schema check fails for
 # any other table that breaks them, and for a table listed here that no longer does.
-GAPS = {
-    "kudos": (
-        "kudos_id and a thread's accepted answer are unique across members (kudos_kudos_id_key, "
-        "kudos_thread_accepted_key), a post's standing kudos per giver too (kudos_standing_key); the giver's "
-        "row and daily count live with other members (kudos_giver_uid_fkey, kudos_superseded_by_pk_fkey)"
-    ),
-    "reputation_entries": "an accepter's entry refers to a kudos that lives with its author (*_kudos_pk_fkey)",
-    "outbox_events": "events about konvert itself have no member (member_uid null); publishers read by xid, per node",
-    "webhook_messages": "messages of events about konvert itself have no member; (endpoint_id, event_id) is unique",
-}
+GAPS: dict[str, str] = {}
 
 
 def distributed_tables() -> tuple[Distributed, ...]:

@@ -3,10 +3,12 @@
 konvert.distribution lists how every table goes. The catalog must agree with it: each
 distributed table's primary key and unique constraints hold its distribution column, and each
 foreign key between distributed tables joins co-located tables on it (Citus refuses anything
-else). And the hot requests (a purchase batch, a balance read, a redemption hold, a kudos, a
-refund) are run for real with every statement they send captured and EXPLAINed: each scan of a
-distributed table must filter by its distribution column, which is what lets Citus send the
-statement to the member's shard alone.
+else). And the hot requests (a purchase batch, a balance read, a redemption hold, kudos and
+acceptances, a retraction, a refund, an integration's arrivals) and the jobs are run for real
+with every statement they send captured and EXPLAINed: each scan of a distributed table must
+compare its distribution column with the statement's values (or join it to a co-located scan
+that does), which is what lets Citus send the statement to those members' shards alone. Only the
+jobs' reads that find due rows go across members.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 import re
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -28,6 +30,8 @@ from konvert.earning.model import PurchaseIn, RefundIn
 from konvert.earning.refunds import refund_purchase
 from konvert.earning.service import post_purchase
 from konvert.errors import IdempotencyConflict
+from konvert.integrations import store as integrations
+from konvert.ledger import batches, jobs
 from konvert.ledger.accounts import ADJUSTMENTS
 from konvert.ledger.balances import read_balance
 from konvert.ledger.book import writing
@@ -35,8 +39,8 @@ from konvert.ledger.model import Cause
 from konvert.program import Program
 from konvert.redemption.model import RedemptionIn
 from konvert.redemption.service import redeem
-from konvert.reputation.model import KudosIn
-from konvert.reputation.service import give_kudos
+from konvert.reputation.model import KudosIn, RetractionIn
+from konvert.reputation.service import give_kudos, retract_kudos_by_key
 from konvert.settings import Settings
 from tests.conftest import make_settings, purchase_body
 
@@ -175,15 +179,28 @@ class Captured:
         self.statements.append((record.query, tuple(record.args or ())))
 
 
-@pytest.fixture
-async def one_connection(database_url: str, redis_url: str, program: Program, redis_client: redis.Redis) -> Any:
+async def _captured_services(database_url: str, redis_url: str, program: Program) -> tuple[Any, Captured]:
     """Services on one pooled connection whose statements are captured."""
     settings: Settings = make_settings(database_url, redis_url, db_pool_min=1, db_pool_max=1)
     services = await composition.open_services(settings, program)
     captured = Captured()
     async with services.pool.acquire() as conn:
         conn.add_query_logger(captured)
+    return services, captured
+
+
+@pytest.fixture
+async def one_connection(database_url: str, redis_url: str, program: Program, redis_client: redis.Redis) -> Any:
+    services, captured = await _captured_services(database_url, redis_url, program)
     yield services, captured
+    await services.close()
+
+
+@pytest.fixture
+async def fresh_connection(fresh_database_url: str, redis_url: str, program: Program, redis_client: redis.Redis) -> Any:
+    """As one_connection, on a database of its own (for jobs, which work on every member)."""
+    services, captured = await _captured_services(fresh_database_url, redis_url, program)
+    yield services, captured, fresh_database_url
     await services.close()
 
 
@@ -196,22 +213,47 @@ def _scans(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
 async def _unrouted(
     conn: asyncpg.Connection, statements: list[tuple[str, tuple[Any, ...]]]
 ) -> tuple[list[str], set[str]]:
-    """The scans of distributed tables (outside the gaps) that do not filter by the table's
-    distribution column, in every statement captured; and the tables checked."""
+    """The scans of distributed tables that do not name their rows by the table's distribution
+    column, in every statement captured; and the tables checked. A scan names its rows when it
+    compares the column with the statement's values, or joins it to the same column of a
+    co-located table whose scan does (Citus runs such a join on those rows' shards)."""
     found, checked = [], set()
     for sql, args in statements:
         if not re.match(r"\s*(with|select|insert|update|delete)\b", sql, re.IGNORECASE):
             continue
         plan = json.loads(await conn.fetchval(f"explain (format json) {sql}", *args))[0]["Plan"]
+        scans = []
         for node in _scans(plan):
             table = DISTRIBUTED.get(node.get("Relation Name", ""))
             if table is None or table.table in distribution.GAPS or node.get("Node Type") == "ModifyTable":
                 continue
             checked.add(table.table)
             conditions = " ".join(str(node.get(k, "")) for k in ("Index Cond", "Recheck Cond", "Filter"))
-            if not re.search(rf"\b{table.column}\b", conditions):
+            scans.append((node, table, conditions))
+        # alias -> (co-location group, distribution column) of the scans that name their rows
+        routed = {
+            node.get("Alias"): (_colocation(table, DISTRIBUTED), table.column)
+            for node, table, conditions in scans
+            if _names_its_rows(table.column, conditions)
+        }
+        for node, table, conditions in scans:
+            group = _colocation(table, DISTRIBUTED)
+            joined = [
+                alias
+                for alias, column in re.findall(rf"\b{table.column} = (\w+)\.(\w+)\b", conditions)
+                if routed.get(alias) == (group, column)
+            ]
+            if node.get("Alias") not in routed and not joined:
                 found.append(f"{node['Node Type']} on {table.table} ({conditions.strip() or 'no condition'}): {sql}")
     return found, checked
+
+
+def _names_its_rows(column: str, conditions: str) -> bool:
+    """Whether a scan's conditions compare the distribution column with the statement's values (a
+    parameter, or a constant), which Citus can route by: a join on another table's column (``l.member_uid
+    = c.member_uid``) does not say which shards to read."""
+    value = r"(\$\d+|'[^']*'|\d+)(::[\w\[\] ]+)?"
+    return re.search(rf"\b{column}\)? = (ANY \()?\(?{value}", conditions) is not None
 
 
 def _purchase(member_id: str) -> PurchaseIn:
@@ -248,7 +290,28 @@ async def _hot_requests(services: Any) -> None:
         "occurred_at": "2026-01-01T10:00:00Z",
     }
     await give_kudos(services, msgspec.convert(kudos, KudosIn))
+    # Two acceptances in a thread (the second supersedes the first), and a retraction by post.
+    for n, giver in enumerate((member_id, author_id)):
+        accepted = kudos | {"kudos_id": f"a{n}-{member_id}", "kind": "accepted_answer", "giver_id": giver}
+        await give_kudos(services, msgspec.convert(accepted | {"occurred_at": f"2026-01-01T1{n}:00:00Z"}, KudosIn))
+    await retract_kudos_by_key(
+        services, RetractionIn(source="forum", post_id=f"post-{member_id}", giver_id=member_id, kind="like")
+    )
     await refund_purchase(services, purchase.purchase_id, RefundIn(refund_id="rf-1", remaining=True))
+    # An integration's arrivals: a delivery's duplicate check and its customer's link.
+    async with services.pool.acquire() as conn:
+        integration, _ = await integrations.upsert_integration(conn, f"shop-{member_id}", "shopify", None, b"{}", ["s"])
+        await conn.execute(
+            "insert into identity_links (integration_id, external_id, member_uid) select $1, $2, member_uid "
+            "from natural_keys where key = $3 and kind = 'member'",
+            integration["integration_id"],
+            f"c-{member_id}",
+            member_id,
+        )
+    arrived = await integrations.select_arrivals(
+        services.pool, [(integration["integration_id"], f"d-{member_id}", f"c-{member_id}")]
+    )
+    assert [linked for _, linked in arrived.values()] == [member_id]
 
 
 async def test_the_hot_requests_read_and_write_by_member(one_connection: Any, database_url: str) -> None:
@@ -266,7 +329,37 @@ async def test_the_hot_requests_read_and_write_by_member(one_connection: Any, da
         await conn.close()
 
     assert unrouted == []
-    assert {"members", "natural_keys", "accounts", "lots", "purchases", "refunds", "redemptions"} <= checked
+    assert {
+        *("members", "natural_keys", "accounts", "lots", "purchases", "refunds", "redemptions", "kudos"),
+        *("kudos_given", "kudos_threads", "reputation_entries", "identity_links", "deliveries"),
+    } <= checked
+
+
+async def test_the_jobs_lock_and_settle_their_members_by_name(fresh_connection: Any) -> None:
+    """Vesting and expiry find due lots across members (a read without locks, in their index's
+    order); every statement that locks or writes names the members it found."""
+    services, captured, database_url = fresh_connection
+    now = datetime.now(UTC)
+    async with writing(services) as book:
+        for member_id in (f"job-{uuid.uuid4().hex[:10]}", f"job-{uuid.uuid4().hex[:10]}"):
+            (member,) = await book.lock(ids={member_id}, create=True)
+            await book.credit(
+                member, 100, source=ADJUSTMENTS, code="adjust", cause=Cause("test", member_id), reason="test",
+                expires_at=now + timedelta(days=2), vests_at=now + timedelta(days=1), state="pending",
+            )  # fmt: skip
+    captured.statements.clear()
+
+    assert await jobs.vest_due_lots(services, now + timedelta(days=1, hours=1)) == 2
+    assert await jobs.expire_due_lots(services, now + timedelta(days=3)) == 2
+
+    conn = await asyncpg.connect(database_url, server_settings={"plan_cache_mode": "force_generic_plan"})
+    try:
+        unrouted, checked = await _unrouted(conn, captured.statements)
+    finally:
+        await conn.close()
+    finds = {" ".join(sql.split()) for sql in (batches.FIND_DUE_PENDING_LOTS, batches.FIND_EXPIRING_LOTS)}
+    assert {" ".join(found.partition("): ")[2].split()) for found in unrouted} == finds
+    assert {"members", "lots", "accounts"} <= checked
 
 
 async def test_the_explain_check_finds_a_scan_that_is_not_by_member(database_url: str) -> None:
@@ -277,6 +370,24 @@ async def test_the_explain_check_finds_a_scan_that_is_not_by_member(database_url
         await conn.close()
 
     assert len(unrouted) == 1 and "on lots" in unrouted[0]
+
+
+async def test_the_explain_check_routes_a_join_only_through_a_table_named_by_value(database_url: str) -> None:
+    joins = [
+        # lots joined to the values of an array: nothing says which shards hold them
+        "select l.lot_id from unnest($1::bigint[]) as d (member_uid) join lots l on l.member_uid = d.member_uid",
+        # lots joined to members that are named by value: the same shards
+        "select l.lot_id from members m join lots l on l.member_uid = m.member_uid where m.member_uid = any($1)",
+    ]
+    # Joined by index lookups, as on tables of a real size (the check reads the scans' conditions).
+    joined_by_index = {"enable_hashjoin": "off", "enable_mergejoin": "off", "enable_seqscan": "off"}
+    conn = await asyncpg.connect(database_url, server_settings=joined_by_index)
+    try:
+        unrouted, _ = await _unrouted(conn, [(sql, ([1, 2],)) for sql in joins])
+    finally:
+        await conn.close()
+
+    assert [found.partition("): ")[2] for found in unrouted] == [joins[0]]
 
 
 def test_konvert_citus_setup_prints_the_calls(capsys: pytest.CaptureFixture[str]) -> None:
@@ -328,3 +439,40 @@ async def test_an_id_another_member_claimed_is_a_conflict_that_changes_nothing(
     )
     owner_uid = await services.pool.fetchval("select member_uid from natural_keys where key = $1", owner)
     assert [tuple(c) for c in claims] == [("purchase", owner_uid), ("redemption", owner_uid)]
+
+
+async def test_a_kudos_id_another_author_holds_is_a_conflict_and_giver_rows_follow_the_kudos(services: Any) -> None:
+    """A kudos id is claimed in natural_keys for the kudos' author, so it stays unique across
+    authors; the giver's row in kudos_given stops standing with the kudos."""
+    author, other, giver = (f"dist-{uuid.uuid4().hex[:10]}" for _ in range(3))
+    kudos = {
+        "kudos_id": f"k-{author}",
+        "source": "forum",
+        "post_id": f"post-{author}",
+        "thread_id": "t-1",
+        "author_id": author,
+        "giver_id": giver,
+        "kind": "like",
+        "occurred_at": "2026-01-01T10:00:00Z",
+    }
+    await give_kudos(services, msgspec.convert(kudos, KudosIn))
+
+    with pytest.raises(IdempotencyConflict):
+        await give_kudos(services, msgspec.convert(kudos | {"author_id": other, "post_id": "elsewhere"}, KudosIn))
+    await retract_kudos_by_key(
+        services, RetractionIn(source="forum", post_id=f"post-{author}", giver_id=giver, kind="like")
+    )
+
+    claims = await services.pool.fetch(
+        "select n.member_uid, m.member_id from natural_keys n join members m using (member_uid) "
+        "where n.key = $1 and n.kind = 'kudos'",
+        f"k-{author}",
+    )
+    assert [tuple(claim)[1] for claim in claims] == [author]
+    given = await services.pool.fetch(
+        "select g.standing, k.status from kudos_given g join kudos k on k.author_uid = g.author_uid "
+        "and k.kudos_pk = g.kudos_pk where g.kudos_id = $1",
+        f"k-{author}",
+    )
+    assert [tuple(row) for row in given] == [(False, "retracted")]
+    assert await services.pool.fetchval("select count(*) from kudos where kudos_id = $1", f"k-{author}") == 1

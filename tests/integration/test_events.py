@@ -382,8 +382,8 @@ async def test_a_message_fanned_out_after_its_predecessor_finished_unseen_become
         finishing = conn.transaction()
         await finishing.start()
         await conn.execute(
-            "insert into webhook_messages (endpoint_id, event_id, status, next_attempt_at, finished_at) "
-            "values ('crm', $1, 'delivered', now(), now())",
+            "insert into webhook_messages (endpoint_id, event_id, member_uid, status, next_attempt_at, finished_at) "
+            "select 'crm', event_id, member_uid, 'delivered', now(), now() from outbox_events where event_id = $1",
             earned,
         )
         outcomes = [store.Outcome(r["message_id"], "delivered", None, 200, None, konvert.now()) for r in pending]
@@ -843,12 +843,12 @@ async def test_publishers_walk_their_indexes_however_many_events_are_kept(start_
     konvert = await start_konvert()
     await konvert.endpoint(url)
     await konvert.fetch(
-        "insert into outbox_events (type, data, occurred_at) "
-        "select 'webhook_endpoint.disabled', '{}', now() from generate_series(1, 20000)"
+        "insert into outbox_events (member_uid, type, data, occurred_at) "
+        "select 0, 'webhook_endpoint.disabled', '{}', now() from generate_series(1, 20000)"
     )
     await konvert.fetch(
-        "insert into webhook_messages (endpoint_id, event_id, next_attempt_at) "
-        "select 'crm', event_id, now() from outbox_events"
+        "insert into webhook_messages (endpoint_id, event_id, member_uid, next_attempt_at) "
+        "select 'crm', event_id, member_uid, now() from outbox_events"
     )
     await konvert.fetch("analyze outbox_events")
     await konvert.fetch("analyze webhook_messages")

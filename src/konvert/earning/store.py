@@ -47,6 +47,8 @@ async def select_claims(conn: Connection, member_ids: Sequence[str], keys: Seque
         select n.kind, n.scope, n.key, n.member_uid
         from unnest($2::text[], $3::text[]) as k (partner, purchase_id)
         join natural_keys n on n.key = k.purchase_id and n.kind = 'purchase' and n.scope = k.partner
+        -- Named as values too, so that a distributed database reads only these keys' shards.
+        where n.key = any($3::text[])
         """,
         list(member_ids),
         [partner for partner, _ in keys],

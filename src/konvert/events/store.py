@@ -64,7 +64,7 @@ async def select_member_events(conn: Queryable, member_uid: int, limit: int) -> 
                               'endpoint_id', m.endpoint_id, 'status', m.status, 'attempts', m.attempts,
                               'last_attempt_at', m.last_attempt_at, 'finished_at', m.finished_at)
                           order by m.endpoint_id)
-                   from webhook_messages m where m.event_id = e.event_id
+                   from webhook_messages m where m.member_uid = e.member_uid and m.event_id = e.event_id
                ), '[]')::text as deliveries
         from outbox_events e
         where e.member_uid = $1
@@ -160,7 +160,7 @@ with batch as (
 ), fanned as (
     insert into webhook_messages (endpoint_id, event_id, member_uid, sequence, next_attempt_at)
     select w.endpoint_id, b.event_id, b.member_uid, b.sequence,
-           case when b.member_uid is null
+           case when b.member_uid = 0
                   or (row_number() over (partition by w.endpoint_id, b.member_uid order by b.sequence) = 1
                       and not exists (select 1 from webhook_messages p where p.endpoint_id = w.endpoint_id
                                       and p.member_uid = b.member_uid and p.status = 'pending'))
@@ -168,7 +168,7 @@ with batch as (
     from batch b
     join webhook_endpoints w on w.enabled and (cardinality(w.event_types) = 0 or b.type = any(w.event_types))
     order by b.xid, b.event_id, w.endpoint_id
-    on conflict (endpoint_id, event_id) do nothing
+    on conflict (member_uid, endpoint_id, event_id) do nothing
     returning message_id, next_attempt_at
 ), last as (
     select xid, event_id from batch order by xid desc, event_id desc limit 1
@@ -341,8 +341,8 @@ async def claim_messages(
 # the candidates are (nearly) all sendable. The member's earliest pending message is still checked
 # per candidate by one probe of webhook_messages_member_order_idx: a re-sent dead letter is due
 # beside its member's next message, and goes first. (A correlated subquery with a limit is always
-# run that way, whatever the table's statistics say; events about konvert itself have no member
-# and no order.) Candidates are read in webhook_messages_due_idx's order, so that the scan stops
+# run that way, whatever the table's statistics say; events about konvert itself, member_uid 0's,
+# have no order.) Candidates are read in webhook_messages_due_idx's order, so that the scan stops
 # at the limit rather than probing every pending message before a sort, in the generic plan too.
 CLAIM = """
 with due as (
@@ -428,7 +428,7 @@ with heads as materialized (
     ) as message_id
     from (
         select distinct m.endpoint_id, m.member_uid from webhook_messages m
-        where m.message_id = any($1::bigint[]) and m.member_uid is not null
+        where m.message_id = any($1::bigint[]) and m.member_uid <> 0
     ) f
 ), made as (
     update webhook_messages w set next_attempt_at = $2
@@ -482,7 +482,7 @@ async def select_messages(
     rows: list[asyncpg.Record] = await conn.fetch(
         f"""
         select {_MESSAGE_COLUMNS}
-        from webhook_messages m join outbox_events e using (event_id)
+        from webhook_messages m join outbox_events e using (member_uid, event_id)
         where m.endpoint_id = $1 and ($2::text is null or m.status = $2) and ($3::bigint is null or m.message_id < $3)
         order by m.message_id desc
         limit $4
@@ -505,7 +505,7 @@ async def resend_message(conn: Queryable, endpoint_id: str, message_id: int, now
             where endpoint_id = $1 and message_id = $2 and status = 'failed'
             returning *
         )
-        select {_MESSAGE_COLUMNS} from resent m join outbox_events e using (event_id)
+        select {_MESSAGE_COLUMNS} from resent m join outbox_events e using (member_uid, event_id)
         """,
         endpoint_id,
         message_id,
@@ -517,7 +517,7 @@ async def resend_message(conn: Queryable, endpoint_id: str, message_id: int, now
 async def select_message(conn: Queryable, endpoint_id: str, message_id: int) -> asyncpg.Record | None:
     row: asyncpg.Record | None = await conn.fetchrow(
         f"""
-        select {_MESSAGE_COLUMNS} from webhook_messages m join outbox_events e using (event_id)
+        select {_MESSAGE_COLUMNS} from webhook_messages m join outbox_events e using (member_uid, event_id)
         where m.endpoint_id = $1 and m.message_id = $2
         """,
         endpoint_id,
@@ -543,16 +543,18 @@ with passed as (
     from event_cursors s, event_cursors w
     where s.name = 'stream' and w.name = 'webhooks'
 ), doomed as (
-    select e.event_id from outbox_events e, passed c
+    select e.member_uid, e.event_id from outbox_events e, passed c
     where e.created_at < $1
       and (e.xid, e.event_id) <= (c.stream_xid, c.stream_event_id)
       and (e.xid, e.event_id) <= (c.webhooks_xid, c.webhooks_event_id)
-      and not exists (select 1 from webhook_messages m where m.event_id = e.event_id and m.status = 'pending')
+      and not exists (select 1 from webhook_messages m
+                      where m.member_uid = e.member_uid and m.event_id = e.event_id and m.status = 'pending')
     order by e.xid, e.event_id
     limit $2
     for update of e skip locked
 ), deleted as (
-    delete from outbox_events e using doomed d where e.event_id = d.event_id returning 1
+    delete from outbox_events e using doomed d
+    where e.member_uid = d.member_uid and e.event_id = d.event_id returning 1
 )
 select count(*) from deleted
 """

@@ -137,24 +137,39 @@ async def select_arrivals(
     conn: Connection | asyncpg.Pool, arrivals: Sequence[Arrival]
 ) -> dict[Arrival, tuple[asyncpg.Record | None, str | None]]:
     """Per arrival: the delivery recorded under its key (None: a new one), and the live member
-    linked to its customer (None: no link, or no customer asked for). Many arrivals, one query."""
+    linked to its customer (None: no link, or no customer asked for). Many arrivals, two
+    statements at most: the deliveries and links by their keys, then the linked members' ids by
+    uid (only when there are links). Each reads one table by its distribution column's values
+    (konvert.distribution), so that Citus sends it to those values' shards alone."""
     rows = await conn.fetch(
         f"""
-        select a.i, d.delivery_pk is not null as recorded, d.*,
-               (select m.member_id from identity_links l join members m using (member_uid)
-                where l.integration_id = a.integration_id and l.external_id = a.external_id) as linked_member_id
+        with d as (
+            select integration_id, {_DELIVERY} from deliveries
+            where integration_id = any($1::bigint[]) and delivery_key = any($2::text[])
+        ), l as (
+            select integration_id, external_id, member_uid from identity_links
+            where integration_id = any($1::bigint[]) and external_id = any($3::text[])
+        )
+        select a.i, d.delivery_pk is not null as recorded, d.*, l.member_uid as linked_uid
         from unnest($1::bigint[], $2::text[], $3::text[])
             with ordinality as a (integration_id, delivery_key, external_id, i)
-        left join lateral (
-            select {_DELIVERY} from deliveries e
-            where e.integration_id = a.integration_id and e.delivery_key = a.delivery_key
-        ) d on true
+        left join d on d.integration_id = a.integration_id and d.delivery_key = a.delivery_key
+        left join l on l.integration_id = a.integration_id and l.external_id = a.external_id
         """,
         [arrival[0] for arrival in arrivals],
         [arrival[1] for arrival in arrivals],
         [arrival[2] for arrival in arrivals],
     )
-    return {arrivals[row["i"] - 1]: (row if row["recorded"] else None, row["linked_member_id"]) for row in rows}
+    linked = {row["linked_uid"] for row in rows if row["linked_uid"] is not None}
+    members: dict[int, str] = {}
+    if linked:
+        members = {
+            row["member_uid"]: row["member_id"]
+            for row in await conn.fetch(
+                "select member_uid, member_id from members where member_uid = any($1::bigint[])", list(linked)
+            )
+        }
+    return {arrivals[row["i"] - 1]: (row if row["recorded"] else None, members.get(row["linked_uid"])) for row in rows}
 
 
 class NewDelivery(NamedTuple):

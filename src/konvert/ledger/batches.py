@@ -2,7 +2,10 @@
 goes through (earning, vesting, expiry), one statement per batch.
 
 Rows travel as arrays (``unnest``): PostgreSQL plans and starts each statement once per batch,
-not once per row, and the driver sends a few arrays instead of a message per row. Like
+not once per row, and the driver sends a few arrays instead of a message per row. Every read of
+a member's table names the batch's members as values too (``member_uid = any($1)``), not only
+through a join with the arrays: that is what lets Citus send the statement to those members'
+shards alone (docs/SCALING.md, "Citus"). Like
 konvert.ledger.store, these are the only writers of the ledger's tables; each returns the
 member_uid, member_id and new version of every member whose balances moved.
 """
@@ -11,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import asyncpg
 
@@ -101,6 +104,7 @@ with earn as (
            p.cause_type, p.cause_ref, p.lot_id, p.reason
     from posted p
     left join accounts a on a.member_uid = p.member_uid and a.asset = 'points' and a.name = p.state
+                        and a.member_uid = any($1::bigint[])
     order by p.ord
 ), change as (
     select member_uid,
@@ -123,7 +127,7 @@ with earn as (
         tier_qualifying_points = coalesce(s.qualifying_points, m.tier_qualifying_points),
         version = m.version + c.earns
     from change c left join standing s using (member_uid)
-    where m.member_uid = c.member_uid
+    where m.member_uid = c.member_uid and m.member_uid = any($1::bigint[])
     returning m.member_uid, m.member_id, m.version, m.points_debt, m.points_available
 )
 select u.member_uid, u.member_id, u.version, u.points_debt, u.points_available, p.ord, p.lot_id, p.transfer_id
@@ -136,24 +140,53 @@ from updated u left join posted p using (member_uid)
 
 async def lock_due_pending_lots(
     conn: Connection, now: datetime, limit: int, passed_over: Sequence[int] = ()
-) -> list[asyncpg.Record]:
+) -> list[dict[str, Any]]:
     """Up to ``limit`` pending lots whose return window has closed, oldest due first, of members
     this transaction now holds locked; lots of members another transaction holds, and of the
     members ``passed_over``, are left for later. With each lot its member's id and refund debt."""
-    rows: list[asyncpg.Record] = await conn.fetch(LOCK_DUE_PENDING_LOTS, now, limit, list(passed_over))
-    return rows
+    return await lock_due(conn, FIND_DUE_PENDING_LOTS, now, limit, passed_over)
 
 
-# In the order of lots_vesting_order_idx: a batch reads its own lots only, however many are due at
-# the same moment.
-LOCK_DUE_PENDING_LOTS = """
-select l.lot_id, l.member_uid, m.member_id, m.points_debt from lots l
-join members m on m.member_uid = l.member_uid
+# A job's batch in two statements: the due lots are found across members without a lock (in the
+# order of their index: a batch reads its own lots only, however many are due at the same moment),
+# then their members are locked, named by value. The statement that settles the lots checks again
+# that each is due. Citus runs the first on every shard and merges the shards' orders; the others
+# name their members (docs/SCALING.md, "Citus").
+FIND_DUE_PENDING_LOTS = """
+select l.member_uid, l.lot_id from lots l
 where l.state = 'pending' and l.vests_at <= $1 and l.member_uid <> all($3::bigint[])
 order by l.vests_at, l.lot_id
 limit $2
-for update of m skip locked
 """
+LOCK_LOT_MEMBERS = """
+select member_uid, member_id, points_debt from members where member_uid = any($1::bigint[])
+for update skip locked
+"""
+
+# Finding again past members other transactions held, at most this many times a batch.
+_LOOKS = 3
+
+
+async def lock_due(
+    conn: Connection, find: str, now: datetime, limit: int, passed_over: Sequence[int]
+) -> list[dict[str, Any]]:
+    """The due lots ``find`` finds ($1 now, $2 limit, $3 members passed over), each with its
+    member's id and refund debt, of the members this transaction then holds locked; members
+    other transactions hold are passed over. When every member found was held, the next ones
+    are looked for."""
+    skipped = list(passed_over)
+    for _ in range(_LOOKS):
+        found = await conn.fetch(find, now, limit, skipped)
+        if not found:
+            return []
+        uids = sorted({row["member_uid"] for row in found})
+        members = {row["member_uid"]: row for row in await conn.fetch(LOCK_LOT_MEMBERS, uids)}
+        if members:
+            return [
+                {"lot_id": row["lot_id"], **members[row["member_uid"]]} for row in found if row["member_uid"] in members
+            ]
+        skipped += uids
+    return []
 
 
 async def vest_locked_lots(conn: Connection, lots: Sequence[LotOf], now: datetime) -> list[asyncpg.Record]:
@@ -173,6 +206,7 @@ with vested as (
     update lots l set state = 'available'
     from unnest($1::bigint[], $2::bigint[]) as d (member_uid, lot_id)
     where l.member_uid = d.member_uid and l.lot_id = d.lot_id and l.state = 'pending' and l.vests_at <= $3
+      and l.member_uid = any($1::bigint[])
     returning l.lot_id, l.member_uid, l.remaining
 ), moved as (
     insert into transfers (member_uid, asset, debit_account_id, credit_account_id, amount, code,
@@ -181,9 +215,9 @@ with vested as (
            'lot', v.lot_id::text, v.lot_id, 'return window closed'
     from vested v
     left join accounts pending on pending.member_uid = v.member_uid and pending.asset = 'points'
-                              and pending.name = 'pending'
+                              and pending.name = 'pending' and pending.member_uid = any($1::bigint[])
     left join accounts available on available.member_uid = v.member_uid and available.asset = 'points'
-                                and available.name = 'available'
+                                and available.name = 'available' and available.member_uid = any($1::bigint[])
     where v.remaining > 0
 ), per_member as (
     select member_uid, sum(remaining)::bigint as points, count(*) as lots,
@@ -194,7 +228,7 @@ update members m
 set points_available = points_available + p.points, points_pending = points_pending - p.points,
     version = version + 1
 from per_member p
-where m.member_uid = p.member_uid
+where m.member_uid = p.member_uid and m.member_uid = any($1::bigint[])
 returning m.member_uid, m.member_id, m.version, p.lots, p.points, p.lot_ids,
           m.points_available, m.points_pending, m.points_held
 """
@@ -202,22 +236,19 @@ returning m.member_uid, m.member_id, m.version, p.lots, p.points, p.lot_ids,
 
 async def lock_expiring_lots(
     conn: Connection, now: datetime, limit: int, passed_over: Sequence[int] = ()
-) -> list[asyncpg.Record]:
+) -> list[dict[str, Any]]:
     """Up to ``limit`` lots whose expiry has come, soonest first, of members this transaction
     now holds locked; lots of members another transaction holds, and of the members
     ``passed_over``, are left for later."""
-    rows: list[asyncpg.Record] = await conn.fetch(LOCK_EXPIRING_LOTS, now, limit, list(passed_over))
-    return rows
+    return await lock_due(conn, FIND_EXPIRING_LOTS, now, limit, passed_over)
 
 
-# In the order of lots_expiry_order_idx.
-LOCK_EXPIRING_LOTS = """
-select l.lot_id, l.member_uid, m.member_id from lots l
-join members m on m.member_uid = l.member_uid
+# As vesting's, in the order of lots_expiry_order_idx.
+FIND_EXPIRING_LOTS = """
+select l.member_uid, l.lot_id from lots l
 where l.state <> 'expired' and l.expires_at <= $1 and l.member_uid <> all($3::bigint[])
 order by l.expires_at, l.lot_id
 limit $2
-for update of m skip locked
 """
 
 
@@ -242,10 +273,10 @@ with due as (
     select l.lot_id, l.member_uid, l.remaining, l.state, l.expires_at
     from unnest($1::bigint[], $2::bigint[]) as d (member_uid, lot_id)
     join lots l on l.member_uid = d.member_uid and l.lot_id = d.lot_id
-    where l.state <> 'expired' and l.expires_at <= $3
+    where l.state <> 'expired' and l.expires_at <= $3 and l.member_uid = any($1::bigint[])
 ), marked as (
     update lots set state = 'expired', remaining = 0 from due
-    where lots.member_uid = due.member_uid and lots.lot_id = due.lot_id
+    where lots.member_uid = due.member_uid and lots.lot_id = due.lot_id and lots.member_uid = any($1::bigint[])
 ), moved as (
     insert into transfers (member_uid, asset, debit_account_id, credit_account_id, amount, code,
                            cause_type, cause_ref, lot_id, reason)
@@ -253,7 +284,7 @@ with due as (
            d.lot_id, 'points expired on ' || to_char(d.expires_at at time zone 'UTC', 'YYYY-MM-DD')
     from due d
     left join accounts bucket on bucket.member_uid = d.member_uid and bucket.asset = 'points'
-                             and bucket.name = d.state
+                             and bucket.name = d.state and bucket.member_uid = any($1::bigint[])
     where d.remaining > 0
     order by d.expires_at, d.lot_id
     returning transfer_id, lot_id, member_uid, amount
@@ -271,7 +302,7 @@ update members m
 set points_available = points_available - p.available, points_pending = points_pending - p.pending,
     version = version + 1
 from per_member p
-where m.member_uid = p.member_uid
+where m.member_uid = p.member_uid and m.member_uid = any($1::bigint[])
 returning m.member_uid, m.member_id, m.version, p.lots, p.available + p.pending as points, p.lot_ids,
           m.points_available, m.points_pending, m.points_held
 """

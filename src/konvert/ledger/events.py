@@ -216,13 +216,14 @@ async def insert_events(conn: Connection, announcements: Sequence[Announcement])
 
 
 # Sequences are per member and never reused (event_sequences outlives pruned events); events
-# about konvert itself have none.
+# about konvert itself are member_uid 0's, which is no member, and have none.
 _INSERT_EVENTS = """
 with input as (
-    select * from unnest($1::bigint[], $2::text[], $3::text[], $4::timestamptz[])
-                  with ordinality as i (member_uid, type, data, occurred_at, ord)
+    select coalesce(i.member_uid, 0) as member_uid, i.type, i.data, i.occurred_at, i.ord
+    from unnest($1::bigint[], $2::text[], $3::text[], $4::timestamptz[])
+         with ordinality as i (member_uid, type, data, occurred_at, ord)
 ), counted as (
-    select member_uid, count(*) as n from input where member_uid is not null group by member_uid
+    select member_uid, count(*) as n from input where member_uid <> 0 group by member_uid
 ), numbered as (
     insert into event_sequences as s (member_uid, last_sequence)
     select member_uid, n from counted order by member_uid

@@ -1,8 +1,10 @@
 """The ledger's jobs: vesting pending points whose return window closed, and expiring lots.
 
-Every purchase's lot comes through both, so they work in batches: one transaction takes a batch
-of due lots with their members locked ``for update skip locked`` and settles every lot in one
-statement (konvert.ledger.batches). Processes running a job at once take different members and
+Every purchase's lot comes through both, so they work in batches: one transaction finds a batch
+of due lots across members (in their index's order, without a lock), locks them with their members
+by uid ``for update skip locked``, and settles every lot in one statement that names the members
+(konvert.ledger.batches; on Citus, each locking or writing statement goes to the batch's members'
+shards only). Processes running a job at once take different members and
 never wait for each other; a member that a request holds is passed over and comes up in the next
 run. Members with a refund debt (which vesting repays from the lots), and every member of a batch
 whose statement failed, are settled one by one through the ledger core, each with its own outcome.
@@ -14,7 +16,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
@@ -33,8 +35,8 @@ log = logging.getLogger("konvert.ledger.jobs")
 # oldest due, so they would land in every one).
 RETRY_FAILED_MEMBERS_AFTER_SECONDS = 600.0
 
-Lock = Callable[[Connection, Sequence[int]], Awaitable[list[asyncpg.Record]]]
-Settle = Callable[[Connection, list[asyncpg.Record]], Awaitable[list[asyncpg.Record]]]
+Lock = Callable[[Connection, Sequence[int]], Awaitable[list[dict[str, Any]]]]
+Settle = Callable[[Connection, list[dict[str, Any]]], Awaitable[list[asyncpg.Record]]]
 Alone = Callable[[int, list[int]], Awaitable[int]]
 
 
@@ -65,7 +67,7 @@ async def vest_due_lots(services: Services, now: datetime | None = None) -> int:
         async with writing(services) as book:
             return await book.vest(await book.member_by_uid(member_uid), lot_ids, moment)
 
-    async def settle(conn: Connection, lots: list[asyncpg.Record]) -> list[asyncpg.Record]:
+    async def settle(conn: Connection, lots: list[dict[str, Any]]) -> list[asyncpg.Record]:
         rows = await batches.vest_locked_lots(conn, lots, moment)
         await events.insert_events(conn, [_settled(row, "points.vested", moment) for row in rows])
         return rows
@@ -85,7 +87,7 @@ async def expire_due_lots(services: Services, now: datetime | None = None) -> in
     moment = now or services.clock()
     batch_size = services.settings.jobs_batch_size
 
-    async def settle(conn: Connection, lots: list[asyncpg.Record]) -> list[asyncpg.Record]:
+    async def settle(conn: Connection, lots: list[dict[str, Any]]) -> list[asyncpg.Record]:
         expired_account = await services.shared(SystemAccounts).id(conn, EXPIRED)
         rows = await batches.expire_locked_lots(conn, lots, moment, expired_account)
         await events.insert_events(conn, [_settled(row, "points.expired", moment) for row in rows])
@@ -142,12 +144,12 @@ async def work_due_lots(
     lock: Lock,
     settle: Settle,
     alone: Alone,
-    by_itself: Callable[[asyncpg.Record], bool] = lambda row: False,
+    by_itself: Callable[[dict[str, Any]], bool] = lambda row: False,
 ) -> int:
     """One batch of a job over due lots; return how many lots it settled.
 
-    One transaction, two statements: ``lock`` selects the due lots (``lot_id``, ``member_uid``,
-    ``member_id``) with their members locked, except the members that failed lately; ``settle``
+    One transaction: ``lock`` selects the due lots (``lot_id``, ``member_uid``, ``member_id``)
+    with their members locked, except the members that failed lately (konvert.ledger.batches.lock_due); ``settle``
     settles the lots and returns ``(member_uid, member_id, version, lots)`` per member whose
     balances it moved. Cached balances are invalidated after commit. The lots of members
     ``by_itself`` picks, and all of them if ``settle`` failed, then go through ``alone`` member by
@@ -155,7 +157,7 @@ async def work_due_lots(
     ``RETRY_FAILED_MEMBERS_AFTER_SECONDS``.
     """
     failures = services.shared(FailedMembers)
-    due: list[asyncpg.Record] = []
+    due: list[dict[str, Any]] = []
     async with services.pool.acquire() as conn:
         try:
             async with conn.transaction():

@@ -1,5 +1,5 @@
-"""Natural keys that are not per member: member ids, a partner's purchase ids, redemption and
-adjustment ids.
+"""Natural keys that are not per member: member ids, a partner's purchase ids, redemption,
+adjustment and kudos ids (a kudos' member is its author).
 
 Each is unique in ``natural_keys``, a table distributed by the key (konvert.distribution), which
 also says which member the key belongs to. A write claims its key in the statement that records
@@ -16,6 +16,7 @@ MEMBER = "member"
 PURCHASE = "purchase"
 REDEMPTION = "redemption"
 ADJUSTMENT = "adjustment"
+KUDOS = "kudos"
 
 # A statement that records a keyed row puts this in front of its insert and selects from it, so
 # that the row is written only with its key ($1 key, $2 kind, $3 scope, $4 member_uid).

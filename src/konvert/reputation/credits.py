@@ -40,6 +40,7 @@ _TRANSFER_REASONS = {
 class Planned(NamedTuple):
     """A change to what one kudos credits one member."""
 
+    author_uid: int
     kudos_pk: int
     kudos_id: str
     source: str
@@ -65,6 +66,7 @@ class Credits:
         if change != 0:
             self.planned.append(
                 Planned(
+                    kudos["author_uid"],
                     kudos["kudos_pk"],
                     kudos["kudos_id"],
                     kudos["source"],
@@ -116,7 +118,7 @@ class Credits:
                 transfer_id=transfer_id,
                 cause_kudos_pk=self.cause["kudos_pk"],
             )
-            await store.add_kudos_credit(self.conn, p.kudos_pk, p.role, p.change)
+            await store.add_kudos_credit(self.conn, p.author_uid, p.kudos_pk, p.role, p.change)
             if posted:
                 deltas.append(Delta(member.uid, p.source, p.day, posted))
             changes.append(
@@ -142,7 +144,7 @@ class Credits:
         account = SystemAccount("reputation", f"kudos:{p.source}")
         if posted > 0:
             return ReputationMove(posted, account, "kudos", Cause("kudos", p.kudos_id), reason)
-        reverses = await store.select_first_award_transfer(self.conn, p.kudos_pk, p.role)
+        reverses = await store.select_first_award_transfer(self.conn, p.member_uid, p.kudos_pk, p.role)
         return ReputationMove(posted, account, "retract", Cause("kudos", p.kudos_id), reason, reverses)
 
     async def _record_rank_change(self, member: Member, before: int, after: int) -> None:
@@ -172,7 +174,12 @@ async def bridge_award(credits: Credits, kudos: asyncpg.Record, now: datetime) -
         lifetime=False,
     )
     await store.set_kudos_bridge(
-        book.conn, kudos["kudos_pk"], points=points, lot_id=credit.lot_id, transfer_id=credit.transfer_id
+        book.conn,
+        kudos["author_uid"],
+        kudos["kudos_pk"],
+        points=points,
+        lot_id=credit.lot_id,
+        transfer_id=credit.transfer_id,
     )
 
 
@@ -192,4 +199,6 @@ async def bridge_clawback(credits: Credits, kudos: Row) -> None:
         allow_negative=services.program.points.allow_negative_balance,
         lifetime=False,
     )
-    await store.set_kudos_bridge(book.conn, kudos["kudos_pk"], points=0, shortfall=clawback.shortfall)
+    await store.set_kudos_bridge(
+        book.conn, kudos["author_uid"], kudos["kudos_pk"], points=0, shortfall=clawback.shortfall
+    )

@@ -22,9 +22,9 @@ async def export(conn: Connection, member_uid: int, limit: int) -> dict[str, lis
     return {
         name: [
             msgspec.json.decode(row)
-            for row in await store.select_exported(conn, table, column, left_out, member_uid, limit)
+            for row in await store.select_exported(conn, table, condition, left_out, member_uid, limit)
         ]
-        for name, table, column, left_out in store.EXPORTED
+        for name, table, condition, left_out in store.EXPORTED
     }
 
 

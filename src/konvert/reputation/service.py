@@ -83,7 +83,11 @@ _FUTURE_SKEW = timedelta(minutes=10)
 # Concurrent writes that meet on a unique index, or find other members to lock than they read
 # before locking, start over; the next attempt sees what the other one committed.
 _ATTEMPTS = 5
-_RETRY_CONSTRAINTS = frozenset({"kudos_kudos_id_key", "kudos_standing_key", "kudos_thread_accepted_key"})
+# natural_keys_pkey: another author's kudos claimed the kudos_id meanwhile (the next attempt
+# replays it or refuses the request).
+_RETRY_CONSTRAINTS = frozenset(
+    {"natural_keys_pkey", "kudos_kudos_id_key", "kudos_given_standing_key", "kudos_thread_accepted_key"}
+)
 
 
 class _StartOver(Exception):
@@ -162,13 +166,13 @@ async def _give(services: Services, book: Book, kudos: KudosIn, digest: bytes, n
     if existing is not None:
         return _replay(existing, digest)
     accepted = kudos.kind == "accepted_answer"
-    if accepted:
-        await store.lock_thread(conn, kudos.source, kudos.thread_id)
-    current = await store.select_thread_accepted(conn, kudos.source, kudos.thread_id) if accepted else None
+    # The thread's lock names its last standing acceptance, which no other acceptance replaces
+    # while this one holds it.
+    thread = await store.lock_thread(conn, kudos.source, kudos.thread_id) if accepted else None
     # Author and giver are created if new (a refusal below rolls that back), and locked with the
     # members of the thread's standing acceptance, all in member_uid order.
     locked = await book.lock(
-        uids={current["author_uid"], current["giver_uid"]} if current else set(),
+        uids={thread.author_uid, thread.giver_uid} if thread else set(),
         ids={kudos.author_id, kudos.giver_id},
         create=True,
     )
@@ -180,13 +184,58 @@ async def _give(services: Services, book: Book, kudos: KudosIn, digest: bytes, n
     existing = await store.select_kudos(conn, kudos.kudos_id)
     if existing is not None:
         return _replay(existing, digest)
-    if accepted:
-        current = await store.select_thread_accepted(conn, kudos.source, kudos.thread_id)
-        if current is not None and not {current["author_uid"], current["giver_uid"]} <= members.keys():
-            raise _StartOver
+    current = None
+    if thread is not None:
+        # It may have been retracted meanwhile (a retraction takes the members' locks only).
+        last = await store.select_kudos_by_pk(conn, thread.author_uid, thread.kudos_pk)
+        current = last if last["status"] == "standing" else None
     day = rules.utc_day(kudos.occurred_at)
     worth = await _worth(services, conn, kudos, day, author_uid, members[giver_uid], now)
 
+    kudos_pk, status = await _record(conn, kudos, digest, day, (author_uid, giver_uid), worth, current)
+    record = await store.select_kudos_by_pk(conn, author_uid, kudos_pk)
+    credits = Credits(services, book, members, record)
+    if status == "standing":
+        if not accepted:
+            await _share_day(credits, author_uid, day)
+        else:
+            if current is not None:
+                await _supersede(credits, current, record)
+            credits.plan(record, author_uid, "author", "award", worth.value)
+            credits.plan(record, giver_uid, "accepter", "award", worth.accepter_value)
+            if services.program.reputation.accepted_answer_points and worth.value:
+                await bridge_award(credits, record, now)
+    changes, deltas = await credits.post()
+    out = _kudos_out(await store.select_kudos_by_pk(conn, author_uid, kudos_pk), members[giver_uid].id, changes)
+    author = book.current(members[author_uid])
+    received = events.KudosReceived(
+        kudos_id=out.kudos_id,
+        kind=out.kind,
+        source=out.source,
+        post_id=out.post_id,
+        counted=out.counted,
+        reputation_delta=_delta_of(changes, author.id),
+        reputation=author.reputation,
+    )
+    book.announce(author, "kudos.received", received)
+    body = _encode(out)
+    await store.set_kudos_response(conn, author_uid, kudos_pk, body)
+    return _Written(body, deltas=deltas)
+
+
+async def _record(
+    conn: Connection,
+    kudos: KudosIn,
+    digest: bytes,
+    day: date,
+    uids: tuple[int, int],
+    worth: rules.KudosWorth,
+    current: asyncpg.Record | None,
+) -> tuple[int, str]:
+    """Insert the kudos (author and giver ``uids``) crediting nothing yet; return its kudos_pk
+    and status. An acceptance after the thread's standing one (``current``) replaces it, and is
+    the thread's from now on; one before it is superseded at once."""
+    author_uid, giver_uid = uids
     status, superseded_by = "standing", None
     if current is not None and rules.canonical_key(current["occurred_at"], current["kudos_id"]) > rules.canonical_key(
         kudos.occurred_at, kudos.kudos_id
@@ -196,7 +245,7 @@ async def _give(services: Services, book: Book, kudos: KudosIn, digest: bytes, n
     elif current is not None:
         # This acceptance replaces the standing one: it stops standing before this one is inserted,
         # so the thread never has two.
-        await store.update_kudos_status(conn, current["kudos_pk"], "superseded")
+        await store.update_kudos_status(conn, current, "superseded")
     kudos_pk = await store.insert_kudos(
         conn,
         kudos_id=kudos.kudos_id,
@@ -215,34 +264,11 @@ async def _give(services: Services, book: Book, kudos: KudosIn, digest: bytes, n
         superseded_by_pk=superseded_by,
         request_hash=digest,
     )
-    record = await store.select_kudos_by_pk(conn, kudos_pk)
-    credits = Credits(services, book, members, record)
-    if status == "standing":
-        if not accepted:
-            await _share_day(credits, author_uid, day)
-        else:
-            if current is not None:
-                await _supersede(credits, current, record)
-            credits.plan(record, author_uid, "author", "award", worth.value)
-            credits.plan(record, giver_uid, "accepter", "award", worth.accepter_value)
-            if services.program.reputation.accepted_answer_points and worth.value:
-                await bridge_award(credits, record, now)
-    changes, deltas = await credits.post()
-    out = _kudos_out(await store.select_kudos_by_pk(conn, kudos_pk), changes)
-    author = book.current(members[author_uid])
-    received = events.KudosReceived(
-        kudos_id=out.kudos_id,
-        kind=out.kind,
-        source=out.source,
-        post_id=out.post_id,
-        counted=out.counted,
-        reputation_delta=_delta_of(changes, author.id),
-        reputation=author.reputation,
-    )
-    book.announce(author, "kudos.received", received)
-    body = _encode(out)
-    await store.set_kudos_response(conn, kudos_pk, body)
-    return _Written(body, deltas=deltas)
+    if kudos.kind == "accepted_answer" and status == "standing":
+        await store.set_thread_accepted(
+            conn, kudos.source, kudos.thread_id, store.Thread(author_uid, giver_uid, kudos_pk)
+        )
+    return kudos_pk, status
 
 
 async def _worth(
@@ -252,12 +278,12 @@ async def _worth(
     at most the program's number per giver and day. A giver without standing gives kudos that
     count for nothing."""
     program = services.program.reputation
-    if other := await store.select_standing_kudos_id(conn, kudos.source, kudos.post_id, giver.uid, kudos.kind):
+    other, given = await store.select_giver_day(conn, giver.uid, kudos.source, kudos.post_id, kudos.kind, day)
+    if other is not None:
         raise errors.DuplicateKudos(
             f"{kudos.giver_id!r} already gave a {kudos.kind} to post {kudos.post_id!r} of {kudos.source!r} "
             f"(kudos_id {other!r}); retract it first"
         )
-    given = await store.count_kudos_given(conn, giver.uid, day)
     if given >= program.giver_daily_limit:
         raise errors.GiverLimitReached(
             f"{kudos.giver_id!r} gave {given} kudos on {day}, the most allowed per day ({program.giver_daily_limit})"
@@ -284,7 +310,7 @@ async def _share_day(credits: Credits, author_uid: int, day: date) -> None:
 
 
 async def _supersede(credits: Credits, current: asyncpg.Record, by: asyncpg.Record) -> None:
-    await store.update_kudos_status(credits.conn, current["kudos_pk"], "superseded", superseded_by_pk=by["kudos_pk"])
+    await store.update_kudos_status(credits.conn, current, "superseded", superseded_by_pk=by["kudos_pk"])
     await _reverse_accepted(credits, current, "superseded")
 
 
@@ -338,7 +364,7 @@ async def _retract(
         return _Written(bytes(kudos["retraction_response"]), replayed=True)
     accepted = kudos["kind"] == "accepted_answer"
     was_standing = kudos["status"] == "standing"
-    await store.update_kudos_status(conn, kudos["kudos_pk"], "retracted")
+    await store.update_kudos_status(conn, kudos, "retracted")
     credits = Credits(services, book, members, kudos)
     if was_standing:
         if accepted:
@@ -348,7 +374,11 @@ async def _retract(
             await _share_day(credits, kudos["author_uid"], kudos["day"])
     # A superseded kudos credits nothing any more: its retraction only records that it is gone.
     changes, deltas = await credits.post()
-    out = _kudos_out(await store.select_kudos_by_pk(conn, kudos["kudos_pk"]), changes)
+    out = _kudos_out(
+        await store.select_kudos_by_pk(conn, kudos["author_uid"], kudos["kudos_pk"]),
+        members[kudos["giver_uid"]].id,
+        changes,
+    )
     author = book.current(members[kudos["author_uid"]])
     retracted = events.KudosRetracted(
         kudos_id=out.kudos_id,
@@ -360,7 +390,7 @@ async def _retract(
     )
     book.announce(author, "kudos.retracted", retracted)
     body = _encode(out)
-    await store.set_retraction_response(conn, kudos["kudos_pk"], body)
+    await store.set_retraction_response(conn, kudos["author_uid"], kudos["kudos_pk"], body)
     return _Written(body, deltas=deltas)
 
 
@@ -369,7 +399,7 @@ def _delta_of(changes: list[ReputationChange], member_id: str) -> int:
     return sum(change.reputation_delta for change in changes if change.member_id == member_id)
 
 
-def _kudos_out(kudos: asyncpg.Record, changes: list[ReputationChange]) -> KudosOut:
+def _kudos_out(kudos: asyncpg.Record, giver_id: str, changes: list[ReputationChange]) -> KudosOut:
     status = kudos["status"]
     reason = kudos["not_counted_reason"] or (None if status == "standing" else status)
     return KudosOut(
@@ -378,7 +408,7 @@ def _kudos_out(kudos: asyncpg.Record, changes: list[ReputationChange]) -> KudosO
         post_id=kudos["post_id"],
         thread_id=kudos["thread_id"],
         author_id=kudos["author_id"],
-        giver_id=kudos["giver_id"],
+        giver_id=giver_id,
         kind=kudos["kind"],
         occurred_at=kudos["occurred_at"],
         day=kudos["day"],

@@ -4,6 +4,13 @@ None of these commit: the use case owns the transaction. Every write here happen
 use case has locked the rows of the members it touches (konvert.ledger.store.lock_member, in
 member_uid order), and a kudos row only changes under its author's lock.
 
+Where the rows live (konvert.distribution): a kudos with its author (``author_uid``); what its
+giver needs (one standing kudos per post and kind, the daily count, retraction by post) in
+``kudos_given``, with the giver; its ``kudos_id`` in ``natural_keys``; a thread's standing
+acceptance in ``kudos_threads``. Every statement names the member (or the key) of the rows it
+reads, so that it runs on one shard; the rows of a kudos on other shards are written by the
+same statement (``insert_kudos``, ``update_kudos_status``), each part naming its own member.
+
 Lock order: an acceptance first takes its thread's lock (lock_thread), then members, then lots.
 Only acceptances take a thread lock, one each, before anything else, so this extends the
 project's order (members, then what they own) without any possible cycle.
@@ -13,41 +20,54 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import date, datetime
+from typing import NamedTuple
 
 import asyncpg
 
-from konvert.db import Connection, Queryable, one
+from konvert.db import Connection, Queryable, Row, one
+from konvert.ledger import keys
 from konvert.ledger.store import select_member_uid
 
 _KUDOS_COLUMNS = """
     k.kudos_pk, k.kudos_id, k.source, k.post_id, k.thread_id, k.author_uid, k.giver_uid,
-    a.member_id as author_id, g.member_id as giver_id, k.kind, k.occurred_at, k.day, k.status,
+    a.member_id as author_id, k.kind, k.occurred_at, k.day, k.status,
     k.not_counted_reason, k.value, k.accepter_value, k.author_credited, k.accepter_credited,
     k.bridge_points, k.bridge_shortfall, k.bridge_lot_id, k.bridge_transfer_id,
     k.request_hash, k.response, k.retraction_response
 """
 _KUDOS_FROM = """
-    from kudos k join members a on a.member_uid = k.author_uid join members g on g.member_uid = k.giver_uid
+    from kudos k join members a on a.member_uid = k.author_uid
 """
 
 
 async def select_kudos(conn: Connection, kudos_id: str) -> asyncpg.Record | None:
-    return await conn.fetchrow(f"select {_KUDOS_COLUMNS} {_KUDOS_FROM} where k.kudos_id = $1", kudos_id)
+    """The kudos recorded under ``kudos_id``: its author from the id's claim, then the row."""
+    author_uid = await keys.select_key_member(conn, keys.KUDOS, kudos_id)
+    if author_uid is None:
+        return None
+    return await conn.fetchrow(
+        f"select {_KUDOS_COLUMNS} {_KUDOS_FROM} where k.author_uid = $1 and k.kudos_id = $2", author_uid, kudos_id
+    )
 
 
-async def select_kudos_by_pk(conn: Connection, kudos_pk: int) -> asyncpg.Record:
-    return one(await conn.fetchrow(f"select {_KUDOS_COLUMNS} {_KUDOS_FROM} where k.kudos_pk = $1", kudos_pk))
+async def select_kudos_by_pk(conn: Connection, author_uid: int, kudos_pk: int) -> asyncpg.Record:
+    return one(
+        await conn.fetchrow(
+            f"select {_KUDOS_COLUMNS} {_KUDOS_FROM} where k.author_uid = $1 and k.kudos_pk = $2", author_uid, kudos_pk
+        )
+    )
 
 
 async def select_kudos_by_key(
     conn: Connection, source: str, post_id: str, giver_uid: int, kind: str
 ) -> asyncpg.Record | None:
-    """The standing kudos with this natural key, else the most recent one that no longer stands."""
-    return await conn.fetchrow(
-        f"""
-        select {_KUDOS_COLUMNS} {_KUDOS_FROM}
-        where k.source = $1 and k.post_id = $2 and k.giver_uid = $3 and k.kind = $4
-        order by k.status = 'standing' desc, k.kudos_pk desc
+    """The standing kudos with this natural key, else the most recent one that no longer stands:
+    found among the giver's, then read from its author's."""
+    given = await conn.fetchrow(
+        """
+        select author_uid, kudos_pk from kudos_given
+        where member_uid = $3 and source = $1 and post_id = $2 and kind = $4
+        order by standing desc, kudos_pk desc
         limit 1
         """,
         source,
@@ -55,53 +75,69 @@ async def select_kudos_by_key(
         giver_uid,
         kind,
     )
+    return None if given is None else await select_kudos_by_pk(conn, given["author_uid"], given["kudos_pk"])
 
 
-async def select_standing_kudos_id(
-    conn: Connection, source: str, post_id: str, giver_uid: int, kind: str
-) -> str | None:
-    value: str | None = await conn.fetchval(
-        """
-        select kudos_id from kudos
-        where source = $1 and post_id = $2 and giver_uid = $3 and kind = $4 and status = 'standing'
-        """,
-        source,
-        post_id,
-        giver_uid,
-        kind,
+async def select_giver_day(
+    conn: Connection, giver_uid: int, source: str, post_id: str, kind: str, day: date
+) -> tuple[str | None, int]:
+    """What the giver's limits need, in one statement on the giver's shard: the kudos_id of their
+    standing kudos of this kind for the post (None: none stands), and how many kudos they gave on
+    the UTC day, standing or not."""
+    row = one(
+        await conn.fetchrow(
+            """
+            select (select kudos_id from kudos_given
+                    where member_uid = $1 and source = $2 and post_id = $3 and kind = $4 and standing) as standing,
+                   (select count(*) from kudos_given where member_uid = $1 and day = $5) as given
+            """,
+            giver_uid,
+            source,
+            post_id,
+            kind,
+            day,
+        )
     )
-    return value
+    return row["standing"], row["given"]
 
 
-async def select_thread_accepted(conn: Connection, source: str, thread_id: str) -> asyncpg.Record | None:
-    """The thread's standing accepted answer, if any."""
-    return await conn.fetchrow(
-        f"""
-        select {_KUDOS_COLUMNS} {_KUDOS_FROM}
-        where k.source = $1 and k.thread_id = $2 and k.kind = 'accepted_answer' and k.status = 'standing'
-        """,
-        source,
-        thread_id,
-    )
+class Thread(NamedTuple):
+    """A thread's last acceptance that stood (it may have been retracted since)."""
+
+    author_uid: int
+    giver_uid: int
+    kudos_pk: int
 
 
-async def lock_thread(conn: Connection, source: str, thread_id: str) -> None:
-    """Serialize acceptances in one thread until the transaction ends.
+async def lock_thread(conn: Connection, source: str, thread_id: str) -> Thread | None:
+    """Serialize acceptances in one thread until the transaction ends, by locking (creating, the
+    first time) its row in kudos_threads; returns the acceptance it names.
 
     Without it, acceptances in one thread by different members lock disjoint member rows and
     meet only on the one-accepted-answer index, over and over under a burst.
     """
+    row = one(
+        await conn.fetchrow(
+            """
+            insert into kudos_threads (thread_id, source) values ($2, $1)
+            on conflict (thread_id, source) do update set thread_id = excluded.thread_id
+            returning author_uid, giver_uid, kudos_pk
+            """,
+            source,
+            thread_id,
+        )
+    )
+    return None if row["kudos_pk"] is None else Thread(row["author_uid"], row["giver_uid"], row["kudos_pk"])
+
+
+async def set_thread_accepted(conn: Connection, source: str, thread_id: str, accepted: Thread) -> None:
+    """The thread's standing acceptance is now ``accepted`` (its row is locked: lock_thread)."""
     await conn.execute(
-        "select pg_advisory_xact_lock(hashtext('konvert.kudos.thread'), hashtext($1 || '/' || $2))",
+        "update kudos_threads set author_uid = $3, giver_uid = $4, kudos_pk = $5 where thread_id = $2 and source = $1",
         source,
         thread_id,
+        *accepted,
     )
-
-
-async def count_kudos_given(conn: Connection, giver_uid: int, day: date) -> int:
-    """Kudos the giver gave on a UTC day, standing or not."""
-    value: int = await conn.fetchval("select count(*) from kudos where giver_uid = $1 and day = $2", giver_uid, day)
-    return value
 
 
 async def select_member_since(conn: Connection, member_uid: int) -> datetime:
@@ -128,14 +164,25 @@ async def insert_kudos(
     superseded_by_pk: int | None,
     request_hash: bytes,
 ) -> int:
-    """Insert a kudos crediting nothing yet; the use case credits it. Its response comes last."""
+    """Insert a kudos crediting nothing yet, with its id's claim and its giver's row (one
+    statement); the use case credits it. Its response comes last. Another author's kudos under
+    the id fails the statement on natural_keys_pkey."""
     kudos_pk: int = await conn.fetchval(
         """
-        insert into kudos (kudos_id, source, post_id, thread_id, author_uid, giver_uid, kind, occurred_at, day,
-                           status, not_counted_reason, value, accepter_value, superseded_by_pk, request_hash,
-                           response)
-        values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, '')
-        returning kudos_pk
+        with claimed as (
+            insert into natural_keys (key, kind, scope, member_uid) values ($1, 'kudos', '', $5)
+            returning member_uid
+        ), recorded as (
+            insert into kudos (kudos_id, source, post_id, thread_id, author_uid, giver_uid, kind, occurred_at, day,
+                               status, not_counted_reason, value, accepter_value, superseded_by_pk, request_hash,
+                               response)
+            select $1, $2, $3, $4, member_uid, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, '' from claimed
+            returning kudos_pk
+        ), given as (
+            insert into kudos_given (member_uid, author_uid, kudos_pk, kudos_id, source, post_id, kind, day, standing)
+            select $6, $5, kudos_pk, $1, $2, $3, $7, $9, $10 = 'standing' from recorded
+        )
+        select kudos_pk from recorded
         """,
         kudos_id,
         source,
@@ -156,33 +203,49 @@ async def insert_kudos(
     return kudos_pk
 
 
-async def update_kudos_status(
-    conn: Connection, kudos_pk: int, status: str, superseded_by_pk: int | None = None
-) -> None:
+async def update_kudos_status(conn: Connection, kudos: Row, status: str, superseded_by_pk: int | None = None) -> None:
+    """A kudos stops standing (``status``), on its author's shard and its giver's, in one statement."""
     await conn.execute(
         """
+        with given as (
+            update kudos_given set standing = false where member_uid = $5 and kudos_pk = $1
+        )
         update kudos
         set status = $2, superseded_by_pk = coalesce($3, superseded_by_pk),
             retracted_at = case when $2 = 'retracted' then now() else retracted_at end
-        where kudos_pk = $1
+        where author_uid = $4 and kudos_pk = $1
         """,
-        kudos_pk,
+        kudos["kudos_pk"],
         status,
         superseded_by_pk,
+        kudos["author_uid"],
+        kudos["giver_uid"],
     )
 
 
-async def add_kudos_credit(conn: Connection, kudos_pk: int, role: str, change: int) -> None:
+async def add_kudos_credit(conn: Connection, author_uid: int, kudos_pk: int, role: str, change: int) -> None:
     column = "author_credited" if role == "author" else "accepter_credited"
-    await conn.execute(f"update kudos set {column} = {column} + $2 where kudos_pk = $1", kudos_pk, change)
+    await conn.execute(
+        f"update kudos set {column} = {column} + $3 where author_uid = $1 and kudos_pk = $2",
+        author_uid,
+        kudos_pk,
+        change,
+    )
 
 
-async def set_kudos_response(conn: Connection, kudos_pk: int, response: bytes) -> None:
-    await conn.execute("update kudos set response = $2 where kudos_pk = $1", kudos_pk, response)
+async def set_kudos_response(conn: Connection, author_uid: int, kudos_pk: int, response: bytes) -> None:
+    await conn.execute(
+        "update kudos set response = $3 where author_uid = $1 and kudos_pk = $2", author_uid, kudos_pk, response
+    )
 
 
-async def set_retraction_response(conn: Connection, kudos_pk: int, response: bytes) -> None:
-    await conn.execute("update kudos set retraction_response = $2 where kudos_pk = $1", kudos_pk, response)
+async def set_retraction_response(conn: Connection, author_uid: int, kudos_pk: int, response: bytes) -> None:
+    await conn.execute(
+        "update kudos set retraction_response = $3 where author_uid = $1 and kudos_pk = $2",
+        author_uid,
+        kudos_pk,
+        response,
+    )
 
 
 async def select_day_shares(conn: Connection, author_uid: int, day: date, cap: int) -> list[asyncpg.Record]:
@@ -195,8 +258,8 @@ async def select_day_shares(conn: Connection, author_uid: int, day: date, cap: i
     """
     return await conn.fetch(
         """
-        select kudos_pk, kudos_id, source, value, author_credited, worth_before from (
-            select kudos_pk, kudos_id, source, occurred_at, value, author_credited,
+        select author_uid, kudos_pk, kudos_id, source, value, author_credited, worth_before from (
+            select author_uid, kudos_pk, kudos_id, source, occurred_at, value, author_credited,
                    coalesce(sum(value) over (order by occurred_at, kudos_id collate "C"
                                              rows between unbounded preceding and 1 preceding), 0) as worth_before
             from kudos
@@ -211,14 +274,15 @@ async def select_day_shares(conn: Connection, author_uid: int, day: date, cap: i
     )
 
 
-async def select_first_award_transfer(conn: Connection, kudos_pk: int, role: str) -> int | None:
+async def select_first_award_transfer(conn: Connection, member_uid: int, kudos_pk: int, role: str) -> int | None:
     """The first ledger credit a kudos made to a member in this role: what its reversals point at."""
     value: int | None = await conn.fetchval(
         """
         select transfer_id from reputation_entries
-        where kudos_pk = $1 and role = $2 and posted > 0
+        where member_uid = $1 and kudos_pk = $2 and role = $3 and posted > 0
         order by entry_id limit 1
         """,
+        member_uid,
         kudos_pk,
         role,
     )
@@ -281,6 +345,7 @@ async def set_floor_kept(conn: Connection, member_uid: int, floor_kept: int) -> 
 
 async def set_kudos_bridge(
     conn: Connection,
+    author_uid: int,
     kudos_pk: int,
     *,
     points: int,
@@ -293,13 +358,14 @@ async def set_kudos_bridge(
         update kudos
         set bridge_points = $2, bridge_shortfall = bridge_shortfall + $3,
             bridge_lot_id = coalesce($4, bridge_lot_id), bridge_transfer_id = coalesce($5, bridge_transfer_id)
-        where kudos_pk = $1
+        where author_uid = $6 and kudos_pk = $1
         """,
         kudos_pk,
         points,
         shortfall,
         lot_id,
         transfer_id,
+        author_uid,
     )
 
 
@@ -321,17 +387,21 @@ async def select_member_reputation(conn: Queryable, member_id: str) -> asyncpg.R
 
 
 async def select_breakdown(conn: Queryable, member_uid: int) -> list[asyncpg.Record]:
-    """What the member's standing kudos credit, by source and kind (accepter: for accepting answers)."""
+    """What the member's standing kudos credit, by source and kind (accepter: for accepting answers).
+
+    What the member's acceptances credit them is the sum of their accepter entries (each kudos
+    credits what its entries add up to), read on the member's shard: the kudos are their authors'."""
     return await conn.fetch(
         """
         select source, kind, sum(credited)::bigint as reputation from (
             select source, kind, author_credited as credited from kudos
             where author_uid = $1 and status = 'standing' and author_credited > 0
             union all
-            select source, 'accepter', accepter_credited from kudos
-            where giver_uid = $1 and status = 'standing' and accepter_credited > 0
+            select source, 'accepter', change from reputation_entries
+            where member_uid = $1 and role = 'accepter'
         ) credits
         group by source, kind
+        having sum(credited) > 0
         order by source, kind
         """,
         member_uid,
@@ -383,24 +453,28 @@ LEADERBOARD_SCORES = """
 
 # --- export and erasure --------------------------------------------------------------------
 
+# The kudos a member gave: their authors' rows, named by the giver's (on Citus, a statement over
+# the authors' shards: for the export and erasure only).
+_GIVEN_BY = "(author_uid, kudos_pk) in (select author_uid, kudos_pk from kudos_given where member_uid = $1)"
+
 # The member's rows of each table, as JSON objects, for the export: (name in the export, table,
-# column naming the member, columns left out). Idempotency blobs and other members' internal ids
-# are left out.
+# condition naming the member ($1), columns left out). Idempotency blobs and other members'
+# internal ids are left out.
 EXPORTED: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
-    ("kudos_received", "kudos", "author_uid", ("giver_uid",)),
-    ("kudos_given", "kudos", "giver_uid", ("author_uid",)),
-    ("reputation_entries", "reputation_entries", "member_uid", ()),
+    ("kudos_received", "kudos", "author_uid = $1", ("giver_uid",)),
+    ("kudos_given", "kudos", _GIVEN_BY, ("author_uid",)),
+    ("reputation_entries", "reputation_entries", "member_uid = $1", ()),
 )
 _NEVER_EXPORTED = ("member_uid", "request_hash", "response", "retraction_response")
 
 
 async def select_exported(
-    conn: Connection, table: str, member_column: str, left_out: Sequence[str], member_uid: int, limit: int
+    conn: Connection, table: str, condition: str, left_out: Sequence[str], member_uid: int, limit: int
 ) -> list[str]:
-    """Rows of ``table`` naming the member in ``member_column``, as JSON objects (text); ``table``
-    and ``member_column`` come from EXPORTED, never from a request."""
+    """Rows of ``table`` meeting ``condition`` for the member, as JSON objects (text); ``table``
+    and ``condition`` come from EXPORTED, never from a request."""
     rows = await conn.fetch(
-        f"select (to_jsonb(t) - $3::text[])::text from {table} t where {member_column} = $1 limit $2",
+        f"select (to_jsonb(t) - $3::text[])::text from {table} t where {condition} limit $2",
         member_uid,
         limit,
         [*_NEVER_EXPORTED, *left_out],
@@ -426,7 +500,7 @@ async def rename_in_kudos(
         update kudos set response = {_RENAMED_BYTEA.format(column="response")},
                          retraction_response = {_RENAMED_BYTEA.format(column="retraction_response")},
                          request_hash = $4
-        where author_uid = $1 or giver_uid = $1
+        where author_uid = $1 or {_GIVEN_BY}
         """,
         member_uid,
         old_member_id,

@@ -48,19 +48,34 @@ async def select_qualifying_points(conn: Connection, member_uids: Sequence[int],
 async def lock_due_members(conn: Connection, evaluated_before: datetime, limit: int) -> list[asyncpg.Record]:
     """Up to ``limit`` members with a tier not evaluated since ``evaluated_before``, least recently
     evaluated first, locked; members another transaction holds (a purchase's, another process's
-    job) are passed over."""
-    rows: list[asyncpg.Record] = await conn.fetch(LOCK_DUE_MEMBERS, evaluated_before, limit)
-    return rows
+    job) are passed over. Found without a lock, then locked by uid (as the ledger's jobs do,
+    konvert.ledger.batches.lock_due); when every member found was held, the next ones."""
+    skipped: list[int] = []
+    for _ in range(3):
+        found = [row[0] for row in await conn.fetch(FIND_DUE_MEMBERS, evaluated_before, limit, skipped)]
+        if not found:
+            return []
+        rows: list[asyncpg.Record] = await conn.fetch(LOCK_DUE_MEMBERS, found, evaluated_before)
+        if rows:
+            return rows
+        skipped += found
+    return []
 
 
 # Never evaluated is -infinity, as in members_tier_due_idx: one range in the index's order, so a
 # batch reads its own members only, however many are due. The qualifying points are summed by
-# the next statement: this one's snapshot was taken before the locks, so a purchase that
+# the next statement: the lock's snapshot was taken before the locks, so a purchase that
 # committed while it waited for a member's lock would be in the member's row but not in the sum.
-LOCK_DUE_MEMBERS = """
-select member_uid, member_id, tier, tier_below_since, tier_qualifying_points from members
+FIND_DUE_MEMBERS = """
+select member_uid from members
 where tier is not null and coalesce(tier_evaluated_at, '-infinity'::timestamptz) < $1
+  and member_uid <> all($3::bigint[])
 order by coalesce(tier_evaluated_at, '-infinity'::timestamptz)
 limit $2
+"""
+LOCK_DUE_MEMBERS = """
+select member_uid, member_id, tier, tier_below_since, tier_qualifying_points from members
+where member_uid = any($1::bigint[])
+  and tier is not null and coalesce(tier_evaluated_at, '-infinity'::timestamptz) < $2
 for update skip locked
 """
