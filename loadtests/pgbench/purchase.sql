@@ -40,6 +40,7 @@ select n.kind, n.scope, n.key, n.member_uid
 from unnest(array[:partner::text], array[:tag::text || '-' || :client_id::int || '-' || :n::int])
      as k (partner, purchase_id)
 join natural_keys n on n.key = k.purchase_id and n.kind = 'purchase' and n.scope = k.partner
+where n.key = any(array[:tag::text || '-' || :client_id::int || '-' || :n::int])
 \gset c_
 -- The member's row lock (ledger.book.Book.lock).
 select member_uid, member_id, points_available, points_pending, points_held, points_debt,
@@ -93,6 +94,7 @@ with earn as (
            p.cause_type, p.cause_ref, p.lot_id, p.reason
     from posted p
     left join accounts a on a.member_uid = p.member_uid and a.asset = 'points' and a.name = p.state
+                        and a.member_uid = any(array[:c_member_uid::bigint])
     order by p.ord
 ), change as (
     select member_uid,
@@ -117,7 +119,7 @@ with earn as (
         tier_qualifying_points = coalesce(s.qualifying_points, m.tier_qualifying_points),
         version = m.version + c.earns
     from change c left join standing s using (member_uid)
-    where m.member_uid = c.member_uid
+    where m.member_uid = c.member_uid and m.member_uid = any(array[:c_member_uid::bigint])
     returning m.member_uid, m.member_id, m.version, m.points_debt, m.points_available
 )
 select u.member_uid, u.member_id, u.version, u.points_debt, u.points_available, p.ord, p.lot_id, p.transfer_id,
