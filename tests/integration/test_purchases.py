@@ -870,3 +870,27 @@ async def test_writes_still_invalidate_after_redis_forgets_its_scripts(post, bal
 
     assert await cached_available(redis_client, member) == (first["version"] + 1, 200)
     assert (await balance(member))["available"] == 200
+
+
+async def test_a_job_batch_passes_over_held_members_and_still_comes_back_full(post, services, new_id):
+    """A batch that finds lots of members a request holds looks further, so that it comes back
+    short only when nothing more is due: konvert.jobs runs batches until one does."""
+    from konvert.ledger import batches
+
+    members = [new_id("m") for _ in range(4)]
+    for member in members:
+        await post("/v1/purchases", purchase(member, new_id("p"), occurred_at=RECENT))
+    uids = [await services.pool.fetchval("select member_uid from members where member_id = $1", m) for m in members]
+    # Only these members' lots, oldest first, as the jobs' own statements find theirs.
+    find = f"""
+        select member_uid, lot_id from lots
+        where member_uid = any('{{{",".join(map(str, uids))}}}'::bigint[]) and state = 'pending'
+          and vests_at <= $1 and member_uid <> all($3::bigint[])
+        order by lot_id limit $2
+    """
+    later = NOW + timedelta(days=15)
+    async with services.pool.acquire() as holder, holder.transaction():
+        await holder.execute("select 1 from members where member_uid = $1 for update", uids[0])
+        async with services.pool.acquire() as conn, conn.transaction():
+            due = await batches.lock_due(conn, find, later, 3, ())
+    assert sorted(row["member_uid"] for row in due) == sorted(uids[1:])

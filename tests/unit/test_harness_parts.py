@@ -87,7 +87,7 @@ def test_a_seeded_history_must_fit_in_the_members_life_and_the_program_s_expiry(
 
 
 def test_the_no_op_is_the_one_baseline_endpoint_and_the_routed_one_is_gone() -> None:
-    assert cli_args.expand_scenarios("baselines,purchases") == ["noop", "pgbench", "purchases"]
+    assert cli_args.expand_scenarios("baselines,purchases") == ["noop", "pgbench", "pgbench_own_sql", "purchases"]
     assert cli_args.HTTP_SCRIPTS["noop"] == "noop"
     with pytest.raises(ValueError, match="unknown scenario 'noop_routed'"):
         cli_args.expand_scenarios("noop_routed")

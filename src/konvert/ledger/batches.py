@@ -172,21 +172,24 @@ async def lock_due(
 ) -> list[dict[str, Any]]:
     """The due lots ``find`` finds ($1 now, $2 limit, $3 members passed over), each with its
     member's id and refund debt, of the members this transaction then holds locked; members
-    other transactions hold are passed over. When every member found was held, the next ones
-    are looked for."""
+    other transactions hold are passed over. While that leaves the batch short and more lots
+    are due, the next ones are looked for (past every member already found), so that a batch
+    comes back short only when nothing more is due (konvert.jobs runs batches until one does)."""
     skipped = list(passed_over)
+    due: list[dict[str, Any]] = []
     for _ in range(_LOOKS):
-        found = await conn.fetch(find, now, limit, skipped)
-        if not found:
-            return []
+        wanted = limit - len(due)
+        found = await conn.fetch(find, now, wanted, skipped)
         uids = sorted({row["member_uid"] for row in found})
-        members = {row["member_uid"]: row for row in await conn.fetch(LOCK_LOT_MEMBERS, uids)}
-        if members:
-            return [
-                {"lot_id": row["lot_id"], **members[row["member_uid"]]} for row in found if row["member_uid"] in members
-            ]
+        # Never waits (skip locked), so locking in several statements cannot deadlock.
+        members = {row["member_uid"]: row for row in await conn.fetch(LOCK_LOT_MEMBERS, uids)} if uids else {}
+        due += [
+            {"lot_id": row["lot_id"], **members[row["member_uid"]]} for row in found if row["member_uid"] in members
+        ]
+        if len(found) < wanted or len(due) >= limit:
+            break
         skipped += uids
-    return []
+    return due
 
 
 async def vest_locked_lots(conn: Connection, lots: Sequence[LotOf], now: datetime) -> list[asyncpg.Record]:

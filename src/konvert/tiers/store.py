@@ -49,17 +49,19 @@ async def lock_due_members(conn: Connection, evaluated_before: datetime, limit: 
     """Up to ``limit`` members with a tier not evaluated since ``evaluated_before``, least recently
     evaluated first, locked; members another transaction holds (a purchase's, another process's
     job) are passed over. Found without a lock, then locked by uid (as the ledger's jobs do,
-    konvert.ledger.batches.lock_due); when every member found was held, the next ones."""
+    konvert.ledger.batches.lock_due); while that leaves the batch short and more are due, the
+    next ones."""
     skipped: list[int] = []
+    locked: list[asyncpg.Record] = []
     for _ in range(3):
-        found = [row[0] for row in await conn.fetch(FIND_DUE_MEMBERS, evaluated_before, limit, skipped)]
-        if not found:
-            return []
-        rows: list[asyncpg.Record] = await conn.fetch(LOCK_DUE_MEMBERS, found, evaluated_before)
-        if rows:
-            return rows
+        wanted = limit - len(locked)
+        found = [row[0] for row in await conn.fetch(FIND_DUE_MEMBERS, evaluated_before, wanted, skipped)]
+        if found:
+            locked += await conn.fetch(LOCK_DUE_MEMBERS, found, evaluated_before)
+        if len(found) < wanted or len(locked) >= limit:
+            break
         skipped += found
-    return []
+    return locked
 
 
 # Never evaluated is -infinity, as in members_tier_due_idx: one range in the index's order, so a
