@@ -11,8 +11,6 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import TYPE_CHECKING, NamedTuple
 
-import asyncpg
-
 from konvert.db import Row
 from konvert.ledger import events
 from konvert.ledger.accounts import SystemAccount
@@ -54,7 +52,7 @@ class Planned(NamedTuple):
 class Credits:
     """One use case's reputation changes: planned first, then posted member by member."""
 
-    def __init__(self, services: Services, book: Book, members: dict[int, Member], cause: asyncpg.Record) -> None:
+    def __init__(self, services: Services, book: Book, members: dict[int, Member], cause: Row) -> None:
         self.services = services
         self.book = book
         self.conn = book.conn
@@ -158,7 +156,7 @@ class Credits:
 # --- the points bridge ---------------------------------------------------------------------
 
 
-async def bridge_award(credits: Credits, kudos: asyncpg.Record, now: datetime) -> None:
+async def bridge_award(credits: Credits, kudos: Row, now: datetime) -> None:
     """Credit an accepted answer's author the program's bridge points: a new lot, available at once."""
     services, book = credits.services, credits.book
     points = services.program.reputation.accepted_answer_points

@@ -63,7 +63,7 @@ import asyncpg
 import msgspec
 
 from konvert import errors
-from konvert.db import Connection
+from konvert.db import Connection, Row
 from konvert.idempotency import Outcome, request_hash
 from konvert.ledger import events
 from konvert.ledger.book import Book, InTransaction, Member, writing
@@ -162,9 +162,6 @@ def _replay(existing: asyncpg.Record, digest: bytes) -> _Written:
 
 async def _give(services: Services, book: Book, kudos: KudosIn, digest: bytes, now: datetime) -> _Written:
     conn = book.conn
-    existing = await store.select_kudos(conn, kudos.kudos_id)
-    if existing is not None:
-        return _replay(existing, digest)
     accepted = kudos.kind == "accepted_answer"
     # The thread's lock names its last standing acceptance, which no other acceptance replaces
     # while this one holds it.
@@ -180,7 +177,7 @@ async def _give(services: Services, book: Book, kudos: KudosIn, digest: bytes, n
     uids = {member.id: member.uid for member in locked}
     author_uid, giver_uid = uids[kudos.author_id], uids[kudos.giver_id]
 
-    # Under the locks: what another write committed meanwhile is visible now.
+    # Under the locks (a replay too: it may have been recorded while this one waited for them).
     existing = await store.select_kudos(conn, kudos.kudos_id)
     if existing is not None:
         return _replay(existing, digest)
@@ -193,7 +190,9 @@ async def _give(services: Services, book: Book, kudos: KudosIn, digest: bytes, n
     worth = await _worth(services, conn, kudos, day, author_uid, members[giver_uid], now)
 
     kudos_pk, status = await _record(conn, kudos, digest, day, (author_uid, giver_uid), worth, current)
-    record = await store.select_kudos_by_pk(conn, author_uid, kudos_pk)
+    # As recorded, crediting nothing yet (what Credits and the bridge read of it).
+    record = {"kudos_pk": kudos_pk, "kudos_id": kudos.kudos_id, "source": kudos.source, "day": day}
+    record |= {"author_uid": author_uid, "giver_uid": giver_uid}
     credits = Credits(services, book, members, record)
     if status == "standing":
         if not accepted:
@@ -309,7 +308,7 @@ async def _share_day(credits: Credits, author_uid: int, day: date) -> None:
             credits.plan({**row, "day": day}, author_uid, "author", reason, change)
 
 
-async def _supersede(credits: Credits, current: asyncpg.Record, by: asyncpg.Record) -> None:
+async def _supersede(credits: Credits, current: asyncpg.Record, by: Row) -> None:
     await store.update_kudos_status(credits.conn, current, "superseded", superseded_by_pk=by["kudos_pk"])
     await _reverse_accepted(credits, current, "superseded")
 
