@@ -197,6 +197,39 @@ def test_harness_loses_nothing_and_the_audit_passes(tmp_path: Path, harness_redi
     assert set(sources) <= {"redis", "database"} and abs(sum(sources.values()) - 1) < 0.01, sources
 
 
+def test_harness_measures_the_checkout_day_against_its_parts(tmp_path: Path, harness_redis_url: str) -> None:
+    """The checkout group: every part alone, the day at full and at half load, their ratios and
+    targets; the writes of every part checked like the others'."""
+    output = tmp_path / "result.json"
+    completed = _run_harness(output, harness_redis_url, "--duration", "1", "--scenarios", "checkout")
+    result = _result(output, completed)
+    config = result["configs"][0]
+
+    assert completed.returncode == 0 and result["nothing_lost"] is True, completed.stdout + completed.stderr
+    scenarios = config["scenarios"]
+    parts = {"redemptions_uniform": "redemption", "kudos": "kudos", "kudos_hot": "kudos", "mixed_half": "purchase"}
+    for name, kind in parts.items():
+        assert scenarios[name]["writes"][kind]["accepted"] > 0, (name, scenarios[name]["writes"])
+    # Half load: paced to about half of the day's throughput in the same run.
+    assert 0.2 < scenarios["mixed_half"]["load_fraction_of_peak"] < 0.8, scenarios["mixed_half"]
+    ratios = config["ratios"]
+    for name in (
+        "mixed_vs_blend",
+        "redemption_cpu_vs_purchase",
+        "redemption_hot_cpu_vs_purchase",
+        "kudos_cpu_vs_purchase",
+        "kudos_hot_cpu_vs_purchase",
+    ):
+        assert ratios[name] > 0, (name, ratios)
+    targets = {t["name"].split(" (")[0] for t in result["targets"]}
+    assert {
+        "checkout day / blend of its parts",
+        "checkout day p99 at full load",
+        "checkout day p99 at half of its peak",
+        "kudos, few authors: CPU / a purchase's",
+    } <= targets
+
+
 def test_harness_measures_what_announcing_events_costs(tmp_path: Path, harness_redis_url: str) -> None:
     """purchases with the service delivering their events to a real local receiver, against
     purchases without an endpoint; then one `konvert events publish` over every event of the run."""
