@@ -16,9 +16,11 @@ from konvert.batching import BatchedLookups, GroupCommit
 from konvert.earning.model import RefundIn
 from konvert.earning.refunds import refund_purchase
 from konvert.earning.service import post_purchase, write_purchases
-from konvert.errors import ConcurrentWrite, IdempotencyConflict, Unprocessable
+from konvert.errors import ConcurrentWrite, IdempotencyConflict, InsufficientPoints, Unprocessable
 from konvert.idempotency import Outcome
 from konvert.program import parse_program
+from konvert.redemption.model import RedemptionIn, RewardIn
+from konvert.redemption.service import put_reward, redeem
 from tests.conftest import TEST_PROGRAM, balance_key, cached_available, make_settings, spend_points
 from tests.integration.test_purchases import (
     batched_writes,
@@ -609,3 +611,48 @@ async def test_a_purchase_that_repays_a_refund_debt_is_written_together_and_repa
     # Repaid in the purchase's own transaction: the lots agree with the balance at once.
     assert (row["points_available"], row["points_debt"], row["lots"]) == (20, 0, 20)
     assert await cached_available(redis_client, member) == (row["version"], None)
+
+
+# --- redemptions ---------------------------------------------------------------------------
+
+
+async def test_concurrent_redemptions_share_transactions_and_a_refusal_fails_alone(services, new_id):
+    members = sorted(new_id("m") for _ in range(3))
+    await write_purchases(services, [_euros(services, m, new_id("p"), 10) for m in members])  # 10 points each
+    # Two of 4 points for each member, and a third for the first: 12 of its 10 points.
+    wanted = [(m, new_id("r")) for m in members for _ in range(2)] + [(members[0], new_id("r"))]
+
+    outcomes = await asyncio.gather(
+        *(redeem(services, m, RedemptionIn(redemption_id=r, points=4)) for m, r in wanted), return_exceptions=True
+    )
+
+    refused = [o for o in outcomes if isinstance(o, Exception)]
+    assert [type(o) for o in refused] == [InsufficientPoints], refused
+    rows = await services.pool.fetch(
+        "select member_id, points_available from members where member_id = any($1::text[])", members
+    )
+    assert {r["member_id"]: r["points_available"] for r in rows} == dict.fromkeys(members, 2)
+    # The first redemption found no batch in flight and went alone; the others waited and went
+    # together: fewer commits than redemptions.
+    xmins = await services.pool.fetchval(
+        "select count(distinct r.xmin::text) from redemptions r join members m using (member_uid)"
+        " where m.member_id = any($1::text[])",
+        members,
+    )
+    assert xmins < 6
+
+
+async def test_a_refused_reward_in_a_batch_keeps_its_stock(services, new_id):
+    poor, rich, reward_id = new_id("m"), new_id("m"), new_id("reward")
+    await write_purchases(services, [_euros(services, m, new_id("p"), e) for m, e in sorted([(poor, 10), (rich, 50)])])
+    await put_reward(services, reward_id, RewardIn(name="mug", cost_points=30, stock=5))
+
+    poor_try, rich_try = await asyncio.gather(
+        redeem(services, poor, RedemptionIn(redemption_id=new_id("r"), reward_id=reward_id)),
+        redeem(services, rich, RedemptionIn(redemption_id=new_id("r"), reward_id=reward_id)),
+        return_exceptions=True,
+    )
+
+    assert isinstance(poor_try, InsufficientPoints) and isinstance(rich_try, Outcome)
+    # The refusal gave up no unit of the stock: only the rich member's redemption took one.
+    assert await services.pool.fetchval("select stock from rewards where reward_id = $1", reward_id) == 4

@@ -227,6 +227,15 @@ class Book:
             await self.repay_debt(member)
         return Credit(row["lot_id"], row["transfer_id"])
 
+    def ensure_available(self, member: Member, points: int) -> Member:
+        """The member's newest row, if it has ``points`` available (under its lock); else raises
+        InsufficientPoints."""
+        member = self._members[member.uid]  # the newest row, whatever the caller holds
+        if member.available < points:
+            available = max(member.available, 0)
+            raise errors.InsufficientPoints(f"{points} points needed, {available} available", available=available)
+        return member
+
     async def spend(
         self,
         member: Member,
@@ -240,10 +249,7 @@ class Book:
         """Move available points to ``to`` (a system account, or the member's held points),
         taking them from lots soonest-expiring first. Never overdraws: with fewer available points
         than asked, under the member's lock, it raises InsufficientPoints and writes nothing."""
-        member = self._members[member.uid]  # the newest row, whatever the caller holds
-        if member.available < points:
-            available = max(member.available, 0)
-            raise errors.InsufficientPoints(f"{points} points needed, {available} available", available=available)
+        member = self.ensure_available(member, points)
         takes, missing = plan_takes(await store.lock_available_lots(self.conn, member.uid), points)
         assert missing == 0, "available points and available lots disagree"
         system_id, bucket = await self._account_id(to)

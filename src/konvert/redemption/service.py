@@ -4,6 +4,7 @@ spend of one member, and the ledger core never overdraws."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Literal
 
@@ -11,6 +12,7 @@ import asyncpg
 import msgspec
 
 from konvert import errors
+from konvert.batching import GroupCommit
 from konvert.idempotency import Outcome, replay, request_hash
 from konvert.ledger import events, keys
 from konvert.ledger.accounts import REDEEMED, SystemAccount
@@ -66,69 +68,117 @@ def _redemption_out(row: asyncpg.Record) -> RedemptionOut:
     )
 
 
+class Redemptions:
+    """This process's redemptions, group-committed like purchases: the redemptions that arrive
+    while a batch is being written go into the next one, one transaction for them all, sorted
+    by member (konvert.batching.GroupCommit)."""
+
+    def __init__(self, services: Services) -> None:
+        settings = services.settings
+
+        async def write(items: list[tuple[str, RedemptionIn]]) -> list[Outcome | errors.KonvertError]:
+            return await write_redemptions(services, items)
+
+        self._batches: GroupCommit[tuple[str, RedemptionIn], Outcome] = GroupCommit(
+            write,
+            sort_key=lambda item: (item[0], item[1].redemption_id),
+            batch_size_max=settings.write_batch_size_max,
+            batches_in_flight_max=settings.write_batches_in_flight_max,
+            overlap_after_seconds=settings.write_batch_overlap_after_seconds,
+        )
+
+    async def redeem(self, member_id: str, redemption: RedemptionIn) -> Outcome:
+        return await self._batches.submit((member_id, redemption))
+
+    async def aclose(self) -> None:
+        await self._batches.aclose()
+
+
 async def redeem(services: Services, member_id: str, redemption: RedemptionIn) -> Outcome:
     """Spend points on a reward or an amount, at once or as a hold. Never overdraws."""
+    return await services.shared(Redemptions).redeem(member_id, redemption)
+
+
+async def write_redemptions(
+    services: Services, items: Sequence[tuple[str, RedemptionIn]]
+) -> list[Outcome | errors.KonvertError]:
+    """Redemptions (member id, redemption) in one transaction; each one's outcome in order: its
+    redemption, the replay of what was recorded under its id, or its refusal. A refusal comes
+    before its redemption writes anything, so it fails that redemption alone; a database error
+    fails the transaction, and GroupCommit then writes each redemption in one of its own."""
     now = services.clock()
-    digest = request_hash(member_id, redemption)
+    outcomes: list[Outcome | errors.KonvertError] = []
     async with writing(services) as book:
-        member = await book.member(member_id)
-        if member is None:
-            raise errors.MemberNotFound(f"no member {member_id!r}")
-        # After the lock, in a statement of its own: a concurrent duplicate that committed while
-        # this one waited for the lock is seen here (the lock's statement saw the older snapshot).
-        existing = await store.select_redemption_replay(book.conn, member.uid, redemption.redemption_id)
-        if existing is not None:
-            return replay(existing, digest)
-        points = await _price(book, redemption, now)
-        held = redemption.hold
-        spend = await book.spend(
-            member,
-            points,
-            to="held" if held else REDEEMED,
-            code="hold" if held else "redeem",
-            cause=Cause("redemption", redemption.redemption_id),
-            reason=_reason(redemption),
-        )
-        hold_expires_at = now + timedelta(seconds=services.program.points.hold_ttl_seconds) if held else None
-        status = "held" if held else "captured"
-        changed = _changed(
-            book, member, redemption.redemption_id, redemption.reward_id, points, status, spend.transfer_id
-        )
-        book.announce(member, "redemption.held" if held else "points.redeemed", changed)
-        response = _encode(
-            RedemptionOut(
-                redemption_id=redemption.redemption_id,
-                member_id=member_id,
-                reward_id=redemption.reward_id,
-                points=points,
-                status="held" if held else "captured",
-                hold_expires_at=hold_expires_at,
-                transfer_id=spend.transfer_id,
-                closing_transfer_id=None,
-                created_at=now,
-                updated_at=now,
-            )
-        )
-        await store.insert_redemption(
-            book.conn,
+        members = {member.id: member for member in await book.lock(ids={member_id for member_id, _ in items})}
+        for member_id, redemption in items:
+            try:
+                member = members.get(member_id)
+                if member is None:
+                    raise errors.MemberNotFound(f"no member {member_id!r}")
+                outcomes.append(await _redeem(services, book, member, redemption, now))
+            except errors.KonvertError as refusal:
+                outcomes.append(refusal)
+    return outcomes
+
+
+async def _redeem(services: Services, book: Book, member: Member, redemption: RedemptionIn, now: datetime) -> Outcome:
+    """One redemption in a batch's transaction, its member locked."""
+    digest = request_hash(member.id, redemption)
+    # After the lock, in a statement of its own: a concurrent duplicate that committed while
+    # this one waited for the lock is seen here (the lock's statement saw the older snapshot), and
+    # so is one earlier in this batch.
+    existing = await store.select_redemption_replay(book.conn, member.uid, redemption.redemption_id)
+    if existing is not None:
+        return replay(existing, digest)
+    points = await _price(book, member, redemption, now)
+    held = redemption.hold
+    spend = await book.spend(
+        member,
+        points,
+        to="held" if held else REDEEMED,
+        code="hold" if held else "redeem",
+        cause=Cause("redemption", redemption.redemption_id),
+        reason=_reason(redemption),
+    )
+    hold_expires_at = now + timedelta(seconds=services.program.points.hold_ttl_seconds) if held else None
+    status: Literal["held", "captured"] = "held" if held else "captured"
+    changed = _changed(book, member, redemption.redemption_id, redemption.reward_id, points, status, spend.transfer_id)
+    book.announce(member, "redemption.held" if held else "points.redeemed", changed)
+    response = _encode(
+        RedemptionOut(
             redemption_id=redemption.redemption_id,
-            member_uid=member.uid,
+            member_id=member.id,
             reward_id=redemption.reward_id,
             points=points,
-            status="held" if held else "captured",
+            status=status,
             hold_expires_at=hold_expires_at,
-            allocations=_encode(spend.takes).decode(),
             transfer_id=spend.transfer_id,
-            note=redemption.note,
-            request_hash=digest,
-            response=response,
-            now=now,
+            closing_transfer_id=None,
+            created_at=now,
+            updated_at=now,
         )
+    )
+    await store.insert_redemption(
+        book.conn,
+        redemption_id=redemption.redemption_id,
+        member_uid=member.uid,
+        reward_id=redemption.reward_id,
+        points=points,
+        status=status,
+        hold_expires_at=hold_expires_at,
+        allocations=_encode(spend.takes).decode(),
+        transfer_id=spend.transfer_id,
+        note=redemption.note,
+        request_hash=digest,
+        response=response,
+        now=now,
+    )
     return Outcome(response)
 
 
-async def _price(book: Book, redemption: RedemptionIn, now: datetime) -> int:
-    """The points a redemption costs; a reward with a stock gives up one unit (under its lock)."""
+async def _price(book: Book, member: Member, redemption: RedemptionIn, now: datetime) -> int:
+    """The points a redemption costs; a reward with a stock gives up one unit (under its lock),
+    only once the member is known to have the points: nothing is written before a refusal."""
     if redemption.reward_id is None:
         assert redemption.points is not None
         return redemption.points
@@ -137,6 +187,7 @@ async def _price(book: Book, redemption: RedemptionIn, now: datetime) -> int:
     if refusal := rules.reward_refusal(reward, redemption.reward_id, now):
         raise refusal
     assert reward is not None
+    book.ensure_available(member, reward.cost_points)
     if reward.stock is not None and not await store.take_one_from_stock(book.conn, reward.reward_id):
         raise errors.OutOfStock(f"reward {reward.reward_id!r} is out of stock")
     return reward.cost_points
