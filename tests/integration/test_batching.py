@@ -656,3 +656,26 @@ async def test_a_refused_reward_in_a_batch_keeps_its_stock(services, new_id):
     assert isinstance(poor_try, InsufficientPoints) and isinstance(rich_try, Outcome)
     # The refusal gave up no unit of the stock: only the rich member's redemption took one.
     assert await services.pool.fetchval("select stock from rewards where reward_id = $1", reward_id) == 4
+
+
+async def test_a_redemption_repeated_within_a_batch_answers_as_its_replay(services, new_id):
+    member, first_id = new_id("m"), new_id("r")
+    await write_purchases(services, [_euros(services, member, new_id("p"), 10)])
+    same = RedemptionIn(redemption_id=first_id, points=3)
+    other_body = RedemptionIn(redemption_id=first_id, points=4)
+
+    # A batch in flight first, so that the three go into the next one together.
+    ahead = asyncio.ensure_future(redeem(services, member, RedemptionIn(redemption_id=new_id("r"), points=1)))
+    once, again, conflicting = await asyncio.gather(
+        redeem(services, member, same),
+        redeem(services, member, same),
+        redeem(services, member, other_body),
+        return_exceptions=True,
+    )
+    await ahead
+
+    assert isinstance(once, Outcome) and isinstance(again, Outcome), (once, again)
+    assert (once.replayed, again.replayed, again.body) == (False, True, once.body)
+    assert isinstance(conflicting, IdempotencyConflict)
+    # Spent once: 1 point ahead, 3 for the redemption.
+    assert await services.pool.fetchval("select points_available from members where member_id = $1", member) == 6

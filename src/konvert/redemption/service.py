@@ -13,6 +13,7 @@ import msgspec
 
 from konvert import errors
 from konvert.batching import GroupCommit
+from konvert.db import Row
 from konvert.idempotency import Outcome, replay, request_hash
 from konvert.ledger import events, keys
 from konvert.ledger.accounts import REDEEMED, SystemAccount
@@ -103,33 +104,44 @@ async def write_redemptions(
     services: Services, items: Sequence[tuple[str, RedemptionIn]]
 ) -> list[Outcome | errors.KonvertError]:
     """Redemptions (member id, redemption) in one transaction; each one's outcome in order: its
-    redemption, the replay of what was recorded under its id, or its refusal. A refusal comes
-    before its redemption writes anything, so it fails that redemption alone; a database error
-    fails the transaction, and GroupCommit then writes each redemption in one of its own."""
+    redemption, the replay of what was recorded under its id (earlier, or in this batch), or its
+    refusal. A refusal comes before its redemption writes anything, so it fails that redemption
+    alone; a database error fails the transaction, and GroupCommit then writes each redemption in
+    one of its own. The batch's redemptions are recorded together, in one statement."""
     now = services.clock()
     outcomes: list[Outcome | errors.KonvertError] = []
     async with writing(services) as book:
         members = {member.id: member for member in await book.lock(ids={member_id for member_id, _ in items})}
+        # After the lock, in a statement of its own: a concurrent duplicate that committed while
+        # this batch waited for the lock is seen here (the lock's statement saw the older snapshot).
+        wanted = [(members[m].uid, r.redemption_id) for m, r in items if m in members]
+        recorded: dict[tuple[int, str], Row] = dict(await store.select_redemption_replays(book.conn, wanted))
+        new: list[store.NewRedemption] = []
         for member_id, redemption in items:
             try:
                 member = members.get(member_id)
                 if member is None:
                     raise errors.MemberNotFound(f"no member {member_id!r}")
-                outcomes.append(await _redeem(services, book, member, redemption, now))
+                digest = request_hash(member.id, redemption)
+                if (existing := recorded.get((member.uid, redemption.redemption_id))) is not None:
+                    outcomes.append(replay(existing, digest))
+                    continue
+                row = await _redeem(services, book, member, redemption, digest, now)
+                recorded[(member.uid, redemption.redemption_id)] = {"request_hash": digest, "response": row.response}
+                new.append(row)
+                outcomes.append(Outcome(row.response))
             except errors.KonvertError as refusal:
                 outcomes.append(refusal)
+        if new:
+            await store.insert_redemptions(book.conn, new)
     return outcomes
 
 
-async def _redeem(services: Services, book: Book, member: Member, redemption: RedemptionIn, now: datetime) -> Outcome:
-    """One redemption in a batch's transaction, its member locked."""
-    digest = request_hash(member.id, redemption)
-    # After the lock, in a statement of its own: a concurrent duplicate that committed while
-    # this one waited for the lock is seen here (the lock's statement saw the older snapshot), and
-    # so is one earlier in this batch.
-    existing = await store.select_redemption_replay(book.conn, member.uid, redemption.redemption_id)
-    if existing is not None:
-        return replay(existing, digest)
+async def _redeem(
+    services: Services, book: Book, member: Member, redemption: RedemptionIn, digest: bytes, now: datetime
+) -> store.NewRedemption:
+    """One redemption in a batch's transaction, its member locked: the points spent, the event
+    announced; the row to record."""
     points = await _price(book, member, redemption, now)
     held = redemption.hold
     spend = await book.spend(
@@ -158,8 +170,7 @@ async def _redeem(services: Services, book: Book, member: Member, redemption: Re
             updated_at=now,
         )
     )
-    await store.insert_redemption(
-        book.conn,
+    return store.NewRedemption(
         redemption_id=redemption.redemption_id,
         member_uid=member.uid,
         reward_id=redemption.reward_id,
@@ -171,9 +182,8 @@ async def _redeem(services: Services, book: Book, member: Member, redemption: Re
         note=redemption.note,
         request_hash=digest,
         response=response,
-        now=now,
+        created_at=now,
     )
-    return Outcome(response)
 
 
 async def _price(book: Book, member: Member, redemption: RedemptionIn, now: datetime) -> int:

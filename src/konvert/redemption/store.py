@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
+from typing import NamedTuple
 
 import asyncpg
 
@@ -98,54 +100,64 @@ async def change_stock(conn: Connection, reward_id: str, delta: int) -> None:
     )
 
 
-async def select_redemption_replay(conn: Connection, member_uid: int, redemption_id: str) -> asyncpg.Record | None:
-    """The member's redemption under this id. Another member's is not found here: recording this
-    one then fails on its claim of the id (konvert.ledger.keys), a 409."""
-    return await conn.fetchrow(
-        "select request_hash, response from redemptions where member_uid = $1 and redemption_id = $2",
-        member_uid,
-        redemption_id,
-    )
-
-
-async def insert_redemption(
-    conn: Connection,
-    *,
-    redemption_id: str,
-    member_uid: int,
-    reward_id: str | None,
-    points: int,
-    status: str,
-    hold_expires_at: datetime | None,
-    allocations: str,
-    transfer_id: int,
-    note: str | None,
-    request_hash: bytes,
-    response: bytes,
-    now: datetime,
-) -> None:
-    await conn.execute(
-        f"""
-        with {keys.CLAIM_CTE}
-        insert into redemptions (redemption_id, member_uid, reward_id, points, status, hold_expires_at, allocations,
-                                 transfer_id, note, request_hash, response, created_at, updated_at)
-        select $1, member_uid, $5, $6, $7, $8, $9::text::jsonb, $10, $11, $12, $13, $14, $14 from claimed
+async def select_redemption_replays(
+    conn: Connection, keys_of: Sequence[tuple[int, str]]
+) -> dict[tuple[int, str], asyncpg.Record]:
+    """The redemptions recorded under these (member_uid, redemption_id), in one statement. Another
+    member's is not found here: recording this one then fails on its claim of the id
+    (konvert.ledger.keys), a 409."""
+    rows = await conn.fetch(
+        """
+        select r.member_uid, r.redemption_id, r.request_hash, r.response
+        from unnest($1::bigint[], $2::text[]) as k (member_uid, redemption_id)
+        join redemptions r on r.member_uid = k.member_uid and r.redemption_id = k.redemption_id
+        where r.member_uid = any($1::bigint[])
         """,
-        redemption_id,
-        keys.REDEMPTION,
-        "",
-        member_uid,
-        reward_id,
-        points,
-        status,
-        hold_expires_at,
-        allocations,
-        transfer_id,
-        note,
-        request_hash,
-        response,
-        now,
+        [uid for uid, _ in keys_of],
+        [redemption_id for _, redemption_id in keys_of],
     )
+    return {(row["member_uid"], row["redemption_id"]): row for row in rows}
+
+
+class NewRedemption(NamedTuple):
+    redemption_id: str
+    member_uid: int
+    reward_id: str | None
+    points: int
+    status: str
+    hold_expires_at: datetime | None
+    allocations: str
+    transfer_id: int
+    note: str | None
+    request_hash: bytes
+    response: bytes
+    created_at: datetime
+
+
+# Each with the claim of its id (konvert.ledger.keys), which makes the id unique across members; the
+# claims in id order, so that two batches holding ids the other wants wait in one direction only.
+_INSERT_REDEMPTIONS = f"""
+    with r as (
+        select * from unnest($1::text[], $2::bigint[], $3::text[], $4::bigint[], $5::text[], $6::timestamptz[],
+                             $7::text[], $8::bigint[], $9::text[], $10::bytea[], $11::bytea[], $12::timestamptz[])
+             as r ({", ".join(NewRedemption._fields)})
+    ), claimed as (
+        insert into natural_keys (key, kind, scope, member_uid)
+        select redemption_id, $13, '', member_uid from r order by redemption_id
+        returning key
+    )
+    insert into redemptions (redemption_id, member_uid, reward_id, points, status, hold_expires_at, allocations,
+                             transfer_id, note, request_hash, response, created_at, updated_at)
+    select r.redemption_id, r.member_uid, r.reward_id, r.points, r.status, r.hold_expires_at, r.allocations::jsonb,
+           r.transfer_id, r.note, r.request_hash, r.response, r.created_at, r.created_at
+    from r join claimed c on c.key = r.redemption_id
+"""
+
+
+async def insert_redemptions(conn: Connection, redemptions: Sequence[NewRedemption]) -> None:
+    """Record a batch's redemptions in one statement."""
+    columns = [list(column) for column in zip(*redemptions, strict=True)]
+    await conn.execute(_INSERT_REDEMPTIONS, *columns, keys.REDEMPTION)
 
 
 async def select_redemption(
