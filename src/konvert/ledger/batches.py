@@ -172,24 +172,25 @@ async def lock_due(
 ) -> list[dict[str, Any]]:
     """The due lots ``find`` finds ($1 now, $2 limit, $3 members passed over), each with its
     member's id and refund debt, of the members this transaction then holds locked; members
-    other transactions hold are passed over. While that leaves the batch short and more lots
-    are due, the next ones are looked for (past every member already found), so that a batch
-    comes back short only when nothing more is due (konvert.jobs runs batches until one does)."""
+    other transactions hold are passed over. While that leaves the batch short, the lots are
+    found again past the members found held, so that a batch comes back short only when nothing
+    more is due (konvert.jobs runs batches until one does)."""
     skipped = list(passed_over)
-    due: list[dict[str, Any]] = []
+    locked: dict[int, asyncpg.Record] = {}
+    due: dict[int, dict[str, Any]] = {}
     for _ in range(_LOOKS):
-        wanted = limit - len(due)
-        found = await conn.fetch(find, now, wanted, skipped)
-        uids = sorted({row["member_uid"] for row in found})
+        found = await conn.fetch(find, now, limit, skipped)
+        new = sorted({row["member_uid"] for row in found} - locked.keys())
         # Never waits (skip locked), so locking in several statements cannot deadlock.
-        members = {row["member_uid"]: row for row in await conn.fetch(LOCK_LOT_MEMBERS, uids)} if uids else {}
-        due += [
-            {"lot_id": row["lot_id"], **members[row["member_uid"]]} for row in found if row["member_uid"] in members
-        ]
-        if len(found) < wanted or len(due) >= limit:
+        locked |= {row["member_uid"]: row for row in await conn.fetch(LOCK_LOT_MEMBERS, new)} if new else {}
+        for row in found:
+            if row["member_uid"] in locked:
+                due.setdefault(row["lot_id"], {"lot_id": row["lot_id"], **locked[row["member_uid"]]})
+        held = [uid for uid in new if uid not in locked]
+        if len(found) < limit or len(due) >= limit or not held:
             break
-        skipped += uids
-    return due
+        skipped += held
+    return list(due.values())[:limit]
 
 
 async def vest_locked_lots(conn: Connection, lots: Sequence[LotOf], now: datetime) -> list[asyncpg.Record]:

@@ -49,19 +49,20 @@ async def lock_due_members(conn: Connection, evaluated_before: datetime, limit: 
     """Up to ``limit`` members with a tier not evaluated since ``evaluated_before``, least recently
     evaluated first, locked; members another transaction holds (a purchase's, another process's
     job) are passed over. Found without a lock, then locked by uid (as the ledger's jobs do,
-    konvert.ledger.batches.lock_due); while that leaves the batch short and more are due, the
-    next ones."""
+    konvert.ledger.batches.lock_due); while that leaves the batch short, found again past the
+    members found held."""
     skipped: list[int] = []
-    locked: list[asyncpg.Record] = []
+    locked: dict[int, asyncpg.Record] = {}
     for _ in range(3):
-        wanted = limit - len(locked)
-        found = [row[0] for row in await conn.fetch(FIND_DUE_MEMBERS, evaluated_before, wanted, skipped)]
-        if found:
-            locked += await conn.fetch(LOCK_DUE_MEMBERS, found, evaluated_before)
-        if len(found) < wanted or len(locked) >= limit:
+        found = [row[0] for row in await conn.fetch(FIND_DUE_MEMBERS, evaluated_before, limit, skipped)]
+        new = [uid for uid in found if uid not in locked]
+        if new:
+            locked |= {row["member_uid"]: row for row in await conn.fetch(LOCK_DUE_MEMBERS, new, evaluated_before)}
+        held = [uid for uid in new if uid not in locked]
+        if len(found) < limit or len(locked) >= limit or not held:
             break
-        skipped += found
-    return locked
+        skipped += held
+    return list(locked.values())[:limit]
 
 
 # Never evaluated is -infinity, as in members_tier_due_idx: one range in the index's order, so a
