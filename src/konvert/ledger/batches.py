@@ -163,8 +163,11 @@ select member_uid, member_id, points_debt from members where member_uid = any($1
 for update skip locked
 """
 
-# Finding again past members other transactions held, at most this many times a batch.
-_LOOKS = 3
+# Finding again past the members other transactions held: each look passes over the ones the
+# last found held, so looks end once one finds none held (about as many looks as requests hold
+# members at once); a bound all the same, past which the batch comes back short (the next run
+# of the jobs continues).
+LOOKS_MAX = 64
 
 
 async def lock_due(
@@ -178,7 +181,7 @@ async def lock_due(
     skipped = list(passed_over)
     locked: dict[int, asyncpg.Record] = {}
     due: dict[int, dict[str, Any]] = {}
-    for _ in range(_LOOKS):
+    for _ in range(LOOKS_MAX):
         found = await conn.fetch(find, now, limit, skipped)
         new = sorted({row["member_uid"] for row in found} - locked.keys())
         # Never waits (skip locked), so locking in several statements cannot deadlock.

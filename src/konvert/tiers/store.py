@@ -12,6 +12,7 @@ from datetime import datetime
 import asyncpg
 
 from konvert.db import Connection
+from konvert.ledger.batches import LOOKS_MAX
 
 
 def qualifying_points_sql(member_uid: str, since: str) -> str:
@@ -53,7 +54,7 @@ async def lock_due_members(conn: Connection, evaluated_before: datetime, limit: 
     members found held."""
     skipped: list[int] = []
     locked: dict[int, asyncpg.Record] = {}
-    for _ in range(3):
+    for _ in range(LOOKS_MAX):
         found = [row[0] for row in await conn.fetch(FIND_DUE_MEMBERS, evaluated_before, limit, skipped)]
         new = [uid for uid in found if uid not in locked]
         if new:
