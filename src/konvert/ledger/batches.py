@@ -12,7 +12,7 @@ member_uid, member_id and new version of every member whose balances moved.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -170,30 +170,50 @@ for update skip locked
 LOOKS_MAX = 64
 
 
-async def lock_due(
-    conn: Connection, find: str, now: datetime, limit: int, passed_over: Sequence[int]
-) -> list[dict[str, Any]]:
-    """The due lots ``find`` finds ($1 now, $2 limit, $3 members passed over), each with its
-    member's id and refund debt, of the members this transaction then holds locked; members
-    other transactions hold are passed over. While that leaves the batch short, the lots are
+FindRows = Callable[[list[int]], Awaitable[list[asyncpg.Record]]]
+LockMembers = Callable[[list[int]], Awaitable[list[asyncpg.Record]]]
+
+
+async def find_and_lock(
+    find: FindRows, lock: LockMembers, limit: int, passed_over: Sequence[int]
+) -> tuple[list[asyncpg.Record], dict[int, asyncpg.Record]]:
+    """A job's batch: up to ``limit`` rows ``find`` finds without a lock (each with its
+    ``member_uid``; called with the members to pass over), of the members ``lock`` then locked
+    (skip locked: by member_uid, the rows it locked), and those members' locked rows. Members
+    other transactions hold are passed over. While that leaves the batch short, the rows are
     found again past the members found held, so that a batch comes back short only when nothing
     more is due (konvert.jobs runs batches until one does)."""
     skipped = list(passed_over)
     locked: dict[int, asyncpg.Record] = {}
-    due: dict[int, dict[str, Any]] = {}
+    kept: dict[tuple[Any, ...], asyncpg.Record] = {}
     for _ in range(LOOKS_MAX):
-        found = await conn.fetch(find, now, limit, skipped)
+        found = await find(skipped)
         new = sorted({row["member_uid"] for row in found} - locked.keys())
         # Never waits (skip locked), so locking in several statements cannot deadlock.
-        locked |= {row["member_uid"]: row for row in await conn.fetch(LOCK_LOT_MEMBERS, new)} if new else {}
+        locked |= {row["member_uid"]: row for row in await lock(new)} if new else {}
         for row in found:
             if row["member_uid"] in locked:
-                due.setdefault(row["lot_id"], {"lot_id": row["lot_id"], **locked[row["member_uid"]]})
+                kept.setdefault(tuple(row.values()), row)
         held = [uid for uid in new if uid not in locked]
-        if len(found) < limit or len(due) >= limit or not held:
+        if len(found) < limit or len(kept) >= limit or not held:
             break
         skipped += held
-    return list(due.values())[:limit]
+    return list(kept.values())[:limit], locked
+
+
+async def lock_due(
+    conn: Connection, find: str, now: datetime, limit: int, passed_over: Sequence[int]
+) -> list[dict[str, Any]]:
+    """The due lots ``find`` finds ($1 now, $2 limit, $3 members passed over), each with its
+    member's id and refund debt, of the members this transaction then holds locked
+    (``find_and_lock``)."""
+    lots, members = await find_and_lock(
+        lambda skipped: conn.fetch(find, now, limit, skipped),
+        lambda uids: conn.fetch(LOCK_LOT_MEMBERS, uids),
+        limit,
+        passed_over,
+    )
+    return [{"lot_id": lot["lot_id"], **members[lot["member_uid"]]} for lot in lots]
 
 
 async def vest_locked_lots(conn: Connection, lots: Sequence[LotOf], now: datetime) -> list[asyncpg.Record]:

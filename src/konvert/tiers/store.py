@@ -12,7 +12,7 @@ from datetime import datetime
 import asyncpg
 
 from konvert.db import Connection
-from konvert.ledger.batches import LOOKS_MAX
+from konvert.ledger.batches import find_and_lock
 
 
 def qualifying_points_sql(member_uid: str, since: str) -> str:
@@ -49,21 +49,15 @@ async def select_qualifying_points(conn: Connection, member_uids: Sequence[int],
 async def lock_due_members(conn: Connection, evaluated_before: datetime, limit: int) -> list[asyncpg.Record]:
     """Up to ``limit`` members with a tier not evaluated since ``evaluated_before``, least recently
     evaluated first, locked; members another transaction holds (a purchase's, another process's
-    job) are passed over. Found without a lock, then locked by uid (as the ledger's jobs do,
-    konvert.ledger.batches.lock_due); while that leaves the batch short, found again past the
-    members found held."""
-    skipped: list[int] = []
-    locked: dict[int, asyncpg.Record] = {}
-    for _ in range(LOOKS_MAX):
-        found = [row[0] for row in await conn.fetch(FIND_DUE_MEMBERS, evaluated_before, limit, skipped)]
-        new = [uid for uid in found if uid not in locked]
-        if new:
-            locked |= {row["member_uid"]: row for row in await conn.fetch(LOCK_DUE_MEMBERS, new, evaluated_before)}
-        held = [uid for uid in new if uid not in locked]
-        if len(found) < limit or len(locked) >= limit or not held:
-            break
-        skipped += held
-    return list(locked.values())[:limit]
+    job) are passed over. Found without a lock, then locked by uid, as the ledger's jobs' lots
+    are (konvert.ledger.batches.find_and_lock)."""
+    found, locked = await find_and_lock(
+        lambda skipped: conn.fetch(FIND_DUE_MEMBERS, evaluated_before, limit, skipped),
+        lambda uids: conn.fetch(LOCK_DUE_MEMBERS, uids, evaluated_before),
+        limit,
+        (),
+    )
+    return [locked[row["member_uid"]] for row in found]
 
 
 # Never evaluated is -infinity, as in members_tier_due_idx: one range in the index's order, so a
