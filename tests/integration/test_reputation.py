@@ -31,6 +31,7 @@ from litestar.testing import AsyncTestClient
 
 from konvert import auth, composition
 from konvert.app import create_app
+from konvert.idempotency import request_hash
 from konvert.ledger.audit import run_audit
 from konvert.program import Program
 from konvert.reputation import leaderboard, rules, service
@@ -738,6 +739,91 @@ async def test_a_burst_from_one_giver_stops_exactly_at_the_limit(api, services_w
         giver,
     )
     assert given[0]["count"] == 5
+
+
+def batch_scenario(prefix: str) -> list[dict[str, Any]]:
+    """Likes that meet every rule at once (daily cap 25, like 10, giver limit 2): the cap reached
+    and a late like taking room, a duplicate, a repeat of a kudos_id with the same and with another
+    body, the giver's limit, members new and old. Every id starts with ``prefix``."""
+    author, giver, other = f"{prefix}-author", f"{prefix}-giver", f"{prefix}-other"
+
+    def like(n: int, author: str, giver: str, minute: int, post: str, kind: str = "like") -> dict[str, Any]:
+        post, thread, kudos_id = f"{prefix}-{post}", f"{prefix}-t{n}", f"{prefix}-k{n}"
+        return kudos(author, giver, kind, post=post, thread=thread, occurred_at=at(minute), kudos_id=kudos_id)
+
+    first = like(1, author, giver, 10, "p1")
+    return [
+        first,
+        like(2, author, f"{prefix}-g2", 20, "p1"),
+        like(3, author, f"{prefix}-g3", 30, "p1"),  # past the cap
+        like(4, author, f"{prefix}-g4", 5, "p1"),  # late, but earlier that day: takes room
+        like(5, author, giver, 40, "p1"),  # the giver's second like of the post
+        first,  # a repeat: its replay
+        first | {"post_id": f"{prefix}-p9"},  # its kudos_id with another body
+        like(6, other, giver, 50, "p2", "helpful"),  # the giver's second kudos of the day
+        like(7, other, giver, 51, "p3"),  # the third: over the limit
+    ]
+
+
+async def what_a_scenario_left(api: Api, prefix: str, results: list[Any]) -> dict[str, Any]:
+    """The outcomes, credits, entries and reputations a scenario left, with its ids made neutral."""
+
+    def neutral(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: neutral(v) for k, v in value.items() if k != "transfer_id"}
+        if isinstance(value, list):
+            return [neutral(v) for v in value]
+        return value.replace(prefix, "P") if isinstance(value, str) else value
+
+    outcomes = [
+        (type(r).__name__, r.replayed, neutral(msgspec.json.decode(r.body))) if hasattr(r, "body") else type(r).__name__
+        for r in results
+    ]
+    entries = await api.fetch(
+        """
+        select m.member_id, k.kudos_id, e.role, e.reason, e.change, e.posted, c.kudos_id as cause
+        from reputation_entries e join members m using (member_uid)
+        join kudos k on k.kudos_pk = e.kudos_pk join kudos c on c.kudos_pk = e.cause_kudos_pk
+        where m.member_id like $1 || '-%' order by m.member_id, e.entry_id
+        """,
+        prefix,
+    )
+    reputations = await api.fetch(
+        "select member_id, reputation from members where member_id like $1 || '-%' order by member_id", prefix
+    )
+    return neutral(
+        {
+            "outcomes": outcomes,
+            "entries": [dict(e) for e in entries],
+            "reputations": [dict(r) for r in reputations],
+        }
+    )
+
+
+async def test_likes_written_in_one_batch_are_what_writing_them_one_by_one_is(api, services_with, new_id):
+    together, alone = new_id("together"), new_id("alone")
+    async with services_with(daily_cap=25, giver_daily_limit=2) as limited:
+        for prefix in (together, alone):  # the giver is a member already, the others are new
+            body = kudos(f"{prefix}-giver", f"{prefix}-author", kudos_id=f"{prefix}-k0", thread=f"{prefix}-t0")
+            await service.give_kudos(limited, kudos_in(body))
+        likes = [kudos_in(b) for b in batch_scenario(together)]
+        batch = await service.write_likes(limited, [service.Like(k, request_hash(k), None) for k in likes])
+        one_by_one = [(await at_once(service.give_kudos(limited, kudos_in(b))))[0] for b in batch_scenario(alone)]
+
+    assert [type(r).__name__ for r in batch] == [
+        *["Outcome"] * 4,
+        "DuplicateKudos",
+        "Outcome",
+        "IdempotencyConflict",
+        "Outcome",
+        "GiverLimitReached",
+    ]
+    assert await what_a_scenario_left(api, together, batch) == await what_a_scenario_left(api, alone, one_by_one)
+    # One transaction wrote them all.
+    written = await api.fetch(
+        "select distinct xmin::text from kudos where kudos_id like $1 || '-k%' and kudos_id <> $1 || '-k0'", together
+    )
+    assert len(written) == 1
 
 
 async def test_kudos_and_retractions_at_once_leave_the_cap_of_what_stands(api, services: Services, new_id):

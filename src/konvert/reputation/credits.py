@@ -36,7 +36,7 @@ _TRANSFER_REASONS = {
 
 
 class Planned(NamedTuple):
-    """A change to what one kudos credits one member."""
+    """A change to what one kudos credits one member, caused by a kudos (itself, or another one)."""
 
     author_uid: int
     kudos_pk: int
@@ -47,12 +47,23 @@ class Planned(NamedTuple):
     role: str
     reason: str
     change: int
+    cause_pk: int
+    cause_id: str
+
+
+class Posted(NamedTuple):
+    """What ``Credits.post`` wrote: the changes by the kudos_pk of their cause, and the
+    leaderboards' share of them."""
+
+    changes: dict[int, list[ReputationChange]]
+    deltas: list[Delta]
 
 
 class Credits:
-    """One use case's reputation changes: planned first, then posted member by member."""
+    """Reputation changes of one transaction: planned first, then posted member by member, with
+    the statements for their entries, the kudos' credits and the floor shared by all members."""
 
-    def __init__(self, services: Services, book: Book, members: dict[int, Member], cause: Row) -> None:
+    def __init__(self, services: Services, book: Book, members: dict[int, Member], cause: Row | None = None) -> None:
         self.services = services
         self.book = book
         self.conn = book.conn
@@ -60,7 +71,11 @@ class Credits:
         self.cause = cause
         self.planned: list[Planned] = []
 
-    def plan(self, kudos: Row, member_uid: int, role: str, reason: str, change: int) -> None:
+    def plan(self, kudos: Row, member_uid: int, role: str, reason: str, change: int, cause: Row | None = None) -> None:
+        """Plan a change to what ``kudos`` credits a member; ``cause`` (by default this write's
+        cause) is the kudos whose arrival or retraction made it."""
+        cause = cause or self.cause
+        assert cause is not None, "a change needs its cause"
         if change != 0:
             self.planned.append(
                 Planned(
@@ -73,70 +88,74 @@ class Credits:
                     role,
                     reason,
                     change,
+                    cause["kudos_pk"],
+                    cause["kudos_id"],
                 )
             )
 
-    async def post(self) -> tuple[list[ReputationChange], list[Delta]]:
+    async def post(self) -> Posted:
         """Write every planned change. Per member, credits go first, so the floor only holds back
         what the change as a whole would take below it."""
-        changes: list[ReputationChange] = []
-        deltas: list[Delta] = []
-        for member_uid in sorted({p.member_uid for p in self.planned}):
+        posted = Posted({}, [])
+        uids = sorted({p.member_uid for p in self.planned})
+        kept = await store.select_floor_kept(self.conn, uids) if uids else {}
+        entries: list[store.Entry] = []
+        kept_after: dict[int, int] = {}
+        for member_uid in uids:
             planned = sorted((p for p in self.planned if p.member_uid == member_uid), key=lambda p: p.change < 0)
-            member_changes, member_deltas = await self._post_member(self.members[member_uid], planned)
-            changes += member_changes
-            deltas += member_deltas
-        return changes, deltas
+            member_kept = await self._post_member(member_uid, planned, kept.get(member_uid, 0), posted, entries)
+            if member_kept != kept.get(member_uid, 0):
+                kept_after[member_uid] = member_kept
+        if entries:
+            await store.insert_entries(self.conn, entries)
+            credits = [store.Credit(p.author_uid, p.kudos_pk, p.role, p.change) for p in self.planned]
+            await store.add_kudos_credits(self.conn, credits)
+        if kept_after:
+            await store.set_floor_kept(self.conn, kept_after)
+        self.planned = []
+        return posted
 
-    async def _post_member(self, member: Member, planned: list[Planned]) -> tuple[list[ReputationChange], list[Delta]]:
+    async def _post_member(
+        self, member_uid: int, planned: list[Planned], kept: int, posted: Posted, entries: list[store.Entry]
+    ) -> int:
+        """Post one member's planned changes (adding what they make to ``posted`` and ``entries``);
+        return what the floor keeps of the member's reputation after them."""
+        member = self.book.current(self.members[member_uid])
         floor = self.services.program.reputation.floor
         reputation = member.reputation
-        kept_before = kept = await store.select_floor_kept(self.conn, member.uid)
         steps = []
         for p in planned:
             step = rules.apply_floor(reputation, kept, floor, p.change)
             steps.append((p, step.posted))
             reputation += step.posted
             kept = step.floor_kept
-        moves = [await self._move(p, posted) for p, posted in steps if posted]
+        moves = [await self._move(p, amount) for p, amount in steps if amount]
         transfer_ids = iter(await self.book.move_reputation(member, moves) if moves else [])
-        changes, deltas = [], []
-        for p, posted in steps:
-            transfer_id = next(transfer_ids) if posted else None
-            await store.insert_entry(
-                self.conn,
-                member_uid=member.uid,
-                kudos_pk=p.kudos_pk,
-                role=p.role,
-                source=p.source,
-                day=p.day,
-                reason=p.reason,
-                change=p.change,
-                posted=posted,
-                transfer_id=transfer_id,
-                cause_kudos_pk=self.cause["kudos_pk"],
+        for p, amount in steps:
+            transfer_id = next(transfer_ids) if amount else None
+            entries.append(
+                store.Entry(
+                    member.uid, p.kudos_pk, p.role, p.source, p.day, p.reason, p.change, amount, transfer_id, p.cause_pk
+                )
             )
-            await store.add_kudos_credit(self.conn, p.author_uid, p.kudos_pk, p.role, p.change)
-            if posted:
-                deltas.append(Delta(member.uid, p.source, p.day, posted))
-            changes.append(
+            if amount:
+                posted.deltas.append(Delta(member.uid, p.source, p.day, amount))
+            posted.changes.setdefault(p.cause_pk, []).append(
                 ReputationChange(
                     member_id=member.id,
                     kudos_id=p.kudos_id,
                     role=p.role,  # type: ignore[arg-type]
                     reason=p.reason,  # type: ignore[arg-type]
                     amount=p.change,
-                    reputation_delta=posted,
+                    reputation_delta=amount,
                     transfer_id=transfer_id,
                 )
             )
-        if kept != kept_before:
-            await store.set_floor_kept(self.conn, member.uid, kept)
-        await self._record_rank_change(member, member.reputation, reputation)
-        return changes, deltas
+        self._record_rank_change(member, member.reputation, reputation, planned[0].cause_id)
+        return kept
 
     async def _move(self, p: Planned, posted: int) -> ReputationMove:
-        reason = _TRANSFER_REASONS[p.reason].format(cause=self.cause["kudos_id"])
+        reason = _TRANSFER_REASONS[p.reason].format(cause=p.cause_id)
         if posted != p.change:
             reason += f" ({abs(p.change - posted)} held by the reputation floor)"
         account = SystemAccount("reputation", f"kudos:{p.source}")
@@ -145,11 +164,11 @@ class Credits:
         reverses = await store.select_first_award_transfer(self.conn, p.member_uid, p.kudos_pk, p.role)
         return ReputationMove(posted, account, "retract", Cause("kudos", p.kudos_id), reason, reverses)
 
-    async def _record_rank_change(self, member: Member, before: int, after: int) -> None:
+    def _record_rank_change(self, member: Member, before: int, after: int, cause_id: str) -> None:
         ranks = self.services.program.reputation.ranks
         old, new = rules.rank_for(ranks, before).rank, rules.rank_for(ranks, after).rank
         if old != new:
-            data = events.RankChanged(from_rank=old, to_rank=new, reputation=after, kudos_id=self.cause["kudos_id"])
+            data = events.RankChanged(from_rank=old, to_rank=new, reputation=after, kudos_id=cause_id)
             self.book.announce(member, "reputation.rank_changed", data, last=True)
 
 

@@ -5,6 +5,14 @@ Each write is one PostgreSQL transaction that locks the rows of every member it 
 acceptance takes its thread's lock before that (see konvert.reputation.store). The balance cache
 and the leaderboards are updated after it commits.
 
+Likes and helpful marks are group-committed like purchases (``Likes``): the ones that arrive
+while a batch is being written share the next transaction, which locks all their members at
+once, decides every refusal before writing anything, and then records them in rounds in which
+no member appears twice (each like after the earlier ones of its author and giver), each round
+a few statements for all its likes. A round is what writing its likes one by one would do, so
+every rule below holds for them as for a kudos written alone. Acceptances and retractions are a
+transaction each.
+
 Decisions, in the order a kudos meets them:
 
 * **Self-kudos.** Liking or marking helpful one's own post is refused (422 ``self_kudos``).
@@ -55,14 +63,16 @@ Decisions, in the order a kudos meets them:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, date, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import asyncpg
 import msgspec
 
 from konvert import errors
+from konvert.batching import GroupCommit
 from konvert.db import Connection, Row
 from konvert.idempotency import Outcome, request_hash
 from konvert.ledger import events
@@ -112,7 +122,8 @@ def _normalized(kudos: KudosIn) -> KudosIn:
 
 async def give_kudos(services: Services, kudos: KudosIn, also: InTransaction | None = None) -> Outcome:
     """Record a kudos and credit what it is worth, once per kudos_id. ``also`` runs in the same
-    transaction, after the kudos (or its replay)."""
+    transaction, after the kudos (or its replay). Likes and helpful marks are group-committed
+    (``Likes``); an acceptance is a transaction of its own, after its thread's lock."""
     kudos = _normalized(kudos)
     now = services.clock()
     if kudos.kind in rules.CAPPED_KINDS and kudos.author_id == kudos.giver_id:
@@ -123,7 +134,9 @@ async def give_kudos(services: Services, kudos: KudosIn, also: InTransaction | N
             errors=[{"field": "occurred_at", "message": "must not be later than now"}],
         )
     digest = request_hash(kudos)
-    return await _write(services, lambda book: _give(services, book, kudos, digest, now), also)
+    if kudos.kind in rules.CAPPED_KINDS:
+        return await services.shared(Likes).give(Like(kudos, digest, also))
+    return await _write(services, lambda book: _accept(services, book, kudos, digest, now), also)
 
 
 async def _write(
@@ -154,18 +167,331 @@ async def _write(
     return Outcome(written.body, replayed=written.replayed)
 
 
-def _replay(existing: asyncpg.Record, digest: bytes) -> _Written:
+def _replay(existing: Row, digest: bytes) -> _Written:
     if bytes(existing["request_hash"]) != digest:
         raise errors.IdempotencyConflict("this kudos_id was used before with a different request body")
     return _Written(bytes(existing["response"]), replayed=True)
 
 
-async def _give(services: Services, book: Book, kudos: KudosIn, digest: bytes, now: datetime) -> _Written:
+class _GiverDay(NamedTuple):
+    """What a giver's limits look at for one kudos: the kudos_id of their standing kudos of its
+    kind for its post (None: none stands), how many kudos they gave on its day, and since when
+    they have been a member."""
+
+    standing: str | None
+    given: int
+    since: datetime
+
+
+def _giver_day(givers: store.Givers, giver: Member | None, kudos: KudosIn, now: datetime) -> _GiverDay:
+    """What ``givers`` (read from the database) says for the kudos; nothing for a new giver."""
+    if giver is None:
+        return _GiverDay(None, 0, now)
+    key = store.GiverKey(giver.uid, kudos.source, kudos.post_id, kudos.kind)
+    given = givers.given.get((giver.uid, rules.utc_day(kudos.occurred_at)), 0)
+    return _GiverDay(givers.standing.get(key), given, givers.since.get(giver.uid, now))
+
+
+def _worth(
+    services: Services, kudos: KudosIn, giver_day: _GiverDay, giver: Member | None, now: datetime
+) -> rules.KudosWorth:
+    """What the kudos is worth, or its refusal: one standing kudos per giver, post and kind, and
+    at most the program's number per giver and day. A giver without standing gives kudos that
+    count for nothing."""
+    program = services.program.reputation
+    if giver_day.standing is not None:
+        raise errors.DuplicateKudos(
+            f"{kudos.giver_id!r} already gave a {kudos.kind} to post {kudos.post_id!r} of {kudos.source!r} "
+            f"(kudos_id {giver_day.standing!r}); retract it first"
+        )
+    if giver_day.given >= program.giver_daily_limit:
+        day = rules.utc_day(kudos.occurred_at)
+        raise errors.GiverLimitReached(
+            f"{kudos.giver_id!r} gave {giver_day.given} kudos on {day}, "
+            f"the most allowed per day ({program.giver_daily_limit})"
+        )
+    giver_counts = True
+    if program.giver_min_reputation or program.giver_min_account_age_days:
+        reputation = giver.reputation if giver else 0
+        giver_counts = rules.giver_has_standing(program, reputation, giver_day.since, now)
+    return rules.kudos_worth(program, kudos.kind, kudos.author_id == kudos.giver_id, giver_counts)
+
+
+def _new_kudos(
+    kudos: KudosIn, digest: bytes, uids: tuple[int, int], worth: rules.KudosWorth, status: str = "standing"
+) -> store.NewKudos:
+    return store.NewKudos(
+        kudos_id=kudos.kudos_id,
+        source=kudos.source,
+        post_id=kudos.post_id,
+        thread_id=kudos.thread_id,
+        author_uid=uids[0],
+        giver_uid=uids[1],
+        kind=kudos.kind,
+        occurred_at=kudos.occurred_at,
+        day=rules.utc_day(kudos.occurred_at),
+        status=status,
+        not_counted_reason=worth.not_counted_reason,
+        value=worth.value,
+        accepter_value=worth.accepter_value,
+        superseded_by_pk=None,
+        request_hash=digest,
+    )
+
+
+def _announce_received(book: Book, author: Member, out: KudosOut) -> None:
+    author = book.current(author)
+    received = events.KudosReceived(
+        kudos_id=out.kudos_id,
+        kind=out.kind,
+        source=out.source,
+        post_id=out.post_id,
+        counted=out.counted,
+        reputation_delta=_delta_of(out.changes, author.id),
+        reputation=author.reputation,
+    )
+    book.announce(author, "kudos.received", received)
+
+
+def _plan_shares(credits: Credits, rows: Sequence[Row], cause: Row) -> None:
+    """Plan the new shares of the daily cap of one author's day (its ``select_day_shares`` rows,
+    in canonical order) after ``cause`` arrived or was retracted."""
+    cap = credits.services.program.reputation.daily_cap
+    for row in rows:
+        change = rules.capped_credit(row["value"], row["worth_before"], cap) - row["author_credited"]
+        if change:
+            reason = "award" if row["kudos_pk"] == cause["kudos_pk"] else ("cap_freed" if change > 0 else "cap_taken")
+            credits.plan(row, row["author_uid"], "author", reason, change, cause)
+
+
+# --- likes and helpful marks, group-committed --------------------------------------------------
+
+
+class Like(NamedTuple):
+    """A checked like or helpful mark waiting for its batch."""
+
+    kudos: KudosIn
+    digest: bytes
+    also: InTransaction | None
+
+
+class _Decided(NamedTuple):
+    """A like to record: its position in the batch and what it is worth."""
+
+    position: int
+    like: Like
+    worth: rules.KudosWorth
+
+
+class Likes:
+    """This process's likes and helpful marks, group-committed like purchases: those that arrive
+    while a batch is being written go into the next one, one transaction for them all
+    (konvert.batching.GroupCommit)."""
+
+    def __init__(self, services: Services) -> None:
+        settings = services.settings
+
+        async def write(likes: list[Like]) -> list[Outcome | errors.KonvertError]:
+            return await write_likes(services, likes)
+
+        self._batches: GroupCommit[Like, Outcome] = GroupCommit(
+            write,
+            sort_key=lambda like: (like.kudos.author_id, like.kudos.occurred_at, like.kudos.kudos_id),
+            batch_size_max=settings.write_batch_size_max,
+            batches_in_flight_max=settings.write_batches_in_flight_max,
+            overlap_after_seconds=settings.write_batch_overlap_after_seconds,
+        )
+
+    async def give(self, like: Like) -> Outcome:
+        return await self._batches.submit(like)
+
+    async def aclose(self) -> None:
+        await self._batches.aclose()
+
+
+async def write_likes(services: Services, likes: Sequence[Like]) -> list[Outcome | errors.KonvertError]:
+    """Write checked likes and helpful marks in one transaction; return each one's outcome in
+    order: recorded, a replay (of what was recorded under its kudos_id, earlier or in this batch),
+    or its refusal. A refusal is decided before anything is written, so it fails that like alone
+    and creates no member. After the commit the batch's changes go to the leaderboards.
+
+    Raises ConcurrentWrite (nothing is committed) when a concurrent write got in the way (a
+    kudos_id claimed meanwhile by another author); GroupCommit then writes each like alone."""
+    try:
+        async with services.pool.acquire() as conn, leaderboard.writing(conn):
+            async with writing(services, conn) as book:
+                outcomes, deltas = await _write_likes(services, book, likes)
+            await services.shared(Leaderboards).add(conn, deltas)
+    except asyncpg.UniqueViolationError as exc:
+        if exc.constraint_name not in _RETRY_CONSTRAINTS:
+            raise
+        raise errors.ConcurrentWrite("a concurrent kudos took this kudos' id or key; retry it") from exc
+    except asyncpg.DeadlockDetectedError as exc:
+        raise errors.ConcurrentWrite("the kudos met concurrent ones; retry it") from exc
+    return outcomes
+
+
+async def _write_likes(
+    services: Services, book: Book, likes: Sequence[Like]
+) -> tuple[list[Outcome | errors.KonvertError], list[Delta]]:
     conn = book.conn
-    accepted = kudos.kind == "accepted_answer"
+    ids = sorted({member_id for like in likes for member_id in (like.kudos.author_id, like.kudos.giver_id)})
+    claims = await store.select_claims(conn, ids, [like.kudos.kudos_id for like in likes])
+    # A member erased since its id was read is locked under its pseudonym, and left out.
+    members = {m.id: m for m in await book.lock(uids=claims.members.values()) if claims.members.get(m.id) == m.uid}
+    replays = await store.select_replays(conn, [(uid, kudos_id) for kudos_id, uid in claims.kudos.items()])
+    outcomes: list[Outcome | errors.KonvertError | None] = [None] * len(likes)
+    for position, like in enumerate(likes):
+        if (found := replays.get(like.kudos.kudos_id)) is not None:
+            outcomes[position] = _replayed(found, like.digest)
+    decided, repeats = await _decide(services, book, likes, members, outcomes)
+    unknown = {i for d in decided for i in (d.like.kudos.author_id, d.like.kudos.giver_id)} - members.keys()
+    if unknown:
+        members |= {m.id: m for m in await book.lock(ids=unknown, create=True)}
+    deltas: list[Delta] = []
+    for round_ in _rounds(decided):
+        deltas += await _record_likes(services, book, round_, members, outcomes)
+    for position, earlier in repeats.items():
+        recorded = outcomes[earlier]
+        assert isinstance(recorded, Outcome)
+        existing = {"request_hash": likes[earlier].digest, "response": recorded.body}
+        outcomes[position] = _replayed(existing, likes[position].digest)
+    done = [outcome for outcome in outcomes if outcome is not None]
+    for like, outcome in zip(likes, done, strict=True):
+        if like.also is not None:
+            await like.also(book, outcome)
+    return done, deltas
+
+
+def _replayed(existing: Row, digest: bytes) -> Outcome | errors.KonvertError:
+    """A replay's outcome in a batch: the stored response, or the refusal of another body."""
+    try:
+        return Outcome(_replay(existing, digest).body, replayed=True)
+    except errors.KonvertError as refused:
+        return refused
+
+
+async def _decide(
+    services: Services,
+    book: Book,
+    likes: Sequence[Like],
+    members: dict[str, Member],
+    outcomes: list[Outcome | errors.KonvertError | None],
+) -> tuple[list[_Decided], dict[int, int]]:
+    """Decide, in batch order, what each like not replayed yet is worth, or its refusal (into
+    ``outcomes``), counting the earlier ones of the batch as the database counts recorded ones.
+    Returns the likes to record, and the repeats of a kudos_id in the batch (position: the
+    position of the one recorded for it)."""
+    now = services.clock()
+    wanted = [(i, like) for i, like in enumerate(likes) if outcomes[i] is None]
+    existing = [(like.kudos, members[like.kudos.giver_id]) for _, like in wanted if like.kudos.giver_id in members]
+    keys = [store.GiverKey(g.uid, k.source, k.post_id, k.kind) for k, g in existing]
+    givers = await store.select_givers(book.conn, keys, [rules.utc_day(k.occurred_at) for k, _ in existing])
+    decided: list[_Decided] = []
+    recorded: dict[str, int] = {}
+    repeats: dict[int, int] = {}
+    # What the batch's earlier likes add, by giver id (a new giver has no uid yet).
+    standing: dict[tuple[str, str, str, str], str] = {}
+    given: dict[tuple[str, date], int] = defaultdict(int)
+    for position, like in wanted:
+        kudos = like.kudos
+        if (earlier := recorded.get(kudos.kudos_id)) is not None:
+            repeats[position] = earlier
+            continue
+        giver = members.get(kudos.giver_id)
+        key, day = (
+            (kudos.giver_id, kudos.source, kudos.post_id, kudos.kind),
+            (kudos.giver_id, rules.utc_day(kudos.occurred_at)),
+        )
+        known = _giver_day(givers, giver, kudos, now)
+        known = known._replace(standing=standing.get(key, known.standing), given=known.given + given[day])
+        try:
+            worth = _worth(services, kudos, known, giver, now)
+        except errors.KonvertError as refusal:
+            outcomes[position] = refusal
+            continue
+        decided.append(_Decided(position, like, worth))
+        recorded[kudos.kudos_id] = position
+        standing[key] = kudos.kudos_id
+        given[day] += 1
+    return decided, repeats
+
+
+def _rounds(decided: Sequence[_Decided]) -> list[list[_Decided]]:
+    """The likes in rounds in which no member appears twice, each like after the earlier ones of
+    its author and giver: a round is then what writing its likes one by one would do."""
+    rounds: list[list[_Decided]] = []
+    last: dict[str, int] = {}
+    for d in decided:
+        who = (d.like.kudos.author_id, d.like.kudos.giver_id)
+        index = max((last.get(member_id, -1) for member_id in who), default=-1) + 1
+        if index == len(rounds):
+            rounds.append([])
+        rounds[index].append(d)
+        for member_id in who:
+            last[member_id] = index
+    return rounds
+
+
+async def _record_likes(
+    services: Services,
+    book: Book,
+    round_: Sequence[_Decided],
+    members: dict[str, Member],
+    outcomes: list[Outcome | errors.KonvertError | None],
+) -> list[Delta]:
+    """Record a round's likes and share their authors' days again, each like the cause of its
+    author's changes; put each like's response into ``outcomes``."""
+    conn = book.conn
+    by_uid = {m.uid: m for m in members.values()}
+    new = [
+        _new_kudos(
+            d.like.kudos,
+            d.like.digest,
+            (members[d.like.kudos.author_id].uid, members[d.like.kudos.giver_id].uid),
+            d.worth,
+        )
+        for d in round_
+    ]
+    records: list[dict[str, Any]] = [
+        {"kudos_pk": kudos_pk, "kudos_id": k.kudos_id, "source": k.source, "day": k.day, "author_uid": k.author_uid}
+        for kudos_pk, k in zip(await store.insert_kudos(conn, new), new, strict=True)
+    ]
+    credits = Credits(services, book, by_uid)
+    shares = await store.select_day_shares(
+        conn, [(k.author_uid, k.day) for k in new], services.program.reputation.daily_cap
+    )
+    for record in records:
+        _plan_shares(credits, [r for r in shares if r["author_uid"] == record["author_uid"]], record)
+    posted = await credits.post()
+    responses = []
+    for d, k, record in zip(round_, new, records, strict=True):
+        changes = posted.changes.get(record["kudos_pk"], [])
+        own = sum(c.amount for c in changes if c.kudos_id == k.kudos_id and c.role == "author")
+        row = {
+            **k._asdict(),
+            "author_id": d.like.kudos.author_id,
+            "author_credited": own,
+            "accepter_credited": 0,
+            "bridge_points": 0,
+        }
+        out = _kudos_out(row, d.like.kudos.giver_id, changes)
+        _announce_received(book, by_uid[k.author_uid], out)
+        body = _encode(out)
+        responses.append((k.author_uid, record["kudos_pk"], body))
+        outcomes[d.position] = Outcome(body)
+    await store.set_kudos_responses(conn, responses)
+    return posted.deltas
+
+
+# --- accepted answers ----------------------------------------------------------------------
+
+
+async def _accept(services: Services, book: Book, kudos: KudosIn, digest: bytes, now: datetime) -> _Written:
+    conn = book.conn
     # The thread's lock names its last standing acceptance, which no other acceptance replaces
     # while this one holds it.
-    thread = await store.lock_thread(conn, kudos.source, kudos.thread_id) if accepted else None
+    thread = await store.lock_thread(conn, kudos.source, kudos.thread_id)
     # Author and giver are created if new (a refusal below rolls that back), and locked with the
     # members of the thread's standing acceptance, all in member_uid order.
     locked = await book.lock(
@@ -187,54 +513,42 @@ async def _give(services: Services, book: Book, kudos: KudosIn, digest: bytes, n
         last = await store.select_kudos_by_pk(conn, thread.author_uid, thread.kudos_pk)
         current = last if last["status"] == "standing" else None
     day = rules.utc_day(kudos.occurred_at)
-    worth = await _worth(services, conn, kudos, day, author_uid, members[giver_uid], now)
+    key = store.GiverKey(giver_uid, kudos.source, kudos.post_id, kudos.kind)
+    giver_day = _giver_day(await store.select_givers(conn, [key], [day]), members[giver_uid], kudos, now)
+    worth = _worth(services, kudos, giver_day, members[giver_uid], now)
 
-    kudos_pk, status = await _record(conn, kudos, digest, day, (author_uid, giver_uid), worth, current)
+    kudos_pk, status = await _record(conn, kudos, digest, (author_uid, giver_uid), worth, current)
     # As recorded, crediting nothing yet (what Credits and the bridge read of it).
     record = {"kudos_pk": kudos_pk, "kudos_id": kudos.kudos_id, "source": kudos.source, "day": day}
     record |= {"author_uid": author_uid, "giver_uid": giver_uid}
     credits = Credits(services, book, members, record)
     if status == "standing":
-        if not accepted:
-            await _share_day(credits, author_uid, day)
-        else:
-            if current is not None:
-                await _supersede(credits, current, record)
-            credits.plan(record, author_uid, "author", "award", worth.value)
-            credits.plan(record, giver_uid, "accepter", "award", worth.accepter_value)
-            if services.program.reputation.accepted_answer_points and worth.value:
-                await bridge_award(credits, record, now)
-    changes, deltas = await credits.post()
+        if current is not None:
+            await _supersede(credits, current, record)
+        credits.plan(record, author_uid, "author", "award", worth.value)
+        credits.plan(record, giver_uid, "accepter", "award", worth.accepter_value)
+        if services.program.reputation.accepted_answer_points and worth.value:
+            await bridge_award(credits, record, now)
+    posted = await credits.post()
+    changes = posted.changes.get(kudos_pk, [])
     out = _kudos_out(await store.select_kudos_by_pk(conn, author_uid, kudos_pk), members[giver_uid].id, changes)
-    author = book.current(members[author_uid])
-    received = events.KudosReceived(
-        kudos_id=out.kudos_id,
-        kind=out.kind,
-        source=out.source,
-        post_id=out.post_id,
-        counted=out.counted,
-        reputation_delta=_delta_of(changes, author.id),
-        reputation=author.reputation,
-    )
-    book.announce(author, "kudos.received", received)
+    _announce_received(book, members[author_uid], out)
     body = _encode(out)
-    await store.set_kudos_response(conn, author_uid, kudos_pk, body)
-    return _Written(body, deltas=deltas)
+    await store.set_kudos_responses(conn, [(author_uid, kudos_pk, body)])
+    return _Written(body, deltas=posted.deltas)
 
 
 async def _record(
     conn: Connection,
     kudos: KudosIn,
     digest: bytes,
-    day: date,
     uids: tuple[int, int],
     worth: rules.KudosWorth,
     current: asyncpg.Record | None,
 ) -> tuple[int, str]:
-    """Insert the kudos (author and giver ``uids``) crediting nothing yet; return its kudos_pk
-    and status. An acceptance after the thread's standing one (``current``) replaces it, and is
-    the thread's from now on; one before it is superseded at once."""
-    author_uid, giver_uid = uids
+    """Insert the acceptance (author and giver ``uids``) crediting nothing yet; return its
+    kudos_pk and status. An acceptance after the thread's standing one (``current``) replaces it,
+    and is the thread's from now on; one before it is superseded at once."""
     status, superseded_by = "standing", None
     if current is not None and rules.canonical_key(current["occurred_at"], current["kudos_id"]) > rules.canonical_key(
         kudos.occurred_at, kudos.kudos_id
@@ -245,67 +559,11 @@ async def _record(
         # This acceptance replaces the standing one: it stops standing before this one is inserted,
         # so the thread never has two.
         await store.update_kudos_status(conn, current, "superseded")
-    kudos_pk = await store.insert_kudos(
-        conn,
-        kudos_id=kudos.kudos_id,
-        source=kudos.source,
-        post_id=kudos.post_id,
-        thread_id=kudos.thread_id,
-        author_uid=author_uid,
-        giver_uid=giver_uid,
-        kind=kudos.kind,
-        occurred_at=kudos.occurred_at,
-        day=day,
-        status=status,
-        not_counted_reason=worth.not_counted_reason,
-        value=worth.value,
-        accepter_value=worth.accepter_value,
-        superseded_by_pk=superseded_by,
-        request_hash=digest,
-    )
-    if kudos.kind == "accepted_answer" and status == "standing":
-        await store.set_thread_accepted(
-            conn, kudos.source, kudos.thread_id, store.Thread(author_uid, giver_uid, kudos_pk)
-        )
+    new = _new_kudos(kudos, digest, uids, worth, status)._replace(superseded_by_pk=superseded_by)
+    (kudos_pk,) = await store.insert_kudos(conn, [new])
+    if status == "standing":
+        await store.set_thread_accepted(conn, kudos.source, kudos.thread_id, store.Thread(*uids, kudos_pk))
     return kudos_pk, status
-
-
-async def _worth(
-    services: Services, conn: Connection, kudos: KudosIn, day: date, author_uid: int, giver: Member, now: datetime
-) -> rules.KudosWorth:
-    """What the kudos is worth, or its refusal: one standing kudos per giver, post and kind, and
-    at most the program's number per giver and day. A giver without standing gives kudos that
-    count for nothing."""
-    program = services.program.reputation
-    other, given = await store.select_giver_day(conn, giver.uid, kudos.source, kudos.post_id, kudos.kind, day)
-    if other is not None:
-        raise errors.DuplicateKudos(
-            f"{kudos.giver_id!r} already gave a {kudos.kind} to post {kudos.post_id!r} of {kudos.source!r} "
-            f"(kudos_id {other!r}); retract it first"
-        )
-    if given >= program.giver_daily_limit:
-        raise errors.GiverLimitReached(
-            f"{kudos.giver_id!r} gave {given} kudos on {day}, the most allowed per day ({program.giver_daily_limit})"
-        )
-    giver_counts = True
-    if program.giver_min_reputation or program.giver_min_account_age_days:
-        since = await store.select_member_since(conn, giver.uid)
-        giver_counts = rules.giver_has_standing(program, giver.reputation, since, now)
-    return rules.kudos_worth(program, kudos.kind, author_uid == giver.uid, giver_counts)
-
-
-async def _share_day(credits: Credits, author_uid: int, day: date) -> None:
-    """Share the author's daily cap among the day's standing likes and helpful marks again."""
-    cap = credits.services.program.reputation.daily_cap
-    for row in await store.select_day_shares(credits.conn, author_uid, day, cap):
-        change = rules.capped_credit(row["value"], row["worth_before"], cap) - row["author_credited"]
-        if change:
-            reason = (
-                "award"
-                if row["kudos_pk"] == credits.cause["kudos_pk"]
-                else ("cap_freed" if change > 0 else "cap_taken")
-            )
-            credits.plan({**row, "day": day}, author_uid, "author", reason, change)
 
 
 async def _supersede(credits: Credits, current: asyncpg.Record, by: Row) -> None:
@@ -370,9 +628,13 @@ async def _retract(
             await _reverse_accepted(credits, kudos, "retraction")
         else:
             credits.plan(kudos, kudos["author_uid"], "author", "retraction", -kudos["author_credited"])
-            await _share_day(credits, kudos["author_uid"], kudos["day"])
+            cap = services.program.reputation.daily_cap
+            _plan_shares(
+                credits, await store.select_day_shares(conn, [(kudos["author_uid"], kudos["day"])], cap), kudos
+            )
     # A superseded kudos credits nothing any more: its retraction only records that it is gone.
-    changes, deltas = await credits.post()
+    posted = await credits.post()
+    changes = posted.changes.get(kudos["kudos_pk"], [])
     out = _kudos_out(
         await store.select_kudos_by_pk(conn, kudos["author_uid"], kudos["kudos_pk"]),
         members[kudos["giver_uid"]].id,
@@ -390,7 +652,7 @@ async def _retract(
     book.announce(author, "kudos.retracted", retracted)
     body = _encode(out)
     await store.set_retraction_response(conn, kudos["author_uid"], kudos["kudos_pk"], body)
-    return _Written(body, deltas=deltas)
+    return _Written(body, deltas=posted.deltas)
 
 
 def _delta_of(changes: list[ReputationChange], member_id: str) -> int:
@@ -398,7 +660,7 @@ def _delta_of(changes: list[ReputationChange], member_id: str) -> int:
     return sum(change.reputation_delta for change in changes if change.member_id == member_id)
 
 
-def _kudos_out(kudos: asyncpg.Record, giver_id: str, changes: list[ReputationChange]) -> KudosOut:
+def _kudos_out(kudos: Row, giver_id: str, changes: list[ReputationChange]) -> KudosOut:
     status = kudos["status"]
     reason = kudos["not_counted_reason"] or (None if status == "standing" else status)
     return KudosOut(

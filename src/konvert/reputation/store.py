@@ -78,27 +78,105 @@ async def select_kudos_by_key(
     return None if given is None else await select_kudos_by_pk(conn, given["author_uid"], given["kudos_pk"])
 
 
-async def select_giver_day(
-    conn: Connection, giver_uid: int, source: str, post_id: str, kind: str, day: date
-) -> tuple[str | None, int]:
-    """What the giver's limits need, in one statement on the giver's shard: the kudos_id of their
-    standing kudos of this kind for the post (None: none stands), and how many kudos they gave on
-    the UTC day, standing or not."""
-    row = one(
-        await conn.fetchrow(
-            """
-            select (select kudos_id from kudos_given
-                    where member_uid = $1 and source = $2 and post_id = $3 and kind = $4 and standing) as standing,
-                   (select count(*) from kudos_given where member_uid = $1 and day = $5) as given
-            """,
-            giver_uid,
-            source,
-            post_id,
-            kind,
-            day,
-        )
+class Claims(NamedTuple):
+    """What ``natural_keys`` says of a batch: the members of its member ids and the authors of its
+    kudos ids already claimed."""
+
+    members: dict[str, int]
+    kudos: dict[str, int]
+
+
+async def select_claims(conn: Connection, member_ids: Sequence[str], kudos_ids: Sequence[str]) -> Claims:
+    """The claims of a batch's member ids and kudos ids, in one statement on the ids' shards,
+    before the members are locked: a kudos id another author claims after this is found by the
+    claim that records the kudos (``insert_kudos``)."""
+    rows = await conn.fetch(
+        """
+        select kind, key, member_uid from natural_keys
+        where (key = any($1::text[]) and kind = 'member' or key = any($2::text[]) and kind = 'kudos') and scope = ''
+        """,
+        list(member_ids),
+        list(kudos_ids),
     )
-    return row["standing"], row["given"]
+    return Claims(
+        {row["key"]: row["member_uid"] for row in rows if row["kind"] == "member"},
+        {row["key"]: row["member_uid"] for row in rows if row["kind"] == "kudos"},
+    )
+
+
+async def select_replays(conn: Connection, kudos: Sequence[tuple[int, str]]) -> dict[str, asyncpg.Record]:
+    """The recorded kudos among (author_uid, kudos_id) pairs, by kudos_id: what a replay needs."""
+    rows = await conn.fetch(
+        """
+        select k.kudos_id, k.request_hash, k.response
+        from unnest($1::bigint[], $2::text[]) as w (author_uid, kudos_id)
+        join kudos k on k.author_uid = w.author_uid and k.kudos_id = w.kudos_id
+        -- Named as values too, so that a distributed database reads only these authors' shards.
+        where k.author_uid = any($1::bigint[])
+        """,
+        [author_uid for author_uid, _ in kudos],
+        [kudos_id for _, kudos_id in kudos],
+    )
+    return {row["kudos_id"]: row for row in rows}
+
+
+class GiverKey(NamedTuple):
+    """One standing kudos per giver, post and kind."""
+
+    giver_uid: int
+    source: str
+    post_id: str
+    kind: str
+
+
+class Givers(NamedTuple):
+    """What givers' limits need: the kudos_id of each standing kudos among the keys asked for,
+    how many kudos each gave on each day asked for (standing or not), and since when each giver
+    has been a member."""
+
+    standing: dict[GiverKey, str]
+    given: dict[tuple[int, date], int]
+    since: dict[int, datetime]
+
+
+async def select_givers(conn: Connection, keys: Sequence[GiverKey], days: Sequence[date]) -> Givers:
+    """``Givers`` for kudos keys (``days``: each key's UTC day), in one statement on the givers'
+    shards."""
+    uids = [key.giver_uid for key in keys]
+    rows = await conn.fetch(
+        """
+        select 'standing' as what, g.member_uid, g.source, g.post_id, g.kind, g.kudos_id,
+               null::date as day, null::bigint as given, null::timestamptz as since
+        from unnest($1::bigint[], $2::text[], $3::text[], $4::text[]) as k (member_uid, source, post_id, kind)
+        join kudos_given g on g.member_uid = k.member_uid and g.source = k.source and g.post_id = k.post_id
+                          and g.kind = k.kind and g.standing
+        where g.member_uid = any($1::bigint[])
+        union all
+        select 'given', d.member_uid, null, null, null, null, d.day,
+               (select count(*) from kudos_given g
+                where g.member_uid = d.member_uid and g.day = d.day and g.member_uid = any($1::bigint[])),
+               null
+        from (select distinct member_uid, day from unnest($1::bigint[], $5::date[]) as d (member_uid, day)) d
+        union all
+        select 'since', member_uid, null, null, null, null, null, null, created_at
+        from members where member_uid = any($1::bigint[])
+        """,
+        uids,
+        [key.source for key in keys],
+        [key.post_id for key in keys],
+        [key.kind for key in keys],
+        list(days),
+    )
+    givers = Givers({}, {}, {})
+    for row in rows:
+        if row["what"] == "standing":
+            key = GiverKey(row["member_uid"], row["source"], row["post_id"], row["kind"])
+            givers.standing[key] = row["kudos_id"]
+        elif row["what"] == "given":
+            givers.given[(row["member_uid"], row["day"])] = row["given"]
+        else:
+            givers.since[row["member_uid"]] = row["since"]
+    return givers
 
 
 class Thread(NamedTuple):
@@ -140,67 +218,61 @@ async def set_thread_accepted(conn: Connection, source: str, thread_id: str, acc
     )
 
 
-async def select_member_since(conn: Connection, member_uid: int) -> datetime:
-    value: datetime = await conn.fetchval("select created_at from members where member_uid = $1", member_uid)
-    return value
+class NewKudos(NamedTuple):
+    """A kudos to record, crediting nothing yet (author and giver by uid)."""
+
+    kudos_id: str
+    source: str
+    post_id: str
+    thread_id: str
+    author_uid: int
+    giver_uid: int
+    kind: str
+    occurred_at: datetime
+    day: date
+    status: str
+    not_counted_reason: str | None
+    value: int
+    accepter_value: int
+    superseded_by_pk: int | None
+    request_hash: bytes
 
 
-async def insert_kudos(
-    conn: Connection,
-    *,
-    kudos_id: str,
-    source: str,
-    post_id: str,
-    thread_id: str,
-    author_uid: int,
-    giver_uid: int,
-    kind: str,
-    occurred_at: datetime,
-    day: date,
-    status: str,
-    not_counted_reason: str | None,
-    value: int,
-    accepter_value: int,
-    superseded_by_pk: int | None,
-    request_hash: bytes,
-) -> int:
-    """Insert a kudos crediting nothing yet, with its id's claim and its giver's row (one
-    statement); the use case credits it. Its response comes last. Another author's kudos under
-    the id fails the statement on natural_keys_pkey."""
-    kudos_pk: int = await conn.fetchval(
+async def insert_kudos(conn: Connection, kudos: Sequence[NewKudos]) -> list[int]:
+    """Insert kudos crediting nothing yet, each with its id's claim and its giver's row, in one
+    statement; return their kudos_pk in order. The use case credits them; their responses come
+    last. Another author's kudos under an id fails the statement on natural_keys_pkey."""
+    columns = list(zip(*kudos, strict=True))
+    rows = await conn.fetch(
         """
-        with claimed as (
-            insert into natural_keys (key, kind, scope, member_uid) values ($1, 'kudos', '', $5)
-            returning member_uid
+        with new as materialized (
+            select n.*, nextval('kudos_kudos_pk_seq') as kudos_pk
+            from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::text[],
+                        $8::timestamptz[], $9::date[], $10::text[], $11::text[], $12::bigint[], $13::bigint[],
+                        $14::bigint[], $15::bytea[])
+                 with ordinality as n (kudos_id, source, post_id, thread_id, author_uid, giver_uid, kind,
+                                       occurred_at, day, status, not_counted_reason, value, accepter_value,
+                                       superseded_by_pk, request_hash, ord)
+        ), claimed as (
+            insert into natural_keys (key, kind, scope, member_uid)
+            select kudos_id, 'kudos', '', author_uid from new
         ), recorded as (
-            insert into kudos (kudos_id, source, post_id, thread_id, author_uid, giver_uid, kind, occurred_at, day,
-                               status, not_counted_reason, value, accepter_value, superseded_by_pk, request_hash,
-                               response)
-            select $1, $2, $3, $4, member_uid, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, '' from claimed
-            returning kudos_pk
+            insert into kudos (kudos_pk, kudos_id, source, post_id, thread_id, author_uid, giver_uid, kind,
+                               occurred_at, day, status, not_counted_reason, value, accepter_value,
+                               superseded_by_pk, request_hash, response)
+            overriding system value
+            select kudos_pk, kudos_id, source, post_id, thread_id, author_uid, giver_uid, kind, occurred_at, day,
+                   status, not_counted_reason, value, accepter_value, superseded_by_pk, request_hash, ''
+            from new
         ), given as (
             insert into kudos_given (member_uid, author_uid, kudos_pk, kudos_id, source, post_id, kind, day, standing)
-            select $6, $5, kudos_pk, $1, $2, $3, $7, $9, $10 = 'standing' from recorded
+            select giver_uid, author_uid, kudos_pk, kudos_id, source, post_id, kind, day, status = 'standing' from new
         )
-        select kudos_pk from recorded
+        select kudos_pk from new order by ord
         """,
-        kudos_id,
-        source,
-        post_id,
-        thread_id,
-        author_uid,
-        giver_uid,
-        kind,
-        occurred_at,
-        day,
-        status,
-        not_counted_reason,
-        value,
-        accepter_value,
-        superseded_by_pk,
-        request_hash,
+        *columns,
     )
-    return kudos_pk
+    return [row["kudos_pk"] for row in rows]
 
 
 async def update_kudos_status(conn: Connection, kudos: Row, status: str, superseded_by_pk: int | None = None) -> None:
@@ -223,19 +295,46 @@ async def update_kudos_status(conn: Connection, kudos: Row, status: str, superse
     )
 
 
-async def add_kudos_credit(conn: Connection, author_uid: int, kudos_pk: int, role: str, change: int) -> None:
-    column = "author_credited" if role == "author" else "accepter_credited"
+class Credit(NamedTuple):
+    """A change to what a kudos credits one of its members (``role``: author or accepter)."""
+
+    author_uid: int
+    kudos_pk: int
+    role: str
+    change: int
+
+
+async def add_kudos_credits(conn: Connection, credits: Sequence[Credit]) -> None:
+    """Add changes to what kudos credit, in one statement (a kudos' rows are its author's)."""
     await conn.execute(
-        f"update kudos set {column} = {column} + $3 where author_uid = $1 and kudos_pk = $2",
-        author_uid,
-        kudos_pk,
-        change,
+        """
+        update kudos k
+        set author_credited = k.author_credited + c.author, accepter_credited = k.accepter_credited + c.accepter
+        from (
+            select author_uid, kudos_pk,
+                   coalesce(sum(change) filter (where role = 'author'), 0) as author,
+                   coalesce(sum(change) filter (where role <> 'author'), 0) as accepter
+            from unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[]) as c (author_uid, kudos_pk, role, change)
+            group by author_uid, kudos_pk
+        ) c
+        where k.author_uid = any($1::bigint[]) and k.author_uid = c.author_uid and k.kudos_pk = c.kudos_pk
+        """,
+        [credit.author_uid for credit in credits],
+        [credit.kudos_pk for credit in credits],
+        [credit.role for credit in credits],
+        [credit.change for credit in credits],
     )
 
 
-async def set_kudos_response(conn: Connection, author_uid: int, kudos_pk: int, response: bytes) -> None:
+async def set_kudos_responses(conn: Connection, responses: Sequence[tuple[int, int, bytes]]) -> None:
+    """Store kudos' responses: (author_uid, kudos_pk, body) each, in one statement."""
     await conn.execute(
-        "update kudos set response = $3 where author_uid = $1 and kudos_pk = $2", author_uid, kudos_pk, response
+        """
+        update kudos k set response = r.response
+        from unnest($1::bigint[], $2::bigint[], $3::bytea[]) as r (author_uid, kudos_pk, response)
+        where k.author_uid = any($1::bigint[]) and k.author_uid = r.author_uid and k.kudos_pk = r.kudos_pk
+        """,
+        *zip(*responses, strict=True),
     )
 
 
@@ -248,8 +347,9 @@ async def set_retraction_response(conn: Connection, author_uid: int, kudos_pk: i
     )
 
 
-async def select_day_shares(conn: Connection, author_uid: int, day: date, cap: int) -> list[asyncpg.Record]:
-    """The author's standing likes and helpful marks of a day whose share of the cap may change.
+async def select_day_shares(conn: Connection, days: Sequence[tuple[int, date]], cap: int) -> list[asyncpg.Record]:
+    """The standing likes and helpful marks whose share of the cap may change, on authors' days
+    ((author_uid, day) each), in canonical order per day.
 
     Each row carries ``worth_before``: what the kudos before it (in canonical order) are worth.
     Rows crediting nothing with the cap already full before them are left out: whatever changes,
@@ -258,18 +358,20 @@ async def select_day_shares(conn: Connection, author_uid: int, day: date, cap: i
     """
     return await conn.fetch(
         """
-        select author_uid, kudos_pk, kudos_id, source, value, author_credited, worth_before from (
-            select author_uid, kudos_pk, kudos_id, source, occurred_at, value, author_credited,
-                   coalesce(sum(value) over (order by occurred_at, kudos_id collate "C"
-                                             rows between unbounded preceding and 1 preceding), 0) as worth_before
-            from kudos
-            where author_uid = $1 and day = $2 and status = 'standing' and kind in ('like', 'helpful')
+        select author_uid, day, kudos_pk, kudos_id, source, value, author_credited, worth_before from (
+            select k.author_uid, k.day, k.kudos_pk, k.kudos_id, k.source, k.occurred_at, k.value, k.author_credited,
+                   coalesce(sum(k.value) over (partition by k.author_uid, k.day
+                                               order by k.occurred_at, k.kudos_id collate "C"
+                                               rows between unbounded preceding and 1 preceding), 0) as worth_before
+            from (select distinct author_uid, day from unnest($1::bigint[], $2::date[]) as d (author_uid, day)) d
+            join kudos k on k.author_uid = d.author_uid and k.day = d.day
+            where k.author_uid = any($1::bigint[]) and k.status = 'standing' and k.kind in ('like', 'helpful')
         ) day
         where author_credited > 0 or worth_before < $3
-        order by occurred_at, kudos_id collate "C"
+        order by author_uid, day, occurred_at, kudos_id collate "C"
         """,
-        author_uid,
-        day,
+        [author_uid for author_uid, _ in days],
+        [day for _, day in days],
         cap,
     )
 
@@ -289,54 +391,51 @@ async def select_first_award_transfer(conn: Connection, member_uid: int, kudos_p
     return value
 
 
-async def insert_entry(
-    conn: Connection,
-    *,
-    member_uid: int,
-    kudos_pk: int,
-    role: str,
-    source: str,
-    day: date,
-    reason: str,
-    change: int,
-    posted: int,
-    transfer_id: int | None,
-    cause_kudos_pk: int,
-) -> None:
+class Entry(NamedTuple):
+    """Why a member's reputation moved (or would have, but for the floor): one change of one kudos."""
+
+    member_uid: int
+    kudos_pk: int
+    role: str
+    source: str
+    day: date
+    reason: str
+    change: int
+    posted: int
+    transfer_id: int | None
+    cause_kudos_pk: int
+
+
+async def insert_entries(conn: Connection, entries: Sequence[Entry]) -> None:
     await conn.execute(
         """
         insert into reputation_entries (member_uid, kudos_pk, role, source, day, reason, change, posted,
                                         transfer_id, cause_kudos_pk)
-        values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+        select * from unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::date[], $6::text[],
+                             $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[])
         """,
-        member_uid,
-        kudos_pk,
-        role,
-        source,
-        day,
-        reason,
-        change,
-        posted,
-        transfer_id,
-        cause_kudos_pk,
+        *zip(*entries, strict=True),
     )
 
 
-async def select_floor_kept(conn: Connection, member_uid: int) -> int:
-    value: int = await conn.fetchval(
-        "select coalesce((select floor_kept from reputation_members where member_uid = $1), 0)", member_uid
+async def select_floor_kept(conn: Connection, member_uids: Sequence[int]) -> dict[int, int]:
+    """What the floor keeps of each member's reputation (members without a row keep nothing)."""
+    rows = await conn.fetch(
+        "select member_uid, floor_kept from reputation_members where member_uid = any($1::bigint[])",
+        list(member_uids),
     )
-    return value
+    return {row["member_uid"]: row["floor_kept"] for row in rows}
 
 
-async def set_floor_kept(conn: Connection, member_uid: int, floor_kept: int) -> None:
+async def set_floor_kept(conn: Connection, floor_kept: dict[int, int]) -> None:
     await conn.execute(
         """
-        insert into reputation_members (member_uid, floor_kept) values ($1, $2)
+        insert into reputation_members (member_uid, floor_kept)
+        select * from unnest($1::bigint[], $2::bigint[])
         on conflict (member_uid) do update set floor_kept = excluded.floor_kept, updated_at = now()
         """,
-        member_uid,
-        floor_kept,
+        list(floor_kept),
+        list(floor_kept.values()),
     )
 
 
