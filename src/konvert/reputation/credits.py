@@ -99,7 +99,7 @@ class Credits:
         posted = Posted({}, [])
         uids = sorted({p.member_uid for p in self.planned})
         kept = await store.select_floor_kept(self.conn, uids) if uids else {}
-        entries: list[store.Entry] = []
+        entries: list[tuple[int, store.Entry]] = []
         kept_after: dict[int, int] = {}
         for member_uid in uids:
             planned = sorted((p for p in self.planned if p.member_uid == member_uid), key=lambda p: p.change < 0)
@@ -107,16 +107,14 @@ class Credits:
             if member_kept != kept.get(member_uid, 0):
                 kept_after[member_uid] = member_kept
         if entries:
-            await store.insert_entries(self.conn, entries)
-            credits = [store.Credit(p.author_uid, p.kudos_pk, p.role, p.change) for p in self.planned]
-            await store.add_kudos_credits(self.conn, credits)
+            await store.record_changes(self.conn, entries)
         if kept_after:
             await store.set_floor_kept(self.conn, kept_after)
         self.planned = []
         return posted
 
     async def _post_member(
-        self, member_uid: int, planned: list[Planned], kept: int, posted: Posted, entries: list[store.Entry]
+        self, member_uid: int, planned: list[Planned], kept: int, posted: Posted, entries: list[tuple[int, store.Entry]]
     ) -> int:
         """Post one member's planned changes (adding what they make to ``posted`` and ``entries``);
         return what the floor keeps of the member's reputation after them."""
@@ -133,11 +131,10 @@ class Credits:
         transfer_ids = iter(await self.book.move_reputation(member, moves) if moves else [])
         for p, amount in steps:
             transfer_id = next(transfer_ids) if amount else None
-            entries.append(
-                store.Entry(
-                    member.uid, p.kudos_pk, p.role, p.source, p.day, p.reason, p.change, amount, transfer_id, p.cause_pk
-                )
+            entry = store.Entry(
+                member.uid, p.kudos_pk, p.role, p.source, p.day, p.reason, p.change, amount, transfer_id, p.cause_pk
             )
+            entries.append((p.author_uid, entry))
             if amount:
                 posted.deltas.append(Delta(member.uid, p.source, p.day, amount))
             posted.changes.setdefault(p.cause_pk, []).append(

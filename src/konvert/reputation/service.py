@@ -339,7 +339,7 @@ async def _write_likes(
     claims = await store.select_claims(conn, ids, [like.kudos.kudos_id for like in likes])
     # A member erased since its id was read is locked under its pseudonym, and left out.
     members = {m.id: m for m in await book.lock(uids=claims.members.values()) if claims.members.get(m.id) == m.uid}
-    replays = await store.select_replays(conn, [(uid, kudos_id) for kudos_id, uid in claims.kudos.items()])
+    replays = await store.select_replays(conn, [(uid, k) for k, uid in claims.kudos.items()]) if claims.kudos else {}
     outcomes: list[Outcome | errors.KonvertError | None] = [None] * len(likes)
     for position, like in enumerate(likes):
         if (found := replays.get(like.kudos.kudos_id)) is not None:
@@ -386,7 +386,8 @@ async def _decide(
     wanted = [(i, like) for i, like in enumerate(likes) if outcomes[i] is None]
     existing = [(like.kudos, members[like.kudos.giver_id]) for _, like in wanted if like.kudos.giver_id in members]
     keys = [store.GiverKey(g.uid, k.source, k.post_id, k.kind) for k, g in existing]
-    givers = await store.select_givers(book.conn, keys, [rules.utc_day(k.occurred_at) for k, _ in existing])
+    days = [rules.utc_day(k.occurred_at) for k, _ in existing]
+    givers = await store.select_givers(book.conn, keys, days) if keys else store.Givers({}, {}, {})
     decided: list[_Decided] = []
     recorded: dict[str, int] = {}
     repeats: dict[int, int] = {}

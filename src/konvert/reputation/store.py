@@ -112,7 +112,7 @@ async def select_replays(conn: Connection, kudos: Sequence[tuple[int, str]]) -> 
         from unnest($1::bigint[], $2::text[]) as w (author_uid, kudos_id)
         join kudos k on k.author_uid = w.author_uid and k.kudos_id = w.kudos_id
         -- Named as values too, so that a distributed database reads only these authors' shards.
-        where k.author_uid = any($1::bigint[])
+        where k.author_uid = any($1::bigint[]) and k.kudos_id = any($2::text[])
         """,
         [author_uid for author_uid, _ in kudos],
         [kudos_id for _, kudos_id in kudos],
@@ -295,44 +295,14 @@ async def update_kudos_status(conn: Connection, kudos: Row, status: str, superse
     )
 
 
-class Credit(NamedTuple):
-    """A change to what a kudos credits one of its members (``role``: author or accepter)."""
-
-    author_uid: int
-    kudos_pk: int
-    role: str
-    change: int
-
-
-async def add_kudos_credits(conn: Connection, credits: Sequence[Credit]) -> None:
-    """Add changes to what kudos credit, in one statement (a kudos' rows are its author's)."""
-    await conn.execute(
-        """
-        update kudos k
-        set author_credited = k.author_credited + c.author, accepter_credited = k.accepter_credited + c.accepter
-        from (
-            select author_uid, kudos_pk,
-                   coalesce(sum(change) filter (where role = 'author'), 0) as author,
-                   coalesce(sum(change) filter (where role <> 'author'), 0) as accepter
-            from unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[]) as c (author_uid, kudos_pk, role, change)
-            group by author_uid, kudos_pk
-        ) c
-        where k.author_uid = any($1::bigint[]) and k.author_uid = c.author_uid and k.kudos_pk = c.kudos_pk
-        """,
-        [credit.author_uid for credit in credits],
-        [credit.kudos_pk for credit in credits],
-        [credit.role for credit in credits],
-        [credit.change for credit in credits],
-    )
-
-
 async def set_kudos_responses(conn: Connection, responses: Sequence[tuple[int, int, bytes]]) -> None:
     """Store kudos' responses: (author_uid, kudos_pk, body) each, in one statement."""
     await conn.execute(
         """
         update kudos k set response = r.response
         from unnest($1::bigint[], $2::bigint[], $3::bytea[]) as r (author_uid, kudos_pk, response)
-        where k.author_uid = any($1::bigint[]) and k.author_uid = r.author_uid and k.kudos_pk = r.kudos_pk
+        where k.author_uid = any($1::bigint[]) and k.kudos_pk = any($2::bigint[])
+          and k.author_uid = r.author_uid and k.kudos_pk = r.kudos_pk
         """,
         *zip(*responses, strict=True),
     )
@@ -406,15 +376,35 @@ class Entry(NamedTuple):
     cause_kudos_pk: int
 
 
-async def insert_entries(conn: Connection, entries: Sequence[Entry]) -> None:
+async def record_changes(conn: Connection, changes: Sequence[tuple[int, Entry]]) -> None:
+    """Record changes to what kudos credit, each ``(author_uid of its kudos, its entry)``, in one
+    statement: the entries, in order, with the members they moved, and the kudos' credits with
+    their authors."""
     await conn.execute(
         """
-        insert into reputation_entries (member_uid, kudos_pk, role, source, day, reason, change, posted,
-                                        transfer_id, cause_kudos_pk)
-        select * from unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::date[], $6::text[],
-                             $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[])
+        with change as (
+            select * from unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::date[],
+                                 $7::text[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[])
+                 with ordinality as c (author_uid, member_uid, kudos_pk, role, source, day, reason, change, posted,
+                                       transfer_id, cause_kudos_pk, ord)
+        ), entry as (
+            insert into reputation_entries (member_uid, kudos_pk, role, source, day, reason, change, posted,
+                                            transfer_id, cause_kudos_pk)
+            select member_uid, kudos_pk, role, source, day, reason, change, posted, transfer_id, cause_kudos_pk
+            from change order by ord
+        )
+        update kudos k
+        set author_credited = k.author_credited + c.author, accepter_credited = k.accepter_credited + c.accepter
+        from (
+            select author_uid, kudos_pk,
+                   coalesce(sum(change) filter (where role = 'author'), 0) as author,
+                   coalesce(sum(change) filter (where role <> 'author'), 0) as accepter
+            from change group by author_uid, kudos_pk
+        ) c
+        where k.author_uid = any($1::bigint[]) and k.kudos_pk = any($3::bigint[])
+          and k.author_uid = c.author_uid and k.kudos_pk = c.kudos_pk
         """,
-        *zip(*entries, strict=True),
+        *zip(*((author_uid, *entry) for author_uid, entry in changes), strict=True),
     )
 
 
