@@ -244,15 +244,8 @@ async def _unrouted(
     for sql, args in statements:
         if not re.match(r"\s*(with|select|insert|update|delete)\b", sql, re.IGNORECASE):
             continue
-        plan = json.loads(await conn.fetchval(f"explain (format json) {sql}", *args))[0]["Plan"]
-        scans = []
-        for node in _scans(plan):
-            table = DISTRIBUTED.get(node.get("Relation Name", ""))
-            if table is None or table.table in distribution.GAPS or node.get("Node Type") == "ModifyTable":
-                continue
-            checked.add(table.table)
-            conditions = " ".join(str(node.get(k, "")) for k in ("Index Cond", "Recheck Cond", "Filter"))
-            scans.append((node, table, conditions))
+        scans = [scan for scan in await _distributed_scans(conn, sql, args) if scan[1].table not in distribution.GAPS]
+        checked |= {table.table for _, table, _ in scans}
         # alias -> (co-location group, distribution column) of the scans that name their rows
         routed = {
             node.get("Alias"): (_colocation(table, DISTRIBUTED), table.column)
@@ -282,28 +275,33 @@ async def _locking_several_members(conn: asyncpg.Connection, statements: list[tu
     for sql, args in statements:
         if not _LOCKS.search(sql):
             continue
-        plan = json.loads(await conn.fetchval(f"explain (format json) {sql}", *args))[0]["Plan"]
-        for node in _scans(plan):
-            table = DISTRIBUTED.get(node.get("Relation Name", ""))
-            if table is None or node.get("Node Type") == "ModifyTable":
-                continue
-            conditions = " ".join(str(node.get(k, "")) for k in ("Index Cond", "Recheck Cond", "Filter"))
-            if not _names_one_row_owner(table.column, conditions):
-                found.add(" ".join(sql.split()))
+        for _, table, conditions in await _distributed_scans(conn, sql, args):
+            if not _names_its_rows(table.column, conditions, one=True):
+                found.add(_flat(sql))
     return found
 
 
-def _names_one_row_owner(column: str, conditions: str) -> bool:
-    """Whether a scan's conditions compare the distribution column with one value (not ``= ANY``)."""
-    return re.search(rf"\b{column}\)? = \(?(\$\d+|'[^']*'|\d+)", conditions) is not None
+async def _distributed_scans(
+    conn: asyncpg.Connection, sql: str, args: tuple[Any, ...]
+) -> list[tuple[dict[str, Any], distribution.Distributed, str]]:
+    """Each scan of a distributed table in the statement's plan: (its node, the table, its conditions)."""
+    plan = json.loads(await conn.fetchval(f"explain (format json) {sql}", *args))[0]["Plan"]
+    scans = []
+    for node in _scans(plan):
+        table = DISTRIBUTED.get(node.get("Relation Name", ""))
+        if table is not None and node.get("Node Type") != "ModifyTable":
+            conditions = " ".join(str(node.get(k, "")) for k in ("Index Cond", "Recheck Cond", "Filter"))
+            scans.append((node, table, conditions))
+    return scans
 
 
-def _names_its_rows(column: str, conditions: str) -> bool:
+def _names_its_rows(column: str, conditions: str, *, one: bool = False) -> bool:
     """Whether a scan's conditions compare the distribution column with the statement's values (a
     parameter, or a constant), which Citus can route by: a join on another table's column (``l.member_uid
-    = c.member_uid``) does not say which shards to read."""
+    = c.member_uid``) does not say which shards to read. With ``one``, with one value (not ``= ANY``)."""
     value = r"(\$\d+|'[^']*'|\d+)(::[\w\[\] ]+)?"
-    return re.search(rf"\b{column}\)? = (ANY \()?\(?{value}", conditions) is not None
+    any_of = "" if one else r"(ANY \()?"
+    return re.search(rf"\b{column}\)? = {any_of}\(?{value}", conditions) is not None
 
 
 def _purchase(member_id: str) -> PurchaseIn:

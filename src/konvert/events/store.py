@@ -581,7 +581,8 @@ async def prune_events(conn: Queryable, written_before: datetime, limit: int, *,
     return len(deleted)
 
 
-PRUNE = """
+# The events every publisher has passed, older than $1, that no endpoint waits for; up to $2.
+_PRUNABLE = """
 with passed as (
     select s.xid as stream_xid, s.event_id as stream_event_id, w.xid as webhooks_xid, w.event_id as webhooks_event_id
     from event_cursors s, event_cursors w
@@ -595,28 +596,16 @@ with passed as (
                       where m.member_uid = e.member_uid and m.event_id = e.event_id and m.status = 'pending')
     order by e.xid, e.event_id
     limit $2
-    for update of e skip locked
+"""
+PRUNE = f"""{_PRUNABLE}    for update of e skip locked
 ), deleted as (
     delete from outbox_events e using doomed d
     where e.member_uid = d.member_uid and e.event_id = d.event_id returning 1
 )
 select count(*) from deleted
 """
-# PRUNE's doomed events, without a lock.
-FIND_PRUNABLE = """
-with passed as (
-    select s.xid as stream_xid, s.event_id as stream_event_id, w.xid as webhooks_xid, w.event_id as webhooks_event_id
-    from event_cursors s, event_cursors w
-    where s.name = 'stream' and w.name = 'webhooks'
-)
-select e.member_uid, e.event_id from outbox_events e, passed c
-where e.created_at < $1
-  and (e.xid, e.event_id) <= (c.stream_xid, c.stream_event_id)
-  and (e.xid, e.event_id) <= (c.webhooks_xid, c.webhooks_event_id)
-  and not exists (select 1 from webhook_messages m
-                  where m.member_uid = e.member_uid and m.event_id = e.event_id and m.status = 'pending')
-order by e.xid, e.event_id
-limit $2
+FIND_PRUNABLE = f"""{_PRUNABLE})
+select member_uid, event_id from doomed
 """
 # One event, named with its member. Its age and the cursors having passed it do not change; a
 # message that waits for it may have been added since it was found, so that is checked again.

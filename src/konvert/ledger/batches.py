@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import asyncpg
 
 from konvert.db import Connection, Row
-from konvert.ledger.store import TierStanding
+from konvert.ledger.store import TierStanding, lock_each
 
 # A due lot as the jobs' lock statements return it: its member_uid and lot_id (and more).
 LotOf = Row
@@ -162,7 +162,7 @@ LOCK_LOT_MEMBERS = """
 select member_uid, member_id, points_debt from members where member_uid = any($1::bigint[])
 for update skip locked
 """
-# The same for one member, a statement each (KONVERT_LOCK_MEMBERS=one_by_one; ``lock_each``).
+# The same for one member, a statement each (KONVERT_LOCK_MEMBERS=one_by_one; store.lock_each).
 LOCK_LOT_MEMBER = """
 select member_uid, member_id, points_debt from members where member_uid = $1
 for update skip locked
@@ -204,13 +204,6 @@ async def find_and_lock(
             break
         skipped += held
     return list(kept.values())[:limit], locked
-
-
-async def lock_each(conn: Connection, lock_one: str, uids: Sequence[int], *args: Any) -> list[asyncpg.Record]:
-    """The rows ``lock_one`` returns for each member ($1 the member_uid, then ``args``), one
-    statement per member in the order given, all sent in one round trip (asyncpg's
-    ``fetchmany``): for locks that Citus must send to one shard each."""
-    return await conn.fetchmany(lock_one, [(uid, *args) for uid in uids]) if uids else []
 
 
 async def lock_due(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import asyncpg
 
@@ -88,12 +88,19 @@ async def lock_members(
     wanted_uids = sorted({*uids, *by_id.values()})
     rows: list[asyncpg.Record]
     if one_by_one:
-        rows = await conn.fetchmany(LOCK_MEMBER, [(uid,) for uid in wanted_uids]) if wanted_uids else []
+        rows = await lock_each(conn, LOCK_MEMBER, wanted_uids)
     else:
         rows = await conn.fetch(LOCK_MEMBERS, wanted_uids)
     named = {uid: member_id for member_id, uid in by_id.items()}
     wanted = set(uids)
     return [row for row in rows if row["member_uid"] in wanted or named.get(row["member_uid"]) == row["member_id"]]
+
+
+async def lock_each(conn: Connection, lock_one: str, uids: Sequence[int], *args: Any) -> list[asyncpg.Record]:
+    """The rows ``lock_one`` returns for each member ($1 the member_uid, then ``args``): a statement
+    per member, in the order given, all sent in one round trip (asyncpg's ``fetchmany``) and run
+    one after the other. For locks that Citus must send to one shard each."""
+    return await conn.fetchmany(lock_one, [(uid, *args) for uid in uids]) if uids else []
 
 
 LOCK_MEMBERS = (

@@ -12,7 +12,8 @@ from datetime import datetime
 import asyncpg
 
 from konvert.db import Connection
-from konvert.ledger.batches import find_and_lock, lock_each
+from konvert.ledger.batches import find_and_lock
+from konvert.ledger.store import lock_each
 
 
 def qualifying_points_sql(member_uid: str, since: str) -> str:
