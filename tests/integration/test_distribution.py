@@ -8,7 +8,10 @@ acceptances, a retraction, a refund, an integration's arrivals) and the jobs are
 with every statement they send captured and EXPLAINed: each scan of a distributed table must
 compare its distribution column with the statement's values (or join it to a co-located scan
 that does), which is what lets Citus send the statement to those members' shards alone. Only the
-jobs' reads that find due rows go across members.
+reads that find a job's due rows, the messages to lease or the events to prune go across
+members. Locking members one by one
+(KONVERT_LOCK_MEMBERS), no statement that locks rows names more than one member: Citus runs a
+locking statement only when it goes to one shard.
 """
 
 from __future__ import annotations
@@ -198,8 +201,8 @@ async def _captured_services(
     return services, captured
 
 
-# Both ways of locking several members (KONVERT_LOCK_MEMBERS), for the tests that take the
-# fixtures below indirectly.
+# Both ways of locking several members (KONVERT_LOCK_MEMBERS): a test marked with it gets
+# one_connection or fresh_connection in each (the parameter overrides the lock_members fixture).
 LOCK_MODES = pytest.mark.parametrize("lock_members", ["together", "one_by_one"])
 
 
