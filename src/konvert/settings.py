@@ -87,6 +87,11 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     # query, and this many queries in flight per process (each holds a pool connection).
     read_batch_size_max: Annotated[int, Meta(ge=1, le=1000)] = 100
     read_batches_in_flight_max: Annotated[int, Meta(ge=1, le=64)] = 4
+    # How rows of several members are locked (a purchase batch's members, a kudos' author and
+    # giver, a job's batch, webhook leases, pruning): together, one statement naming them all; or
+    # one_by_one, a statement per member (still in member_uid order, all sent in one round trip),
+    # which Citus needs: it locks rows only with a statement that goes to one shard.
+    lock_members: Literal["together", "one_by_one"] = "together"
     # Page sizes are bounded everywhere.
     page_size_max: Annotated[int, Meta(ge=1, le=1000)] = 200
     # Encrypts integrations' webhook secrets at rest: one or more Fernet keys (`konvert
@@ -146,6 +151,10 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     @property
     def embedded_redis(self) -> bool:
         return not self.redis_url
+
+    @property
+    def lock_one_by_one(self) -> bool:
+        return self.lock_members == "one_by_one"
 
     @property
     def events_stream_key(self) -> str:

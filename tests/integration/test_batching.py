@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import UTC, datetime
 
 import asyncpg
 import msgspec
@@ -18,6 +19,8 @@ from konvert.earning.refunds import refund_purchase
 from konvert.earning.service import post_purchase, write_purchases
 from konvert.errors import ConcurrentWrite, IdempotencyConflict, InsufficientPoints, Unprocessable
 from konvert.idempotency import Outcome
+from konvert.ledger import store as ledger_store
+from konvert.ledger.book import writing
 from konvert.program import parse_program
 from konvert.redemption.model import RedemptionIn, RewardIn
 from konvert.redemption.service import put_reward, redeem
@@ -443,6 +446,16 @@ async def tier_services(database_url, redis_url, redis_client):
     await services.close()
 
 
+@pytest.fixture(params=["together", "one_by_one"])
+async def locking_services(request, database_url, redis_url, redis_client, program):
+    """Services that lock several members in one statement, or with a statement each
+    (KONVERT_LOCK_MEMBERS)."""
+    settings = make_settings(database_url, redis_url, lock_members=request.param)
+    services = await composition.open_services(settings, program)
+    yield services
+    await services.close()
+
+
 def _euros(services, member_id, purchase_id, euros):
     """A checked purchase of one toy for ``euros`` (1 point per euro at Bronze)."""
     return posting(services, purchase(member_id, purchase_id, line("1", 1, euros * 100)))
@@ -465,6 +478,54 @@ async def test_a_batch_carries_a_members_tier_from_one_purchase_to_the_next(tier
     assert tuple(row) == ("Silver", 120, 120)
 
 
+async def test_members_are_locked_in_member_uid_order_each_only_after_the_one_before(locking_services, new_id):
+    """Together or one by one, a writer that waits for a member holds none after it, so two
+    writers never wait for each other in a circle."""
+    services = locking_services
+    members = sorted(new_id("m") for _ in range(2))
+    await write_purchases(services, [_euros(services, m, new_id("p"), 10) for m in members])
+    first, second = [
+        await services.pool.fetchval("select member_uid from members where member_id = $1", m) for m in members
+    ]
+    assert first < second  # created in this order
+
+    async def lock_both() -> list[int]:
+        async with writing(services) as book:
+            return [member.uid for member in await book.lock(uids=[second, first])]
+
+    async with services.pool.acquire() as holder, holder.transaction():
+        await holder.execute("select 1 from members where member_uid = $1 for update", first)
+        locking = asyncio.ensure_future(lock_both())
+        await until_waiting_for_locks(services.pool, 1)
+        async with services.pool.acquire() as other, other.transaction():
+            taken = await other.fetchval(
+                "select member_uid from members where member_uid = $1 for update nowait", second
+            )
+        assert taken == second
+    assert await asyncio.wait_for(locking, 10) == [first, second]
+
+
+async def test_a_member_renamed_by_an_erasure_while_a_writer_waits_is_not_the_one_its_id_named(
+    locking_services, new_id
+):
+    services = locking_services
+    member = new_id("m")
+    await write_purchases(services, [_euros(services, member, new_id("p"), 10)])
+    uid = await services.pool.fetchval("select member_uid from members where member_id = $1", member)
+
+    async def lock_by_id() -> list[str]:
+        async with writing(services) as book:
+            return [locked.id for locked in await book.lock(ids=[member])]
+
+    async with services.pool.acquire() as eraser, eraser.transaction():
+        await eraser.execute("select 1 from members where member_uid = $1 for update", uid)
+        await ledger_store.rename_member(eraser, uid, new_id("erased"), datetime.now(UTC))
+        locking = asyncio.ensure_future(lock_by_id())  # finds the id's member, then waits for it
+        await until_waiting_for_locks(services.pool, 1)
+
+    assert await asyncio.wait_for(locking, 10) == []
+
+
 async def test_duplicates_within_one_batch_replay_or_conflict_alone(services, new_id):
     member, purchase_id = new_id("m"), new_id("p")
     original = _euros(services, member, purchase_id, 50)
@@ -483,10 +544,13 @@ async def test_duplicates_within_one_batch_replay_or_conflict_alone(services, ne
     assert available == 60
 
 
-async def test_a_batch_commits_in_one_transaction_and_tombstones_each_members_balance(services, redis_client, new_id):
+async def test_a_batch_commits_in_one_transaction_and_tombstones_each_members_balance(
+    locking_services, redis_client, new_id
+):
     """Once write_purchases returns, others see every row, written by one transaction; the
     cached balance of each member (none was read) is tombstoned at the version that transaction
     gave it."""
+    services = locking_services
     members = [new_id("m") for _ in range(3)]
 
     outcomes = await write_purchases(services, [_euros(services, m, new_id("p"), 10) for m in sorted(members)])
@@ -616,7 +680,8 @@ async def test_a_purchase_that_repays_a_refund_debt_is_written_together_and_repa
 # --- redemptions ---------------------------------------------------------------------------
 
 
-async def test_concurrent_redemptions_share_transactions_and_a_refusal_fails_alone(services, new_id):
+async def test_concurrent_redemptions_share_transactions_and_a_refusal_fails_alone(locking_services, new_id):
+    services = locking_services
     members = sorted(new_id("m") for _ in range(3))
     await write_purchases(services, [_euros(services, m, new_id("p"), 10) for m in members])  # 10 points each
     # Two of 4 points for each member, and a third for the first: 12 of its 10 points.

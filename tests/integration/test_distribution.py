@@ -8,7 +8,10 @@ acceptances, a retraction, a refund, an integration's arrivals) and the jobs are
 with every statement they send captured and EXPLAINed: each scan of a distributed table must
 compare its distribution column with the statement's values (or join it to a co-located scan
 that does), which is what lets Citus send the statement to those members' shards alone. Only the
-jobs' reads that find due rows go across members.
+reads that find a job's due rows, the messages to lease or the events to prune go across
+members. Locking members one by one
+(KONVERT_LOCK_MEMBERS), no statement that locks rows names more than one member: Citus runs a
+locking statement only when it goes to one shard.
 """
 
 from __future__ import annotations
@@ -30,8 +33,10 @@ from konvert.earning.model import PurchaseIn, RefundIn
 from konvert.earning.refunds import refund_purchase
 from konvert.earning.service import post_purchase
 from konvert.errors import IdempotencyConflict
+from konvert.events import store as events_store
 from konvert.integrations import store as integrations
 from konvert.ledger import batches, jobs
+from konvert.ledger import store as ledger_store
 from konvert.ledger.accounts import ADJUSTMENTS
 from konvert.ledger.balances import read_balance
 from konvert.ledger.book import writing
@@ -170,18 +175,25 @@ def test_citus_setup_distributes_reference_tables_first_then_members_then_the_re
 
 
 class Captured:
-    """Every statement a connection sends, with its arguments (asyncpg's query logger)."""
+    """Every statement a connection sends, with its arguments (asyncpg's query logger). A statement
+    run for many argument lists (``fetchmany``, whose arguments konvert passes as a list) counts
+    once per list."""
 
     def __init__(self) -> None:
         self.statements: list[tuple[str, tuple[Any, ...]]] = []
 
     def __call__(self, record: Any) -> None:
-        self.statements.append((record.query, tuple(record.args or ())))
+        if isinstance(record.args, list):
+            self.statements += [(record.query, tuple(args)) for args in record.args]
+        else:
+            self.statements.append((record.query, tuple(record.args or ())))
 
 
-async def _captured_services(database_url: str, redis_url: str, program: Program) -> tuple[Any, Captured]:
+async def _captured_services(
+    database_url: str, redis_url: str, program: Program, lock_members: str
+) -> tuple[Any, Captured]:
     """Services on one pooled connection whose statements are captured."""
-    settings: Settings = make_settings(database_url, redis_url, db_pool_min=1, db_pool_max=1)
+    settings: Settings = make_settings(database_url, redis_url, db_pool_min=1, db_pool_max=1, lock_members=lock_members)
     services = await composition.open_services(settings, program)
     captured = Captured()
     async with services.pool.acquire() as conn:
@@ -189,17 +201,31 @@ async def _captured_services(database_url: str, redis_url: str, program: Program
     return services, captured
 
 
+# Both ways of locking several members (KONVERT_LOCK_MEMBERS): a test marked with it gets
+# one_connection or fresh_connection in each (the parameter overrides the lock_members fixture).
+LOCK_MODES = pytest.mark.parametrize("lock_members", ["together", "one_by_one"])
+
+
 @pytest.fixture
-async def one_connection(database_url: str, redis_url: str, program: Program, redis_client: redis.Redis) -> Any:
-    services, captured = await _captured_services(database_url, redis_url, program)
+def lock_members() -> str:
+    return "together"
+
+
+@pytest.fixture
+async def one_connection(
+    database_url: str, redis_url: str, program: Program, redis_client: redis.Redis, lock_members: str
+) -> Any:
+    services, captured = await _captured_services(database_url, redis_url, program, lock_members)
     yield services, captured
     await services.close()
 
 
 @pytest.fixture
-async def fresh_connection(fresh_database_url: str, redis_url: str, program: Program, redis_client: redis.Redis) -> Any:
+async def fresh_connection(
+    fresh_database_url: str, redis_url: str, program: Program, redis_client: redis.Redis, lock_members: str
+) -> Any:
     """As one_connection, on a database of its own (for jobs, which work on every member)."""
-    services, captured = await _captured_services(fresh_database_url, redis_url, program)
+    services, captured = await _captured_services(fresh_database_url, redis_url, program, lock_members)
     yield services, captured, fresh_database_url
     await services.close()
 
@@ -221,15 +247,8 @@ async def _unrouted(
     for sql, args in statements:
         if not re.match(r"\s*(with|select|insert|update|delete)\b", sql, re.IGNORECASE):
             continue
-        plan = json.loads(await conn.fetchval(f"explain (format json) {sql}", *args))[0]["Plan"]
-        scans = []
-        for node in _scans(plan):
-            table = DISTRIBUTED.get(node.get("Relation Name", ""))
-            if table is None or table.table in distribution.GAPS or node.get("Node Type") == "ModifyTable":
-                continue
-            checked.add(table.table)
-            conditions = " ".join(str(node.get(k, "")) for k in ("Index Cond", "Recheck Cond", "Filter"))
-            scans.append((node, table, conditions))
+        scans = [scan for scan in await _distributed_scans(conn, sql, args) if scan[1].table not in distribution.GAPS]
+        checked |= {table.table for _, table, _ in scans}
         # alias -> (co-location group, distribution column) of the scans that name their rows
         routed = {
             node.get("Alias"): (_colocation(table, DISTRIBUTED), table.column)
@@ -248,19 +267,52 @@ async def _unrouted(
     return found, checked
 
 
-def _names_its_rows(column: str, conditions: str) -> bool:
+_LOCKS = re.compile(r"\bfor (update|no key update|share|key share)\b", re.IGNORECASE)
+
+
+async def _locking_several_members(conn: asyncpg.Connection, statements: list[tuple[str, tuple[Any, ...]]]) -> set[str]:
+    """The statements captured that lock rows (``for update``/``for share``) and scan a distributed
+    table without naming one value of its distribution column (``member_uid = $1``): Citus runs a
+    locking statement only when it goes to one shard (citus#4647)."""
+    found = set()
+    for sql, args in statements:
+        if not _LOCKS.search(sql):
+            continue
+        for _, table, conditions in await _distributed_scans(conn, sql, args):
+            if not _names_its_rows(table.column, conditions, one=True):
+                found.add(_flat(sql))
+    return found
+
+
+async def _distributed_scans(
+    conn: asyncpg.Connection, sql: str, args: tuple[Any, ...]
+) -> list[tuple[dict[str, Any], distribution.Distributed, str]]:
+    """Each scan of a distributed table in the statement's plan: (its node, the table, its conditions)."""
+    plan = json.loads(await conn.fetchval(f"explain (format json) {sql}", *args))[0]["Plan"]
+    scans = []
+    for node in _scans(plan):
+        table = DISTRIBUTED.get(node.get("Relation Name", ""))
+        if table is not None and node.get("Node Type") != "ModifyTable":
+            conditions = " ".join(str(node.get(k, "")) for k in ("Index Cond", "Recheck Cond", "Filter"))
+            scans.append((node, table, conditions))
+    return scans
+
+
+def _names_its_rows(column: str, conditions: str, *, one: bool = False) -> bool:
     """Whether a scan's conditions compare the distribution column with the statement's values (a
     parameter, or a constant), which Citus can route by: a join on another table's column (``l.member_uid
-    = c.member_uid``) does not say which shards to read."""
+    = c.member_uid``) does not say which shards to read. With ``one``, with one value (not ``= ANY``)."""
     value = r"(\$\d+|'[^']*'|\d+)(::[\w\[\] ]+)?"
-    return re.search(rf"\b{column}\)? = (ANY \()?\(?{value}", conditions) is not None
+    any_of = "" if one else r"(ANY \()?"
+    return re.search(rf"\b{column}\)? = {any_of}\(?{value}", conditions) is not None
 
 
 def _purchase(member_id: str) -> PurchaseIn:
     return msgspec.convert(purchase_body(member_id), PurchaseIn)
 
 
-async def _hot_requests(services: Any) -> None:
+async def _hot_requests(services: Any) -> str:
+    """Run the hot requests for a new member; returns the member's id."""
     member_id, author_id = f"dist-{uuid.uuid4().hex[:10]}", f"dist-{uuid.uuid4().hex[:10]}"
     purchase = _purchase(member_id)
     await post_purchase(services, purchase)
@@ -283,7 +335,7 @@ async def _hot_requests(services: Any) -> None:
         "kudos_id": f"k-{member_id}",
         "source": "forum",
         "post_id": f"post-{member_id}",
-        "thread_id": "t-1",
+        "thread_id": f"t-{member_id}",
         "author_id": author_id,
         "giver_id": member_id,
         "kind": "like",
@@ -312,32 +364,56 @@ async def _hot_requests(services: Any) -> None:
         services.pool, [(integration["integration_id"], f"d-{member_id}", f"c-{member_id}")]
     )
     assert [linked for _, linked in arrived.values()] == [member_id]
+    return member_id
 
 
+@LOCK_MODES
 async def test_the_hot_requests_read_and_write_by_member(one_connection: Any, database_url: str) -> None:
     """A purchase (through the group commit), a balance read, a redemption hold, a kudos and a
-    refund: every scan of a member's table in every statement they send filters by member."""
+    refund: every scan of a member's table in every statement they send filters by member. Locked
+    one by one, no statement locks rows of several members."""
     services, captured = one_connection
-    await _hot_requests(services)
+    member_id = await _hot_requests(services)
     assert len(captured.statements) > 10  # the logger saw the requests' statements
 
     # Planned as konvert plans them: once per connection, for any values (konvert.db).
     conn = await asyncpg.connect(database_url, server_settings={"plan_cache_mode": "force_generic_plan"})
     try:
         unrouted, checked = await _unrouted(conn, captured.statements)
+        locking_several = await _locking_several_members(conn, captured.statements)
+        member = await conn.fetchrow(
+            "select points_available, points_held from members where member_id = $1", member_id
+        )
+        kudos = await conn.fetch(
+            "select status, not_counted_reason from kudos where kudos_id = any($1::text[]) order by kudos_id",
+            [f"k-{member_id}", f"a0-{member_id}", f"a1-{member_id}"],
+        )
     finally:
         await conn.close()
 
+    # 20 points earned and 100 credited; 10 held for the redemption; the refund's 20 clawed back.
+    assert tuple(member) == (90, 10)
+    # The like retracted by post; the first acceptance superseded by the second (by the author
+    # themself, so it awards nothing).
+    assert [tuple(k) for k in kudos] == [("superseded", None), ("standing", "self_accept"), ("retracted", None)]
+
     assert unrouted == []
+    if services.settings.lock_one_by_one:
+        assert locking_several == set()
+        assert _flat(ledger_store.LOCK_MEMBER) in {_flat(sql) for sql, _ in captured.statements}
+    else:
+        assert locking_several == {_flat(ledger_store.LOCK_MEMBERS)}
     assert {
         *("members", "natural_keys", "accounts", "lots", "purchases", "refunds", "redemptions", "kudos"),
         *("kudos_given", "kudos_threads", "reputation_entries", "identity_links", "deliveries"),
     } <= checked
 
 
+@LOCK_MODES
 async def test_the_jobs_lock_and_settle_their_members_by_name(fresh_connection: Any) -> None:
     """Vesting and expiry find due lots across members (a read without locks, in their index's
-    order); every statement that locks or writes names the members it found."""
+    order); every statement that locks or writes names the members it found. Locked one by one,
+    no statement locks rows of several members."""
     services, captured, database_url = fresh_connection
     now = datetime.now(UTC)
     async with writing(services) as book:
@@ -355,11 +431,60 @@ async def test_the_jobs_lock_and_settle_their_members_by_name(fresh_connection: 
     conn = await asyncpg.connect(database_url, server_settings={"plan_cache_mode": "force_generic_plan"})
     try:
         unrouted, checked = await _unrouted(conn, captured.statements)
+        locking_several = await _locking_several_members(conn, captured.statements)
     finally:
         await conn.close()
     finds = {" ".join(sql.split()) for sql in (batches.FIND_DUE_PENDING_LOTS, batches.FIND_EXPIRING_LOTS)}
     assert {" ".join(found.partition("): ")[2].split()) for found in unrouted} == finds
     assert {"members", "lots", "accounts"} <= checked
+    if services.settings.lock_one_by_one:
+        assert locking_several == set()
+    else:
+        assert locking_several == {_flat(batches.LOCK_LOT_MEMBERS)}
+
+
+@LOCK_MODES
+async def test_the_webhook_leases_and_pruning_lock_by_member(fresh_connection: Any) -> None:
+    """The deliverer's leases and the outbox's pruning find their rows across members; locked one
+    by one, each statement that locks them names one member's."""
+    services, captured, database_url = fresh_connection
+    for member_id in (f"hook-{uuid.uuid4().hex[:10]}", f"hook-{uuid.uuid4().hex[:10]}"):
+        await post_purchase(services, _purchase(member_id))  # two events each
+    setup = await asyncpg.connect(database_url)
+    try:
+        await setup.execute(
+            "insert into webhook_endpoints (endpoint_id, url, secret) values ('crm', 'http://127.0.0.1:9/', 's');"
+            "insert into webhook_messages (endpoint_id, event_id, member_uid, sequence, next_attempt_at)"
+            " select 'crm', event_id, member_uid, sequence, now() from outbox_events"
+        )
+        captured.statements.clear()
+        now = datetime.now(UTC)
+        one_by_one = services.settings.lock_one_by_one
+        # Each member's first message is due.
+        leased = await events_store.claim_messages(services.pool, "crm", now, 10, now, one_by_one=one_by_one)
+        await setup.execute(
+            "update webhook_messages set status = 'delivered';"
+            "update event_cursors c set xid = e.xid, event_id = e.event_id"
+            " from (select xid, event_id from outbox_events order by xid desc, event_id desc limit 1) e"
+        )
+        pruned = await events_store.prune_events(services.pool, now + timedelta(days=1), 10, one_by_one=one_by_one)
+        await setup.execute("set plan_cache_mode = force_generic_plan")
+        unrouted, _ = await _unrouted(setup, captured.statements)
+        locking_several = await _locking_several_members(setup, captured.statements)
+    finally:
+        await setup.close()
+
+    assert (len(leased), pruned) == (2, 4)
+    if one_by_one:
+        assert locking_several == set()
+        finds = {_flat(events_store.FIND_DUE_MESSAGES), _flat(events_store.FIND_PRUNABLE)}
+        assert {_flat(found.partition("): ")[2]) for found in unrouted} == finds
+    else:
+        assert locking_several == {_flat(events_store.CLAIM), _flat(events_store.PRUNE)}
+
+
+def _flat(sql: str) -> str:
+    return " ".join(sql.split())
 
 
 async def test_the_explain_check_finds_a_scan_that_is_not_by_member(database_url: str) -> None:

@@ -305,9 +305,16 @@ async def test_an_attempt_cut_short_by_a_stop_is_made_again_after_the_restart(st
     assert len(verified) in (1, 2) and {e["id"] for e in verified} == {message["event_id"]}
 
 
-async def test_a_members_events_arrive_in_order_and_other_members_are_not_held_up(start_konvert, receiver, new_id):
+# Both ways of taking the leases and pruning (KONVERT_LOCK_MEMBERS).
+LOCK_MODES = pytest.mark.parametrize("lock_members", ["together", "one_by_one"])
+
+
+@LOCK_MODES
+async def test_a_members_events_arrive_in_order_and_other_members_are_not_held_up(
+    start_konvert, receiver, new_id, lock_members
+):
     hooks, url = receiver
-    konvert = await start_konvert()
+    konvert = await start_konvert(lock_members=lock_members)
     endpoint = await konvert.endpoint(url, event_types=["purchase.recorded"])
     first, second = new_id("a"), new_id("b")
     for n in range(3):
@@ -322,6 +329,37 @@ async def test_a_members_events_arrive_in_order_and_other_members_are_not_held_u
     await konvert.publish()
     ordered = [(e["member_id"], e["data"]["purchase_id"]) for e in hooks.events() if e["member_id"] == first]
     assert ordered == [(first, f"{first}-{n}") for n in range(3)]
+
+
+async def test_leasing_one_by_one_passes_over_messages_others_hold_and_takes_each_once(start_konvert, new_id):
+    konvert = await start_konvert(lock_members="one_by_one")
+    await konvert.endpoint("http://127.0.0.1:9/hooks", event_types=["purchase.recorded"])
+    members = sorted(new_id("m") for _ in range(3))
+    for member in members:
+        await konvert.purchase(member)
+    await konvert.readable()
+    await publisher.fan_out(konvert.services)
+    messages = await konvert.fetch(
+        "select w.member_uid, w.message_id from webhook_messages w join members m using (member_uid)"
+        " order by m.member_id"
+    )
+    now, lease_until = konvert.now(), konvert.now() + datetime.timedelta(seconds=60)
+
+    def claim() -> Awaitable[list[asyncpg.Record]]:
+        return store.claim_messages(konvert.services.pool, "crm", now, 10, lease_until, one_by_one=True)
+
+    async with konvert.services.pool.acquire() as holder, holder.transaction():
+        await holder.execute(
+            "select 1 from webhook_messages where member_uid = $1 and message_id = $2 for update", *messages[0]
+        )
+        leased = await asyncio.wait_for(claim(), 10)  # never waits for the held one
+    again = await claim()  # the others are leased already
+    after = await claim()
+
+    assert sorted(m["message_id"] for m in leased) == sorted(m["message_id"] for m in messages[1:])
+    assert [m["message_id"] for m in again] == [messages[0]["message_id"]]
+    assert after == []
+    assert {r["attempts"] for r in await konvert.fetch("select attempts from webhook_messages")} == {1}
 
 
 async def _finish_while_a_later_message_is_fanned_out(konvert: Konvert, member: str) -> int:
@@ -500,11 +538,12 @@ async def test_after_a_rotation_both_secrets_sign_until_the_grace_period_ends(st
     assert (await konvert.call("GET", "/v1/webhook-endpoints/crm"))["secret"] is None
 
 
+@LOCK_MODES
 async def test_delivered_events_are_pruned_after_the_retention_period_and_undelivered_ones_kept(
-    start_konvert, receiver, new_id
+    start_konvert, receiver, new_id, lock_members
 ):
     hooks, url = receiver
-    konvert = await start_konvert(events_retention_days=7.0)
+    konvert = await start_konvert(events_retention_days=7.0, lock_members=lock_members)
     await konvert.endpoint(url, event_types=["points.earned"])
     await konvert.purchase(new_id("m"))
     await konvert.publish()
@@ -682,10 +721,11 @@ async def test_an_endpoint_failing_for_days_is_disabled_with_an_event(start_konv
     assert enabled["enabled"] and enabled["failing_since"] is None and enabled["secret"] is None
 
 
-async def test_publishers_in_several_processes_send_each_event_once(start_konvert, receiver, new_id):
+@LOCK_MODES
+async def test_publishers_in_several_processes_send_each_event_once(start_konvert, receiver, new_id, lock_members):
     hooks, url = receiver
-    konvert = await start_konvert()
-    other = await start_konvert()
+    konvert = await start_konvert(lock_members=lock_members)
+    other = await start_konvert(lock_members=lock_members)
     await konvert.endpoint(url)
     for _ in range(20):
         await konvert.purchase(new_id("m"))
@@ -860,6 +900,7 @@ async def test_publishers_walk_their_indexes_however_many_events_are_kept(start_
         for name, statement, args in (
             ("look", store.LOOK_AFTER, (newest["xid"], newest["event_id"])),
             ("claim", store.CLAIM, ("crm", now, 64, now)),
+            ("find", store.FIND_DUE_MESSAGES, ("crm", now, 64)),  # leasing one by one
         ):
             explained = await conn.fetchval(f"explain (format json) {statement}", *args)
             plans[name] = _plan_nodes(json.loads(explained)[0]["Plan"])
@@ -867,7 +908,8 @@ async def test_publishers_walk_their_indexes_however_many_events_are_kept(start_
     # The look asks for the index's order with a limit: an exists() drops the order, and at other
     # statistics PostgreSQL then scans the table for a row that is not there.
     assert plans["look"][:2] == [("Limit", None), ("Index Only Scan", "outbox_events_order_idx")], plans["look"]
-    assert ("Index Scan", "webhook_messages_due_idx") in plans["claim"], plans["claim"]
+    for name in ("claim", "find"):
+        assert ("Index Scan", "webhook_messages_due_idx") in plans[name], plans[name]
     for nodes in plans.values():
         assert not {"Seq Scan", "Sort", "Incremental Sort"} & {node for node, _ in nodes}, nodes
 

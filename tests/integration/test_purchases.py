@@ -872,9 +872,11 @@ async def test_writes_still_invalidate_after_redis_forgets_its_scripts(post, bal
     assert (await balance(member))["available"] == 200
 
 
-async def test_a_job_batch_passes_over_held_members_and_still_comes_back_full(post, services, new_id):
+@pytest.mark.parametrize("one_by_one", [False, True], ids=["together", "one_by_one"])
+async def test_a_job_batch_passes_over_held_members_and_still_comes_back_full(post, services, new_id, one_by_one):
     """A batch that finds lots of members a request holds looks further, so that it comes back
-    short only when nothing more is due: konvert.jobs runs batches until one does."""
+    short only when nothing more is due: konvert.jobs runs batches until one does. Members locked
+    in one statement or one by one (KONVERT_LOCK_MEMBERS), alike."""
     from konvert.ledger import batches
 
     members = [new_id("m") for _ in range(4)]
@@ -892,5 +894,5 @@ async def test_a_job_batch_passes_over_held_members_and_still_comes_back_full(po
     async with services.pool.acquire() as holder, holder.transaction():
         await holder.execute("select 1 from members where member_uid = $1 for update", uids[0])
         async with services.pool.acquire() as conn, conn.transaction():
-            due = await batches.lock_due(conn, find, later, 3, ())
+            due = await batches.lock_due(conn, find, later, 3, (), one_by_one=one_by_one)
     assert sorted(row["member_uid"] for row in due) == sorted(uids[1:])

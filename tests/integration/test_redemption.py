@@ -679,14 +679,15 @@ async def test_qualifying_points_are_the_window_s_purchases_less_their_own_refun
     assert both == sum(earned.values()) - sum(clawed.values())
 
 
-async def test_the_tier_job_passes_over_members_another_transaction_holds(tier_api, new_id, database_url):
+@pytest.mark.parametrize("lock_members", ["together", "one_by_one"])
+async def test_the_tier_job_passes_over_members_another_transaction_holds(tier_api, new_id, database_url, lock_members):
     held, free = new_id("m"), new_id("m")
     for member in (held, free):
         await tier_api.post(
             "/v1/purchases", json=purchase(member, new_id("p"), line("1", 1, 10000)), headers=tier_api.admin
         )
     members = "select member_id, version, tier_evaluated_at is not null from members where member_id = any($1)"
-    services = await composition.open_services(tier_api.settings, tier_api.program)
+    services = await composition.open_services(tier_api.settings.replace(lock_members=lock_members), tier_api.program)
     conn = await asyncpg.connect(database_url)
     try:
         before = {r[0]: tuple(r[1:]) for r in await conn.fetch(members, [held, free])}

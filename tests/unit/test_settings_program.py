@@ -60,6 +60,13 @@ def test_a_value_outside_a_choice_is_refused_naming_the_variable() -> None:
         load_settings({"KONVERT_LOG_LEVEL": "loud"})
 
 
+def test_members_are_locked_together_unless_one_by_one_is_chosen() -> None:
+    assert load_settings({}).lock_one_by_one is False
+    assert load_settings({"KONVERT_LOCK_MEMBERS": "one_by_one"}).lock_one_by_one is True
+    with pytest.raises(ConfigurationError, match="KONVERT_LOCK_MEMBERS"):
+        load_settings({"KONVERT_LOCK_MEMBERS": "per_shard"})
+
+
 def test_an_unknown_variable_is_refused_naming_it() -> None:
     with pytest.raises(ConfigurationError, match="KONVERT_FOO"):
         load_settings({"KONVERT_FOO": "1"})

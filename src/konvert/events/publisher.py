@@ -202,7 +202,14 @@ class Publisher:
                 now,
             )
             free = limit - self._in_flight.get(endpoint["endpoint_id"], 0)
-            messages = await store.claim_messages(services.pool, endpoint["endpoint_id"], now, free, lease_until)
+            messages = await store.claim_messages(
+                services.pool,
+                endpoint["endpoint_id"],
+                now,
+                free,
+                lease_until,
+                one_by_one=services.settings.lock_one_by_one,
+            )
             if not messages:
                 continue
             rows = await store.select_events(services.pool, [m["event_id"] for m in messages])
@@ -385,6 +392,6 @@ async def prune(services: Services, now: datetime | None = None) -> int:
     moment = now or services.clock()
     before = moment - timedelta(days=services.settings.events_retention_days)
     batch = services.settings.jobs_batch_size
-    pruned = await store.prune_events(services.pool, before, batch)
+    pruned = await store.prune_events(services.pool, before, batch, one_by_one=services.settings.lock_one_by_one)
     await store.prune_lot_notices(services.pool, before, batch)
     return pruned

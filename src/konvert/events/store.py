@@ -328,13 +328,25 @@ async def disable_failing_endpoints(conn: Connection, failing_before: datetime) 
 
 
 async def claim_messages(
-    conn: Queryable, endpoint_id: str, now: datetime, limit: int, lease_until: datetime
+    conn: Queryable, endpoint_id: str, now: datetime, limit: int, lease_until: datetime, *, one_by_one: bool = False
 ) -> list[asyncpg.Record]:
     """Lease up to ``limit`` due messages of the endpoint for an attempt (until ``lease_until``):
     per member only the earliest pending one, so a member's events arrive in order. Messages other
-    processes hold are passed over."""
-    rows: list[asyncpg.Record] = await conn.fetch(CLAIM, endpoint_id, now, limit, lease_until)
-    return rows
+    processes hold are passed over.
+
+    ``one_by_one`` (KONVERT_LOCK_MEMBERS) finds the due messages without a lock, then leases each
+    with a statement that names its member (all sent in one round trip), checking again that it
+    is due: Citus locks rows only with a statement that goes to one shard."""
+    if not one_by_one:
+        rows: list[asyncpg.Record] = await conn.fetch(CLAIM, endpoint_id, now, limit, lease_until)
+        return rows
+    due = await conn.fetch(FIND_DUE_MESSAGES, endpoint_id, now, limit)
+    if not due:
+        return []
+    leased: list[asyncpg.Record] = await conn.fetchmany(
+        LEASE_MESSAGE, [(m["member_uid"], m["message_id"], endpoint_id, now, lease_until) for m in due]
+    )
+    return leased
 
 
 # Only a member's first pending message is due (later ones wait at 'infinity', see fan_out), so
@@ -344,9 +356,8 @@ async def claim_messages(
 # run that way, whatever the table's statistics say; events about konvert itself, member_uid 0's,
 # have no order.) Candidates are read in webhook_messages_due_idx's order, so that the scan stops
 # at the limit rather than probing every pending message before a sort, in the generic plan too.
-CLAIM = """
-with due as (
-    select m.message_id from webhook_messages m
+FIND_DUE_MESSAGES = """
+    select m.member_uid, m.message_id from webhook_messages m
     where m.endpoint_id = $1 and m.status = 'pending' and m.next_attempt_at <= $2
       and m.sequence is not distinct from (
           select p.sequence from webhook_messages p
@@ -356,12 +367,35 @@ with due as (
       )
     order by m.next_attempt_at
     limit $3
-    for update skip locked
+"""
+CLAIM = f"""
+with due as ({FIND_DUE_MESSAGES}    for update skip locked
 )
 update webhook_messages m
 set next_attempt_at = $4, attempts = m.attempts + 1, first_attempt_at = coalesce(m.first_attempt_at, $2),
     last_attempt_at = $2
 from due where m.message_id = due.message_id
+returning m.message_id, m.endpoint_id, m.event_id, m.attempts, m.first_attempt_at
+"""
+# One message, named with its member ($1, $2), leased if it is still due ($3 the endpoint, $4 now,
+# $5 the lease's end) and no other process holds it.
+LEASE_MESSAGE = """
+with due as (
+    select m.message_id from webhook_messages m
+    where m.member_uid = $1 and m.message_id = $2
+      and m.endpoint_id = $3 and m.status = 'pending' and m.next_attempt_at <= $4
+      and m.sequence is not distinct from (
+          select p.sequence from webhook_messages p
+          where p.endpoint_id = $3 and p.member_uid = $1 and p.status = 'pending'
+          order by p.sequence
+          limit 1
+      )
+    for update skip locked
+)
+update webhook_messages m
+set next_attempt_at = $5, attempts = m.attempts + 1, first_attempt_at = coalesce(m.first_attempt_at, $4),
+    last_attempt_at = $4
+from due where m.member_uid = $1 and m.message_id = due.message_id
 returning m.message_id, m.endpoint_id, m.event_id, m.attempts, m.first_attempt_at
 """
 
@@ -529,15 +563,26 @@ async def select_message(conn: Queryable, endpoint_id: str, message_id: int) -> 
 # --- pruning ----------------------------------------------------------------------------------
 
 
-async def prune_events(conn: Queryable, written_before: datetime, limit: int) -> int:
+async def prune_events(conn: Queryable, written_before: datetime, limit: int, *, one_by_one: bool = False) -> int:
     """Delete up to ``limit`` events written before ``written_before`` that every publisher has
     passed and no endpoint still waits for (their finished messages go with them). A short
-    statement of its own: it holds its row locks only while it runs."""
-    count: int = await conn.fetchval(_PRUNE, written_before, limit)
-    return count
+    statement of its own: it holds its row locks only while it runs.
+
+    ``one_by_one`` (KONVERT_LOCK_MEMBERS) finds them without a lock, then deletes each with a
+    statement that names its member (all sent in one round trip): Citus locks rows only with a
+    statement that goes to one shard."""
+    if not one_by_one:
+        count: int = await conn.fetchval(PRUNE, written_before, limit)
+        return count
+    doomed = await conn.fetch(FIND_PRUNABLE, written_before, limit)
+    if not doomed:
+        return 0
+    deleted = await conn.fetchmany(PRUNE_EVENT, [(e["member_uid"], e["event_id"]) for e in doomed])
+    return len(deleted)
 
 
-_PRUNE = """
+# The events every publisher has passed, older than $1, that no endpoint waits for; up to $2.
+_PRUNABLE = """
 with passed as (
     select s.xid as stream_xid, s.event_id as stream_event_id, w.xid as webhooks_xid, w.event_id as webhooks_event_id
     from event_cursors s, event_cursors w
@@ -551,12 +596,29 @@ with passed as (
                       where m.member_uid = e.member_uid and m.event_id = e.event_id and m.status = 'pending')
     order by e.xid, e.event_id
     limit $2
-    for update of e skip locked
+"""
+PRUNE = f"""{_PRUNABLE}    for update of e skip locked
 ), deleted as (
     delete from outbox_events e using doomed d
     where e.member_uid = d.member_uid and e.event_id = d.event_id returning 1
 )
 select count(*) from deleted
+"""
+FIND_PRUNABLE = f"""{_PRUNABLE})
+select member_uid, event_id from doomed
+"""
+# One event, named with its member. Its age and the cursors having passed it do not change; a
+# message that waits for it may have been added since it was found, so that is checked again.
+PRUNE_EVENT = """
+with doomed as (
+    select e.member_uid, e.event_id from outbox_events e
+    where e.member_uid = $1 and e.event_id = $2
+      and not exists (select 1 from webhook_messages m
+                      where m.member_uid = $1 and m.event_id = $2 and m.status = 'pending')
+    for update of e skip locked
+)
+delete from outbox_events e using doomed d
+where e.member_uid = $1 and e.event_id = d.event_id returning 1
 """
 
 

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import asyncpg
 
 from konvert.db import Connection, Row
-from konvert.ledger.store import TierStanding
+from konvert.ledger.store import TierStanding, lock_each
 
 # A due lot as the jobs' lock statements return it: its member_uid and lot_id (and more).
 LotOf = Row
@@ -139,12 +139,12 @@ from updated u left join posted p using (member_uid)
 
 
 async def lock_due_pending_lots(
-    conn: Connection, now: datetime, limit: int, passed_over: Sequence[int] = ()
+    conn: Connection, now: datetime, limit: int, passed_over: Sequence[int] = (), *, one_by_one: bool = False
 ) -> list[dict[str, Any]]:
     """Up to ``limit`` pending lots whose return window has closed, oldest due first, of members
     this transaction now holds locked; lots of members another transaction holds, and of the
     members ``passed_over``, are left for later. With each lot its member's id and refund debt."""
-    return await lock_due(conn, FIND_DUE_PENDING_LOTS, now, limit, passed_over)
+    return await lock_due(conn, FIND_DUE_PENDING_LOTS, now, limit, passed_over, one_by_one=one_by_one)
 
 
 # A job's batch in two statements: the due lots are found across members without a lock (in the
@@ -160,6 +160,11 @@ limit $2
 """
 LOCK_LOT_MEMBERS = """
 select member_uid, member_id, points_debt from members where member_uid = any($1::bigint[])
+for update skip locked
+"""
+# The same for one member, a statement each (KONVERT_LOCK_MEMBERS=one_by_one; store.lock_each).
+LOCK_LOT_MEMBER = """
+select member_uid, member_id, points_debt from members where member_uid = $1
 for update skip locked
 """
 
@@ -202,17 +207,24 @@ async def find_and_lock(
 
 
 async def lock_due(
-    conn: Connection, find: str, now: datetime, limit: int, passed_over: Sequence[int]
+    conn: Connection,
+    find: str,
+    now: datetime,
+    limit: int,
+    passed_over: Sequence[int],
+    *,
+    one_by_one: bool = False,
 ) -> list[dict[str, Any]]:
     """The due lots ``find`` finds ($1 now, $2 limit, $3 members passed over), each with its
     member's id and refund debt, of the members this transaction then holds locked
-    (``find_and_lock``)."""
-    lots, members = await find_and_lock(
-        lambda skipped: conn.fetch(find, now, limit, skipped),
-        lambda uids: conn.fetch(LOCK_LOT_MEMBERS, uids),
-        limit,
-        passed_over,
-    )
+    (``find_and_lock``; with ``one_by_one``, a statement per member)."""
+
+    async def lock(uids: list[int]) -> list[asyncpg.Record]:
+        if one_by_one:
+            return await lock_each(conn, LOCK_LOT_MEMBER, uids)
+        return await conn.fetch(LOCK_LOT_MEMBERS, uids)
+
+    lots, members = await find_and_lock(lambda skipped: conn.fetch(find, now, limit, skipped), lock, limit, passed_over)
     return [{"lot_id": lot["lot_id"], **members[lot["member_uid"]]} for lot in lots]
 
 
@@ -262,12 +274,12 @@ returning m.member_uid, m.member_id, m.version, p.lots, p.points, p.lot_ids,
 
 
 async def lock_expiring_lots(
-    conn: Connection, now: datetime, limit: int, passed_over: Sequence[int] = ()
+    conn: Connection, now: datetime, limit: int, passed_over: Sequence[int] = (), *, one_by_one: bool = False
 ) -> list[dict[str, Any]]:
     """Up to ``limit`` lots whose expiry has come, soonest first, of members this transaction
     now holds locked; lots of members another transaction holds, and of the members
     ``passed_over``, are left for later."""
-    return await lock_due(conn, FIND_EXPIRING_LOTS, now, limit, passed_over)
+    return await lock_due(conn, FIND_EXPIRING_LOTS, now, limit, passed_over, one_by_one=one_by_one)
 
 
 # As vesting's, in the order of lots_expiry_order_idx.

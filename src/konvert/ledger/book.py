@@ -131,11 +131,12 @@ class Book:
         """Lock members (by uid or id) in member_uid order; with ``create``, members named by an
         id that does not exist yet are created first (and locked after the others)."""
         wanted_ids = set(ids)
-        rows = await store.lock_members(self.conn, uids=list(uids), ids=sorted(wanted_ids))
+        one_by_one = self._services.settings.lock_one_by_one
+        rows = await store.lock_members(self.conn, uids=list(uids), ids=sorted(wanted_ids), one_by_one=one_by_one)
         missing = wanted_ids - {row["member_id"] for row in rows}
         if create and missing:
             await store.insert_members(self.conn, sorted(missing))
-            rows += await store.lock_members(self.conn, ids=sorted(missing))
+            rows += await store.lock_members(self.conn, ids=sorted(missing), one_by_one=one_by_one)
         return [self._note(row) for row in rows]
 
     async def member(self, member_id: str, *, create: bool = False) -> Member | None:

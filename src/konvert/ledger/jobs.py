@@ -75,7 +75,9 @@ async def vest_due_lots(services: Services, now: datetime | None = None) -> int:
     return await work_due_lots(
         services,
         "vesting",
-        lock=lambda conn, passed_over: batches.lock_due_pending_lots(conn, moment, batch_size, passed_over),
+        lock=lambda conn, passed_over: batches.lock_due_pending_lots(
+            conn, moment, batch_size, passed_over, one_by_one=services.settings.lock_one_by_one
+        ),
         settle=settle,
         alone=alone,
         by_itself=lambda row: row["points_debt"] > 0,
@@ -100,7 +102,9 @@ async def expire_due_lots(services: Services, now: datetime | None = None) -> in
     return await work_due_lots(
         services,
         "expiry",
-        lock=lambda conn, passed_over: batches.lock_expiring_lots(conn, moment, batch_size, passed_over),
+        lock=lambda conn, passed_over: batches.lock_expiring_lots(
+            conn, moment, batch_size, passed_over, one_by_one=services.settings.lock_one_by_one
+        ),
         settle=settle,
         alone=alone,
     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import asyncpg
 
@@ -74,19 +74,41 @@ async def insert_members(conn: Connection, member_ids: Sequence[str]) -> None:
     )
 
 
-async def lock_members(conn: Connection, *, uids: Sequence[int] = (), ids: Sequence[str] = ()) -> list[asyncpg.Record]:
+async def lock_members(
+    conn: Connection, *, uids: Sequence[int] = (), ids: Sequence[str] = (), one_by_one: bool = False
+) -> list[asyncpg.Record]:
     """Lock the members' rows (those that exist, named by uid or by id) until the transaction
     ends, in member_uid order: the order of every writer that locks several members, so that two
     of them never wait for each other in a circle. Ids are resolved first (``select_member_uids``);
-    a member renamed by an erasure meanwhile is not the one its old id named, and is left out."""
+    a member renamed by an erasure meanwhile is not the one its old id named, and is left out.
+
+    ``one_by_one`` locks each member with a statement of its own (KONVERT_LOCK_MEMBERS), all of
+    them sent in one round trip and run in order."""
     by_id = await select_member_uids(conn, ids) if ids else {}
-    rows: list[asyncpg.Record] = await conn.fetch(
-        f"select {MEMBER_COLUMNS} from members where member_uid = any($1::bigint[]) order by member_uid for update",
-        sorted({*uids, *by_id.values()}),
-    )
+    wanted_uids = sorted({*uids, *by_id.values()})
+    rows: list[asyncpg.Record]
+    if one_by_one:
+        rows = await lock_each(conn, LOCK_MEMBER, wanted_uids)
+    else:
+        rows = await conn.fetch(LOCK_MEMBERS, wanted_uids)
     named = {uid: member_id for member_id, uid in by_id.items()}
     wanted = set(uids)
     return [row for row in rows if row["member_uid"] in wanted or named.get(row["member_uid"]) == row["member_id"]]
+
+
+async def lock_each(conn: Connection, lock_one: str, uids: Sequence[int], *args: Any) -> list[asyncpg.Record]:
+    """The rows ``lock_one`` returns for each member ($1 the member_uid, then ``args``): a statement
+    per member, in the order given, all sent in one round trip (asyncpg's ``fetchmany``) and run
+    one after the other. For locks that Citus must send to one shard each."""
+    return await conn.fetchmany(lock_one, [(uid, *args) for uid in uids]) if uids else []
+
+
+LOCK_MEMBERS = (
+    f"select {MEMBER_COLUMNS} from members where member_uid = any($1::bigint[]) order by member_uid for update"
+)
+# One member's: Citus runs a statement that locks rows only when it goes to one shard
+# (docs/SCALING.md, "Locking several members").
+LOCK_MEMBER = f"select {MEMBER_COLUMNS} from members where member_uid = $1 for update"
 
 
 async def rename_member(conn: Connection, member_uid: int, pseudonym: str, now: datetime) -> asyncpg.Record:

@@ -55,7 +55,12 @@ async def reevaluate_due(services: Services, now: datetime | None = None) -> int
         return 0
     moment = now or services.clock()
     async with writing(services) as book:
-        due = await store.lock_due_members(book.conn, moment - timedelta(days=1), services.settings.jobs_batch_size)
+        due = await store.lock_due_members(
+            book.conn,
+            moment - timedelta(days=1),
+            services.settings.jobs_batch_size,
+            one_by_one=services.settings.lock_one_by_one,
+        )
         if not due:
             return 0
         since = moment - timedelta(days=tiers.window_days)

@@ -13,6 +13,7 @@ import asyncpg
 
 from konvert.db import Connection
 from konvert.ledger.batches import find_and_lock
+from konvert.ledger.store import lock_each
 
 
 def qualifying_points_sql(member_uid: str, since: str) -> str:
@@ -46,16 +47,21 @@ async def select_qualifying_points(conn: Connection, member_uids: Sequence[int],
     return {row["member_uid"]: row["points"] for row in rows}
 
 
-async def lock_due_members(conn: Connection, evaluated_before: datetime, limit: int) -> list[asyncpg.Record]:
+async def lock_due_members(
+    conn: Connection, evaluated_before: datetime, limit: int, *, one_by_one: bool = False
+) -> list[asyncpg.Record]:
     """Up to ``limit`` members with a tier not evaluated since ``evaluated_before``, least recently
     evaluated first, locked; members another transaction holds (a purchase's, another process's
-    job) are passed over. Found without a lock, then locked by uid, as the ledger's jobs' lots
-    are (konvert.ledger.batches.find_and_lock)."""
+    job) are passed over. Found without a lock, then locked by uid (with ``one_by_one``, a
+    statement per member), as the ledger's jobs' lots are (konvert.ledger.batches.find_and_lock)."""
+
+    async def lock(uids: list[int]) -> list[asyncpg.Record]:
+        if one_by_one:
+            return await lock_each(conn, LOCK_DUE_MEMBER, uids, evaluated_before)
+        return await conn.fetch(LOCK_DUE_MEMBERS, uids, evaluated_before)
+
     found, locked = await find_and_lock(
-        lambda skipped: conn.fetch(FIND_DUE_MEMBERS, evaluated_before, limit, skipped),
-        lambda uids: conn.fetch(LOCK_DUE_MEMBERS, uids, evaluated_before),
-        limit,
-        (),
+        lambda skipped: conn.fetch(FIND_DUE_MEMBERS, evaluated_before, limit, skipped), lock, limit, ()
     )
     return [locked[row["member_uid"]] for row in found]
 
@@ -74,6 +80,12 @@ limit $2
 LOCK_DUE_MEMBERS = """
 select member_uid, member_id, tier, tier_below_since, tier_qualifying_points from members
 where member_uid = any($1::bigint[])
+  and tier is not null and coalesce(tier_evaluated_at, '-infinity'::timestamptz) < $2
+for update skip locked
+"""
+LOCK_DUE_MEMBER = """
+select member_uid, member_id, tier, tier_below_since, tier_qualifying_points from members
+where member_uid = $1
   and tier is not null and coalesce(tier_evaluated_at, '-infinity'::timestamptz) < $2
 for update skip locked
 """
