@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import asyncpg
 
 from konvert.db import Connection, Row
-from konvert.ledger.store import TierStanding, lock_each
+from konvert.ledger.store import MEMBER_COLUMNS, TierStanding, lock_each
 
 # A due lot as the jobs' lock statements return it: its member_uid and lot_id (and more).
 LotOf = Row
@@ -132,6 +132,61 @@ with earn as (
 )
 select u.member_uid, u.member_id, u.version, u.points_debt, u.points_available, p.ord, p.lot_id, p.transfer_id
 from updated u left join posted p using (member_uid)
+"""
+
+
+class ReputationPosting(NamedTuple):
+    """Reputation to (positive) or from (negative) a member's account, against a system account."""
+
+    member_uid: int
+    amount: int
+    system_account_id: int
+    code: str
+    cause_type: str
+    cause_ref: str
+    reason: str
+    reverses_transfer_id: int | None
+
+
+async def post_reputation(
+    conn: Connection, postings: Sequence[ReputationPosting]
+) -> tuple[list[int], list[asyncpg.Record]]:
+    """Post reputation moves of members this transaction holds locked, in one statement: a
+    transfer each, and each member's reputation (version + 1). Returns the transfers' ids in
+    order and the row of every member posted to."""
+    rows = await conn.fetch(_POST_REPUTATION, *zip(*postings, strict=True))
+    return list(rows[0]["transfer_ids"]), rows
+
+
+_POST_REPUTATION = f"""
+with move as materialized (
+    select m.*, nextval('transfers_transfer_id_seq') as transfer_id
+    from unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[],
+                $8::bigint[])
+         with ordinality as m (member_uid, amount, system_account_id, code, cause_type, cause_ref, reason,
+                               reverses_transfer_id, ord)
+), transfer as (
+    insert into transfers (transfer_id, member_uid, asset, debit_account_id, credit_account_id, amount, code,
+                           cause_type, cause_ref, reverses_transfer_id, reason)
+    overriding system value
+    -- Left: a member without the account leaves its side null, which the table refuses.
+    select m.transfer_id, m.member_uid, 'reputation',
+           case when m.amount > 0 then m.system_account_id else a.account_id end,
+           case when m.amount > 0 then a.account_id else m.system_account_id end,
+           abs(m.amount), m.code, m.cause_type, m.cause_ref, m.reverses_transfer_id, m.reason
+    from move m
+    left join accounts a on a.member_uid = m.member_uid and a.asset = 'reputation' and a.name = 'reputation'
+                        and a.member_uid = any($1::bigint[])
+    order by m.ord
+), change as (
+    select member_uid, sum(amount) as amount from move group by member_uid
+), updated as (
+    update members u set reputation = u.reputation + c.amount, version = u.version + 1
+    from change c
+    where u.member_uid = c.member_uid and u.member_uid = any($1::bigint[])
+    returning {", ".join(f"u.{column.strip()}" for column in MEMBER_COLUMNS.split(","))}
+)
+select u.*, (select array_agg(transfer_id order by ord) from move) as transfer_ids from updated u
 """
 
 

@@ -483,28 +483,26 @@ class Book:
 
     # --- reputation -----------------------------------------------------------------------
 
-    async def move_reputation(self, member: Member, moves: Sequence[ReputationMove]) -> list[int]:
-        """Credit (positive) or debit (negative) the member's reputation, one transfer per move
-        against its system account; returns their ids in order."""
-        legs = []
-        for move in moves:
-            system_id = await self.system_account(move.account)
-            leg = Leg(
-                "reputation",
-                abs(move.amount),
+    async def move_reputation(self, moves: Sequence[tuple[Member, ReputationMove]]) -> list[int]:
+        """Credit (positive) or debit (negative) members' reputation, one transfer per move against
+        its system account, all in one statement; returns the transfers' ids in order. Each
+        member's version moves once."""
+        posted = [
+            batches.ReputationPosting(
+                member.uid,
+                move.amount,
+                await self.system_account(move.account),
                 move.code,
                 move.cause.type,
                 move.cause.ref,
                 move.reason,
-                reverses_transfer_id=move.reverses_transfer_id,
+                move.reverses_transfer_id,
             )
-            if move.amount > 0:
-                legs.append(leg._replace(debit_account_id=system_id, credit_bucket="reputation"))
-            else:
-                legs.append(leg._replace(debit_bucket="reputation", credit_account_id=system_id))
-        deltas = Deltas(reputation=sum(move.amount for move in moves))
-        transfer_ids, row = await store.post(self.conn, member.uid, legs, [], deltas)
-        self._changed(row)
+            for member, move in moves
+        ]
+        transfer_ids, rows = await batches.post_reputation(self.conn, posted)
+        for row in rows:
+            self._changed(row)
         return transfer_ids
 
     # --- many members at once -------------------------------------------------------------

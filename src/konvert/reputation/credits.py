@@ -94,43 +94,27 @@ class Credits:
             )
 
     async def post(self) -> Posted:
-        """Write every planned change. Per member, credits go first, so the floor only holds back
-        what the change as a whole would take below it."""
-        posted = Posted({}, [])
+        """Write every planned change: the members' reputation in one ledger posting, then every
+        entry and credit in one statement. Per member, credits go first, so the floor only holds
+        back what the change as a whole would take below it."""
         uids = sorted({p.member_uid for p in self.planned})
         kept = await store.select_floor_kept(self.conn, uids) if uids else {}
-        entries: list[tuple[int, store.Entry]] = []
+        steps: list[tuple[Planned, int]] = []
         kept_after: dict[int, int] = {}
         for member_uid in uids:
             planned = sorted((p for p in self.planned if p.member_uid == member_uid), key=lambda p: p.change < 0)
-            member_kept = await self._post_member(member_uid, planned, kept.get(member_uid, 0), posted, entries)
+            member_steps, member_kept = self._apply_floor(member_uid, planned, kept.get(member_uid, 0))
+            steps += member_steps
             if member_kept != kept.get(member_uid, 0):
                 kept_after[member_uid] = member_kept
-        if entries:
-            await store.record_changes(self.conn, entries)
-        if kept_after:
-            await store.set_floor_kept(self.conn, kept_after)
-        self.planned = []
-        return posted
-
-    async def _post_member(
-        self, member_uid: int, planned: list[Planned], kept: int, posted: Posted, entries: list[tuple[int, store.Entry]]
-    ) -> int:
-        """Post one member's planned changes (adding what they make to ``posted`` and ``entries``);
-        return what the floor keeps of the member's reputation after them."""
-        member = self.book.current(self.members[member_uid])
-        floor = self.services.program.reputation.floor
-        reputation = member.reputation
-        steps = []
-        for p in planned:
-            step = rules.apply_floor(reputation, kept, floor, p.change)
-            steps.append((p, step.posted))
-            reputation += step.posted
-            kept = step.floor_kept
-        moves = [await self._move(p, amount) for p, amount in steps if amount]
-        transfer_ids = iter(await self.book.move_reputation(member, moves) if moves else [])
+        before = {uid: self.book.current(self.members[uid]).reputation for uid in uids}
+        moves = [(self.members[p.member_uid], await self._move(p, amount)) for p, amount in steps if amount]
+        transfer_ids = iter(await self.book.move_reputation(moves) if moves else [])
+        posted = Posted({}, [])
+        entries: list[tuple[int, store.Entry]] = []
         for p, amount in steps:
             transfer_id = next(transfer_ids) if amount else None
+            member = self.members[p.member_uid]
             entry = store.Entry(
                 member.uid, p.kudos_pk, p.role, p.source, p.day, p.reason, p.change, amount, transfer_id, p.cause_pk
             )
@@ -148,8 +132,28 @@ class Credits:
                     transfer_id=transfer_id,
                 )
             )
-        self._record_rank_change(member, member.reputation, reputation, planned[0].cause_id)
-        return kept
+        if entries:
+            await store.record_changes(self.conn, entries)
+        if kept_after:
+            await store.set_floor_kept(self.conn, kept_after)
+        for uid in uids:
+            cause_id = next(p.cause_id for p in self.planned if p.member_uid == uid)
+            self._record_rank_change(self.book.current(self.members[uid]), before[uid], cause_id)
+        self.planned = []
+        return posted
+
+    def _apply_floor(self, member_uid: int, planned: list[Planned], kept: int) -> tuple[list[tuple[Planned, int]], int]:
+        """What each of a member's planned changes posts, the floor applied; and what the floor
+        keeps of the member's reputation after them."""
+        floor = self.services.program.reputation.floor
+        reputation = self.book.current(self.members[member_uid]).reputation
+        steps = []
+        for p in planned:
+            step = rules.apply_floor(reputation, kept, floor, p.change)
+            steps.append((p, step.posted))
+            reputation += step.posted
+            kept = step.floor_kept
+        return steps, kept
 
     async def _move(self, p: Planned, posted: int) -> ReputationMove:
         reason = _TRANSFER_REASONS[p.reason].format(cause=p.cause_id)
@@ -161,8 +165,10 @@ class Credits:
         reverses = await store.select_first_award_transfer(self.conn, p.member_uid, p.kudos_pk, p.role)
         return ReputationMove(posted, account, "retract", Cause("kudos", p.kudos_id), reason, reverses)
 
-    def _record_rank_change(self, member: Member, before: int, after: int, cause_id: str) -> None:
+    def _record_rank_change(self, member: Member, before: int, cause_id: str) -> None:
+        """After posting: a rank_changed event if the member's reputation moved to another rank."""
         ranks = self.services.program.reputation.ranks
+        after = member.reputation
         old, new = rules.rank_for(ranks, before).rank, rules.rank_for(ranks, after).rank
         if old != new:
             data = events.RankChanged(from_rank=old, to_rank=new, reputation=after, kudos_id=cause_id)
