@@ -459,9 +459,9 @@ async def _record_likes(
         for kudos_pk, k in zip(await store.insert_kudos(conn, new), new, strict=True)
     ]
     credits = Credits(services, book, by_uid)
-    shares = await store.select_day_shares(
-        conn, [(k.author_uid, k.day) for k in new], services.program.reputation.daily_cap
-    )
+    days = [(k.author_uid, k.day) for k in new]
+    arrived = [record["kudos_pk"] for record in records]
+    shares = await store.select_day_shares(conn, days, services.program.reputation.daily_cap, arrived)
     for record in records:
         _plan_shares(credits, [r for r in shares if r["author_uid"] == record["author_uid"]], record)
     posted = await credits.post()

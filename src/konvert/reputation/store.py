@@ -317,33 +317,46 @@ async def set_retraction_response(conn: Connection, author_uid: int, kudos_pk: i
     )
 
 
-async def select_day_shares(conn: Connection, days: Sequence[tuple[int, date]], cap: int) -> list[asyncpg.Record]:
+async def select_day_shares(
+    conn: Connection, days: Sequence[tuple[int, date]], cap: int, arrived: Sequence[int] = ()
+) -> list[asyncpg.Record]:
     """The standing likes and helpful marks whose share of the cap may change, on authors' days
     ((author_uid, day) each), in canonical order per day.
 
     Each row carries ``worth_before``: what the kudos before it (in canonical order) are worth.
     Rows crediting nothing with the cap already full before them are left out: whatever changes,
-    they still credit nothing. What is returned is the credited ones plus the first ones past
-    the cap, so the work stays proportional to the cap, not to a popular member's day.
+    they still credit nothing.
+
+    After kudos ``arrived`` (their kudos_pk), only the credited rows and those kudos are read:
+    the cap is shared in canonical order, so every kudos worth something before the last credited
+    one is credited, and the rows past the cap can only lose room to an arrival, never gain it.
+    Their worth before comes out the same from those rows alone, and the work stays proportional
+    to the cap, not to a popular member's day (the credited rows have an index of their own).
+    A retraction frees room for the rows past the cap: without ``arrived``, the whole day is read.
     """
     return await conn.fetch(
-        """
-        select author_uid, day, kudos_pk, kudos_id, source, value, author_credited, worth_before from (
-            select k.author_uid, k.day, k.kudos_pk, k.kudos_id, k.source, k.occurred_at, k.value, k.author_credited,
-                   coalesce(sum(k.value) over (partition by k.author_uid, k.day
-                                               order by k.occurred_at, k.kudos_id collate "C"
-                                               rows between unbounded preceding and 1 preceding), 0) as worth_before
-            from (select distinct author_uid, day from unnest($1::bigint[], $2::date[]) as d (author_uid, day)) d
-            join kudos k on k.author_uid = d.author_uid and k.day = d.day
-            where k.author_uid = any($1::bigint[]) and k.status = 'standing' and k.kind in ('like', 'helpful')
-        ) day
-        where author_credited > 0 or worth_before < $3
-        order by author_uid, day, occurred_at, kudos_id collate "C"
-        """,
+        _DAY_SHARES.format(rows="and (k.author_credited > 0 or k.kudos_pk = any($4::bigint[]))" if arrived else ""),
         [author_uid for author_uid, _ in days],
         [day for _, day in days],
         cap,
+        *([list(arrived)] if arrived else []),
     )
+
+
+_DAY_SHARES = """
+select author_uid, day, kudos_pk, kudos_id, source, value, author_credited, worth_before from (
+    select k.author_uid, k.day, k.kudos_pk, k.kudos_id, k.source, k.occurred_at, k.value, k.author_credited,
+           coalesce(sum(k.value) over (partition by k.author_uid, k.day
+                                       order by k.occurred_at, k.kudos_id collate "C"
+                                       rows between unbounded preceding and 1 preceding), 0) as worth_before
+    from (select distinct author_uid, day from unnest($1::bigint[], $2::date[]) as d (author_uid, day)) d
+    join kudos k on k.author_uid = d.author_uid and k.day = d.day
+    where k.author_uid = any($1::bigint[]) and k.day = any($2::date[])
+      and k.status = 'standing' and k.kind in ('like', 'helpful') {rows}
+) day
+where author_credited > 0 or worth_before < $3
+order by author_uid, day, occurred_at, kudos_id collate "C"
+"""
 
 
 async def select_first_award_transfer(conn: Connection, member_uid: int, kudos_pk: int, role: str) -> int | None:
