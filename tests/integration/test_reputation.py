@@ -1090,7 +1090,7 @@ async def test_leaderboards_are_the_same_after_redis_is_flushed_and_rebuilt(
     result = _cli(database_url, redis_url, "leaderboards", "rebuild")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "leaderboards rebuilt" in result.stdout
-    assert int(await redis_client.get(keys.marker)) > int(built)  # the boards the app reads were rebuilt
+    assert await redis_client.get(keys.marker) != built  # the boards the app reads were rebuilt
     after_cli = await snapshot()
 
     assert after_flush == before and after_cli == before
@@ -1104,11 +1104,42 @@ async def test_a_change_that_could_not_reach_redis_makes_the_next_read_rebuild(a
     # A write in another process (here: the test's own services) committed, but Redis missed it.
     boards.missed_change = True
 
-    async with services.pool.acquire() as conn:
-        await boards.add(conn, [])  # the next use of Redis by that process drops the marker
+    async with services.pool.acquire() as conn, conn.transaction():
+        await boards.hold(conn)  # that process's next write drops the marker first
 
     assert await services.redis.get((await boards.keys(services.pool)).marker) is None
     assert entries(await api.board(source=source)) == [(1, member, 10)]
+
+
+ADVISORY_LOCKS = """
+select 1 from pg_locks
+where locktype = 'advisory' and database = (select oid from pg_database where datname = current_database())
+"""
+
+
+async def test_a_rebuild_waits_for_writes_in_flight_and_their_increments_miss_it(api, services: Services, new_id):
+    """A writing transaction holds the leaderboards' lock until it ends: a rebuild that starts
+    meanwhile waits, and includes what it committed; the write's increment, for the generation it
+    read, then changes nothing of the new build."""
+    source, member = new_id("lb"), new_id("m")
+    await api.give(kudos(member, new_id("g"), source=source))
+    boards = services.shared(leaderboard.Leaderboards)
+    member_uid = (await api.fetch("select member_uid from members where member_id = $1", member))[0][0]
+    async with services.pool.acquire() as writer:
+        async with writer.transaction():
+            generation = await boards.hold(writer)
+            assert generation is not None
+            rebuild = asyncio.create_task(leaderboard.rebuild(services))
+            async with asyncio.timeout(10):
+                while not await api.fetch(ADVISORY_LOCKS + " and not granted"):  # noqa: ASYNC110 (PostgreSQL signals nothing)
+                    await asyncio.sleep(0.01)
+            assert not rebuild.done()
+        await rebuild  # the writer committed: the rebuild went on
+
+    await boards.add(generation, [leaderboard.Delta(member_uid, source, DAY.date(), 10)])
+
+    assert entries(await api.board(source=source)) == [(1, member, 10)]
+    assert await api.fetch(ADVISORY_LOCKS) == []
 
 
 async def test_leaderboards_are_unavailable_without_redis_but_kudos_still_count(

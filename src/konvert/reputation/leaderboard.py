@@ -11,7 +11,7 @@ rebuilds the boards without the erased member.
 Keys (one hash tag, so one Redis Cluster slot; ``<g>`` is the build generation)::
 
     <prefix>:{lb:<ns>}:rep:built                     generation of the complete build (the marker)
-    <prefix>:{lb:<ns>}:rep:generation                counter of builds
+    <prefix>:{lb:<ns>}:rep:generation                counter of builds (a generation is <counter>-<random>)
     <prefix>:{lb:<ns>}:rep:g<g>:<board>:<source|*>   sorted set member_uid -> score
     ...:<source|*>:scores                            sorted set of the distinct scores (dense ranks)
     ...:<source|*>:counts                            hash score -> members with it
@@ -25,11 +25,16 @@ with ``<board>`` one of ``all``, ``week:2026-W47``, ``month:2026-11``. Sources c
 ``:``, so these names never collide. A member's dense rank is one more than the number of
 distinct scores above theirs: O(log n) whatever the ties.
 
-Consistency with PostgreSQL. Writers add their changes after their transaction commits,
-holding a shared PostgreSQL advisory lock from before the transaction until Redis has the
-change; a rebuild holds that lock exclusively. So a rebuild sees every committed change
-whose increment is already in Redis and none that could still arrive: its snapshot is exact.
-It writes a new generation and then switches the marker, so readers never see half a build.
+Consistency with PostgreSQL. A writing transaction first takes a shared PostgreSQL advisory
+lock, held until it ends, and reads under it the generation of the complete build (the
+marker); after the commit it adds its changes to that generation only, with a script that
+checks the marker still names it. A rebuild holds the lock exclusively from before its
+snapshot until it has switched the marker to its new generation, so it waits for the
+transactions in flight and they for it: a change that committed before its snapshot is in the
+new build, and its increment goes to the old generation or nowhere; a transaction that started
+after it reads the new generation. Every build's generation is a name never used before (a
+counter and a random part), so an increment can never reach a later build by its number. A
+rebuild writes a new generation and then switches the marker, so readers never see half a build.
 When the marker is missing (Redis was flushed or restarted empty) the first read rebuilds
 (writers skip their increments meanwhile: the rebuild includes them), and a process that
 could not reach Redis after a commit drops the marker as soon as Redis answers again, so the
@@ -40,13 +45,13 @@ read would move the load of a Redis outage onto the database that decides balanc
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import logging
+import secrets
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -228,8 +233,29 @@ class Leaderboards:
             self.missed_change = False
             log.info("leaderboards marked for rebuild after a missed change")
 
-    async def add(self, conn: Connection, deltas: Iterable[Delta], now: datetime | None = None) -> None:
-        """Add committed changes to every board they belong to. Never raises: Redis only remembers."""
+    async def hold(self, conn: Connection) -> str | None:
+        """First thing in a writing transaction: take the leaderboards' lock shared until the
+        transaction ends, and return the generation of the complete build that its changes go to
+        after the commit (None: there is none, or Redis does not answer)."""
+        await conn.execute("select pg_advisory_xact_lock_shared($1)", LOCK_KEY)
+        if not self.available():
+            self.missed_change = True
+            return None
+        try:
+            keys = await self.keys(conn)
+            await self.forget_missed_changes(keys)
+            generation = await self.redis.get(keys.marker)
+        except _ADD_ERRORS as exc:
+            self.missed_change = True
+            self.failed("add", exc)
+            return None
+        # No build: the rebuild that the next read makes includes this transaction's changes.
+        return None if generation is None else _text(generation)
+
+    async def add(self, generation: str | None, deltas: Iterable[Delta], now: datetime | None = None) -> None:
+        """Add committed changes to every board of ``generation`` (what ``hold`` returned) they
+        belong to, unless a rebuild replaced it meanwhile (it includes them). Never raises: Redis
+        only remembers."""
         totals: dict[tuple[str, str, int], int] = defaultdict(int)
         for delta in deltas:
             if delta.amount == 0:
@@ -239,55 +265,30 @@ class Leaderboards:
                 for source in (delta.source, ALL_SOURCES):
                     totals[(board, source, delta.member_uid)] += delta.amount
         changes = [(key, amount) for key, amount in totals.items() if amount != 0]
-        if not changes and not self.missed_change:
+        if generation is None or not changes or self._keys is None:
             return
         if not self.available():
             self.missed_change = True
             return
         now = now or datetime.now(UTC)
-        try:
-            keys = await self.keys(conn)
-            await self.forget_missed_changes(keys)
-            generation = await self.redis.get(keys.marker)
-            if generation is None or not changes:
-                return  # nothing built: the rebuild that the next read makes includes this change
-            generation = _text(generation)
-            calls = []
-            for (board, source, member_uid), amount in changes:
-                board_keys = keys.board(generation, board, source)
-                board_key_names = (board_keys.members, board_keys.scores, board_keys.counts)
-                calls.append(
-                    (
-                        (keys.marker, *board_key_names, keys.registry(generation)),
-                        (generation, member_uid, amount, board_ttl_seconds(board, now)),
-                    )
+        keys = self._keys
+        calls = []
+        for (board, source, member_uid), amount in changes:
+            board_keys = keys.board(generation, board, source)
+            board_key_names = (board_keys.members, board_keys.scores, board_keys.counts)
+            calls.append(
+                (
+                    (keys.marker, *board_key_names, keys.registry(generation)),
+                    (generation, member_uid, amount, board_ttl_seconds(board, now)),
                 )
+            )
+        try:
             for reply in await _INCREMENT.run_each(self.redis, calls):
                 if isinstance(reply, Exception):
                     raise reply
         except _ADD_ERRORS as exc:
             self.missed_change = True
             self.failed("add", exc)
-
-
-@contextlib.asynccontextmanager
-async def writing(conn: Connection) -> AsyncIterator[None]:
-    """Hold the leaderboards' lock shared while a use case commits and adds its changes to Redis."""
-    await conn.execute("select pg_advisory_lock_shared($1)", LOCK_KEY)
-    try:
-        yield
-    finally:
-        try:
-            await conn.execute("select pg_advisory_unlock_shared($1)", LOCK_KEY)
-        except asyncio.CancelledError:  # the session must not keep the lock: end it
-            _end_session(conn)
-            raise
-        except Exception as exc:  # noqa: BLE001 - the use case's outcome stands: what it committed did
-            # Ending the session releases the lock; a lost connection holds none any more.
-            unavailable_log.warning(
-                "could not release the leaderboard lock; closing the connection", "unlock", error=repr(exc)[:200]
-            )
-            _end_session(conn)
 
 
 def _end_session(conn: Connection) -> None:
@@ -333,7 +334,10 @@ async def rebuild(services: Services, *, only_if_missing: bool = False) -> Rebui
 async def _build(conn: Connection, client: RedisClient, keys: KeySpace) -> RebuildReport:
     now = datetime.now(UTC)
     today = now.date()
-    generation = int(await client.incr(keys.generation_counter))
+    number = int(await client.incr(keys.generation_counter))
+    # Never the name of an earlier build, even after Redis lost the counter: a writer that read
+    # an earlier build's marker must not find it standing again (Leaderboards.add).
+    generation = f"{number}-{secrets.token_hex(4)}"
     registry = keys.registry(generation)
     counts: dict[tuple[str, str], Counter[int]] = defaultdict(Counter)
     entries = 0
@@ -369,10 +373,10 @@ async def _build(conn: Connection, client: RedisClient, keys: KeySpace) -> Rebui
     except BaseException:
         await _drop_generation(client, keys.registry(generation))
         raise
-    if previous is not None and int(previous) != generation:
-        await _drop_generation(client, keys.registry(int(previous)))
+    if previous is not None and _text(previous) != generation:
+        await _drop_generation(client, keys.registry(_text(previous)))
     log.info("leaderboards rebuilt", extra={"generation": generation, "boards": len(counts), "entries": entries})
-    return RebuildReport(generation, len(counts), entries)
+    return RebuildReport(number, len(counts), entries)
 
 
 async def _drop_generation(client: RedisClient, registry: str) -> None:

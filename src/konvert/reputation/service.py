@@ -78,7 +78,7 @@ from konvert.idempotency import Outcome, request_hash
 from konvert.ledger import events
 from konvert.ledger.book import Book, InTransaction, Member, writing
 from konvert.ledger.store import select_member_uid
-from konvert.reputation import leaderboard, rules, store
+from konvert.reputation import rules, store
 from konvert.reputation.credits import Credits, bridge_award, bridge_clawback
 from konvert.reputation.leaderboard import Delta, Leaderboards
 from konvert.reputation.model import BreakdownItem, KudosIn, KudosOut, MemberReputation, ReputationChange, RetractionIn
@@ -144,10 +144,12 @@ async def _write(
 ) -> Outcome:
     """Run a write in one transaction (starting over on the conflicts above); after it commits,
     the ledger core has refreshed the balance cache, and this adds the changes to the leaderboards."""
-    async with services.pool.acquire() as conn, leaderboard.writing(conn):
+    boards = services.shared(Leaderboards)
+    async with services.pool.acquire() as conn:
         for attempt in range(_ATTEMPTS):
             try:
                 async with writing(services, conn) as book:
+                    generation = await boards.hold(conn)
                     written = await work(book)
                     if also is not None:
                         await also(book, Outcome(written.body, replayed=written.replayed))
@@ -163,7 +165,7 @@ async def _write(
         else:
             raise errors.Conflict("the kudos conflicted with concurrent ones; retry it")
         if not written.replayed:
-            await services.shared(Leaderboards).add(conn, written.deltas)
+            await boards.add(generation, written.deltas)
     return Outcome(written.body, replayed=written.replayed)
 
 
@@ -318,10 +320,11 @@ async def write_likes(services: Services, likes: Sequence[Like]) -> list[Outcome
     Raises ConcurrentWrite (nothing is committed) when a concurrent write got in the way (a
     kudos_id claimed meanwhile by another author); GroupCommit then writes each like alone."""
     try:
-        async with services.pool.acquire() as conn, leaderboard.writing(conn):
-            async with writing(services, conn) as book:
-                outcomes, deltas = await _write_likes(services, book, likes)
-            await services.shared(Leaderboards).add(conn, deltas)
+        boards = services.shared(Leaderboards)
+        async with services.pool.acquire() as conn, writing(services, conn) as book:
+            generation = await boards.hold(conn)
+            outcomes, deltas = await _write_likes(services, book, likes)
+        await boards.add(generation, deltas)
     except asyncpg.UniqueViolationError as exc:
         if exc.constraint_name not in _RETRY_CONSTRAINTS:
             raise
