@@ -56,6 +56,16 @@ REDIS_PREFIX = f"konvert-test-{RUN_ID}"
 RUN_DATABASE = f"konvert_run_{RUN_ID}"
 
 
+async def run_job(job: Callable[..., Awaitable[int]], services: Services, now: datetime.datetime) -> int:
+    """Run a job's batches (``vest_due_lots``, ``expire_due_lots``) until one comes back short, as
+    ``konvert jobs run`` does: the run's database holds other tests' due lots too. Returns how
+    many lots it settled."""
+    settled = 0
+    while (batch := await job(services, now=now)) >= services.settings.jobs_batch_size:
+        settled += batch
+    return settled + batch
+
+
 def balance_key(member_id: str) -> str:
     """The Redis key of a member's cached balance in the run's shared database."""
     return f"{REDIS_PREFIX}-{RUN_DATABASE}:{{m:{member_id}}}:balance"

@@ -28,7 +28,7 @@ from konvert.idempotency import Outcome
 from konvert.ledger.balances import BalanceReads, read_balance
 from konvert.ledger.jobs import vest_due_lots
 from konvert.services import Services
-from tests.conftest import balance_key, cached_available, cached_entry, spend_points
+from tests.conftest import balance_key, cached_available, cached_entry, run_job, spend_points
 
 NOW = datetime.now(UTC)
 # Older than the 14-day return window: the points are available at once.
@@ -384,9 +384,9 @@ async def test_points_are_pending_in_the_return_window_then_vest(
     before = await balance(member)
     assert (before["available"], before["pending"]) == (0, 100)
 
-    assert await vest_due_lots(services, now=NOW + timedelta(days=13)) >= 0
+    await run_job(vest_due_lots, services, NOW + timedelta(days=13))
     assert (await balance(member))["pending"] == 100  # still inside the window
-    assert await vest_due_lots(services, now=NOW + timedelta(days=15)) >= 1
+    assert await run_job(vest_due_lots, services, NOW + timedelta(days=15)) >= 1
 
     after = await balance(member)
     assert (after["available"], after["pending"], after["lifetime_earned"]) == (100, 0, 100)

@@ -26,7 +26,7 @@ from konvert.services import Services
 from konvert.settings import Settings
 from konvert.tiers.service import reevaluate_due
 from konvert.tiers.store import FIND_DUE_MEMBERS, select_qualifying_points
-from tests.conftest import TEST_PROGRAM, make_settings
+from tests.conftest import TEST_PROGRAM, make_settings, run_job
 from tests.integration.test_purchases import NOW, RECENT, line, purchase
 
 
@@ -405,11 +405,11 @@ async def test_points_expire_lot_by_lot_soonest_first_and_spending_takes_them_fi
     expiring = (await api.balance(member))["expiring"]
     assert [e["points"] for e in expiring] == [70, 50]
 
-    assert await expire_due_lots(services, now=services.clock() + timedelta(days=264)) >= 0
+    await run_job(expire_due_lots, services, services.clock() + timedelta(days=264))
     assert (await api.balance(member))["available"] == 120  # nothing due yet
-    await expire_due_lots(services, now=services.clock() + timedelta(days=266))
+    await run_job(expire_due_lots, services, services.clock() + timedelta(days=266))
     assert (await api.balance(member))["available"] == 50  # A's 70 expired, B untouched
-    await expire_due_lots(services, now=services.clock() + timedelta(days=366))
+    await run_job(expire_due_lots, services, services.clock() + timedelta(days=366))
     balance = await api.balance(member)
     assert (balance["available"], balance["expiring"]) == (0, [])
 

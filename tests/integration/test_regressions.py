@@ -31,7 +31,7 @@ from konvert.ledger.jobs import expire_due_lots
 from konvert.program import parse_program
 from konvert.redis_client import create_redis
 from konvert.services import Services
-from tests.conftest import TEST_PROGRAM, cached_entry, make_settings
+from tests.conftest import TEST_PROGRAM, cached_entry, make_settings, run_job
 from tests.integration.test_purchases import (
     batched_writes,
     held_before_commit,
@@ -163,7 +163,7 @@ async def test_refunding_a_purchase_whose_points_expired_does_not_take_them_agai
     clock.advance(days=100)
     assert (await post("/v1/purchases", purchase(member, new_id("p"), line("1", 1, 10000)))).status_code == 201
 
-    await expire_due_lots(services, now=services.clock() + timedelta(days=266))  # only the first lot
+    await run_job(expire_due_lots, services, services.clock() + timedelta(days=266))  # only the first lot
     assert (await balance(member))["available"] == 100
 
     refund = await post(f"/v1/purchases/{first}/refunds", {"refund_id": "r1", "amount": 10000})
