@@ -35,12 +35,20 @@ def request_hash(*parts: object) -> bytes:
     return hashlib.sha256(b"\x00".join(_encode(p) for p in parts)).digest()
 
 
-def replay(existing: Row, digest: bytes) -> Outcome:
+def replay(existing: Row, digest: bytes, key: str = "this id") -> Outcome:
     """The stored outcome (``request_hash``, ``response``) for a key already used, if the request
-    is the same one; else IdempotencyConflict."""
+    is the same one; else IdempotencyConflict (naming the key as ``key``)."""
     if bytes(existing["request_hash"]) != digest:
-        raise errors.IdempotencyConflict("this id was used before with a different request body")
+        raise errors.IdempotencyConflict(f"{key} was used before with a different request body")
     return Outcome(bytes(existing["response"]), replayed=True)
+
+
+def replayed(existing: Row, digest: bytes, key: str = "this id") -> Outcome | errors.KonvertError:
+    """``replay`` for an item of a batch: its refusal is returned, to fail that item alone."""
+    try:
+        return replay(existing, digest, key)
+    except errors.KonvertError as refused:
+        return refused
 
 
 def written(outcome: Outcome, status_code: int = 201) -> Response[Any]:

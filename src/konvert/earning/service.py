@@ -18,7 +18,7 @@ from konvert import errors
 from konvert.batching import GroupCommit
 from konvert.earning import rules, store
 from konvert.earning.model import EarningResult, PurchaseIn, PurchaseOut
-from konvert.idempotency import Outcome, replay, request_hash
+from konvert.idempotency import Outcome, replayed, request_hash
 from konvert.ledger import events
 from konvert.ledger.accounts import issued
 from konvert.ledger.batches import Earn, Earned
@@ -115,7 +115,7 @@ async def write_purchases(
         for index, (purchase, digest) in enumerate(zip(postings, digests, strict=True)):
             key = (purchase.partner, purchase.purchase_id)
             if (found := recorded.get(key)) is not None:
-                outcomes[index] = _replay(found.response, found.request_hash, digest)
+                outcomes[index] = replayed(found._asdict(), digest)
                 # Its purchase may be one whose batch committed without its answer arriving (a
                 # connection lost after the commit): make sure no older balance stays cached.
                 if (member := members.get(purchase.member_id)) is not None and member.uid == found.member_uid:
@@ -134,7 +134,8 @@ async def write_purchases(
                 earlier = first[(purchase.partner, purchase.purchase_id)]
                 recorded_outcome = outcomes[earlier]
                 assert isinstance(recorded_outcome, Outcome)
-                outcomes[index] = _replay(recorded_outcome.body, digests[earlier], digest)
+                first_one = {"request_hash": digests[earlier], "response": recorded_outcome.body}
+                outcomes[index] = replayed(first_one, digest)
         done = [outcome for outcome in outcomes if outcome is not None]
         for hook, outcome in zip(hooks, done, strict=False):
             if hook is not None:
@@ -164,13 +165,6 @@ async def _read_batch(
         if owner is not None and (member is None or member.uid != owner):
             recorded.setdefault(key, store.Recorded(owner, b"", b""))
     return members, recorded, qualifying
-
-
-def _replay(response: bytes, recorded_digest: bytes, digest: bytes) -> Outcome | errors.KonvertError:
-    try:
-        return replay({"request_hash": recorded_digest, "response": response}, digest)
-    except errors.KonvertError as refused:
-        return refused
 
 
 async def _record(

@@ -71,7 +71,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import asyncpg
 import msgspec
 
-from konvert import errors
+from konvert import errors, idempotency
 from konvert.batching import GroupCommit
 from konvert.db import Connection, Row
 from konvert.idempotency import Outcome, request_hash
@@ -169,10 +169,12 @@ async def _write(
     return Outcome(written.body, replayed=written.replayed)
 
 
+# How a conflicting replay names the key.
+_KUDOS_ID = "this kudos_id"
+
+
 def _replay(existing: Row, digest: bytes) -> _Written:
-    if bytes(existing["request_hash"]) != digest:
-        raise errors.IdempotencyConflict("this kudos_id was used before with a different request body")
-    return _Written(bytes(existing["response"]), replayed=True)
+    return _Written(idempotency.replay(existing, digest, _KUDOS_ID).body, replayed=True)
 
 
 class _GiverDay(NamedTuple):
@@ -346,7 +348,7 @@ async def _write_likes(
     outcomes: list[Outcome | errors.KonvertError | None] = [None] * len(likes)
     for position, like in enumerate(likes):
         if (found := replays.get(like.kudos.kudos_id)) is not None:
-            outcomes[position] = _replayed(found, like.digest)
+            outcomes[position] = idempotency.replayed(found, like.digest, _KUDOS_ID)
     decided, repeats = await _decide(services, book, likes, members, outcomes)
     unknown = {i for d in decided for i in (d.like.kudos.author_id, d.like.kudos.giver_id)} - members.keys()
     if unknown:
@@ -358,20 +360,12 @@ async def _write_likes(
         recorded = outcomes[earlier]
         assert isinstance(recorded, Outcome)
         existing = {"request_hash": likes[earlier].digest, "response": recorded.body}
-        outcomes[position] = _replayed(existing, likes[position].digest)
+        outcomes[position] = idempotency.replayed(existing, likes[position].digest, _KUDOS_ID)
     done = [outcome for outcome in outcomes if outcome is not None]
     for like, outcome in zip(likes, done, strict=True):
         if like.also is not None:
             await like.also(book, outcome)
     return done, deltas
-
-
-def _replayed(existing: Row, digest: bytes) -> Outcome | errors.KonvertError:
-    """A replay's outcome in a batch: the stored response, or the refusal of another body."""
-    try:
-        return Outcome(_replay(existing, digest).body, replayed=True)
-    except errors.KonvertError as refused:
-        return refused
 
 
 async def _decide(
