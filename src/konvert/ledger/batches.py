@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import asyncpg
 
 from konvert.db import Connection, Row
-from konvert.ledger.store import MEMBER_COLUMNS, TierStanding, lock_each
+from konvert.ledger.store import MEMBER_COLUMNS, TierStanding, lock_by_member
 
 # A due lot as the jobs' lock statements return it: its member_uid and lot_id (and more).
 LotOf = Row
@@ -217,7 +217,7 @@ LOCK_LOT_MEMBERS = """
 select member_uid, member_id, points_debt from members where member_uid = any($1::bigint[])
 for update skip locked
 """
-# The same for one member, a statement each (KONVERT_LOCK_MEMBERS=one_by_one; store.lock_each).
+# The same for one member, a statement each (KONVERT_LOCK_MEMBERS=one_by_one; store.lock_by_member).
 LOCK_LOT_MEMBER = """
 select member_uid, member_id, points_debt from members where member_uid = $1
 for update skip locked
@@ -273,13 +273,12 @@ async def lock_due(
     """The due lots ``find`` finds ($1 now, $2 limit, $3 members passed over), each with its
     member's id and refund debt, of the members this transaction then holds locked
     (``find_and_lock``; with ``one_by_one``, a statement per member)."""
-
-    async def lock(uids: list[int]) -> list[asyncpg.Record]:
-        if one_by_one:
-            return await lock_each(conn, LOCK_LOT_MEMBER, uids)
-        return await conn.fetch(LOCK_LOT_MEMBERS, uids)
-
-    lots, members = await find_and_lock(lambda skipped: conn.fetch(find, now, limit, skipped), lock, limit, passed_over)
+    lots, members = await find_and_lock(
+        lambda skipped: conn.fetch(find, now, limit, skipped),
+        lambda uids: lock_by_member(conn, (LOCK_LOT_MEMBERS, LOCK_LOT_MEMBER), uids, one_by_one),
+        limit,
+        passed_over,
+    )
     return [{"lot_id": lot["lot_id"], **members[lot["member_uid"]]} for lot in lots]
 
 

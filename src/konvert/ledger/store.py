@@ -85,22 +85,25 @@ async def lock_members(
     ``one_by_one`` locks each member with a statement of its own (KONVERT_LOCK_MEMBERS), all of
     them sent in one round trip and run in order."""
     by_id = await select_member_uids(conn, ids) if ids else {}
-    wanted_uids = sorted({*uids, *by_id.values()})
-    rows: list[asyncpg.Record]
-    if one_by_one:
-        rows = await lock_each(conn, LOCK_MEMBER, wanted_uids)
-    else:
-        rows = await conn.fetch(LOCK_MEMBERS, wanted_uids)
+    rows = await lock_by_member(conn, (LOCK_MEMBERS, LOCK_MEMBER), sorted({*uids, *by_id.values()}), one_by_one)
     named = {uid: member_id for member_id, uid in by_id.items()}
     wanted = set(uids)
     return [row for row in rows if row["member_uid"] in wanted or named.get(row["member_uid"]) == row["member_id"]]
 
 
-async def lock_each(conn: Connection, lock_one: str, uids: Sequence[int], *args: Any) -> list[asyncpg.Record]:
-    """The rows ``lock_one`` returns for each member ($1 the member_uid, then ``args``): a statement
-    per member, in the order given, all sent in one round trip (asyncpg's ``fetchmany``) and run
-    one after the other. For locks that Citus must send to one shard each."""
-    return await conn.fetchmany(lock_one, [(uid, *args) for uid in uids]) if uids else []
+async def lock_by_member(
+    conn: Connection, statements: tuple[str, str], uids: Sequence[int], one_by_one: bool, *args: Any
+) -> list[asyncpg.Record]:
+    """The rows a locking statement returns for members ($1 their uids, then ``args``), by the
+    first of ``statements``, which names them all; or with ``one_by_one`` (KONVERT_LOCK_MEMBERS)
+    by the second, which names one member ($1 its uid): a statement per member, in the order
+    given, all sent in one round trip (asyncpg's ``fetchmany``) and run one after the other. For
+    locks that Citus must send to one shard each."""
+    together, each = statements
+    if not one_by_one:
+        rows: list[asyncpg.Record] = await conn.fetch(together, uids, *args)
+        return rows
+    return await conn.fetchmany(each, [(uid, *args) for uid in uids]) if uids else []
 
 
 LOCK_MEMBERS = (

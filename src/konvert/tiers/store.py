@@ -13,7 +13,7 @@ import asyncpg
 
 from konvert.db import Connection
 from konvert.ledger.batches import find_and_lock
-from konvert.ledger.store import lock_each
+from konvert.ledger.store import lock_by_member
 
 
 def qualifying_points_sql(member_uid: str, since: str) -> str:
@@ -54,14 +54,11 @@ async def lock_due_members(
     evaluated first, locked; members another transaction holds (a purchase's, another process's
     job) are passed over. Found without a lock, then locked by uid (with ``one_by_one``, a
     statement per member), as the ledger's jobs' lots are (konvert.ledger.batches.find_and_lock)."""
-
-    async def lock(uids: list[int]) -> list[asyncpg.Record]:
-        if one_by_one:
-            return await lock_each(conn, LOCK_DUE_MEMBER, uids, evaluated_before)
-        return await conn.fetch(LOCK_DUE_MEMBERS, uids, evaluated_before)
-
     found, locked = await find_and_lock(
-        lambda skipped: conn.fetch(FIND_DUE_MEMBERS, evaluated_before, limit, skipped), lock, limit, ()
+        lambda skipped: conn.fetch(FIND_DUE_MEMBERS, evaluated_before, limit, skipped),
+        lambda uids: lock_by_member(conn, (LOCK_DUE_MEMBERS, LOCK_DUE_MEMBER), uids, one_by_one, evaluated_before),
+        limit,
+        (),
     )
     return [locked[row["member_uid"]] for row in found]
 
