@@ -135,10 +135,16 @@ def _publish(side: Side, sampler: Sampler) -> float:
 
 
 # Every event published again from the start, to the stream and to one endpoint (the receiver):
-# the publishers' cursors back to the start, the messages gone, the endpoint in SQL (the service
-# is stopped by now).
+# the publishers' cursors back to the start (positions since sql/0009, a transaction id and an
+# event id in a baseline from before), the messages gone, the endpoint in SQL (the service is
+# stopped by now).
 _REPUBLISH = """
-update event_cursors set xid = '0', event_id = 0;
+do $$ begin
+    if exists (select 1 from information_schema.columns where table_name = 'event_cursors' and column_name = 'position')
+    then update event_cursors set position = 0 where name <> 'sequencer';
+    else execute $u$update event_cursors set xid = '0', event_id = 0$u$;
+    end if;
+end $$;
 delete from webhook_messages;
 delete from webhook_endpoints;
 insert into webhook_endpoints (endpoint_id, url, secret) values ('{endpoint}', '{url}', '{secret}');

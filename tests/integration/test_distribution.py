@@ -457,6 +457,8 @@ async def test_the_webhook_leases_and_pruning_lock_by_member(fresh_connection: A
             "insert into webhook_messages (endpoint_id, event_id, member_uid, sequence, next_attempt_at)"
             " select 'crm', event_id, member_uid, sequence, now() from outbox_events"
         )
+        async with services.pool.acquire() as conn, conn.transaction():
+            await events_store.sequence_events(conn, 0, 10, 0)
         captured.statements.clear()
         now = datetime.now(UTC)
         one_by_one = services.settings.lock_one_by_one
@@ -464,8 +466,7 @@ async def test_the_webhook_leases_and_pruning_lock_by_member(fresh_connection: A
         leased = await events_store.claim_messages(services.pool, "crm", now, 10, now, one_by_one=one_by_one)
         await setup.execute(
             "update webhook_messages set status = 'delivered';"
-            "update event_cursors c set xid = e.xid, event_id = e.event_id"
-            " from (select xid, event_id from outbox_events order by xid desc, event_id desc limit 1) e"
+            "update event_cursors set position = (select max(position) from outbox_events)"
         )
         pruned = await events_store.prune_events(services.pool, now + timedelta(days=1), 10, one_by_one=one_by_one)
         await setup.execute("set plan_cache_mode = force_generic_plan")

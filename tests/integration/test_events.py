@@ -140,16 +140,9 @@ class Konvert:
         return await self.services.pool.fetch(sql, *args)
 
     async def readable(self) -> None:
-        """Until every event is past the oldest transaction still running (other databases' too):
-        a reader of the outbox sees only those."""
-        for _ in range(600):
-            hidden = await self.services.pool.fetchval(
-                "select count(*) from outbox_events where xid >= pg_snapshot_xmin(pg_current_snapshot())"
-            )
-            if hidden == 0:
-                return
-            await asyncio.sleep(0.05)
-        raise AssertionError("events stayed hidden behind a running transaction for 30 s")
+        """Every committed event numbered: the feed and the publishers read only those."""
+        while (await publisher.sequence(self.services)).numbered:
+            pass
 
 
 @pytest.fixture
@@ -613,6 +606,106 @@ async def test_the_feed_pages_through_events_in_commit_order(start_konvert, new_
     assert bad.status_code == 422 and bad.json()["code"] == "validation_failed"
 
 
+async def test_a_transaction_left_open_holds_back_none_of_the_events_committed_meanwhile(
+    start_konvert, redis_client, new_id
+):
+    konvert = await start_konvert()
+    key = konvert.services.settings.events_stream_key
+    member = new_id("m")
+    held = await asyncpg.connect(konvert.services.settings.database_url)
+    try:
+        # A transaction with an event of its own, open while other changes commit.
+        await held.execute("begin")
+        await held.execute(
+            "insert into outbox_events (member_uid, type, data, occurred_at) "
+            "values (0, 'webhook_endpoint.disabled', '{\"endpoint_id\": \"late\"}', now())"
+        )
+        await konvert.purchase(member)
+        await konvert.publish()
+        meanwhile = await redis_client.xrange(key)
+        await held.execute("commit")
+        await konvert.publish()
+        after = await redis_client.xrange(key)
+    finally:
+        await held.close()
+
+    assert [fields[b"type"] for _, fields in meanwhile] == [b"purchase.recorded", b"points.earned"]
+    # The late event is published once it commits, after the cursor rather than behind it.
+    assert [fields[b"type"] for _, fields in after[2:]] == [b"webhook_endpoint.disabled"]
+    await redis_client.delete(key)
+
+
+async def test_numbering_takes_members_in_turn_and_each_members_events_in_order(start_konvert, new_id):
+    konvert = await start_konvert(events_batch_size=2)
+    first, second = new_id("m"), new_id("m")
+    await konvert.purchase(first)
+    await konvert.purchase(second)  # a member_uid above the first's
+    batch = await publisher.sequence(konvert.services)
+    await konvert.purchase(first)
+    # The next batch starts past the member numbered last, so the first's new events wait their
+    # turn behind the second's older ones, and a member's events are never taken out of order.
+    while batch.numbered:
+        batch = await publisher.sequence(konvert.services, past_member_uid=batch.last_member_uid)
+
+    numbered = await konvert.fetch(
+        "select m.member_id, e.sequence from outbox_events e join members m using (member_uid) order by e.position"
+    )
+    assert [tuple(row) for row in numbered] == [
+        (first, 1),
+        (first, 2),
+        (second, 1),
+        (second, 2),
+        (first, 3),
+        (first, 4),
+    ]
+
+
+async def _event_at(conn: asyncpg.Connection, position: int) -> None:
+    await conn.execute(
+        "insert into outbox_events (member_uid, type, data, occurred_at, position) "
+        "values (0, 'webhook_endpoint.disabled', json_build_object('endpoint_id', $1::bigint::text), now(), $1::bigint)",
+        position,
+    )
+
+
+async def test_readers_wait_at_a_position_not_visible_yet_and_take_it_when_it_is(start_konvert, receiver, redis_client):
+    # On Citus a batch of positions commits shard by shard: a reader may see 4 and 5 before 3.
+    # Nothing may read past 3 until it shows (the stream, the fan-out, the feed), or 3 would be
+    # left behind their cursors. A position missing that both publishers have passed is pruned.
+    hooks, url = receiver
+    konvert = await start_konvert()
+    await konvert.endpoint(url)
+    key = konvert.services.settings.events_stream_key
+    late = await asyncpg.connect(konvert.services.settings.database_url)
+    try:
+        async with konvert.services.pool.acquire() as conn:
+            for position in (1, 2, 4, 5):
+                await _event_at(conn, position)
+            await conn.execute("update event_cursors set position = 5 where name = 'sequencer'")
+        async with late.transaction():
+            await _event_at(late, 3)
+            # Not waiting for what it cannot see.
+            await publisher.publish_all(konvert.services, wait_seconds=0)
+            streamed = [json.loads(f[b"event"])["data"]["endpoint_id"] for _, f in await redis_client.xrange(key)]
+            fanned = await konvert.fetch("select count(*) from webhook_messages")
+            page = await konvert.call("GET", "/v1/events", expect=200)
+        await konvert.publish()
+        then = await konvert.call("GET", f"/v1/events?after={page['next_cursor']}", expect=200)
+        streamed_then = [json.loads(f[b"event"])["data"]["endpoint_id"] for _, f in await redis_client.xrange(key)]
+        await konvert.fetch("delete from outbox_events where position = 2")  # as pruning does
+        again = await konvert.call("GET", "/v1/events", expect=200)
+    finally:
+        await late.close()
+
+    assert streamed == ["1", "2"] and fanned == [(2,)]
+    assert [e["data"]["endpoint_id"] for e in page["items"]] == ["1", "2"]
+    assert [e["data"]["endpoint_id"] for e in then["items"]] == ["3", "4", "5"]
+    assert streamed_then == ["1", "2", "3", "4", "5"]
+    assert sorted(e["data"]["endpoint_id"] for e in hooks.events()) == ["1", "2", "3", "4", "5"]
+    assert [e["data"]["endpoint_id"] for e in again["items"]] == ["1", "3", "4", "5"]
+    await redis_client.delete(key)
+
+
 async def test_the_feed_takes_an_events_read_key_only(start_konvert):
     konvert = await start_konvert()
     conn = await asyncpg.connect(konvert.services.settings.database_url)
@@ -882,23 +975,32 @@ async def test_publishers_walk_their_indexes_however_many_events_are_kept(start_
     _, url = receiver
     konvert = await start_konvert()
     await konvert.endpoint(url)
+    # 20,000 events numbered and published, and a few not numbered yet.
+    await konvert.fetch(
+        "insert into outbox_events (member_uid, type, data, occurred_at, position) "
+        "select 0, 'webhook_endpoint.disabled', '{}', now(), p from generate_series(1, 20000) p"
+    )
     await konvert.fetch(
         "insert into outbox_events (member_uid, type, data, occurred_at) "
-        "select 0, 'webhook_endpoint.disabled', '{}', now() from generate_series(1, 20000)"
+        "select 0, 'webhook_endpoint.disabled', '{}', now() from generate_series(1, 5)"
     )
     await konvert.fetch(
         "insert into webhook_messages (endpoint_id, event_id, member_uid, next_attempt_at) "
         "select 'crm', event_id, member_uid, now() from outbox_events"
     )
+    await konvert.fetch("update event_cursors set position = 20000")
     await konvert.fetch("analyze outbox_events")
     await konvert.fetch("analyze webhook_messages")
-    (newest,) = await konvert.fetch("select xid::text as xid, max(event_id) as event_id from outbox_events group by 1")
     now = konvert.now()
     plans = {}
     async with konvert.services.pool.acquire() as conn, conn.transaction():
         await conn.execute("set local plan_cache_mode = force_generic_plan")
         for name, statement, args in (
-            ("look", store.LOOK_AFTER, (newest["xid"], newest["event_id"])),
+            ("look", store.LOOK_AFTER, (20000,)),
+            ("look for unnumbered", store.LOOK_UNSEQUENCED, ()),
+            ("number", store.SEQUENCE, (20000, 500, 0)),
+            ("read", store.READ_AFTER, (19990, 500)),
+            ("fan out", store.FAN_OUT, (19990, 500, now)),
             ("claim", store.CLAIM, ("crm", now, 64, now)),
             ("find", store.FIND_DUE_MESSAGES, ("crm", now, 64)),  # leasing one by one
         ):
@@ -907,11 +1009,18 @@ async def test_publishers_walk_their_indexes_however_many_events_are_kept(start_
 
     # The look asks for the index's order with a limit: an exists() drops the order, and at other
     # statistics PostgreSQL then scans the table for a row that is not there.
-    assert plans["look"][:2] == [("Limit", None), ("Index Only Scan", "outbox_events_order_idx")], plans["look"]
+    assert plans["look"][:2] == [("Limit", None), ("Index Only Scan", "outbox_events_position_idx")], plans["look"]
+    for name in ("look for unnumbered", "number"):
+        assert {"outbox_events_unsequenced_idx"} & {index for _, index in plans[name]}, plans[name]
+    for name in ("read", "fan out"):
+        assert ("Index Scan", "outbox_events_position_idx") in plans[name], plans[name]
     for name in ("claim", "find"):
         assert ("Index Scan", "webhook_messages_due_idx") in plans[name], plans[name]
-    for nodes in plans.values():
-        assert not {"Seq Scan", "Sort", "Incremental Sort"} & {node for node, _ in nodes}, nodes
+    for name, nodes in plans.items():
+        # The fan-out joins the endpoints, a table of a few rows, and sorts the batch's messages;
+        # numbering sorts the two runs of its batch (past the last member numbered, then round).
+        allowed = {"Seq Scan", "Sort"} if name == "fan out" else {"Sort"} if name == "number" else set()
+        assert not {"Seq Scan", "Sort", "Incremental Sort"} - allowed & {node for node, _ in nodes}, (name, nodes)
 
 
 # --- the catalogue ------------------------------------------------------------------------------

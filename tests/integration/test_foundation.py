@@ -29,6 +29,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from konvert import auth, db, errors
 from konvert.app import create_app
 from konvert.errors import ConfigurationError
+from konvert.events import rules
+from konvert.events import store as events_store
 from konvert.program import Program
 from konvert.settings import Settings
 from tests.conftest import AppClient, make_settings, purchase_body, serve
@@ -708,6 +710,40 @@ async def test_migrate_again_applies_nothing(empty_database_url: str) -> None:
 
     assert await db.migrate_url(empty_database_url) == []
     assert await recorded_migrations(empty_database_url) == migration_files()
+
+
+async def test_events_kept_across_the_move_to_positions_are_numbered_in_the_order_they_were_read(
+    empty_database_url: str,
+) -> None:
+    """sql/0009: the kept events get positions in the (xid, event_id) order the publishers and the
+    feed followed until then, and each cursor the position of the last event it had passed."""
+    migrations = db.load_migrations()
+    before = [m for m in migrations if m.version < 9]
+    conn = await asyncpg.connect(empty_database_url)
+    try:
+        await db.migrate(conn, before)
+        # Three transactions, whose event ids run the other way round from their order.
+        for event_id in (30, 10, 20):
+            await conn.execute(
+                "insert into outbox_events (event_id, member_uid, type, data, occurred_at) overriding system value "
+                "values ($1, 0, 'webhook_endpoint.disabled', '{}', now())",
+                event_id,
+            )
+        await conn.execute(
+            "update event_cursors set (xid, event_id) = (select xid, event_id from outbox_events where event_id = 10)"
+            " where name = 'stream'"
+        )
+        await db.migrate(conn, migrations)
+        numbered = dict(await conn.fetch("select event_id, position from outbox_events"))
+        cursors = dict(await conn.fetch("select name, position from event_cursors"))
+        # A feed cursor given out before: the event it points past.
+        page = await events_store.select_feed(conn, rules.LegacyCursor(10), 10)
+    finally:
+        await conn.close()
+
+    assert numbered == {30: 1, 10: 2, 20: 3}
+    assert cursors == {"stream": 2, "webhooks": 0, "sequencer": 3}
+    assert [row["event_id"] for row in page.rows] == [20] and page.reached == 3
 
 
 async def test_concurrent_migrations_apply_each_file_exactly_once(empty_database_url: str) -> None:

@@ -179,15 +179,14 @@ async def test_events_are_published_to_a_stream_on_the_cluster(
                 "/v1/purchases", json=purchase_body(member), headers={"Authorization": f"Bearer {key}"}
             )
             assert posted.status_code == 201, posted.text
-        for _ in range(600):  # until the purchase's transaction is visible to publishers
-            if await publisher.publish_stream(services):
-                break
-            await asyncio.sleep(0.05)
+        numbered = await publisher.sequence(services)
+        published = await publisher.publish_stream(services)
     finally:
         await services.close()
 
     stream = await watcher.xrange(settings.events_stream_key)
     types = [fields[b"type"].decode() for _, fields in stream]
+    assert numbered.numbered == published == 2
     assert types == ["purchase.recorded", "points.earned"]
     assert {json.loads(fields[b"event"])["member_id"] for _, fields in stream} == {member}
     await watcher.delete(settings.events_stream_key)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import random
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -59,17 +60,54 @@ def test_both_secrets_sign_during_the_grace_period_only() -> None:
         Webhook(old).verify(b"{}", after)
 
 
-@given(st.integers(0, 2**63), st.integers(0, 2**63 - 1))
-def test_a_feed_cursor_comes_back_as_the_position_it_was_made_from(xid: int, event_id: int) -> None:
-    position = rules.Position(xid, event_id)
-
+@given(st.integers(0, 2**63 - 1))
+def test_a_feed_cursor_comes_back_as_the_position_it_was_made_from(position: int) -> None:
     assert rules.decode_cursor(rules.encode_cursor(position)) == position
 
 
-@pytest.mark.parametrize("cursor", ["", "x", "ZTEuLTI", "ZTEu", "ZS0xLjI", "e1.2"])
+@given(st.integers(0, 2**63), st.integers(0, 2**63 - 1))
+def test_a_cursor_from_before_positions_names_the_event_it_points_past(xid: int, event_id: int) -> None:
+    legacy = base64.urlsafe_b64encode(f"e{xid}.{event_id}".encode()).decode().rstrip("=")
+
+    assert rules.decode_cursor(legacy) == rules.LegacyCursor(event_id)
+
+
+@pytest.mark.parametrize(
+    "cursor", ["", "x", "ZTEuLTI", "ZTEu", "ZS0xLjI", "e1.2", "p1", "cC0x", "cDkyMjMzNzIwMzY4NTQ3NzU4MDg"]
+)
 def test_a_cursor_konvert_did_not_make_is_refused(cursor: str) -> None:
     with pytest.raises(errors.ValidationFailed):
         rules.decode_cursor(cursor)
+
+
+@pytest.mark.parametrize(
+    ("positions", "after", "settled", "reached"),
+    [
+        ([], 5, 0, 5),
+        ([6, 7, 8], 5, 0, 8),
+        ([6, 8, 9], 5, 0, 6),  # 7 not visible yet: nothing past it
+        ([7, 8], 5, 0, 5),
+        ([7, 8], 5, 6, 8),  # 6 pruned, after both publishers read it
+        ([7, 9], 5, 7, 7),  # 8 is past what they read
+        ([10, 11], 5, 9, 11),
+    ],
+)
+def test_readers_stop_at_the_first_position_missing_past_what_the_publishers_read(
+    positions: list[int], after: int, settled: int, reached: int
+) -> None:
+    assert rules.contiguous(positions, after, settled) == reached
+
+
+@given(st.lists(st.integers(1, 60), unique=True).map(sorted), st.integers(0, 60), st.integers(0, 60))
+def test_no_position_missing_past_the_settled_ones_is_ever_passed(present: list[int], after: int, settled: int) -> None:
+    positions = [p for p in present if p > after]
+    reached = rules.contiguous(positions, after, settled)
+
+    assert reached >= after
+    assert all(n in present or n <= settled for n in range(after + 1, reached + 1))
+    following = [p for p in positions if p > reached]
+    # It stops only before a number missing past the settled ones.
+    assert not following or (following[0] > reached + 1 and following[0] - 1 > settled)
 
 
 def test_every_event_type_has_an_example_a_webhook_and_a_line_in_the_readme() -> None:

@@ -123,11 +123,12 @@ class EventFeedController(Controller):
         limit: Annotated[int, QueryParameter(ge=1, le=1000, description="page size")] = 100,
         types: Annotated[list[EventType] | None, QueryParameter(description="only these event types")] = None,
     ) -> EventPage:
-        """Events in commit order, for consumers that neither receive webhooks nor reach Redis.
+        """Events in the order konvert numbered them (each member's in their order), for
+        consumers that neither receive webhooks nor reach Redis.
 
-        Poll with the `next_cursor` of the last page as `after`: an event that commits later
-        always comes after it, never behind. Events are kept `KONVERT_EVENTS_RETENTION_DAYS`
-        after they are published.
+        Poll with the `next_cursor` of the last page as `after`: an event numbered later always
+        comes after it, never behind. Events are kept `KONVERT_EVENTS_RETENTION_DAYS` after they
+        are published.
         """
         return await service.feed(services, after, limit, sorted(set(types or [])))
 

@@ -1,7 +1,9 @@
 """Publishing the outbox: to the Redis Stream, and to webhook endpoints, signed.
 
-Three independent steps, each in bounded batches, so that one cannot hold up another:
+Four independent steps, each in bounded batches, so that one cannot hold up another:
 
+* **sequencer**: committed events are numbered (``position``) without a gap, each member's in
+  their order (konvert.events.store); the steps below and the feed read positions.
 * **stream**: the next events after the 'stream' cursor are added to the Redis Stream (``XADD
   MAXLEN ~``, one pipeline) and the cursor moves past them in the same transaction; if Redis
   fails, the cursor stays and the batch is sent again (at least once).
@@ -81,11 +83,25 @@ def envelope_json(row: asyncpg.Record) -> bytes:
     )
 
 
+async def sequence(services: Services, look_first: bool = True, past_member_uid: int = 0) -> store.Sequenced:
+    """Number the next batch of committed events, from the members past ``past_member_uid`` on
+    (none numbered: none was there, or another process is at it). ``look_first``: see whether
+    there are any without a lock first."""
+    none = store.Sequenced(0, past_member_uid)
+    if look_first and not await store.has_work(services.pool, "sequencer"):
+        return none
+    async with services.pool.acquire() as conn, conn.transaction():
+        head = await store.lock_cursor(conn, "sequencer")
+        if head is None:
+            return none
+        return await store.sequence_events(conn, head, services.settings.events_batch_size, past_member_uid)
+
+
 async def publish_stream(services: Services, look_first: bool = True) -> int:
     """Add the next batch of events to the Redis Stream; returns how many (0: none, or another
     process is at it). ``look_first``: see whether there are any without a lock first."""
     settings = services.settings
-    if look_first and not await store.has_events_after_cursor(services.pool, "stream"):
+    if look_first and not await store.has_work(services.pool, "stream"):
         return 0
     async with services.pool.acquire() as conn, conn.transaction():
         after = await store.lock_cursor(conn, "stream")
@@ -99,13 +115,13 @@ async def publish_stream(services: Services, look_first: bool = True) -> int:
                 fields = {"id": rules.event_id_text(row["event_id"]), "type": row["type"], "event": envelope_json(row)}
                 pipe.xadd(settings.events_stream_key, fields, maxlen=settings.events_stream_maxlen, approximate=True)  # type: ignore[arg-type]
             await pipe.execute()
-        await store.move_cursor(conn, "stream", store.position_of(rows[-1]))
+        await store.move_cursor(conn, "stream", rows[-1]["position"])
     return len(rows)
 
 
 async def fan_out(services: Services, look_first: bool = True) -> int:
     """Turn the next batch of events into webhook messages; returns how many events."""
-    if look_first and not await store.has_events_after_cursor(services.pool, "webhooks"):
+    if look_first and not await store.has_work(services.pool, "webhooks"):
         return 0
     async with services.pool.acquire() as conn, conn.transaction():
         after = await store.lock_cursor(conn, "webhooks")
@@ -132,10 +148,12 @@ class Publisher:
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._outcomes: list[tuple[str, store.Outcome]] = []
-        # Whether the last stream / fan-out batch was full: then the next takes its lock at once.
-        self._backlog = {"stream": False, "webhooks": False}
+        # Whether the last batch of a step was full: then the next takes its lock at once.
+        self._backlog = {"sequencer": False, "stream": False, "webhooks": False}
         self.woken = asyncio.Event()
         self._swept_at: float | None = None
+        # Where this process's next numbering batch starts (store.sequence_events).
+        self._sequenced_past = 0
 
     @property
     def in_flight(self) -> int:
@@ -144,7 +162,7 @@ class Publisher:
     async def round(self) -> int:
         """One round of every step; returns how much it did (0: nothing was due)."""
         worked = 0
-        for step in (self._stream, self._fan_out, self._sweep, self.deliver, self.flush):
+        for step in (self._sequence, self._stream, self._fan_out, self._sweep, self.deliver, self.flush):
             try:
                 worked += await step()
             except asyncio.CancelledError:
@@ -158,18 +176,24 @@ class Publisher:
 
     @property
     def behind(self) -> bool:
-        """Whether the last round found a full batch of events to publish or fan out."""
+        """Whether the last round found a full batch of events to number, publish or fan out."""
         return any(self._backlog.values())
 
-    async def _stream(self) -> int:
-        done = await publish_stream(self._services, look_first=not self._backlog["stream"])
-        self._backlog["stream"] = done >= self._services.settings.events_batch_size
+    def _did(self, step: str, done: int) -> int:
+        """A full batch means more: the step's next batch takes its lock at once."""
+        self._backlog[step] = done >= self._services.settings.events_batch_size
         return done
 
+    async def _sequence(self) -> int:
+        done = await sequence(self._services, not self._backlog["sequencer"], self._sequenced_past)
+        self._sequenced_past = done.last_member_uid
+        return self._did("sequencer", done.numbered)
+
+    async def _stream(self) -> int:
+        return self._did("stream", await publish_stream(self._services, not self._backlog["stream"]))
+
     async def _fan_out(self) -> int:
-        done = await fan_out(self._services, look_first=not self._backlog["webhooks"])
-        self._backlog["webhooks"] = done >= self._services.settings.events_batch_size
-        return done
+        return self._did("webhooks", await fan_out(self._services, not self._backlog["webhooks"]))
 
     async def _sweep(self) -> int:
         """Now and then, the messages a process that died left waiting (store.make_stranded_due)."""

@@ -9,6 +9,7 @@ import ipaddress
 import random
 import re
 import secrets
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import NamedTuple
 from urllib.parse import urlsplit
@@ -22,14 +23,25 @@ from konvert.settings import Settings
 BACKOFF_FACTOR = 4.0
 
 
-class Position(NamedTuple):
-    """Where an event stands in the outbox's order: its transaction id, then its id."""
+class LegacyCursor(NamedTuple):
+    """A feed cursor given out before the outbox had positions: the event it points past."""
 
-    xid: int
     event_id: int
 
 
-START = Position(0, 0)
+def contiguous(positions: Sequence[int], after: int, settled: int = 0) -> int:
+    """How far ``positions`` (ascending, all past ``after``) run on from ``after`` with no number
+    missing; a number missing at or below ``settled`` is no gap (its event was pruned).
+
+    The sequencer gives positions without a gap, in one transaction. A number missing past what
+    every publisher has read belongs to a part of such a transaction that is not visible yet (a
+    Citus shard whose commit comes later): reading on past it would leave it behind the cursor."""
+    reached = after
+    for position in positions:
+        if position > reached + 1 and position - 1 > settled:
+            break
+        reached = position
+    return reached
 
 
 def retry_delay_seconds(settings: Settings, attempts: int, rng: random.Random | None = None) -> float:
@@ -138,22 +150,25 @@ def event_id_text(event_id: int) -> str:
     return f"evt_{event_id}"
 
 
-_CURSOR = re.compile(r"^e(\d{1,20})\.(\d{1,19})$")
+_CURSOR = re.compile(r"^p(\d{1,19})$")
+_LEGACY_CURSOR = re.compile(r"^e(\d{1,20})\.(\d{1,19})$")
 
 
-def encode_cursor(position: Position) -> str:
-    return base64.urlsafe_b64encode(f"e{position.xid}.{position.event_id}".encode()).decode().rstrip("=")
+def encode_cursor(position: int) -> str:
+    return base64.urlsafe_b64encode(f"p{position}".encode()).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str) -> Position:
-    """The position a feed cursor points past; 422 naming ``after`` for anything else."""
+def decode_cursor(cursor: str) -> int | LegacyCursor:
+    """The position a feed cursor points past (or, for one given out before positions, its
+    event); 422 naming ``after`` for anything else."""
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
     except ValueError:
         text = ""
-    match = _CURSOR.match(text)
-    if match is None or int(match[1]) >= 2**64 or int(match[2]) >= 2**63:
-        raise errors.ValidationFailed(
-            "after is not a cursor this API gave out", errors=[{"field": "after", "message": "invalid cursor"}]
-        )
-    return Position(int(match[1]), int(match[2]))
+    if (match := _CURSOR.match(text)) is not None and int(match[1]) < 2**63:
+        return int(match[1])
+    if (legacy := _LEGACY_CURSOR.match(text)) is not None and int(legacy[1]) < 2**64 and int(legacy[2]) < 2**63:
+        return LegacyCursor(int(legacy[2]))
+    raise errors.ValidationFailed(
+        "after is not a cursor this API gave out", errors=[{"field": "after", "message": "invalid cursor"}]
+    )

@@ -153,10 +153,9 @@ _decode_data = msgspec.json.Decoder(dict).decode
 
 
 async def feed(services: Services, after: str | None, limit: int, types: list[str]) -> EventPage:
-    """Events after the cursor, in the outbox's order (a cursor never skips an event that commits
+    """Events after the cursor, in the outbox's order (a cursor never skips an event numbered
     later); the page's ``next_cursor`` continues from its last event."""
-    position = rules.decode_cursor(after) if after else rules.START
-    rows = await store.select_events_after(services.pool, position, limit, types)
+    page = await store.select_feed(services.pool, rules.decode_cursor(after) if after else 0, limit, types)
     items = [
         Envelope(
             id=rules.event_id_text(row["event_id"]),
@@ -166,7 +165,6 @@ async def feed(services: Services, after: str | None, limit: int, types: list[st
             sequence=row["sequence"],
             data=_decode_data(row["data"]),
         )
-        for row in rows
+        for row in page.rows
     ]
-    last = store.position_of(rows[-1]) if rows else position
-    return EventPage(items=items, next_cursor=rules.encode_cursor(last))
+    return EventPage(items=items, next_cursor=rules.encode_cursor(page.reached))

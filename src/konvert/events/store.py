@@ -1,9 +1,10 @@
-"""Events SQL: reading the outbox in order, the publishers' cursors, webhook endpoints and
-messages, pruning. Plain async functions, connection first.
+"""Events SQL: numbering the outbox, reading it in order, the publishers' cursors, webhook
+endpoints and messages, pruning. Plain async functions, connection first.
 
-The outbox is read in (xid, event_id) order, and only events of transactions older than every
-transaction still running (``xid < pg_snapshot_xmin(pg_current_snapshot())``): an event that
-commits later always comes after every position a reader has passed, so no reader skips one.
+The sequencer numbers committed events (``position``) 1, 2, 3, ... without a gap, each member's
+in their sequence, in one transaction at a time. Readers take positions after their cursor up to
+the first number missing (konvert.events.rules.contiguous): an event is numbered only once it
+has committed, so none can land behind a cursor, on one server or across Citus' shards.
 """
 
 from __future__ import annotations
@@ -15,37 +16,121 @@ from typing import NamedTuple
 import asyncpg
 
 from konvert.db import Connection, Queryable
-from konvert.events.rules import Position
+from konvert.events import rules
 
-# An event as it is sent: the member's id is read from their row (the pseudonym once erased).
+# An event as it is sent: the member's id is read from their row (the pseudonym once erased);
+# events about konvert itself (member_uid 0) name no member and no sequence.
 _ENVELOPE = """
-select e.event_id, e.xid::text as xid, e.type, e.occurred_at, m.member_id, e.sequence, e.data::text as data
+select e.event_id, e.position, e.type, e.occurred_at, m.member_id, e.sequence, e.data::text as data
 from outbox_events e left join members m on m.member_uid = e.member_uid
 """
-_VISIBLE = "(e.xid, e.event_id) > ($1::text::xid8, $2) and e.xid < pg_snapshot_xmin(pg_current_snapshot())"
+PUBLISHERS = ("stream", "webhooks")
+# How many positions the feed looks ahead for a gap when it filters by type.
+_FEED_WINDOW = 1000
 
 
-def position_of(row: asyncpg.Record) -> Position:
-    return Position(int(row["xid"]), row["event_id"])
+class Sequenced(NamedTuple):
+    numbered: int
+    # The member whose events were numbered last: the next batch starts past them.
+    last_member_uid: int
 
 
-async def select_events_after(
-    conn: Queryable, after: Position, limit: int, types: Sequence[str] = ()
-) -> list[asyncpg.Record]:
-    """Up to ``limit`` events after ``after`` in the outbox's order (of ``types`` only, if any)."""
+async def sequence_events(conn: Connection, head: int, limit: int, past_member_uid: int = 0) -> Sequenced:
+    """Number up to ``limit`` committed events that have no position yet from ``head + 1`` on and
+    move the 'sequencer' cursor past them (its row locked by the caller).
+
+    Members are taken in member_uid order from past ``past_member_uid`` round to it again, so that
+    under a backlog every member's turn comes. Each member's events are taken in their sequence,
+    so a batch never holds one without those before it: a member's events are written under the
+    member's lock, so none is visible before the earlier ones."""
+    row = await conn.fetchrow(SEQUENCE, head, limit, past_member_uid)
+    assert row is not None
+    return Sequenced(row["numbered"], row["last_member_uid"])
+
+
+SEQUENCE = """
+with taken as (
+    (select 0 as pass, e.member_uid, e.sequence, e.event_id from outbox_events e
+     where e.position is null and e.member_uid > $3
+     order by e.member_uid, e.sequence, e.event_id
+     limit $2)
+    union all
+    (select 1 as pass, e.member_uid, e.sequence, e.event_id from outbox_events e
+     where e.position is null and e.member_uid <= $3
+     order by e.member_uid, e.sequence, e.event_id
+     limit $2)
+), batch as (
+    select member_uid, event_id, row_number() over (order by pass, member_uid, sequence, event_id) as n
+    from taken
+    order by n
+    limit $2
+), numbered as (
+    update outbox_events e set position = $1 + b.n
+    from batch b where e.member_uid = b.member_uid and e.event_id = b.event_id
+    returning 1
+), moved as (
+    update event_cursors set position = $1 + (select count(*) from batch), updated_at = now()
+    where name = 'sequencer'
+    returning 1
+)
+select (select count(*) from numbered) as numbered,
+       coalesce((select member_uid from batch order by n desc limit 1), $3) as last_member_uid
+"""
+
+
+async def select_events_after(conn: Queryable, after: int, limit: int) -> list[asyncpg.Record]:
+    """Up to ``limit`` events after position ``after``, in order, up to the first one missing."""
+    rows = await conn.fetch(READ_AFTER, after, limit)
+    reached = rules.contiguous([row["position"] for row in rows], after)
+    return [row for row in rows if row["position"] <= reached]
+
+
+READ_AFTER = f"{_ENVELOPE} where e.position > $1 order by e.position limit $2"
+
+
+class FeedPage(NamedTuple):
+    rows: list[asyncpg.Record]
+    # Where the next page starts: past the last event given, or past every position read when
+    # none of them was of the types asked for.
+    reached: int
+
+
+async def select_feed(
+    conn: Queryable, after: int | rules.LegacyCursor, limit: int, types: Sequence[str] = ()
+) -> FeedPage:
+    """A page of the feed: up to ``limit`` events (of ``types`` only, if any) after ``after``.
+
+    A number missing at or below both publishers' cursors is no gap: they read its event, which
+    has since been pruned."""
+    if isinstance(after, rules.LegacyCursor):
+        # Positions were given in the order those cursors followed; a pruned event's consumer
+        # was behind the kept events anyway, and gets them all.
+        after = await conn.fetchval("select position from outbox_events where event_id = $1", after.event_id) or 0
+    ahead = await conn.fetchrow(
+        """
+        select array(select e.position from outbox_events e where e.position > $1 order by e.position limit $2)
+                   as positions,
+               (select min(position) from event_cursors where name = any($3::text[])) as settled
+        """,
+        after,
+        max(limit, _FEED_WINDOW),
+        list(PUBLISHERS),
+    )
+    assert ahead is not None
+    reached = rules.contiguous(ahead["positions"], after, ahead["settled"] or 0)
     rows: list[asyncpg.Record] = await conn.fetch(
         f"""
         {_ENVELOPE}
-        where {_VISIBLE} and (cardinality($4::text[]) = 0 or e.type = any($4::text[]))
-        order by e.xid, e.event_id
+        where e.position > $1 and e.position <= $2 and (cardinality($4::text[]) = 0 or e.type = any($4::text[]))
+        order by e.position
         limit $3
         """,
-        str(after.xid),
-        after.event_id,
+        after,
+        reached,
         limit,
         list(types),
     )
-    return rows
+    return FeedPage(rows, rows[-1]["position"] if len(rows) == limit else reached)
 
 
 async def select_events(conn: Queryable, event_ids: Sequence[int]) -> dict[int, asyncpg.Record]:
@@ -83,15 +168,15 @@ async def select_newest_event_id(conn: Queryable) -> int:
 
 
 async def unpublished_up_to(conn: Queryable, event_id: int) -> bool:
-    """Whether a publisher's cursor has yet to pass an event up to ``event_id``."""
+    """Whether an event up to ``event_id`` is not numbered yet, or not passed by a publisher."""
     behind: bool = await conn.fetchval(
         """
-        select exists (
-            select 1 from outbox_events e join event_cursors c on (e.xid, e.event_id) > (c.xid, c.event_id)
-            where e.event_id <= $1
-        )
+        select exists (select 1 from outbox_events e where e.position is null and e.event_id <= $1)
+            or exists (select 1 from event_cursors c join outbox_events e on e.position > c.position
+                       where c.name = any($2::text[]) and e.event_id <= $1)
         """,
         event_id,
+        list(PUBLISHERS),
     )
     return behind
 
@@ -99,37 +184,32 @@ async def unpublished_up_to(conn: Queryable, event_id: int) -> bool:
 # --- the publishers' cursors ------------------------------------------------------------------
 
 
-async def has_events_after_cursor(conn: Queryable, name: str) -> bool:
-    """Whether the cursor has an event to read: a look without a lock (an idle publisher's poll
+async def has_work(conn: Queryable, name: str) -> bool:
+    """Whether the cursor has an event to take: a look without a lock (an idle publisher's poll
     then writes nothing, not even a transaction id)."""
-    cursor = await conn.fetchrow("select xid::text as xid, event_id from event_cursors where name = $1", name)
-    if cursor is None:
-        return False
-    # The cursor as parameters, not joined, and the index's order with a limit rather than exists
-    # (which drops the order and may scan the whole table when nothing is there): the lookup then
-    # walks outbox_events_order_idx from the cursor, however many events are kept.
-    found = await conn.fetchval(LOOK_AFTER, cursor["xid"], cursor["event_id"])
-    return found is not None
+    if name == "sequencer":
+        return await conn.fetchval(LOOK_UNSEQUENCED) is not None
+    cursor = await conn.fetchval("select position from event_cursors where name = $1", name)
+    # The cursor as a parameter, not joined, and the index's order with a limit rather than
+    # exists (which drops the order and may scan the whole table when nothing is there): the look
+    # then walks outbox_events_position_idx from the cursor, however many events are kept.
+    return cursor is not None and await conn.fetchval(LOOK_AFTER, cursor) is not None
 
 
-LOOK_AFTER = f"select e.event_id from outbox_events e where {_VISIBLE} order by e.xid, e.event_id limit 1"
+LOOK_UNSEQUENCED = "select e.event_id from outbox_events e where e.position is null limit 1"
+LOOK_AFTER = "select e.position from outbox_events e where e.position > $1 order by e.position limit 1"
 
 
-async def lock_cursor(conn: Connection, name: str) -> Position | None:
-    """The cursor, locked for this transaction; None while another publisher holds it."""
-    row = await conn.fetchrow(
-        "select xid::text as xid, event_id from event_cursors where name = $1 for update skip locked", name
+async def lock_cursor(conn: Connection, name: str) -> int | None:
+    """The cursor's position, locked for this transaction; None while another process holds it."""
+    position: int | None = await conn.fetchval(
+        "select position from event_cursors where name = $1 for update skip locked", name
     )
-    return position_of(row) if row is not None else None
+    return position
 
 
-async def move_cursor(conn: Connection, name: str, to: Position) -> None:
-    await conn.execute(
-        "update event_cursors set xid = $2::text::xid8, event_id = $3, updated_at = now() where name = $1",
-        name,
-        str(to.xid),
-        to.event_id,
-    )
+async def move_cursor(conn: Connection, name: str, to: int) -> None:
+    await conn.execute("update event_cursors set position = $2, updated_at = now() where name = $1", name, to)
 
 
 class FanOut(NamedTuple):
@@ -139,24 +219,28 @@ class FanOut(NamedTuple):
     waiting: list[int]
 
 
-async def fan_out(conn: Connection, after: Position, limit: int, now: datetime) -> FanOut:
+async def fan_out(conn: Connection, after: int, limit: int, now: datetime) -> FanOut:
     """One webhook message per (enabled endpoint that wants it, event) for the next ``limit``
     events after ``after``; the 'webhooks' cursor moves past them. One statement.
 
     A message is due at once if it is its member's first pending one for the endpoint; a later
     one waits (due at 'infinity') until the one before it is finished (make_next_due), so that
     leasing never walks past messages it may not send yet."""
-    row = await conn.fetchrow(_FAN_OUT, str(after.xid), after.event_id, limit, now)
+    row = await conn.fetchrow(FAN_OUT, after, limit, now)
     assert row is not None
     return FanOut(row["events"], row["messages"], list(row["waiting"]))
 
 
-_FAN_OUT = f"""
-with batch as (
-    select e.event_id, e.xid, e.type, e.member_uid, e.sequence from outbox_events e
-    where {_VISIBLE}
-    order by e.xid, e.event_id
-    limit $3
+FAN_OUT = """
+with ahead as (
+    select e.event_id, e.position, e.type, e.member_uid, e.sequence,
+           row_number() over (order by e.position) as n
+    from outbox_events e
+    where e.position > $1
+    order by e.position
+    limit $2
+), batch as (  -- up to the first position missing (konvert.events.rules.contiguous)
+    select * from ahead where position = $1 + n
 ), fanned as (
     insert into webhook_messages (endpoint_id, event_id, member_uid, sequence, next_attempt_at)
     select w.endpoint_id, b.event_id, b.member_uid, b.sequence,
@@ -164,21 +248,19 @@ with batch as (
                   or (row_number() over (partition by w.endpoint_id, b.member_uid order by b.sequence) = 1
                       and not exists (select 1 from webhook_messages p where p.endpoint_id = w.endpoint_id
                                       and p.member_uid = b.member_uid and p.status = 'pending'))
-                then $4::timestamptz else 'infinity'::timestamptz end
+                then $3::timestamptz else 'infinity'::timestamptz end
     from batch b
     join webhook_endpoints w on w.enabled and (cardinality(w.event_types) = 0 or b.type = any(w.event_types))
-    order by b.xid, b.event_id, w.endpoint_id
+    order by b.position, w.endpoint_id
     on conflict (member_uid, endpoint_id, event_id) do nothing
     returning message_id, next_attempt_at
-), last as (
-    select xid, event_id from batch order by xid desc, event_id desc limit 1
 ), moved as (
-    update event_cursors c set xid = l.xid, event_id = l.event_id, updated_at = now()
-    from last l where c.name = 'webhooks'
+    update event_cursors c set position = (select max(position) from batch), updated_at = now()
+    where c.name = 'webhooks' and exists (select 1 from batch)
     returning 1
 )
 select (select count(*) from batch) as events, (select count(*) from fanned) as messages,
-       (select coalesce(array_agg(message_id), '{{}}') from fanned where next_attempt_at = 'infinity') as waiting,
+       (select coalesce(array_agg(message_id), '{}') from fanned where next_attempt_at = 'infinity') as waiting,
        (select count(*) from moved) as moved
 """
 
@@ -584,17 +666,13 @@ async def prune_events(conn: Queryable, written_before: datetime, limit: int, *,
 # The events every publisher has passed, older than $1, that no endpoint waits for; up to $2.
 _PRUNABLE = """
 with passed as (
-    select s.xid as stream_xid, s.event_id as stream_event_id, w.xid as webhooks_xid, w.event_id as webhooks_event_id
-    from event_cursors s, event_cursors w
-    where s.name = 'stream' and w.name = 'webhooks'
+    select min(position) as position from event_cursors where name in ('stream', 'webhooks')
 ), doomed as (
     select e.member_uid, e.event_id from outbox_events e, passed c
-    where e.created_at < $1
-      and (e.xid, e.event_id) <= (c.stream_xid, c.stream_event_id)
-      and (e.xid, e.event_id) <= (c.webhooks_xid, c.webhooks_event_id)
+    where e.position <= c.position and e.created_at < $1
       and not exists (select 1 from webhook_messages m
                       where m.member_uid = e.member_uid and m.event_id = e.event_id and m.status = 'pending')
-    order by e.xid, e.event_id
+    order by e.position
     limit $2
 """
 PRUNE = f"""{_PRUNABLE}    for update of e skip locked
