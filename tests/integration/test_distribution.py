@@ -464,6 +464,17 @@ async def test_the_webhook_leases_and_pruning_lock_by_member(fresh_connection: A
         one_by_one = services.settings.lock_one_by_one
         # Each member's first message is due.
         leased = await events_store.claim_messages(services.pool, "crm", now, 10, now, one_by_one=one_by_one)
+        # What a delivery does next: the events read, the outcomes written, the next messages due.
+        await events_store.select_events(
+            services.pool, [events_store.EventKey(m["member_uid"], m["event_id"]) for m in leased]
+        )
+        await events_store.record_outcomes(
+            services.pool,
+            [events_store.Outcome(m["member_uid"], m["message_id"], "delivered", None, 200, None, now) for m in leased],
+        )
+        made_due = await events_store.make_next_due(
+            services.pool, [events_store.MessageKey(m["member_uid"], m["message_id"]) for m in leased], now
+        )
         await setup.execute(
             "update webhook_messages set status = 'delivered';"
             "update event_cursors set position = (select max(position) from outbox_events)"
@@ -475,7 +486,11 @@ async def test_the_webhook_leases_and_pruning_lock_by_member(fresh_connection: A
     finally:
         await setup.close()
 
-    assert (len(leased), pruned) == (2, 4)
+    assert (len(leased), made_due, pruned) == (2, 0, 4)
+    delivering = {
+        _flat(sql) for sql in (events_store.SELECT_EVENTS, events_store.RECORD_OUTCOMES, events_store.MAKE_NEXT_DUE)
+    }
+    assert not {_flat(found.partition("): ")[2]) for found in unrouted} & delivering, unrouted
     if one_by_one:
         assert locking_several == set()
         finds = {_flat(events_store.FIND_DUE_MESSAGES), _flat(events_store.FIND_PRUNABLE)}

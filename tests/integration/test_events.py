@@ -363,11 +363,11 @@ async def _finish_while_a_later_message_is_fanned_out(konvert: Konvert, member: 
     await publisher.fan_out(konvert.services)
     await konvert.purchase(member, purchase_id=f"{member}-1")
     await konvert.readable()
-    ((first,),) = await konvert.fetch("select message_id from webhook_messages")
+    ((uid, first),) = await konvert.fetch("select member_uid, message_id from webhook_messages")
     async with konvert.services.pool.acquire() as conn:
         finishing = conn.transaction()
         await finishing.start()
-        await store.record_outcomes(conn, [store.Outcome(first, "delivered", None, 200, None, konvert.now())])
+        await store.record_outcomes(conn, [store.Outcome(uid, first, "delivered", None, 200, None, konvert.now())])
         await publisher.fan_out(konvert.services)
         await finishing.commit()
     ((later,),) = await konvert.fetch("select message_id from webhook_messages where status = 'pending'")
@@ -386,8 +386,9 @@ async def test_a_message_fanned_out_while_its_predecessor_finishes_becomes_due(s
     assert [(m["message_id"], m["next_attempt_at"]) for m in listed] == [(later, None)]
 
     # What a publisher does after writing outcomes, once they are committed.
-    finished = await konvert.fetch("select message_id from webhook_messages where status = 'delivered'")
-    assert await store.make_next_due(konvert.services.pool, [r["message_id"] for r in finished], konvert.now()) == 1
+    finished = await konvert.fetch("select member_uid, message_id from webhook_messages where status = 'delivered'")
+    finished_keys = [store.MessageKey(*r) for r in finished]
+    assert await store.make_next_due(konvert.services.pool, finished_keys, konvert.now()) == 1
     assert await konvert.fetch("select 1 from webhook_messages where next_attempt_at = 'infinity'") == []
     await konvert.publish()
     assert [e["data"]["purchase_id"] for e in hooks.verify(endpoint["secret"])] == [f"{member}-1"]
@@ -408,7 +409,10 @@ async def test_a_message_fanned_out_after_its_predecessor_finished_unseen_become
     ((earned,),) = await konvert.fetch(
         "select event_id from outbox_events where type = 'points.earned' order by event_id desc limit 1"
     )
-    pending = await konvert.fetch("select message_id from webhook_messages where status = 'pending'")
+    pending = [
+        store.MessageKey(*r)
+        for r in await konvert.fetch("select member_uid, message_id from webhook_messages where status = 'pending'")
+    ]
     async with konvert.services.pool.acquire() as conn:
         finishing = conn.transaction()
         await finishing.start()
@@ -417,7 +421,7 @@ async def test_a_message_fanned_out_after_its_predecessor_finished_unseen_become
             "select 'crm', event_id, member_uid, 'delivered', now(), now() from outbox_events where event_id = $1",
             earned,
         )
-        outcomes = [store.Outcome(r["message_id"], "delivered", None, 200, None, konvert.now()) for r in pending]
+        outcomes = [store.Outcome(*key, "delivered", None, 200, None, konvert.now()) for key in pending]
         await store.record_outcomes(conn, outcomes)
         fanning = asyncio.create_task(publisher.fan_out(konvert.services))
         for _ in range(600):  # until the fan-out waits for this transaction's row
@@ -429,7 +433,7 @@ async def test_a_message_fanned_out_after_its_predecessor_finished_unseen_become
             await asyncio.sleep(0.05)
         # The outcome looks for a waiting message before the fan-out can commit one (after its
         # commit, the fan-out resumes at once and may have committed it already): it finds none.
-        assert await store.make_next_due(conn, [r["message_id"] for r in pending], konvert.now()) == 0
+        assert await store.make_next_due(conn, pending, konvert.now()) == 0
         await finishing.commit()
     await fanning
 

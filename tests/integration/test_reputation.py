@@ -298,8 +298,11 @@ async def test_a_kudos_from_the_future_is_refused(api, new_id):
 
 async def test_now_is_the_service_clock_s_for_kudos_as_for_purchases_and_jobs(api, clock, new_id):
     clock.advance(days=2)
-    # In the real clock's future, and in the past (today) of the service's clock.
-    today = (datetime.now(UTC) + timedelta(days=2) - timedelta(minutes=10)).isoformat()
+    # In the real clock's future, and in the past (today, also just after midnight) of the
+    # service's clock.
+    service_now = datetime.now(UTC) + timedelta(days=2)
+    midnight = service_now.replace(hour=0, minute=0, second=0, microsecond=0)
+    today = max(service_now - timedelta(minutes=10), midnight).isoformat()
     author = new_id("a")
 
     await api.give(kudos(author, new_id("g"), occurred_at=today))

@@ -236,7 +236,9 @@ class Publisher:
             )
             if not messages:
                 continue
-            rows = await store.select_events(services.pool, [m["event_id"] for m in messages])
+            rows = await store.select_events(
+                services.pool, [store.EventKey(m["member_uid"], m["event_id"]) for m in messages]
+            )
             for message in messages:
                 self._start(endpoint, secrets, message, rows[message["event_id"]])
             started += len(messages)
@@ -303,12 +305,14 @@ class Publisher:
             self._in_flight[endpoint["endpoint_id"]] -= 1
         now = services.clock()
         if status is not None and 200 <= status < 300:
-            outcome = store.Outcome(message["message_id"], "delivered", None, status, None, now)
+            outcome = store.Outcome(message["member_uid"], message["message_id"], "delivered", None, status, None, now)
         else:
             error = error or f"HTTP {status}"
             after = rules.after_failure(services.settings, message["attempts"], message["first_attempt_at"], now)
             state = "pending" if after.next_attempt_at is not None else "failed"
-            outcome = store.Outcome(message["message_id"], state, after.next_attempt_at, status, error, now)
+            outcome = store.Outcome(
+                message["member_uid"], message["message_id"], state, after.next_attempt_at, status, error, now
+            )
         self._outcomes.append((endpoint["endpoint_id"], outcome))
         # The next round, once it has enough to do: outcomes to write together, or leases to take.
         limit = services.settings.webhook_concurrency_per_endpoint * _LEASED_PER_SLOT
@@ -328,7 +332,7 @@ class Publisher:
             self._outcomes[:0] = done  # written with the next round's
             raise
         # After the commit, as for a fan-out: each member's next message is due.
-        finished = [o.message_id for _, o in done if o.status != "pending"]
+        finished = [store.MessageKey(o.member_uid, o.message_id) for _, o in done if o.status != "pending"]
         await store.make_next_due(services.pool, finished, now)
         succeeded = {endpoint for endpoint, o in done if o.status == "delivered"}
         failed = {endpoint for endpoint, _ in done} - succeeded

@@ -25,6 +25,19 @@ select e.event_id, e.position, e.type, e.occurred_at, m.member_id, e.sequence, e
 from outbox_events e left join members m on m.member_uid = e.member_uid
 """
 PUBLISHERS = ("stream", "webhooks")
+
+
+# A member's event or webhook message, named with its member as Citus routes it.
+class EventKey(NamedTuple):
+    member_uid: int
+    event_id: int
+
+
+class MessageKey(NamedTuple):
+    member_uid: int
+    message_id: int
+
+
 # How many positions the feed looks ahead for a gap when it filters by type.
 _FEED_WINDOW = 1000
 
@@ -133,8 +146,20 @@ async def select_feed(
     return FeedPage(rows, rows[-1]["position"] if len(rows) == limit else reached)
 
 
-async def select_events(conn: Queryable, event_ids: Sequence[int]) -> dict[int, asyncpg.Record]:
-    rows = await conn.fetch(f"{_ENVELOPE} where e.event_id = any($1::bigint[])", list(event_ids))
+SELECT_EVENTS = f"""{_ENVELOPE}
+join unnest($1::bigint[], $2::bigint[]) as k (member_uid, event_id)
+  on e.member_uid = k.member_uid and e.event_id = k.event_id
+where e.member_uid = any($1::bigint[])
+"""
+
+
+async def select_events(conn: Queryable, keys: Sequence[EventKey]) -> dict[int, asyncpg.Record]:
+    """The events of ``keys`` (member_uid and event_id each), by event_id."""
+    rows = await conn.fetch(
+        SELECT_EVENTS,
+        [k.member_uid for k in keys],
+        [k.event_id for k in keys],
+    )
     return {row["event_id"]: row for row in rows}
 
 
@@ -216,7 +241,7 @@ class FanOut(NamedTuple):
     events: int
     messages: int
     # Messages that wait for a member's earlier one (see make_next_due).
-    waiting: list[int]
+    waiting: list[MessageKey]
 
 
 async def fan_out(conn: Connection, after: int, limit: int, now: datetime) -> FanOut:
@@ -228,7 +253,8 @@ async def fan_out(conn: Connection, after: int, limit: int, now: datetime) -> Fa
     leasing never walks past messages it may not send yet."""
     row = await conn.fetchrow(FAN_OUT, after, limit, now)
     assert row is not None
-    return FanOut(row["events"], row["messages"], list(row["waiting"]))
+    waiting = [MessageKey(*key) for key in zip(row["waiting_members"], row["waiting"], strict=True)]
+    return FanOut(row["events"], row["messages"], waiting)
 
 
 FAN_OUT = """
@@ -253,14 +279,17 @@ with ahead as (
     join webhook_endpoints w on w.enabled and (cardinality(w.event_types) = 0 or b.type = any(w.event_types))
     order by b.position, w.endpoint_id
     on conflict (member_uid, endpoint_id, event_id) do nothing
-    returning message_id, next_attempt_at
+    returning member_uid, message_id, next_attempt_at
 ), moved as (
     update event_cursors c set position = (select max(position) from batch), updated_at = now()
     where c.name = 'webhooks' and exists (select 1 from batch)
     returning 1
 )
 select (select count(*) from batch) as events, (select count(*) from fanned) as messages,
-       (select coalesce(array_agg(message_id), '{}') from fanned where next_attempt_at = 'infinity') as waiting,
+       (select coalesce(array_agg(member_uid order by message_id), '{}') from fanned
+        where next_attempt_at = 'infinity') as waiting_members,
+       (select coalesce(array_agg(message_id order by message_id), '{}') from fanned
+        where next_attempt_at = 'infinity') as waiting,
        (select count(*) from moved) as moved
 """
 
@@ -457,7 +486,7 @@ update webhook_messages m
 set next_attempt_at = $4, attempts = m.attempts + 1, first_attempt_at = coalesce(m.first_attempt_at, $2),
     last_attempt_at = $2
 from due where m.message_id = due.message_id
-returning m.message_id, m.endpoint_id, m.event_id, m.attempts, m.first_attempt_at
+returning m.member_uid, m.message_id, m.endpoint_id, m.event_id, m.attempts, m.first_attempt_at
 """
 # One message, named with its member ($1, $2), leased if it is still due ($3 the endpoint, $4 now,
 # $5 the lease's end) and no other process holds it.
@@ -478,13 +507,14 @@ update webhook_messages m
 set next_attempt_at = $5, attempts = m.attempts + 1, first_attempt_at = coalesce(m.first_attempt_at, $4),
     last_attempt_at = $4
 from due where m.member_uid = $1 and m.message_id = due.message_id
-returning m.message_id, m.endpoint_id, m.event_id, m.attempts, m.first_attempt_at
+returning m.member_uid, m.message_id, m.endpoint_id, m.event_id, m.attempts, m.first_attempt_at
 """
 
 
 class Outcome(NamedTuple):
     """What an attempt came to: pending again (with its next attempt), delivered or failed."""
 
+    member_uid: int
     message_id: int
     status: str
     next_attempt_at: datetime | None
@@ -497,15 +527,8 @@ async def record_outcomes(conn: Queryable, outcomes: Sequence[Outcome]) -> None:
     if not outcomes:
         return
     await conn.execute(
-        """
-        update webhook_messages m
-        set status = o.status, next_attempt_at = coalesce(o.next_attempt_at, m.next_attempt_at),
-            last_status = o.last_status, last_error = o.last_error,
-            finished_at = case when o.status = 'pending' then null else o.at end
-        from unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::integer[], $5::text[], $6::timestamptz[])
-             as o (message_id, status, next_attempt_at, last_status, last_error, at)
-        where m.message_id = o.message_id
-        """,
+        RECORD_OUTCOMES,
+        [o.member_uid for o in outcomes],
         [o.message_id for o in outcomes],
         [o.status for o in outcomes],
         [o.next_attempt_at for o in outcomes],
@@ -515,17 +538,32 @@ async def record_outcomes(conn: Queryable, outcomes: Sequence[Outcome]) -> None:
     )
 
 
-async def make_next_due(conn: Queryable, message_ids: Sequence[int], now: datetime) -> int:
-    """For the (endpoint, member) of each of ``message_ids``: if the member's first pending message
+RECORD_OUTCOMES = """
+update webhook_messages m
+set status = o.status, next_attempt_at = coalesce(o.next_attempt_at, m.next_attempt_at),
+    last_status = o.last_status, last_error = o.last_error,
+    finished_at = case when o.status = 'pending' then null else o.at end
+from unnest($1::bigint[], $2::bigint[], $3::text[], $4::timestamptz[], $5::integer[], $6::text[],
+            $7::timestamptz[])
+     as o (member_uid, message_id, status, next_attempt_at, last_status, last_error, at)
+-- The members as values too: Citus then sends the statement to their shards only.
+where m.member_uid = any($1::bigint[]) and m.member_uid = o.member_uid and m.message_id = o.message_id
+"""
+
+
+async def make_next_due(conn: Queryable, messages: Sequence[MessageKey], now: datetime) -> int:
+    """For the (endpoint, member) of each of ``messages``: if the member's first pending message
     waits, it is due now. Returns how many became due.
 
     Run after the commit of what finished a message (an outcome) or added a waiting one (a
     fan-out): of two such transactions at once neither sees the other's rows before it commits,
     but whichever commits last runs this after both did, and sees them. A process that dies
     between its commit and this leaves the sweep (make_stranded_due) to do it."""
-    if not message_ids:
+    if not messages:
         return 0
-    count: int = await conn.fetchval(_MAKE_NEXT_DUE, list(message_ids), now)
+    count: int = await conn.fetchval(
+        MAKE_NEXT_DUE, [m.member_uid for m in messages], [m.message_id for m in messages], now
+    )
     return count
 
 
@@ -534,21 +572,22 @@ async def make_next_due(conn: Queryable, message_ids: Sequence[int], now: dateti
 # waiting messages were often just written, and at the statistics of a table not yet analysed a
 # join may otherwise walk every waiting message once per member. Only a pending message waits
 # (at 'infinity', tested so that no index but the primary key serves the update).
-_MAKE_NEXT_DUE = """
+MAKE_NEXT_DUE = """
 with heads as materialized (
     select (
         select p.message_id from webhook_messages p
-        where p.endpoint_id = f.endpoint_id and p.member_uid = f.member_uid and p.status = 'pending'
+        where p.endpoint_id = f.endpoint_id and p.member_uid = f.member_uid and p.member_uid = any($1::bigint[])
+          and p.status = 'pending'
         order by p.sequence
         limit 1
     ) as message_id
     from (
         select distinct m.endpoint_id, m.member_uid from webhook_messages m
-        where m.message_id = any($1::bigint[]) and m.member_uid <> 0
+        where m.member_uid = any($1::bigint[]) and m.message_id = any($2::bigint[]) and m.member_uid <> 0
     ) f
 ), made as (
-    update webhook_messages w set next_attempt_at = $2
-    where w.message_id = any(array(select message_id from heads))
+    update webhook_messages w set next_attempt_at = $3
+    where w.member_uid = any($1::bigint[]) and w.message_id = any(array(select message_id from heads))
       and not isfinite(w.next_attempt_at)
     returning 1
 )
