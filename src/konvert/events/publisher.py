@@ -391,12 +391,11 @@ async def run_forever(services: Services) -> None:
 
 
 async def publish_all(services: Services, wait_seconds: float = 30.0) -> int:
-    """Publish every event committed before the call, then every message due, until nothing more
+    """Number and publish every event committed, then send every message due, until nothing more
     is due and no attempt is in flight (``konvert events publish``, and tests); returns how much
-    was done. Events that other transactions still hold back (see konvert.events.store) are
-    waited for, ``wait_seconds`` at most."""
+    was done. A publisher that cannot pass a number yet (see konvert.events.store) is waited for,
+    ``wait_seconds`` at most."""
     publisher = services.shared(Publisher)
-    newest = await store.select_newest_event_id(services.pool)
     deadline = asyncio.get_running_loop().time() + wait_seconds
     total = 0
     while True:
@@ -409,7 +408,7 @@ async def publish_all(services: Services, wait_seconds: float = 30.0) -> int:
             # Until an attempt finishes: its slot and its outcome are the next round's work.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(publisher.woken.wait(), services.settings.webhook_timeout_seconds)
-        elif await store.unpublished_up_to(services.pool, newest) and asyncio.get_running_loop().time() < deadline:
+        elif await store.publishers_behind(services.pool) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(services.settings.events_poll_interval_seconds)
         else:
             return total

@@ -38,10 +38,6 @@ class MessageKey(NamedTuple):
     message_id: int
 
 
-# How many positions the feed looks ahead for a gap when it filters by type.
-_FEED_WINDOW = 1000
-
-
 class Sequenced(NamedTuple):
     numbered: int
     # The member whose events were numbered last: the next batch starts past them.
@@ -101,6 +97,10 @@ async def select_events_after(conn: Queryable, after: int, limit: int) -> list[a
 READ_AFTER = f"{_ENVELOPE} where e.position > $1 order by e.position limit $2"
 
 
+# How many positions the feed reads ahead for a gap: more than a page, for pages of a few types.
+_FEED_WINDOW = 1000
+
+
 class FeedPage(NamedTuple):
     rows: list[asyncpg.Record]
     # Where the next page starts: past the last event given, or past every position read when
@@ -117,7 +117,8 @@ async def select_feed(
     has since been pruned."""
     if isinstance(after, rules.LegacyCursor):
         # Positions were given in the order those cursors followed; a pruned event's consumer
-        # was behind the kept events anyway, and gets them all.
+        # was behind the kept events anyway, and gets them all. (No index has event ids alone:
+        # a scan, once per consumer, which then holds a cursor of positions.)
         after = await conn.fetchval("select position from outbox_events where event_id = $1", after.event_id) or 0
     ahead = await conn.fetchrow(
         """
@@ -187,20 +188,13 @@ async def select_member_events(conn: Queryable, member_uid: int, limit: int) -> 
     return rows
 
 
-async def select_newest_event_id(conn: Queryable) -> int:
-    newest: int = await conn.fetchval("select coalesce(max(event_id), 0) from outbox_events")
-    return newest
-
-
-async def unpublished_up_to(conn: Queryable, event_id: int) -> bool:
-    """Whether an event up to ``event_id`` is not numbered yet, or not passed by a publisher."""
+async def publishers_behind(conn: Queryable) -> bool:
+    """Whether a publisher has yet to pass an event numbered already."""
     behind: bool = await conn.fetchval(
         """
-        select exists (select 1 from outbox_events e where e.position is null and e.event_id <= $1)
-            or exists (select 1 from event_cursors c join outbox_events e on e.position > c.position
-                       where c.name = any($2::text[]) and e.event_id <= $1)
+        select exists (select 1 from event_cursors s join event_cursors c on c.position < s.position
+                       where s.name = 'sequencer' and c.name = any($1::text[]))
         """,
-        event_id,
         list(PUBLISHERS),
     )
     return behind
