@@ -34,8 +34,10 @@ insert into event_cursors (name, xid, event_id, position)
 select 'sequencer', '0', 0, coalesce(max(position), 0) from outbox_events;
 
 drop index outbox_events_order_idx;
--- Events are found by member and id (the primary key), by position, or by member and sequence:
--- one index fewer to write for every event, and again when it is numbered.
+-- Events are found by member and id (the primary key), by position, or not yet numbered. A
+-- member's events in their order (the export) are the primary key's run of the member, sorted:
+-- two indexes fewer to write for every event, and again when it is numbered.
 drop index outbox_events_event_id_idx;
+drop index outbox_events_member_idx;
 alter table outbox_events drop column xid;
 alter table event_cursors drop column xid, drop column event_id;
