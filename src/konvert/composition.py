@@ -16,6 +16,7 @@ from konvert.earning import api as earning_api
 from konvert.earning import audit as earning_audit
 from konvert.earning import privacy as earning_privacy
 from konvert.events import api as events_api
+from konvert.events import audit as events_audit
 from konvert.events import openapi as events_openapi
 from konvert.events import publisher as events_publisher
 from konvert.integrations import api as integrations_api
@@ -88,6 +89,7 @@ AUDIT_CHECKS = (
     *redemption_audit.CHECKS,
     *reputation_audit.CHECKS,
     *preferences_audit.CHECKS,
+    *events_audit.CHECKS,
 )
 
 ERASURE = Erasure(

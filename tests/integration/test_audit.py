@@ -14,6 +14,7 @@ import pytest
 from konvert import auth, composition
 from konvert.app import create_app
 from konvert.composition import AUDIT_CHECKS
+from konvert.events import publisher
 from konvert.ledger.audit import run_audit
 from konvert.ledger.jobs import vest_due_lots
 from tests.conftest import make_settings, serve, spend_points
@@ -34,9 +35,10 @@ SHARED_AT_ONCE, SHARED_RACED = "shared-1", "shared-2"
 
 @pytest.fixture
 async def busy_ledger(fresh_database_url, redis_url, program):
-    """A database of its own after purchases, replays, vesting, refunds, spending, a debt, and
-    purchase ids posted for two members (one recorded, the other refused)."""
-    settings = make_settings(fresh_database_url, redis_url)
+    """A database of its own after purchases, replays, vesting, refunds, spending, a debt,
+    purchase ids posted for two members (one recorded, the other refused), and the first few
+    events numbered."""
+    settings = make_settings(fresh_database_url, redis_url, events_batch_size=5)
     conn = await asyncpg.connect(fresh_database_url)
     key, _ = await auth.insert_key(conn, "audit", ["admin"])
     await conn.close()
@@ -80,6 +82,7 @@ async def busy_ledger(fresh_database_url, redis_url, program):
                 await until_waiting_for_locks(services.pool, 1)
             raced_response = await raced
             assert (raced_response.status_code, raced_response.json()["code"]) == (409, "idempotency_conflict")
+        assert (await publisher.sequence(services)).numbered == 5
         yield fresh_database_url
     finally:
         await services.close()
@@ -135,6 +138,9 @@ async def test_a_purchase_id_posted_for_two_members_is_recorded_once(busy_ledger
 
 
 CORRUPTIONS = {
+    "7 events are numbered once, each member's in order": (
+        "update outbox_events set position = 1 where event_id in (select event_id from outbox_events limit 2)"
+    ),
     "2 stored balances equal transfers": "update members set points_available = points_available + 7 where member_id = 'ann'",
     "2 stored balances equal lots": "update lots set remaining = remaining - 1 where lot_id = (select min(lot_id) from lots)",
     "2 lots equal their entries": "update lots set remaining = remaining - 1, amount = amount where lot_id = (select max(lot_id) from lots)",
