@@ -138,9 +138,10 @@ async def test_a_purchase_id_posted_for_two_members_is_recorded_once(busy_ledger
 
 
 CORRUPTIONS = {
-    "7 events are numbered once, each member's in order": (
-        "update outbox_events set position = 1 where event_id in (select event_id from outbox_events limit 2)"
-    ),
+    # The busy ledger's first five events are numbered, 1 to 5, ann's first.
+    "7 each event's position is given once": "update outbox_events set position = 1 where position = 2",
+    "7 no event's position is past the sequencer's": "update outbox_events set position = 1005 where position = 5",
+    "7 each member's events are numbered in their order": "update outbox_events set position = null where position = 1",
     "2 stored balances equal transfers": "update members set points_available = points_available + 7 where member_id = 'ann'",
     "2 stored balances equal lots": "update lots set remaining = remaining - 1 where lot_id = (select min(lot_id) from lots)",
     "2 lots equal their entries": "update lots set remaining = remaining - 1, amount = amount where lot_id = (select max(lot_id) from lots)",

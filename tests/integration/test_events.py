@@ -664,6 +664,60 @@ async def test_numbering_takes_members_in_turn_and_each_members_events_in_order(
     ]
 
 
+async def test_an_event_numbered_late_by_an_earlier_batch_is_not_numbered_again(start_konvert, new_id):
+    # On Citus a batch's commit may reach one shard late, after the sequencer's cursor moved: the
+    # next batch then finds that shard's events without a position, and waits on their rows until
+    # the late commit lands. It must not number them again (and leave their numbers missing), but
+    # start over from what committed.
+    konvert = await start_konvert()
+    await konvert.purchase(new_id("m"))  # two events
+    first, second = await konvert.fetch("select event_id from outbox_events order by event_id")
+    await konvert.fetch("update event_cursors set position = 1 where name = 'sequencer'")
+    late = await asyncpg.connect(konvert.services.settings.database_url)
+    try:
+        async with late.transaction():
+            await late.execute("update outbox_events set position = 1 where event_id = $1", first["event_id"])
+            numbering = asyncio.create_task(publisher.sequence(konvert.services))
+            await _until_waiting_for_a_lock(konvert)
+        starting_over = await numbering
+    finally:
+        await late.close()
+    afterwards = await publisher.sequence(konvert.services)
+
+    numbered = await konvert.fetch("select event_id, position from outbox_events order by position")
+    assert starting_over.numbered == 0 and afterwards.numbered == 1
+    assert [tuple(row) for row in numbered] == [(first["event_id"], 1), (second["event_id"], 2)]
+
+
+async def test_numbering_is_one_process_at_a_time_and_publishing_all_waits_for_it(start_konvert, new_id):
+    konvert = await start_konvert()
+    await konvert.purchase(new_id("m"))
+    holder = await asyncpg.connect(konvert.services.settings.database_url)
+    try:
+        async with holder.transaction():
+            assert await store.lock_cursor(holder, "sequencer") == 0  # another process numbering
+            passed_over = await publisher.sequence(konvert.services)
+            waiting = await store.unpublished(konvert.services.pool)
+    finally:
+        await holder.close()
+    await konvert.publish()
+
+    assert passed_over.numbered == 0 and waiting
+    assert not await store.unpublished(konvert.services.pool)
+    assert await konvert.fetch("select count(*) from outbox_events where position is null") == [(0,)]
+
+
+async def _until_waiting_for_a_lock(konvert: Konvert) -> None:
+    for _ in range(600):
+        blocked = await konvert.services.pool.fetchval(
+            "select count(*) from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'"
+        )
+        if blocked:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("nothing waited for a lock within 30 s")
+
+
 async def _event_at(conn: asyncpg.Connection, position: int) -> None:
     await conn.execute(
         "insert into outbox_events (member_uid, type, data, occurred_at, position) "

@@ -6,14 +6,14 @@ are checked here: each position once, none past the sequencer's, each member's e
 
 CHECKS: tuple[tuple[str, str], ...] = (
     (
-        "7 events are numbered once, each member's in order",
+        "7 each event's position is given once",
         """
         select position::text, 'position given to ' || count(*) || ' events'
         from outbox_events where position is not null group by position having count(*) > 1
         """,
     ),
     (
-        "7 events are numbered once, each member's in order",
+        "7 no event's position is past the sequencer's",
         """
         select e.event_id::text, 'position ' || e.position || ' is past the sequencer''s ' || c.position
         from outbox_events e join event_cursors c on c.name = 'sequencer'
@@ -21,7 +21,7 @@ CHECKS: tuple[tuple[str, str], ...] = (
         """,
     ),
     (
-        "7 events are numbered once, each member's in order",
+        "7 each member's events are numbered in their order",
         """
         select member_uid || '/' || sequence,
                coalesce('position ' || position, 'not numbered') || ' after a later event''s ' || later

@@ -90,11 +90,15 @@ async def sequence(services: Services, look_first: bool = True, past_member_uid:
     none = store.Sequenced(0, past_member_uid)
     if look_first and not await store.has_work(services.pool, "sequencer"):
         return none
-    async with services.pool.acquire() as conn, conn.transaction():
-        head = await store.lock_cursor(conn, "sequencer")
-        if head is None:
-            return none
-        return await store.sequence_events(conn, head, services.settings.events_batch_size, past_member_uid)
+    try:
+        async with services.pool.acquire() as conn, conn.transaction():
+            head = await store.lock_cursor(conn, "sequencer")
+            if head is None:
+                return none
+            return await store.sequence_events(conn, head, services.settings.events_batch_size, past_member_uid)
+    except store.NumberedMeanwhile as exc:  # rolled back; the next batch starts from what committed
+        log.warning("numbering events starts over", extra={"reason": str(exc)})
+        return none
 
 
 async def publish_stream(services: Services, look_first: bool = True) -> int:
@@ -393,8 +397,8 @@ async def run_forever(services: Services) -> None:
 async def publish_all(services: Services, wait_seconds: float = 30.0) -> int:
     """Number and publish every event committed, then send every message due, until nothing more
     is due and no attempt is in flight (``konvert events publish``, and tests); returns how much
-    was done. A publisher that cannot pass a number yet (see konvert.events.store) is waited for,
-    ``wait_seconds`` at most."""
+    was done. Events another process is numbering, and a number a publisher cannot pass yet (see
+    konvert.events.store), are waited for, ``wait_seconds`` at most."""
     publisher = services.shared(Publisher)
     deadline = asyncio.get_running_loop().time() + wait_seconds
     total = 0
@@ -408,7 +412,7 @@ async def publish_all(services: Services, wait_seconds: float = 30.0) -> int:
             # Until an attempt finishes: its slot and its outcome are the next round's work.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(publisher.woken.wait(), services.settings.webhook_timeout_seconds)
-        elif await store.publishers_behind(services.pool) and asyncio.get_running_loop().time() < deadline:
+        elif await store.unpublished(services.pool) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(services.settings.events_poll_interval_seconds)
         else:
             return total

@@ -54,7 +54,16 @@ async def sequence_events(conn: Connection, head: int, limit: int, past_member_u
     member's lock, so none is visible before the earlier ones."""
     row = await conn.fetchrow(SEQUENCE, head, limit, past_member_uid)
     assert row is not None
+    if row["numbered"] != row["taken"]:
+        # An event of the batch was numbered meanwhile: on Citus, by a batch whose commit on
+        # that event's shard came late, after the cursor had moved. Numbering around it would
+        # leave a number missing for good; the caller rolls back and numbers afresh.
+        raise NumberedMeanwhile(f"{row['taken'] - row['numbered']} of {row['taken']} events were numbered meanwhile")
     return Sequenced(row["numbered"], row["last_member_uid"])
+
+
+class NumberedMeanwhile(Exception):
+    """A batch's event already had a position when the batch came to number it."""
 
 
 SEQUENCE = """
@@ -75,14 +84,14 @@ with taken as (
     limit $2
 ), numbered as (
     update outbox_events e set position = $1 + b.n
-    from batch b where e.member_uid = b.member_uid and e.event_id = b.event_id
+    from batch b where e.member_uid = b.member_uid and e.event_id = b.event_id and e.position is null
     returning 1
 ), moved as (
     update event_cursors set position = $1 + (select count(*) from batch), updated_at = now()
     where name = 'sequencer'
     returning 1
 )
-select (select count(*) from numbered) as numbered,
+select (select count(*) from batch) as taken, (select count(*) from numbered) as numbered,
        coalesce((select member_uid from batch order by n desc limit 1), $3) as last_member_uid
 """
 
@@ -116,9 +125,10 @@ async def select_feed(
     A number missing at or below both publishers' cursors is no gap: they read its event, which
     has since been pruned."""
     if isinstance(after, rules.LegacyCursor):
-        # Positions were given in the order those cursors followed; a pruned event's consumer
-        # was behind the kept events anyway, and gets them all. (No index has event ids alone:
-        # a scan, once per consumer, which then holds a cursor of positions.)
+        # Positions were given in the order those cursors followed. A cursor whose event has
+        # been pruned since starts again from the oldest kept event (at least once: its consumer
+        # sees some again). No index has event ids alone: a scan, once per consumer, which then
+        # holds a cursor of positions.
         after = await conn.fetchval("select position from outbox_events where event_id = $1", after.event_id) or 0
     ahead = await conn.fetchrow(
         """
@@ -188,11 +198,12 @@ async def select_member_events(conn: Queryable, member_uid: int, limit: int) -> 
     return rows
 
 
-async def publishers_behind(conn: Queryable) -> bool:
-    """Whether a publisher has yet to pass an event numbered already."""
+async def unpublished(conn: Queryable) -> bool:
+    """Whether a committed event is not numbered yet, or a publisher has yet to pass one that is."""
     behind: bool = await conn.fetchval(
-        """
-        select exists (select 1 from event_cursors s join event_cursors c on c.position < s.position
+        f"""
+        select exists ({LOOK_UNSEQUENCED})
+            or exists (select 1 from event_cursors s join event_cursors c on c.position < s.position
                        where s.name = 'sequencer' and c.name = any($1::text[]))
         """,
         list(PUBLISHERS),
