@@ -33,6 +33,7 @@ from konvert.program import Program
 from konvert.services import Services
 from konvert.settings import Settings
 from tests.conftest import AppClient, make_settings, purchase_body, serve
+from tests.integration.test_purchases import until_waiting_for_locks
 
 # --- a real webhook receiver ------------------------------------------------------------------
 
@@ -424,13 +425,7 @@ async def test_a_message_fanned_out_after_its_predecessor_finished_unseen_become
         outcomes = [store.Outcome(*key, "delivered", None, 200, None, konvert.now()) for key in pending]
         await store.record_outcomes(conn, outcomes)
         fanning = asyncio.create_task(publisher.fan_out(konvert.services))
-        for _ in range(600):  # until the fan-out waits for this transaction's row
-            blocked = await konvert.services.pool.fetchval(
-                "select count(*) from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'"
-            )
-            if blocked:
-                break
-            await asyncio.sleep(0.05)
+        await until_waiting_for_locks(konvert.services.pool, 1)  # the fan-out, for this transaction's row
         # The outcome looks for a waiting message before the fan-out can commit one (after its
         # commit, the fan-out resumes at once and may have committed it already): it finds none.
         assert await store.make_next_due(conn, pending, konvert.now()) == 0
@@ -678,7 +673,7 @@ async def test_an_event_numbered_late_by_an_earlier_batch_is_not_numbered_again(
         async with late.transaction():
             await late.execute("update outbox_events set position = 1 where event_id = $1", first["event_id"])
             numbering = asyncio.create_task(publisher.sequence(konvert.services))
-            await _until_waiting_for_a_lock(konvert)
+            await until_waiting_for_locks(konvert.services.pool, 1)
         starting_over = await numbering
     finally:
         await late.close()
@@ -705,17 +700,6 @@ async def test_numbering_is_one_process_at_a_time_and_publishing_all_waits_for_i
     assert passed_over.numbered == 0 and waiting
     assert not await store.unpublished(konvert.services.pool)
     assert await konvert.fetch("select count(*) from outbox_events where position is null") == [(0,)]
-
-
-async def _until_waiting_for_a_lock(konvert: Konvert) -> None:
-    for _ in range(600):
-        blocked = await konvert.services.pool.fetchval(
-            "select count(*) from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'"
-        )
-        if blocked:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("nothing waited for a lock within 30 s")
 
 
 async def _event_at(conn: asyncpg.Connection, position: int) -> None:
