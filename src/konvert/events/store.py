@@ -24,7 +24,9 @@ _ENVELOPE = """
 select e.event_id, e.position, e.type, e.occurred_at, m.member_id, e.sequence, e.data::text as data
 from outbox_events e left join members m on m.member_uid = e.member_uid
 """
-PUBLISHERS = ("stream", "webhooks")
+# How far both publishers have read: pruning deletes only events up to it, so the feed may pass
+# a number missing up to it.
+_PASSED = "(select min(c.position) from event_cursors c where c.name in ('stream', 'webhooks'))"
 
 
 # A member's event or webhook message, named with its member as Citus routes it.
@@ -131,14 +133,13 @@ async def select_feed(
         # holds a cursor of positions.
         after = await conn.fetchval("select position from outbox_events where event_id = $1", after.event_id) or 0
     ahead = await conn.fetchrow(
-        """
+        f"""
         select array(select e.position from outbox_events e where e.position > $1 order by e.position limit $2)
                    as positions,
-               (select min(position) from event_cursors where name = any($3::text[])) as settled
+               {_PASSED} as settled
         """,
         after,
         max(limit, _FEED_WINDOW),
-        list(PUBLISHERS),
     )
     assert ahead is not None
     reached = rules.contiguous(ahead["positions"], after, ahead["settled"] or 0)
@@ -203,10 +204,8 @@ async def unpublished(conn: Queryable) -> bool:
     behind: bool = await conn.fetchval(
         f"""
         select exists ({LOOK_UNSEQUENCED})
-            or exists (select 1 from event_cursors s join event_cursors c on c.position < s.position
-                       where s.name = 'sequencer' and c.name = any($1::text[]))
-        """,
-        list(PUBLISHERS),
+            or (select position from event_cursors where name = 'sequencer') > {_PASSED}
+        """
     )
     return behind
 
@@ -708,12 +707,10 @@ async def prune_events(conn: Queryable, written_before: datetime, limit: int, *,
 
 
 # The events every publisher has passed, older than $1, that no endpoint waits for; up to $2.
-_PRUNABLE = """
-with passed as (
-    select min(position) as position from event_cursors where name in ('stream', 'webhooks')
-), doomed as (
-    select e.member_uid, e.event_id from outbox_events e, passed c
-    where e.position <= c.position and e.created_at < $1
+_PRUNABLE = f"""
+with doomed as (
+    select e.member_uid, e.event_id from outbox_events e
+    where e.position <= {_PASSED} and e.created_at < $1
       and not exists (select 1 from webhook_messages m
                       where m.member_uid = e.member_uid and m.event_id = e.event_id and m.status = 'pending')
     order by e.position
